@@ -1,0 +1,84 @@
+# pyvmm: `make test` and `make demo` are all a fresh Debian machine needs (run as root).
+#
+# On an arm64 host with /dev/kvm the KVM tier runs natively. Anywhere else it runs inside an
+# emulated arm64 KVM host (qemu-system-aarch64, TCG, virtualization=on), built once and cached
+# under .cache/ (git-ignored), booted once per `make` target.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+ARCH := $(shell uname -m)
+NATIVE_KVM := $(shell [ "$(ARCH)" = aarch64 ] && [ -e /dev/kvm ] && echo yes)
+CROSS := $(if $(filter aarch64,$(ARCH)),,aarch64-linux-gnu-)
+ARMHOST := $(VPY) tools/armhost
+ARMHOST_TIMEOUT ?= 900
+export PYTHONDONTWRITEBYTECODE := 1
+
+GUEST_SRCS := $(wildcard tests/guests/*.S examples/guests/*.S)
+GUEST_BINS := $(patsubst %.S,build/guests/%.bin,$(notdir $(GUEST_SRCS)))
+vpath %.S tests/guests examples/guests
+
+.PHONY: all test lint unit kvm demo bench guests host-deps venv armhost clean
+all: guests
+
+host-deps: .cache/host-deps.stamp
+.cache/host-deps.stamp: tools/host-deps.sh
+	@bash tools/host-deps.sh
+	@mkdir -p $(@D) && touch $@
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: pyproject.toml | .cache/host-deps.stamp
+	@echo "venv: installing pyvmm and its development dependencies into $(VENV)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+kvm_bindings/_kvm_ffi.py: kvm_bindings/cdef_*.py kvm_bindings/ffi_build.py | $(VENV)/.stamp
+	@rm -f $@ && $(VPY) -c 'import kvm_bindings'
+
+# Guest payloads: flat AArch64 binaries assembled from .S with GNU as (cross on non-arm64 hosts).
+guests: $(GUEST_BINS)
+build/guests/%.bin: %.S tests/guests/common.inc | .cache/host-deps.stamp
+	@mkdir -p $(@D)
+	@$(CROSS)as -I tests/guests -o $(@:.bin=.o) $<
+	@$(CROSS)objcopy -O binary $(@:.bin=.o) $@
+	@rm -f $(@:.bin=.o)
+
+armhost: $(VENV)/.stamp
+ifneq ($(NATIVE_KVM),yes)
+	@$(ARMHOST) build
+endif
+
+lint: $(VENV)/.stamp
+	@$(VPY) -m ruff check .
+
+unit: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests
+	@$(VPY) -m pytest -m "not kvm" -q
+
+# The KVM tier: every test marked `kvm`, against real /dev/kvm; a skipped one fails the tier.
+kvm: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
+ifeq ($(NATIVE_KVM),yes)
+	@PYVMM_KVM_TIER=1 $(VPY) -m pytest -m kvm -q -rfEs
+else
+	@$(ARMHOST) run --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs
+endif
+
+test: lint unit kvm
+
+demo: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
+ifeq ($(NATIVE_KVM),yes)
+	@$(VPY) examples/smccc_demo.py
+else
+	@$(ARMHOST) run --timeout 300 -- python3 examples/smccc_demo.py
+endif
+
+bench: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
+ifeq ($(NATIVE_KVM),yes)
+	@$(VPY) -m benchmarks
+else
+	@$(ARMHOST) run --timeout 900 -- python3 -m benchmarks
+endif
+
+clean:
+	rm -rf build kvm_bindings/_kvm_ffi.py

@@ -1,0 +1,35 @@
+"""Builds the out-of-line ABI-mode FFI module `kvm_bindings._kvm_ffi`.
+
+Out-of-line ABI mode (cffi docs, "Out-of-line, ABI level") serialises the parsed declarations into
+a small pure-Python module, so starting a VM never runs pycparser and needs no C compiler.
+Run `python -m kvm_bindings.ffi_build` (the Makefile does), or let the package do it on first import.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cffi
+
+from kvm_bindings import cdef_asm_kvm, cdef_libc, cdef_linux_kvm
+
+MODULE = "kvm_bindings._kvm_ffi"
+
+
+def make_builder() -> cffi.FFI:
+    builder = cffi.FFI()
+    for cdef in (cdef_linux_kvm.CDEF, cdef_asm_kvm.CDEF, cdef_libc.CDEF):
+        builder.cdef(cdef)
+    builder.set_source(MODULE, None)
+    return builder
+
+
+def generate() -> Path:
+    """Write _kvm_ffi.py next to this file and return its path."""
+    package_dir = Path(__file__).resolve().parent
+    make_builder().emit_python_code(str(package_dir / "_kvm_ffi.py"))
+    return package_dir / "_kvm_ffi.py"
+
+
+if __name__ == "__main__":
+    print(generate())

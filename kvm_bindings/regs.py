@@ -1,0 +1,82 @@
+"""KVM_GET/SET_ONE_REG register IDs for arm64 (Documentation/virt/kvm/api.rst, "KVM_SET_ONE_REG").
+
+Core registers: KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE | offsetof(struct kvm_regs,
+field) / 4, the offsets taken from the cffi declaration of struct kvm_regs.
+System registers: KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM64_SYSREG | op0:op1:CRn:CRm:op2.
+"""
+
+from __future__ import annotations
+
+from kvm_bindings import ffi
+
+KVM_REG_ARM64 = 0x6000000000000000
+KVM_REG_SIZE_U32 = 0x0020000000000000
+KVM_REG_SIZE_U64 = 0x0030000000000000
+KVM_REG_SIZE_U128 = 0x0040000000000000
+KVM_REG_ARM_CORE = 0x0010 << 16
+KVM_REG_ARM64_SYSREG = 0x0013 << 16
+KVM_REG_ARM_FW = 0x0014 << 16
+
+_CORE64 = KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE
+
+
+def core_reg_id(field: str, size: int = KVM_REG_SIZE_U64) -> int:
+    """ID of a struct kvm_regs member, e.g. "regs.pc" or "spsr[0]"."""
+    return KVM_REG_ARM64 | size | KVM_REG_ARM_CORE | (_offset("struct kvm_regs", field) // 4)
+
+
+def _offset(ctype: str, field: str) -> int:
+    # ffi.offsetof takes "a.b" paths and integer indices as separate arguments
+    parts: list[str | int] = []
+    for piece in field.split("."):
+        name, _, index = piece.partition("[")
+        parts.append(name)
+        if index:
+            parts.append(int(index.rstrip("]")))
+    return ffi.offsetof(ctype, *parts)
+
+
+def sysreg_id(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
+    """ID of an AArch64 system register from its encoding (Arm ARM D19.2 / C5.3)."""
+    return (KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM64_SYSREG | (op0 << 14) | (op1 << 11)
+            | (crn << 7) | (crm << 3) | op2)
+
+
+def fw_reg_id(index: int) -> int:
+    """KVM-as-firmware pseudo-register (KVM_REG_ARM_FW_REG)."""
+    return KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_FW | (index & 0xFFFF)
+
+
+KVM_REG_ARM_PSCI_VERSION = fw_reg_id(0)
+
+# Core registers by name: x0-x30, sp (SP_EL0), pc, pstate, sp_el1, elr_el1, spsr_el1.
+CORE_REGS: dict[str, int] = {f"x{n}": core_reg_id(f"regs.regs[{n}]") for n in range(31)}
+CORE_REGS.update({
+    "sp": core_reg_id("regs.sp"),
+    "pc": core_reg_id("regs.pc"),
+    "pstate": core_reg_id("regs.pstate"),
+    "sp_el1": core_reg_id("sp_el1"),
+    "elr_el1": core_reg_id("elr_el1"),
+    "spsr_el1": core_reg_id("spsr[0]"),  # KVM_SPSR_EL1 = 0
+})
+
+# System registers by name (Arm ARM encodings) that firmware-interface work commonly needs.
+SYS_REGS: dict[str, int] = {
+    "mpidr_el1": sysreg_id(3, 0, 0, 0, 5),
+    "midr_el1": sysreg_id(3, 0, 0, 0, 0),
+    "sctlr_el1": sysreg_id(3, 0, 1, 0, 0),
+    "ttbr0_el1": sysreg_id(3, 0, 2, 0, 0),
+    "ttbr1_el1": sysreg_id(3, 0, 2, 0, 1),
+    "tcr_el1": sysreg_id(3, 0, 2, 0, 2),
+    "esr_el1": sysreg_id(3, 0, 5, 2, 0),
+    "far_el1": sysreg_id(3, 0, 6, 0, 0),
+    "mair_el1": sysreg_id(3, 0, 10, 2, 0),
+    "vbar_el1": sysreg_id(3, 0, 12, 0, 0),
+    "tpidr_el1": sysreg_id(3, 0, 13, 0, 4),
+    "cntkctl_el1": sysreg_id(3, 0, 14, 1, 0),
+}
+
+# Boot PSTATE: EL1h with D, A, I, F masked (Documentation/arch/arm64/booting.rst)
+PSTATE_EL1H = 0x5
+PSTATE_DAIF = 0xF << 6
+PSTATE_BOOT = PSTATE_DAIF | PSTATE_EL1H  # 0x3c5

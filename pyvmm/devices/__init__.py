@@ -1,0 +1,1 @@
+"""Device models and the MMIO bus they sit on."""

@@ -1,0 +1,57 @@
+"""The MMIO bus: guest-physical ranges mapped to device models.
+
+A device is a hypervisor-agnostic state machine with `read(offset, size) -> int` and
+`write(offset, size, value)`; the bus finds it by address (the shape of rust-vmm's vm-superio).
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Protocol
+
+from pyvmm.errors import VmmError
+
+
+class MmioDevice(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class Mapping:
+    base: int
+    size: int
+    device: MmioDevice
+    name: str
+
+
+class MmioBus:
+    def __init__(self) -> None:
+        self._maps: list[Mapping] = []
+        self._bases: list[int] = []
+
+    def add(self, base: int, size: int, device: MmioDevice, name: str) -> None:
+        if size <= 0:
+            raise VmmError(f"MMIO region for {name} at {base:#x} has no size")
+        for m in self._maps:
+            if m.base < base + size and base < m.base + m.size:
+                raise VmmError(f"MMIO region {name} {base:#x}+{size:#x} overlaps {m.name} {m.base:#x}+{m.size:#x}")
+        i = bisect.bisect(self._bases, base)
+        self._maps.insert(i, Mapping(base, size, device, name))
+        self._bases.insert(i, base)
+
+    def find(self, addr: int, size: int = 1) -> Mapping | None:
+        i = bisect.bisect_right(self._bases, addr) - 1
+        if i >= 0:
+            m = self._maps[i]
+            if addr + size <= m.base + m.size:
+                return m
+        return None
+
+    def overlaps(self, base: int, size: int) -> Mapping | None:
+        return next((m for m in self._maps if m.base < base + size and base < m.base + m.size), None)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._maps)

@@ -1,0 +1,40 @@
+"""pyvmm's exceptions. Every message is one line a user can act on."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+
+class VmmError(Exception):
+    """Base of every error pyvmm reports to a user (the CLI prints it as one line)."""
+
+
+class KvmUnavailableError(VmmError):
+    pass
+
+
+class KvmIoctlError(VmmError):
+    """An ioctl failed; carries the request's name and errno."""
+
+    def __init__(self, name: str, err: int, context: str = "") -> None:
+        self.name, self.errno = name, err
+        code = errno.errorcode.get(err, str(err))
+        where = f" ({context})" if context else ""
+        super().__init__(f"{name} failed{where}: {code} ({os.strerror(err)})")
+
+
+class GuestMemoryError(VmmError):
+    pass
+
+
+class SmcccFilterError(VmmError):
+    pass
+
+
+class GuestError(VmmError):
+    """The guest did something the VMM cannot service (and the run ends)."""
+
+
+class ImageError(VmmError):
+    pass

@@ -1,0 +1,113 @@
+"""kvm_run decoded into small immutable values; the vCPU loop matches on their types.
+
+`decode` is a pure function of the kvm_run contents (tests feed it a struct built with cffi).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from kvm_bindings.constants import ExitReason, HypercallExitFlag, SystemEvent
+
+
+class MmioExit(NamedTuple):
+    """KVM_EXIT_MMIO: a load/store to guest-physical memory no memslot backs."""
+
+    addr: int
+    size: int
+    is_write: bool
+    data: int  # the value stored (little-endian, `size` bytes); 0 for a load
+
+
+class HypercallExit(NamedTuple):
+    """KVM_EXIT_HYPERCALL on arm64: an SMCCC call forwarded by the SMCCC filter.
+
+    Only the function ID comes in kvm_run; the arguments stay in x1.. (read on demand).
+    The PC already points past the HVC/SMC instruction.
+    """
+
+    function_id: int
+    smc: bool  # conduit: SMC instruction (else HVC)
+    thumb16: bool  # the call was a 16-bit T32 instruction (AArch32 guests)
+
+
+class SystemEventExit(NamedTuple):
+    """KVM_EXIT_SYSTEM_EVENT: PSCI SYSTEM_OFF/RESET/... handled by KVM, or a crash/suspend."""
+
+    type: int
+    data: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        try:
+            return SystemEvent(self.type).name.lower()
+        except ValueError:
+            return f"event {self.type}"
+
+
+class InterruptedExit(NamedTuple):
+    """KVM_RUN returned EINTR/EAGAIN (a kick) or KVM_EXIT_INTR."""
+
+
+class NisvExit(NamedTuple):
+    """KVM_EXIT_ARM_NISV: a data abort on MMIO without valid syndrome (e.g. LDP, writeback)."""
+
+    esr_iss: int
+    fault_ipa: int
+
+
+class FailEntryExit(NamedTuple):
+    reason: int
+    cpu: int
+
+
+class InternalErrorExit(NamedTuple):
+    suberror: int
+    data: tuple[int, ...]
+
+
+class UnknownExit(NamedTuple):
+    reason: int
+
+
+Exit = (MmioExit | HypercallExit | SystemEventExit | InterruptedExit | NisvExit | FailEntryExit
+        | InternalErrorExit | UnknownExit)
+
+_MMIO = ExitReason.MMIO.value
+_HYPERCALL = ExitReason.HYPERCALL.value
+_SMC = HypercallExitFlag.SMC.value
+_T16 = HypercallExitFlag.BIT16.value
+INTERRUPTED = InterruptedExit()
+
+
+def decode(run: object) -> Exit:
+    """Decode a `struct kvm_run *` (cffi cdata) after KVM_RUN returned 0."""
+    reason = run.exit_reason  # type: ignore[attr-defined]
+    if reason == _HYPERCALL:
+        hc = run.hypercall  # type: ignore[attr-defined]
+        flags = hc.flags
+        return HypercallExit(hc.nr, bool(flags & _SMC), bool(flags & _T16))
+    if reason == _MMIO:
+        m = run.mmio  # type: ignore[attr-defined]
+        size = m.len
+        data = int.from_bytes(bytes(m.data[0:size]), "little") if m.is_write and 0 < size <= 8 else 0
+        return MmioExit(m.phys_addr, size, bool(m.is_write), data)
+    if reason == ExitReason.SYSTEM_EVENT:
+        ev = run.system_event  # type: ignore[attr-defined]
+        return SystemEventExit(ev.type, tuple(ev.data[0:min(ev.ndata, 16)]))
+    if reason == ExitReason.INTR:
+        return INTERRUPTED
+    if reason == ExitReason.ARM_NISV:
+        return NisvExit(run.arm_nisv.esr_iss, run.arm_nisv.fault_ipa)  # type: ignore[attr-defined]
+    if reason == ExitReason.FAIL_ENTRY:
+        fe = run.fail_entry  # type: ignore[attr-defined]
+        return FailEntryExit(fe.hardware_entry_failure_reason, fe.cpu)
+    if reason == ExitReason.INTERNAL_ERROR:
+        ie = run.internal  # type: ignore[attr-defined]
+        return InternalErrorExit(ie.suberror, tuple(ie.data[0:min(ie.ndata, 16)]))
+    return UnknownExit(reason)
+
+
+def complete_mmio_read(run: object, value: int, size: int) -> None:
+    """Write a load's result back into kvm_run.mmio.data; KVM finishes the load on re-entry."""
+    run.mmio.data[0:8] = (value & ((1 << (8 * size)) - 1)).to_bytes(8, "little")  # type: ignore[attr-defined]

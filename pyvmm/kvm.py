@@ -1,0 +1,216 @@
+"""The only module that issues ioctls: thin wrappers over /dev/kvm, VM, vCPU and device fds.
+
+One method per ioctl, no policy (the shape of rust-vmm's kvm-ioctls). All calls go through cffi's
+libc `ioctl`, which releases the GIL, and KVM_RUN's EINTR is returned to the caller rather than
+retried (CPython's fcntl.ioctl retries EINTR from 3.14 on, which would defeat a kick).
+Failures raise KvmIoctlError naming the ioctl and errno.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+
+from kvm_bindings import ffi, libc
+from kvm_bindings import ioctls as io
+from kvm_bindings.constants import (
+    KVM_API_VERSION,
+    KVM_ARM_VM_SMCCC_CTRL,
+    KVM_ARM_VM_SMCCC_FILTER,
+    KVM_CREATE_DEVICE_TEST,
+    Cap,
+)
+from pyvmm.errors import KvmIoctlError, KvmUnavailableError
+
+_NULL = ffi.NULL
+
+
+def _ioctl(fd: int, request: int, arg: object = _NULL, context: str = "") -> int:
+    """ioctl with a pointer (cdata) or integer argument; retries EINTR, raises on failure."""
+    if isinstance(arg, int):
+        arg = ffi.cast("void *", arg)
+    while True:
+        ret = libc.ioctl(fd, request, arg)
+        if ret >= 0:
+            return ret
+        err = ffi.errno
+        if err != errno.EINTR:
+            raise KvmIoctlError(io.NAMES.get(request, hex(request)), err, context)
+
+
+class Kvm:
+    """/dev/kvm."""
+
+    def __init__(self, path: str = "/dev/kvm") -> None:
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailableError(
+                f"{path} does not exist: this host has no KVM (arm64 Linux with KVM enabled is needed)"
+            ) from None
+        except PermissionError:
+            raise KvmUnavailableError(f"no permission to open {path} (add yourself to group kvm)") from None
+        except OSError as e:
+            raise KvmUnavailableError(f"cannot open {path}: {e.strerror}") from None
+        version = _ioctl(self.fd, io.KVM_GET_API_VERSION, 0)
+        if version != KVM_API_VERSION:
+            raise KvmUnavailableError(f"KVM API version {version} is not the stable version 12")
+
+    def check_extension(self, cap: Cap | int) -> int:
+        return _ioctl(self.fd, io.KVM_CHECK_EXTENSION, int(cap))
+
+    def vcpu_mmap_size(self) -> int:
+        return _ioctl(self.fd, io.KVM_GET_VCPU_MMAP_SIZE, 0)
+
+    def create_vm(self, ipa_bits: int = 0) -> VmFd:
+        # machine type: the IPA size in bits 7:0 (0 = the default 40 bits), api.rst KVM_CREATE_VM
+        return VmFd(_ioctl(self.fd, io.KVM_CREATE_VM, ipa_bits), self)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class DeviceAttrs:
+    """KVM_{HAS,GET,SET}_DEVICE_ATTR, shared by VM, vCPU and device fds."""
+
+    fd: int
+
+    def has_device_attr(self, group: int, attr: int) -> bool:
+        a = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr})
+        return libc.ioctl(self.fd, io.KVM_HAS_DEVICE_ATTR, a) == 0
+
+    def set_device_attr(self, group: int, attr: int, addr: int = 0, context: str = "") -> None:
+        a = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr, "addr": addr})
+        _ioctl(self.fd, io.KVM_SET_DEVICE_ATTR, a, context)
+
+    def get_device_attr_u64(self, group: int, attr: int) -> int:
+        val = ffi.new("uint64_t *")
+        a = ffi.new("struct kvm_device_attr *",
+                    {"group": group, "attr": attr, "addr": int(ffi.cast("uintptr_t", val))})
+        _ioctl(self.fd, io.KVM_GET_DEVICE_ATTR, a)
+        return int(val[0])
+
+
+class DeviceFd(DeviceAttrs):
+    """An in-kernel device made by KVM_CREATE_DEVICE (e.g. the vGIC)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+
+class VmFd(DeviceAttrs):
+    def __init__(self, fd: int, kvm: Kvm) -> None:
+        self.fd = fd
+        self.kvm = kvm
+
+    def check_extension(self, cap: Cap | int) -> int:
+        return _ioctl(self.fd, io.KVM_CHECK_EXTENSION, int(cap))
+
+    def enable_cap(self, cap: Cap | int, *args: int) -> None:
+        c = ffi.new("struct kvm_enable_cap *", {"cap": int(cap), "args": list(args)})
+        _ioctl(self.fd, io.KVM_ENABLE_CAP, c, f"cap {int(cap)}")
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, host_addr: int, flags: int = 0) -> None:
+        r = ffi.new("struct kvm_userspace_memory_region *", {
+            "slot": slot, "flags": flags, "guest_phys_addr": gpa, "memory_size": size,
+            "userspace_addr": host_addr})
+        _ioctl(self.fd, io.KVM_SET_USER_MEMORY_REGION, r, f"slot {slot} at {gpa:#x}+{size:#x}")
+
+    def set_smccc_filter(self, base: int, nr_functions: int, action: int) -> None:
+        """KVM_ARM_VM_SMCCC_FILTER (Documentation/virt/kvm/devices/vm.rst)."""
+        f = ffi.new("struct kvm_smccc_filter *",
+                    {"base": base, "nr_functions": nr_functions, "action": action})
+        self.set_device_attr(KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER,
+                             int(ffi.cast("uintptr_t", f)))
+
+    def preferred_target(self) -> tuple[int, list[int]]:
+        init = ffi.new("struct kvm_vcpu_init *")
+        _ioctl(self.fd, io.KVM_ARM_PREFERRED_TARGET, init)
+        return init.target, list(init.features)
+
+    def create_vcpu(self, index: int) -> VcpuFd:
+        fd = _ioctl(self.fd, io.KVM_CREATE_VCPU, index, f"vcpu {index}")
+        return VcpuFd(fd, self.kvm.vcpu_mmap_size())
+
+    def create_device(self, dev_type: int, test: bool = False) -> DeviceFd | None:
+        d = ffi.new("struct kvm_create_device *",
+                    {"type": dev_type, "flags": KVM_CREATE_DEVICE_TEST if test else 0})
+        _ioctl(self.fd, io.KVM_CREATE_DEVICE, d, f"device type {dev_type}")
+        return None if test else DeviceFd(d.fd)
+
+    def irq_line(self, irq: int, level: int) -> None:
+        _ioctl(self.fd, io.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
+
+    def ioeventfd(self, addr: int, length: int, fd: int, flags: int = 0, datamatch: int = 0) -> None:
+        e = ffi.new("struct kvm_ioeventfd *",
+                    {"addr": addr, "len": length, "fd": fd, "flags": flags, "datamatch": datamatch})
+        _ioctl(self.fd, io.KVM_IOEVENTFD, e, f"at {addr:#x}")
+
+    def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
+        i = ffi.new("struct kvm_irqfd *", {"fd": fd, "gsi": gsi, "flags": flags, "resamplefd": resamplefd})
+        _ioctl(self.fd, io.KVM_IRQFD, i, f"gsi {gsi}")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class VcpuFd(DeviceAttrs):
+    """A vCPU fd with its mmap'ed struct kvm_run. Register I/O reuses preallocated buffers."""
+
+    def __init__(self, fd: int, mmap_size: int) -> None:
+        self.fd = fd
+        self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_struct = ffi.from_buffer("struct kvm_run *", self._map)
+        self._val = ffi.new("uint64_t *")
+        self._reg = ffi.new("struct kvm_one_reg *", {"addr": int(ffi.cast("uintptr_t", self._val))})
+
+    def run(self) -> int:
+        """One KVM_RUN. Returns 0, or -errno (EINTR/EAGAIN when kicked) for the caller to handle."""
+        if libc.ioctl(self.fd, io.KVM_RUN, _NULL) < 0:
+            err = ffi.errno
+            if err in (errno.EINTR, errno.EAGAIN):
+                return -err
+            raise KvmIoctlError("KVM_RUN", err)
+        return 0
+
+    def get_one_reg(self, reg_id: int) -> int:
+        self._reg.id = reg_id
+        _ioctl(self.fd, io.KVM_GET_ONE_REG, self._reg, f"reg {reg_id:#x}")
+        return self._val[0]
+
+    def set_one_reg(self, reg_id: int, value: int) -> None:
+        self._reg.id = reg_id
+        self._val[0] = value & 0xFFFF_FFFF_FFFF_FFFF
+        _ioctl(self.fd, io.KVM_SET_ONE_REG, self._reg, f"reg {reg_id:#x}")
+
+    def vcpu_init(self, target: int, features: list[int]) -> None:
+        init = ffi.new("struct kvm_vcpu_init *", {"target": target, "features": features})
+        _ioctl(self.fd, io.KVM_ARM_VCPU_INIT, init)
+
+    def get_mp_state(self) -> int:
+        s = ffi.new("struct kvm_mp_state *")
+        _ioctl(self.fd, io.KVM_GET_MP_STATE, s)
+        return s.mp_state
+
+    def set_mp_state(self, state: int) -> None:
+        _ioctl(self.fd, io.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": state}))
+
+    def get_reg_list(self) -> list[int]:
+        probe = ffi.new("struct kvm_reg_list *")
+        if libc.ioctl(self.fd, io.KVM_GET_REG_LIST, probe) == 0 or ffi.errno != errno.E2BIG:
+            raise KvmIoctlError("KVM_GET_REG_LIST", ffi.errno)
+        lst = ffi.new("struct kvm_reg_list *", {"n": probe.n, "reg": probe.n})
+        _ioctl(self.fd, io.KVM_GET_REG_LIST, lst)
+        return list(lst.reg[0:lst.n])
+
+    def inject_external_dabt(self) -> None:
+        """Make the faulting access take a synchronous external abort (KVM_SET_VCPU_EVENTS)."""
+        ev = ffi.new("struct kvm_vcpu_events *")
+        ev.exception.ext_dabt_pending = 1
+        _ioctl(self.fd, io.KVM_SET_VCPU_EVENTS, ev)
+
+    def close(self) -> None:
+        self.run_struct = None
+        self._map.close()
+        os.close(self.fd)

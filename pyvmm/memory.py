@@ -1,0 +1,98 @@
+"""Guest RAM: anonymous host mappings registered as KVM memslots, with bounds-checked access.
+
+Every guest-physical access from the VMM goes through `GuestMemory`, which refuses any range that
+is not wholly inside one RAM region, so a hostile guest address can never reach host memory
+outside the guest's own RAM. `view()` hands out zero-copy memoryviews for device I/O.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass, field
+
+from kvm_bindings import ffi
+from pyvmm.errors import GuestMemoryError
+
+PAGE_SIZE = mmap.PAGESIZE
+
+
+@dataclass
+class Region:
+    gpa: int
+    size: int
+    slot: int
+    readonly: bool = False
+    mapping: mmap.mmap = field(repr=False, default=None)  # type: ignore[assignment]
+    host_addr: int = 0
+    _keepalive: object = field(repr=False, default=None)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def overlaps(self, gpa: int, size: int) -> bool:
+        return gpa < self.end and self.gpa < gpa + size
+
+
+class GuestMemory:
+    def __init__(self) -> None:
+        self.regions: list[Region] = []
+
+    def add(self, gpa: int, size: int, *, readonly: bool = False) -> Region:
+        """Map `size` bytes of fresh zeroed host memory for guest-physical `gpa`."""
+        if size <= 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
+            raise GuestMemoryError(
+                f"memory region {gpa:#x}+{size:#x} must be a non-empty multiple of the {PAGE_SIZE}-byte page")
+        if gpa + size > 1 << 48:
+            raise GuestMemoryError(f"memory region {gpa:#x}+{size:#x} is beyond the 48-bit IPA space")
+        for r in self.regions:
+            if r.overlaps(gpa, size):
+                raise GuestMemoryError(
+                    f"memory region {gpa:#x}-{gpa + size - 1:#x} overlaps {r.gpa:#x}-{r.end - 1:#x}")
+        m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        buf = ffi.from_buffer(m)
+        region = Region(gpa, size, len(self.regions), readonly, m,
+                        int(ffi.cast("uintptr_t", buf)), buf)
+        self.regions.append(region)
+        return region
+
+    def find(self, gpa: int, size: int = 1) -> Region:
+        for r in self.regions:
+            if r.gpa <= gpa and gpa + size <= r.end:
+                return r
+        raise GuestMemoryError(f"guest range {gpa:#x}+{size:#x} is not inside guest RAM")
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        return any(r.gpa <= gpa and gpa + size <= r.end for r in self.regions)
+
+    def view(self, gpa: int, size: int) -> memoryview:
+        """Zero-copy view of [gpa, gpa+size); the range must lie in one region."""
+        if size < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest range {gpa:#x}+{size:#x}")
+        r = self.find(gpa, size)
+        off = gpa - r.gpa
+        return memoryview(r.mapping)[off:off + size]
+
+    def read(self, gpa: int, size: int) -> bytes:
+        return bytes(self.view(gpa, size))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack("<I", self.view(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.view(gpa, 8))[0]
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<I", value & 0xFFFF_FFFF))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF))
+
+    def reset(self) -> None:
+        """Zero all RAM (a cold reset); the host mappings and memslots stay in place."""
+        for r in self.regions:
+            r.mapping.madvise(mmap.MADV_DONTNEED)  # private anonymous pages read back as zero

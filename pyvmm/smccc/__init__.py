@@ -1,0 +1,1 @@
+"""SMC Calling Convention: function IDs, the KVM filter, calls and their dispatch."""

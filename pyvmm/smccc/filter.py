@@ -1,0 +1,100 @@
+"""The KVM SMCCC filter: which function-ID ranges KVM forwards to pyvmm, denies, or handles itself.
+
+Documentation/virt/kvm/devices/vm.rst (KVM_ARM_VM_SMCCC_FILTER, Linux >= 6.4): ranges are
+[base, base + nr_functions), may not overlap each other or KVM's reserved ranges, may not wrap,
+and can only be installed before any vCPU has run. Validation here is pure logic, so mistakes are
+reported before any ioctl, naming the range; what KVM still refuses is translated as well.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from kvm_bindings.constants import KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER, SmcccFilterAction
+from pyvmm.errors import KvmIoctlError, SmcccFilterError
+
+# KVM keeps the Arm architecture calls (SMCCC_VERSION, ARCH_FEATURES, workarounds) to itself in
+# both calling conventions: arch/arm64/kvm/hypercalls.c, init_smccc_filter().
+RESERVED = ((0x8000_0000, 0x1_0000), (0xC000_0000, 0x1_0000))
+MIN_KERNEL = (6, 4)
+
+
+@dataclass(frozen=True)
+class FilterRange:
+    base: int
+    count: int
+    action: SmcccFilterAction
+    name: str = ""
+
+    @property
+    def last(self) -> int:
+        return self.base + self.count - 1
+
+    def overlaps(self, base: int, count: int) -> bool:
+        return self.base < base + count and base < self.base + self.count
+
+    def __str__(self) -> str:
+        label = f" ({self.name})" if self.name else ""
+        return f"{self.base:#010x}-{self.last:#010x} {self.action.name.lower()}{label}"
+
+
+def validate(ranges: list[FilterRange]) -> None:
+    """Raise SmcccFilterError for the first range KVM would refuse."""
+    seen: list[FilterRange] = []
+    for r in ranges:
+        if r.count <= 0 or r.base < 0:
+            raise SmcccFilterError(f"SMCCC filter range {r.base:#x}+{r.count}: needs at least one function")
+        if r.base + r.count > 1 << 32:
+            raise SmcccFilterError(f"SMCCC filter range {r}: wraps past 0xffffffff")
+        for base, count in RESERVED:
+            if r.overlaps(base, count):
+                raise SmcccFilterError(
+                    f"SMCCC filter range {r}: overlaps {base:#010x}-{base + count - 1:#010x}, "
+                    "which KVM reserves for the Arm architecture calls")
+        for other in seen:
+            if r.overlaps(other.base, other.count):
+                raise SmcccFilterError(f"SMCCC filter range {r}: overlaps range {other}")
+        seen.append(r)
+
+
+def kernel_version() -> tuple[int, int]:
+    release = os.uname().release
+    try:
+        major, minor = release.split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except ValueError:
+        return (0, 0)
+
+
+def check_supported(vm_fd: object) -> None:
+    """Probe with KVM_HAS_DEVICE_ATTR on the VM fd; a clear error if this KVM has no filter."""
+    if not vm_fd.has_device_attr(KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER):  # type: ignore[attr-defined]
+        raise SmcccFilterError(
+            f"this kernel's KVM has no SMCCC filter (KVM_ARM_VM_SMCCC_FILTER); it needs Linux >= "
+            f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]}, this host runs {os.uname().release}")
+
+
+def install(vm_fd: object, ranges: list[FilterRange]) -> None:
+    """Validate, probe, then install each range (one KVM_SET_DEVICE_ATTR per range)."""
+    validate(ranges)
+    if not ranges:
+        return
+    check_supported(vm_fd)
+    for r in ranges:
+        install_range(vm_fd, r)
+
+
+def install_range(vm_fd: object, r: FilterRange) -> None:
+    """One range straight to KVM (no validation), with KVM's refusals put in words."""
+    try:
+        vm_fd.set_smccc_filter(r.base, r.count, int(r.action))  # type: ignore[attr-defined]
+    except KvmIoctlError as e:
+        reason = {
+            errno.EEXIST: "overlaps a range already installed or one KVM reserves",
+            errno.EBUSY: "a vCPU has already run; KVM accepts filter ranges only before the first KVM_RUN",
+            errno.EINVAL: "KVM rejects it as invalid (wrapping range or bad action)",
+            errno.ENXIO: f"this KVM has no SMCCC filter (needs Linux >= {MIN_KERNEL[0]}.{MIN_KERNEL[1]})",
+        }.get(e.errno, str(e))
+        raise SmcccFilterError(f"SMCCC filter range {r}: {reason} [{errno.errorcode.get(e.errno, e.errno)}]") from None

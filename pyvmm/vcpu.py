@@ -1,0 +1,146 @@
+"""A vCPU: its fd, registers by name, and the thread that runs KVM_RUN and handles exits.
+
+Stopping a vCPU at any moment (Documentation/virt/kvm/api.rst, "immediate_exit"): the stopper
+sets kvm_run.immediate_exit and sends the vCPU thread a signal. A thread already inside KVM_RUN
+is interrupted by the signal (EINTR); one about to enter sees immediate_exit and returns EINTR at
+once. Either way the loop regains control, so no guest can hold a vCPU thread hostage.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from kvm_bindings.regs import CORE_REGS, SYS_REGS, sysreg_id
+from pyvmm.exits import HypercallExit, MmioExit, decode
+from pyvmm.kvm import VcpuFd
+
+if TYPE_CHECKING:
+    from pyvmm.vm import Vm
+
+log = logging.getLogger("pyvmm.vcpu")
+
+KICK_SIGNAL = signal.SIGRTMIN + 2
+_X = tuple(CORE_REGS[f"x{n}"] for n in range(31))
+_kick_handler_installed = False
+
+
+def install_kick_handler() -> None:
+    """The kick signal needs a handler (not SIG_IGN/SIG_DFL) to interrupt KVM_RUN with EINTR.
+    Python only lets the main thread install handlers, so the first VM must be made there."""
+    global _kick_handler_installed
+    if _kick_handler_installed:
+        return
+    if threading.current_thread() is not threading.main_thread():
+        from pyvmm.errors import VmmError
+
+        raise VmmError("create the first VM from the main thread (pyvmm installs its vCPU kick signal handler)")
+    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+    _kick_handler_installed = True
+
+
+class Vcpu:
+    def __init__(self, vm: Vm, index: int, fd: VcpuFd) -> None:
+        self.vm = vm
+        self.index = index
+        self.fd = fd
+        self.thread: threading.Thread | None = None
+        self.exits = 0
+        self._stop = False
+        self._requests: deque[Callable[[Vcpu], None]] = deque()
+
+    # --- registers -------------------------------------------------------------------------
+    def get_reg(self, name: str) -> int:
+        """x0-x30, sp, pc, pstate, sp_el1, elr_el1, spsr_el1, or a system register name."""
+        return self.fd.get_one_reg(_reg_id(name))
+
+    def set_reg(self, name: str, value: int) -> None:
+        self.fd.set_one_reg(_reg_id(name), value)
+
+    def get_x(self, n: int) -> int:
+        return self.fd.get_one_reg(_X[n])
+
+    def set_x(self, n: int, value: int) -> None:
+        self.fd.set_one_reg(_X[n], value)
+
+    def get_sysreg(self, op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
+        return self.fd.get_one_reg(sysreg_id(op0, op1, crn, crm, op2))
+
+    def set_sysreg(self, op0: int, op1: int, crn: int, crm: int, op2: int, value: int) -> None:
+        self.fd.set_one_reg(sysreg_id(op0, op1, crn, crm, op2), value)
+
+    @property
+    def mpidr(self) -> int:
+        return self.get_reg("mpidr_el1")
+
+    # --- the run loop ----------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop = False
+        self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
+        self.thread.start()
+
+    def kick(self) -> None:
+        """Force the vCPU out of KVM_RUN (or keep it from entering) so the loop looks at its flags."""
+        self.fd.run_struct.immediate_exit = 1
+        t = self.thread
+        if t is not None and t.ident is not None and t.is_alive():
+            try:
+                signal.pthread_kill(t.ident, KICK_SIGNAL)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        self._stop = True
+        self.kick()
+
+    def request(self, fn: Callable[[Vcpu], None]) -> None:
+        """Run `fn(vcpu)` on this vCPU's thread at its next exit (kicking it out of the guest)."""
+        self._requests.append(fn)
+        self.kick()
+
+    def _thread_main(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # noqa: BLE001 - any failure ends the run with its message
+            self.vm.fail(self, e)
+
+    def _loop(self) -> None:
+        fd = self.fd
+        run = fd.run_struct
+        kvm_run = fd.run
+        vm = self.vm
+        dispatch = vm.smccc.dispatch
+        handle_mmio = vm.handle_mmio
+        handle_exit = vm.handle_exit
+        requests = self._requests
+        while True:
+            if kvm_run() < 0:  # kicked: clear immediate_exit first, then look at the flags
+                run.immediate_exit = 0
+                while requests:
+                    requests.popleft()(self)
+                if self._stop:
+                    return
+                continue
+            self.exits += 1
+            ex = decode(run)
+            kind = type(ex)
+            if kind is HypercallExit:
+                dispatch(self, ex)
+            elif kind is MmioExit:
+                handle_mmio(self, ex)
+            elif not handle_exit(self, ex):
+                return
+
+
+def _reg_id(name: str) -> int:
+    key = name.lower()
+    reg = CORE_REGS.get(key)
+    if reg is None:
+        reg = SYS_REGS.get(key)
+        if reg is None:
+            raise KeyError(f"unknown register {name!r}")
+    return reg

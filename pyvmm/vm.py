@@ -1,0 +1,267 @@
+"""A virtual machine: KVM VM fd, guest RAM, vCPUs, the MMIO bus and the SMCCC dispatcher.
+
+Life cycle: build (`Vm(...)`, add memory, devices and SMCCC handlers, load images), then `run()`:
+the SMCCC filter is installed (it must precede the first KVM_RUN), one thread per vCPU enters
+the guest, and `run()` returns a `RunResult` when the guest powers off, crashes, fails, or the time
+limit passes (then every vCPU is kicked out of the guest, wherever it was).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvm_bindings.constants import KVM_MEM_READONLY, Cap, SystemEvent, VcpuFeature
+from kvm_bindings.regs import PSTATE_BOOT
+from pyvmm.devices.bus import MmioBus, MmioDevice
+from pyvmm.errors import GuestError, GuestMemoryError, KvmUnavailableError, VmmError
+from pyvmm.exits import (
+    Exit,
+    FailEntryExit,
+    InternalErrorExit,
+    InterruptedExit,
+    MmioExit,
+    NisvExit,
+    SystemEventExit,
+    complete_mmio_read,
+)
+from pyvmm.kvm import Kvm
+from pyvmm.memory import GuestMemory
+from pyvmm.smccc import filter as smccc_filter
+from pyvmm.smccc.dispatcher import Dispatcher
+from pyvmm.vcpu import Vcpu, install_kick_handler
+
+log = logging.getLogger("pyvmm")
+
+RAM_BASE = 0x8000_0000  # kvmtool's arm64 layout: RAM from 2 GiB
+REQUIRED_CAPS = (Cap.ONE_REG, Cap.ARM_PSCI_0_2, Cap.IMMEDIATE_EXIT)
+
+
+@dataclass
+class RunResult:
+    """Why a run ended. `reason`: poweroff, reset, crash, suspend, timeout, stopped or error."""
+
+    reason: str
+    message: str = ""
+    vcpu: int | None = None
+    data: tuple[int, ...] = ()
+    elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.reason == "poweroff"
+
+    def __str__(self) -> str:
+        who = f" (vcpu{self.vcpu})" if self.vcpu is not None else ""
+        return f"{self.reason}{who}{': ' + self.message if self.message else ''}"
+
+
+@dataclass
+class UnhandledMmio:
+    """Accesses to guest-physical addresses with neither RAM nor a device behind them."""
+
+    policy: str = "ignore"  # "ignore": reads as zero, writes dropped (kvmtool's choice); "stop"
+    accesses: list[MmioExit] = field(default_factory=list)
+
+
+class Vm:
+    def __init__(self, *, cpus: int = 1, mem_mib: int = 64, ram_base: int = RAM_BASE,
+                 kvm_path: str = "/dev/kvm", unhandled_mmio: str = "ignore") -> None:
+        if cpus < 1:
+            raise VmmError(f"a VM needs at least one vCPU, not {cpus}")
+        if mem_mib < 1:
+            raise VmmError(f"a VM needs some memory, not {mem_mib} MiB")
+        if unhandled_mmio not in ("ignore", "stop"):
+            raise VmmError(f"unhandled MMIO policy is 'ignore' or 'stop', not {unhandled_mmio!r}")
+        install_kick_handler()
+        self.kvm = Kvm(kvm_path)
+        for cap in REQUIRED_CAPS:
+            if not self.kvm.check_extension(cap):
+                raise KvmUnavailableError(f"this KVM lacks KVM_CAP_{cap.name}, which pyvmm needs")
+        max_vcpus = self.kvm.check_extension(Cap.MAX_VCPUS) or self.kvm.check_extension(Cap.NR_VCPUS)
+        if cpus > max_vcpus:
+            raise VmmError(f"{cpus} vCPUs requested, this KVM allows at most {max_vcpus}")
+        self.fd = self.kvm.create_vm()
+        self.memory = GuestMemory()
+        self.mmio = MmioBus()
+        self.smccc = Dispatcher()
+        self.unhandled_mmio = UnhandledMmio(unhandled_mmio)
+        self.ram_base = ram_base
+        self.add_memory(ram_base, mem_mib << 20)
+        if self.fd.check_extension(Cap.ARM_NISV_TO_USER):
+            # report MMIO accesses KVM cannot decode as KVM_EXIT_ARM_NISV instead of failing KVM_RUN
+            self.fd.enable_cap(Cap.ARM_NISV_TO_USER)
+        self._target, _ = self.fd.preferred_target()
+        self.vcpus = [self._create_vcpu(i) for i in range(cpus)]
+        self._done = threading.Event()
+        self._result: RunResult | None = None
+        self._result_lock = threading.Lock()
+        self._ran = False
+
+    # --- building ------------------------------------------------------------------------
+    def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> None:
+        if (m := self.mmio.overlaps(gpa, size)) is not None:
+            raise GuestMemoryError(f"memory {gpa:#x}+{size:#x} overlaps device {m.name} at {m.base:#x}")
+        region = self.memory.add(gpa, size, readonly=readonly)
+        self.fd.set_user_memory_region(region.slot, gpa, size, region.host_addr,
+                                       KVM_MEM_READONLY if readonly else 0)
+
+    def add_device(self, base: int, size: int, device: MmioDevice, name: str) -> None:
+        for r in self.memory.regions:
+            if r.overlaps(base, size):
+                raise VmmError(f"device {name} at {base:#x}+{size:#x} overlaps guest RAM {r.gpa:#x}+{r.size:#x}")
+        self.mmio.add(base, size, device, name)
+
+    def _create_vcpu(self, index: int) -> Vcpu:
+        fd = self.fd.create_vcpu(index)
+        vcpu = Vcpu(self, index, fd)
+        self.init_vcpu(vcpu, powered_off=index > 0)
+        return vcpu
+
+    def init_vcpu(self, vcpu: Vcpu, *, powered_off: bool) -> None:
+        """KVM_ARM_VCPU_INIT with the preferred target: PSCI 0.2+, secondaries powered off."""
+        features = 1 << VcpuFeature.PSCI_0_2
+        if powered_off:
+            features |= 1 << VcpuFeature.POWER_OFF
+        vcpu.fd.vcpu_init(self._target, [features, 0, 0, 0, 0, 0, 0])
+
+    def load(self, data: bytes, gpa: int | None = None) -> int:
+        """Copy an image into guest RAM (default: the start of RAM); returns its address."""
+        gpa = self.ram_base if gpa is None else gpa
+        if not self.memory.contains(gpa, max(len(data), 1)):
+            raise GuestMemoryError(f"image of {len(data)} bytes does not fit in guest RAM at {gpa:#x}")
+        self.memory.write(gpa, data)
+        return gpa
+
+    def load_file(self, path: str | Path, gpa: int | None = None) -> int:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise VmmError(f"cannot read {path}: {e.strerror}") from None
+        if not data:
+            raise VmmError(f"{path} is empty")
+        return self.load(data, gpa)
+
+    def set_boot(self, entry: int, x0: int = 0) -> None:
+        """Boot vCPU 0 at `entry` in EL1h with DAIF masked and x0 = `x0` (booting.rst)."""
+        if not self.memory.contains(entry, 4):
+            raise GuestMemoryError(f"entry point {entry:#x} is not in guest RAM")
+        boot = self.vcpus[0]
+        boot.set_reg("pstate", PSTATE_BOOT)
+        boot.set_reg("pc", entry)
+        boot.set_x(0, x0)
+        for n in range(1, 4):
+            boot.set_x(n, 0)
+
+    # --- running -------------------------------------------------------------------------
+    def install_smccc_filter(self) -> None:
+        smccc_filter.install(self.fd, self.smccc.filter_ranges())
+
+    def run(self, timeout: float | None = None) -> RunResult:
+        """Run until the guest powers off or fails, or `timeout` seconds pass."""
+        if self._ran:
+            raise VmmError("this VM has already run; build a new Vm to run again")
+        self.install_smccc_filter()
+        self._ran = True
+        started = time.monotonic()
+        for v in self.vcpus:
+            v.start()
+        try:
+            if not self._done.wait(timeout):
+                self._finish(RunResult("timeout", f"the guest was still running after {timeout:g} s"))
+        except KeyboardInterrupt:
+            self._finish(RunResult("stopped", "interrupted"))
+        finally:
+            self._stop_all()
+        assert self._result is not None
+        self._result.elapsed = time.monotonic() - started
+        return self._result
+
+    def stop(self, message: str = "stopped by request") -> None:
+        """Stop a running VM from any thread."""
+        self._finish(RunResult("stopped", message))
+
+    def _finish(self, result: RunResult) -> None:
+        with self._result_lock:
+            if self._result is None:
+                self._result = result
+        self._done.set()
+
+    def _stop_all(self) -> None:
+        for v in self.vcpus:
+            v._stop = True
+        deadline = time.monotonic() + 10.0
+        for v in self.vcpus:
+            while v.thread is not None and v.thread.is_alive():
+                v.kick()
+                v.thread.join(0.05)
+                if time.monotonic() > deadline:
+                    raise VmmError(f"vcpu{v.index} did not stop within 10 s of being kicked")
+
+    def fail(self, vcpu: Vcpu, error: BaseException) -> None:
+        """A vCPU thread ended with an exception: the run ends with its message."""
+        if isinstance(error, VmmError):
+            msg = str(error)
+        else:
+            msg = f"internal error: {type(error).__name__}: {error}"
+            log.debug("vcpu%d failed:\n%s", vcpu.index, "".join(traceback.format_exception(error)))
+        self._finish(RunResult("error", msg, vcpu.index))
+
+    # --- exits ---------------------------------------------------------------------------
+    def handle_mmio(self, vcpu: Vcpu, ex: MmioExit) -> None:
+        m = self.mmio.find(ex.addr, ex.size)
+        if m is not None:
+            off = ex.addr - m.base
+            if ex.is_write:
+                m.device.write(off, ex.size, ex.data)
+            else:
+                complete_mmio_read(vcpu.fd.run_struct, m.device.read(off, ex.size), ex.size)
+            return
+        access = f"{'write' if ex.is_write else 'read'} of {ex.size} bytes at {ex.addr:#x}"
+        if self.unhandled_mmio.policy == "stop":
+            raise GuestError(f"guest {access}: no RAM or device there")
+        if len(self.unhandled_mmio.accesses) < 256:
+            self.unhandled_mmio.accesses.append(ex)
+            log.warning("vcpu%d: %s hits no RAM or device (reads as 0, writes ignored)", vcpu.index, access)
+        if not ex.is_write:
+            complete_mmio_read(vcpu.fd.run_struct, 0, ex.size)
+
+    def handle_exit(self, vcpu: Vcpu, ex: Exit) -> bool:
+        """Exits other than hypercall and MMIO. Returns False when this vCPU's loop must end."""
+        if isinstance(ex, InterruptedExit):
+            return True
+        if isinstance(ex, SystemEventExit):
+            reason = {SystemEvent.SHUTDOWN: "poweroff", SystemEvent.RESET: "reset",
+                      SystemEvent.CRASH: "crash", SystemEvent.SUSPEND: "suspend"}.get(ex.type)
+            if reason is None:
+                if ex.type == SystemEvent.WAKEUP:
+                    return True
+                reason = ex.name
+            self._finish(RunResult(reason, f"guest system event {ex.name}", vcpu.index, ex.data))
+            return False
+        if isinstance(ex, NisvExit):
+            pc = vcpu.get_reg("pc")
+            raise GuestError(f"guest access at {ex.fault_ipa:#x} (PC {pc:#x}) is to no RAM or device and KVM "
+                             f"cannot decode it (no valid ISV, ESR ISS {ex.esr_iss:#x})")
+        if isinstance(ex, FailEntryExit):
+            raise GuestError(f"KVM could not enter the guest (hardware reason {ex.reason:#x})")
+        if isinstance(ex, InternalErrorExit):
+            raise GuestError(f"KVM internal error {ex.suberror} {ex.data}")
+        raise GuestError(f"unhandled KVM exit {ex}")
+
+    # --- teardown ------------------------------------------------------------------------
+    def close(self) -> None:
+        for v in self.vcpus:
+            v.fd.close()
+        self.fd.close()
+        self.kvm.close()
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,71 @@
+"""Test tiers.
+
+Unit tests run anywhere. Tests marked `kvm` need a real /dev/kvm on arm64: `make kvm` runs them
+natively there, or inside the emulated arm64 host elsewhere, with PYVMM_KVM_TIER=1. In that tier
+a KVM test that cannot run fails (it is never skipped), a skipped or missing test fails the
+session, and the summary states how many ran against which kernel's KVM.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import platform
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GUESTS = ROOT / "build" / "guests"
+KVM_TIER = os.environ.get("PYVMM_KVM_TIER") == "1"
+KVM_TEST_TIME_LIMIT = 180  # seconds; a stuck test dumps its threads and ends the session
+
+
+def have_kvm() -> bool:
+    return platform.machine() == "aarch64" and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def guest_image(name: str) -> Path:
+    path = GUESTS / f"{name}.bin"
+    if not path.is_file():
+        pytest.fail(f"guest payload {path} is missing: run `make guests`")
+    return path
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("kvm") and not have_kvm():
+        if KVM_TIER:
+            pytest.fail(f"KVM tier without a usable /dev/kvm on {platform.machine()}")
+        pytest.skip("needs /dev/kvm on arm64: `make kvm` runs this tier (in the emulated host on x86)")
+
+
+@pytest.fixture(autouse=True)
+def _kvm_watchdog(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+    if request.node.get_closest_marker("kvm"):
+        faulthandler.dump_traceback_later(KVM_TEST_TIME_LIMIT, exit=True)
+        yield
+        faulthandler.cancel_dump_traceback_later()
+    else:
+        yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+    if not KVM_TIER:
+        return
+    stats = terminalreporter.stats
+    count = {k: len([r for r in stats.get(k, []) if getattr(r, "when", "call") in ("call", "setup")])
+             for k in ("passed", "failed", "error", "skipped")}
+    where = f"Linux {platform.release()} {platform.machine()}"
+    where += ", inside the emulated arm64 host" if os.environ.get("PYVMM_IN_ARMHOST") else ", native"
+    terminalreporter.write_line(
+        f"KVM tier: {count['passed']} passed, {count['failed'] + count['error']} failed, "
+        f"{count['skipped']} skipped, against real /dev/kvm ({where})")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if not KVM_TIER:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    stats = reporter.stats if reporter else {}
+    if stats.get("skipped") or not stats.get("passed"):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pyvmm.vm import Vm
+from tests.conftest import guest_image
+
+SIP64 = 0xC200_0000
+SIP32 = 0x8200_0000
+FN_REPORT = 0xC200_00F0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.kvm)
+
+
+@pytest.fixture
+def make_vm() -> Iterator[Callable[..., Vm]]:
+    """Build a Vm with a guest payload loaded at the start of RAM; closed after the test."""
+    vms: list[Vm] = []
+
+    def make(guest: str, *, cpus: int = 1, mem_mib: int = 16, **kw: object) -> Vm:
+        vm = Vm(cpus=cpus, mem_mib=mem_mib, **kw)  # type: ignore[arg-type]
+        vms.append(vm)
+        entry = vm.load_file(guest_image(guest))
+        vm.set_boot(entry)
+        return vm
+
+    yield make
+    for vm in vms:
+        vm.close()
+
+
+class Reports:
+    """Collects FN_REPORT calls (x1..x6) from a test guest."""
+
+    def __init__(self) -> None:
+        self.values: list[tuple[int, ...]] = []
+
+    def __call__(self, call) -> int:  # type: ignore[no-untyped-def]
+        self.values.append(call.args(6))
+        return 0

@@ -1,0 +1,110 @@
+"""Forwarded SMCCC calls on real KVM: conduit, four results, preserved registers, the filter."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvm_bindings.constants import SmcccFilterAction
+from pyvmm.errors import SmcccFilterError
+from pyvmm.smccc import filter as smccc_filter
+from pyvmm.smccc.filter import FilterRange
+from tests.kvm.conftest import FN_REPORT, SIP32, SIP64, Reports
+
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+def test_forwarded_call_over_hvc_and_smc_returns_four_values(make_vm) -> None:
+    vm = make_vm("smccc_roundtrip")
+    seen: list[tuple[int, str, tuple[int, ...]]] = []
+    reports = Reports()
+
+    def sip64(call):  # type: ignore[no-untyped-def]
+        if call.function_id == FN_REPORT:
+            return reports(call)
+        seen.append((call.function_id, call.conduit, call.args(3)))
+        x1, x2, x3 = call.args(3)
+        return (0xFEED_FACE_CAFE_BEEF, x1 + 1, x2 + 2, x3 + 3)
+
+    def sip32(call):  # type: ignore[no-untyped-def]
+        seen.append((call.function_id, call.conduit, call.args(1)))
+        return (0x1234_5678_9ABC_DEF0, -1)
+
+    vm.smccc.register(SIP64, 0x100, sip64, "test SiP64")
+    vm.smccc.register(SIP32, 0x100, sip32, "test SiP32")
+    result = vm.run(timeout=30)
+    assert result.reason == "poweroff", result
+
+    assert seen == [
+        (SIP64 + 1, "hvc", (0x1111, 0x2222, 0x3333)),
+        (SIP64 + 1, "smc", (0x1111, 0x2222, 0x3333)),
+        (SIP32 + 1, "hvc", (0xFFFF_FFFF,)),  # SMC32 argument: only w1 is seen
+    ]
+    expected = (0xFEED_FACE_CAFE_BEEF, 0x1112, 0x2224, 0x3336)
+    # each report: x0..x3 as the guest received them, then the mask of clobbered x4..x17
+    assert reports.values[0][:5] == (*expected, 0)
+    assert reports.values[1][:5] == (*expected, 0)
+    # SMC32 results arrive truncated to 32 bits
+    assert reports.values[2][:2] == (0x9ABC_DEF0, 0xFFFF_FFFF)
+
+
+def test_filter_on_reserved_range_is_refused_clearly(make_vm) -> None:
+    vm = make_vm("spin")
+    vm.smccc.register(0x8000_0000, 0x10, lambda call: 0, "arch")
+    with pytest.raises(SmcccFilterError, match=r"0x80000000-0x8000000f.*reserves"):
+        vm.run(timeout=5)
+
+
+def test_kernel_refuses_reserved_range_and_error_names_it(make_vm) -> None:
+    vm = make_vm("spin")
+    bad = FilterRange(0xC000_0000, 4, SmcccFilterAction.FWD_TO_USER, "arch64")
+    with pytest.raises(SmcccFilterError, match=r"0xc0000000-0xc0000003 fwd_to_user \(arch64\).*EEXIST"):
+        smccc_filter.install_range(vm.fd, bad)
+
+
+def test_filter_after_a_vcpu_ran_fails_clearly(make_vm) -> None:
+    vm = make_vm("spin")
+    assert vm.run(timeout=0.5).reason == "timeout"
+    late = FilterRange(SIP64, 0x10, SmcccFilterAction.FWD_TO_USER, "late")
+    with pytest.raises(SmcccFilterError, match=r"vCPU has already run.*EBUSY"):
+        smccc_filter.install_range(vm.fd, late)
+
+
+def test_deny_range_is_answered_by_kvm(make_vm) -> None:
+    """A denied range never exits to userspace: the guest gets NOT_SUPPORTED from KVM itself."""
+    vm = make_vm("hvc_loop")
+    reports = Reports()
+    vm.smccc.register(FN_REPORT, 1, reports, "report")
+    vm.smccc.deny(SIP64, 0x10, "denied")
+    vm.vcpus[0].set_x(9, 3)  # calls to make
+    vm.vcpus[0].set_x(10, SIP64 + 1)  # function to call
+    assert vm.run(timeout=30).reason == "poweroff"
+    ticks, freq, calls, last_x0 = reports.values[0][:4]
+    assert calls == 3
+    assert last_x0 == U64  # NOT_SUPPORTED (-1) from KVM
+    assert vm.smccc.calls == 1  # only the report exited to userspace
+
+
+def test_unrouted_id_in_forwarded_range_gets_not_supported(make_vm) -> None:
+    vm = make_vm("hvc_loop")
+    reports = Reports()
+    vm.smccc.register(FN_REPORT, 1, reports, "report")
+    vm.smccc.register(SIP64, 0x10, lambda call: -1 if call.function_id != SIP64 else 0, "partial")
+    vm.vcpus[0].set_x(9, 2)
+    vm.vcpus[0].set_x(10, SIP64 + 5)
+    assert vm.run(timeout=30).reason == "poweroff"
+    assert reports.values[0][2:4] == (2, U64)
+    assert vm.smccc.calls == 3
+
+
+def test_handler_exception_ends_the_run_with_its_message(make_vm) -> None:
+    vm = make_vm("hvc_loop")
+
+    def broken(call):  # type: ignore[no-untyped-def]
+        raise RuntimeError("bug in the service")
+
+    vm.smccc.register(SIP64, 0x10, broken, "broken")
+    vm.vcpus[0].set_x(9, 1)
+    vm.vcpus[0].set_x(10, SIP64 + 1)
+    result = vm.run(timeout=30)
+    assert result.reason == "error"
+    assert "0xc2000001 raised RuntimeError: bug in the service" in result.message

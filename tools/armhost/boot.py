@@ -1,0 +1,115 @@
+"""Boot the emulated arm64 KVM host under qemu-system-aarch64 and run one command inside it.
+
+The command's output comes back over the serial console; the init script prints a sentinel with
+the command's exit status, then powers off. QEMU is always bounded by a time limit: a hung L1 or
+L2 fails the run instead of hanging CI.
+"""
+
+from __future__ import annotations
+
+import re
+import selectors
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from image import log, pack_cpio, precompile
+
+# What of the checkout goes into the emulated host (build/ holds the assembled guests).
+OVERLAY_PATHS = ["pyproject.toml", "pyvmm", "kvm_bindings", "devicetree", "tests", "examples",
+                 "build/guests"]
+EXIT_RE = re.compile(r"@@ARMHOST-EXIT (\d+) @@")
+UP_RE = re.compile(r"@@ARMHOST-UP ([\d.]+) @@")
+
+
+def qemu_command(kernel: Path, initrd: Path, cpus: int, mem_mib: int) -> list[str]:
+    # virtualization=on gives the guest EL2, so its kernel brings up KVM (VHE); gic-version=3 lets
+    # it offer a vGICv3 to its own guests. pauth-impdef: QEMU's cheap pointer-auth algorithm,
+    # much faster under TCG than the architected QARMA.
+    return [
+        "qemu-system-aarch64", "-M", "virt,virtualization=on,gic-version=3",
+        "-cpu", "max,pauth-impdef=on", "-smp", str(cpus), "-m", str(mem_mib),
+        "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", "console=ttyAMA0 rdinit=/init panic=-1 quiet loglevel=3",
+    ]
+
+
+def build_overlay(checkout: Path, command: list[str], out: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="armhost-overlay-") as tmp:
+        root = Path(tmp)
+        dest = root / "opt" / "pyvmm"
+        for rel in OVERLAY_PATHS:
+            src = checkout / rel
+            if src.is_dir():
+                shutil.copytree(src, dest / rel, ignore=shutil.ignore_patterns("__pycache__", "*.pyc",
+                                                                            ".pytest_cache"))
+            elif src.is_file():
+                (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dest / rel)
+        precompile(root, [dest])
+        (root / "opt" / "run.sh").write_text(shlex.join(command) + "\n")
+        pack_cpio(root, out)
+
+
+def run(kernel: Path, base: Path, checkout: Path, command: list[str], *, cpus: int, mem_mib: int,
+        timeout: float) -> int:
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="armhost-") as tmp:
+        overlay = Path(tmp) / "overlay.cpio"
+        build_overlay(checkout, command, overlay)
+        initrd = Path(tmp) / "initrd.cpio"
+        with open(initrd, "wb") as out:
+            for part in (base, overlay):
+                with open(part, "rb") as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
+        argv = qemu_command(kernel, initrd, cpus, mem_mib)
+        log(f"booting emulated arm64 host ({cpus} vCPUs, {mem_mib} MiB), time limit {timeout:.0f} s")
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT)
+        try:
+            return _follow(proc, started, timeout)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def _follow(proc: subprocess.Popen[bytes], started: float, timeout: float) -> int:
+    assert proc.stdout is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    buf = b""
+    status: int | None = None
+    while True:
+        left = started + timeout - time.monotonic()
+        if left <= 0:
+            log(f"time limit of {timeout:.0f} s reached: stopping QEMU")
+            return 124
+        if not sel.select(min(left, 5.0)):
+            continue
+        chunk = proc.stdout.read1(65536)  # type: ignore[attr-defined]
+        if not chunk:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode(errors="replace").rstrip("\r")
+            if m := UP_RE.search(line):
+                log(f"emulated host up after {time.monotonic() - started:.1f} s "
+                    f"(kernel uptime {m.group(1)} s)")
+                continue
+            if m := EXIT_RE.search(line):
+                status = int(m.group(1))
+                continue
+            print(line, flush=True)
+    proc.wait()
+    if status is None:
+        log(f"emulated host stopped without reporting a status (QEMU exit {proc.returncode})")
+        return 125
+    log(f"emulated host finished in {time.monotonic() - started:.1f} s, status {status}")
+    return status

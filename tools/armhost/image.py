@@ -1,0 +1,165 @@
+"""Build the emulated arm64 host: Debian's arm64 kernel plus an initramfs with Python and pyvmm.
+
+Two cpio archives are concatenated at boot (the kernel unpacks each in turn, see
+Documentation/driver-api/early-userspace/buffer-format.rst):
+  * base.cpio   - busybox, Python 3.11 and the wheels; cached, rebuilt only when its recipe changes;
+  * the overlay - this checkout's files and the command to run; packed anew for every boot (~1 s).
+Both are left uncompressed: under TCG the kernel's gunzip costs seconds, a memcpy costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from debian import Arm64Apt, extract
+
+# Userspace for the emulated host (Debian bookworm arm64), see ../shared notes on the recipe.
+USERSPACE_PACKAGES = [
+    "busybox-static",
+    "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
+    "libc6", "libexpat1", "zlib1g", "libffi8", "libbz2-1.0", "liblzma5", "libcrypt1",
+    "libgcc-s1", "libuuid1", "libssl3", "libsqlite3-0", "libncursesw6", "libtinfo6",
+    "libreadline8", "libdb5.3", "libnsl2", "libtirpc3",
+]
+# Wheels the project needs at run time and for its test tier, for CPython 3.11 on aarch64.
+BINARY_WHEELS = ["cffi", "pycparser", "ioctl-opt", "pytest", "hypothesis"]
+SDIST_WHEELS = ["pyfdt"]  # published as an sdist only: built into a pure-Python wheel here
+
+# Parts of the stdlib no test or VMM run needs; dropping them keeps the initramfs small.
+STDLIB_PRUNE = [
+    "test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "pydoc_data",
+    "distutils", "unittest/test", "sqlite3/test", "ctypes/test",
+]
+DOC_PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian"]
+
+RECIPE_VERSION = "1"  # bump when the base layout changes
+
+INIT_SCRIPT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/sbin /root
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
+export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
+export PYTHONPATH=/opt/pyvmm:/opt/site PYTHONDONTWRITEBYTECODE=1 PYVMM_IN_ARMHOST=1
+echo "@@ARMHOST-UP $(cut -d' ' -f1 /proc/uptime) @@"
+if [ -f /opt/run.sh ]; then cd /opt/pyvmm && sh /opt/run.sh; rc=$?; else rc=127; fi
+echo "@@ARMHOST-EXIT $rc @@"
+sync
+poweroff -f
+"""
+
+
+def log(msg: str) -> None:
+    print(f"armhost: {msg}", file=sys.stderr, flush=True)
+
+
+class HostImage:
+    """The cached kernel + base initramfs under `cache` (git-ignored)."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache = cache
+        self.apt = Arm64Apt(cache / "apt")
+        self.kernel = cache / "Image"
+        self.modules = cache / "modules"  # the kernel package's /lib/modules tree, for later use
+        self.base = cache / "base.cpio"
+        self.wheels = cache / "wheels"
+        self.stamp = cache / "base.stamp"
+
+    def _recipe_digest(self) -> str:
+        text = "\n".join([RECIPE_VERSION, INIT_SCRIPT, *USERSPACE_PACKAGES, *BINARY_WHEELS,
+                          *SDIST_WHEELS, *STDLIB_PRUNE])
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def ready(self) -> bool:
+        return (self.kernel.is_file() and self.base.is_file() and self.stamp.is_file()
+                and self.stamp.read_text().strip() == self._recipe_digest())
+
+    def build(self) -> None:
+        if self.ready():
+            return
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.apt.update()
+        kernel_pkg = self.apt.newest_kernel_package()
+        debs = self.apt.download([f"{kernel_pkg}/bookworm-backports", *USERSPACE_PACKAGES])
+        self._fetch_wheels()
+        staging = self.cache / "staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        kroot, root = staging / "kernel", staging / "root"
+        log(f"extracting kernel {kernel_pkg}")
+        extract(debs[0], kroot)
+        vmlinuz = sorted((kroot / "boot").glob("vmlinuz-*"))[0]
+        shutil.copyfile(vmlinuz, self.kernel)
+        shutil.rmtree(self.modules, ignore_errors=True)
+        shutil.move(str(next((kroot / "lib" / "modules").iterdir())), self.modules)
+        log(f"extracting {len(debs) - 1} userspace packages")
+        for deb in debs[1:]:
+            extract(deb, root)
+        self._assemble_root(root)
+        log("packing base initramfs")
+        pack_cpio(root, self.base)
+        shutil.rmtree(staging, ignore_errors=True)
+        self.stamp.write_text(self._recipe_digest() + "\n")
+        log(f"base initramfs ready: {self.base.stat().st_size / 2**20:.0f} MiB")
+
+    def _fetch_wheels(self) -> None:
+        if (self.wheels / ".complete").is_file():
+            return
+        shutil.rmtree(self.wheels, ignore_errors=True)
+        self.wheels.mkdir(parents=True)
+        log("downloading aarch64 wheels: " + " ".join(BINARY_WHEELS + SDIST_WHEELS))
+        pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+        subprocess.run([*pip, "download", "--only-binary=:all:", "--platform", "manylinux2014_aarch64",
+                        "--python-version", "3.11", "--implementation", "cp", "-d", str(self.wheels),
+                        *BINARY_WHEELS], check=True)
+        subprocess.run([*pip, "wheel", "--no-deps", "-w", str(self.wheels), *SDIST_WHEELS], check=True)
+        (self.wheels / ".complete").touch()
+
+    def _assemble_root(self, root: Path) -> None:
+        for rel in DOC_PRUNE:
+            shutil.rmtree(root / rel, ignore_errors=True)
+        stdlib = root / "usr" / "lib" / "python3.11"
+        for rel in STDLIB_PRUNE:
+            shutil.rmtree(stdlib / rel, ignore_errors=True)
+        site = root / "opt" / "site"
+        site.mkdir(parents=True)
+        for whl in sorted(self.wheels.glob("*.whl")):
+            shutil.unpack_archive(whl, site, format="zip")
+        (root / "usr" / "bin" / "python3").symlink_to("python3.11")
+        init = root / "init"
+        init.write_text(INIT_SCRIPT)
+        init.chmod(0o755)
+        for d in ("proc", "sys", "dev", "tmp", "root"):
+            (root / d).mkdir(exist_ok=True)
+        precompile(root, [stdlib, site])
+
+
+def precompile(root: Path, dirs: list[Path]) -> None:
+    """Write .pyc files with the host's CPython 3.11 (same bytecode as the target's 3.11).
+
+    Under TCG, compiling the stdlib at every boot would cost many seconds. unchecked-hash pycs
+    are used without comparing source timestamps (PEP 552).
+    """
+    if sys.version_info[:2] != (3, 11):
+        log(f"host Python is {sys.version.split()[0]}, not 3.11: skipping precompiled bytecode")
+        return
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "-j0", "--invalidation-mode",
+                    "unchecked-hash", *map(str, dirs)], check=False, stdout=subprocess.DEVNULL)
+
+
+def pack_cpio(root: Path, out: Path) -> None:
+    """Pack `root` as a newc cpio owned by root, as the kernel's initramfs unpacker expects."""
+    tmp = out.with_suffix(".tmp")
+    files = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, check=True,
+                           capture_output=True).stdout
+    with open(tmp, "wb") as f:
+        subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], cwd=root,
+                       input=files, stdout=f, check=True)
+    os.replace(tmp, out)
