@@ -17,6 +17,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 GUEST_SRCS := $(wildcard tests/guests/*.S examples/guests/*.S)
 GUEST_BINS := $(patsubst %.S,build/guests/%.bin,$(notdir $(GUEST_SRCS)))
+BENCH_BINS := $(patsubst benchmarks/%.S,build/bench/%.bin,$(wildcard benchmarks/*.S))
 vpath %.S tests/guests examples/guests
 
 .PHONY: all test lint unit kvm demo bench guests host-deps venv armhost clean
@@ -45,6 +46,13 @@ build/guests/%.bin: %.S tests/guests/common.inc | .cache/host-deps.stamp
 	@$(CROSS)objcopy -O binary $(@:.bin=.o) $@
 	@rm -f $(@:.bin=.o)
 
+# Host-side AArch64 code for the benchmarks (the native floor loop), assembled the same way.
+build/bench/%.bin: benchmarks/%.S | .cache/host-deps.stamp
+	@mkdir -p $(@D)
+	@$(CROSS)as -o $(@:.bin=.o) $<
+	@$(CROSS)objcopy -O binary $(@:.bin=.o) $@
+	@rm -f $(@:.bin=.o)
+
 armhost: $(VENV)/.stamp
 ifneq ($(NATIVE_KVM),yes)
 	@$(ARMHOST) build
@@ -61,7 +69,7 @@ kvm: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
 ifeq ($(NATIVE_KVM),yes)
 	@PYVMM_KVM_TIER=1 $(VPY) -m pytest -m kvm -q -rfEs
 else
-	@$(ARMHOST) run --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs
+	@$(ARMHOST) run --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs --color=no
 endif
 
 test: lint unit kvm
@@ -73,7 +81,7 @@ else
 	@$(ARMHOST) run --timeout 300 -- python3 examples/smccc_demo.py
 endif
 
-bench: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
+bench: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests $(BENCH_BINS) armhost
 ifeq ($(NATIVE_KVM),yes)
 	@$(VPY) -m benchmarks
 else

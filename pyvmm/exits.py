@@ -5,8 +5,10 @@
 
 from __future__ import annotations
 
+import struct
 from typing import NamedTuple
 
+from kvm_bindings import ffi
 from kvm_bindings.constants import ExitReason, HypercallExitFlag, SystemEvent
 
 
@@ -78,6 +80,20 @@ _HYPERCALL = ExitReason.HYPERCALL.value
 _SMC = HypercallExitFlag.SMC.value
 _T16 = HypercallExitFlag.BIT16.value
 INTERRUPTED = InterruptedExit()
+
+
+def _head_struct() -> struct.Struct:
+    """exit_reason, hypercall.nr and hypercall.flags in one unpack, at the offsets cffi computes
+    from the kvm_run declaration (8, 32 and 96 on Linux 6.12)."""
+    reason = ffi.offsetof("struct kvm_run", "exit_reason")
+    nr = ffi.offsetof("struct kvm_run", "hypercall", "nr")
+    flags = ffi.offsetof("struct kvm_run", "hypercall", "flags")
+    return struct.Struct(f"<{reason}xI{nr - reason - 4}xQ{flags - nr - 8}xQ")
+
+
+HEAD = _head_struct()
+"""`HEAD.unpack_from(kvm_run_mmap)` -> (exit_reason, hypercall.nr, hypercall.flags): the exit
+loop's fast path. The last two are meaningful only when exit_reason is KVM_EXIT_HYPERCALL."""
 
 
 def decode(run: object) -> Exit:

@@ -9,6 +9,7 @@ Failures raise KvmIoctlError naming the ioctl and errno.
 from __future__ import annotations
 
 import errno
+import functools
 import mmap
 import os
 
@@ -21,9 +22,13 @@ from kvm_bindings.constants import (
     KVM_CREATE_DEVICE_TEST,
     Cap,
 )
+from kvm_bindings.regs import CORE_REGS
 from pyvmm.errors import KvmIoctlError, KvmUnavailableError
 
 _NULL = ffi.NULL
+_KVM_RUN = io.KVM_RUN
+_GET_ONE_REG = io.KVM_GET_ONE_REG
+_SET_ONE_REG = io.KVM_SET_ONE_REG
 
 
 def _ioctl(fd: int, request: int, arg: object = _NULL, context: str = "") -> int:
@@ -156,33 +161,53 @@ class VmFd(DeviceAttrs):
 
 
 class VcpuFd(DeviceAttrs):
-    """A vCPU fd with its mmap'ed struct kvm_run. Register I/O reuses preallocated buffers."""
+    """A vCPU fd with its mmap'ed struct kvm_run.
+
+    Register access is on the exit path, so each register ID gets a preallocated kvm_one_reg
+    sharing one u64 buffer: a write is one store and one ioctl. vCPU ioctls other than KVM_RUN
+    take vcpu->mutex killably and never return EINTR, so they need no retry loop.
+    """
 
     def __init__(self, fd: int, mmap_size: int) -> None:
         self.fd = fd
-        self._map = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.run_struct = ffi.from_buffer("struct kvm_run *", self._map)
+        self.mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_struct = ffi.from_buffer("struct kvm_run *", self.mmap)
         self._val = ffi.new("uint64_t *")
-        self._reg = ffi.new("struct kvm_one_reg *", {"addr": int(ffi.cast("uintptr_t", self._val))})
+        self._val_addr = int(ffi.cast("uintptr_t", self._val))
+        self._regs: dict[int, object] = {}
 
-    def run(self) -> int:
-        """One KVM_RUN. Returns 0, or -errno (EINTR/EAGAIN when kicked) for the caller to handle."""
-        if libc.ioctl(self.fd, io.KVM_RUN, _NULL) < 0:
-            err = ffi.errno
-            if err in (errno.EINTR, errno.EAGAIN):
-                return -err
-            raise KvmIoctlError("KVM_RUN", err)
-        return 0
+        # The exit path's two ioctls, prepared as C-level callables (no Python frame per call;
+        # under emulation each Python-level step costs microseconds). Both return the raw ioctl
+        # result; on -1 the caller asks failed() what happened.
+        #   run():       KVM_RUN
+        #   write_x0():  KVM_SET_ONE_REG(x0) from the buffer x0_value, the one register every
+        #                forwarded SMCCC call writes
+        self.run = functools.partial(libc.ioctl, fd, _KVM_RUN, _NULL)
+        self.x0_value = ffi.new("uint64_t *")
+        self._x0_reg = ffi.new("struct kvm_one_reg *",
+                               {"id": CORE_REGS["x0"], "addr": int(ffi.cast("uintptr_t", self.x0_value))})
+        self.write_x0 = functools.partial(libc.ioctl, fd, _SET_ONE_REG, self._x0_reg)
+
+    def failed(self, name: str) -> bool:
+        """After a prepared ioctl returned -1: True for a kick (EINTR/EAGAIN), else raise."""
+        err = ffi.errno
+        if err in (errno.EINTR, errno.EAGAIN) and name == "KVM_RUN":
+            return True
+        raise KvmIoctlError(name, err)
+
+    def _new_reg(self, reg_id: int) -> object:
+        reg = self._regs[reg_id] = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": self._val_addr})
+        return reg
 
     def get_one_reg(self, reg_id: int) -> int:
-        self._reg.id = reg_id
-        _ioctl(self.fd, io.KVM_GET_ONE_REG, self._reg, f"reg {reg_id:#x}")
+        if libc.ioctl(self.fd, _GET_ONE_REG, self._regs.get(reg_id) or self._new_reg(reg_id)) < 0:
+            raise KvmIoctlError("KVM_GET_ONE_REG", ffi.errno, f"reg {reg_id:#x}")
         return self._val[0]
 
     def set_one_reg(self, reg_id: int, value: int) -> None:
-        self._reg.id = reg_id
         self._val[0] = value & 0xFFFF_FFFF_FFFF_FFFF
-        _ioctl(self.fd, io.KVM_SET_ONE_REG, self._reg, f"reg {reg_id:#x}")
+        if libc.ioctl(self.fd, _SET_ONE_REG, self._regs.get(reg_id) or self._new_reg(reg_id)) < 0:
+            raise KvmIoctlError("KVM_SET_ONE_REG", ffi.errno, f"reg {reg_id:#x}")
 
     def vcpu_init(self, target: int, features: list[int]) -> None:
         init = ffi.new("struct kvm_vcpu_init *", {"target": target, "features": features})
@@ -211,6 +236,6 @@ class VcpuFd(DeviceAttrs):
         _ioctl(self.fd, io.KVM_SET_VCPU_EVENTS, ev)
 
     def close(self) -> None:
-        self.run_struct = None
-        self._map.close()
+        ffi.release(self.run_struct)
+        self.mmap.close()
         os.close(self.fd)

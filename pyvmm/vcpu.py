@@ -15,8 +15,9 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from kvm_bindings.constants import ExitReason
 from kvm_bindings.regs import CORE_REGS, SYS_REGS, sysreg_id
-from pyvmm.exits import HypercallExit, MmioExit, decode
+from pyvmm.exits import HEAD, decode
 from pyvmm.kvm import VcpuFd
 
 if TYPE_CHECKING:
@@ -26,6 +27,8 @@ log = logging.getLogger("pyvmm.vcpu")
 
 KICK_SIGNAL = signal.SIGRTMIN + 2
 _X = tuple(CORE_REGS[f"x{n}"] for n in range(31))
+_HYPERCALL = ExitReason.HYPERCALL.value
+_MMIO = ExitReason.MMIO.value
 _kick_handler_installed = False
 
 
@@ -49,7 +52,6 @@ class Vcpu:
         self.index = index
         self.fd = fd
         self.thread: threading.Thread | None = None
-        self.exits = 0
         self._stop = False
         self._requests: deque[Callable[[Vcpu], None]] = deque()
 
@@ -109,30 +111,31 @@ class Vcpu:
             self.vm.fail(self, e)
 
     def _loop(self) -> None:
+        """KVM_RUN until told to stop. Hypercalls take the fast path straight from the exit header;
+        every other exit is decoded into its typed value first."""
         fd = self.fd
-        run = fd.run_struct
-        kvm_run = fd.run
+        run, buf = fd.run_struct, fd.mmap
+        kvm_run, failed = fd.run, fd.failed
+        head = HEAD.unpack_from
         vm = self.vm
         dispatch = vm.smccc.dispatch
         handle_mmio = vm.handle_mmio
         handle_exit = vm.handle_exit
         requests = self._requests
         while True:
-            if kvm_run() < 0:  # kicked: clear immediate_exit first, then look at the flags
+            if kvm_run() and failed("KVM_RUN"):  # kicked: clear immediate_exit first, then the flags
                 run.immediate_exit = 0
                 while requests:
                     requests.popleft()(self)
                 if self._stop:
                     return
                 continue
-            self.exits += 1
-            ex = decode(run)
-            kind = type(ex)
-            if kind is HypercallExit:
-                dispatch(self, ex)
-            elif kind is MmioExit:
-                handle_mmio(self, ex)
-            elif not handle_exit(self, ex):
+            reason, nr, flags = head(buf)
+            if reason == _HYPERCALL:
+                dispatch(self, nr, flags)
+            elif reason == _MMIO:
+                handle_mmio(self, decode(run))
+            elif not handle_exit(self, decode(run)):
                 return
 
 

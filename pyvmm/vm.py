@@ -9,6 +9,7 @@ limit passes (then every vCPU is kicked out of the guest, wherever it was).
 from __future__ import annotations
 
 import logging
+import platform
 import threading
 import time
 import traceback
@@ -77,6 +78,10 @@ class Vm:
             raise VmmError(f"a VM needs some memory, not {mem_mib} MiB")
         if unhandled_mmio not in ("ignore", "stop"):
             raise VmmError(f"unhandled MMIO policy is 'ignore' or 'stop', not {unhandled_mmio!r}")
+        if platform.machine() != "aarch64":
+            raise KvmUnavailableError(
+                f"pyvmm needs an arm64 host's KVM, this host is {platform.machine()} "
+                "(`make demo` and `make test` run pyvmm inside an emulated arm64 host)")
         install_kick_handler()
         self.kvm = Kvm(kvm_path)
         for cap in REQUIRED_CAPS:
@@ -101,6 +106,7 @@ class Vm:
         self._result: RunResult | None = None
         self._result_lock = threading.Lock()
         self._ran = False
+        self._filter_installed = False
 
     # --- building ------------------------------------------------------------------------
     def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> None:
@@ -159,7 +165,10 @@ class Vm:
 
     # --- running -------------------------------------------------------------------------
     def install_smccc_filter(self) -> None:
-        smccc_filter.install(self.fd, self.smccc.filter_ranges())
+        """Install the filter the dispatcher's routes call for (run() does this if not yet done)."""
+        if not self._filter_installed:
+            smccc_filter.install(self.fd, self.smccc.filter_ranges())
+            self._filter_installed = True
 
     def run(self, timeout: float | None = None) -> RunResult:
         """Run until the guest powers off or fails, or `timeout` seconds pass."""

@@ -57,9 +57,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # ty
              for k in ("passed", "failed", "error", "skipped")}
     where = f"Linux {platform.release()} {platform.machine()}"
     where += ", inside the emulated arm64 host" if os.environ.get("PYVMM_IN_ARMHOST") else ", native"
+    terminalreporter.write_line(f"KVM tier ran against real /dev/kvm ({where}):")
     terminalreporter.write_line(
-        f"KVM tier: {count['passed']} passed, {count['failed'] + count['error']} failed, "
-        f"{count['skipped']} skipped, against real /dev/kvm ({where})")
+        f"kvm: {count['passed']} passed, {count['failed'] + count['error']} failed, {count['skipped']} skipped")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

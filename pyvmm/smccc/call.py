@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from kvm_bindings.constants import HypercallExitFlag
 from pyvmm.smccc.function_id import SMC64, FunctionId, decode
+
+_SMC = HypercallExitFlag.SMC.value
 
 if TYPE_CHECKING:
     from pyvmm.vcpu import Vcpu
@@ -14,17 +17,21 @@ class SmcccCall:
     """The function ID and conduit come with the exit; arguments x1..x17 are read from the vCPU
     only when a handler asks for them (one KVM_GET_ONE_REG each, cached)."""
 
-    __slots__ = ("vcpu", "function_id", "smc", "_args")
+    __slots__ = ("vcpu", "function_id", "flags", "_args")
 
-    def __init__(self, vcpu: Vcpu, function_id: int, smc: bool) -> None:
+    def __init__(self, vcpu: Vcpu, function_id: int, flags: int = 0) -> None:
         self.vcpu = vcpu
         self.function_id = function_id
-        self.smc = smc
-        self._args: dict[int, int] = {}
+        self.flags = flags  # kvm_run.hypercall.flags (KVM_HYPERCALL_EXIT_*)
+        self._args: dict[int, int] | None = None
+
+    @property
+    def smc(self) -> bool:
+        return bool(self.flags & _SMC)
 
     @property
     def conduit(self) -> str:
-        return "smc" if self.smc else "hvc"
+        return "smc" if self.flags & _SMC else "hvc"
 
     @property
     def smc64(self) -> bool:
@@ -38,10 +45,11 @@ class SmcccCall:
         """x<n> as the guest passed it (w<n>, zero-extended, for an SMC32/HVC32 call)."""
         if not 1 <= n <= 17:
             raise ValueError(f"SMCCC arguments are x1..x17, not x{n}")
+        if self._args is None:
+            self._args = {}
         value = self._args.get(n)
         if value is None:
-            value = self.vcpu.get_x(n)
-            self._args[n] = value
+            value = self._args[n] = self.vcpu.get_x(n)
         return value if self.function_id & SMC64 else value & 0xFFFF_FFFF
 
     def args(self, count: int) -> tuple[int, ...]:
@@ -49,7 +57,7 @@ class SmcccCall:
 
     def known_register(self, n: int) -> int | None:
         """x<n>'s current value if this call has already read it (lets the dispatcher skip writes)."""
-        return self._args.get(n)
+        return None if self._args is None else self._args.get(n)
 
     def __repr__(self) -> str:
         return f"SmcccCall({self.function_id:#010x} via {self.conduit} on vcpu{self.vcpu.index})"

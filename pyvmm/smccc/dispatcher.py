@@ -11,7 +11,7 @@ SMCCC 1.4 rules applied here, for every handler:
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -22,7 +22,6 @@ from pyvmm.smccc.filter import FilterRange
 from pyvmm.smccc.function_id import NOT_SUPPORTED, SMC64
 
 if TYPE_CHECKING:
-    from pyvmm.exits import HypercallExit
     from pyvmm.vcpu import Vcpu
 
 Results = int | Sequence[int]
@@ -30,6 +29,7 @@ Handler = Callable[[SmcccCall], Results]
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U32 = 0xFFFF_FFFF
+_MISS = object()
 
 
 @dataclass(frozen=True)
@@ -72,10 +72,6 @@ class Dispatcher:
         return sorted(fwd + self._denied, key=lambda r: r.base)
 
     def lookup(self, function_id: int) -> Handler | None:
-        try:
-            return self._cache[function_id]
-        except KeyError:
-            pass
         handler = None
         i = bisect.bisect_right(self._routes, function_id, key=lambda r: r.base) - 1
         if i >= 0 and function_id < self._routes[i].base + self._routes[i].count:
@@ -84,27 +80,35 @@ class Dispatcher:
             self._cache[function_id] = handler
         return handler
 
-    def dispatch(self, vcpu: Vcpu, exit: HypercallExit) -> None:
-        """Answer one KVM_EXIT_HYPERCALL on `vcpu` (called on that vCPU's thread)."""
-        fid = exit.function_id
-        call = SmcccCall(vcpu, fid, exit.smc)
-        handler = self.lookup(fid)
+    def dispatch(self, vcpu: Vcpu, function_id: int, flags: int) -> None:
+        """Answer one KVM_EXIT_HYPERCALL on `vcpu` (called on that vCPU's thread).
+
+        This is the exit loop's hot path: a cached handler lookup, the handler, and (for the
+        common single result) exactly one KVM_SET_ONE_REG.
+        """
+        call = SmcccCall(vcpu, function_id, flags)
+        handler = self._cache.get(function_id, _MISS)
+        if handler is _MISS:
+            handler = self.lookup(function_id)
         if handler is None:
             results: Results = NOT_SUPPORTED
         else:
             try:
                 results = handler(call)
             except Exception as e:
-                raise HandlerError(f"SMCCC handler for {fid:#010x} raised {type(e).__name__}: {e}") from e
+                raise HandlerError(f"SMCCC handler for {function_id:#010x} raised {type(e).__name__}: {e}") from e
         self.calls += 1
-        write_results(vcpu, call, results)
+        if type(results) is int:  # the common single result: one prepared KVM_SET_ONE_REG(x0)
+            fd = vcpu.fd
+            fd.x0_value[0] = results & (_U64 if function_id & SMC64 else _U32)
+            if fd.write_x0() < 0:
+                fd.failed("KVM_SET_ONE_REG")
+        else:
+            write_results(vcpu, call, results)
 
 
 def write_results(vcpu: Vcpu, call: SmcccCall, results: Results) -> None:
     mask = _U64 if call.function_id & SMC64 else _U32
-    if isinstance(results, int):
-        vcpu.set_x(0, results & mask)
-        return
     values = _as_results(results)
     vcpu.set_x(0, values[0] & mask)
     for n in range(1, len(values)):
@@ -113,8 +117,8 @@ def write_results(vcpu: Vcpu, call: SmcccCall, results: Results) -> None:
             vcpu.set_x(n, v)
 
 
-def _as_results(results: Iterable[int]) -> tuple[int, ...]:
-    values = tuple(results)
+def _as_results(results: Results) -> tuple[int, ...]:
+    values = (results,) if isinstance(results, int) else tuple(results)
     if not 1 <= len(values) <= 4:
         raise HandlerError(f"an SMCCC handler returns 1 to 4 results (x0-x3), not {len(values)}")
     return values

@@ -7,12 +7,12 @@ L2 fails the run instead of hanging CI.
 
 from __future__ import annotations
 
+import os
 import re
 import selectors
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,8 +20,8 @@ from pathlib import Path
 from image import log, pack_cpio, precompile
 
 # What of the checkout goes into the emulated host (build/ holds the assembled guests).
-OVERLAY_PATHS = ["pyproject.toml", "pyvmm", "kvm_bindings", "devicetree", "tests", "examples",
-                 "build/guests"]
+OVERLAY_PATHS = ["pyproject.toml", "pyvmm", "kvm_bindings", "devicetree", "tests", "examples", "benchmarks",
+                 "build/guests", "build/bench"]
 EXIT_RE = re.compile(r"@@ARMHOST-EXIT (\d+) @@")
 UP_RE = re.compile(r"@@ARMHOST-UP ([\d.]+) @@")
 
@@ -32,7 +32,7 @@ def qemu_command(kernel: Path, initrd: Path, cpus: int, mem_mib: int) -> list[st
     # much faster under TCG than the architected QARMA.
     return [
         "qemu-system-aarch64", "-M", "virt,virtualization=on,gic-version=3",
-        "-cpu", "max,pauth-impdef=on", "-smp", str(cpus), "-m", str(mem_mib),
+        "-cpu", os.environ.get("ARMHOST_CPU", "max,pauth-impdef=on"), "-smp", str(cpus), "-m", str(mem_mib),
         "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "console=ttyAMA0 rdinit=/init panic=-1 quiet loglevel=3",
@@ -106,7 +106,8 @@ def _follow(proc: subprocess.Popen[bytes], started: float, timeout: float) -> in
             if m := EXIT_RE.search(line):
                 status = int(m.group(1))
                 continue
-            print(line, flush=True)
+            if status is None:  # after the sentinel only the kernel's power-down chatter follows
+                print(line, flush=True)
     proc.wait()
     if status is None:
         log(f"emulated host stopped without reporting a status (QEMU exit {proc.returncode})")

@@ -1,0 +1,1 @@
+"""pyvmm benchmarks (`make bench`): every figure is measured in one run, against its baseline."""

@@ -1,0 +1,87 @@
+"""Shared helpers for the benchmarks: timed guest loops and the native-code floor."""
+
+from __future__ import annotations
+
+import mmap
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvm_bindings import ffi
+from kvm_bindings.regs import CORE_REGS
+from pyvmm.smccc.call import SmcccCall
+from pyvmm.vm import Vm
+
+ROOT = Path(__file__).resolve().parents[1]
+GUESTS = ROOT / "build" / "guests"
+NATIVE_FLOOR = ROOT / "build" / "bench" / "native_floor.bin"
+FN_REPORT = 0xC200_00F0
+
+
+@dataclass
+class LoopResult:
+    calls: int
+    seconds: float
+    last_x0: int
+
+    @property
+    def us_per_call(self) -> float:
+        return self.seconds / self.calls * 1e6
+
+
+def run_hvc_loop(function_id: int, calls: int, setup: Callable[[Vm], None] | None = None,
+                 before_run: Callable[[Vm], None] | None = None) -> LoopResult:
+    """Run hvc_loop.S: `calls` HVCs of `function_id`, timed in the guest by CNTVCT_EL0."""
+    vm = Vm(cpus=1, mem_mib=16)
+    try:
+        vm.set_boot(vm.load_file(GUESTS / "hvc_loop.bin"))
+        report: list[tuple[int, ...]] = []
+
+        def on_report(call: SmcccCall) -> int:
+            report.append(call.args(4))
+            return 0
+
+        vm.smccc.register(FN_REPORT, 1, on_report, "report")
+        if setup is not None:
+            setup(vm)
+        vm.vcpus[0].set_x(9, calls)
+        vm.vcpus[0].set_x(10, function_id)
+        if before_run is not None:
+            vm.install_smccc_filter()
+            before_run(vm)
+        result = vm.run(timeout=120)
+        if result.reason != "poweroff" or not report:
+            raise SystemExit(f"benchmark guest did not finish: {result}")
+        ticks, freq, n, last_x0 = report[0]
+        return LoopResult(n, ticks / freq, last_x0)
+    finally:
+        vm.close()
+
+
+class NativeFloor:
+    """benchmarks/native_floor.S, mapped executable from its assembled file and called via cffi.
+
+    Mapping the file (rather than copying code into anonymous memory) lets the kernel make the
+    instruction cache coherent when the page is first mapped executable.
+    """
+
+    def __init__(self, path: Path = NATIVE_FLOOR) -> None:
+        if not path.is_file():
+            raise SystemExit(f"{path} is missing: run `make bench`")
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_EXEC)
+        addr = ffi.cast("uintptr_t", ffi.from_buffer(self._map))
+        self._fn = ffi.cast("long (*)(long, long, struct kvm_one_reg *)", addr)
+
+    def forward(self, vm: Vm, calls: int, x0_value: int) -> None:
+        """Answer the next `calls` forwarded calls on vCPU 0 with x0 = x0_value, natively."""
+        val = ffi.new("uint64_t *", x0_value)
+        reg = ffi.new("struct kvm_one_reg *", {"id": CORE_REGS["x0"], "addr": int(ffi.cast("uintptr_t", val))})
+        ret = self._fn(vm.vcpus[0].fd.fd, calls, reg)
+        if ret:
+            raise SystemExit(f"native floor loop failed: errno {-ret}")
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)

@@ -1,0 +1,113 @@
+"""pyvmm's command line, in kvmtool's spelling where kvmtool has the option.
+
+  pyvmm run -f FIRMWARE [-c CPUS] [-m MiB] [--timeout S]   run a flat binary at the start of RAM
+  pyvmm check                                              what this host's KVM offers
+
+Exit status of `run`: 0 when the guest powers off; 1 on an error; 2 for bad usage; 3 when the
+guest resets, crashes or suspends (not yet serviced); 124 when --timeout expires.
+Every failure is one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import NoReturn
+
+from pyvmm.errors import VmmError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GUEST, EXIT_TIMEOUT = 0, 1, 2, 3, 124
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return value
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="pyvmm", description="A kvmtool-style arm64 VMM in Python.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    run = sub.add_parser("run", help="run a guest")
+    run.add_argument("-f", "--firmware", required=True, metavar="FILE",
+                     help="flat binary loaded at the start of RAM and entered at EL1h")
+    run.add_argument("-c", "--cpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
+    run.add_argument("-m", "--mem", type=positive_int, default=64, metavar="MiB", help="RAM in MiB (default 64)")
+    run.add_argument("--timeout", type=positive_float, metavar="S", help="stop the guest after S seconds")
+    run.add_argument("--loglevel", choices=["debug", "info", "warning", "error"], default="warning")
+    sub.add_parser("check", help="report what this host's KVM offers pyvmm")
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pyvmm.vm import Vm
+
+    if not os.path.isfile(args.firmware):
+        raise VmmError(f"firmware {args.firmware} does not exist or is not a file")
+    with Vm(cpus=args.cpus, mem_mib=args.mem) as vm:
+        vm.set_boot(vm.load_file(args.firmware))
+        result = vm.run(timeout=args.timeout)
+    if result.reason == "poweroff":
+        return EXIT_OK
+    print(f"pyvmm: guest ended: {result}", file=sys.stderr)
+    return {"timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(result.reason, EXIT_GUEST)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from kvm_bindings.constants import Cap
+    from pyvmm.kvm import Kvm
+    from pyvmm.smccc import filter as smccc_filter
+
+    kvm = Kvm()
+    vm_fd = kvm.create_vm()
+    print(f"kernel        {os.uname().release} {os.uname().machine}")
+    for cap in Cap:
+        print(f"KVM_CAP_{cap.name:<22} {kvm.check_extension(cap)}")
+    try:
+        smccc_filter.check_supported(vm_fd)
+        print("SMCCC filter  supported")
+    except VmmError as e:
+        print(f"SMCCC filter  missing: {e}")
+        return EXIT_ERROR
+    finally:
+        vm_fd.close()
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, getattr(args, "loglevel", "warning").upper()),
+                        format="pyvmm: %(message)s")
+    try:
+        return {"run": cmd_run, "check": cmd_check}[args.command](args)
+    except VmmError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

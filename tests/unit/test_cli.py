@@ -1,0 +1,55 @@
+"""The CLI's bad-input paths: one line on stderr, a non-zero status, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pyvmm import cli
+from pyvmm.errors import KvmUnavailableError
+from pyvmm.kvm import Kvm
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["run"], "the following arguments are required: -f/--firmware"),
+    (["run", "-f", "x", "-c", "0"], "'0' must be at least 1"),
+    (["run", "-f", "x", "-m", "lots"], "'lots' is not a number"),
+    (["run", "-f", "x", "--timeout", "-3"], "must be positive"),
+    (["run", "-f", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_bad_flags_are_one_line_usage_errors(args: list[str], message: str) -> None:
+    p = run_cli(*args)
+    assert p.returncode == cli.EXIT_USAGE
+    assert message in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in p.stderr
+
+
+def test_missing_firmware_is_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = run_cli("run", "-f", str(tmp_path / "nope.bin"))
+    assert p.returncode == cli.EXIT_ERROR
+    assert p.stderr.strip().splitlines() == [f"pyvmm: error: firmware {tmp_path / 'nope.bin'} does not exist or is not a file"]
+
+
+def test_missing_kvm_device_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(KvmUnavailableError, match="does not exist: this host has no KVM"):
+        Kvm(str(tmp_path / "kvm"))
+    with pytest.raises(KvmUnavailableError, match="cannot open"):
+        Kvm("/dev/null/kvm")
+
+
+def test_non_arm64_host_is_a_clear_error(monkeypatch, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    fw = tmp_path / "fw.bin"
+    fw.write_bytes(b"\x00\x00\x00\x14")
+    monkeypatch.setattr("pyvmm.vm.platform.machine", lambda: "x86_64")
+    assert cli.main(["run", "-f", str(fw)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["pyvmm: error: pyvmm needs an arm64 host's KVM, this host is x86_64 "
+                   "(`make demo` and `make test` run pyvmm inside an emulated arm64 host)"]

@@ -1,0 +1,120 @@
+"""The SMCCC dispatcher against a fake vCPU: routing, results, truncation, register writes."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvm_bindings.constants import SmcccFilterAction
+from pyvmm.errors import VmmError
+from pyvmm.smccc.dispatcher import Dispatcher, HandlerError
+from tests.unit.fakes import FakeVcpu
+
+U64 = 0xFFFF_FFFF_FFFF_FFFF
+SIP64 = 0xC200_0000
+SIP32 = 0x8200_0000
+
+
+def test_single_result_is_one_register_write() -> None:
+    d, v = Dispatcher(), FakeVcpu()
+    d.register(SIP64, 16, lambda call: 7)
+    d.dispatch(v, SIP64 + 3, 0)
+    assert v.writes == [(0, 7)]
+    assert v.reads == []  # arguments are read only on demand
+
+
+def test_four_results_skip_registers_already_holding_the_value() -> None:
+    d, v = Dispatcher(), FakeVcpu(regs={1: 10, 2: 20, 3: 30})
+
+    def handler(call):  # type: ignore[no-untyped-def]
+        x1, x2, x3 = call.args(3)
+        return (0, x1, x2 + 1, x3)
+
+    d.register(SIP64, 1, handler)
+    d.dispatch(v, SIP64, 0)
+    assert v.writes == [(0, 0), (2, 21)]
+
+
+def test_smc32_results_and_arguments_are_32_bit() -> None:
+    d, v = Dispatcher(), FakeVcpu(regs={1: 0xAAAA_BBBB_CCCC_DDDD})
+    seen = []
+
+    def handler(call):  # type: ignore[no-untyped-def]
+        seen.append(call.arg(1))
+        return (-1, 0x1_0000_0002)
+
+    d.register(SIP32, 1, handler)
+    d.dispatch(v, SIP32, 0)
+    assert seen == [0xCCCC_DDDD]
+    assert v.writes == [(0, 0xFFFF_FFFF), (1, 2)]
+
+
+def test_smc64_negative_result_is_sign_extended() -> None:
+    d, v = Dispatcher(), FakeVcpu()
+    d.register(SIP64, 1, lambda call: -2)
+    d.dispatch(v, SIP64, 0)
+    assert v.writes == [(0, U64 - 1)]
+
+
+def test_unrouted_id_gets_not_supported() -> None:
+    d, v = Dispatcher(), FakeVcpu()
+    d.dispatch(v, 0xC300_0000, 0)
+    assert v.writes == [(0, U64)]
+    d.dispatch(v, 0x8300_0000, 0)
+    assert v.writes[-1] == (0, 0xFFFF_FFFF)
+
+
+def test_conduit_and_call_repr() -> None:
+    d, v = Dispatcher(), FakeVcpu()
+    calls = []
+    d.register(SIP64, 1, lambda call: calls.append((call.conduit, call.smc, repr(call))) or 0)
+    d.dispatch(v, SIP64, 1)
+    d.dispatch(v, SIP64, 0)
+    assert calls == [("smc", True, "SmcccCall(0xc2000000 via smc on vcpu0)"),
+                     ("hvc", False, "SmcccCall(0xc2000000 via hvc on vcpu0)")]
+
+
+def test_route_boundaries() -> None:
+    d = Dispatcher()
+    d.register(0xC600_0010, 0x10, lambda call: 1, "b")
+    d.register(0xC600_0000, 0x10, lambda call: 2, "a")
+    assert d.lookup(0xC600_0000)(None) == 2  # type: ignore[misc]
+    assert d.lookup(0xC600_000F)(None) == 2  # type: ignore[misc]
+    assert d.lookup(0xC600_0010)(None) == 1  # type: ignore[misc]
+    assert d.lookup(0xC600_001F)(None) == 1  # type: ignore[misc]
+    assert d.lookup(0xC600_0020) is None
+    assert d.lookup(0xC5FF_FFFF) is None
+
+
+def test_overlapping_or_bad_routes_are_refused() -> None:
+    d = Dispatcher()
+    d.register(SIP64, 0x10, lambda call: 0, "first")
+    with pytest.raises(VmmError, match=r"overlaps 0xc2000000\+16 \(first\)"):
+        d.register(SIP64 + 0xF, 2, lambda call: 0, "second")
+    with pytest.raises(VmmError, match="32-bit"):
+        d.register(0xFFFF_FFFF, 2, lambda call: 0)
+
+
+def test_bad_result_counts_and_raising_handlers() -> None:
+    d, v = Dispatcher(), FakeVcpu()
+    d.register(SIP64, 1, lambda call: (1, 2, 3, 4, 5))
+    with pytest.raises(HandlerError, match="1 to 4 results"):
+        d.dispatch(v, SIP64, 0)
+    d.register(SIP64 + 1, 1, lambda call: 1 // 0)
+    with pytest.raises(HandlerError, match="0xc2000001 raised ZeroDivisionError"):
+        d.dispatch(v, SIP64 + 1, 0)
+
+
+def test_filter_ranges_come_from_routes_and_denials() -> None:
+    d = Dispatcher()
+    d.register(SIP64, 0x10, lambda call: 0, "sip")
+    d.deny(0xC300_0000, 0x100, "oem")
+    ranges = d.filter_ranges()
+    assert [(r.base, r.count, r.action) for r in ranges] == [
+        (SIP64, 0x10, SmcccFilterAction.FWD_TO_USER), (0xC300_0000, 0x100, SmcccFilterAction.DENY)]
+
+
+def test_lookup_cache_is_bounded() -> None:
+    d = Dispatcher()
+    for fid in range(10_000):
+        d.lookup(0xC700_0000 + fid)
+    assert len(d._cache) <= 4096

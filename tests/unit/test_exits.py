@@ -1,0 +1,74 @@
+"""Exit decoding from a kvm_run filled in by hand."""
+
+from __future__ import annotations
+
+from kvm_bindings import ffi
+from kvm_bindings.constants import ExitReason, SystemEvent
+from pyvmm import exits
+from pyvmm.exits import HypercallExit, MmioExit, NisvExit, SystemEventExit, UnknownExit
+
+
+def new_run(reason: int):  # type: ignore[no-untyped-def]
+    run = ffi.new("struct kvm_run *")
+    run.exit_reason = reason
+    return run
+
+
+def test_hypercall_over_smc_and_header_fast_path() -> None:
+    run = new_run(ExitReason.HYPERCALL)
+    run.hypercall.nr = 0xC200_0001
+    run.hypercall.flags = 1
+    assert exits.decode(run) == HypercallExit(0xC200_0001, smc=True, thumb16=False)
+    assert exits.HEAD.unpack_from(ffi.buffer(run)) == (ExitReason.HYPERCALL, 0xC200_0001, 1)
+
+
+def test_hypercall_over_hvc() -> None:
+    run = new_run(ExitReason.HYPERCALL)
+    run.hypercall.nr = 0x8400_0000
+    assert exits.decode(run) == HypercallExit(0x8400_0000, smc=False, thumb16=False)
+
+
+def test_mmio_write_carries_little_endian_data() -> None:
+    run = new_run(ExitReason.MMIO)
+    run.mmio.phys_addr = 0x100_0000
+    run.mmio.len = 4
+    run.mmio.is_write = 1
+    run.mmio.data[0:4] = b"\xef\xbe\xad\xde"
+    assert exits.decode(run) == MmioExit(0x100_0000, 4, True, 0xDEADBEEF)
+
+
+def test_mmio_read_and_completion() -> None:
+    run = new_run(ExitReason.MMIO)
+    run.mmio.phys_addr = 0x300_0000
+    run.mmio.len = 2
+    assert exits.decode(run) == MmioExit(0x300_0000, 2, False, 0)
+    exits.complete_mmio_read(run, 0x12345, 2)
+    assert bytes(run.mmio.data[0:8]) == b"\x45\x23" + bytes(6)
+
+
+def test_mmio_with_bogus_length_decodes_without_data() -> None:
+    run = new_run(ExitReason.MMIO)
+    run.mmio.len = 200
+    run.mmio.is_write = 1
+    assert exits.decode(run).data == 0
+
+
+def test_system_event() -> None:
+    run = new_run(ExitReason.SYSTEM_EVENT)
+    run.system_event.type = SystemEvent.RESET
+    run.system_event.ndata = 1
+    run.system_event.data[0] = 1
+    ev = exits.decode(run)
+    assert ev == SystemEventExit(SystemEvent.RESET, (1,))
+    assert ev.name == "reset"
+    run.system_event.ndata = 999  # hostile/garbage count is clamped
+    assert len(exits.decode(run).data) == 16
+
+
+def test_other_exits() -> None:
+    assert exits.decode(new_run(ExitReason.INTR)) is exits.INTERRUPTED
+    run = new_run(ExitReason.ARM_NISV)
+    run.arm_nisv.fault_ipa = 0x1000_0000
+    run.arm_nisv.esr_iss = 0x40
+    assert exits.decode(run) == NisvExit(0x40, 0x1000_0000)
+    assert exits.decode(new_run(12345)) == UnknownExit(12345)

@@ -1,0 +1,84 @@
+"""SMCCC filter validation and installation against a fake VM fd."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from kvm_bindings.constants import SmcccFilterAction
+from pyvmm.errors import KvmIoctlError, SmcccFilterError
+from pyvmm.smccc import filter as f
+from pyvmm.smccc.filter import FilterRange
+from pyvmm.smccc.function_id import Owner, decode, make
+
+FWD = SmcccFilterAction.FWD_TO_USER
+
+
+class FakeVmFd:
+    def __init__(self, supported: bool = True, fail: int = 0) -> None:
+        self.supported, self.fail = supported, fail
+        self.installed: list[tuple[int, int, int]] = []
+
+    def has_device_attr(self, group: int, attr: int) -> bool:
+        return self.supported
+
+    def set_smccc_filter(self, base: int, count: int, action: int) -> None:
+        if self.fail:
+            raise KvmIoctlError("KVM_SET_DEVICE_ATTR", self.fail)
+        self.installed.append((base, count, action))
+
+
+@pytest.mark.parametrize(("rng", "message"), [
+    (FilterRange(0x8000_0000, 1, FWD), "reserves"),
+    (FilterRange(0xC000_FFFF, 2, FWD), "reserves"),
+    (FilterRange(0x7FFF_FFFF, 2, FWD), "reserves"),
+    (FilterRange(0xFFFF_FFF0, 0x20, FWD), "wraps"),
+    (FilterRange(0xC200_0000, 0, FWD), "at least one"),
+])
+def test_invalid_ranges(rng: FilterRange, message: str) -> None:
+    with pytest.raises(SmcccFilterError, match=message):
+        f.validate([rng])
+
+
+def test_overlapping_ranges_name_both() -> None:
+    a = FilterRange(0xC200_0000, 0x10, FWD, "a")
+    b = FilterRange(0xC200_000F, 1, SmcccFilterAction.DENY, "b")
+    with pytest.raises(SmcccFilterError, match=r"0xc200000f-0xc200000f deny \(b\): overlaps range 0xc2000000"):
+        f.validate([a, b])
+
+
+def test_adjacent_ranges_are_fine_and_installed_in_order() -> None:
+    fd = FakeVmFd()
+    f.install(fd, [FilterRange(0x8400_0000, 0x20, FWD), FilterRange(0x8400_0020, 0x20, FWD)])
+    assert fd.installed == [(0x8400_0000, 0x20, 2), (0x8400_0020, 0x20, 2)]
+
+
+def test_no_ranges_needs_no_filter_support() -> None:
+    f.install(FakeVmFd(supported=False), [])
+
+
+def test_missing_filter_names_the_kernel_version() -> None:
+    with pytest.raises(SmcccFilterError, match=r"needs Linux >= 6\.4, this host runs"):
+        f.install(FakeVmFd(supported=False), [FilterRange(0xC200_0000, 1, FWD)])
+
+
+@pytest.mark.parametrize(("err", "words"), [
+    (errno.EEXIST, "overlaps a range already installed"),
+    (errno.EBUSY, "vCPU has already run"),
+    (errno.EINVAL, "invalid"),
+])
+def test_kernel_refusals_are_translated(err: int, words: str) -> None:
+    with pytest.raises(SmcccFilterError, match=words):
+        f.install_range(FakeVmFd(fail=err), FilterRange(0xC200_0000, 1, FWD, "x"))
+
+
+def test_function_id_decoding() -> None:
+    fid = decode(0xC400_0003)
+    assert (fid.fast, fid.smc64, fid.owner, fid.number) == (True, True, Owner.STANDARD_SECURE, 3)
+    assert decode(0x8600_FF01).owner_name == "VENDOR_HYP"
+    assert decode(0xB100_0000).owner_name == "TRUSTED_APP"
+    assert decode(0xBF00_0000).owner_name == "TRUSTED_OS"
+    assert decode(0x8700_0000).owner_name == "RESERVED"
+    assert make(Owner.STANDARD_HYP, 0xFF01) == 0x8500_FF01
+    assert make(Owner.SIP, 1, smc64=True) == 0xC200_0001
