@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import platform
 
-from benchmarks import hypercall
+from benchmarks import hypercall, startup
 
 
 def main() -> None:
     where = "emulated arm64 host" if os.environ.get("PYVMM_IN_ARMHOST") else "native"
     print(f"pyvmm benchmarks on Linux {platform.release()} {platform.machine()} ({where})")
+    startup.main()
     hypercall.main()
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import mmap
 import struct
-from dataclasses import dataclass, field
 
 from kvm_bindings import ffi
 from pyvmm.errors import GuestMemoryError
@@ -17,15 +16,18 @@ from pyvmm.errors import GuestMemoryError
 PAGE_SIZE = mmap.PAGESIZE
 
 
-@dataclass
 class Region:
-    gpa: int
-    size: int
-    slot: int
-    readonly: bool = False
-    mapping: mmap.mmap = field(repr=False, default=None)  # type: ignore[assignment]
-    host_addr: int = 0
-    _keepalive: object = field(repr=False, default=None)
+    """One memslot's worth of guest RAM and the host mapping behind it."""
+
+    __slots__ = ("gpa", "size", "slot", "readonly", "mapping", "host_addr", "_buffer")
+
+    def __init__(self, gpa: int, size: int, slot: int, readonly: bool, mapping: mmap.mmap) -> None:
+        self.gpa, self.size, self.slot, self.readonly, self.mapping = gpa, size, slot, readonly, mapping
+        self._buffer = ffi.from_buffer(mapping)  # keeps the host address valid
+        self.host_addr = int(ffi.cast("uintptr_t", self._buffer))
+
+    def __repr__(self) -> str:
+        return f"Region({self.gpa:#x}+{self.size:#x}, slot {self.slot})"
 
     @property
     def end(self) -> int:
@@ -51,9 +53,7 @@ class GuestMemory:
                 raise GuestMemoryError(
                     f"memory region {gpa:#x}-{gpa + size - 1:#x} overlaps {r.gpa:#x}-{r.end - 1:#x}")
         m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
-        buf = ffi.from_buffer(m)
-        region = Region(gpa, size, len(self.regions), readonly, m,
-                        int(ffi.cast("uintptr_t", buf)), buf)
+        region = Region(gpa, size, len(self.regions), readonly, m)
         self.regions.append(region)
         return region
 
@@ -91,6 +91,12 @@ class GuestMemory:
 
     def write_u64(self, gpa: int, value: int) -> None:
         self.write(gpa, struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF))
+
+    def close(self) -> None:
+        for r in self.regions:
+            ffi.release(r._buffer)
+            r.mapping.close()
+        self.regions.clear()
 
     def reset(self) -> None:
         """Zero all RAM (a cold reset); the host mappings and memslots stay in place."""

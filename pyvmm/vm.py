@@ -9,12 +9,9 @@ limit passes (then every vCPU is kicked out of the guest, wherever it was).
 from __future__ import annotations
 
 import logging
-import platform
+import os
 import threading
 import time
-import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
 
 from kvm_bindings.constants import KVM_MEM_READONLY, Cap, SystemEvent, VcpuFeature
 from kvm_bindings.regs import PSTATE_BOOT
@@ -42,15 +39,14 @@ RAM_BASE = 0x8000_0000  # kvmtool's arm64 layout: RAM from 2 GiB
 REQUIRED_CAPS = (Cap.ONE_REG, Cap.ARM_PSCI_0_2, Cap.IMMEDIATE_EXIT)
 
 
-@dataclass
 class RunResult:
     """Why a run ended. `reason`: poweroff, reset, crash, suspend, timeout, stopped or error."""
 
-    reason: str
-    message: str = ""
-    vcpu: int | None = None
-    data: tuple[int, ...] = ()
-    elapsed: float = 0.0
+    __slots__ = ("reason", "message", "vcpu", "data", "elapsed")
+
+    def __init__(self, reason: str, message: str = "", vcpu: int | None = None, data: tuple[int, ...] = ()) -> None:
+        self.reason, self.message, self.vcpu, self.data = reason, message, vcpu, data
+        self.elapsed = 0.0
 
     @property
     def ok(self) -> bool:
@@ -61,12 +57,16 @@ class RunResult:
         return f"{self.reason}{who}{': ' + self.message if self.message else ''}"
 
 
-@dataclass
 class UnhandledMmio:
-    """Accesses to guest-physical addresses with neither RAM nor a device behind them."""
+    """Accesses to guest-physical addresses with neither RAM nor a device behind them.
 
-    policy: str = "ignore"  # "ignore": reads as zero, writes dropped (kvmtool's choice); "stop"
-    accesses: list[MmioExit] = field(default_factory=list)
+    policy "ignore": loads read as zero, stores are dropped (kvmtool's choice), the first 256 are
+    kept in `accesses` and logged; "stop": the run ends with an error naming the access.
+    """
+
+    def __init__(self, policy: str) -> None:
+        self.policy = policy
+        self.accesses: list[MmioExit] = []
 
 
 class Vm:
@@ -78,9 +78,10 @@ class Vm:
             raise VmmError(f"a VM needs some memory, not {mem_mib} MiB")
         if unhandled_mmio not in ("ignore", "stop"):
             raise VmmError(f"unhandled MMIO policy is 'ignore' or 'stop', not {unhandled_mmio!r}")
-        if platform.machine() != "aarch64":
+        machine = os.uname().machine
+        if machine != "aarch64":
             raise KvmUnavailableError(
-                f"pyvmm needs an arm64 host's KVM, this host is {platform.machine()} "
+                f"pyvmm needs an arm64 host's KVM, this host is {machine} "
                 "(`make demo` and `make test` run pyvmm inside an emulated arm64 host)")
         install_kick_handler()
         self.kvm = Kvm(kvm_path)
@@ -143,9 +144,10 @@ class Vm:
         self.memory.write(gpa, data)
         return gpa
 
-    def load_file(self, path: str | Path, gpa: int | None = None) -> int:
+    def load_file(self, path: str | os.PathLike[str], gpa: int | None = None) -> int:
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as f:
+                data = f.read()
         except OSError as e:
             raise VmmError(f"cannot read {path}: {e.strerror}") from None
         if not data:
@@ -216,6 +218,8 @@ class Vm:
         if isinstance(error, VmmError):
             msg = str(error)
         else:
+            import traceback
+
             msg = f"internal error: {type(error).__name__}: {error}"
             log.debug("vcpu%d failed:\n%s", vcpu.index, "".join(traceback.format_exception(error)))
         self._finish(RunResult("error", msg, vcpu.index))
@@ -266,6 +270,7 @@ class Vm:
     def close(self) -> None:
         for v in self.vcpus:
             v.fd.close()
+        self.memory.close()
         self.fd.close()
         self.kvm.close()
 

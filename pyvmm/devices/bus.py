@@ -7,8 +7,7 @@ A device is a hypervisor-agnostic state machine with `read(offset, size) -> int`
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from pyvmm.errors import VmmError
 
@@ -19,8 +18,7 @@ class MmioDevice(Protocol):
     def write(self, offset: int, size: int, value: int) -> None: ...
 
 
-@dataclass(frozen=True)
-class Mapping:
+class Mapping(NamedTuple):
     base: int
     size: int
     device: MmioDevice

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from kvm_bindings.constants import SmcccFilterAction
 from pyvmm.errors import VmmError
@@ -32,8 +31,7 @@ _U32 = 0xFFFF_FFFF
 _MISS = object()
 
 
-@dataclass(frozen=True)
-class Route:
+class Route(NamedTuple):
     base: int
     count: int
     handler: Handler

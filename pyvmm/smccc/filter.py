@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvm_bindings.constants import KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER, SmcccFilterAction
 from pyvmm.errors import KvmIoctlError, SmcccFilterError
@@ -21,8 +21,7 @@ RESERVED = ((0x8000_0000, 0x1_0000), (0xC000_0000, 0x1_0000))
 MIN_KERNEL = (6, 4)
 
 
-@dataclass(frozen=True)
-class FilterRange:
+class FilterRange(NamedTuple):
     base: int
     count: int
     action: SmcccFilterAction

@@ -79,3 +79,35 @@ def test_overlapping_and_out_of_range_memory_is_refused(make_vm) -> None:
     vm.add_memory(0x4000_0000, 0x1_0000)  # a second, separate slot works
     vm.memory.write(0x4000_0000, b"abc")
     assert vm.memory.read(0x4000_0000, 3) == b"abc"
+
+
+class RecordingDevice:
+    """A register window that records stores and answers loads with a fixed pattern."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[str, int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.log.append(("read", offset, size, 0))
+        return 0x1234_5678_9ABC_DEF0
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.log.append(("write", offset, size, value))
+
+
+def test_mmio_exits_reach_the_device_on_the_bus(make_vm) -> None:
+    vm = make_vm("mmio_unmapped")
+    dev = RecordingDevice()
+    vm.add_device(0x1000_0000, 0x1000, dev, "recorder")
+    reports = Reports()
+    vm.smccc.register(FN_REPORT, 1, reports, "report")
+    assert vm.run(timeout=30).reason == "poweroff"
+    assert dev.log == [("write", 0, 4, 0xDEADBEEF), ("read", 0, 8, 0)]
+    assert reports.values[0][0] == 0x1234_5678_9ABC_DEF0  # the guest's load got the device's value
+    assert vm.unhandled_mmio.accesses == []
+
+
+def test_device_overlapping_ram_is_refused(make_vm) -> None:
+    vm = make_vm("spin")
+    with pytest.raises(Exception, match="overlaps guest RAM"):
+        vm.add_device(vm.ram_base + 0x1000, 0x1000, RecordingDevice(), "bad")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -48,7 +49,7 @@ def test_missing_kvm_device_is_a_clear_error(tmp_path) -> None:  # type: ignore[
 def test_non_arm64_host_is_a_clear_error(monkeypatch, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     fw = tmp_path / "fw.bin"
     fw.write_bytes(b"\x00\x00\x00\x14")
-    monkeypatch.setattr("pyvmm.vm.platform.machine", lambda: "x86_64")
+    monkeypatch.setattr("pyvmm.vm.os.uname", lambda: os.uname_result(("Linux", "h", "6", "1", "x86_64")))
     assert cli.main(["run", "-f", str(fw)]) == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["pyvmm: error: pyvmm needs an arm64 host's KVM, this host is x86_64 "
