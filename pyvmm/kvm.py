@@ -89,13 +89,6 @@ class DeviceAttrs:
         a = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr, "addr": addr})
         _ioctl(self.fd, io.KVM_SET_DEVICE_ATTR, a, context)
 
-    def get_device_attr_u64(self, group: int, attr: int) -> int:
-        val = ffi.new("uint64_t *")
-        a = ffi.new("struct kvm_device_attr *",
-                    {"group": group, "attr": attr, "addr": int(ffi.cast("uintptr_t", val))})
-        _ioctl(self.fd, io.KVM_GET_DEVICE_ATTR, a)
-        return int(val[0])
-
 
 class DeviceFd(DeviceAttrs):
     """An in-kernel device made by KVM_CREATE_DEVICE (e.g. the vGIC)."""
@@ -225,15 +218,9 @@ class VcpuFd(DeviceAttrs):
         probe = ffi.new("struct kvm_reg_list *")
         if libc.ioctl(self.fd, io.KVM_GET_REG_LIST, probe) == 0 or ffi.errno != errno.E2BIG:
             raise KvmIoctlError("KVM_GET_REG_LIST", ffi.errno)
-        lst = ffi.new("struct kvm_reg_list *", {"n": probe.n, "reg": probe.n})
+        lst = ffi.new("struct kvm_reg_list *", [probe.n, probe.n])  # n, then the array's length
         _ioctl(self.fd, io.KVM_GET_REG_LIST, lst)
         return list(lst.reg[0:lst.n])
-
-    def inject_external_dabt(self) -> None:
-        """Make the faulting access take a synchronous external abort (KVM_SET_VCPU_EVENTS)."""
-        ev = ffi.new("struct kvm_vcpu_events *")
-        ev.exception.ext_dabt_pending = 1
-        _ioctl(self.fd, io.KVM_SET_VCPU_EVENTS, ev)
 
     def close(self) -> None:
         ffi.release(self.run_struct)
