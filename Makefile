@@ -16,7 +16,8 @@ ARMHOST_TIMEOUT ?= 900
 export PYTHONDONTWRITEBYTECODE := 1
 
 GUEST_SRCS := $(wildcard tests/guests/*.S examples/guests/*.S)
-GUEST_BINS := $(patsubst %.S,build/guests/%.bin,$(notdir $(GUEST_SRCS)))
+GUEST_BINS := $(patsubst %.S,build/guests/%.bin,$(notdir $(GUEST_SRCS))) \
+              $(patsubst %.S,build/guests/%_smc.bin,$(notdir $(GUEST_SRCS)))
 BENCH_BINS := $(patsubst benchmarks/%.S,build/bench/%.bin,$(wildcard benchmarks/*.S))
 vpath %.S tests/guests examples/guests
 
@@ -40,6 +41,12 @@ kvm_bindings/_kvm_ffi.py: kvm_bindings/cdef_*.py kvm_bindings/ffi_build.py | $(V
 
 # Guest payloads: flat AArch64 binaries assembled from .S with GNU as (cross on non-arm64 hosts).
 guests: $(GUEST_BINS)
+# Each is built twice: NAME.bin makes its firmware calls with HVC, NAME_smc.bin with SMC.
+build/guests/%_smc.bin: %.S tests/guests/common.inc | .cache/host-deps.stamp
+	@mkdir -p $(@D)
+	@$(CROSS)as -I tests/guests --defsym SMC=1 -o $(@:.bin=.o) $<
+	@$(CROSS)objcopy -O binary $(@:.bin=.o) $@
+	@rm -f $(@:.bin=.o)
 build/guests/%.bin: %.S tests/guests/common.inc | .cache/host-deps.stamp
 	@mkdir -p $(@D)
 	@$(CROSS)as -I tests/guests -o $(@:.bin=.o) $<

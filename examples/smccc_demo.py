@@ -1,8 +1,8 @@
-"""`make demo`: a guest makes SMCCC calls over HVC and SMC; a Python service answers them.
+"""`make demo`: an assembled guest makes SMCCC calls that pyvmm answers in Python.
 
-The service is a toy vendor-hypervisor interface (owner 6, SMC64 IDs 0xC6000000..0xC60000FF):
-pyvmm asks KVM's SMCCC filter to forward that range, and the handler below answers each call.
-Run it on an arm64 host with /dev/kvm (`make demo` arranges that on any host).
+The guest runs twice: on a VM whose conduit is HVC, then on one whose conduit is SMC. It calls
+the vendor service of examples/vendor_service.py and does PSCI work (PSCI 1.1 is serviced by
+pyvmm). Every forwarded call is traced, strace-style; the guest's own view follows each step.
 """
 
 from __future__ import annotations
@@ -10,52 +10,49 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import vendor_service
+
 from pyvmm import SmcccCall, Vm, VmmError
+from pyvmm.smccc.trace import TracePrinter
 
-DEMO = 0xC600_0000
-GUEST = Path(__file__).resolve().parents[1] / "build" / "guests" / "smccc_demo.bin"
-STEPS = ["DEMO_VERSION over HVC", "DEMO_ADD(40, 2) over HVC", "DEMO_SWAP over SMC (four results)",
-         "unknown function 0xc6000042 over SMC", "PSCI_VERSION (KVM in-kernel, not forwarded)"]
-NAMES = {0: "DEMO_VERSION", 1: "DEMO_ADD", 2: "DEMO_SWAP"}
+GUESTS = Path(__file__).resolve().parents[1] / "build" / "guests"
+FN_REPORT = 0xC200_00F0
+STEPS = ["DEMO_VERSION", "DEMO_ADD(40, 2)", "DEMO_SWAP(0x1111, 0x2222, 0x3333)", "unknown function 0xc6000042",
+         "DEMO_VERSION on the other conduit", "PSCI_VERSION", "CPU_ON(cpu1), AFFINITY_INFO(cpu1) once off",
+         "cpu1: DEMO_ADD(context ID 7, 35), MPIDR"]
+VALUES_SHOWN = {2: 4, 6: 2, 7: 2}
 
 
-def demo_service(call: SmcccCall) -> int | tuple[int, ...]:
-    """Answer the vendor-hypervisor demo calls; anything unknown gets NOT_SUPPORTED (-1)."""
-    number = call.function_id & 0xFFFF
-    if number == 0xF0:  # the guest reporting what it saw
-        step, values = call.arg(6), call.args(4)
-        shown = ", ".join(f"{v:#x}" for v in (values if step == 2 else values[:1]))
-        print(f"  guest saw   {STEPS[step]:<44} -> {shown}")
-        return 0
-    if number == 0:
-        results: int | tuple[int, ...] = (1 << 16) | 0  # version 1.0
-    elif number == 1:
-        results = call.arg(1) + call.arg(2)
-    elif number == 2:
-        x1, x2, x3 = call.args(3)
-        results = (0, x3, x2, x1)
-    else:
-        results = -1
-    shown = results if isinstance(results, tuple) else (results,)
-    print(f"  vcpu{call.vcpu.index} {call.conduit}  {call.function_id:#010x} "
-          f"{NAMES.get(number, 'unknown'):<12} -> {', '.join(f'{v & (2**64 - 1):#x}' for v in shown)}")
-    return results
+def run(conduit: str) -> bool:
+    print(f"\n== a 2-vCPU guest on a VM whose SMCCC conduit is {conduit.upper()} ==")
+    vm = Vm(cpus=2, mem_mib=16, conduit=conduit)
+    with vm:
+        name = "smccc_demo" if conduit == "hvc" else "smccc_demo_smc"
+        vm.set_boot(vm.load_file(GUESTS / f"{name}.bin"))
+        base, count = vendor_service.RANGE
+        vm.smccc.register(base, count, vendor_service.handle, vendor_service.NAME)
+
+        def guest_saw(call: SmcccCall) -> int:
+            step = call.arg(1)
+            values = call.args(1 + VALUES_SHOWN.get(step, 1))[1:]
+            print(f"   guest saw: {STEPS[step]:<44} -> {', '.join(f'{v:#x}' for v in values)}")
+            return 0
+
+        vm.smccc.register(FN_REPORT, 1, guest_saw, "report")
+        trace = TracePrinter(sys.stdout)
+        vm.smccc.trace = lambda record: None if record.function_id == FN_REPORT else trace(record)
+        result = vm.run(timeout=60)
+    print(f"== guest ended: {result}, {vm.smccc.calls} forwarded calls in {result.elapsed:.2f} s ==")
+    return result.ok
 
 
 def main() -> int:
     try:
-        vm = Vm(cpus=1, mem_mib=16)
+        ok = all([run("hvc"), run("smc")])
     except VmmError as e:
         print(f"demo: {e}", file=sys.stderr)
         return 1
-    with vm:
-        vm.set_boot(vm.load_file(GUEST))
-        vm.smccc.register(DEMO, 0x100, demo_service, "vendor hypervisor demo service")
-        print("pyvmm demo: SMCCC filter forwards 0xc6000000-0xc60000ff to a Python service")
-        result = vm.run(timeout=60)
-    print(f"pyvmm demo: guest ended: {result} after {result.elapsed:.2f} s, "
-          f"{vm.smccc.calls} forwarded calls answered")
-    return 0 if result.ok else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

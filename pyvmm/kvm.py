@@ -90,11 +90,23 @@ class DeviceAttrs:
         _ioctl(self.fd, io.KVM_SET_DEVICE_ATTR, a, context)
 
 
+    def set_device_attr_u64(self, group: int, attr: int, value: int, context: str = "") -> None:
+        val = ffi.new("uint64_t *", value)
+        self.set_device_attr(group, attr, int(ffi.cast("uintptr_t", val)), context)
+
+    def set_device_attr_u32(self, group: int, attr: int, value: int, context: str = "") -> None:
+        val = ffi.new("uint32_t *", value)
+        self.set_device_attr(group, attr, int(ffi.cast("uintptr_t", val)), context)
+
+
 class DeviceFd(DeviceAttrs):
     """An in-kernel device made by KVM_CREATE_DEVICE (e.g. the vGIC)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 class VmFd(DeviceAttrs):

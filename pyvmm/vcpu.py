@@ -1,4 +1,9 @@
-"""A vCPU: its fd, registers by name, and the thread that runs KVM_RUN and handles exits.
+"""A vCPU: its fd, registers by name, its power state, and the thread that runs KVM_RUN.
+
+Power (PSCI 1.1 §5.7.1, AFFINITY_INFO states): a vCPU is ON, OFF or ON_PENDING. Only vCPU 0
+starts ON; the others wait, outside KVM_RUN, until a PSCI CPU_ON makes them ON_PENDING. The
+target's own thread then resets it (KVM_ARM_VCPU_INIT), sets the entry point and context ID,
+becomes ON and enters the guest. CPU_OFF sends a vCPU's thread back to waiting.
 
 Stopping a vCPU at any moment (Documentation/virt/kvm/api.rst, "immediate_exit"): the stopper
 sets kvm_run.immediate_exit and sends the vCPU thread a signal. A thread already inside KVM_RUN
@@ -13,6 +18,7 @@ import signal
 import threading
 from collections import deque
 from collections.abc import Callable
+from enum import IntEnum
 from typing import TYPE_CHECKING
 
 from kvm_bindings.constants import ExitReason
@@ -46,6 +52,14 @@ def install_kick_handler() -> None:
     _kick_handler_installed = True
 
 
+class Power(IntEnum):
+    """Values as AFFINITY_INFO returns them (PSCI 1.1 §5.7.1)."""
+
+    ON = 0
+    OFF = 1
+    ON_PENDING = 2
+
+
 class Vcpu:
     def __init__(self, vm: Vm, index: int, fd: VcpuFd) -> None:
         self.vm = vm
@@ -54,6 +68,12 @@ class Vcpu:
         self.thread: threading.Thread | None = None
         self._stop = False
         self._requests: deque[Callable[[Vcpu], None]] = deque()
+        # power state, guarded by vm.power_lock; _power_on: (entry, context ID) of a pending CPU_ON
+        self.power = Power.OFF
+        self._power_on: tuple[int, int] | None = None
+        self._woken = threading.Condition(vm.power_lock)
+        self.resume_at: tuple[int, int] | None = None  # power-down suspend: (entry, context ID)
+        self.mpidr = 0  # MPIDR_EL1, read once the vCPU is initialised
 
     # --- registers -------------------------------------------------------------------------
     def get_reg(self, name: str) -> int:
@@ -75,13 +95,30 @@ class Vcpu:
     def set_sysreg(self, op0: int, op1: int, crn: int, crm: int, op2: int, value: int) -> None:
         self.fd.set_one_reg(sysreg_id(op0, op1, crn, crm, op2), value)
 
-    @property
-    def mpidr(self) -> int:
-        return self.get_reg("mpidr_el1")
+    # --- power -----------------------------------------------------------------------------
+    def power_on(self, entry: int, context_id: int) -> None:
+        """Make an OFF vCPU ON_PENDING; its thread will boot it at `entry` (vm.power_lock held)."""
+        self.power = Power.ON_PENDING
+        self._power_on = (entry, context_id)
+        self._woken.notify_all()
+
+    def power_off(self) -> None:
+        """Called on this vCPU's own thread (PSCI CPU_OFF): leave the guest and wait for CPU_ON."""
+        with self.vm.power_lock:
+            self.power = Power.OFF
+            self._power_on = None
+        self.fd.run_struct.immediate_exit = 1  # the next KVM_RUN returns at once; the loop sees OFF
+        self.vm.check_all_off()
+
+    def leave_guest(self) -> None:
+        """Called on this vCPU's own thread: do not re-enter the guest (the run is ending)."""
+        self._stop = True
+        self.fd.run_struct.immediate_exit = 1
 
     # --- the run loop ----------------------------------------------------------------------
     def start(self) -> None:
         self._stop = False
+        self.fd.run_struct.immediate_exit = 0
         self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 
@@ -98,6 +135,8 @@ class Vcpu:
     def stop(self) -> None:
         self._stop = True
         self.kick()
+        with self.vm.power_lock:
+            self._woken.notify_all()
 
     def request(self, fn: Callable[[Vcpu], None]) -> None:
         """Run `fn(vcpu)` on this vCPU's thread at its next exit (kicking it out of the guest)."""
@@ -106,9 +145,29 @@ class Vcpu:
 
     def _thread_main(self) -> None:
         try:
-            self._loop()
+            while self._wait_until_on():
+                self._loop()
         except BaseException as e:  # noqa: BLE001 - any failure ends the run with its message
             self.vm.fail(self, e)
+
+    def _wait_until_on(self) -> bool:
+        """Wait while OFF; boot a pending CPU_ON. False when the vCPU is to stop."""
+        with self.vm.power_lock:
+            while self.power == Power.OFF and not self._stop:
+                self._woken.wait()
+            if self._stop:
+                return False
+            pending = self._power_on if self.power == Power.ON_PENDING else None
+        if pending is not None:
+            hook = self.vm.before_power_on
+            if hook is not None:
+                hook(self)
+            self.vm.boot_vcpu(self, *pending)  # KVM_ARM_VCPU_INIT, entry point, context ID
+            with self.vm.power_lock:
+                if self.power == Power.ON_PENDING:
+                    self.power = Power.ON
+                    self._power_on = None
+        return True
 
     def _loop(self) -> None:
         """KVM_RUN until told to stop. Hypercalls take the fast path straight from the exit header;
@@ -127,7 +186,7 @@ class Vcpu:
                 run.immediate_exit = 0
                 while requests:
                     requests.popleft()(self)
-                if self._stop:
+                if self._stop or self.power != Power.ON:
                     return
                 continue
             reason, nr, flags = head(buf)

@@ -1,9 +1,11 @@
 """A virtual machine: KVM VM fd, guest RAM, vCPUs, the MMIO bus and the SMCCC dispatcher.
 
-Life cycle: build (`Vm(...)`, add memory, devices and SMCCC handlers, load images), then `run()`:
-the SMCCC filter is installed (it must precede the first KVM_RUN), one thread per vCPU enters
-the guest, and `run()` returns a `RunResult` when the guest powers off, crashes, fails, or the time
-limit passes (then every vCPU is kicked out of the guest, wherever it was).
+Life cycle: build (`Vm(...)`, add memory, devices and SMCCC services, load images), then `run()`:
+the SMCCC filter is installed (it must precede the first KVM_RUN), one thread per vCPU runs
+(vCPU 0 in the guest, the others waiting for PSCI CPU_ON), and `run()` returns a `RunResult` when
+the guest powers off, crashes, fails, or the time limit passes (then every vCPU is kicked out of
+the guest, wherever it was). A PSCI SYSTEM_RESET restarts the guest from its boot state within
+the same run: every vCPU stops and is re-initialised, and the boot images are loaded again.
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
-from kvm_bindings.constants import KVM_MEM_READONLY, Cap, SystemEvent, VcpuFeature
+from kvm_bindings.constants import KVM_MEM_READONLY, Cap, MpState, SystemEvent, VcpuFeature
 from kvm_bindings.regs import PSTATE_BOOT
 from pyvmm.devices.bus import MmioBus, MmioDevice
 from pyvmm.errors import GuestError, GuestMemoryError, KvmUnavailableError, VmmError
@@ -27,11 +30,12 @@ from pyvmm.exits import (
     SystemEventExit,
     complete_mmio_read,
 )
+from pyvmm.irqchip import Gic, InKernelRegion
 from pyvmm.kvm import Kvm
 from pyvmm.memory import GuestMemory
 from pyvmm.smccc import filter as smccc_filter
 from pyvmm.smccc.dispatcher import Dispatcher
-from pyvmm.vcpu import Vcpu, install_kick_handler
+from pyvmm.vcpu import Power, Vcpu, install_kick_handler
 
 log = logging.getLogger("pyvmm")
 
@@ -52,6 +56,9 @@ class RunResult:
     def ok(self) -> bool:
         return self.reason == "poweroff"
 
+    def __repr__(self) -> str:
+        return f"RunResult({self})"
+
     def __str__(self) -> str:
         who = f" (vcpu{self.vcpu})" if self.vcpu is not None else ""
         return f"{self.reason}{who}{': ' + self.message if self.message else ''}"
@@ -71,7 +78,10 @@ class UnhandledMmio:
 
 class Vm:
     def __init__(self, *, cpus: int = 1, mem_mib: int = 64, ram_base: int = RAM_BASE,
-                 kvm_path: str = "/dev/kvm", unhandled_mmio: str = "ignore") -> None:
+                 kvm_path: str = "/dev/kvm", unhandled_mmio: str = "ignore", conduit: str = "hvc",
+                 psci: bool = True) -> None:
+        """`conduit`: the SMCCC conduit every service answers on (the other gets NOT_SUPPORTED).
+        `psci`: service PSCI 1.1 in pyvmm (else KVM's in-kernel PSCI answers)."""
         if cpus < 1:
             raise VmmError(f"a VM needs at least one vCPU, not {cpus}")
         if mem_mib < 1:
@@ -94,7 +104,7 @@ class Vm:
         self.fd = self.kvm.create_vm()
         self.memory = GuestMemory()
         self.mmio = MmioBus()
-        self.smccc = Dispatcher()
+        self.smccc = Dispatcher(conduit)
         self.unhandled_mmio = UnhandledMmio(unhandled_mmio)
         self.ram_base = ram_base
         self.add_memory(ram_base, mem_mib << 20)
@@ -102,12 +112,32 @@ class Vm:
             # report MMIO accesses KVM cannot decode as KVM_EXIT_ARM_NISV instead of failing KVM_RUN
             self.fd.enable_cap(Cap.ARM_NISV_TO_USER)
         self._target, _ = self.fd.preferred_target()
+        self.power_lock = threading.Lock()  # every vCPU's power state
+        self.before_power_on: Callable[[Vcpu], None] | None = None  # hook: a vCPU is about to boot
+        self.gic = Gic(self.fd, cpus)
+        for base, size, name in self.gic.regions:
+            self.add_device(base, size, InKernelRegion(), name)
         self.vcpus = [self._create_vcpu(i) for i in range(cpus)]
+        self.gic.finalize()
+        self.vcpus[0].power = Power.ON
+        self._images: list[tuple[int, bytes]] = []  # (gpa, data) reloaded on reset
+        self._boot: tuple[int, int] | None = None  # (entry, x0) of vCPU 0
         self._done = threading.Event()
         self._result: RunResult | None = None
         self._result_lock = threading.Lock()
+        self._reset_pending: str | None = None
+        self.resets = 0
         self._ran = False
         self._filter_installed = False
+        if psci:
+            from pyvmm.services.psci import Psci
+            from pyvmm.services.std_hyp import StandardHypervisor
+
+            self.psci: Psci | None = Psci(self)
+            self.smccc.add_service(self.psci)
+            self.smccc.add_service(StandardHypervisor())
+        else:
+            self.psci = None
 
     # --- building ------------------------------------------------------------------------
     def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> None:
@@ -127,7 +157,12 @@ class Vm:
         fd = self.fd.create_vcpu(index)
         vcpu = Vcpu(self, index, fd)
         self.init_vcpu(vcpu, powered_off=index > 0)
+        vcpu.mpidr = vcpu.get_reg("mpidr_el1")
         return vcpu
+
+    def vcpu_by_affinity(self, affinity: int, mask: int) -> Vcpu | None:
+        """The vCPU whose MPIDR affinity fields, under `mask`, equal `affinity`."""
+        return next((v for v in self.vcpus if v.mpidr & mask == affinity), None)
 
     def init_vcpu(self, vcpu: Vcpu, *, powered_off: bool) -> None:
         """KVM_ARM_VCPU_INIT with the preferred target: PSCI 0.2+, secondaries powered off."""
@@ -142,6 +177,7 @@ class Vm:
         if not self.memory.contains(gpa, max(len(data), 1)):
             raise GuestMemoryError(f"image of {len(data)} bytes does not fit in guest RAM at {gpa:#x}")
         self.memory.write(gpa, data)
+        self._images.append((gpa, bytes(data)))
         return gpa
 
     def load_file(self, path: str | os.PathLike[str], gpa: int | None = None) -> int:
@@ -158,12 +194,34 @@ class Vm:
         """Boot vCPU 0 at `entry` in EL1h with DAIF masked and x0 = `x0` (booting.rst)."""
         if not self.memory.contains(entry, 4):
             raise GuestMemoryError(f"entry point {entry:#x} is not in guest RAM")
-        boot = self.vcpus[0]
-        boot.set_reg("pstate", PSTATE_BOOT)
-        boot.set_reg("pc", entry)
-        boot.set_x(0, x0)
-        for n in range(1, 4):
-            boot.set_x(n, 0)
+        self._boot = (entry, x0)
+        self._set_entry(self.vcpus[0], entry, x0)
+
+    def boot_vcpu(self, vcpu: Vcpu, entry: int, x0: int) -> None:
+        """Reset `vcpu` to its power-on state and point it at `entry` with x0 (PSCI CPU_ON and
+        power-down wake-up entry state: EL1h, DAIF masked, MMU off; PSCI 1.1 §6.4.3)."""
+        self.init_vcpu(vcpu, powered_off=False)
+        self._set_entry(vcpu, entry, x0)
+
+    @staticmethod
+    def _set_entry(vcpu: Vcpu, entry: int, x0: int) -> None:
+        vcpu.set_reg("pstate", PSTATE_BOOT)
+        vcpu.set_reg("pc", entry)
+        vcpu.set_x(0, x0)
+
+    def _reset(self) -> None:
+        """Back to the boot state: images reloaded, vCPU 0 at the entry point, the rest off."""
+        for gpa, data in self._images:
+            self.memory.write(gpa, data)
+        with self.power_lock:
+            for v in self.vcpus:
+                v.power = Power.ON if v.index == 0 else Power.OFF
+                v.resume_at = None
+        for v in self.vcpus:
+            self.init_vcpu(v, powered_off=v.index > 0)
+        if self._boot is not None:
+            self._set_entry(self.vcpus[0], *self._boot)
+        self.smccc.reset()
 
     # --- running -------------------------------------------------------------------------
     def install_smccc_filter(self) -> None:
@@ -173,17 +231,32 @@ class Vm:
             self._filter_installed = True
 
     def run(self, timeout: float | None = None) -> RunResult:
-        """Run until the guest powers off or fails, or `timeout` seconds pass."""
+        """Run until the guest powers off or fails, or `timeout` seconds pass (resets included)."""
         if self._ran:
             raise VmmError("this VM has already run; build a new Vm to run again")
         self.install_smccc_filter()
         self._ran = True
         started = time.monotonic()
+        deadline = None if timeout is None else started + timeout
         for v in self.vcpus:
             v.start()
         try:
-            if not self._done.wait(timeout):
-                self._finish(RunResult("timeout", f"the guest was still running after {timeout:g} s"))
+            while True:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._done.wait(left):
+                    self._finish(RunResult("timeout", f"the guest was still running after {timeout:g} s"))
+                    break
+                with self._result_lock:
+                    if self._result is not None:
+                        break
+                    log.info("guest reset: %s", self._reset_pending)
+                    self._reset_pending = None
+                    self._done.clear()
+                self._stop_all()
+                self._reset()
+                self.resets += 1
+                for v in self.vcpus:
+                    v.start()
         except KeyboardInterrupt:
             self._finish(RunResult("stopped", "interrupted"))
         finally:
@@ -191,6 +264,25 @@ class Vm:
         assert self._result is not None
         self._result.elapsed = time.monotonic() - started
         return self._result
+
+    def request_reset(self, vcpu: Vcpu, message: str) -> None:
+        """From a vCPU thread: restart the guest from its boot state (PSCI SYSTEM_RESET)."""
+        vcpu.leave_guest()
+        with self._result_lock:
+            self._reset_pending = message
+        self._done.set()
+
+    def power_off_system(self, vcpu: Vcpu, message: str) -> None:
+        """From a vCPU thread: the guest is off (PSCI SYSTEM_OFF); the run ends with status 0."""
+        vcpu.leave_guest()
+        self._finish(RunResult("poweroff", message, vcpu.index))
+
+    def check_all_off(self) -> None:
+        """Every vCPU off and none pending: nothing can run again, so the run ends."""
+        with self.power_lock:
+            if any(v.power != Power.OFF for v in self.vcpus):
+                return
+        self._finish(RunResult("halted", "every vCPU is off (PSCI CPU_OFF) and none can be woken"))
 
     def stop(self, message: str = "stopped by request") -> None:
         """Stop a running VM from any thread."""
@@ -204,7 +296,7 @@ class Vm:
 
     def _stop_all(self) -> None:
         for v in self.vcpus:
-            v._stop = True
+            v.stop()
         deadline = time.monotonic() + 10.0
         for v in self.vcpus:
             while v.thread is not None and v.thread.is_alive():
@@ -252,6 +344,7 @@ class Vm:
                       SystemEvent.CRASH: "crash", SystemEvent.SUSPEND: "suspend"}.get(ex.type)
             if reason is None:
                 if ex.type == SystemEvent.WAKEUP:
+                    self._wake_up(vcpu)
                     return True
                 reason = ex.name
             self._finish(RunResult(reason, f"guest system event {ex.name}", vcpu.index, ex.data))
@@ -266,10 +359,29 @@ class Vm:
             raise GuestError(f"KVM internal error {ex.suberror} {ex.data}")
         raise GuestError(f"unhandled KVM exit {ex}")
 
+    def suspend(self, vcpu: Vcpu, resume_at: tuple[int, int] | None) -> None:
+        """On `vcpu`'s thread: wait in KVM for a wake-up event (KVM_MP_STATE_SUSPENDED, the state
+        KVM_CAP_ARM_SYSTEM_SUSPEND introduced). With `resume_at` (entry, context ID) the vCPU
+        wakes from power-down there; without, it continues after the call (standby)."""
+        vcpu.resume_at = resume_at
+        vcpu.fd.set_mp_state(MpState.SUSPENDED)
+
+    def _wake_up(self, vcpu: Vcpu) -> None:
+        """KVM_SYSTEM_EVENT_WAKEUP: an interrupt is pending for the suspended vCPU. The suspend
+        state is sticky until userspace leaves it (arch/arm64/kvm/arm.c, kvm_vcpu_suspend):
+        from standby, mark it runnable; from power-down, boot it at its resume entry point."""
+        if vcpu.resume_at is not None:
+            entry, context_id = vcpu.resume_at
+            vcpu.resume_at = None
+            self.boot_vcpu(vcpu, entry, context_id)
+        else:
+            vcpu.fd.set_mp_state(MpState.RUNNABLE)
+
     # --- teardown ------------------------------------------------------------------------
     def close(self) -> None:
         for v in self.vcpus:
             v.fd.close()
+        self.gic.close()
         self.memory.close()
         self.fd.close()
         self.kvm.close()

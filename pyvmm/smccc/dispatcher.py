@@ -1,82 +1,183 @@
-"""Routes forwarded SMCCC calls to handlers by function-ID range and writes the results back.
+"""Routes forwarded SMCCC calls to services by function-ID range and writes the results back.
 
-SMCCC 1.4 rules applied here, for every handler:
-  * an ID with no handler gets NOT_SUPPORTED (-1) in x0 (§5.2); no call is re-entered unanswered;
+SMCCC 1.4 rules applied here, for every service:
+  * an ID with no handler, or a call over the conduit this VM does not offer, gets
+    NOT_SUPPORTED (-1) in x0 (§5.2); no forwarded call is ever re-entered unanswered;
   * results of an SMC32/HVC32 call are truncated to 32 bits (§2.6);
   * only x0..x3 are written, and only as many as the handler returned (x4-x17 are never touched,
-    so they are preserved as §2.6 requires); a result equal to what the register already holds
-    (known from a lazily read argument) is not written, saving a KVM_SET_ONE_REG.
+    as §2.6 requires); a result equal to what the register already holds (known from a lazily
+    read argument) is not written, saving a KVM_SET_ONE_REG;
+  * the General Service Queries (Call Count, Call UID, Revision: §6.2) are answered for every
+    owner a registered service declares.
+The KVM filter is derived from what is registered: routed ranges are forwarded, denied ranges
+denied by KVM itself, everything else left to KVM.
 """
 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
-from kvm_bindings.constants import SmcccFilterAction
+from kvm_bindings.constants import HypercallExitFlag, SmcccFilterAction
 from pyvmm.errors import VmmError
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.filter import FilterRange
-from pyvmm.smccc.function_id import NOT_SUPPORTED, SMC64
+from pyvmm.smccc.function_id import CALL_COUNT, CALL_UID, FAST_CALL, NOT_SUPPORTED, OWNER_SHIFT, REVISION, SMC64
+from pyvmm.smccc.service import NO_RESULT, PYVMM_UID, Function, Handler, HandlerService, Results, Service
 
 if TYPE_CHECKING:
     from pyvmm.vcpu import Vcpu
 
-Results = int | Sequence[int]
-Handler = Callable[[SmcccCall], Results]
-
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U32 = 0xFFFF_FFFF
+_SMC = HypercallExitFlag.SMC.value
 _MISS = object()
+CONDUITS = ("hvc", "smc")
 
 
 class Route(NamedTuple):
     base: int
     count: int
-    handler: Handler
-    name: str
+    service: Service
+
+
+class TraceRecord(NamedTuple):
+    vcpu: int
+    conduit: str
+    function_id: int
+    function: Function | None
+    args: tuple[int, ...]
+    results: tuple[int, ...] | None  # None: the call did not return (NO_RESULT)
+    seconds: float
+    note: str = ""
 
 
 class HandlerError(VmmError):
     pass
 
 
+class GeneralQueries(Service):
+    """Call Count, Call UID and Revision for one owner (SMCCC §6.2), over its services."""
+
+    def __init__(self, owner: int, dispatcher: Dispatcher) -> None:
+        self.owner, self._dispatcher = owner, dispatcher
+        self.name = f"owner {owner} queries"
+        base = FAST_CALL | (owner << OWNER_SHIFT)
+        self.ranges = ((base | CALL_COUNT, 4),)
+        self._base = base
+
+    def _owned(self) -> list[Service]:
+        return [s for s in self._dispatcher.services if s.owner == self.owner and s is not self]
+
+    def lookup(self, fid: int) -> Function | None:
+        number = fid - self._base
+        if number == CALL_COUNT:
+            return Function("CALL_COUNT", self.call_count)
+        if number == CALL_UID:
+            return Function("CALL_UID", self.call_uid)
+        if number == REVISION:
+            return Function("REVISION", self.revision_query)
+        return None
+
+    def call_count(self, call: SmcccCall) -> int:
+        return sum(len(s.functions()) for s in self._owned())
+
+    def call_uid(self, call: SmcccCall) -> tuple[int, int, int, int]:
+        """The UUID as four little-endian words of its little-endian byte form (w0 = time_low)."""
+        owned = self._owned()
+        raw = (owned[0].uid if owned else PYVMM_UID).bytes_le
+        return tuple(int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4))  # type: ignore[return-value]
+
+    def revision_query(self, call: SmcccCall) -> tuple[int, int]:
+        owned = self._owned()
+        return owned[0].revision if owned else (1, 0)
+
+
 class Dispatcher:
-    def __init__(self) -> None:
+    def __init__(self, conduit: str = "hvc") -> None:
         self._routes: list[Route] = []  # sorted by base, non-overlapping
         self._denied: list[FilterRange] = []
         self._cache: dict[int, Handler | None] = {}
+        self.services: list[Service] = []
         self.calls = 0  # forwarded calls answered
+        self.trace: Callable[[TraceRecord], None] | None = None
+        self.conduit = conduit
 
-    def register(self, base: int, count: int, handler: Handler, name: str = "") -> None:
-        """Forward [base, base + count) to `handler`; it returns x0 or (x0, .., x3)."""
-        if count <= 0 or not 0 <= base <= _U32 or base + count > 1 << 32:
-            raise VmmError(f"SMCCC range {base:#x}+{count} is not within 32-bit function IDs")
-        for r in self._routes:
-            if r.base < base + count and base < r.base + r.count:
-                raise VmmError(f"SMCCC range {base:#010x}+{count} ({name}) overlaps {r.base:#010x}+{r.count} ({r.name})")
-        route = Route(base, count, handler, name or getattr(handler, "__name__", "handler"))
-        bisect.insort(self._routes, route, key=lambda r: r.base)
+    @property
+    def conduit(self) -> str:
+        return "smc" if self._smc else "hvc"
+
+    @conduit.setter
+    def conduit(self, value: str) -> None:
+        if value not in CONDUITS:
+            raise VmmError(f"the SMCCC conduit is 'hvc' or 'smc', not {value!r}")
+        self._smc = _SMC if value == "smc" else 0
+
+    # --- registration ----------------------------------------------------------------------
+    def add_service(self, service: Service) -> None:
+        for base, count in service.ranges:
+            self._check_range(base, count, service.name)
+        self.services.append(service)
+        for base, count in service.ranges:
+            bisect.insort(self._routes, Route(base, count, service), key=lambda r: r.base)
+        if service.owner >= 0 and not any(isinstance(s, GeneralQueries) and s.owner == service.owner
+                                          for s in self.services):
+            self.add_service(GeneralQueries(service.owner, self))
         self._cache.clear()
 
+    def register(self, base: int, count: int, handler: Handler, name: str = "") -> None:
+        """Forward [base, base + count) to `handler`, which returns x0 or (x0, .., x3)."""
+        self.add_service(HandlerService(base, count, handler, name or getattr(handler, "__name__", "handler")))
+
+    def replace(self, base: int, count: int, handler: Handler, name: str = "") -> None:
+        """Like register(), after removing whatever routes overlap the range."""
+        self._remove_overlapping(base, count)
+        self.register(base, count, handler, name)
+
     def deny(self, base: int, count: int, name: str = "") -> None:
-        """Have KVM itself answer NOT_SUPPORTED for [base, base + count) (no exit at all)."""
+        """Have KVM itself answer NOT_SUPPORTED for [base, base + count), with no exit at all;
+        routes overlapping the range are removed."""
+        self._check_bounds(base, count, name)
+        self._remove_overlapping(base, count)
         self._denied.append(FilterRange(base, count, SmcccFilterAction.DENY, name))
+
+    def _check_bounds(self, base: int, count: int, name: str) -> None:
+        if count <= 0 or not 0 <= base <= _U32 or base + count > 1 << 32:
+            raise VmmError(f"SMCCC range {base:#x}+{count} ({name}) is not within 32-bit function IDs")
+
+    def _check_range(self, base: int, count: int, name: str) -> None:
+        self._check_bounds(base, count, name)
+        for r in self._routes:
+            if r.base < base + count and base < r.base + r.count:
+                raise VmmError(f"SMCCC range {base:#010x}+{count} ({name}) overlaps "
+                               f"{r.base:#010x}+{r.count} ({r.service.name})")
+        for d in self._denied:
+            if d.overlaps(base, count):
+                raise VmmError(f"SMCCC range {base:#010x}+{count} ({name}) overlaps denied range {d}")
+
+    def _remove_overlapping(self, base: int, count: int) -> None:
+        self._routes = [r for r in self._routes if not (r.base < base + count and base < r.base + r.count)]
+        self._denied = [d for d in self._denied if not d.overlaps(base, count)]
+        self.services = [s for s in self.services if any(r.service is s for r in self._routes)]
+        self._cache.clear()
 
     def filter_ranges(self) -> list[FilterRange]:
         """The KVM filter that forwards exactly the routed ranges and denies the denied ones."""
-        fwd = [FilterRange(r.base, r.count, SmcccFilterAction.FWD_TO_USER, r.name) for r in self._routes]
+        fwd = [FilterRange(r.base, r.count, SmcccFilterAction.FWD_TO_USER, r.service.name) for r in self._routes]
         return sorted(fwd + self._denied, key=lambda r: r.base)
 
-    def lookup(self, function_id: int) -> Handler | None:
-        handler = None
+    def reset(self) -> None:
+        for s in self.services:
+            s.reset()
+
+    # --- dispatch --------------------------------------------------------------------------
+    def resolve(self, function_id: int) -> Function | None:
         i = bisect.bisect_right(self._routes, function_id, key=lambda r: r.base) - 1
         if i >= 0 and function_id < self._routes[i].base + self._routes[i].count:
-            handler = self._routes[i].handler
-        if len(self._cache) < 4096:  # bounded: a guest may call any of 2**32 IDs
-            self._cache[function_id] = handler
-        return handler
+            return self._routes[i].service.lookup(function_id)
+        return None
 
     def dispatch(self, vcpu: Vcpu, function_id: int, flags: int) -> None:
         """Answer one KVM_EXIT_HYPERCALL on `vcpu` (called on that vCPU's thread).
@@ -84,11 +185,13 @@ class Dispatcher:
         This is the exit loop's hot path: a cached handler lookup, the handler, and (for the
         common single result) exactly one KVM_SET_ONE_REG.
         """
-        call = SmcccCall(vcpu, function_id, flags)
+        if self.trace is not None:
+            return self._dispatch_traced(vcpu, function_id, flags)
         handler = self._cache.get(function_id, _MISS)
         if handler is _MISS:
-            handler = self.lookup(function_id)
-        if handler is None:
+            handler = self._cache_handler(function_id)
+        call = SmcccCall(vcpu, function_id, flags)
+        if handler is None or flags & _SMC != self._smc:
             results: Results = NOT_SUPPORTED
         else:
             try:
@@ -101,8 +204,39 @@ class Dispatcher:
             fd.x0_value[0] = results & (_U64 if function_id & SMC64 else _U32)
             if fd.write_x0() < 0:
                 fd.failed("KVM_SET_ONE_REG")
-        else:
+        elif results is not NO_RESULT:
             write_results(vcpu, call, results)
+
+    def _cache_handler(self, function_id: int) -> Handler | None:
+        fn = self.resolve(function_id)
+        handler = fn.handler if fn is not None else None
+        if len(self._cache) < 4096:  # bounded: a guest may call any of 2**32 IDs
+            self._cache[function_id] = handler
+        return handler
+
+    def _dispatch_traced(self, vcpu: Vcpu, function_id: int, flags: int) -> None:
+        fn = self.resolve(function_id)
+        call = SmcccCall(vcpu, function_id, flags)
+        args = call.args(len(fn.args)) if fn is not None else ()  # before x1.. hold results
+        note = ""
+        started = time.perf_counter()
+        if fn is None:
+            results: Results = NOT_SUPPORTED
+        elif flags & _SMC != self._smc:
+            results, note = NOT_SUPPORTED, f"not offered over {call.conduit}"
+        else:
+            try:
+                results = fn.handler(call)
+            except Exception as e:
+                raise HandlerError(f"SMCCC handler for {function_id:#010x} raised {type(e).__name__}: {e}") from e
+        self.calls += 1
+        if results is not NO_RESULT:
+            write_results(vcpu, call, results)
+        mask = _U64 if function_id & SMC64 else _U32
+        shown = None if results is NO_RESULT else tuple(v & mask for v in _as_results(results))
+        assert self.trace is not None
+        self.trace(TraceRecord(vcpu.index, call.conduit, function_id, fn, args, shown,
+                               time.perf_counter() - started, note))
 
 
 def write_results(vcpu: Vcpu, call: SmcccCall, results: Results) -> None:

@@ -1,5 +1,6 @@
-// Forwarded SMCCC calls over HVC, then SMC, then an SMC32 call: for each, report the four
-// results the guest received and whether x4..x17 survived the call.
+// Forwarded SMCCC calls over HVC, then SMC (one of them is not the VM's conduit and must get
+// NOT_SUPPORTED), then an SMC32 call over the VM's conduit: for each, report the four results
+// the guest received and whether x4..x17 survived the call.
     .include "common.inc"
     .text
     .global _start
@@ -27,7 +28,7 @@ _start:
     // SMC32/HVC32 call: the results must arrive truncated to 32 bits
     movl w0, (SIP32_BASE + 1)
     mvn x1, xzr                 // all ones: the handler must see only w1
-    hvc #0
+    firmware_call
     mov x2, x1
     mov x1, x0
     report

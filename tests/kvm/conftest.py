@@ -40,6 +40,20 @@ def make_vm() -> Iterator[Callable[..., Vm]]:
         vm.close()
 
 
+def guest_for(name: str, conduit: str) -> str:
+    """The build of guest `name` whose firmware calls use `conduit`."""
+    return name if conduit == "hvc" else f"{name}_smc"
+
+
+def s64(value: int) -> int:
+    """A 64-bit register value as a signed number (PSCI error codes)."""
+    return value - (1 << 64) if value >> 63 else value
+
+
+def s32(value: int) -> int:
+    return value - (1 << 32) if value >> 31 else value
+
+
 class Reports:
     """Collects FN_REPORT calls (x1..x6) from a test guest."""
 
@@ -49,3 +63,7 @@ class Reports:
     def __call__(self, call) -> int:  # type: ignore[no-untyped-def]
         self.values.append(call.args(6))
         return 0
+
+    def tagged(self, tag: int) -> list[tuple[int, ...]]:
+        """Reports whose x1 is `tag`, as (x2, .., x6)."""
+        return [v[1:] for v in self.values if v[0] == tag]

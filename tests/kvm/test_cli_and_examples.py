@@ -50,7 +50,12 @@ def test_smccc_demo_example() -> None:
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "smccc_demo.py")], capture_output=True,
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr
-    assert "guest saw   DEMO_ADD(40, 2) over HVC                     -> 0x2a" in p.stdout
-    assert "DEMO_SWAP over SMC (four results)            -> 0x0, 0x3333, 0x2222, 0x1111" in p.stdout
-    assert "unknown function 0xc6000042 over SMC         -> 0xffffffffffffffff" in p.stdout
-    assert "guest ended: poweroff" in p.stdout
+    out = p.stdout
+    for conduit in ("hvc", "smc"):
+        assert f"[vcpu0 {conduit}] demo vendor service[0x1]() = 0x2a" in out
+        assert f"[vcpu1 {conduit}] demo vendor service[0x1]() = 0x2a" in out
+        assert f"[vcpu0 {conduit}] CPU_ON(target_cpu=0x1, entry_point_address=0x" in out
+    assert "guest saw: DEMO_SWAP(0x1111, 0x2222, 0x3333)            -> 0x0, 0x3333, 0x2222, 0x1111" in out
+    assert out.count("guest saw: DEMO_VERSION on the other conduit            -> 0xffffffffffffffff") == 2
+    assert out.count("guest saw: CPU_ON(cpu1), AFFINITY_INFO(cpu1) once off   -> 0x0, 0x1") == 2
+    assert out.count("guest ended: poweroff (vcpu0): PSCI SYSTEM_OFF") == 2

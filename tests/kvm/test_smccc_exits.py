@@ -8,13 +8,14 @@ from kvm_bindings.constants import SmcccFilterAction
 from pyvmm.errors import SmcccFilterError
 from pyvmm.smccc import filter as smccc_filter
 from pyvmm.smccc.filter import FilterRange
-from tests.kvm.conftest import FN_REPORT, SIP32, SIP64, Reports
+from tests.kvm.conftest import FN_REPORT, SIP32, SIP64, Reports, guest_for
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
-def test_forwarded_call_over_hvc_and_smc_returns_four_values(make_vm) -> None:
-    vm = make_vm("smccc_roundtrip")
+@pytest.mark.parametrize("conduit", ["hvc", "smc"])
+def test_forwarded_calls_return_four_values_on_the_vms_conduit(make_vm, conduit: str) -> None:
+    vm = make_vm(guest_for("smccc_roundtrip", conduit), conduit=conduit)
     seen: list[tuple[int, str, tuple[int, ...]]] = []
     reports = Reports()
 
@@ -34,17 +35,13 @@ def test_forwarded_call_over_hvc_and_smc_returns_four_values(make_vm) -> None:
     result = vm.run(timeout=30)
     assert result.reason == "poweroff", result
 
-    assert seen == [
-        (SIP64 + 1, "hvc", (0x1111, 0x2222, 0x3333)),
-        (SIP64 + 1, "smc", (0x1111, 0x2222, 0x3333)),
-        (SIP32 + 1, "hvc", (0xFFFF_FFFF,)),  # SMC32 argument: only w1 is seen
-    ]
-    expected = (0xFEED_FACE_CAFE_BEEF, 0x1112, 0x2224, 0x3336)
-    # each report: x0..x3 as the guest received them, then the mask of clobbered x4..x17
-    assert reports.values[0][:5] == (*expected, 0)
-    assert reports.values[1][:5] == (*expected, 0)
-    # SMC32 results arrive truncated to 32 bits
-    assert reports.values[2][:2] == (0x9ABC_DEF0, 0xFFFF_FFFF)
+    # only the VM's conduit reaches the service; SMC32 arguments are seen as 32 bits (w1)
+    assert seen == [(SIP64 + 1, conduit, (0x1111, 0x2222, 0x3333)), (SIP32 + 1, conduit, (0xFFFF_FFFF,))]
+    served = (0xFEED_FACE_CAFE_BEEF, 0x1112, 0x2224, 0x3336, 0)  # x0..x3 seen, x4..x17 clobber mask
+    refused = (U64, 0x1111, 0x2222, 0x3333, 0)  # NOT_SUPPORTED; x1..x3 untouched
+    hvc_report, smc_report = reports.values[0][:5], reports.values[1][:5]
+    assert (hvc_report, smc_report) == ((served, refused) if conduit == "hvc" else (refused, served))
+    assert reports.values[2][:2] == (0x9ABC_DEF0, 0xFFFF_FFFF)  # SMC32 results truncated
 
 
 def test_filter_on_reserved_range_is_refused_clearly(make_vm) -> None:
@@ -81,7 +78,7 @@ def test_deny_range_is_answered_by_kvm(make_vm) -> None:
     ticks, freq, calls, last_x0 = reports.values[0][:4]
     assert calls == 3
     assert last_x0 == U64  # NOT_SUPPORTED (-1) from KVM
-    assert vm.smccc.calls == 1  # only the report exited to userspace
+    assert vm.smccc.calls == 2  # only the report and SYSTEM_OFF exited to userspace
 
 
 def test_unrouted_id_in_forwarded_range_gets_not_supported(make_vm) -> None:
@@ -93,7 +90,7 @@ def test_unrouted_id_in_forwarded_range_gets_not_supported(make_vm) -> None:
     vm.vcpus[0].set_x(10, SIP64 + 5)
     assert vm.run(timeout=30).reason == "poweroff"
     assert reports.values[0][2:4] == (2, U64)
-    assert vm.smccc.calls == 3
+    assert vm.smccc.calls == 4  # two calls, the report, SYSTEM_OFF
 
 
 def test_handler_exception_ends_the_run_with_its_message(make_vm) -> None:

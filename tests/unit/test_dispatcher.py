@@ -63,26 +63,32 @@ def test_unrouted_id_gets_not_supported() -> None:
     assert v.writes[-1] == (0, 0xFFFF_FFFF)
 
 
-def test_conduit_and_call_repr() -> None:
-    d, v = Dispatcher(), FakeVcpu()
+@pytest.mark.parametrize(("conduit", "flags", "other"), [("hvc", 0, 1), ("smc", 1, 0)])
+def test_only_the_vms_conduit_is_served(conduit: str, flags: int, other: int) -> None:
+    d, v = Dispatcher(conduit), FakeVcpu()
     calls = []
-    d.register(SIP64, 1, lambda call: calls.append((call.conduit, call.smc, repr(call))) or 0)
-    d.dispatch(v, SIP64, 1)
-    d.dispatch(v, SIP64, 0)
-    assert calls == [("smc", True, "SmcccCall(0xc2000000 via smc on vcpu0)"),
-                     ("hvc", False, "SmcccCall(0xc2000000 via hvc on vcpu0)")]
+    d.register(SIP64, 1, lambda call: calls.append((call.conduit, repr(call))) or 0)
+    d.dispatch(v, SIP64, flags)
+    d.dispatch(v, SIP64, other)
+    assert calls == [(conduit, f"SmcccCall(0xc2000000 via {conduit} on vcpu0)")]
+    assert v.writes == [(0, 0), (0, U64)]  # the other conduit: NOT_SUPPORTED
+
+
+def test_unknown_conduit_is_refused() -> None:
+    with pytest.raises(VmmError, match="'hvc' or 'smc'"):
+        Dispatcher("svc")
 
 
 def test_route_boundaries() -> None:
     d = Dispatcher()
     d.register(0xC600_0010, 0x10, lambda call: 1, "b")
     d.register(0xC600_0000, 0x10, lambda call: 2, "a")
-    assert d.lookup(0xC600_0000)(None) == 2  # type: ignore[misc]
-    assert d.lookup(0xC600_000F)(None) == 2  # type: ignore[misc]
-    assert d.lookup(0xC600_0010)(None) == 1  # type: ignore[misc]
-    assert d.lookup(0xC600_001F)(None) == 1  # type: ignore[misc]
-    assert d.lookup(0xC600_0020) is None
-    assert d.lookup(0xC5FF_FFFF) is None
+    assert d.resolve(0xC600_0000).handler(None) == 2  # type: ignore[union-attr,arg-type]
+    assert d.resolve(0xC600_000F).handler(None) == 2  # type: ignore[union-attr,arg-type]
+    assert d.resolve(0xC600_0010).handler(None) == 1  # type: ignore[union-attr,arg-type]
+    assert d.resolve(0xC600_001F).name == "b[0xf]"  # type: ignore[union-attr]
+    assert d.resolve(0xC600_0020) is None
+    assert d.resolve(0xC5FF_FFFF) is None
 
 
 def test_overlapping_or_bad_routes_are_refused() -> None:
@@ -114,7 +120,7 @@ def test_filter_ranges_come_from_routes_and_denials() -> None:
 
 
 def test_lookup_cache_is_bounded() -> None:
-    d = Dispatcher()
-    for fid in range(10_000):
-        d.lookup(0xC700_0000 + fid)
+    d, v = Dispatcher(), FakeVcpu()
+    for fid in range(5_000):
+        d.dispatch(v, 0xC700_0000 + fid, 0)
     assert len(d._cache) <= 4096

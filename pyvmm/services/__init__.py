@@ -1,0 +1,1 @@
+"""SMCCC services pyvmm implements: one module per service."""

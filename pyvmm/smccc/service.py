@@ -1,0 +1,101 @@
+"""SMCCC services: a named set of functions in forwarded function-ID ranges.
+
+A service subclasses `Service`, lists the ranges KVM must forward to it, and marks its handlers
+with `@function(fid, ...)`. Any ID inside its ranges without a handler is answered NOT_SUPPORTED
+by the dispatcher (SMCCC 1.4 §5.2). A handler takes the `SmcccCall` and returns x0, up to four
+values (x0..x3), or NO_RESULT when the call does not return to the caller (CPU_OFF, SYSTEM_OFF).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+from pyvmm.smccc.call import SmcccCall
+
+Results = int | Sequence[int]
+Handler = Callable[[SmcccCall], Results]
+
+# pyvmm's implementation UID, returned by every Call UID query pyvmm answers (SMCCC §6.2.2)
+PYVMM_UID = uuid.UUID("7f1d2a3e-5c4b-4e8a-9b6d-70797666d6d6")
+
+
+class NoResult:
+    """The call does not return to its caller: write no registers."""
+
+    def __repr__(self) -> str:
+        return "NO_RESULT"
+
+
+NO_RESULT: Any = NoResult()
+
+
+class Function(NamedTuple):
+    """One SMCCC function as a service implements it (names are for traces)."""
+
+    name: str
+    handler: Handler
+    args: tuple[str, ...] = ()
+    describe: Callable[[int], str] | None = None  # x0 -> e.g. "INVALID_PARAMETERS"
+
+
+def function(*fids: int, name: str, args: tuple[str, ...] = (),
+             describe: str = "describe_result") -> Callable[[Callable[..., Results]], Any]:
+    """Mark a Service method as the handler of `fids` (e.g. the SMC32 and SMC64 IDs).
+    `describe` names the service method that puts a name to its x0 in traces."""
+
+    def mark(method: Callable[..., Results]) -> Callable[..., Results]:
+        method.__smccc__ = (fids, name, args, describe)  # type: ignore[attr-defined]
+        return method
+
+    return mark
+
+
+class Service:
+    """Base class of SMCCC services. Subclasses set `name`, `owner` and `ranges`."""
+
+    name: str = "service"
+    owner: int = -1
+    ranges: tuple[tuple[int, int], ...] = ()
+    uid: uuid.UUID = PYVMM_UID
+    revision: tuple[int, int] = (1, 0)
+
+    def lookup(self, fid: int) -> Function | None:
+        """The function implementing `fid`, or None (the caller gets NOT_SUPPORTED)."""
+        table = self.__dict__.get("_table")
+        if table is None:
+            table = self._table = self.functions()
+        return table.get(fid)
+
+    def functions(self) -> dict[int, Function]:
+        """Every function this service implements, by function ID."""
+        table: dict[int, Function] = {}
+        for attr in dir(type(self)):
+            spec = getattr(getattr(type(self), attr), "__smccc__", None)
+            if spec is not None:
+                fids, name, args, describe = spec
+                for fid in fids:
+                    table[fid] = Function(name, getattr(self, attr), args, getattr(self, describe))
+        return table
+
+    def describe_result(self, x0: int) -> str:
+        """A name for a result in x0, for traces (services with error codes override this)."""
+        return ""
+
+    def reset(self) -> None:
+        """Return to the power-on state (the VM is being reset)."""
+
+
+class HandlerService(Service):
+    """A plain function serving a whole range: the smallest way to prototype a service."""
+
+    def __init__(self, base: int, count: int, handler: Handler, name: str) -> None:
+        self.name, self.ranges, self._handler = name, ((base, count),), handler
+
+    def functions(self) -> dict[int, Function]:
+        return {}  # every ID in the range is the handler's; see lookup()
+
+    def lookup(self, fid: int) -> Function | None:
+        base, count = self.ranges[0]
+        return Function(f"{self.name}[{fid - base:#x}]", self._handler) if base <= fid < base + count else None

@@ -1,0 +1,7 @@
+// The only vCPU turns itself off: nothing can ever run again.
+    .include "common.inc"
+    .text
+    .global _start
+_start:
+    psci PSCI_CPU_OFF
+    b .

@@ -1,0 +1,111 @@
+"""PSCI 1.1 serviced by pyvmm, with assembled SMP guests on real KVM, over both conduits."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+
+from pyvmm.smccc.service import PYVMM_UID
+from tests.kvm.conftest import FN_REPORT, Reports, guest_for, s32, s64
+
+SUCCESS, NOT_SUPPORTED, INVALID_PARAMETERS, DENIED, ALREADY_ON, ON_PENDING, INVALID_ADDRESS = 0, -1, -2, -3, -4, -5, -9
+ON, OFF, PENDING = 0, 1, 2
+UID_WORDS = tuple(int.from_bytes(PYVMM_UID.bytes_le[i:i + 4], "little") for i in range(0, 16, 4))
+CONDUITS = ["hvc", "smc"]
+
+
+def psci_vm(make_vm, guest: str, conduit: str, cpus: int):  # type: ignore[no-untyped-def]
+    vm = make_vm(guest_for(guest, conduit), cpus=cpus, conduit=conduit)
+    reports = Reports()
+    vm.smccc.register(FN_REPORT, 1, reports, "report")
+    return vm, reports
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+def test_smp_bring_up_affinity_off_on_and_concurrent_cpu_on(make_vm, conduit: str) -> None:
+    vm, reports = psci_vm(make_vm, "psci_smp", conduit, cpus=4)
+    boots: Counter[int] = Counter()
+
+    def hold_cpu2_second_boot(vcpu) -> None:  # type: ignore[no-untyped-def]
+        boots[vcpu.index] += 1
+        if vcpu.index == 2 and boots[2] == 2:
+            time.sleep(0.5)  # keep cpu2 ON_PENDING while the guest asks again
+
+    vm.before_power_on = hold_cpu2_second_boot
+    result = vm.run(timeout=150)
+    assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
+    assert not reports.tagged(0xBAD)
+
+    assert reports.tagged(1) == [(0x1_0001, 0, 0, 0, 0)]  # PSCI 1.1
+    assert [(cpu, s64(r)) for cpu, r, *_ in reports.tagged(2)] == [(1, OFF), (2, OFF), (3, OFF)]
+    assert [(cpu, s64(r)) for cpu, r, *_ in reports.tagged(3)] == [(1, SUCCESS), (2, SUCCESS), (3, SUCCESS), (1, SUCCESS)]
+    assert [(cpu, s64(r)) for cpu, r, *_ in reports.tagged(5)] == [(1, ON), (2, ON), (3, ON)]
+
+    # every boot of a secondary: its MPIDR, the context ID its CPU_ON passed, its boot count
+    checkins = [(index, mpidr, context, count) for mpidr, context, count, index, _ in reports.tagged(4)]
+    for index, mpidr, _, _ in checkins:
+        assert mpidr == vm.vcpus[index].mpidr and mpidr & 0xFF == index
+    first = sorted((i, ctx) for i, _, ctx, n in checkins if n == 1)
+    assert first == [(1, 0x101), (2, 0x102), (3, 0x103)]
+    assert [(ctx, n) for i, _, ctx, n in checkins if i == 1 and n == 2] == [(0x201, 2)]  # CPU_OFF, CPU_ON again
+    assert [n for i, _, _, n in checkins if i == 1] == [1, 2, 3]
+    assert [(ctx, n) for i, _, ctx, n in checkins if i == 2 and n == 2] == [(0x402, 2)]
+
+    (state, polls, *_), = reports.tagged(6)
+    assert s64(state) == OFF and polls >= 1
+
+    concurrent = sorted(s64(r) for r, *_ in reports.tagged(7))
+    assert len(concurrent) == 3 and concurrent.count(SUCCESS) == 1
+    assert set(concurrent) - {SUCCESS} <= {ALREADY_ON, ON_PENDING}
+
+    (first_on, second_on, affinity, *_), = reports.tagged(9)
+    assert (s64(first_on), s64(second_on), s64(affinity)) == (SUCCESS, ON_PENDING, PENDING)
+
+    errors = {index: rest for index, *rest in reports.tagged(10)}
+    assert s64(errors[0][0]) == INVALID_PARAMETERS  # CPU_ON of an MPIDR no vCPU has
+    assert s64(errors[1][0]) == ALREADY_ON
+    assert s64(errors[2][0]) == INVALID_ADDRESS  # entry point outside RAM
+    assert s64(errors[3][0]) == INVALID_PARAMETERS  # AFFINITY_INFO above level 0
+    assert s32(errors[4][0]) == NOT_SUPPORTED  # CPU_FREEZE
+    assert s32(errors[5][0]) == NOT_SUPPORTED  # unassigned PSCI ID
+    assert s64(errors[6][0]) == NOT_SUPPORTED  # MIGRATE
+    assert errors[7][0] == 2  # MIGRATE_INFO_TYPE: no Trusted OS
+    assert (errors[8][0], s32(errors[9][0]), errors[10][0]) == (0, NOT_SUPPORTED, 0)  # PSCI_FEATURES
+    assert s64(errors[11][0]) == DENIED  # SYSTEM_SUSPEND with other cores on
+    assert s64(errors[12][0]) == INVALID_PARAMETERS  # CPU_SUSPEND with a reserved bit
+    assert tuple(errors[13][:4]) == UID_WORDS  # Standard Secure Service Call UID
+    assert tuple(errors[14][:2]) == (1, 1)  # its Revision: PSCI 1.1
+    assert tuple(errors[15][:4]) == UID_WORDS  # Standard Hypervisor Service Call UID
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+def test_cpu_suspend_and_system_suspend_wake_up(make_vm, conduit: str) -> None:
+    vm, reports = psci_vm(make_vm, "psci_suspend", conduit, cpus=2)
+    result = vm.run(timeout=120)
+    assert result.reason == "poweroff", result
+    assert not reports.tagged(0xBAD)
+    (context, current_el, daif, *_), = reports.tagged(1)
+    assert (context, current_el, daif) == (0x5EED, 1 << 2, 0xF << 6)  # at the entry point: EL1h, DAIF masked
+    assert s64(reports.tagged(2)[0][0]) == SUCCESS  # standby returned after the wake-up
+    assert [s64(v) for v in reports.tagged(3)[0][:3]] == [INVALID_PARAMETERS, INVALID_PARAMETERS, INVALID_ADDRESS]
+    assert s64(reports.tagged(4)[0][0]) == DENIED
+    assert reports.tagged(5)[0][0] == 0xCAFE  # SYSTEM_SUSPEND resumed at its entry point
+    assert s64(reports.tagged(6)[0][0]) == INVALID_ADDRESS
+
+
+@pytest.mark.parametrize("conduit", CONDUITS)
+def test_system_reset_restarts_the_guest(make_vm, conduit: str) -> None:
+    vm, reports = psci_vm(make_vm, "psci_reset", conduit, cpus=2)
+    result = vm.run(timeout=120)
+    assert result.reason == "poweroff", result
+    assert vm.resets == 2
+    assert [v[:2] for v in reports.values] == [(1, 1), (1, 2), (2, (1 << 64) + INVALID_PARAMETERS), (1, 3)]
+
+
+def test_last_cpu_off_ends_the_run(make_vm) -> None:
+    vm = make_vm("cpu_off")
+    result = vm.run(timeout=30)
+    assert result.reason == "halted"
+    assert "every vCPU is off" in result.message
