@@ -31,9 +31,10 @@ class LoopResult:
 
 
 def run_hvc_loop(function_id: int, calls: int, setup: Callable[[Vm], None] | None = None,
-                 before_run: Callable[[Vm], None] | None = None) -> LoopResult:
-    """Run hvc_loop.S: `calls` HVCs of `function_id`, timed in the guest by CNTVCT_EL0."""
-    vm = Vm(cpus=1, mem_mib=16)
+                 before_run: Callable[[Vm], None] | None = None, psci: bool = True) -> LoopResult:
+    """Run hvc_loop.S: `calls` HVCs of `function_id` (x1..x3 = 0), timed in the guest by
+    CNTVCT_EL0. `psci`: pyvmm's PSCI (else KVM's in-kernel PSCI answers PSCI calls)."""
+    vm = Vm(cpus=1, mem_mib=16, psci=psci)
     try:
         vm.set_boot(vm.load_file(GUESTS / "hvc_loop.bin"))
         report: list[tuple[int, ...]] = []

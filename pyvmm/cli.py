@@ -1,10 +1,12 @@
 """pyvmm's command line, in kvmtool's spelling where kvmtool has the option.
 
-  pyvmm run -f FIRMWARE [-c CPUS] [-m MiB] [--timeout S]   run a flat binary at the start of RAM
+  pyvmm run -f FIRMWARE [-c CPUS] [-m MiB] [--psci-conduit hvc|smc] [--service FILE]...
+            [--replace-service FILE]... [--deny RANGE]... [--trace smccc] [--timeout S]
   pyvmm check                                              what this host's KVM offers
 
 Exit status of `run`: 0 when the guest powers off; 1 on an error; 2 for bad usage; 3 when the
-guest resets, crashes or suspends (not yet serviced); 124 when --timeout expires.
+guest crashes, halts (every vCPU off) or is stopped; 124 when --timeout expires. A guest's PSCI
+SYSTEM_RESET restarts it within the same run.
 Every failure is one line on stderr, never a traceback.
 """
 
@@ -55,6 +57,16 @@ def build_parser() -> Parser:
                      help="flat binary loaded at the start of RAM and entered at EL1h")
     run.add_argument("-c", "--cpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("-m", "--mem", type=positive_int, default=64, metavar="MiB", help="RAM in MiB (default 64)")
+    run.add_argument("--psci-conduit", choices=["hvc", "smc"], default="hvc",
+                     help="the SMCCC conduit of PSCI and every other service (default hvc)")
+    run.add_argument("--service", action="append", default=[], metavar="FILE",
+                     help="add an SMCCC service from a Python file (RANGE, handle(call)); repeatable")
+    run.add_argument("--replace-service", action="append", default=[], metavar="FILE",
+                     help="like --service, replacing whatever serves that range (e.g. PSCI)")
+    run.add_argument("--deny", action="append", default=[], metavar="RANGE",
+                     help="have KVM answer NOT_SUPPORTED for BASE+COUNT or FIRST-LAST; repeatable")
+    run.add_argument("--trace", choices=["smccc"], action="append", default=[],
+                     help="smccc: print every forwarded SMCCC call, strace-style, on stderr")
     run.add_argument("--timeout", type=positive_float, metavar="S", help="stop the guest after S seconds")
     run.add_argument("--loglevel", choices=["debug", "info", "warning", "error"], default="warning")
     sub.add_parser("check", help="report what this host's KVM offers pyvmm")
@@ -62,11 +74,24 @@ def build_parser() -> Parser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pyvmm.services.loader import load_service_module, parse_range
+    from pyvmm.smccc.trace import TracePrinter
     from pyvmm.vm import Vm
 
     if not os.path.isfile(args.firmware):
         raise VmmError(f"firmware {args.firmware} does not exist or is not a file")
-    with Vm(cpus=args.cpus, mem_mib=args.mem) as vm:
+    added = [load_service_module(f) for f in args.service]
+    replacing = [load_service_module(f) for f in args.replace_service]
+    denied = [parse_range(r) for r in args.deny]
+    with Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit) as vm:
+        for m in added:
+            vm.smccc.register(m.base, m.count, m.handle, m.name)  # type: ignore[arg-type]
+        for m in replacing:
+            vm.smccc.replace(m.base, m.count, m.handle, m.name)  # type: ignore[arg-type]
+        for base, count in denied:
+            vm.smccc.deny(base, count, "--deny")
+        if "smccc" in args.trace:
+            vm.smccc.trace = TracePrinter(sys.stderr)
         vm.set_boot(vm.load_file(args.firmware))
         result = vm.run(timeout=args.timeout)
     if result.reason == "poweroff":

@@ -68,6 +68,7 @@ class Psci(Service):
 
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
+        self._by_affinity: dict[int, dict[int, object]] = {}  # mask -> {MPIDR & mask: vCPU}
 
     def describe_result(self, x0: int) -> str:
         value = x0 - (1 << 64) if x0 >> 63 else (x0 - (1 << 32) if x0 >> 31 and x0 < 1 << 32 else x0)
@@ -81,10 +82,12 @@ class Psci(Service):
 
     # --- helpers -----------------------------------------------------------------------------
     def _target(self, call: SmcccCall, affinity: int):  # type: ignore[no-untyped-def]
+        """The vCPU a target_cpu/target_affinity argument names (MPIDRs never change)."""
         mask = AFFINITY_MASK_64 if call.function_id & SMC64 else AFFINITY_MASK_32
-        if affinity & ~mask:
-            return None
-        return self.vm.vcpu_by_affinity(affinity, mask)
+        table = self._by_affinity.get(mask)
+        if table is None:
+            table = self._by_affinity[mask] = {v.mpidr & mask: v for v in self.vm.vcpus}
+        return table.get(affinity)
 
     def _in_ram(self, address: int) -> bool:
         return self.vm.memory.contains(address, 4)
@@ -137,7 +140,7 @@ class Psci(Service):
         target = self._target(call, affinity)
         if target is None:
             return INVALID_PARAMETERS
-        return int(target.power)
+        return target.power.value  # a plain int: the dispatcher's single-result fast path
 
     @function(*_both(0x5), name="MIGRATE", args=("target_cpu",))
     def migrate(self, call: SmcccCall) -> Results:

@@ -53,7 +53,9 @@ class SmcccCall:
         return value if self.function_id & SMC64 else value & 0xFFFF_FFFF
 
     def args(self, count: int) -> tuple[int, ...]:
-        return tuple(self.arg(n) for n in range(1, count + 1))
+        """x1..x<count> (each read at most once per call)."""
+        arg = self.arg
+        return tuple([arg(n) for n in range(1, count + 1)])
 
     def known_register(self, n: int) -> int | None:
         """x<n>'s current value if this call has already read it (lets the dispatcher skip writes)."""

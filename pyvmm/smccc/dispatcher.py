@@ -158,9 +158,17 @@ class Dispatcher:
                 raise VmmError(f"SMCCC range {base:#010x}+{count} ({name}) overlaps denied range {d}")
 
     def _remove_overlapping(self, base: int, count: int) -> None:
-        self._routes = [r for r in self._routes if not (r.base < base + count and base < r.base + r.count)]
-        self._denied = [d for d in self._denied if not d.overlaps(base, count)]
-        self.services = [s for s in self.services if any(r.service is s for r in self._routes)]
+        """Carve [base, base + count) out of every route and denied range; what lies outside it
+        stays with its service (replacing PSCI_VERSION leaves the rest of PSCI in place)."""
+        end = base + count
+        routes: list[Route] = []
+        for r in self._routes:
+            routes += [Route(b, c, r.service) for b, c in _outside(r.base, r.count, base, end)]
+        self._routes = sorted(routes, key=lambda r: r.base)
+        self._denied = [FilterRange(b, c, d.action, d.name) for d in self._denied
+                        for b, c in _outside(d.base, d.count, base, end)]
+        self.services = [s for s in self.services if any(r.service is s for r in self._routes)
+                         or isinstance(s, GeneralQueries) or not s.ranges]
         self._cache.clear()
 
     def filter_ranges(self) -> list[FilterRange]:
@@ -237,6 +245,19 @@ class Dispatcher:
         assert self.trace is not None
         self.trace(TraceRecord(vcpu.index, call.conduit, function_id, fn, args, shown,
                                time.perf_counter() - started, note))
+
+
+def _outside(base: int, count: int, cut_base: int, cut_end: int) -> list[tuple[int, int]]:
+    """The parts of [base, base + count) outside [cut_base, cut_end)."""
+    end = base + count
+    if end <= cut_base or cut_end <= base:
+        return [(base, count)]
+    parts = []
+    if base < cut_base:
+        parts.append((base, cut_base - base))
+    if cut_end < end:
+        parts.append((cut_end, end - cut_end))
+    return parts
 
 
 def write_results(vcpu: Vcpu, call: SmcccCall, results: Results) -> None:

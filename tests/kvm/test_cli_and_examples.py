@@ -59,3 +59,23 @@ def test_smccc_demo_example() -> None:
     assert out.count("guest saw: DEMO_VERSION on the other conduit            -> 0xffffffffffffffff") == 2
     assert out.count("guest saw: CPU_ON(cpu1), AFFINITY_INFO(cpu1) once off   -> 0x0, 0x1") == 2
     assert out.count("guest ended: poweroff (vcpu0): PSCI SYSTEM_OFF") == 2
+
+
+def test_run_with_a_service_module_trace_and_smc_conduit() -> None:
+    p = run_cli("run", "-f", str(guest_image("smccc_demo_smc")), "-c", "2", "-m", "16", "--psci-conduit", "smc",
+                "--service", str(ROOT / "examples" / "vendor_service.py"), "--trace", "smccc", "--timeout", "60")
+    assert p.returncode == cli.EXIT_OK, p.stderr
+    assert "[vcpu0 smc] demo vendor service[0x1]() = 0x2a" in p.stderr
+    assert "[vcpu0 smc] CPU_ON(target_cpu=0x1, entry_point_address=0x" in p.stderr
+    assert "[vcpu0 smc] SYSTEM_OFF() = ? (does not return)" in p.stderr
+
+
+def test_replace_psci_version_and_deny_a_range(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    mine = tmp_path / "my_psci_version.py"
+    mine.write_text("RANGE = (0x84000000, 1)\nNAME = 'my PSCI_VERSION'\n\ndef handle(call):\n    return 0x20000\n")
+    p = run_cli("run", "-f", str(guest_image("smccc_demo")), "-c", "2", "-m", "16", "--replace-service", str(mine),
+                "--deny", "0xC6000000+0x100", "--trace", "smccc", "--timeout", "60")
+    assert p.returncode == cli.EXIT_OK, p.stderr
+    assert "my PSCI_VERSION[0x0]() = 0x20000" in p.stderr
+    assert "demo vendor service" not in p.stderr  # denied by KVM: never forwarded
+    assert "CPU_ON(" in p.stderr  # the rest of PSCI is still pyvmm's

@@ -35,3 +35,58 @@ class FakeVcpu:
     def set_x(self, n: int, value: int) -> None:
         self.writes.append((n, value))
         self.x[n] = value
+
+
+class FakeMachine:
+    """Just enough of a Vm for services: vCPUs with MPIDRs and power states, RAM bounds, and a
+    record of the system-level requests services make."""
+
+    def __init__(self, cpus: int = 4, ram: tuple[int, int] = (0x8000_0000, 0x100_0000)) -> None:
+        import threading
+
+        from pyvmm.vcpu import Power
+
+        self.power_lock = threading.Lock()
+        self.ram = ram
+        self.events: list[tuple] = []
+        self.vcpus = [FakePoweredVcpu(self, i) for i in range(cpus)]
+        self.vcpus[0].power = Power.ON
+        self.memory = self
+
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        base, length = self.ram
+        return base <= gpa and gpa + size <= base + length
+
+    def vcpu_by_affinity(self, affinity: int, mask: int):  # type: ignore[no-untyped-def]
+        return next((v for v in self.vcpus if v.mpidr & mask == affinity), None)
+
+    def suspend(self, vcpu, resume_at) -> None:  # type: ignore[no-untyped-def]
+        self.events.append(("suspend", vcpu.index, resume_at))
+
+    def request_reset(self, vcpu, message: str) -> None:  # type: ignore[no-untyped-def]
+        self.events.append(("reset", vcpu.index, message))
+
+    def power_off_system(self, vcpu, message: str) -> None:  # type: ignore[no-untyped-def]
+        self.events.append(("off", vcpu.index, message))
+
+
+class FakePoweredVcpu(FakeVcpu):
+    def __init__(self, machine: FakeMachine, index: int) -> None:
+        from pyvmm.vcpu import Power
+
+        super().__init__(index)
+        self.machine = machine
+        self.mpidr = (1 << 31) | ((index >> 4) << 8) | (index & 0xF)  # as KVM assigns it
+        self.power = Power.OFF
+        self.booted: tuple[int, int] | None = None
+
+    def power_on(self, entry: int, context_id: int) -> None:
+        from pyvmm.vcpu import Power
+
+        self.power = Power.ON_PENDING
+        self.booted = (entry, context_id)
+
+    def power_off(self) -> None:
+        from pyvmm.vcpu import Power
+
+        self.power = Power.OFF

@@ -11,6 +11,7 @@ import pytest
 from pyvmm import cli
 from pyvmm.errors import KvmUnavailableError
 from pyvmm.kvm import Kvm
+from tests.conftest import ROOT
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -54,3 +55,32 @@ def test_non_arm64_host_is_a_clear_error(monkeypatch, tmp_path, capsys) -> None:
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["pyvmm: error: pyvmm needs an arm64 host's KVM, this host is x86_64 "
                    "(`make demo` and `make test` run pyvmm inside an emulated arm64 host)"]
+
+
+def test_service_module_errors_are_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pyvmm.errors import VmmError
+    from pyvmm.services.loader import load_service_module, parse_range
+
+    bad = tmp_path / "bad.py"
+    bad.write_text("RANGE = 5\n")
+    with pytest.raises(VmmError, match=r"must define RANGE = \(first function ID, count\)"):
+        load_service_module(str(bad))
+    bad.write_text("RANGE = (0xC6000000, 1)\n")
+    with pytest.raises(VmmError, match=r"must define handle\(call\)"):
+        load_service_module(str(bad))
+    bad.write_text("import nonexistent_module_xyz\n")
+    with pytest.raises(VmmError, match="failed to load: ModuleNotFoundError"):
+        load_service_module(str(bad))
+    m = load_service_module(str(ROOT / "examples" / "vendor_service.py"))
+    assert (m.base, m.count, m.name) == (0xC600_0000, 0x100, "demo vendor service")
+    assert parse_range("0xC3000000+0x100") == (0xC300_0000, 0x100)
+    assert parse_range("0xC3000000-0xC30000FF") == (0xC300_0000, 0x100)
+    with pytest.raises(VmmError, match="not a range of 32-bit"):
+        parse_range("0xFFFFFFFF+2")
+    with pytest.raises(VmmError, match="not a function-ID range"):
+        parse_range("psci")
+
+
+def test_bad_conduit_is_a_usage_error() -> None:
+    p = run_cli("run", "-f", "x", "--psci-conduit", "svc")
+    assert p.returncode == cli.EXIT_USAGE and "invalid choice: 'svc'" in p.stderr

@@ -124,3 +124,18 @@ def test_lookup_cache_is_bounded() -> None:
     for fid in range(5_000):
         d.dispatch(v, 0xC700_0000 + fid, 0)
     assert len(d._cache) <= 4096
+
+
+def test_replace_and_deny_carve_only_their_ids() -> None:
+    d = Dispatcher()
+    d.register(0x8400_0000, 0x20, lambda call: 1, "psci32")
+    d.replace(0x8400_0000, 1, lambda call: 2, "mine")
+    d.deny(0x8400_0010, 2, "gone")
+    ranges = [(r.base, r.count, r.action.name, r.name) for r in d.filter_ranges()]
+    assert ranges == [(0x8400_0000, 1, "FWD_TO_USER", "mine"), (0x8400_0001, 0xF, "FWD_TO_USER", "psci32"),
+                      (0x8400_0010, 2, "DENY", "gone"), (0x8400_0012, 0xE, "FWD_TO_USER", "psci32")]
+    assert d.resolve(0x8400_0000).handler(None) == 2  # type: ignore[union-attr,arg-type]
+    assert d.resolve(0x8400_0011) is None
+    assert d.resolve(0x8400_001F).handler(None) == 1  # type: ignore[union-attr,arg-type]
+    d.replace(0x8400_0011, 1, lambda call: 3, "back")  # replacing part of a denied range
+    assert [(r.base, r.count) for r in d.filter_ranges()][2:4] == [(0x8400_0010, 1), (0x8400_0011, 1)]
