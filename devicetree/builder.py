@@ -33,7 +33,8 @@ class Node:
     children: list[Node] = field(default_factory=list)
 
     def child(self, name: str, **props: Value) -> Node:
-        """Add and return a child node; keyword names use '_' for '-' and '__' for ','."""
+        """Add and return a child node; keyword names use '_' for '-' and '__' for ','
+        (a name that really has '_', such as device_type, goes in a props dict instead)."""
         node = Node(name, {_prop_name(k): v for k, v in props.items()})
         self.children.append(node)
         return node
@@ -81,7 +82,7 @@ def _property(name: str, value: Value) -> FdtProperty:
     if isinstance(value, str):
         return FdtPropertyStrings(name, [value])
     if isinstance(value, bytes):
-        return FdtPropertyBytes(name, list(value))
+        return FdtPropertyBytes(name, [b - 256 if b > 127 else b for b in value])  # pyfdt wants int8
     if isinstance(value, int | U64):
         return FdtPropertyWords(name, _cells([value]))
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value):

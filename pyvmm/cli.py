@@ -1,7 +1,8 @@
 """pyvmm's command line, in kvmtool's spelling where kvmtool has the option.
 
-  pyvmm run -f FIRMWARE [-c CPUS] [-m MiB] [--psci-conduit hvc|smc] [--service FILE]...
-            [--replace-service FILE]... [--deny RANGE]... [--trace smccc] [--timeout S]
+  pyvmm run (-k IMAGE [-i INITRD] [-p PARAMS] | -f FIRMWARE) [-c CPUS] [-m MiB]
+            [--psci-conduit hvc|smc] [--service FILE]... [--replace-service FILE]... [--deny RANGE]...
+            [--console serial] [--trace smccc] [--dump-dtb FILE] [--timeout S]
   pyvmm check                                              what this host's KVM offers
 
 Exit status of `run`: 0 when the guest powers off; 1 on an error; 2 for bad usage; 3 when the
@@ -53,8 +54,15 @@ def build_parser() -> Parser:
     p = Parser(prog="pyvmm", description="A kvmtool-style arm64 VMM in Python.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run a guest")
-    run.add_argument("-f", "--firmware", required=True, metavar="FILE",
-                     help="flat binary loaded at the start of RAM and entered at EL1h")
+    image = run.add_mutually_exclusive_group(required=True)
+    image.add_argument("-k", "--kernel", metavar="IMAGE", help="arm64 Linux Image to boot")
+    image.add_argument("-f", "--firmware", metavar="FILE",
+                       help="flat binary loaded at the start of RAM and entered at EL1h, x0 = DTB")
+    run.add_argument("-i", "--initrd", metavar="FILE", help="initial ramdisk for the kernel")
+    run.add_argument("-p", "--params", default="", metavar="PARAMS", help="kernel command line")
+    run.add_argument("--console", choices=["serial"], default="serial",
+                     help="the guest console: serial (16550A at 0x1000000, ttyS0)")
+    run.add_argument("--dump-dtb", metavar="FILE", help="write the generated device tree to FILE and exit")
     run.add_argument("-c", "--cpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("-m", "--mem", type=positive_int, default=64, metavar="MiB", help="RAM in MiB (default 64)")
     run.add_argument("--psci-conduit", choices=["hvc", "smc"], default="hvc",
@@ -74,12 +82,15 @@ def build_parser() -> Parser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pyvmm.boot import boot
+    from pyvmm.console import ConsoleInput
     from pyvmm.services.loader import load_service_module, parse_range
     from pyvmm.smccc.trace import TracePrinter
     from pyvmm.vm import Vm
 
-    if not os.path.isfile(args.firmware):
-        raise VmmError(f"firmware {args.firmware} does not exist or is not a file")
+    for what, path in (("kernel", args.kernel), ("firmware", args.firmware), ("initrd", args.initrd)):
+        if path is not None and not os.path.isfile(path):
+            raise VmmError(f"{what} {path} does not exist or is not a file")
     added = [load_service_module(f) for f in args.service]
     replacing = [load_service_module(f) for f in args.replace_service]
     denied = [parse_range(r) for r in args.deny]
@@ -92,8 +103,24 @@ def cmd_run(args: argparse.Namespace) -> int:
             vm.smccc.deny(base, count, "--deny")
         if "smccc" in args.trace:
             vm.smccc.trace = TracePrinter(sys.stderr)
-        vm.set_boot(vm.load_file(args.firmware))
-        result = vm.run(timeout=args.timeout)
+        cmdline = args.params
+        if args.kernel and "console=" not in cmdline:
+            cmdline = f"console=ttyS0 {cmdline}".strip()
+        dtb = boot(vm, kernel=args.kernel, firmware=args.firmware, initrd=args.initrd, cmdline=cmdline)
+        if args.dump_dtb:
+            try:
+                with open(args.dump_dtb, "wb") as f:
+                    f.write(dtb)
+            except OSError as e:
+                raise VmmError(f"cannot write {args.dump_dtb}: {e.strerror}") from None
+            return EXIT_OK
+        console_in = ConsoleInput(vm.serial.uart.receive, lambda: vm.stop("quit from the console (Ctrl-A x)"),
+                                  getattr(vm.console, "flush", lambda: None))
+        console_in.start()
+        try:
+            result = vm.run(timeout=args.timeout)
+        finally:
+            console_in.stop()
     if result.reason == "poweroff":
         return EXIT_OK
     print(f"pyvmm: guest ended: {result}", file=sys.stderr)
@@ -132,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a pyvmm bug: still one line, unless asked for the traceback
+        if os.environ.get("PYVMM_DEBUG"):
+            raise
+        print(f"pyvmm: internal error: {type(e).__name__}: {e} (PYVMM_DEBUG=1 shows where)", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -16,9 +16,19 @@ import threading
 import time
 from collections.abc import Callable
 
-from kvm_bindings.constants import KVM_MEM_READONLY, Cap, MpState, SystemEvent, VcpuFeature
+from kvm_bindings.constants import (
+    KVM_ARM_IRQ_TYPE_SHIFT,
+    KVM_ARM_IRQ_TYPE_SPI,
+    KVM_MEM_READONLY,
+    Cap,
+    MpState,
+    SystemEvent,
+    VcpuFeature,
+)
 from kvm_bindings.regs import PSTATE_BOOT
+from pyvmm.console import ConsoleOutput
 from pyvmm.devices.bus import MmioBus, MmioDevice
+from pyvmm.devices.serial import SerialPort
 from pyvmm.errors import GuestError, GuestMemoryError, KvmUnavailableError, VmmError
 from pyvmm.exits import (
     Exit,
@@ -30,7 +40,7 @@ from pyvmm.exits import (
     SystemEventExit,
     complete_mmio_read,
 )
-from pyvmm.irqchip import Gic, InKernelRegion
+from pyvmm.irqchip import NR_IRQS, SPI_BASE, Gic, InKernelRegion
 from pyvmm.kvm import Kvm
 from pyvmm.memory import GuestMemory
 from pyvmm.smccc import filter as smccc_filter
@@ -79,9 +89,10 @@ class UnhandledMmio:
 class Vm:
     def __init__(self, *, cpus: int = 1, mem_mib: int = 64, ram_base: int = RAM_BASE,
                  kvm_path: str = "/dev/kvm", unhandled_mmio: str = "ignore", conduit: str = "hvc",
-                 psci: bool = True) -> None:
+                 psci: bool = True, console: Callable[[int], None] | None = None) -> None:
         """`conduit`: the SMCCC conduit every service answers on (the other gets NOT_SUPPORTED).
-        `psci`: service PSCI 1.1 in pyvmm (else KVM's in-kernel PSCI answers)."""
+        `psci`: service PSCI 1.1 in pyvmm (else KVM's in-kernel PSCI answers).
+        `console`: where the serial port's output bytes go (default: stdout, a line at a time)."""
         if cpus < 1:
             raise VmmError(f"a VM needs at least one vCPU, not {cpus}")
         if mem_mib < 1:
@@ -114,9 +125,13 @@ class Vm:
         self._target, _ = self.fd.preferred_target()
         self.power_lock = threading.Lock()  # every vCPU's power state
         self.before_power_on: Callable[[Vcpu], None] | None = None  # hook: a vCPU is about to boot
+        self.dt_devices: list = []  # devices that contribute a device-tree node
+        self._next_spi = 0
         self.gic = Gic(self.fd, cpus)
         for base, size, name in self.gic.regions:
             self.add_device(base, size, InKernelRegion(), name)
+        self.console = ConsoleOutput() if console is None else console
+        self.serial = SerialPort(self, self.console)
         self.vcpus = [self._create_vcpu(i) for i in range(cpus)]
         self.gic.finalize()
         self.vcpus[0].power = Power.ON
@@ -147,11 +162,26 @@ class Vm:
         self.fd.set_user_memory_region(region.slot, gpa, size, region.host_addr,
                                        KVM_MEM_READONLY if readonly else 0)
 
-    def add_device(self, base: int, size: int, device: MmioDevice, name: str) -> None:
+    def add_device(self, base: int, size: int, device: MmioDevice, name: str, dt: object = None) -> None:
+        """Put `device` on the MMIO bus; `dt`, if given, contributes its node (dt_node(phandles))."""
         for r in self.memory.regions:
             if r.overlaps(base, size):
                 raise VmmError(f"device {name} at {base:#x}+{size:#x} overlaps guest RAM {r.gpa:#x}+{r.size:#x}")
         self.mmio.add(base, size, device, name)
+        if dt is not None:
+            self.dt_devices.append(dt)
+
+    def allocate_spi(self) -> int:
+        """The next free shared peripheral interrupt (SPI number, INTID 32 + n)."""
+        spi = self._next_spi
+        if SPI_BASE + spi >= NR_IRQS:
+            raise VmmError(f"no interrupt line left: the GIC has {NR_IRQS - SPI_BASE} SPIs")
+        self._next_spi += 1
+        return spi
+
+    def set_spi(self, spi: int, level: bool) -> None:
+        """Drive an SPI's line (KVM_IRQ_LINE, any thread): irq_type SPI, irq_id = INTID."""
+        self.fd.irq_line((KVM_ARM_IRQ_TYPE_SPI << KVM_ARM_IRQ_TYPE_SHIFT) | (SPI_BASE + spi), int(level))
 
     def _create_vcpu(self, index: int) -> Vcpu:
         fd = self.fd.create_vcpu(index)
@@ -261,6 +291,8 @@ class Vm:
             self._finish(RunResult("stopped", "interrupted"))
         finally:
             self._stop_all()
+            if isinstance(self.console, ConsoleOutput):
+                self.console.flush()
         assert self._result is not None
         self._result.elapsed = time.monotonic() - started
         return self._result

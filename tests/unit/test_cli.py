@@ -19,7 +19,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["run"], "the following arguments are required: -f/--firmware"),
+    (["run"], "one of the arguments -k/--kernel -f/--firmware is required"),
+    (["run", "-k", "a", "-f", "b"], "not allowed with argument"),
     (["run", "-f", "x", "-c", "0"], "'0' must be at least 1"),
     (["run", "-f", "x", "-m", "lots"], "'lots' is not a number"),
     (["run", "-f", "x", "--timeout", "-3"], "must be positive"),

@@ -22,17 +22,17 @@ def dtc_decompile(dtb: bytes) -> str:
 def test_types_round_trip_through_dtc() -> None:
     ph = Phandles()
     root = Node("/", {"#address-cells": 2, "#size-cells": 2, "compatible": "linux,dummy-virt"})
-    root.child("memory@80000000", device_type="memory", reg=[U64(0x8000_0000), U64(0x1000_0000)])
+    root.children.append(Node("memory@80000000", {"device_type": "memory", "reg": [U64(0x8000_0000), U64(0x1000_0000)]}))
     intc = root.child("intc", phandle=ph["gic"], interrupt_controller=True)
     root.child("psci", compatible=["arm,psci-1.0", "arm,psci-0.2"], method="hvc")
-    root.child("virtio@3000000", dma_coherent=None, interrupt_parent=ph["gic"], blob=b"\x01\x02")
+    root.child("virtio@3000000", dma_coherent=None, interrupt_parent=ph["gic"], blob=b"\x01\xff")
     dts = dtc_decompile(build_dtb(root))
     assert 'compatible = "linux,dummy-virt";' in dts
     assert "reg = <0x00 0x80000000 0x00 0x10000000>;" in dts
     assert 'compatible = "arm,psci-1.0\\0arm,psci-0.2";' in dts
     assert "interrupt-controller;" in dts and "dma-coherent;" in dts
     assert "interrupt-parent = <0x01>;" in dts and "phandle = <0x01>;" in dts
-    assert "blob = [01 02];" in dts
+    assert "blob = [01 ff];" in dts
     assert root.find("/intc") is intc
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from debian import Arm64Apt, extract
@@ -37,7 +38,24 @@ STDLIB_PRUNE = [
 ]
 DOC_PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian"]
 
-RECIPE_VERSION = "1"  # bump when the base layout changes
+RECIPE_VERSION = "2"  # bump when the base layout changes
+
+# The L2 guest pyvmm boots in tests and the demo: Debian's arm64 kernel Image (the package the
+# emulated host runs) and a busybox initramfs whose /init reports what the kernel found, prints a
+# marker, runs any command given as pyvmm.run=... on the kernel command line, and powers off.
+GUEST_INIT = r"""#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /dev /tmp
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+echo "PYVMM-GUEST: init reached after $(cut -d' ' -f1 /proc/uptime) s"
+dmesg | grep -E "psci:|smp:|sdei:|SMP:|Booting Linux" | sed 's/^/PYVMM-GUEST: dmesg: /'
+cmd=$(sed -n 's/.*pyvmm\.run=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
+[ -n "$cmd" ] && $cmd
+echo "PYVMM-GUEST: powering off"
+poweroff -f
+"""
 
 INIT_SCRIPT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/sbin /root
@@ -48,7 +66,7 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
 export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
-export PYTHONPATH=/opt/pyvmm:/opt/site PYTHONDONTWRITEBYTECODE=1 PYVMM_IN_ARMHOST=1
+export PYTHONPATH=/opt/pyvmm:/opt/site PYTHONDONTWRITEBYTECODE=1 PYVMM_IN_ARMHOST=1 PYVMM_GUEST_IMAGES=/opt/guest
 echo "@@ARMHOST-UP $(cut -d' ' -f1 /proc/uptime) @@"
 if [ -f /opt/run.sh ]; then cd /opt/pyvmm && sh /opt/run.sh; rc=$?; else rc=127; fi
 echo "@@ARMHOST-EXIT $rc @@"
@@ -72,9 +90,10 @@ class HostImage:
         self.base = cache / "base.cpio"
         self.wheels = cache / "wheels"
         self.stamp = cache / "base.stamp"
+        self.guest = cache / "guest"  # L2 guest: Image + initrd.cpio
 
     def _recipe_digest(self) -> str:
-        text = "\n".join([RECIPE_VERSION, INIT_SCRIPT, *USERSPACE_PACKAGES, *BINARY_WHEELS,
+        text = "\n".join([RECIPE_VERSION, INIT_SCRIPT, GUEST_INIT, *USERSPACE_PACKAGES, *BINARY_WHEELS,
                           *SDIST_WHEELS, *STDLIB_PRUNE])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -102,12 +121,30 @@ class HostImage:
         log(f"extracting {len(debs) - 1} userspace packages")
         for deb in debs[1:]:
             extract(deb, root)
+        self._build_guest(root / "bin" / "busybox")
         self._assemble_root(root)
+        shutil.copytree(self.guest, root / "opt" / "guest")
         log("packing base initramfs")
         pack_cpio(root, self.base)
         shutil.rmtree(staging, ignore_errors=True)
         self.stamp.write_text(self._recipe_digest() + "\n")
         log(f"base initramfs ready: {self.base.stat().st_size / 2**20:.0f} MiB")
+
+    def _build_guest(self, busybox: Path) -> None:
+        """The L2 guest images, under cache/guest (used natively on arm64, copied into the host)."""
+        shutil.rmtree(self.guest, ignore_errors=True)
+        self.guest.mkdir(parents=True)
+        shutil.copyfile(self.kernel, self.guest / "Image")
+        with tempfile.TemporaryDirectory(prefix="guest-initrd-") as tmp:
+            root = Path(tmp)
+            (root / "bin").mkdir()
+            shutil.copy2(busybox, root / "bin" / "busybox")
+            init = root / "init"
+            init.write_text(GUEST_INIT)
+            init.chmod(0o755)
+            pack_cpio(root, self.guest / "initrd.cpio")
+        log(f"L2 guest ready: Image {self.kernel.stat().st_size >> 20} MiB, "
+            f"initrd {(self.guest / 'initrd.cpio').stat().st_size >> 10} KiB")
 
     def _fetch_wheels(self) -> None:
         if (self.wheels / ".complete").is_file():

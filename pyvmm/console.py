@@ -1,0 +1,103 @@
+"""The host side of the guest's console: output to a file descriptor, input from a terminal.
+
+Output is written a line at a time (each byte a guest sends is an MMIO exit already; a write(2)
+per byte would double it), and flushed at the end of a run. Input is read only when stdin is a
+terminal, which is put in raw mode for the run; Ctrl-A x stops the VM, as in kvmtool.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import sys
+import termios
+import threading
+import tty
+from collections.abc import Callable
+
+CTRL_A = 0x01
+
+
+class ConsoleOutput:
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = sys.stdout.fileno() if fd is None else fd
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+
+    def __call__(self, byte: int) -> None:
+        with self._lock:
+            self._buf.append(byte)
+            if byte == 0x0A or len(self._buf) >= 256:
+                self._flush_locked()
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        data, self._buf = bytes(self._buf), bytearray()
+        while data:
+            try:
+                data = data[os.write(self.fd, data):]
+            except BlockingIOError:
+                select.select([], [self.fd], [])
+            except OSError:
+                return  # the reader went away; the guest keeps running
+
+
+class ConsoleInput:
+    """Feeds a terminal's keystrokes to `receive` from a thread; Ctrl-A x calls `quit`."""
+
+    def __init__(self, receive: Callable[[bytes], None], quit: Callable[[], None],
+                 flush: Callable[[], None]) -> None:
+        self._receive, self._quit, self._flush = receive, quit, flush
+        self._fd = sys.stdin.fileno() if sys.stdin is not None else -1
+        self._saved: list | None = None
+        self._stop_r, self._stop_w = os.pipe()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._fd < 0 or not os.isatty(self._fd):
+            return
+        self._saved = termios.tcgetattr(self._fd)
+        tty.setraw(self._fd)
+        self._thread = threading.Thread(target=self._run, name="console-input", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        escape = False
+        while True:
+            ready, _, _ = select.select([self._fd, self._stop_r], [], [], 0.1)
+            self._flush()  # a prompt without a newline still shows up
+            if self._stop_r in ready:
+                return
+            if self._fd not in ready:
+                continue
+            data = os.read(self._fd, 256)
+            if not data:
+                return
+            out = bytearray()
+            for b in data:
+                if escape:
+                    escape = False
+                    if b in (ord("x"), ord("X")):
+                        self._quit()
+                        return
+                    if b != CTRL_A:
+                        out.append(CTRL_A)
+                elif b == CTRL_A:
+                    escape = True
+                    continue
+                out.append(b)
+            if out:
+                self._receive(bytes(out))
+
+    def stop(self) -> None:
+        os.write(self._stop_w, b"x")
+        if self._thread is not None:
+            self._thread.join(1.0)
+        if self._saved is not None:
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
+        os.close(self._stop_r)
+        os.close(self._stop_w)

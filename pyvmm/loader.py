@@ -1,0 +1,72 @@
+"""Loading a Linux guest: the arm64 Image format and the placement of kernel, initrd and DTB.
+
+Documentation/arch/arm64/booting.rst:
+  * the 64-byte header carries text_offset (u64 @8), image_size (u64 @16), flags (u64 @24) and the
+    magic "ARM\\x64" (u32 @56); an image_size of 0 means a pre-3.17 kernel with text_offset 0x80000;
+  * flags bit 0 is the kernel's endianness (pyvmm runs little-endian guests only);
+  * the Image goes text_offset bytes above a 2 MiB aligned base, and image_size bytes from there
+    (BSS included) must be free RAM;
+  * the DTB is 8-byte aligned and at most 2 MiB; the initrd anywhere in RAM, not overlapping.
+The kernel goes at the start of RAM, the DTB in the last 2 MiB, the initrd right below the DTB.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from pyvmm.errors import ImageError
+
+IMAGE_MAGIC = 0x644D_5241  # "ARM\x64"
+HEADER = struct.Struct("<II3Q3QII")  # code0, code1, text_offset, image_size, flags, res2-4, magic, res5
+SZ_2M = 2 << 20
+PAGE = 4096
+DTB_MAX = SZ_2M
+LEGACY_TEXT_OFFSET = 0x80000
+
+
+class KernelImage(NamedTuple):
+    data: bytes
+    text_offset: int
+    image_size: int  # bytes the kernel occupies once running (BSS included)
+    flags: int
+
+
+class Layout(NamedTuple):
+    kernel: int
+    initrd: int
+    dtb: int
+
+
+def parse_image(data: bytes, name: str = "kernel") -> KernelImage:
+    if len(data) < HEADER.size:
+        raise ImageError(f"{name} is {len(data)} bytes, too short for an arm64 Image (64-byte header)")
+    _, _, text_offset, image_size, flags, _, _, _, magic, _ = HEADER.unpack_from(data)
+    if magic != IMAGE_MAGIC:
+        hint = " (gzip data: decompress it, e.g. zcat vmlinuz > Image)" if data[:2] == b"\x1f\x8b" else ""
+        raise ImageError(f"{name} is not an arm64 Linux Image: no 'ARM\\x64' magic at offset 56{hint}")
+    if flags & 1:
+        raise ImageError(f"{name} is a big-endian kernel; pyvmm runs little-endian guests")
+    if image_size == 0:
+        text_offset, image_size = LEGACY_TEXT_OFFSET, len(data)
+    if image_size < len(data):
+        raise ImageError(f"{name} header says image_size {image_size:#x}, smaller than the file ({len(data):#x})")
+    if text_offset % PAGE:
+        raise ImageError(f"{name} has text_offset {text_offset:#x}, not page aligned")
+    return KernelImage(data, text_offset, image_size, flags)
+
+
+def place(ram_base: int, ram_size: int, image: KernelImage, initrd_size: int) -> Layout:
+    """Addresses for kernel, initrd and DTB in [ram_base, ram_base + ram_size)."""
+    if ram_base % SZ_2M:
+        raise ImageError(f"RAM at {ram_base:#x} is not 2 MiB aligned, as an arm64 kernel needs")
+    kernel = ram_base + image.text_offset
+    kernel_end = kernel + image.image_size
+    ram_end = ram_base + ram_size
+    dtb = (ram_end - DTB_MAX) & ~(SZ_2M - 1)
+    initrd = (dtb - initrd_size) & ~(PAGE - 1)
+    if dtb < ram_base or initrd < kernel_end:
+        need = (image.text_offset + image.image_size + initrd_size + DTB_MAX + SZ_2M - 1) >> 20
+        raise ImageError(f"the kernel ({image.image_size >> 20} MiB), initrd ({initrd_size >> 20} MiB) and device tree "
+                         f"do not fit in {ram_size >> 20} MiB of RAM; give at least {need + 1} MiB (-m)")
+    return Layout(kernel, initrd, dtb)
