@@ -32,6 +32,15 @@ def guest_image(name: str) -> Path:
     return path
 
 
+def linux_guest() -> tuple[Path, Path]:
+    """Debian's arm64 kernel Image and the busybox initramfs (built by tools/armhost)."""
+    where = Path(os.environ.get("PYVMM_GUEST_IMAGES", ROOT / ".cache" / "armhost" / "guest"))
+    image, initrd = where / "Image", where / "initrd.cpio"
+    if not (image.is_file() and initrd.is_file()):
+        pytest.fail(f"the Linux guest images are missing under {where}: run `make guest-images`")
+    return image, initrd
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("kvm") and not have_kvm():
         if KVM_TIER:

@@ -1,0 +1,58 @@
+"""arm64 Image parsing and guest layout (Documentation/arch/arm64/booting.rst)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from pyvmm.errors import ImageError
+from pyvmm.loader import IMAGE_MAGIC, parse_image, place
+
+RAM = 0x8000_0000
+
+
+def image(text_offset: int = 0, image_size: int = 0x20_0000, flags: int = 0x2, body: int = 0x1000,
+          magic: int = IMAGE_MAGIC) -> bytes:
+    header = struct.pack("<II3Q3QII", 0x1400_0000, 0, text_offset, image_size, flags, 0, 0, 0, magic, 0)
+    return header + bytes(body - len(header))
+
+
+def test_header_fields() -> None:
+    k = parse_image(image(text_offset=0x8_0000, image_size=0x30_0000, flags=0xA))
+    assert (k.text_offset, k.image_size, k.flags) == (0x8_0000, 0x30_0000, 0xA)
+
+
+def test_pre_3_17_kernels_get_the_legacy_text_offset() -> None:
+    k = parse_image(image(image_size=0))
+    assert (k.text_offset, k.image_size) == (0x8_0000, 0x1000)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"", "too short"),
+    (image()[:40], "too short"),
+    (image(magic=0), "no 'ARM\\\\x64' magic"),
+    (b"\x1f\x8b\x08" + bytes(100), "gzip data: decompress it"),
+    (image(flags=0x3), "big-endian"),
+    (image(image_size=0x100), "smaller than the file"),
+    (image(text_offset=0x123), "not page aligned"),
+])
+def test_bad_images_are_refused_in_one_line(data: bytes, message: str) -> None:
+    with pytest.raises(ImageError, match=message) as e:
+        parse_image(data, "Image")
+    assert "\n" not in str(e.value)
+
+
+def test_layout_kernel_at_start_dtb_at_top_initrd_below() -> None:
+    k = parse_image(image(image_size=0x200_0000))
+    layout = place(RAM, 64 << 20, k, 0x10_0123)
+    assert layout.kernel == RAM
+    assert layout.dtb == RAM + (62 << 20) and layout.dtb % 8 == 0
+    assert layout.initrd % 4096 == 0 and layout.initrd + 0x10_0123 <= layout.dtb
+    assert layout.initrd >= RAM + 0x200_0000
+
+
+def test_layout_that_does_not_fit_says_how_much_ram_is_needed() -> None:
+    k = parse_image(image(image_size=0x300_0000))
+    with pytest.raises(ImageError, match=r"do not fit in 32 MiB of RAM; give at least \d+ MiB"):
+        place(RAM, 32 << 20, k, 8 << 20)
