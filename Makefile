@@ -81,11 +81,13 @@ endif
 
 test: lint unit kvm
 
+# The demo: Linux boots with PSCI serviced (and traced) in Python, then an assembled guest
+# calls a Python SMCCC service over HVC and over SMC.
 demo: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
 ifeq ($(NATIVE_KVM),yes)
-	@$(VPY) examples/smccc_demo.py
+	@$(VPY) examples/boot_linux.py && $(VPY) examples/smccc_demo.py
 else
-	@$(ARMHOST) run --timeout 300 -- python3 examples/smccc_demo.py
+	@$(ARMHOST) run --timeout 400 -- sh -c "python3 examples/boot_linux.py && python3 examples/smccc_demo.py"
 endif
 
 bench: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests $(BENCH_BINS) armhost

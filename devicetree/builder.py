@@ -11,26 +11,37 @@ from the machine's parts rather than written out in one place.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from pyfdt.pyfdt import Fdt, FdtNode, FdtProperty, FdtPropertyBytes, FdtPropertyStrings, FdtPropertyWords
 
 
-@dataclass(frozen=True)
 class U64:
     """A 64-bit value written as two cells (high, low)."""
 
-    value: int
+    __slots__ = ("value",)
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, U64) and other.value == self.value
+
+    def __hash__(self) -> int:
+        return hash(self.value)
 
 
 Value = int | str | bytes | U64 | list[int] | list[str] | list[int | U64] | None | bool
 
 
-@dataclass
 class Node:
-    name: str
-    props: dict[str, Value] = field(default_factory=dict)
-    children: list[Node] = field(default_factory=list)
+    __slots__ = ("name", "props", "children")
+
+    def __init__(self, name: str, props: dict[str, Value] | None = None, children: list[Node] | None = None) -> None:
+        self.name = name
+        self.props: dict[str, Value] = {} if props is None else props
+        self.children: list[Node] = [] if children is None else children
+
+    def __repr__(self) -> str:
+        return f"Node({self.name!r}, {len(self.props)} properties, {len(self.children)} children)"
 
     def child(self, name: str, **props: Value) -> Node:
         """Add and return a child node; keyword names use '_' for '-' and '__' for ','
@@ -80,6 +91,8 @@ def _property(name: str, value: Value) -> FdtProperty:
     if value is None or value is True:
         return FdtProperty(name)
     if isinstance(value, str):
+        if not value:  # pyfdt refuses "", which is a valid (one NUL byte) string property
+            return FdtPropertyBytes(name, [0])
         return FdtPropertyStrings(name, [value])
     if isinstance(value, bytes):
         return FdtPropertyBytes(name, [b - 256 if b > 127 else b for b in value])  # pyfdt wants int8

@@ -8,19 +8,23 @@ import os
 from devicetree.builder import build_dtb
 from devicetree.machvirt import machine_tree
 from pyvmm.errors import ImageError, VmmError
-from pyvmm.loader import DTB_MAX, KernelImage, parse_image, place
+from pyvmm.loader import DTB_MAX, HEADER, KernelImage, parse_image, place
 from pyvmm.vm import Vm
 
 
-def _read(path: str, what: str) -> bytes:
+def _size(path: str, what: str) -> int:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        size = os.stat(path).st_size
     except OSError as e:
         raise VmmError(f"cannot read {what} {path}: {e.strerror}") from None
-    if not data:
+    if not size:
         raise ImageError(f"{what} {path} is empty")
-    return data
+    return size
+
+
+def _header(path: str, size: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(min(size, HEADER.size))
 
 
 def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, initrd: str | None = None,
@@ -28,19 +32,21 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     """Load the guest and its DTB; returns the DTB. Exactly one of kernel/firmware is given."""
     if (kernel is None) == (firmware is None):
         raise VmmError("boot a kernel (-k) or a firmware (-f), one of them")
+    path = kernel if kernel is not None else firmware
+    assert path is not None
+    size = _size(path, "kernel" if kernel is not None else "firmware")
     if kernel is not None:
-        image = parse_image(_read(kernel, "kernel"), os.path.basename(kernel))
+        image = parse_image(_header(path, size), os.path.basename(path), file_size=size)
     else:
-        data = _read(firmware, "firmware")  # type: ignore[arg-type]
-        image = KernelImage(data, 0, len(data), 0)  # raw: at the start of RAM, entered at its first byte
-    initrd_data = _read(initrd, "initrd") if initrd is not None else b""
+        image = KernelImage(0, size, 0)  # raw: at the start of RAM, entered at its first byte
+    initrd_size = _size(initrd, "initrd") if initrd is not None else 0
     ram = vm.memory.find(vm.ram_base)
-    layout = place(vm.ram_base, ram.size, image, len(initrd_data))
-    vm.load(image.data, layout.kernel)
+    layout = place(vm.ram_base, ram.size, image, initrd_size, "kernel" if kernel is not None else "firmware")
+    vm.load_path(path, layout.kernel, size)  # straight from the file into guest RAM
     initrd_range = None
-    if initrd_data:
-        vm.load(initrd_data, layout.initrd)
-        initrd_range = (layout.initrd, layout.initrd + len(initrd_data))
+    if initrd is not None:
+        vm.load_path(initrd, layout.initrd, initrd_size)
+        initrd_range = (layout.initrd, layout.initrd + initrd_size)
     tree = machine_tree(vm, bootargs=cmdline, initrd=initrd_range, stdout=f"/uart@{vm.serial.base:x}", sdei=sdei)
     dtb = build_dtb(tree)
     if len(dtb) > DTB_MAX:

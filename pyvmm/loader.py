@@ -26,7 +26,6 @@ LEGACY_TEXT_OFFSET = 0x80000
 
 
 class KernelImage(NamedTuple):
-    data: bytes
     text_offset: int
     image_size: int  # bytes the kernel occupies once running (BSS included)
     flags: int
@@ -38,9 +37,12 @@ class Layout(NamedTuple):
     dtb: int
 
 
-def parse_image(data: bytes, name: str = "kernel") -> KernelImage:
-    if len(data) < HEADER.size:
-        raise ImageError(f"{name} is {len(data)} bytes, too short for an arm64 Image (64-byte header)")
+def parse_image(data: bytes, name: str = "kernel", file_size: int | None = None) -> KernelImage:
+    """Check an Image's header; `data` holds at least its first 64 bytes, `file_size` the whole
+    file's size (default len(data))."""
+    size = len(data) if file_size is None else file_size
+    if size < HEADER.size or len(data) < HEADER.size:
+        raise ImageError(f"{name} is {size} bytes, too short for an arm64 Image (64-byte header)")
     _, _, text_offset, image_size, flags, _, _, _, magic, _ = HEADER.unpack_from(data)
     if magic != IMAGE_MAGIC:
         hint = " (gzip data: decompress it, e.g. zcat vmlinuz > Image)" if data[:2] == b"\x1f\x8b" else ""
@@ -48,15 +50,15 @@ def parse_image(data: bytes, name: str = "kernel") -> KernelImage:
     if flags & 1:
         raise ImageError(f"{name} is a big-endian kernel; pyvmm runs little-endian guests")
     if image_size == 0:
-        text_offset, image_size = LEGACY_TEXT_OFFSET, len(data)
-    if image_size < len(data):
-        raise ImageError(f"{name} header says image_size {image_size:#x}, smaller than the file ({len(data):#x})")
+        text_offset, image_size = LEGACY_TEXT_OFFSET, size
+    if image_size < size:
+        raise ImageError(f"{name} header says image_size {image_size:#x}, smaller than the file ({size:#x})")
     if text_offset % PAGE:
         raise ImageError(f"{name} has text_offset {text_offset:#x}, not page aligned")
-    return KernelImage(data, text_offset, image_size, flags)
+    return KernelImage(text_offset, image_size, flags)
 
 
-def place(ram_base: int, ram_size: int, image: KernelImage, initrd_size: int) -> Layout:
+def place(ram_base: int, ram_size: int, image: KernelImage, initrd_size: int, what: str = "kernel") -> Layout:
     """Addresses for kernel, initrd and DTB in [ram_base, ram_base + ram_size)."""
     if ram_base % SZ_2M:
         raise ImageError(f"RAM at {ram_base:#x} is not 2 MiB aligned, as an arm64 kernel needs")
@@ -67,6 +69,6 @@ def place(ram_base: int, ram_size: int, image: KernelImage, initrd_size: int) ->
     initrd = (dtb - initrd_size) & ~(PAGE - 1)
     if dtb < ram_base or initrd < kernel_end:
         need = (image.text_offset + image.image_size + initrd_size + DTB_MAX + SZ_2M - 1) >> 20
-        raise ImageError(f"the kernel ({image.image_size >> 20} MiB), initrd ({initrd_size >> 20} MiB) and device tree "
+        raise ImageError(f"the {what} ({image.image_size >> 20} MiB), initrd ({initrd_size >> 20} MiB) and device tree "
                          f"do not fit in {ram_size >> 20} MiB of RAM; give at least {need + 1} MiB (-m)")
     return Layout(kernel, initrd, dtb)

@@ -13,7 +13,6 @@ once. Either way the loop regains control, so no guest can hold a vCPU thread ho
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from collections import deque
@@ -28,8 +27,6 @@ from pyvmm.kvm import VcpuFd
 
 if TYPE_CHECKING:
     from pyvmm.vm import Vm
-
-log = logging.getLogger("pyvmm.vcpu")
 
 KICK_SIGNAL = signal.SIGRTMIN + 2
 _X = tuple(CORE_REGS[f"x{n}"] for n in range(31))

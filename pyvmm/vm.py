@@ -135,7 +135,7 @@ class Vm:
         self.vcpus = [self._create_vcpu(i) for i in range(cpus)]
         self.gic.finalize()
         self.vcpus[0].power = Power.ON
-        self._images: list[tuple[int, bytes]] = []  # (gpa, data) reloaded on reset
+        self._images: list[tuple] = []  # (gpa, data) or (gpa, path, size): loaded again on reset
         self._boot: tuple[int, int] | None = None  # (entry, x0) of vCPU 0
         self._done = threading.Event()
         self._result: RunResult | None = None
@@ -210,6 +210,19 @@ class Vm:
         self._images.append((gpa, bytes(data)))
         return gpa
 
+    def load_path(self, path: str | os.PathLike[str], gpa: int, size: int) -> None:
+        """Read `size` bytes of a file straight into guest RAM (no copy in between); a reset
+        reads it again."""
+        view = self.memory.view(gpa, size)  # bounds-checked
+        try:
+            with open(path, "rb") as f:
+                got = f.readinto(view)
+        except OSError as e:
+            raise VmmError(f"cannot read {path}: {e.strerror}") from None
+        if got != size:
+            raise VmmError(f"{path} changed while it was being loaded")
+        self._images.append((gpa, os.fspath(path), size))  # type: ignore[arg-type]
+
     def load_file(self, path: str | os.PathLike[str], gpa: int | None = None) -> int:
         try:
             with open(path, "rb") as f:
@@ -241,8 +254,13 @@ class Vm:
 
     def _reset(self) -> None:
         """Back to the boot state: images reloaded, vCPU 0 at the entry point, the rest off."""
-        for gpa, data in self._images:
-            self.memory.write(gpa, data)
+        for gpa, *image in self._images:
+            if len(image) == 1:
+                self.memory.write(gpa, image[0])
+            else:
+                path, size = image
+                with open(path, "rb") as f:
+                    f.readinto(self.memory.view(gpa, size))
         with self.power_lock:
             for v in self.vcpus:
                 v.power = Power.ON if v.index == 0 else Power.OFF

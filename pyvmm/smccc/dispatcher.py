@@ -87,7 +87,7 @@ class GeneralQueries(Service):
     def call_uid(self, call: SmcccCall) -> tuple[int, int, int, int]:
         """The UUID as four little-endian words of its little-endian byte form (w0 = time_low)."""
         owned = self._owned()
-        raw = (owned[0].uid if owned else PYVMM_UID).bytes_le
+        raw = owned[0].uid if owned else PYVMM_UID
         return tuple(int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4))  # type: ignore[return-value]
 
     def revision_query(self, call: SmcccCall) -> tuple[int, int]:

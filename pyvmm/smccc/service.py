@@ -8,7 +8,6 @@ values (x0..x3), or NO_RESULT when the call does not return to the caller (CPU_O
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -17,8 +16,9 @@ from pyvmm.smccc.call import SmcccCall
 Results = int | Sequence[int]
 Handler = Callable[[SmcccCall], Results]
 
-# pyvmm's implementation UID, returned by every Call UID query pyvmm answers (SMCCC §6.2.2)
-PYVMM_UID = uuid.UUID("7f1d2a3e-5c4b-4e8a-9b6d-70797666d6d6")
+# pyvmm's implementation UID, returned by every Call UID query pyvmm answers (SMCCC §6.2.2):
+# UUID 7f1d2a3e-5c4b-4e8a-9b6d-70797666d6d6, in its little-endian byte form (w0 = time_low).
+PYVMM_UID = bytes.fromhex("3e2a1d7f4b5c8a4e9b6d70797666d6d6")
 
 
 class NoResult:
@@ -58,7 +58,7 @@ class Service:
     name: str = "service"
     owner: int = -1
     ranges: tuple[tuple[int, int], ...] = ()
-    uid: uuid.UUID = PYVMM_UID
+    uid: bytes = PYVMM_UID  # 16 bytes, UUID little-endian form
     revision: tuple[int, int] = (1, 0)
 
     def lookup(self, fid: int) -> Function | None:

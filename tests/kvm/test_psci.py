@@ -12,7 +12,7 @@ from tests.kvm.conftest import FN_REPORT, Reports, guest_for, s32, s64
 
 SUCCESS, NOT_SUPPORTED, INVALID_PARAMETERS, DENIED, ALREADY_ON, ON_PENDING, INVALID_ADDRESS = 0, -1, -2, -3, -4, -5, -9
 ON, OFF, PENDING = 0, 1, 2
-UID_WORDS = tuple(int.from_bytes(PYVMM_UID.bytes_le[i:i + 4], "little") for i in range(0, 16, 4))
+UID_WORDS = tuple(int.from_bytes(PYVMM_UID[i:i + 4], "little") for i in range(0, 16, 4))
 CONDUITS = ["hvc", "smc"]
 
 

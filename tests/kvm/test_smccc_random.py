@@ -8,7 +8,7 @@ from pyvmm.smccc.service import PYVMM_UID
 from tests.kvm.conftest import FN_REPORT, SIP64, Reports
 
 CALLS = 3000
-UID_WORDS = tuple(int.from_bytes(PYVMM_UID.bytes_le[i:i + 4], "little") for i in range(0, 16, 4))
+UID_WORDS = tuple(int.from_bytes(PYVMM_UID[i:i + 4], "little") for i in range(0, 16, 4))
 U64, U32 = (1 << 64) - 1, (1 << 32) - 1
 
 

@@ -36,6 +36,11 @@ def test_types_round_trip_through_dtc() -> None:
     assert root.find("/intc") is intc
 
 
+def test_empty_string_property() -> None:
+    dts = dtc_decompile(build_dtb(Node("/", {"bootargs": ""})))
+    assert "bootargs = [00];" in dts  # dtc shows the empty string as its one NUL byte
+
+
 def test_bad_values_are_refused() -> None:
     with pytest.raises(ValueError, match="32 bits"):
         build_dtb(Node("/", {"x": 1 << 32}))

@@ -166,7 +166,7 @@ def test_unassigned_psci_ids_are_not_supported() -> None:
 
 def test_general_service_queries() -> None:
     m, d = setup()
-    uid = tuple(int.from_bytes(PYVMM_UID.bytes_le[i:i + 4], "little") for i in range(0, 16, 4))
+    uid = tuple(int.from_bytes(PYVMM_UID[i:i + 4], "little") for i in range(0, 16, 4))
     v = m.vcpus[0]
     for owner in (4, 5):
         base = 0x8000_FF00 | owner << 24
