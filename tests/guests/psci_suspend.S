@@ -51,14 +51,20 @@ resume_powerdown:
     mov x1, #3
     report
 
-    mov x21, #1                         // cpu1 on: SYSTEM_SUSPEND is DENIED
+    mov x21, #1                         // cpu1 on (it waits for leave_now): SYSTEM_SUSPEND is DENIED
     adr x22, secondary_off
     psci PSCI_CPU_ON64, x21, x22
+0:  mov x21, #1
+    psci PSCI_AFFINITY_INFO64, x21
+    cbnz x0, 0b                         // until it is ON, not just ON_PENDING
     adr x22, resume_system
     psci PSCI_SYSTEM_SUSPEND64, x22
     mov x2, x0
     mov x1, #4
     report
+    mov w21, #1                         // now let cpu1 turn itself off
+    adr x22, leave_now
+    str w21, [x22]
 1:  mov x21, #1                         // wait for cpu1 to be off again
     psci PSCI_AFFINITY_INFO64, x21
     cmp x0, #1
@@ -85,5 +91,11 @@ resume_system:
     system_off
 
 secondary_off:
+    adr x22, leave_now
+0:  ldr w21, [x22]
+    cbz w21, 0b
     psci PSCI_CPU_OFF
     b .
+
+    .balign 4
+leave_now: .word 0
