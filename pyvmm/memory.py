@@ -14,17 +14,19 @@ from kvm_bindings import ffi
 from pyvmm.errors import GuestMemoryError
 
 PAGE_SIZE = mmap.PAGESIZE
+HUGE_PAGE = 2 << 20  # arm64 with 4 KiB pages: a PMD block, which KVM's stage 2 can map whole
 
 
 class Region:
     """One memslot's worth of guest RAM and the host mapping behind it."""
 
-    __slots__ = ("gpa", "size", "slot", "readonly", "mapping", "host_addr", "_buffer")
+    __slots__ = ("gpa", "size", "slot", "readonly", "mapping", "offset", "host_addr", "_buffer")
 
-    def __init__(self, gpa: int, size: int, slot: int, readonly: bool, mapping: mmap.mmap) -> None:
+    def __init__(self, gpa: int, size: int, slot: int, readonly: bool, mapping: mmap.mmap, offset: int = 0) -> None:
         self.gpa, self.size, self.slot, self.readonly, self.mapping = gpa, size, slot, readonly, mapping
+        self.offset = offset  # where the guest's bytes start inside `mapping`
         self._buffer = ffi.from_buffer(mapping)  # keeps the host address valid
-        self.host_addr = int(ffi.cast("uintptr_t", self._buffer))
+        self.host_addr = int(ffi.cast("uintptr_t", self._buffer)) + offset
 
     def __repr__(self) -> str:
         return f"Region({self.gpa:#x}+{self.size:#x}, slot {self.slot})"
@@ -52,8 +54,21 @@ class GuestMemory:
             if r.overlaps(gpa, size):
                 raise GuestMemoryError(
                     f"memory region {gpa:#x}-{gpa + size - 1:#x} overlaps {r.gpa:#x}-{r.end - 1:#x}")
-        m = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
-        region = Region(gpa, size, len(self.regions), readonly, m)
+        # Transparent huge pages, as kvmtool does: with the host range 2 MiB aligned like the
+        # guest's, KVM maps guest RAM at stage 2 in 2 MiB blocks, so a booting kernel takes a
+        # fraction of the stage-2 faults. The mapping is over-allocated to align it.
+        huge = size >= HUGE_PAGE and gpa % HUGE_PAGE == 0 and hasattr(mmap, "MADV_HUGEPAGE")
+        extra = HUGE_PAGE if huge else 0
+        m = mmap.mmap(-1, size + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        offset = 0
+        if huge:
+            base = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
+            offset = -base % HUGE_PAGE
+            try:
+                m.madvise(mmap.MADV_HUGEPAGE, offset, size)
+            except OSError:
+                pass  # THP disabled on this host: 4 KiB pages still work
+        region = Region(gpa, size, len(self.regions), readonly, m, offset)
         self.regions.append(region)
         return region
 
@@ -71,7 +86,7 @@ class GuestMemory:
         if size < 0 or gpa < 0:
             raise GuestMemoryError(f"bad guest range {gpa:#x}+{size:#x}")
         r = self.find(gpa, size)
-        off = gpa - r.gpa
+        off = r.offset + gpa - r.gpa
         return memoryview(r.mapping)[off:off + size]
 
     def read(self, gpa: int, size: int) -> bytes:
@@ -101,4 +116,4 @@ class GuestMemory:
     def reset(self) -> None:
         """Zero all RAM (a cold reset); the host mappings and memslots stay in place."""
         for r in self.regions:
-            r.mapping.madvise(mmap.MADV_DONTNEED)  # private anonymous pages read back as zero
+            r.mapping.madvise(mmap.MADV_DONTNEED, r.offset, r.size)  # private anonymous: reads back zero

@@ -286,6 +286,7 @@ class Vm:
         self._ran = True
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
+        log.info("entering the guest: %d vCPUs, %d MiB", len(self.vcpus), self.memory.regions[0].size >> 20)
         for v in self.vcpus:
             v.start()
         try:
