@@ -53,3 +53,41 @@ def test_bad_or_missing_kernel_is_one_line(tmp_path) -> None:  # type: ignore[no
     image, initrd = linux_guest()
     p = pyvmm("run", "-k", str(image), "-i", str(initrd), "-m", "32", timeout=60)
     assert p.returncode == cli.EXIT_ERROR and "do not fit in 32 MiB of RAM" in p.stderr
+
+
+def test_terminal_input_reaches_the_guest_shell() -> None:
+    """On a terminal, keystrokes go to the guest through the UART's receive interrupt: the guest
+    runs a shell on its console (pyvmm.run=sh), which computes something and exits."""
+    import os
+    import pty
+    import select
+    import time
+
+    image, initrd = linux_guest()
+    pid, fd = pty.fork()
+    if pid == 0:  # child: pyvmm with the pty as its terminal
+        os.execv(sys.executable, [sys.executable, "-m", "pyvmm", "run", "-c", "1", "-m", "256", "-k", str(image),
+                                  "-i", str(initrd), "-p", "quiet pyvmm.run=sh", "--timeout", "200"])
+    out, sent, deadline = b"", False, time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break  # pyvmm exited: the pty is closed
+                if not chunk:
+                    break
+                out += chunk
+            if not sent and b"init reached" in out:
+                time.sleep(1.0)  # let the shell start reading the console
+                os.write(fd, b"echo answer=$((6*7))\r")
+                time.sleep(0.5)
+                os.write(fd, b"exit\r")
+                sent = True
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert b"answer=42" in out, out[-2000:]
+    assert b"PYVMM-GUEST: powering off" in out
+    assert os.waitstatus_to_exitcode(status) == cli.EXIT_OK
