@@ -190,10 +190,6 @@ class Vm:
         vcpu.mpidr = vcpu.get_reg("mpidr_el1")
         return vcpu
 
-    def vcpu_by_affinity(self, affinity: int, mask: int) -> Vcpu | None:
-        """The vCPU whose MPIDR affinity fields, under `mask`, equal `affinity`."""
-        return next((v for v in self.vcpus if v.mpidr & mask == affinity), None)
-
     def init_vcpu(self, vcpu: Vcpu, *, powered_off: bool) -> None:
         """KVM_ARM_VCPU_INIT with the preferred target: PSCI 0.2+, secondaries powered off."""
         features = 1 << VcpuFeature.PSCI_0_2

@@ -111,3 +111,18 @@ def test_device_overlapping_ram_is_refused(make_vm) -> None:
     vm = make_vm("spin")
     with pytest.raises(Exception, match="overlaps guest RAM"):
         vm.add_device(vm.ram_base + 0x1000, 0x1000, RecordingDevice(), "bad")
+
+
+def test_request_runs_on_the_vcpu_thread_while_the_guest_spins(make_vm) -> None:
+    vm = make_vm("spin")
+    seen: list[tuple[str, int]] = []
+
+    def look(vcpu) -> None:  # type: ignore[no-untyped-def]
+        seen.append((threading.current_thread().name, vcpu.get_reg("pc")))
+        vm.stop("looked")
+
+    threading.Timer(0.5, vm.vcpus[0].request, args=(look,)).start()
+    result = vm.run(timeout=60)
+    assert (result.reason, result.message) == ("stopped", "looked")
+    (thread, pc), = seen
+    assert thread == "vcpu0" and vm.ram_base <= pc < vm.ram_base + 8  # inside the spin loop

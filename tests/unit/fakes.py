@@ -57,9 +57,6 @@ class FakeMachine:
         base, length = self.ram
         return base <= gpa and gpa + size <= base + length
 
-    def vcpu_by_affinity(self, affinity: int, mask: int):  # type: ignore[no-untyped-def]
-        return next((v for v in self.vcpus if v.mpidr & mask == affinity), None)
-
     def suspend(self, vcpu, resume_at) -> None:  # type: ignore[no-untyped-def]
         self.events.append(("suspend", vcpu.index, resume_at))
 
