@@ -8,18 +8,8 @@ import os
 from devicetree.builder import build_dtb
 from devicetree.machvirt import machine_tree
 from pyvmm.errors import ImageError, VmmError
-from pyvmm.loader import DTB_MAX, HEADER, KernelImage, parse_image, place
+from pyvmm.loader import DTB_MAX, HEADER, KernelImage, file_size, parse_image, place
 from pyvmm.vm import Vm
-
-
-def _size(path: str, what: str) -> int:
-    try:
-        size = os.stat(path).st_size
-    except OSError as e:
-        raise VmmError(f"cannot read {what} {path}: {e.strerror}") from None
-    if not size:
-        raise ImageError(f"{what} {path} is empty")
-    return size
 
 
 def _header(path: str, size: int) -> bytes:
@@ -34,12 +24,12 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
         raise VmmError("boot a kernel (-k) or a firmware (-f), one of them")
     path = kernel if kernel is not None else firmware
     assert path is not None
-    size = _size(path, "kernel" if kernel is not None else "firmware")
+    size = file_size(path, "kernel" if kernel is not None else "firmware")
     if kernel is not None:
         image = parse_image(_header(path, size), os.path.basename(path), file_size=size)
     else:
         image = KernelImage(0, size, 0)  # raw: at the start of RAM, entered at its first byte
-    initrd_size = _size(initrd, "initrd") if initrd is not None else 0
+    initrd_size = file_size(initrd, "initrd") if initrd is not None else 0
     ram = vm.memory.find(vm.ram_base)
     layout = place(vm.ram_base, ram.size, image, initrd_size, "kernel" if kernel is not None else "firmware")
     vm.load_path(path, layout.kernel, size)  # straight from the file into guest RAM

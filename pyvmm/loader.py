@@ -12,6 +12,7 @@ The kernel goes at the start of RAM, the DTB in the last 2 MiB, the initrd right
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import NamedTuple
 
@@ -35,6 +36,17 @@ class Layout(NamedTuple):
     kernel: int
     initrd: int
     dtb: int
+
+
+def file_size(path: str | os.PathLike[str], what: str) -> int:
+    """The size of a file about to be loaded; a one-line error if it is unreadable or empty."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        raise ImageError(f"cannot read {what} {os.fspath(path)}: {e.strerror}") from None
+    if not size:
+        raise ImageError(f"{what} {os.fspath(path)} is empty")
+    return size
 
 
 def parse_image(data: bytes, name: str = "kernel", file_size: int | None = None) -> KernelImage:

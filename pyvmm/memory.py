@@ -22,11 +22,12 @@ class Region:
 
     __slots__ = ("gpa", "size", "slot", "readonly", "mapping", "offset", "host_addr", "_buffer")
 
-    def __init__(self, gpa: int, size: int, slot: int, readonly: bool, mapping: mmap.mmap, offset: int = 0) -> None:
+    def __init__(self, gpa: int, size: int, slot: int, readonly: bool, mapping: mmap.mmap, align: int = 1) -> None:
         self.gpa, self.size, self.slot, self.readonly, self.mapping = gpa, size, slot, readonly, mapping
-        self.offset = offset  # where the guest's bytes start inside `mapping`
         self._buffer = ffi.from_buffer(mapping)  # keeps the host address valid
-        self.host_addr = int(ffi.cast("uintptr_t", self._buffer)) + offset
+        base = int(ffi.cast("uintptr_t", self._buffer))
+        self.offset = -base % align  # where the guest's bytes start inside `mapping`
+        self.host_addr = base + self.offset
 
     def __repr__(self) -> str:
         return f"Region({self.gpa:#x}+{self.size:#x}, slot {self.slot})"
@@ -60,15 +61,12 @@ class GuestMemory:
         huge = size >= HUGE_PAGE and gpa % HUGE_PAGE == 0 and hasattr(mmap, "MADV_HUGEPAGE")
         extra = HUGE_PAGE if huge else 0
         m = mmap.mmap(-1, size + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
-        offset = 0
+        region = Region(gpa, size, len(self.regions), readonly, m, HUGE_PAGE if huge else 1)
         if huge:
-            base = int(ffi.cast("uintptr_t", ffi.from_buffer(m)))
-            offset = -base % HUGE_PAGE
             try:
-                m.madvise(mmap.MADV_HUGEPAGE, offset, size)
+                m.madvise(mmap.MADV_HUGEPAGE, region.offset, size)
             except OSError:
                 pass  # THP disabled on this host: 4 KiB pages still work
-        region = Region(gpa, size, len(self.regions), readonly, m, offset)
         self.regions.append(region)
         return region
 

@@ -42,6 +42,7 @@ from pyvmm.exits import (
 )
 from pyvmm.irqchip import NR_IRQS, SPI_BASE, Gic, InKernelRegion
 from pyvmm.kvm import Kvm
+from pyvmm.loader import file_size
 from pyvmm.memory import GuestMemory
 from pyvmm.smccc import filter as smccc_filter
 from pyvmm.smccc.dispatcher import Dispatcher
@@ -220,14 +221,13 @@ class Vm:
         self._images.append((gpa, os.fspath(path), size))  # type: ignore[arg-type]
 
     def load_file(self, path: str | os.PathLike[str], gpa: int | None = None) -> int:
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise VmmError(f"cannot read {path}: {e.strerror}") from None
-        if not data:
-            raise VmmError(f"{path} is empty")
-        return self.load(data, gpa)
+        """Load a file into guest RAM (default: the start of RAM); returns its address."""
+        gpa = self.ram_base if gpa is None else gpa
+        size = file_size(path, "image")
+        if not self.memory.contains(gpa, size):
+            raise GuestMemoryError(f"image of {size} bytes does not fit in guest RAM at {gpa:#x}")
+        self.load_path(path, gpa, size)
+        return gpa
 
     def set_boot(self, entry: int, x0: int = 0) -> None:
         """Boot vCPU 0 at `entry` in EL1h with DAIF masked and x0 = `x0` (booting.rst)."""

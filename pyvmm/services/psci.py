@@ -169,9 +169,7 @@ class Psci(Service):
         fid = call.arg(1)
         if fid == SMCCC_VERSION:
             return SUCCESS  # SMCCC_VERSION is implemented (by KVM); Linux relies on this (§5.15)
-        if not any(base <= fid < base + count for base, count in self.ranges):
-            return NOT_SUPPORTED
-        if self.lookup(fid) is None:
+        if self.lookup(fid) is None:  # not a PSCI function pyvmm implements
             return NOT_SUPPORTED
         # CPU_SUSPEND: bit 1 = 0, original power_state format; bit 0 = 0, no OS-initiated mode
         return SUCCESS
