@@ -22,7 +22,10 @@ MPIDR_AFF_MASK = 0xFF_FFFF
 
 
 def machine_tree(vm: Vm, *, bootargs: str = "", initrd: tuple[int, int] | None = None,
-                 stdout: str | None = None, sdei: bool = False) -> Node:
+                 stdout: str | None = None, sdei: bool | None = None) -> Node:
+    """`sdei`: advertise /firmware/sdei (default: when the VM services SDEI)."""
+    if sdei is None:
+        sdei = getattr(vm, "sdei", None) is not None
     ph = Phandles()
     root = Node("/", {"compatible": "linux,dummy-virt", "model": "pyvmm", "#address-cells": 2,
                       "#size-cells": 2, "interrupt-parent": ph["gic"]})

@@ -18,7 +18,7 @@ def _header(path: str, size: int) -> bytes:
 
 
 def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, initrd: str | None = None,
-         cmdline: str = "", sdei: bool = False) -> bytes:
+         cmdline: str = "") -> bytes:
     """Load the guest and its DTB; returns the DTB. Exactly one of kernel/firmware is given."""
     if (kernel is None) == (firmware is None):
         raise VmmError("boot a kernel (-k) or a firmware (-f), one of them")
@@ -37,7 +37,7 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     if initrd is not None:
         vm.load_path(initrd, layout.initrd, initrd_size)
         initrd_range = (layout.initrd, layout.initrd + initrd_size)
-    tree = machine_tree(vm, bootargs=cmdline, initrd=initrd_range, stdout=f"/uart@{vm.serial.base:x}", sdei=sdei)
+    tree = machine_tree(vm, bootargs=cmdline, initrd=initrd_range, stdout=f"/uart@{vm.serial.base:x}")
     dtb = build_dtb(tree)
     if len(dtb) > DTB_MAX:
         raise ImageError(f"the device tree is {len(dtb)} bytes, over the 2 MiB booting.rst allows")

@@ -2,8 +2,12 @@
 
   pyvmm run (-k IMAGE [-i INITRD] [-p PARAMS] | -f FIRMWARE) [-c CPUS] [-m MiB]
             [--psci-conduit hvc|smc] [--service FILE]... [--replace-service FILE]... [--deny RANGE]...
+            [--sdei [--sdei-event N[,shared][,critical]]...] [--control SOCKET]
             [--console serial] [--trace smccc] [--dump-dtb FILE] [--timeout S]
-  pyvmm check                                              what this host's KVM offers
+  pyvmm sdei signal --control SOCKET EVENT [--cpu N]   raise an SDEI event in a running VM
+  pyvmm sdei status --control SOCKET                   its SDEI events and PE masks
+  pyvmm stop --control SOCKET                          stop a running VM
+  pyvmm check                                          what this host's KVM offers
 
 Exit status of `run`: 0 when the guest powers off; 1 on an error; 2 for bad usage; 3 when the
 guest crashes, halts (every vCPU off) or is stopped; 124 when --timeout expires. A guest's PSCI
@@ -40,6 +44,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def natural_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must not be negative")
+    return value
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -73,10 +87,26 @@ def build_parser() -> Parser:
                      help="like --service, replacing whatever serves that range (e.g. PSCI)")
     run.add_argument("--deny", action="append", default=[], metavar="RANGE",
                      help="have KVM answer NOT_SUPPORTED for BASE+COUNT or FIRST-LAST; repeatable")
+    run.add_argument("--sdei", action="store_true",
+                     help="service SDEI 1.1 (event 0 plus --sdei-event ones) and advertise it in the DT")
+    run.add_argument("--sdei-event", action="append", default=[], metavar="N[,shared][,critical]",
+                     help="declare platform SDEI event N (private and normal unless told); repeatable")
+    run.add_argument("--control", metavar="SOCKET",
+                     help="listen on this Unix socket for `pyvmm sdei` and `pyvmm stop`")
     run.add_argument("--trace", choices=["smccc"], action="append", default=[],
                      help="smccc: print every forwarded SMCCC call, strace-style, on stderr")
     run.add_argument("--timeout", type=positive_float, metavar="S", help="stop the guest after S seconds")
     run.add_argument("--loglevel", choices=["debug", "info", "warning", "error"], default="warning")
+    sdei = sub.add_parser("sdei", help="talk to a running VM's SDEI (see run --control)")
+    action = sdei.add_subparsers(dest="action", required=True, parser_class=Parser)
+    signal = action.add_parser("signal", help="raise an SDEI event")
+    signal.add_argument("--control", required=True, metavar="SOCKET")
+    signal.add_argument("event", type=natural_int, help="the event number")
+    signal.add_argument("--cpu", type=natural_int, help="the target vCPU of a private event")
+    status = action.add_parser("status", help="show every SDEI event's state")
+    status.add_argument("--control", required=True, metavar="SOCKET")
+    stop = sub.add_parser("stop", help="stop a running VM (see run --control)")
+    stop.add_argument("--control", required=True, metavar="SOCKET")
     sub.add_parser("check", help="report what this host's KVM offers pyvmm")
     return p
 
@@ -84,7 +114,9 @@ def build_parser() -> Parser:
 def cmd_run(args: argparse.Namespace) -> int:
     from pyvmm.boot import boot
     from pyvmm.console import ConsoleInput
+    from pyvmm.control import ControlServer
     from pyvmm.services.loader import load_service_module, parse_range
+    from pyvmm.services.sdei import parse_event
     from pyvmm.smccc.trace import TracePrinter
     from pyvmm.vm import Vm
 
@@ -94,6 +126,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     added = [load_service_module(f) for f in args.service]
     replacing = [load_service_module(f) for f in args.replace_service]
     denied = [parse_range(r) for r in args.deny]
+    if args.sdei_event and not args.sdei:
+        raise VmmError("--sdei-event declares SDEI events: add --sdei")
+    events = [parse_event(e) for e in args.sdei_event]
     with Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit) as vm:
         for m in added:
             vm.smccc.register(m.base, m.count, m.handle, m.name)  # type: ignore[arg-type]
@@ -101,6 +136,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             vm.smccc.replace(m.base, m.count, m.handle, m.name)  # type: ignore[arg-type]
         for base, count in denied:
             vm.smccc.deny(base, count, "--deny")
+        if args.sdei:
+            vm.enable_sdei(events)
         if "smccc" in args.trace:
             vm.smccc.trace = TracePrinter(sys.stderr)
         cmdline = args.params
@@ -116,15 +153,47 @@ def cmd_run(args: argparse.Namespace) -> int:
             return EXIT_OK
         console_in = ConsoleInput(vm.serial.uart.receive, lambda: vm.stop("quit from the console (Ctrl-A x)"),
                                   getattr(vm.console, "flush", lambda: None))
+        control = ControlServer(vm, args.control) if args.control else None
+        if control is not None:
+            control.start()
         console_in.start()
         try:
             result = vm.run(timeout=args.timeout)
         finally:
             console_in.stop()
+            if control is not None:
+                control.close()
     if result.reason == "poweroff":
         return EXIT_OK
     print(f"pyvmm: guest ended: {result}", file=sys.stderr)
     return {"timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(result.reason, EXIT_GUEST)
+
+
+def cmd_sdei(args: argparse.Namespace) -> int:
+    from pyvmm.control import request
+
+    if args.action == "signal":
+        reply = request(args.control, {"cmd": "sdei-signal", "event": args.event, "cpu": args.cpu})
+        if not reply["pending"]:
+            print(f"pyvmm: SDEI event {args.event} dropped: the guest has not registered it", file=sys.stderr)
+            return EXIT_ERROR
+        return EXIT_OK
+    reply = request(args.control, {"cmd": "sdei-status"})
+    masked = ", ".join(f"vcpu{i} {'masked' if m else 'unmasked'}" for i, m in enumerate(reply["masked"]))
+    print(f"PEs: {masked}")
+    for e in reply["events"]:
+        kind = "critical" if e["critical"] else "normal"
+        bound = f" INTID {e['interrupt']}" if e["interrupt"] is not None else ""
+        pending = " pending" if e["pending"] else ""
+        print(f"event {e['event']:<6} {e['where']:<7} {kind:<8} {e['state']}{pending}{bound}")
+    return EXIT_OK
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from pyvmm.control import request
+
+    request(args.control, {"cmd": "stop"})
+    return EXIT_OK
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -153,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, getattr(args, "loglevel", "warning").upper()),
                         format="pyvmm: %(message)s")
     try:
-        return {"run": cmd_run, "check": cmd_check}[args.command](args)
+        return {"run": cmd_run, "sdei": cmd_sdei, "stop": cmd_stop, "check": cmd_check}[args.command](args)
     except VmmError as e:
         print(f"pyvmm: error: {e}", file=sys.stderr)
         return EXIT_ERROR

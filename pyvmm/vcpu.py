@@ -70,6 +70,7 @@ class Vcpu:
         self._power_on: tuple[int, int] | None = None
         self._woken = threading.Condition(vm.power_lock)
         self.resume_at: tuple[int, int] | None = None  # power-down suspend: (entry, context ID)
+        self.suspended = False  # in KVM_MP_STATE_SUSPENDED (PSCI CPU_SUSPEND / SYSTEM_SUSPEND)
         self.mpidr = 0  # MPIDR_EL1, read once the vCPU is initialised
 
     # --- registers -------------------------------------------------------------------------
@@ -140,6 +141,12 @@ class Vcpu:
         self._requests.append(fn)
         self.kick()
 
+    def defer(self, fn: Callable[[Vcpu], None]) -> None:
+        """On this vCPU's own thread: run `fn(vcpu)` once the current exit has been answered and
+        before the guest runs again (an immediate-exit KVM_RUN completes the exit first)."""
+        self._requests.append(fn)
+        self.fd.run_struct.immediate_exit = 1
+
     def _thread_main(self) -> None:
         try:
             while self._wait_until_on():
@@ -159,6 +166,7 @@ class Vcpu:
             hook = self.vm.before_power_on
             if hook is not None:
                 hook(self)
+            self.vm.cpu_powering_on(self)
             self.vm.boot_vcpu(self, *pending)  # KVM_ARM_VCPU_INIT, entry point, context ID
             with self.vm.power_lock:
                 if self.power == Power.ON_PENDING:

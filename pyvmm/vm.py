@@ -14,7 +14,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 from kvm_bindings.constants import (
     KVM_ARM_IRQ_TYPE_SHIFT,
@@ -47,6 +48,9 @@ from pyvmm.memory import GuestMemory
 from pyvmm.smccc import filter as smccc_filter
 from pyvmm.smccc.dispatcher import Dispatcher
 from pyvmm.vcpu import Power, Vcpu, install_kick_handler
+
+if TYPE_CHECKING:
+    from pyvmm.services.sdei import EventSpec, Sdei
 
 log = logging.getLogger("pyvmm")
 
@@ -145,6 +149,7 @@ class Vm:
         self.resets = 0
         self._ran = False
         self._filter_installed = False
+        self.sdei: Sdei | None = None  # enable_sdei()
         if psci:
             from pyvmm.services.psci import Psci
             from pyvmm.services.std_hyp import StandardHypervisor
@@ -181,8 +186,31 @@ class Vm:
         return spi
 
     def set_spi(self, spi: int, level: bool) -> None:
-        """Drive an SPI's line (KVM_IRQ_LINE, any thread): irq_type SPI, irq_id = INTID."""
-        self.fd.irq_line((KVM_ARM_IRQ_TYPE_SPI << KVM_ARM_IRQ_TYPE_SHIFT) | (SPI_BASE + spi), int(level))
+        """Drive an SPI's line (any thread). It goes to the vGIC, unless the guest has bound it to
+        an SDEI event and registered that event (SDEI_INTERRUPT_BIND): then SDEI takes it."""
+        intid = SPI_BASE + spi
+        sdei = self.sdei
+        if sdei is not None and sdei.interrupt(intid, level):
+            return
+        self.raise_gic_line(intid, level)
+
+    def raise_gic_line(self, intid: int, level: bool) -> None:
+        """KVM_IRQ_LINE for an SPI: irq_type SPI, irq_id = INTID."""
+        self.fd.irq_line((KVM_ARM_IRQ_TYPE_SPI << KVM_ARM_IRQ_TYPE_SHIFT) | intid, int(level))
+
+    def enable_sdei(self, events: Iterable[EventSpec] = ()) -> Sdei:
+        """Service SDEI 1.1 in pyvmm with event 0 and the declared platform `events`; the SDEI
+        function range is forwarded from now on (before run()) and the device tree advertises
+        /firmware/sdei on the VM's conduit."""
+        from pyvmm.services.sdei import Sdei
+
+        if self._filter_installed:
+            raise VmmError("enable SDEI before the VM first runs (the SMCCC filter is fixed then)")
+        if self.sdei is not None:
+            raise VmmError("SDEI is already enabled on this VM")
+        self.sdei = Sdei(self, events)
+        self.smccc.add_service(self.sdei)
+        return self.sdei
 
     def _create_vcpu(self, index: int) -> Vcpu:
         fd = self.fd.create_vcpu(index)
@@ -248,6 +276,11 @@ class Vm:
         vcpu.set_reg("pc", entry)
         vcpu.set_x(0, x0)
 
+    def cpu_powering_on(self, vcpu: Vcpu) -> None:
+        """On `vcpu`'s thread, as a PSCI CPU_ON takes effect: per-PE firmware state starts over."""
+        if self.sdei is not None:
+            self.sdei.cpu_on(vcpu)
+
     def _reset(self) -> None:
         """Back to the boot state: images reloaded, vCPU 0 at the entry point, the rest off."""
         for gpa, *image in self._images:
@@ -261,6 +294,7 @@ class Vm:
             for v in self.vcpus:
                 v.power = Power.ON if v.index == 0 else Power.OFF
                 v.resume_at = None
+                v.suspended = False
         for v in self.vcpus:
             self.init_vcpu(v, powered_off=v.index > 0)
         if self._boot is not None:
@@ -411,18 +445,22 @@ class Vm:
         KVM_CAP_ARM_SYSTEM_SUSPEND introduced). With `resume_at` (entry, context ID) the vCPU
         wakes from power-down there; without, it continues after the call (standby)."""
         vcpu.resume_at = resume_at
+        vcpu.suspended = True
         vcpu.fd.set_mp_state(MpState.SUSPENDED)
 
     def _wake_up(self, vcpu: Vcpu) -> None:
         """KVM_SYSTEM_EVENT_WAKEUP: an interrupt is pending for the suspended vCPU. The suspend
         state is sticky until userspace leaves it (arch/arm64/kvm/arm.c, kvm_vcpu_suspend):
         from standby, mark it runnable; from power-down, boot it at its resume entry point."""
+        vcpu.suspended = False
         if vcpu.resume_at is not None:
             entry, context_id = vcpu.resume_at
             vcpu.resume_at = None
             self.boot_vcpu(vcpu, entry, context_id)
         else:
             vcpu.fd.set_mp_state(MpState.RUNNABLE)
+        if self.sdei is not None:
+            self.sdei.woken(vcpu)
 
     # --- teardown ------------------------------------------------------------------------
     def close(self) -> None:

@@ -54,6 +54,14 @@ class TraceRecord(NamedTuple):
     note: str = ""
 
 
+class TraceEvent(NamedTuple):
+    """Something a service did to a vCPU outside a call's results (an SDEI dispatch)."""
+
+    vcpu: int
+    source: str
+    text: str
+
+
 class HandlerError(VmmError):
     pass
 
@@ -102,7 +110,7 @@ class Dispatcher:
         self._cache: dict[int, Handler | None] = {}
         self.services: list[Service] = []
         self.calls = 0  # forwarded calls answered
-        self.trace: Callable[[TraceRecord], None] | None = None
+        self.trace: Callable[[TraceRecord | TraceEvent], None] | None = None
         self.conduit = conduit
 
     @property

@@ -1,6 +1,10 @@
 """Formatting forwarded SMCCC calls for people, one line each, like strace:
 
   [vcpu0 hvc] CPU_ON(target_cpu=0x1, entry_point_address=0x80000040, context_id=0x1) = 0x0 SUCCESS  <61 us> 0xc4000003
+
+and what a service does to a vCPU between calls, like strace's signals:
+
+  [vcpu0 sdei] --- dispatch event 0 -> handler 0x80000100 (arg 0x0, interrupted pc 0x80000040 pstate 0x3c5) ---
 """
 
 from __future__ import annotations
@@ -8,10 +12,12 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from pyvmm.smccc.dispatcher import TraceRecord
+from pyvmm.smccc.dispatcher import TraceEvent, TraceRecord
 
 
-def format_record(r: TraceRecord) -> str:
+def format_record(r: TraceRecord | TraceEvent) -> str:
+    if isinstance(r, TraceEvent):
+        return f"[vcpu{r.vcpu} {r.source}] --- {r.text} ---"
     if r.function is None:
         call = "unknown()"
     else:
@@ -35,5 +41,5 @@ class TracePrinter:
     def __init__(self, out: TextIO = sys.stderr) -> None:
         self.out = out
 
-    def __call__(self, record: TraceRecord) -> None:
+    def __call__(self, record: TraceRecord | TraceEvent) -> None:
         print(format_record(record), file=self.out, flush=True)

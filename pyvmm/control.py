@@ -1,0 +1,152 @@
+"""A running VM's control socket: how a person (or a script) reaches it from another shell.
+
+`pyvmm run --control PATH` listens on a Unix stream socket; `pyvmm sdei signal|status` and
+`pyvmm stop` connect to it. One JSON object per line each way:
+
+  {"cmd": "sdei-signal", "event": 100, "cpu": 0}  ->  {"ok": true, "pending": true}
+  {"cmd": "sdei-status"}                          ->  {"ok": true, "events": [...], "masked": [...]}
+  {"cmd": "stop"}                                 ->  {"ok": true}
+  anything wrong                                  ->  {"ok": false, "error": "one line"}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import socket
+import stat
+import threading
+from typing import TYPE_CHECKING, Any
+
+from pyvmm.errors import VmmError
+
+if TYPE_CHECKING:
+    from pyvmm.vm import Vm
+
+log = logging.getLogger("pyvmm")
+MAX_REQUEST = 4096
+CLIENT_TIMEOUT = 5.0
+
+
+class ControlServer:
+    def __init__(self, vm: Vm, path: str) -> None:
+        self.vm, self.path = vm, path
+        _claim(path)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._sock.bind(path)
+        except OSError as e:
+            self._sock.close()
+            raise VmmError(f"cannot listen on {path}: {e.strerror}") from None
+        self._sock.listen(4)
+        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
+        self._closed = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        self._thread.join(2.0)
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return  # closed
+            with conn:
+                conn.settimeout(CLIENT_TIMEOUT)  # a client that never finishes its line is dropped
+                try:
+                    line = _read_line(conn)
+                    reply = self.handle(json.loads(line))
+                except (OSError, ValueError) as e:
+                    reply = {"ok": False, "error": f"bad request: {e}"}
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps(reply).encode() + b"\n")
+
+    def handle(self, request: Any) -> dict[str, Any]:
+        if not isinstance(request, dict):
+            return {"ok": False, "error": "a request is a JSON object"}
+        cmd = request.get("cmd")
+        try:
+            if cmd == "stop":
+                self.vm.stop("stopped through the control socket")
+                return {"ok": True}
+            if cmd in ("sdei-signal", "sdei-status"):
+                sdei = self.vm.sdei
+                if sdei is None:
+                    return {"ok": False, "error": "this VM runs without SDEI (start it with --sdei)"}
+                if cmd == "sdei-status":
+                    return {"ok": True, "events": sdei.status(),
+                            "masked": [sdei.masked(v.index) for v in self.vm.vcpus]}
+                event, cpu = request.get("event"), request.get("cpu")
+                if not isinstance(event, int) or not (cpu is None or isinstance(cpu, int)):
+                    return {"ok": False, "error": "sdei-signal takes an integer event and an optional integer cpu"}
+                return {"ok": True, "pending": sdei.trigger(event, cpu)}
+        except VmmError as e:
+            return {"ok": False, "error": str(e)}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def request(path: str, message: dict[str, Any]) -> dict[str, Any]:
+    """Send one request to the VM listening on `path`; its reply, or a VmmError."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(CLIENT_TIMEOUT)
+    try:
+        sock.connect(path)
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        reply = json.loads(_read_line(sock))
+    except FileNotFoundError:
+        raise VmmError(f"no VM listens on {path} (start one with pyvmm run --control {path})") from None
+    except ConnectionRefusedError:
+        raise VmmError(f"the VM that listened on {path} is gone") from None
+    except (OSError, ValueError) as e:
+        raise VmmError(f"talking to the VM on {path} failed: {e}") from None
+    finally:
+        sock.close()
+    if not reply.get("ok"):
+        raise VmmError(str(reply.get("error", "the VM refused the request")))
+    return reply
+
+
+def _read_line(sock: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(MAX_REQUEST)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too long")
+    return data.decode()
+
+
+def _claim(path: str) -> None:
+    """Make room for the socket: a stale socket (nobody listening) is removed; anything else
+    at `path` is an error."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise VmmError(f"--control {path}: a file that is not a socket is in the way")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError as e:
+        if e.errno != errno.ECONNREFUSED:
+            raise VmmError(f"--control {path}: {e.strerror}") from None
+        os.unlink(path)  # stale: its VM is gone
+        return
+    finally:
+        probe.close()
+    raise VmmError(f"--control {path}: another VM is listening there")
