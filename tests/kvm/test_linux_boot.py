@@ -30,6 +30,26 @@ def test_linux_boots_to_init_and_powers_off(conduit: str) -> None:
     assert "PYVMM-GUEST: powering off" in out  # and PSCI SYSTEM_OFF ended the run with status 0
 
 
+@pytest.mark.parametrize("conduit", ["hvc", "smc"])
+def test_linux_finds_sdei_and_unmasks_every_cpu(conduit: str) -> None:
+    """With --sdei the DT carries /firmware/sdei; Linux's driver probes pyvmm's SDEI 1.1, resets
+    it on every CPU and unmasks every CPU as it comes online (drivers/firmware/arm_sdei.c)."""
+    image, initrd = linux_guest()
+    p = pyvmm("run", "-c", "2", "-m", "256", "-k", str(image), "-i", str(initrd), "-p", "quiet",
+              "--psci-conduit", conduit, "--sdei", "--trace", "smccc", "--timeout", "240")
+    assert p.returncode == cli.EXIT_OK, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "sdei: SDEIv1.1 (0x0) detected in firmware." in p.stdout
+    assert "sdei: " in p.stdout and "failed" not in "".join(line for line in p.stdout.splitlines() if "sdei" in line)
+    assert "PYVMM-GUEST: init reached after" in p.stdout
+    calls = [line.split("] ", 1) for line in p.stderr.splitlines() if "SDEI_" in line]
+    seen = {(who, call.split("  <")[0]) for who, call in calls}
+    for cpu in (0, 1):
+        assert (f"[vcpu{cpu} {conduit}", "SDEI_PRIVATE_RESET() = 0x0 SUCCESS") in seen
+        assert (f"[vcpu{cpu} {conduit}", "SDEI_PE_UNMASK() = 0x0 SUCCESS") in seen
+    assert any(call.startswith("SDEI_SHARED_RESET() = 0x0 SUCCESS") for _, call in calls)
+    assert not any("NOT_SUPPORTED" in call or "DENIED" in call for _, call in calls)
+
+
 def test_dump_dtb_writes_the_tree(tmp_path) -> None:  # type: ignore[no-untyped-def]
     image, initrd = linux_guest()
     out = tmp_path / "guest.dtb"
@@ -40,6 +60,10 @@ def test_dump_dtb_writes_the_tree(tmp_path) -> None:  # type: ignore[no-untyped-
     assert dts.count('enable-method = "psci";') == 3
     assert 'method = "smc";' in dts and 'bootargs = "console=ttyS0 quiet";' in dts
     assert "linux,initrd-start" in dts and '"arm,gic-v3"' in dts
+    assert "sdei" not in dts  # only with --sdei
+    p = pyvmm("run", "-m", "128", "-k", str(image), "--sdei", "--dump-dtb", str(out), timeout=120)
+    dts = FdtBlobParse(io.BytesIO(out.read_bytes())).to_fdt().to_dts()
+    assert 'compatible = "arm,sdei-1.0";' in dts and dts.count('method = "hvc";') == 2
 
 
 def test_bad_or_missing_kernel_is_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
