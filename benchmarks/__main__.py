@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-from benchmarks import boot, hypercall, startup
+from benchmarks import boot, hypercall, sdei, startup
 
 
 def main() -> None:
@@ -13,6 +13,7 @@ def main() -> None:
     print(f"pyvmm benchmarks on Linux {platform.release()} {platform.machine()} ({where})")
     startup.main()
     hypercall.main()
+    sdei.main()
     boot.main()
 
 

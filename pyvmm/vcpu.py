@@ -143,9 +143,9 @@ class Vcpu:
 
     def defer(self, fn: Callable[[Vcpu], None]) -> None:
         """On this vCPU's own thread: run `fn(vcpu)` once the current exit has been answered and
-        before the guest runs again (an immediate-exit KVM_RUN completes the exit first)."""
+        before the guest runs again. After a hypercall that is right away; after any other exit
+        an immediate-exit KVM_RUN first lets KVM finish it (an MMIO load's register write)."""
         self._requests.append(fn)
-        self.fd.run_struct.immediate_exit = 1
 
     def _thread_main(self) -> None:
         try:
@@ -197,10 +197,15 @@ class Vcpu:
             reason, nr, flags = head(buf)
             if reason == _HYPERCALL:
                 dispatch(self, nr, flags)
-            elif reason == _MMIO:
+                while requests:  # KVM has nothing left to complete for a hypercall
+                    requests.popleft()(self)
+                continue
+            if reason == _MMIO:
                 handle_mmio(self, decode(run))
             elif not handle_exit(self, decode(run)):
                 return
+            if requests:
+                run.immediate_exit = 1  # KVM completes the exit, returns EINTR, then they run
 
 
 def _reg_id(name: str) -> int:
