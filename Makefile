@@ -81,13 +81,13 @@ endif
 
 test: lint unit kvm
 
-# The demo: Linux boots with PSCI serviced (and traced) in Python, then an assembled guest
-# calls a Python SMCCC service over HVC and over SMC.
+# The demo: Linux boots with PSCI and SDEI serviced (and traced) in Python, an assembled guest
+# calls a Python SMCCC service over HVC and over SMC, and another receives SDEI events.
 demo: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
 ifeq ($(NATIVE_KVM),yes)
-	@$(VPY) examples/boot_linux.py && $(VPY) examples/smccc_demo.py
+	@$(VPY) examples/boot_linux.py && $(VPY) examples/smccc_demo.py && $(VPY) examples/sdei_demo.py
 else
-	@$(ARMHOST) run --timeout 400 -- sh -c "python3 examples/boot_linux.py && python3 examples/smccc_demo.py"
+	@$(ARMHOST) run --timeout 400 -- sh -c "python3 examples/boot_linux.py && python3 examples/smccc_demo.py && python3 examples/sdei_demo.py"
 endif
 
 bench: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests $(BENCH_BINS) armhost

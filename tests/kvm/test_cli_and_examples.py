@@ -63,6 +63,17 @@ def test_smccc_demo_example() -> None:
     assert out.count("guest ended: poweroff (vcpu0): PSCI SYSTEM_OFF") == 2
 
 
+def test_sdei_demo_example() -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "examples" / "sdei_demo.py")], capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    assert "[vcpu0 sdei] --- dispatch event 0 -> handler" in out
+    assert "[vcpu0 sdei] --- dispatch event 100 -> handler" in out
+    assert "guest saw: event 100 got through; powering off" in out
+    assert "2 SDEI events delivered" in out
+
+
 def test_run_with_a_service_module_trace_and_smc_conduit() -> None:
     p = run_cli("run", "-f", str(guest_image("smccc_demo_smc")), "-c", "2", "-m", "16", "--psci-conduit", "smc",
                 "--service", str(ROOT / "examples" / "vendor_service.py"), "--trace", "smccc", "--timeout", "60")
