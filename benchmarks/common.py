@@ -31,12 +31,14 @@ class LoopResult:
 
 
 def run_hvc_loop(function_id: int, calls: int, setup: Callable[[Vm], None] | None = None,
-                 before_run: Callable[[Vm], None] | None = None, psci: bool = True) -> LoopResult:
+                 before_run: Callable[[Vm], None] | None = None, psci: bool = True,
+                 guest: str = "hvc_loop") -> LoopResult:
     """Run hvc_loop.S: `calls` HVCs of `function_id` (x1..x3 = 0), timed in the guest by
-    CNTVCT_EL0. `psci`: pyvmm's PSCI (else KVM's in-kernel PSCI answers PSCI calls)."""
+    CNTVCT_EL0. `psci`: pyvmm's PSCI (else KVM's in-kernel PSCI answers PSCI calls). Another
+    `guest` with the same contract (x9 rounds, report ticks, frequency, rounds, x0) may stand in."""
     vm = Vm(cpus=1, mem_mib=16, psci=psci)
     try:
-        vm.set_boot(vm.load_file(GUESTS / "hvc_loop.bin"))
+        vm.set_boot(vm.load_file(GUESTS / f"{guest}.bin"))
         report: list[tuple[int, ...]] = []
 
         def on_report(call: SmcccCall) -> int:

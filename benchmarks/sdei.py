@@ -27,23 +27,11 @@ HOST_SIGNALS = 40
 
 
 def signal_round_trip(rounds: int) -> float:
-    """us per SIGNAL + dispatch + COMPLETE."""
-    vm = Vm(cpus=1, mem_mib=16)
-    try:
-        vm.set_boot(vm.load_file(GUESTS / "sdei_loop.bin"))
-        vm.enable_sdei()
-        report: list[tuple[int, ...]] = []
-        vm.smccc.register(FN_REPORT, 1, lambda call: report.append(call.args(4)) or 0, "report")
-        vm.vcpus[0].set_x(9, rounds)
-        result = vm.run(timeout=300)
-        if result.reason != "poweroff" or not report:
-            raise SystemExit(f"SDEI benchmark guest did not finish: {result}")
-        ticks, freq, n, entries = report[0]
-        if entries != n:
-            raise SystemExit(f"SDEI benchmark: {entries} handler entries for {n} signals")
-        return ticks / freq / n * 1e6
-    finally:
-        vm.close()
+    """us per SIGNAL + dispatch + COMPLETE (sdei_loop.S reports its handler entries as x0)."""
+    r = run_hvc_loop(0, rounds, Vm.enable_sdei, guest="sdei_loop")
+    if r.last_x0 != r.calls:
+        raise SystemExit(f"SDEI benchmark: {r.last_x0} handler entries for {r.calls} signals")
+    return r.us_per_call
 
 
 def host_latencies(count: int) -> list[float]:

@@ -166,7 +166,7 @@ class Vcpu:
             hook = self.vm.before_power_on
             if hook is not None:
                 hook(self)
-            self.vm.cpu_powering_on(self)
+            self.vm.smccc.power_on(self)  # services' per-PE state starts over (SDEI)
             self.vm.boot_vcpu(self, *pending)  # KVM_ARM_VCPU_INIT, entry point, context ID
             with self.vm.power_lock:
                 if self.power == Power.ON_PENDING:

@@ -276,11 +276,6 @@ class Vm:
         vcpu.set_reg("pc", entry)
         vcpu.set_x(0, x0)
 
-    def cpu_powering_on(self, vcpu: Vcpu) -> None:
-        """On `vcpu`'s thread, as a PSCI CPU_ON takes effect: per-PE firmware state starts over."""
-        if self.sdei is not None:
-            self.sdei.cpu_on(vcpu)
-
     def _reset(self) -> None:
         """Back to the boot state: images reloaded, vCPU 0 at the entry point, the rest off."""
         for gpa, *image in self._images:
@@ -459,8 +454,7 @@ class Vm:
             self.boot_vcpu(vcpu, entry, context_id)
         else:
             vcpu.fd.set_mp_state(MpState.RUNNABLE)
-        if self.sdei is not None:
-            self.sdei.woken(vcpu)
+        self.smccc.woken(vcpu)
 
     # --- teardown ------------------------------------------------------------------------
     def close(self) -> None:

@@ -65,20 +65,14 @@ class Psci(Service):
     owner = Owner.STANDARD_SECURE
     ranges = ((F32, 0x20), (F64, 0x20))
     revision = (1, 1)
+    error_names = ERROR_NAMES
 
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
         self._by_affinity: dict[int, dict[int, object]] = {}  # mask -> {MPIDR & mask: vCPU}
 
-    def describe_result(self, x0: int) -> str:
-        value = x0 - (1 << 64) if x0 >> 63 else (x0 - (1 << 32) if x0 >> 31 and x0 < 1 << 32 else x0)
-        return ERROR_NAMES.get(value, "")
-
     def describe_affinity(self, x0: int) -> str:
         return Power(x0).name if x0 in Power._value2member_map_ else self.describe_result(x0)
-
-    def describe_value(self, x0: int) -> str:
-        return "" if x0 < 1 << 31 else self.describe_result(x0)
 
     # --- helpers -----------------------------------------------------------------------------
     def _target(self, call: SmcccCall, affinity: int):  # type: ignore[no-untyped-def]

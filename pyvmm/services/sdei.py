@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
@@ -223,6 +223,7 @@ class Sdei(Service):
     name = "SDEI"
     owner = Owner.STANDARD_SECURE
     ranges = ((FN_BASE, FN_COUNT),)
+    error_names = ERROR_NAMES
 
     def __init__(self, vm: Vm, events: Iterable[EventSpec] = (), bind_slots: int = BIND_SLOTS) -> None:
         self.vm = vm
@@ -250,13 +251,6 @@ class Sdei(Service):
         self.pes = [Pe(v.index, {n: Registration(s, v.index) for n, s in self.specs.items() if not s.shared})
                     for v in self.vm.vcpus]
 
-    def describe_result(self, x0: int) -> str:
-        value = x0 - (1 << 64) if x0 >> 63 else x0
-        return ERROR_NAMES.get(value, "")
-
-    def describe_value(self, x0: int) -> str:
-        return "" if x0 >> 63 == 0 else self.describe_result(x0)
-
     # --- the host side ---------------------------------------------------------------------
     def trigger(self, number: int, cpu: int | None = None) -> bool:
         """Raise event `number` (any thread). A private event needs the target vCPU index `cpu`;
@@ -264,7 +258,7 @@ class Sdei(Service):
         was dropped because the client has not registered it."""
         with self.lock:
             spec = self.specs.get(number)
-            if spec is None or spec.interrupt is not None:
+            if spec is None:  # bound events are raised by their interrupt line, not by name
                 raise VmmError(f"there is no SDEI event {number} to signal (declared: "
                                f"{', '.join(str(n) for n in sorted(self.specs))})")
             if spec.shared:
@@ -326,7 +320,7 @@ class Sdei(Service):
             for intid in owned:  # bound lines go back to the vGIC
                 self.vm.raise_gic_line(intid, True)
 
-    def cpu_on(self, vcpu: Vcpu) -> None:
+    def power_on(self, vcpu: Vcpu) -> None:
         """A PE powers on (PSCI CPU_ON): masked, private events unregistered (§6.2, as TF-A's
         psci_cpu_on_finish hook does)."""
         with self.lock:
@@ -707,6 +701,6 @@ class Sdei(Service):
         return NO_RESULT  # the registers now hold the resumed context
 
     def _trace(self, vcpu: Vcpu, text: str) -> None:
-        trace: Callable[[TraceEvent], None] | None = self.vm.smccc.trace  # type: ignore[assignment]
+        trace = self.vm.smccc.trace
         if trace is not None:
             trace(TraceEvent(vcpu.index, "sdei", text))

@@ -188,6 +188,14 @@ class Dispatcher:
         for s in self.services:
             s.reset()
 
+    def power_on(self, vcpu: Vcpu) -> None:
+        for s in self.services:
+            s.power_on(vcpu)
+
+    def woken(self, vcpu: Vcpu) -> None:
+        for s in self.services:
+            s.woken(vcpu)
+
     # --- dispatch --------------------------------------------------------------------------
     def resolve(self, function_id: int) -> Function | None:
         i = bisect.bisect_right(self._routes, function_id, key=lambda r: r.base) - 1

@@ -21,6 +21,15 @@ Handler = Callable[[SmcccCall], Results]
 PYVMM_UID = bytes.fromhex("3e2a1d7f4b5c8a4e9b6d70797666d6d6")
 
 
+def signed(x0: int) -> int:
+    """x0 as a signed number: 64-bit, or 32-bit when it fits in 32 bits (an SMC32 result)."""
+    if x0 >> 63:
+        return x0 - (1 << 64)
+    if x0 >> 31 and x0 < 1 << 32:
+        return x0 - (1 << 32)
+    return x0
+
+
 class NoResult:
     """The call does not return to its caller: write no registers."""
 
@@ -79,9 +88,21 @@ class Service:
                     table[fid] = Function(name, getattr(self, attr), args, getattr(self, describe))
         return table
 
+    error_names: dict[int, str] = {}  # the service's error codes, for traces
+
     def describe_result(self, x0: int) -> str:
-        """A name for a result in x0, for traces (services with error codes override this)."""
-        return ""
+        """The name of an error code in x0 (64-bit, or 32-bit from an SMC32 call), for traces."""
+        return self.error_names.get(signed(x0), "")
+
+    def describe_value(self, x0: int) -> str:
+        """For functions that return values: nothing, unless x0 holds an error code."""
+        return self.describe_result(x0) if signed(x0) < 0 else ""
+
+    def power_on(self, vcpu: Any) -> None:
+        """A vCPU is powering on through PSCI CPU_ON: per-PE state starts over."""
+
+    def woken(self, vcpu: Any) -> None:
+        """A vCPU has left suspend."""
 
     def reset(self) -> None:
         """Return to the power-on state (the VM is being reset)."""

@@ -60,6 +60,14 @@ def ready(d: Dispatcher, v: FakeSdeiVcpu, event: int = 0, entry: int = HANDLER, 
         v.set_reg(f"x{n}", 0x1000 + n)  # back to recognisable values
 
 
+def in_handler(d: Dispatcher, v: FakeSdeiVcpu) -> None:
+    """Event 0 registered, enabled, signalled to an unmasked `v` and dispatched: its handler runs."""
+    ready(d, v)
+    call(d, v, UNMASK)
+    call(d, v, SIGNAL, 0, v.mpidr)
+    assert v.settle() == 1
+
+
 def test_version_and_features() -> None:
     m, d, _ = setup()
     v = m.vcpus[0]
@@ -150,10 +158,7 @@ def test_signal_dispatches_with_the_interrupted_context() -> None:
 def test_complete_and_resume() -> None:
     m, d, _ = setup()
     v = m.vcpus[0]
-    ready(d, v)
-    call(d, v, UNMASK)
-    call(d, v, SIGNAL, 0, v.mpidr)
-    v.settle()
+    in_handler(d, v)
     assert call(d, v, RESUME, HANDLER2) is None
     assert v.reg("pc") == HANDLER2
     assert (v.reg("elr_el1"), v.reg("spsr_el1")) == (PC, PSTATE)
@@ -253,10 +258,7 @@ def test_critical_pending_preempts_the_normal_entered_with_it() -> None:
 def test_unregister_while_running_is_pending() -> None:
     m, d, _ = setup()
     v = m.vcpus[0]
-    ready(d, v)
-    call(d, v, UNMASK)
-    call(d, v, SIGNAL, 0, v.mpidr)
-    v.settle()
+    in_handler(d, v)
     assert call(d, v, UNREGISTER, 0) == s.PENDING
     assert call(d, v, STATUS, 0) == s.RUNNING  # unregister-pending
     assert call(d, v, UNREGISTER, 0) == s.PENDING
@@ -427,7 +429,7 @@ def test_cpu_on_masks_and_forgets_private_events() -> None:
     ready(d, v)
     call(d, v, UNMASK)
     ready(d, v, SHARED)
-    sdei.cpu_on(v)  # type: ignore[arg-type]
+    sdei.power_on(v)  # type: ignore[arg-type]
     assert sdei.masked(1)
     assert call(d, v, STATUS, 0) == 0
     assert call(d, v, STATUS, SHARED) == 3  # shared events are not the PE's
@@ -453,10 +455,7 @@ def test_trace_shows_dispatch_and_complete() -> None:
     v = m.vcpus[0]
     lines: list[str] = []
     d.trace = lambda r: lines.append(format_record(r))
-    ready(d, v)
-    call(d, v, UNMASK)
-    call(d, v, SIGNAL, 0, v.mpidr)
-    v.settle()
+    in_handler(d, v)
     call(d, v, COMPLETE, 0)
     assert any("SDEI_EVENT_SIGNAL(event=0x0, target_pe=0x80000000) = 0x0 SUCCESS" in line for line in lines)
     assert f"[vcpu0 sdei] --- dispatch event 0 -> handler {HANDLER:#x} (arg {ARG:#x}, interrupted pc " \
