@@ -72,11 +72,12 @@ unit: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests
 	@$(VPY) -m pytest -m "not kvm" -q
 
 # The KVM tier: every test marked `kvm`, against real /dev/kvm; a skipped one fails the tier.
+# --capture=sys leaves fd 2 alone, so a stuck test's watchdog dump (faulthandler) is seen.
 kvm: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
 ifeq ($(NATIVE_KVM),yes)
-	@PYVMM_KVM_TIER=1 $(VPY) -m pytest -m kvm -q -rfEs
+	@PYVMM_KVM_TIER=1 $(VPY) -m pytest -m kvm -q -rfEs --capture=sys
 else
-	@$(ARMHOST) run --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs --color=no
+	@$(ARMHOST) run --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs --color=no --capture=sys
 endif
 
 test: lint unit kvm

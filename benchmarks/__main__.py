@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-from benchmarks import boot, hypercall, sdei, startup
+from benchmarks import boot, hypercall, sdei, startup, virtio
 
 
 def main() -> None:
@@ -15,6 +15,7 @@ def main() -> None:
     hypercall.main()
     sdei.main()
     boot.main()
+    virtio.main()
 
 
 if __name__ == "__main__":

@@ -113,6 +113,11 @@ KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
 KVM_IRQFD_FLAG_DEASSIGN = 1 << 0
 KVM_IRQFD_FLAG_RESAMPLE = 1 << 1
 
+# TUNSETIFF flags (include/uapi/linux/if_tun.h)
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+
 # KVM_IRQ_LINE irq field layout on arm64 (Documentation/virt/kvm/api.rst, KVM_IRQ_LINE)
 KVM_ARM_IRQ_TYPE_SHIFT = 24
 KVM_ARM_IRQ_VCPU_SHIFT = 16

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import cffi
 
-from kvm_bindings import cdef_asm_kvm, cdef_libc, cdef_linux_kvm
+from kvm_bindings import cdef_asm_kvm, cdef_libc, cdef_linux_if_tun, cdef_linux_kvm
 
 MODULE = "kvm_bindings._kvm_ffi"
 
 
 def make_builder() -> cffi.FFI:
     builder = cffi.FFI()
-    for cdef in (cdef_linux_kvm.CDEF, cdef_asm_kvm.CDEF, cdef_libc.CDEF):
+    for cdef in (cdef_linux_kvm.CDEF, cdef_asm_kvm.CDEF, cdef_linux_if_tun.CDEF, cdef_libc.CDEF):
         builder.cdef(cdef)
     builder.set_source(MODULE, None)
     return builder

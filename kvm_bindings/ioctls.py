@@ -1,7 +1,7 @@
 """KVM ioctl request numbers, computed like the kernel's _IO/_IOR/_IOW/_IOWR macros.
 
 Sizes come from the cffi declarations, so a layout mistake shows up as a wrong ioctl number in
-the golden tests. Numbers and directions are those of include/uapi/linux/kvm.h.
+the golden tests. Numbers and directions are those of include/uapi/linux/kvm.h (and if_tun.h).
 """
 
 from __future__ import annotations
@@ -59,5 +59,12 @@ KVM_SET_ONE_REG = _iow(0xAC, "struct kvm_one_reg")
 KVM_ARM_VCPU_INIT = _iow(0xAE, "struct kvm_vcpu_init")
 KVM_GET_REG_LIST = _iowr(0xB0, "struct kvm_reg_list")
 
+# tap devices, /dev/net/tun (include/uapi/linux/if_tun.h: declared with int, they take struct
+# ifreq * and int * respectively)
+TUNSETIFF = IOC(IOC_WRITE, ord("T"), 202, ffi.sizeof("int"))
+TUNSETOFFLOAD = IOC(IOC_WRITE, ord("T"), 208, ffi.sizeof("unsigned int"))
+TUNSETVNETHDRSZ = IOC(IOC_WRITE, ord("T"), 216, ffi.sizeof("int"))
+
 # name of every request, for error messages
-NAMES: dict[int, str] = {v: k for k, v in list(globals().items()) if k.startswith("KVM_") and k != "KVMIO"}
+NAMES: dict[int, str] = {v: k for k, v in list(globals().items())
+                         if k.startswith(("KVM_", "TUN")) and k != "KVMIO"}

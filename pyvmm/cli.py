@@ -3,7 +3,8 @@
   pyvmm run (-k IMAGE [-i INITRD] [-p PARAMS] | -f FIRMWARE) [-c CPUS] [-m MiB]
             [--psci-conduit hvc|smc] [--service FILE]... [--replace-service FILE]... [--deny RANGE]...
             [--sdei [--sdei-event N[,shared][,critical]]...] [--control SOCKET]
-            [--console serial] [--trace smccc] [--dump-dtb FILE] [--timeout S]
+            [--console serial|virtio] [-d FILE[,ro]]... [--rng] [-n mode=tap,tapif=NAME|mode=none]...
+            [--trace smccc] [--dump-dtb FILE] [--timeout S]
   pyvmm sdei signal --control SOCKET EVENT [--cpu N]   raise an SDEI event in a running VM
   pyvmm sdei status --control SOCKET                   its SDEI events and PE masks
   pyvmm stop --control SOCKET                          stop a running VM
@@ -73,8 +74,14 @@ def build_parser() -> Parser:
                        help="flat binary loaded at the start of RAM and entered at EL1h, x0 = DTB")
     run.add_argument("-i", "--initrd", metavar="FILE", help="initial ramdisk for the kernel")
     run.add_argument("-p", "--params", default="", metavar="PARAMS", help="kernel command line")
-    run.add_argument("--console", choices=["serial"], default="serial",
-                     help="the guest console: serial (16550A at 0x1000000, ttyS0)")
+    run.add_argument("--console", choices=["serial", "virtio"], default="serial",
+                     help="the guest console: serial (16550A at 0x1000000, ttyS0) or virtio (hvc0)")
+    run.add_argument("-d", "--disk", action="append", default=[], metavar="FILE[,ro]",
+                     help="a raw disk image as virtio-blk (vda, vdb, ...); ro: read-only; repeatable")
+    run.add_argument("--rng", action="store_true", help="a virtio-rng entropy device fed by getrandom")
+    run.add_argument("-n", "--network", action="append", default=[],
+                     metavar="mode=tap,tapif=NAME[,guest_mac=MAC]|mode=none",
+                     help="a virtio-net NIC on a host tap device, or with no backend; repeatable")
     run.add_argument("--dump-dtb", metavar="FILE", help="write the generated device tree to FILE and exit")
     run.add_argument("-c", "--cpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("-m", "--mem", type=positive_int, default=64, metavar="MiB", help="RAM in MiB (default 64)")
@@ -112,8 +119,12 @@ def build_parser() -> Parser:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pyvmm.boot import boot
-    from pyvmm.console import ConsoleInput
+    from pyvmm.console import ConsoleInput, ConsoleOutput
     from pyvmm.control import ControlServer
+    from pyvmm.devices.virtio.blk import VirtioBlk, parse_disk
+    from pyvmm.devices.virtio.console import VirtioConsole
+    from pyvmm.devices.virtio.net import VirtioNet, parse_network
+    from pyvmm.devices.virtio.rng import VirtioRng
     from pyvmm.services.loader import load_service_module, parse_range
     from pyvmm.services.sdei import parse_event
     from pyvmm.smccc.trace import TracePrinter
@@ -128,7 +139,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sdei_event and not args.sdei:
         raise VmmError("--sdei-event declares SDEI events: add --sdei")
     events = [parse_event(e) for e in args.sdei_event]
+    disks = [parse_disk(d) for d in args.disk]
+    networks = [parse_network(n) for n in args.network]
     with Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit) as vm:
+        # virtio devices, in kvmtool's order: disks, console, entropy, network
+        for path, read_only in disks:
+            vm.add_virtio(VirtioBlk(path, read_only))
+        virtio_console = None
+        if args.console == "virtio":
+            output = vm.console.write if isinstance(vm.console, ConsoleOutput) else ConsoleOutput().write
+            virtio_console = VirtioConsole(output)
+            vm.add_virtio(virtio_console)
+        if args.rng:
+            vm.add_virtio(VirtioRng())
+        for spec in networks:
+            vm.add_virtio(VirtioNet(spec))
         for m in added:
             vm.smccc.register(m.base, m.count, m.handle, m.name)  # type: ignore[arg-type]
         for m in replacing:
@@ -141,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             vm.smccc.trace = TracePrinter(sys.stderr)
         cmdline = args.params
         if args.kernel and "console=" not in cmdline:
-            cmdline = f"console=ttyS0 {cmdline}".strip()
+            cmdline = f"console={'hvc0' if virtio_console else 'ttyS0'} {cmdline}".strip()
         dtb = boot(vm, kernel=args.kernel, firmware=args.firmware, initrd=args.initrd, cmdline=cmdline)
         if args.dump_dtb:
             try:
@@ -150,7 +175,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             except OSError as e:
                 raise VmmError(f"cannot write {args.dump_dtb}: {e.strerror}") from None
             return EXIT_OK
-        console_in = ConsoleInput(vm.serial.uart.receive, lambda: vm.stop("quit from the console (Ctrl-A x)"),
+        receive = virtio_console.receive if virtio_console else vm.serial.uart.receive
+        console_in = ConsoleInput(receive, lambda: vm.stop("quit from the console (Ctrl-A x)"),
                                   getattr(vm.console, "flush", lambda: None))
         control = ControlServer(vm, args.control) if args.control else None
         if control is not None:

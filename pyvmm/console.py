@@ -30,6 +30,13 @@ class ConsoleOutput:
             if byte == 0x0A or len(self._buf) >= 256:
                 self._flush_locked()
 
+    def write(self, data: bytes) -> None:
+        """Several bytes at once (virtio-console's transmit buffers)."""
+        with self._lock:
+            self._buf += data
+            if b"\n" in data or len(self._buf) >= 256:
+                self._flush_locked()
+
     def flush(self) -> None:
         with self._lock:
             self._flush_locked()
@@ -46,7 +53,8 @@ class ConsoleOutput:
 
 
 class ConsoleInput:
-    """Feeds a terminal's keystrokes to `receive` from a thread; Ctrl-A x calls `quit`."""
+    """Feeds standard input to `receive` from a thread; Ctrl-A x calls `quit`. A terminal is
+    put in raw mode (restored on stop); a pipe or file is passed through until its end."""
 
     def __init__(self, receive: Callable[[bytes], None], quit: Callable[[], None],
                  flush: Callable[[], None]) -> None:
@@ -57,14 +65,21 @@ class ConsoleInput:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        if self._fd < 0 or not os.isatty(self._fd):
+        if self._fd < 0:
             return
-        self._saved = termios.tcgetattr(self._fd)
-        tty.setraw(self._fd)
+        if os.isatty(self._fd):
+            self._saved = termios.tcgetattr(self._fd)
+            tty.setraw(self._fd)
         self._thread = threading.Thread(target=self._run, name="console-input", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._pump()
+        except (OSError, ValueError):
+            pass  # standard input went away: the guest keeps running without it
+
+    def _pump(self) -> None:
         escape = False
         while True:
             ready, _, _ = select.select([self._fd, self._stop_r], [], [], 0.1)

@@ -1,4 +1,5 @@
-"""The only module that issues ioctls: thin wrappers over /dev/kvm, VM, vCPU and device fds.
+"""The only module that issues ioctls: thin wrappers over /dev/kvm, VM, vCPU and device fds,
+and over /dev/net/tun for virtio-net's tap backend.
 
 One method per ioctl, no policy (the shape of rust-vmm's kvm-ioctls). All calls go through cffi's
 libc `ioctl`, which releases the GIL, and KVM_RUN's EINTR is returned to the caller rather than
@@ -16,6 +17,9 @@ import os
 from kvm_bindings import ffi, libc
 from kvm_bindings import ioctls as io
 from kvm_bindings.constants import (
+    IFF_NO_PI,
+    IFF_TAP,
+    IFF_VNET_HDR,
     KVM_API_VERSION,
     KVM_ARM_VM_SMCCC_CTRL,
     KVM_ARM_VM_SMCCC_FILTER,
@@ -238,3 +242,20 @@ class VcpuFd(DeviceAttrs):
         ffi.release(self.run_struct)
         self.mmap.close()
         os.close(self.fd)
+
+
+def open_tap(name: str, vnet_hdr_size: int) -> int:
+    """Attach to (or create) tap device `name` (Documentation/networking/tuntap.rst): frames
+    without packet information, each preceded by a virtio-net header of `vnet_hdr_size` bytes.
+    Returns a non-blocking fd."""
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        req = ffi.new("struct ifreq *")
+        req.ifr_name = name.encode()
+        req.ifr_flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR
+        _ioctl(fd, io.TUNSETIFF, req, name)
+        _ioctl(fd, io.TUNSETVNETHDRSZ, ffi.new("int *", vnet_hdr_size), name)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

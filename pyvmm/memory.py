@@ -20,7 +20,7 @@ HUGE_PAGE = 2 << 20  # arm64 with 4 KiB pages: a PMD block, which KVM's stage 2 
 class Region:
     """One memslot's worth of guest RAM and the host mapping behind it."""
 
-    __slots__ = ("gpa", "size", "slot", "readonly", "mapping", "offset", "host_addr", "_buffer")
+    __slots__ = ("gpa", "size", "slot", "readonly", "mapping", "offset", "host_addr", "_buffer", "view")
 
     def __init__(self, gpa: int, size: int, slot: int, readonly: bool, mapping: mmap.mmap, align: int = 1) -> None:
         self.gpa, self.size, self.slot, self.readonly, self.mapping = gpa, size, slot, readonly, mapping
@@ -28,6 +28,7 @@ class Region:
         base = int(ffi.cast("uintptr_t", self._buffer))
         self.offset = -base % align  # where the guest's bytes start inside `mapping`
         self.host_addr = base + self.offset
+        self.view = memoryview(mapping)[self.offset:self.offset + size]  # the guest's bytes, zero-copy
 
     def __repr__(self) -> str:
         return f"Region({self.gpa:#x}+{self.size:#x}, slot {self.slot})"
@@ -83,9 +84,11 @@ class GuestMemory:
         """Zero-copy view of [gpa, gpa+size); the range must lie in one region."""
         if size < 0 or gpa < 0:
             raise GuestMemoryError(f"bad guest range {gpa:#x}+{size:#x}")
-        r = self.find(gpa, size)
-        off = r.offset + gpa - r.gpa
-        return memoryview(r.mapping)[off:off + size]
+        for r in self.regions:  # on the virtqueue path: kept to plain arithmetic
+            off = gpa - r.gpa
+            if off >= 0 and off + size <= r.size:
+                return r.view[off:off + size]
+        raise GuestMemoryError(f"guest range {gpa:#x}+{size:#x} is not inside guest RAM")
 
     def read(self, gpa: int, size: int) -> bytes:
         return bytes(self.view(gpa, size))
@@ -107,6 +110,7 @@ class GuestMemory:
 
     def close(self) -> None:
         for r in self.regions:
+            r.view.release()
             ffi.release(r._buffer)
             r.mapping.close()
         self.regions.clear()

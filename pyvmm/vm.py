@@ -50,6 +50,8 @@ from pyvmm.smccc.dispatcher import Dispatcher
 from pyvmm.vcpu import Power, Vcpu, install_kick_handler
 
 if TYPE_CHECKING:
+    from pyvmm.devices.virtio.device import VirtioDevice
+    from pyvmm.devices.virtio.mmio import VirtioMmio
     from pyvmm.services.sdei import EventSpec, Sdei
 
 log = logging.getLogger("pyvmm")
@@ -131,6 +133,7 @@ class Vm:
         self.power_lock = threading.Lock()  # every vCPU's power state
         self.before_power_on: Callable[[Vcpu], None] | None = None  # hook: a vCPU is about to boot
         self.dt_devices: list = []  # devices that contribute a device-tree node
+        self.virtio: list[VirtioMmio] = []  # add_virtio()
         self._next_spi = 0
         self.gic = Gic(self.fd, cpus)
         for base, size, name in self.gic.regions:
@@ -176,6 +179,18 @@ class Vm:
         self.mmio.add(base, size, device, name)
         if dt is not None:
             self.dt_devices.append(dt)
+
+    def add_virtio(self, device: VirtioDevice) -> VirtioMmio:
+        """Attach a virtio device on its own virtio-mmio transport, at the next of kvmtool's
+        virtio-mmio slots (0x3000000 + 0x200 * n) with the next SPI."""
+        from pyvmm.devices.virtio.mmio import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio
+
+        if self._ran:
+            raise VmmError("add devices before the VM first runs")
+        transport = VirtioMmio(self, device, VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE * len(self.virtio),
+                               self.allocate_spi())
+        self.virtio.append(transport)
+        return transport
 
     def allocate_spi(self) -> int:
         """The next free shared peripheral interrupt (SPI number, INTID 32 + n)."""
@@ -294,6 +309,8 @@ class Vm:
             self.init_vcpu(v, powered_off=v.index > 0)
         if self._boot is not None:
             self._set_entry(self.vcpus[0], *self._boot)
+        for transport in self.virtio:
+            transport.reset()
         self.smccc.reset()
 
     # --- running -------------------------------------------------------------------------
@@ -458,6 +475,8 @@ class Vm:
 
     # --- teardown ------------------------------------------------------------------------
     def close(self) -> None:
+        for transport in self.virtio:  # their workers stop and drop their views of guest RAM
+            transport.close()
         for v in self.vcpus:
             v.fd.close()
         self.gic.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import platform
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.fixture(autouse=True)
 def _kvm_watchdog(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
     if request.node.get_closest_marker("kvm"):
-        faulthandler.dump_traceback_later(KVM_TEST_TIME_LIMIT, exit=True)
+        faulthandler.dump_traceback_later(KVM_TEST_TIME_LIMIT, exit=True, file=sys.__stderr__)
         yield
         faulthandler.cancel_dump_traceback_later()
     else:

@@ -28,6 +28,7 @@ SIZES = {
     "struct kvm_vcpu_events": 64,
     "struct kvm_reg_list": 8,
     "struct kvm_signal_mask": 4,
+    "struct ifreq": 40,
 }
 
 OFFSETS = [
@@ -56,6 +57,7 @@ OFFSETS = [
     ("struct kvm_regs", ("fp_regs",), 336),
     ("struct kvm_smccc_filter", ("action",), 8),
     ("struct kvm_ioeventfd", ("fd",), 20),
+    ("struct ifreq", ("ifr_flags",), 16),
     ("struct kvm_vcpu_events", ("exception", "serror_esr"), 8),
 ]
 
@@ -85,6 +87,9 @@ IOCTLS = {
     "KVM_SET_ONE_REG": 0x4010AEAC,
     "KVM_ARM_VCPU_INIT": 0x4020AEAE,
     "KVM_GET_REG_LIST": 0xC008AEB0,
+    "TUNSETIFF": 0x400454CA,
+    "TUNSETOFFLOAD": 0x400454D0,
+    "TUNSETVNETHDRSZ": 0x400454D8,
 }
 
 

@@ -10,7 +10,9 @@ Both are left uncompressed: under TCG the kernel's gunzip costs seconds, a memcp
 from __future__ import annotations
 
 import hashlib
+import lzma
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,21 +40,36 @@ STDLIB_PRUNE = [
 ]
 DOC_PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian"]
 
-RECIPE_VERSION = "2"  # bump when the base layout changes
+RECIPE_VERSION = "3"  # bump when the base layout changes
+
+# Kernel modules from the same package: the emulated host needs TUN for virtio-net's tap backend,
+# the L2 guest the virtio-mmio transport and drivers (Debian builds them as modules). Their
+# dependencies are added and ordered from each module's .modinfo "depends=".
+HOST_MODULES = ["tun"]
+GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_rng", "virtio_net"]
 
 # The L2 guest pyvmm boots in tests and the demo: Debian's arm64 kernel Image (the package the
-# emulated host runs) and a busybox initramfs whose /init reports what the kernel found, prints a
-# marker, runs any command given as pyvmm.run=... on the kernel command line, and powers off.
+# emulated host runs) and a busybox initramfs whose /init loads the virtio drivers when the device
+# tree has virtio-mmio nodes, moves to the virtio console when the command line names hvc0, reports
+# what the kernel found, prints a marker, runs any command given as pyvmm.run=... on the kernel
+# command line (commas stand for spaces), and powers off.
 GUEST_INIT = r"""#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /dev /tmp
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+if ls /proc/device-tree | grep -q '^virtio@'; then
+    for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko; done
+fi
+if grep -q 'console=hvc0' /proc/cmdline; then
+    n=0; while [ ! -e /dev/hvc0 ] && [ $n -lt 50 ]; do sleep 0.1; n=$((n+1)); done
+    exec </dev/hvc0 >/dev/hvc0 2>&1
+fi
 echo "PYVMM-GUEST: init reached after $(cut -d' ' -f1 /proc/uptime) s"
-dmesg | grep -E "psci:|smp:|sdei:|SMP:|Booting Linux" | sed 's/^/PYVMM-GUEST: dmesg: /'
+dmesg | grep -E "psci:|smp:|sdei:|SMP:|Booting Linux|virtio" | sed 's/^/PYVMM-GUEST: dmesg: /'
 cmd=$(sed -n 's/.*pyvmm\.run=\([^ ]*\).*/\1/p' /proc/cmdline | tr , ' ')
-[ -n "$cmd" ] && $cmd
+[ -n "$cmd" ] && eval "$cmd"
 echo "PYVMM-GUEST: powering off"
 poweroff -f
 """
@@ -68,6 +85,7 @@ mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
 export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko; done
 export PYTHONPATH=/opt/pyvmm:/opt/site PYTHONDONTWRITEBYTECODE=1 PYVMM_IN_ARMHOST=1 PYVMM_GUEST_IMAGES=/opt/guest
 echo "@@ARMHOST-UP $(cut -d' ' -f1 /proc/uptime) @@"
 if [ -f /opt/run.sh ]; then cd /opt/pyvmm && sh /opt/run.sh; rc=$?; else rc=127; fi
@@ -88,7 +106,7 @@ class HostImage:
         self.cache = cache
         self.apt = Arm64Apt(cache / "apt")
         self.kernel = cache / "Image"
-        self.modules = cache / "modules"  # the kernel package's /lib/modules tree, for later use
+        self.modules = cache / "modules"  # the kernel package's /lib/modules tree
         self.base = cache / "base.cpio"
         self.wheels = cache / "wheels"
         self.stamp = cache / "base.stamp"
@@ -96,7 +114,7 @@ class HostImage:
 
     def _recipe_digest(self) -> str:
         text = "\n".join([RECIPE_VERSION, INIT_SCRIPT, GUEST_INIT, *USERSPACE_PACKAGES, *BINARY_WHEELS,
-                          *SDIST_WHEELS, *STDLIB_PRUNE])
+                          *SDIST_WHEELS, *STDLIB_PRUNE, *HOST_MODULES, *GUEST_MODULES])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def ready(self) -> bool:
@@ -125,6 +143,7 @@ class HostImage:
             extract(deb, root)
         self._build_guest(root / "bin" / "busybox")
         self._assemble_root(root)
+        install_modules(self.modules, HOST_MODULES, root / "lib" / "modules")
         shutil.copytree(self.guest, root / "opt" / "guest")
         log("packing base initramfs")
         pack_cpio(root, self.base)
@@ -144,6 +163,7 @@ class HostImage:
             init = root / "init"
             init.write_text(GUEST_INIT)
             init.chmod(0o755)
+            install_modules(self.modules, GUEST_MODULES, root / "lib" / "modules")
             pack_cpio(root, self.guest / "initrd.cpio")
         log(f"L2 guest ready: Image {self.kernel.stat().st_size >> 20} MiB, "
             f"initrd {(self.guest / 'initrd.cpio').stat().st_size >> 10} KiB")
@@ -178,6 +198,36 @@ class HostImage:
         for d in ("proc", "sys", "dev", "tmp", "root"):
             (root / d).mkdir(exist_ok=True)
         precompile(root, [stdlib, site])
+
+
+def install_modules(tree: Path, names: list[str], dest: Path) -> None:
+    """Decompress `names` and every module they depend on from the kernel package's module tree
+    into `dest`, with dest/order listing them so that each comes after its dependencies (the
+    package ships no modules.dep; busybox insmod takes them in that order)."""
+    files = {p.name.split(".ko")[0].replace("-", "_"): p for p in tree.rglob("*.ko*")}
+    order: list[str] = []
+    blobs: dict[str, bytes] = {}
+
+    def visit(name: str) -> None:
+        if name in blobs:
+            return
+        if name not in files:
+            raise SystemExit(f"armhost: kernel module {name} is not in {tree}")
+        path = files[name]
+        data = lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else path.read_bytes()
+        blobs[name] = data
+        found = re.search(rb"depends=([^\0]*)\0", data)
+        for dep in (found.group(1).decode().split(",") if found else []):
+            if dep:
+                visit(dep.replace("-", "_"))
+        order.append(name)
+
+    for name in names:
+        visit(name)
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in order:
+        (dest / f"{name}.ko").write_bytes(blobs[name])
+    (dest / "order").write_text(" ".join(order) + "\n")
 
 
 def precompile(root: Path, dirs: list[Path]) -> None:

@@ -1,0 +1,85 @@
+"""What a virtio device model is, independent of its transport (virtio 1.2 §2, §5).
+
+A device declares its ID, feature bits, queue sizes and configuration space, and handles queue
+notifications on its transport's worker thread (never a vCPU thread). Adding a device type is
+one new module with one subclass; the transport (mmio.py) does the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from pyvmm.devices.virtio.queue import Chain, Virtqueue
+
+if TYPE_CHECKING:
+    from pyvmm.devices.virtio.mmio import VirtioMmio
+
+# Reserved feature bits (§6)
+VIRTIO_F_INDIRECT_DESC = 1 << 28
+VIRTIO_F_EVENT_IDX = 1 << 29
+VIRTIO_F_VERSION_1 = 1 << 32
+TRANSPORT_FEATURES = VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX | VIRTIO_F_VERSION_1
+
+
+class VirtioDevice:
+    """Base of device models. Subclasses set the class attributes and override the hooks."""
+
+    device_id: int = 0  # §5: 1 net, 2 block, 3 console, 4 entropy
+    name: str = "virtio"
+    queue_sizes: tuple[int, ...] = ()
+    features: int = 0  # device-specific feature bits (the transport adds TRANSPORT_FEATURES)
+
+    def __init__(self) -> None:
+        self.transport: VirtioMmio | None = None
+        self.config = bytearray()  # the device configuration space, little-endian fields
+        self.driver_features = 0  # valid once the device is activated
+
+    # --- called by the transport ---------------------------------------------------------
+    def attach(self, transport: VirtioMmio) -> None:
+        self.transport = transport
+
+    def activate(self, driver_features: int) -> None:
+        """DRIVER_OK: the driver is ready; start any backend work (worker thread)."""
+        self.driver_features = driver_features
+
+    def reset(self) -> None:
+        """The driver reset the device (status 0) or the VM was reset (worker thread idle)."""
+
+    def notify(self, queue: Virtqueue) -> None:
+        """The driver made buffers available on `queue` (worker thread)."""
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """The driver wrote the configuration space; read-only by default (§4.2.2.2)."""
+
+    def poll_fds(self) -> dict[int, Callable[[], None]]:
+        """Extra file descriptors the worker watches for this device (fd -> handler)."""
+        return {}
+
+    def close(self) -> None:
+        """The VM is going away: release backends (worker thread stopped)."""
+
+    # --- for subclasses --------------------------------------------------------------------
+    def used(self, queue: Virtqueue) -> None:
+        """Publish what was pushed on `queue` and interrupt the driver if it asked for that."""
+        assert self.transport is not None
+        self.transport.publish(queue)
+
+    def serve(self, queue: Virtqueue, handle: Callable[[Chain], int]) -> None:
+        """Serve every available chain with `handle` (returns the bytes it wrote into the
+        chain), publish them with one interrupt if the driver wants it, and re-arm the
+        driver's notifications before returning (§2.7.10), re-checking for chains added
+        meanwhile."""
+        while True:
+            chain = queue.pop()
+            if chain is None:
+                self.used(queue)
+                if not queue.want_notifications():
+                    return
+                continue
+            queue.push(chain.head, handle(chain))
+
+    def watch(self, fd: int, enabled: bool) -> None:
+        """From the worker thread: watch or stop watching one of poll_fds() (flow control)."""
+        assert self.transport is not None
+        self.transport.watch(fd, enabled)

@@ -1,0 +1,391 @@
+"""virtio-mmio transport, split virtqueues and the devices, driven through their registers and
+rings by a test driver (no KVM: guest RAM is anonymous memory, the worker threads are real)."""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyvmm.devices.virtio import mmio as reg
+from pyvmm.devices.virtio.blk import (
+    SECTOR,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VirtioBlk,
+    parse_disk,
+)
+from pyvmm.devices.virtio.console import VirtioConsole
+from pyvmm.devices.virtio.device import VIRTIO_F_VERSION_1
+from pyvmm.devices.virtio.net import parse_network
+from pyvmm.devices.virtio.queue import (
+    DESC,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    QueueError,
+    Virtqueue,
+    split,
+)
+from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.errors import VmmError
+from pyvmm.memory import GuestMemory
+from tests.unit.virtio_driver import RAM, RAM_SIZE, Driver, FakeVm
+
+
+@pytest.fixture
+def vm() -> Iterator[FakeVm]:
+    fake = FakeVm()
+    yield fake
+    for m in fake.mmio:
+        m.device.close()  # type: ignore[attr-defined]
+    fake.memory.close()
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Path:
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"".join(bytes([i]) * SECTOR for i in range(64)))
+    return path
+
+
+def blk_request(kind: int, sector: int = 0) -> bytes:
+    return struct.pack("<IIQ", kind, 0, sector)
+
+
+# --- transport -----------------------------------------------------------------------------
+def test_registers_identify_a_version_2_device_and_its_features(vm: FakeVm, disk: Path) -> None:
+    t = vm.attach(VirtioBlk(str(disk)))
+    d = Driver(t, vm.memory)
+    assert d.read(reg.MAGIC_VALUE) == 0x74726976 and d.read(reg.VERSION_REG) == 2
+    assert d.read(reg.DEVICE_ID) == 2
+    assert d.features() & VIRTIO_F_VERSION_1
+    assert d.read(reg.SHM_LEN_LOW) == 0xFFFF_FFFF  # no shared memory regions
+    assert d.read(reg.MAGIC_VALUE, 2) == 0  # registers are 32-bit only
+    assert d.read(reg.CONFIG, 8) == 64  # capacity in sectors
+    # one ioeventfd per queue on QueueNotify with the queue index as datamatch; an irqfd on the SPI
+    assert vm.fd.ioeventfds == [(reg.VIRTIO_MMIO_BASE + reg.QUEUE_NOTIFY, 4, t._kick_fds[0], 1, 0)]
+    assert vm.fd.irqfds == [(t._irq_fd, 3)]
+    node = t.dt_node(None)  # type: ignore[arg-type]
+    assert node.name == "virtio@3000000" and node.props["compatible"] == "virtio,mmio"
+    assert node.props["interrupts"] == [0, 3, 1] and node.props["dma-coherent"] is True
+
+
+def test_features_without_version_1_are_refused(vm: FakeVm, disk: Path) -> None:
+    d = Driver(vm.attach(VirtioBlk(str(disk))), vm.memory)
+    d.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER)
+    d.write(reg.DRIVER_FEATURES_SEL, 0)
+    d.write(reg.DRIVER_FEATURES, 0)
+    d.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER | reg.FEATURES_OK)
+    assert not d.read(reg.STATUS) & reg.FEATURES_OK  # legacy drivers are not served
+
+
+def test_driver_ok_without_features_ok_breaks_the_device(vm: FakeVm, disk: Path) -> None:
+    d = Driver(vm.attach(VirtioBlk(str(disk))), vm.memory)
+    d.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER | reg.DRIVER_OK)
+    assert d.read(reg.STATUS) & reg.DEVICE_NEEDS_RESET
+    assert d.interrupted() == reg.INT_CONFIG_CHANGE
+    d.write(reg.STATUS, 0)
+    assert d.read(reg.STATUS) == 0
+
+
+# --- block ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("indirect", [False, True])
+def test_block_read_write_flush_and_id(vm: FakeVm, disk: Path, indirect: bool) -> None:
+    blk = VirtioBlk(str(disk))
+    d = Driver(vm.attach(blk), vm.memory)
+    d.init()
+    q = d.queues[0]
+    q.add([blk_request(VIRTIO_BLK_T_IN, 5)], [2 * SECTOR, 1], indirect=indirect)
+    q.kick()
+    (head, written), = q.wait_used()
+    assert written == 2 * SECTOR + 1
+    assert d.interrupted() & reg.INT_USED_BUFFER
+    q.add([blk_request(VIRTIO_BLK_T_OUT, 1), b"\xAA" * SECTOR], [1], indirect=indirect)
+    q.add([blk_request(VIRTIO_BLK_T_FLUSH)], [1], indirect=indirect)
+    q.add([blk_request(VIRTIO_BLK_T_GET_ID)], [20, 1], indirect=indirect)
+    q.add([blk_request(99)], [1], indirect=indirect)
+    q.kick()
+    used = q.wait_used(4)
+    assert [n for _, n in used] == [1, 1, 21, 1]
+    assert disk.read_bytes()[SECTOR:2 * SECTOR] == b"\xAA" * SECTOR
+    assert blk.flushes == 1
+    statuses = _statuses(d, [(SECTOR, 1), (0, 1), (20, 1), (0, 1)], start=2 * SECTOR + 1)
+    assert statuses == [VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP]
+
+
+def _statuses(d: Driver, sizes: list[tuple[int, int]], start: int) -> list[int]:
+    """Status bytes of the requests made after the first read, found by walking the heap in
+    the order the driver allocated them (readable buffers, then writable ones)."""
+    out = []
+    for q in d.queues:
+        for i in range(q.free):
+            addr, length, flags, _ = DESC.unpack(d.mem.read(q.desc + 16 * i, 16))
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                for k in range(length // 16):
+                    a, n, f, _ = DESC.unpack(d.mem.read(addr + 16 * k, 16))
+                    if f & VIRTQ_DESC_F_WRITE and n == 1:
+                        out.append(d.mem.read(a, 1)[0])
+            elif flags & VIRTQ_DESC_F_WRITE and length == 1:
+                out.append(d.mem.read(addr, 1)[0])
+    return out[1:]
+
+
+def test_block_read_lands_in_guest_memory_and_header_may_span_descriptors(vm: FakeVm, disk: Path) -> None:
+    d = Driver(vm.attach(VirtioBlk(str(disk))), vm.memory)
+    d.init()
+    q = d.queues[0]
+    header = blk_request(VIRTIO_BLK_T_IN, 7)
+    q.add([header[:3], header[3:]], [SECTOR + 1])  # §2.6.4: framing is the driver's choice
+    q.kick()
+    assert q.wait_used() == [(0, SECTOR + 1)]
+    data_addr = d.heap - ((SECTOR + 1 + 15) & ~15)
+    assert d.mem.read(data_addr, SECTOR) == bytes([7]) * SECTOR
+    assert d.mem.read(data_addr + SECTOR, 1)[0] == VIRTIO_BLK_S_OK
+
+
+def test_read_only_disk_and_out_of_range_requests_fail_with_ioerr(vm: FakeVm, disk: Path) -> None:
+    before = disk.read_bytes()
+    blk = VirtioBlk(str(disk), read_only=True)
+    d = Driver(vm.attach(blk), vm.memory)
+    assert d.features() & (1 << 5)  # VIRTIO_BLK_F_RO
+    d.init()
+    q = d.queues[0]
+    q.add([blk_request(VIRTIO_BLK_T_OUT, 0), b"x" * SECTOR], [1])
+    q.add([blk_request(VIRTIO_BLK_T_IN, 63)], [2 * SECTOR, 1])  # runs past the end
+    q.add([blk_request(VIRTIO_BLK_T_IN, 0)], [100, 1])  # not whole sectors
+    q.kick()
+    q.wait_used(3)
+    assert _all_status_bytes(d) == [VIRTIO_BLK_S_IOERR] * 3
+    assert disk.read_bytes() == before
+
+
+def _all_status_bytes(d: Driver) -> list[int]:
+    q = d.queues[0]
+    out = []
+    for i in range(q.free):
+        addr, length, flags, _ = DESC.unpack(d.mem.read(q.desc + 16 * i, 16))
+        if flags & VIRTQ_DESC_F_WRITE and not flags & VIRTQ_DESC_F_NEXT:
+            out.append(d.mem.read(addr + length - 1, 1)[0])
+    return out
+
+
+def test_disk_arguments(tmp_path: Path) -> None:
+    assert parse_disk("a.img") == ("a.img", False)
+    assert parse_disk("a.img,ro") == ("a.img", True)
+    with pytest.raises(VmmError, match="unknown option 'rw'"):
+        parse_disk("a.img,rw")
+    with pytest.raises(VmmError, match="No such file"):
+        VirtioBlk(str(tmp_path / "missing.img"))
+    (tmp_path / "tiny.img").write_bytes(b"x")
+    with pytest.raises(VmmError, match="smaller than one 512-byte sector"):
+        VirtioBlk(str(tmp_path / "tiny.img"))
+
+
+# --- entropy, console, network options -------------------------------------------------------
+def test_rng_fills_writable_buffers(vm: FakeVm) -> None:
+    rng = VirtioRng()
+    d = Driver(vm.attach(rng), vm.memory)
+    d.init()
+    d.queues[0].add([], [64])
+    d.queues[0].kick()
+    assert d.queues[0].wait_used() == [(0, 64)]
+    assert len(set(d.mem.read(d.heap - 64, 64))) > 8
+    assert rng.bytes_served == 64
+
+
+def test_console_input_waits_for_buffers_and_a_connected_port(vm: FakeVm) -> None:
+    output: list[bytes] = []
+    console = VirtioConsole(output.append)
+    d = Driver(vm.attach(console), vm.memory)
+    console.receive(b"typed early")  # before the driver is up: it waits
+    d.init()
+    rx, tx = d.queues
+    rx.add([], [4])
+    rx.add([], [64])
+    rx.kick()
+    time.sleep(0.2)
+    assert rx.used_idx() == 0  # buffers posted, but the port has not written yet: not connected
+    tx.add([b"hello ", b"world\n"], [])
+    tx.kick()
+    tx.wait_used()
+    assert b"".join(output) == b"hello world\n"
+    assert [n for _, n in rx.wait_used(2)] == [4, 7]  # now the input flows, across two buffers
+    console.receive(b"more")  # buffers posted later bring the rest in
+    rx.add([], [64])
+    rx.kick()
+    assert rx.wait_used() == [(2, 4)]
+
+
+def test_network_options() -> None:
+    assert parse_network("mode=tap,tapif=tap0").tapif == "tap0"
+    assert parse_network("mode=none,guest_mac=02:00:00:00:00:01").mac == bytes([2, 0, 0, 0, 0, 1])
+    for bad, why in [("mode=tap", "needs tapif"), ("mode=bridge", "tap or none"), ("mode=none,tapif=x", "no tapif"),
+                     ("mode=none,guest_mac=01:00:00:00:00:01", "multicast"), ("mode=none,guest_mac=zz", "not a MAC"),
+                     ("tapif=" + "x" * 16, "1-15 bytes"), ("speed=10", "not mode=")]:
+        with pytest.raises(VmmError, match=why):
+            parse_network(bad)
+
+
+# --- hostile drivers -----------------------------------------------------------------------
+def test_a_descriptor_loop_marks_the_device_broken_and_reset_recovers(vm: FakeVm, disk: Path) -> None:
+    d = Driver(vm.attach(VirtioBlk(str(disk))), vm.memory)
+    d.init()
+    q = d.queues[0]
+    buf = d.buffer(blk_request(VIRTIO_BLK_T_IN))
+    q.put_desc(0, buf, 16, VIRTQ_DESC_F_NEXT, 1)
+    q.put_desc(1, buf, 16, VIRTQ_DESC_F_NEXT, 0)  # back to 0
+    q.publish_head(0)
+    q.kick()
+    d.wait_broken()
+    assert d.interrupted() == reg.INT_CONFIG_CHANGE
+    q.add([blk_request(VIRTIO_BLK_T_FLUSH)], [1])
+    q.kick()  # a broken device ignores its queues
+    d.write(reg.STATUS, 0)
+    assert d.read(reg.STATUS) == 0
+    d.init()  # and works again after the reset
+    d.queues[0].add([blk_request(VIRTIO_BLK_T_FLUSH)], [1])
+    d.queues[0].kick()
+    assert d.queues[0].wait_used() == [(0, 1)]
+
+
+@pytest.mark.parametrize("ring", ["desc", "avail", "used"])
+def test_rings_outside_ram_or_misaligned_break_the_device(vm: FakeVm, disk: Path, ring: str) -> None:
+    d = Driver(vm.attach(VirtioBlk(str(disk))), vm.memory)
+    d.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER)
+    d.write(reg.DRIVER_FEATURES_SEL, 1)
+    d.write(reg.DRIVER_FEATURES, 1)
+    d.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER | reg.FEATURES_OK)
+    addrs = {"desc": RAM, "avail": RAM + 0x1000, "used": RAM + 0x2000}
+    addrs[ring] = RAM + RAM_SIZE - 8 if ring != "used" else RAM + 0x2001
+    for (lo, hi), a in zip([(reg.QUEUE_DESC_LOW, reg.QUEUE_DESC_HIGH), (reg.QUEUE_DRIVER_LOW, reg.QUEUE_DRIVER_HIGH),
+                            (reg.QUEUE_DEVICE_LOW, reg.QUEUE_DEVICE_HIGH)], addrs.values(), strict=True):
+        d.write(lo, a & 0xFFFF_FFFF)
+        d.write(hi, a >> 32)
+    d.write(reg.QUEUE_READY, 1)
+    assert d.read(reg.QUEUE_READY) == 0
+    assert d.read(reg.STATUS) & reg.DEVICE_NEEDS_RESET
+
+
+QUEUES: list[Virtqueue] = []  # released before the memory fixture unmaps RAM
+
+
+def _queue(mem: GuestMemory, size: int = 8) -> Virtqueue:
+    """An 8-entry queue with its rings at RAM, RAM+0x1000, RAM+0x2000, indices at 0."""
+    mem.write(RAM + 0x1000, bytes(0x2000))
+    q = Virtqueue(0, size, mem)
+    QUEUES.append(q)
+    q.desc_addr, q.avail_addr, q.used_addr = RAM, RAM + 0x1000, RAM + 0x2000
+    q.activate(event_idx=True)
+    return q
+
+
+@pytest.fixture
+def memory() -> Iterator[GuestMemory]:
+    mem = GuestMemory()
+    mem.add(RAM, RAM_SIZE)
+    yield mem
+    while QUEUES:
+        QUEUES.pop().release()
+    mem.close()
+
+
+def test_queue_errors_name_what_is_wrong(memory: GuestMemory) -> None:
+    q = _queue(memory)
+    memory.write(RAM + 0x1000, struct.pack("<HHH", 0, 1, 9))  # head 9 of an 8-entry queue
+    with pytest.raises(QueueError, match="chain head 9 is beyond the queue size 8"):
+        q.pop()
+    q = _queue(memory)
+    memory.write(RAM + 0x1000, struct.pack("<HH", 0, 200))  # 200 new entries in an 8-entry ring
+    with pytest.raises(QueueError, match="available index jumped"):
+        q.pop()
+    q = _queue(memory)
+    memory.write(RAM, DESC.pack(RAM + RAM_SIZE - 4, 64, 0, 0))  # runs off the end of RAM
+    memory.write(RAM + 0x1000, struct.pack("<HHH", 0, 1, 0))
+    with pytest.raises(QueueError, match="is not in guest RAM"):
+        q.pop()
+    q = _queue(memory)
+    memory.write(RAM, DESC.pack(RAM + 0x3000, 32, VIRTQ_DESC_F_INDIRECT | VIRTQ_DESC_F_NEXT, 1))
+    memory.write(RAM + 0x1000, struct.pack("<HHH", 0, 1, 0))
+    with pytest.raises(QueueError, match="nested or chained indirect"):
+        q.pop()
+    q = _queue(memory)
+    memory.write(RAM, DESC.pack(RAM + 0x3000, 16, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1))
+    memory.write(RAM + 16, DESC.pack(RAM + 0x3000, 16, 0, 0))
+    memory.write(RAM + 0x1000, struct.pack("<HHH", 0, 1, 0))
+    with pytest.raises(QueueError, match="readable buffer after a writable"):
+        q.pop()
+
+
+def test_split_handles_any_framing() -> None:
+    data = memoryview(bytearray(b"abcdefgh"))
+    bufs = [data[0:3], data[3:5], data[5:8]]
+    head, rest = split(bufs, 4)
+    assert b"".join(head) == b"abcd" and b"".join(rest) == b"efgh"
+    assert split(bufs, 0) == ([], bufs)
+    assert b"".join(split(bufs, 100)[0]) == b"abcdefgh"
+
+
+descriptor = st.tuples(
+    st.one_of(st.integers(0, 2**64 - 1), st.integers(RAM - 64, RAM + RAM_SIZE + 64)),  # addr
+    st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 4096)),  # len
+    st.integers(0, 0xFFFF) | st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7]),  # flags
+    st.integers(0, 0xFFFF) | st.integers(0, 9))  # next
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(descs=st.lists(descriptor, min_size=8, max_size=8),
+       indirect=st.lists(descriptor, max_size=12),
+       ring=st.lists(st.integers(0, 0xFFFF) | st.integers(0, 9), min_size=8, max_size=8),
+       avail_idx=st.integers(0, 0xFFFF), used_event=st.integers(0, 0xFFFF))
+def test_hostile_rings_never_escape_or_hang(memory: GuestMemory, descs: list, indirect: list, ring: list[int],
+                                            avail_idx: int, used_event: int) -> None:
+    """Random descriptor tables, indirect tables and available rings: pop() returns chains whose
+    buffers all lie in guest RAM, or raises QueueError; nothing else, and it always ends."""
+    q = _queue(memory)
+    for i, d in enumerate(descs):
+        memory.write(RAM + 16 * i, DESC.pack(*d))
+    for i, d in enumerate(indirect):  # an indirect table at a fixed spot some descriptors may hit
+        memory.write(RAM + 0x3000 + 16 * i, DESC.pack(*d))
+    memory.write(RAM + 0x1000, struct.pack("<HH8HH", 0, avail_idx, *ring, used_event))
+    for _ in range(12):
+        try:
+            chain = q.pop()
+        except QueueError:
+            break
+        if chain is None:
+            break
+        assert len(chain.readable) + len(chain.writable) <= 8 * 2
+        for b in chain.readable + chain.writable:
+            assert b.obj is not None and len(b) <= RAM_SIZE
+        q.push(chain.head, chain.writable_len & 0xFFFF_FFFF)
+        q.publish()
+        q.want_notifications()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=st.lists(st.tuples(st.integers(0, 0x1FF), st.sampled_from([1, 2, 4, 8]), st.integers(0, 2**32 - 1)),
+                       max_size=60))
+def test_random_register_writes_never_raise(vm: FakeVm, writes: list[tuple[int, int, int]]) -> None:
+    """Whatever a guest writes to any register, at any width, the transport stays consistent."""
+    t = vm.attach(VirtioRng()) if not vm.mmio.overlaps(reg.VIRTIO_MMIO_BASE, 1) else \
+        vm.mmio.find(reg.VIRTIO_MMIO_BASE).device  # type: ignore[union-attr]
+    t.reset()
+    for offset, size, value in writes:
+        t.write(offset, size, value & ((1 << 8 * size) - 1))
+        t.read(offset, size)
+    for offset in range(0, 0x200, 4):
+        assert 0 <= t.read(offset, 4) < 2**32
+    t.reset()
+    assert os.path.exists(f"/proc/self/fd/{t._irq_fd}")
