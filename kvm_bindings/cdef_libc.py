@@ -2,9 +2,12 @@
 
 ioctl is declared with a pointer third argument rather than as variadic: calling a variadic
 function in ABI mode is not portable, and every KVM ioctl takes either a pointer or an integer
-that fits one (integers are passed as `ffi.cast("void *", n)`).
+that fits one (integers are passed as `ffi.cast("void *", n)`). preadv/pwritev take an iovec
+array built as bytes (virtio-blk's fast path, see pyvmm/devices/virtio/queue.py).
 """
 
 CDEF = """
 int ioctl(int fd, unsigned long request, void *arg);
+ssize_t preadv(int fd, const void *iov, int iovcnt, int64_t offset);   /* iov: struct iovec[] */
+ssize_t pwritev(int fd, const void *iov, int iovcnt, int64_t offset);
 """
