@@ -56,8 +56,9 @@ def run_guest() -> str:
     out = bytearray()
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-") as tmp:
         disk = os.path.join(tmp, "disk.img")
-        with open(disk, "wb") as f:
-            f.truncate(DISK_MIB << 20)
+        with open(disk, "wb") as f:  # allocated, as an image made with dd or qemu-img is
+            for _ in range(DISK_MIB):
+                f.write(bytes(1 << 20))
         with Vm(cpus=1, mem_mib=256, console=out.append) as vm:
             vm.add_virtio(VirtioBlk(disk))
             vm.add_virtio(VirtioNet(parse_network(f"mode=tap,tapif={TAP}")))

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from kvm_bindings.constants import ExitReason
 from kvm_bindings.regs import CORE_REGS, SYS_REGS, sysreg_id
-from pyvmm.exits import HEAD, decode
+from pyvmm.exits import HEAD, decode, decode_mmio
 from pyvmm.kvm import VcpuFd
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ class Vcpu:
                     requests.popleft()(self)
                 continue
             if reason == _MMIO:
-                handle_mmio(self, decode(run))
+                handle_mmio(self, decode_mmio(buf))
             elif not handle_exit(self, decode(run)):
                 return
             if requests:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from kvm_bindings import ffi
 from kvm_bindings.constants import ExitReason, SystemEvent
 from pyvmm import exits
@@ -44,6 +46,18 @@ def test_mmio_read_and_completion() -> None:
     assert exits.decode(run) == MmioExit(0x300_0000, 2, False, 0)
     exits.complete_mmio_read(run, 0x12345, 2)
     assert bytes(run.mmio.data[0:8]) == b"\x45\x23" + bytes(6)
+    exits.complete_mmio_load(ffi.buffer(run), 0xABCDEF, 2)  # the same through the mmap
+    assert bytes(run.mmio.data[0:8]) == b"\xef\xcd" + bytes(6)
+
+
+@pytest.mark.parametrize(("size", "is_write"), [(1, True), (2, False), (4, True), (8, True), (0, True), (9, True)])
+def test_mmio_fast_decode_matches_decode(size: int, is_write: bool) -> None:
+    run = new_run(ExitReason.MMIO)
+    run.mmio.phys_addr = 0x300_0060
+    run.mmio.len = size
+    run.mmio.is_write = is_write
+    run.mmio.data[0:8] = bytes(range(1, 9))
+    assert exits.decode_mmio(ffi.buffer(run)) == exits.decode(run)
 
 
 def test_mmio_with_bogus_length_decodes_without_data() -> None:

@@ -67,17 +67,19 @@ class VirtioDevice:
 
     def serve(self, queue: Virtqueue, handle: Callable[[Chain], int]) -> None:
         """Serve every available chain with `handle` (returns the bytes it wrote into the
-        chain), publish them with one interrupt if the driver wants it, and re-arm the
-        driver's notifications before returning (§2.7.10), re-checking for chains added
-        meanwhile."""
+        chain). Completions are published (with an interrupt, if the driver wants one) as soon
+        as the driver has nothing more queued, so a lone request is answered at once and a
+        burst with one interrupt; before returning, the driver's notifications are re-armed
+        and chains added meanwhile are served (§2.7.10)."""
         while True:
             chain = queue.pop()
             if chain is None:
-                self.used(queue)
                 if not queue.want_notifications():
                     return
                 continue
             queue.push(chain.head, handle(chain))
+            if not queue.pending():
+                self.used(queue)
 
     def watch(self, fd: int, enabled: bool) -> None:
         """From the worker thread: watch or stop watching one of poll_fds() (flow control)."""

@@ -39,36 +39,40 @@ class TableConstants:
     """Per-table-size masks for Virtqueue._linear_table: one 16-byte pattern per descriptor,
     laid out like struct virtq_desc (addr bytes 0-7, len 8-11, flags 12-13, next 14-15)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, gpa: int, size: int, host_addr: int) -> None:
         def every(pattern: bytes, count: int = n) -> int:
             return int.from_bytes(pattern * count, "little")
 
         zero = bytes(DESC_SIZE)
+        self.n = n
         self.addrs = every(b"\xff" * 8 + bytes(8))
         self.lengths = every(b"\xff" * 4 + bytes(12))
-        self.flags = every(bytes(12) + b"\xff\xff" + bytes(2))
         self.write = every(bytes(12) + bytes([VIRTQ_DESC_F_WRITE]) + bytes(3))
-        self.linked = every(bytes(12) + bytes([VIRTQ_DESC_F_NEXT]) + bytes(3), n - 1)  # all but the last
-        self.nexts = every(bytes(14) + b"\xff\xff", n - 1)
-        self.sequence = int.from_bytes(b"".join(bytes(14) + (i + 1).to_bytes(2, "little") for i in range(n - 1))
-                                       + zero, "little")
+        # flags of every entry and next of all but the last (whose next means nothing)
+        self.meta = every(bytes(12) + b"\xff" * 4, n - 1) | 0xFFFF << DESC_BITS * (n - 1) + 96
+        # ... as a linear table has them, WRITE aside: NEXT and next = k + 1, then a last with no flags
+        self.linear = int.from_bytes(b"".join(bytes(12) + bytes([VIRTQ_DESC_F_NEXT, 0]) + (i + 1).to_bytes(2, "little")
+                                              for i in range(n - 1)) + zero, "little")
         self.ones = every(b"\x01" + bytes(15))
         self.guards = every(bytes(8) + b"\x02" + bytes(7))  # bit 65 of each entry
+        self._tails: dict[int, int] = {}
+        # the RAM region's bounds and host offset, repeated in every entry
+        self.starts = gpa * self.ones
+        self.ends = (gpa + size) * self.ones | self.guards
+        self.to_host = (host_addr - gpa) * self.ones
+
+    def writable_tail(self, count: int) -> int:
+        """The WRITE bits of a table whose last `count` entries are writable."""
+        tail = self._tails.get(count)
+        if tail is None:
+            shift = DESC_BITS * (self.n - count)
+            tail = self._tails[count] = self.write >> shift << shift
+        return tail
 
 
 @cache
-def _table_constants(n: int) -> TableConstants:
-    return TableConstants(n)
-
-
-def _sum_entries(fields: int, n: int) -> int:
-    """The sum of n 128-bit entries of `fields` (each small): fold the upper half onto the lower
-    half until one entry is left, log2(n) additions instead of n."""
-    while n > 1:
-        half = (n + 1) // 2
-        fields = (fields & ((1 << DESC_BITS * half) - 1)) + (fields >> DESC_BITS * half)
-        n = half
-    return fields
+def _table_constants(n: int, gpa: int, size: int, host_addr: int) -> TableConstants:
+    return TableConstants(n, gpa, size, host_addr)
 
 
 class QueueError(Exception):
@@ -316,27 +320,27 @@ class Virtqueue:
         ~15 us a descriptor, most of a 1 MiB block request. None: not that shape; the general
         walk then follows it (and names what is wrong, if anything is)."""
         n = len(raw) // DESC_SIZE
-        k = _table_constants(n)
-        t = int.from_bytes(raw, "little")  # one copy: the driver cannot change it under us
-        flags = t & k.flags
-        if flags & ~k.write != k.linked or t & k.nexts != k.sequence:
-            return None  # not linked 0->1->...->n-1 with only NEXT/WRITE flags
-        writes = flags & k.write
-        nr_writable = writes.bit_count()
-        if writes != k.write >> DESC_BITS * (n - nr_writable) << DESC_BITS * (n - nr_writable):
-            return None  # a readable buffer after a writable one
         region = self.memory.regions[0]
+        k = _table_constants(n, region.gpa, region.size, region.host_addr)
+        t = int.from_bytes(raw, "little")  # one copy: the driver cannot change it under us
+        meta = t & k.meta
+        writes = meta & k.write
+        if meta ^ writes != k.linear:
+            return None  # not linked 0->1->...->n-1 with only NEXT/WRITE flags
+        nr_writable = writes.bit_count()
+        if writes != k.writable_tail(nr_writable):
+            return None  # a readable buffer after a writable one
         addrs = t & k.addrs
         lengths = (t >> 64) & k.lengths  # each length moved to its entry's low bits
         # Each entry is 128 bits and an address 64, so bit 65 of every entry can serve as a
         # guard: a subtraction that goes negative in one entry clears that entry's guard.
-        if ((addrs | k.guards) - region.gpa * k.ones) & k.guards != k.guards:
+        if ((addrs | k.guards) - k.starts) & k.guards != k.guards:
             return None  # an address below the region
-        if (((region.gpa + region.size) * k.ones | k.guards) - (addrs + lengths)) & k.guards != k.guards:
+        if (k.ends - (addrs + lengths)) & k.guards != k.guards:
             return None  # a buffer past its end
-        iov = addrs + (region.host_addr - region.gpa) * k.ones + (lengths << 64)
-        return Chain(head, None, None, iov.to_bytes(len(raw), "little"), n - nr_writable, _sum_entries(lengths, n),
-                     region)
+        iov = (addrs + k.to_host | lengths << 64).to_bytes(len(raw), "little")
+        total = sum(memoryview(iov).cast("Q")[1::2])
+        return Chain(head, None, None, iov, n - nr_writable, total, region)
 
     def _view(self, addr: int, length: int, head: int) -> memoryview:
         try:
