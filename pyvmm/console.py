@@ -7,6 +7,7 @@ terminal, which is put in raw mode for the run; Ctrl-A x stops the VM, as in kvm
 
 from __future__ import annotations
 
+import io
 import os
 import select
 import sys
@@ -18,9 +19,18 @@ from collections.abc import Callable
 CTRL_A = 0x01
 
 
+def _stdout_fd() -> int:
+    """Standard output's descriptor, also when sys.stdout was swapped for an object without one
+    (an embedding application, pytest's capture): then the process's own fd 1."""
+    try:
+        return sys.stdout.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return 1
+
+
 class ConsoleOutput:
     def __init__(self, fd: int | None = None) -> None:
-        self.fd = sys.stdout.fileno() if fd is None else fd
+        self.fd = _stdout_fd() if fd is None else fd
         self._buf = bytearray()
         self._lock = threading.Lock()
 

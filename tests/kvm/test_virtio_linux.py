@@ -139,10 +139,19 @@ def test_console_over_virtio_both_ways() -> None:
     assert "PYVMM-GUEST: init reached" in p.stdout  # init's own output went through hvc0
 
 
-@pytest.mark.parametrize("spec", ["mode=tap", "mode=bridge", "tapif=", "mode=none,guest_mac=01:00:00:00:00:01"])
-def test_bad_network_flags_are_one_line(spec: str) -> None:
+@pytest.mark.parametrize(("flag", "value", "message"), [
+    ("-n", "mode=tap", "network 'mode=tap': mode=tap needs tapif=NAME"),
+    ("-n", "mode=bridge", "network 'mode=bridge': mode must be tap or none"),
+    ("-n", "tapif=", "network 'tapif=': mode=tap needs tapif=NAME"),
+    ("-n", "mode=none,guest_mac=01:00:00:00:00:01",
+     "network 'mode=none,guest_mac=01:00:00:00:00:01': 01:00:00:00:00:01 is a multicast address: a NIC needs a unicast one"),
+    ("-d", "/nonexistent.img", "disk /nonexistent.img: No such file or directory"),
+    ("-d", "/dev/null", "disk /dev/null is smaller than one 512-byte sector"),
+    ("-d", "x.img,rw", "disk 'x.img,rw': unknown option 'rw' (FILE or FILE,ro)"),
+])
+def test_bad_device_flags_are_one_line(flag: str, value: str, message: str) -> None:
     image, _ = linux_guest()
-    p = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-k", str(image), "-n", spec],
+    p = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-k", str(image), flag, value],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == cli.EXIT_ERROR
-    assert len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("pyvmm: error: network"), p.stderr
+    assert p.stderr.splitlines() == [f"pyvmm: error: {message}"]

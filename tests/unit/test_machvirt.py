@@ -13,6 +13,10 @@ import pytest
 from devicetree.builder import build_dtb
 from devicetree.machvirt import machine_tree
 from pyvmm.devices.serial import SerialPort
+from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.mmio import VIRTIO_MMIO_BASE, VirtioMmio
+from pyvmm.devices.virtio.rng import VirtioRng
+from tests.unit.virtio_driver import FakeVmFd
 
 
 class FakeMachine:
@@ -29,6 +33,16 @@ class FakeMachine:
         self.devices: list = []
         self._spi = 0
         self.serial = SerialPort(self, lambda byte: None)  # type: ignore[arg-type]
+        self.fd = FakeVmFd()
+        self.virtio: list[VirtioMmio] = []
+
+    def add_virtio(self, device: VirtioDevice) -> None:
+        self.virtio.append(VirtioMmio(self, device, VIRTIO_MMIO_BASE + 0x200 * len(self.virtio),  # type: ignore[arg-type]
+                                      self.allocate_spi()))
+
+    def close(self) -> None:
+        for t in self.virtio:
+            t.close()
 
     def allocate_spi(self) -> int:
         self._spi += 1
@@ -70,6 +84,22 @@ def test_tree_content(cpus: int, gic: int, conduit: str) -> None:
     assert "linux,initrd-start = <0x00 0x8f000000>;" in dts and 'bootargs = "console=ttyS0";' in dts
 
 
+def test_virtio_devices_have_kvmtool_addresses_and_edge_interrupts() -> None:
+    machine = FakeMachine(1)
+    machine.add_virtio(VirtioRng())
+    machine.add_virtio(VirtioRng())
+    try:
+        dts = decompile(dtb_for(machine))
+    finally:
+        machine.close()
+    for base, spi in ((0x3000000, 1), (0x3000200, 2)):
+        node = dts[dts.index(f"virtio@{base:x} {{"):]
+        node = node[:node.index("};")]
+        assert 'compatible = "virtio,mmio";' in node and "dma-coherent;" in node
+        assert f"reg = <0x00 {base:#x} 0x00 0x200>;" in node
+        assert f"interrupts = <0x00 {spi:#04x} 0x01>;" in node  # SPI, edge rising
+
+
 def dt_tool(name: str) -> str:
     tool = Path(sys.executable).parent / name
     if tool.exists():
@@ -80,8 +110,8 @@ def dt_tool(name: str) -> str:
 
 
 def test_tree_passes_dt_validate(tmp_path: Path) -> None:
-    """dtschema's core schemas, plus tests/schemas for the psci and sdei nodes (whose bindings
-    live in the kernel tree, not in dtschema)."""
+    """dtschema's core schemas, plus tests/schemas for the psci, sdei and virtio-mmio nodes
+    (whose bindings live in the kernel tree, not in dtschema)."""
     schema = tmp_path / "processed.json"
     with open(schema, "w") as f:
         subprocess.run([dt_tool("dt-mk-schema"), "-j", str(Path(__file__).parents[1] / "schemas")], stdout=f,
@@ -94,6 +124,12 @@ def test_tree_passes_dt_validate(tmp_path: Path) -> None:
         return [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
 
     assert validate(dtb_for(FakeMachine(2), sdei=True)) == []
+    with_virtio = FakeMachine(1)
+    with_virtio.add_virtio(VirtioRng())
+    try:
+        assert validate(dtb_for(with_virtio)) == []
+    finally:
+        with_virtio.close()
     assert validate(dtb_for(FakeMachine(4, conduit="smc"))) == []
     bad = FakeMachine(1, conduit="svc")  # a conduit the binding does not allow is caught
     assert any("method" in line for line in validate(dtb_for(bad, sdei=True)))

@@ -1,0 +1,149 @@
+// A hostile virtio driver against pyvmm's virtio-blk at 0x3000000 (virtio-mmio version 2).
+// It sets the device up properly (virtio 1.2 §3.1.1), then makes available a descriptor chain
+// that loops (0 -> 1 -> 0) and kicks through QueueNotify, which KVM turns into an ioeventfd
+// signal. pyvmm must mark the device DEVICE_NEEDS_RESET with a configuration-change interrupt,
+// not hang or crash; after a reset a chain whose buffer lies outside RAM must do the same; after
+// another reset a well-formed FLUSH request must complete. Reports (x1..x3):
+//   1: status after the set-up (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK), 0, 0
+//   2: status, InterruptStatus, polls left when NEEDS_RESET showed up (loop)
+//   3: status after the reset, 0, 0
+//   4: status, InterruptStatus, polls left (buffer outside RAM)
+//   5: used index, used length, the request's status byte (FLUSH after a reset)
+    .include "common.inc"
+
+    .equ VIRTIO, 0x3000000
+    .equ STATUS, 0x70
+    .equ QUEUE_NOTIFY, 0x50
+    .equ INTERRUPT_STATUS, 0x60
+    .equ INTERRUPT_ACK, 0x64
+    .equ RAM, 0x80000000
+    .equ DESC, RAM + 0x100000
+    .equ AVAIL, RAM + 0x101000
+    .equ USED, RAM + 0x102000
+    .equ BUF, RAM + 0x103000
+    .equ POLLS, 20000                      // register polls (each one an exit)
+    .equ SPINS, 0x10000000                 // memory polls
+
+    .macro mmio_w off, val
+    movl w9, \val
+    str w9, [x20, #\off]
+    .endm
+
+// desc[\i] = {addr, len, flags, next}; clobbers x9, x10
+    .macro desc i, addr, len, flags, next
+    movl x9, DESC + 16 * \i
+    ldr x10, =\addr
+    str x10, [x9]
+    movl w10, \len
+    str w10, [x9, #8]
+    mov w10, #\flags
+    strh w10, [x9, #12]
+    mov w10, #\next
+    strh w10, [x9, #14]
+    .endm
+
+    .text
+    .global _start
+_start:
+    movl x20, VIRTIO
+    bl setup
+    ldr w1, [x20, #STATUS]
+    mov x2, #0
+    mov x3, #0
+    report
+
+    // a loop: 0 -> 1 -> 0
+    desc 0, BUF, 16, 1, 1
+    desc 1, BUF, 16, 1, 0
+    bl make_available
+    bl wait_needs_reset
+    report
+
+    mmio_w STATUS, 0
+    ldr w1, [x20, #STATUS]
+    mov x2, #0
+    mov x3, #0
+    report
+
+    // a buffer far outside guest RAM
+    bl setup
+    desc 0, 0x10, 0xFFFFFFFF, 0, 0
+    bl make_available
+    bl wait_needs_reset
+    report
+
+    // after a reset, a well-formed FLUSH: header (type 4) readable, status byte writable
+    mmio_w STATUS, 0
+    bl setup
+    movl x9, BUF
+    mov w10, #4
+    str w10, [x9]
+    str wzr, [x9, #4]
+    str xzr, [x9, #8]
+    mov w10, #0xFF
+    strb w10, [x9, #0x100]
+    desc 0, BUF, 16, 1, 1
+    desc 1, BUF + 0x100, 1, 2, 0
+    bl make_available
+    movl x11, USED
+    movl x3, SPINS
+1:  ldrh w1, [x11, #2]
+    cbnz w1, 2f
+    subs x3, x3, #1
+    b.ne 1b
+2:  ldr w2, [x11, #8]                      // used.ring[0].len
+    movl x9, BUF
+    ldrb w3, [x9, #0x100]
+    report
+    system_off
+
+// Reset and bring the device up with queue 0 of 8 entries at DESC/AVAIL/USED; zero the rings.
+setup:
+    movl x9, DESC
+    mov x10, #0x3000
+3:  subs x10, x10, #8
+    str xzr, [x9, x10]
+    b.ne 3b
+    mmio_w STATUS, 0
+    mmio_w STATUS, 1                       // ACKNOWLEDGE
+    mmio_w STATUS, 3                       // DRIVER
+    mmio_w 0x24, 1                         // DriverFeaturesSel = 1
+    mmio_w 0x20, 1                         // VIRTIO_F_VERSION_1 (bit 32)
+    mmio_w 0x24, 0
+    mmio_w 0x20, 0
+    mmio_w STATUS, 11                      // FEATURES_OK
+    mmio_w 0x30, 0                         // QueueSel
+    mmio_w 0x38, 8                         // QueueNum
+    mmio_w 0x80, DESC
+    mmio_w 0x84, 0
+    mmio_w 0x90, AVAIL
+    mmio_w 0x94, 0
+    mmio_w 0xa0, USED
+    mmio_w 0xa4, 0
+    mmio_w 0x44, 1                         // QueueReady
+    mmio_w STATUS, 15                      // DRIVER_OK
+    ret
+
+// avail.ring[0] = 0, avail.idx = 1, then notify queue 0
+make_available:
+    movl x9, AVAIL
+    strh wzr, [x9, #4]
+    dsb sy                                  // ring entry before the index (§2.7.13)
+    mov w10, #1
+    strh w10, [x9, #2]
+    dsb sy                                  // index before the notification
+    str wzr, [x20, #QUEUE_NOTIFY]
+    ret
+
+// Poll the status register for DEVICE_NEEDS_RESET: x1 = status, x2 = InterruptStatus, x3 = polls left
+wait_needs_reset:
+    movl x3, POLLS
+4:  ldr w1, [x20, #STATUS]
+    tbnz w1, #6, 5f
+    subs x3, x3, #1
+    b.ne 4b
+5:  ldr w2, [x20, #INTERRUPT_STATUS]
+    str w2, [x20, #INTERRUPT_ACK]
+    ret
+
+    .ltorg
