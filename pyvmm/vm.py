@@ -134,6 +134,7 @@ class Vm:
         self.before_power_on: Callable[[Vcpu], None] | None = None  # hook: a vCPU is about to boot
         self.dt_devices: list = []  # devices that contribute a device-tree node
         self.virtio: list[VirtioMmio] = []  # add_virtio()
+        self.irqfd_spis: set[int] = set()  # SPIs KVM raises from an eventfd (irqfd())
         self._next_spi = 0
         self.gic = Gic(self.fd, cpus)
         for base, size, name in self.gic.regions:
@@ -208,6 +209,12 @@ class Vm:
         if sdei is not None and sdei.interrupt(intid, level):
             return
         self.raise_gic_line(intid, level)
+
+    def irqfd(self, fd: int, spi: int) -> None:
+        """Have KVM raise SPI `spi` whenever eventfd `fd` is signalled (KVM_IRQFD; on arm64 the
+        GSI is the SPI number). Such a line bypasses pyvmm, so SDEI cannot bind it."""
+        self.fd.irqfd(fd, spi)
+        self.irqfd_spis.add(spi)
 
     def raise_gic_line(self, intid: int, level: bool) -> None:
         """KVM_IRQ_LINE for an SPI: irq_type SPI, irq_id = INTID."""

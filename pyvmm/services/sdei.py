@@ -12,6 +12,7 @@ Events:
   * bound events (INTERRUPT_BIND, §5.1.14): an SPI a pyvmm device drives becomes shared event
     BIND_EVENT_BASE + slot; while that event is registered the line is taken from the vGIC and
     its level raises the event instead (FEATURES(BIND_SLOTS) tells the client how many slots).
+    Lines KVM raises from an irqfd (virtio devices) never pass through pyvmm and cannot be bound.
 
 Dispatch (§6.3, §6.5): on the target vCPU's own thread, with its state consistent (after an
 immediate-exit KVM_RUN, Documentation/virt/kvm/api.rst), x0-x17, PC and PSTATE are saved and
@@ -482,6 +483,8 @@ class Sdei(Service):
                 return INVALID_PARAMETERS  # SGIs cannot be bound; no such interrupt
             if intid < SPI_BASE:
                 return OUT_OF_RESOURCE  # PPIs are the in-kernel timers' and PMU's: no private slots
+            if intid - SPI_BASE in self.vm.irqfd_spis:
+                return INVALID_PARAMETERS  # signalled by KVM irqfd (virtio): it never passes through pyvmm
             reg = self.bound.get(intid)
             if reg is not None:
                 return reg.spec.number  # already bound: the same event

@@ -174,6 +174,7 @@ class FakeSdeiMachine(FakeMachine):
         self.memory = self
         self.smccc = FakeDispatcherHost()
         self.gic_lines: list[tuple[int, bool]] = []
+        self.irqfd_spis: set[int] = {20}  # INTID 52 is wired to an irqfd, as a virtio device's is
 
     def raise_gic_line(self, intid: int, level: bool) -> None:
         self.gic_lines.append((intid, level))

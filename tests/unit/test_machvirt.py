@@ -36,6 +36,9 @@ class FakeMachine:
         self.fd = FakeVmFd()
         self.virtio: list[VirtioMmio] = []
 
+    def irqfd(self, fd: int, spi: int) -> None:
+        self.fd.irqfd(fd, spi)
+
     def add_virtio(self, device: VirtioDevice) -> None:
         self.virtio.append(VirtioMmio(self, device, VIRTIO_MMIO_BASE + 0x200 * len(self.virtio),  # type: ignore[arg-type]
                                       self.allocate_spi()))

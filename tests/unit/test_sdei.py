@@ -331,6 +331,7 @@ def test_interrupt_bind_and_release() -> None:
     assert call(d, v, BIND, 3) == s.INVALID_PARAMETERS  # SGI
     assert call(d, v, BIND, 27) == s.OUT_OF_RESOURCE  # PPI: no private slots
     assert call(d, v, BIND, 256) == s.INVALID_PARAMETERS
+    assert call(d, v, BIND, 52) == s.INVALID_PARAMETERS  # an irqfd line: KVM signals it, not pyvmm
     assert call(d, v, BIND, 40) == 1000
     assert call(d, v, BIND, 40) == 1000  # bound already: the same event
     assert call(d, v, INFO, 1000, s.INFO_TYPE) == 1

@@ -40,6 +40,9 @@ class FakeVm:
         self.mmio = MmioBus()
         self.dt_devices: list[object] = []
 
+    def irqfd(self, fd: int, spi: int) -> None:
+        self.fd.irqfd(fd, spi)
+
     def add_device(self, base: int, size: int, device: object, name: str, dt: object = None) -> None:
         self.mmio.add(base, size, device, name)  # type: ignore[arg-type]
         if dt is not None:

@@ -74,7 +74,7 @@ class VirtioMmio:
         self._irq_fd = os.eventfd(0, os.EFD_CLOEXEC)
         self._kick_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        vm.fd.irqfd(self._irq_fd, spi)  # gsi = SPI number (arm64 default routing: pin + 32)
+        vm.irqfd(self._irq_fd, spi)
         for i, fd in enumerate(self._kick_fds):
             vm.fd.ioeventfd(base + QUEUE_NOTIFY, 4, fd, KVM_IOEVENTFD_FLAG_DATAMATCH, i)
         vm.add_device(base, VIRTIO_MMIO_SIZE, self, self.name, dt=self)
