@@ -24,7 +24,7 @@ from pyvmm.vm import Vm
 from tests.conftest import linux_guest
 
 DISK_MIB = 64
-RUNS = 3
+RUNS = 5
 TAP = "pyvmmbench0"
 HOST_IP, GUEST_IP = "192.168.77.1", "192.168.77.2"
 KVMTOOL_READ_MBS = (140.0, 170.0)
