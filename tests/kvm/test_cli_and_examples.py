@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -101,4 +102,6 @@ def test_boot_linux_example() -> None:
     assert "[vcpu0 hvc] PSCI_VERSION() = 0x10001" in p.stdout
     assert "[vcpu0 hvc] CPU_ON(target_cpu=0x1, entry_point_address=0x" in p.stdout
     assert "PYVMM-GUEST: dmesg: " in p.stdout and "smp: Brought up 1 node, 2 CPUs" in p.stdout
+    assert "PYVMM-GUEST: read from /dev/vda: hello from a virtio-blk disk" in p.stdout
+    assert re.search(r"PYVMM-GUEST: from /dev/hwrng:( [0-9a-f]{2}){8}", p.stdout)
     assert "guest ended: poweroff (vcpu0): PSCI SYSTEM_OFF" in p.stdout
