@@ -83,8 +83,8 @@ endif
 test: lint unit kvm
 
 # The demo: Linux boots with PSCI and SDEI serviced (and traced) in Python and reads a virtio disk
-# and virtio entropy, an assembled guest
-# calls a Python SMCCC service over HVC and over SMC, and another receives SDEI events.
+# and virtio entropy, an assembled guest calls a Python SMCCC service over HVC and over SMC, and
+# another receives SDEI events.
 demo: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
 ifeq ($(NATIVE_KVM),yes)
 	@$(VPY) examples/boot_linux.py && $(VPY) examples/smccc_demo.py && $(VPY) examples/sdei_demo.py
