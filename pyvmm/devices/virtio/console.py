@@ -20,6 +20,7 @@ from pyvmm.devices.virtio.queue import Chain, Virtqueue, fill
 RECEIVEQ, TRANSMITQ = 0, 1  # port 0's queues (§5.3.2)
 QUEUE_SIZE = 64
 MAX_PENDING_INPUT = 64 << 10
+OUTPUT_PIECE = 64 << 10
 
 
 class VirtioConsole(VirtioDevice):
@@ -63,7 +64,9 @@ class VirtioConsole(VirtioDevice):
     def _transmit(self, chain: Chain) -> int:
         self._connected = True
         for buf in chain.readable:
-            self.output(bytes(buf))
+            # in pieces: a chain may name all of guest RAM, the host must not copy it at once
+            for start in range(0, len(buf), OUTPUT_PIECE):
+                self.output(bytes(buf[start:start + OUTPUT_PIECE]))
         return 0
 
     def _input_arrived(self) -> None:
