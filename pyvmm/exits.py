@@ -104,14 +104,15 @@ _U64 = struct.Struct("<Q")
 
 
 def decode_mmio(buf: object) -> MmioExit:
-    """KVM_EXIT_MMIO from the kvm_run mmap (what decode() gives, without cffi attribute access)."""
+    """KVM_EXIT_MMIO from the kvm_run mmap (or ffi.buffer of it), without cffi attribute access."""
     addr, data, size, is_write = _MMIO.unpack_from(buf, _MMIO_OFFSET)  # type: ignore[arg-type]
     value = int.from_bytes(data[:size], "little") if is_write and 0 < size <= 8 else 0
     return MmioExit(addr, size, bool(is_write), value)
 
 
-def complete_mmio_load(buf: object, value: int, size: int) -> None:
-    """Like complete_mmio_read, on the kvm_run mmap."""
+def complete_mmio_read(buf: object, value: int, size: int) -> None:
+    """Write a load's result into kvm_run.mmio.data (`buf`: the kvm_run mmap); KVM finishes the
+    load on re-entry."""
     _U64.pack_into(buf, _MMIO_DATA, value & ((1 << (8 * size)) - 1) if 0 < size <= 8 else 0)  # type: ignore[arg-type]
 
 
@@ -123,10 +124,7 @@ def decode(run: object) -> Exit:
         flags = hc.flags
         return HypercallExit(hc.nr, bool(flags & _SMC), bool(flags & _T16))
     if reason == _MMIO_EXIT:
-        m = run.mmio  # type: ignore[attr-defined]
-        size = m.len
-        data = int.from_bytes(bytes(m.data[0:size]), "little") if m.is_write and 0 < size <= 8 else 0
-        return MmioExit(m.phys_addr, size, bool(m.is_write), data)
+        return decode_mmio(ffi.buffer(run))
     if reason == ExitReason.SYSTEM_EVENT:
         ev = run.system_event  # type: ignore[attr-defined]
         return SystemEventExit(ev.type, tuple(ev.data[0:min(ev.ndata, 16)]))
@@ -141,8 +139,3 @@ def decode(run: object) -> Exit:
         ie = run.internal  # type: ignore[attr-defined]
         return InternalErrorExit(ie.suberror, tuple(ie.data[0:min(ie.ndata, 16)]))
     return UnknownExit(reason)
-
-
-def complete_mmio_read(run: object, value: int, size: int) -> None:
-    """Write a load's result back into kvm_run.mmio.data; KVM finishes the load on re-entry."""
-    run.mmio.data[0:8] = (value & ((1 << (8 * size)) - 1)).to_bytes(8, "little")  # type: ignore[attr-defined]

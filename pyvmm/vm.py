@@ -39,7 +39,7 @@ from pyvmm.exits import (
     MmioExit,
     NisvExit,
     SystemEventExit,
-    complete_mmio_load,
+    complete_mmio_read,
 )
 from pyvmm.irqchip import NR_IRQS, SPI_BASE, Gic, InKernelRegion
 from pyvmm.kvm import Kvm
@@ -424,7 +424,7 @@ class Vm:
             if ex.is_write:
                 m.device.write(off, ex.size, ex.data)
             else:
-                complete_mmio_load(vcpu.fd.mmap, m.device.read(off, ex.size), ex.size)
+                complete_mmio_read(vcpu.fd.mmap, m.device.read(off, ex.size), ex.size)
             return
         access = f"{'write' if ex.is_write else 'read'} of {ex.size} bytes at {ex.addr:#x}"
         if self.unhandled_mmio.policy == "stop":
@@ -433,7 +433,7 @@ class Vm:
             self.unhandled_mmio.accesses.append(ex)
             log.warning("vcpu%d: %s hits no RAM or device (reads as 0, writes ignored)", vcpu.index, access)
         if not ex.is_write:
-            complete_mmio_load(vcpu.fd.mmap, 0, ex.size)
+            complete_mmio_read(vcpu.fd.mmap, 0, ex.size)
 
     def handle_exit(self, vcpu: Vcpu, ex: Exit) -> bool:
         """Exits other than hypercall and MMIO. Returns False when this vCPU's loop must end."""

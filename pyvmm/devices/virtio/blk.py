@@ -116,9 +116,13 @@ class VirtioBlk(VirtioDevice):
         chain.view(n - 1)[0] = status
         return written + 1
 
+    def _fits(self, sector: int, length: int) -> bool:
+        """Whole sectors, all inside the disk."""
+        return not length % SECTOR and sector + length // SECTOR <= self.sectors
+
     def _vectored(self, call: Callable[..., int], iov: bytes, count: int, length: int,
                   sector: int) -> tuple[int, int]:
-        if length % SECTOR or sector + length // SECTOR > self.sectors:
+        if not self._fits(sector, length):
             return VIRTIO_BLK_S_IOERR, 0
         done = call(self.fd, ffi.from_buffer(iov), count, sector * SECTOR)
         # a regular file transfers all or fails; less means it shrank under us or a device error
@@ -127,8 +131,7 @@ class VirtioBlk(VirtioDevice):
     def _io(self, call: Callable[[int, list[memoryview], int], int], buffers: list[memoryview],
             sector: int) -> tuple[int, int]:
         """preadv or pwritev of whole sectors inside the disk; (status, bytes moved)."""
-        length = sum(map(len, buffers))
-        if length % SECTOR or sector + length // SECTOR > self.sectors:
+        if not self._fits(sector, sum(map(len, buffers))):
             return VIRTIO_BLK_S_IOERR, 0
         offset, done = sector * SECTOR, 0
         try:

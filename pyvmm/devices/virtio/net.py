@@ -39,11 +39,11 @@ class NetworkSpec(NamedTuple):
 def parse_mac(text: str) -> bytes:
     parts = text.split(":")
     try:
-        mac = bytes(int(p, 16) for p in parts) if len(parts) == 6 and all(len(p) == 2 for p in parts) else b""
+        if len(parts) != 6 or any(len(p) != 2 for p in parts):
+            raise ValueError
+        mac = bytes.fromhex("".join(parts))
     except ValueError:
-        mac = b""
-    if len(mac) != 6:
-        raise VmmError(f"{text!r} is not a MAC address (xx:xx:xx:xx:xx:xx)")
+        raise VmmError(f"{text!r} is not a MAC address (xx:xx:xx:xx:xx:xx)") from None
     if mac[0] & 1:
         raise VmmError(f"{text} is a multicast address: a NIC needs a unicast one")
     return mac
