@@ -29,11 +29,13 @@ UP_RE = re.compile(r"@@ARMHOST-UP ([\d.]+) @@")
 def qemu_command(kernel: Path, initrd: Path, cpus: int, mem_mib: int) -> list[str]:
     # virtualization=on gives the guest EL2, so its kernel brings up KVM (VHE); gic-version=3 lets
     # it offer a vGICv3 to its own guests. pauth-impdef: QEMU's cheap pointer-auth algorithm,
-    # much faster under TCG than the architected QARMA.
+    # much faster under TCG than the architected QARMA. -nic none: the host needs no network, and
+    # the virt board's default NIC wants an option ROM (efi-virtio.rom, from ipxe-qemu) that a
+    # QEMU installed without recommends does not have, so QEMU would refuse to start.
     return [
         "qemu-system-aarch64", "-M", "virt,virtualization=on,gic-version=3",
         "-cpu", os.environ.get("ARMHOST_CPU", "max,pauth-impdef=on"), "-smp", str(cpus), "-m", str(mem_mib),
-        "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio",
+        "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio", "-nic", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "console=ttyAMA0 rdinit=/init panic=-1 quiet loglevel=3",
     ]
