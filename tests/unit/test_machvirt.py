@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,3 +138,73 @@ def test_tree_passes_dt_validate(tmp_path: Path) -> None:
     assert validate(dtb_for(FakeMachine(4, conduit="smc"))) == []
     bad = FakeMachine(1, conduit="svc")  # a conduit the binding does not allow is caught
     assert any("method" in line for line in validate(dtb_for(bad, sdei=True)))
+
+
+# Negative checks: each tests/schemas file rejects pyvmm's tree once one rule of its kernel
+# binding is broken in it (so the dt-validate pass above can fail).
+
+@pytest.fixture(scope="module")
+def processed_schemas(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    schema = tmp_path_factory.mktemp("dtschema") / "processed.json"
+    with open(schema, "w") as f:
+        subprocess.run([dt_tool("dt-mk-schema"), "-j", str(Path(__file__).parents[1] / "schemas")], stdout=f,
+                       check=True)
+    return schema
+
+
+def node_span(dts: str, path: str) -> tuple[int, int]:
+    """Where the node at `path` (e.g. "firmware/sdei") is in dtc's decompiled text."""
+    start, indent = 0, ""
+    for name in path.split("/"):
+        indent += "\t"
+        start = dts.index(f"\n{indent}{name} {{\n", start)
+    return start, dts.index(f"\n{indent}}};", start) + len(indent) + 3
+
+
+def drop_property(dts: str, path: str, prop: str) -> str:
+    start, end = node_span(dts, path)
+    node = re.sub(rf"\n\t+{re.escape(prop)} = [^\n]*;", "", dts[start:end], count=1)
+    assert node != dts[start:end], f"{path} has no {prop}"
+    return dts[:start] + node + dts[end:]
+
+
+def set_method(dts: str, path: str, value: str) -> str:
+    start, end = node_span(dts, path)
+    node = re.sub(r'method = "[a-z]+";', f'method = "{value}";', dts[start:end], count=1)
+    assert node != dts[start:end], f"{path} has no method"
+    return dts[:start] + node + dts[end:]
+
+
+def move_to_root(dts: str, path: str) -> str:
+    start, end = node_span(dts, path)
+    node = "\n".join(line[path.count("/"):] for line in dts[start:end].split("\n"))
+    rest = dts[:start] + dts[end:]
+    return rest[:rest.rindex("\n};")] + node + rest[rest.rindex("\n};"):]
+
+
+@pytest.mark.parametrize(("schema", "breakage", "expected"), [
+    ("psci.yaml", lambda dts: drop_property(dts, "psci", "method"), "'method' is a required property"),
+    ("virtio-mmio.yaml", lambda dts: drop_property(dts, "virtio@3000000", "interrupts"),
+     "'interrupts' is a required property"),
+    ("sdei.yaml", lambda dts: set_method(dts, "firmware/sdei", "svc"), "'svc' is not one of ['smc', 'hvc']"),
+    ("sdei-placement.yaml", lambda dts: move_to_root(dts, "firmware/sdei"), "should not be valid under"),
+], ids=["psci-without-method", "virtio-mmio-without-interrupts", "sdei-method-svc", "sdei-outside-firmware"])
+def test_schemas_reject_a_tree_that_breaks_the_binding(processed_schemas: Path, tmp_path: Path, schema: str,
+                                                       breakage: Callable[[str], str], expected: str) -> None:
+    machine = FakeMachine(1)
+    machine.add_virtio(VirtioRng())
+    try:
+        dts = decompile(dtb_for(machine, sdei=True))
+    finally:
+        machine.close()
+
+    def validate(source: str) -> str:
+        subprocess.run(["dtc", "-I", "dts", "-O", "dtb", "-q", "-o", str(tmp_path / "t.dtb")], input=source.encode(),
+                       check=True)
+        out = subprocess.run([dt_tool("dt-validate"), "-s", str(processed_schemas), str(tmp_path / "t.dtb")],
+                             capture_output=True, text=True)
+        return out.stdout + out.stderr
+
+    assert validate(dts).strip() == ""  # the tree as generated passes
+    report = validate(breakage(dts))
+    assert expected in report and f"http://devicetree.org/schemas/{schema}" in report, report
