@@ -37,17 +37,27 @@ def main(argv: list[str]) -> int:
         if shutil.which(tool) is None:
             print(f"armhost: {tool} not found (run `make host-deps`)", file=sys.stderr)
             return 2
+    command = getattr(args, "command", [])
+    command = command[1:] if command[:1] == ["--"] else command
+    if args.cmd == "run" and not command:
+        print("armhost: run needs a command after --", file=sys.stderr)
+        return 2
     image = HostImage(args.cache)
     image.build()
     if args.cmd == "build":
         return 0
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        print("armhost: run needs a command after --", file=sys.stderr)
-        return 2
     return run(image.kernel, image.base, CHECKOUT, command, cpus=args.cpus, mem_mib=args.mem,
                timeout=args.timeout)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    # A failed step exits with its own one-line message (steps.run_step); what is left here (a full
+    # disk, a missing file, Ctrl-C) also ends with one line instead of a traceback.
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:
+        print("armhost: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:
+        print(f"armhost: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from image import log, pack_cpio, precompile
+from image import pack_cpio, precompile
+from steps import log
 
 # What of the checkout goes into the emulated host (build/ holds the assembled guests).
 OVERLAY_PATHS = ["pyproject.toml", "pyvmm", "kvm_bindings", "devicetree", "tests", "examples", "benchmarks",

@@ -12,12 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from steps import log, run_step
+
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 SUITES = ("bookworm", "bookworm-updates", "bookworm-backports")
-
-
-def _log(msg: str) -> None:
-    print(f"armhost: {msg}", file=sys.stderr, flush=True)
 
 
 def system_mirror() -> str:
@@ -75,13 +73,13 @@ class Arm64Apt:
         mirror = system_mirror()
         lines = [f"deb [arch=arm64 signed-by={KEYRING}] {mirror} {s} main" for s in SUITES]
         (self.root / "sources.list").write_text("\n".join(lines) + "\n")
-        _log(f"updating arm64 package lists ({', '.join(SUITES)})")
-        subprocess.run(["apt-get", *self._opts(), "update"], check=True, stdout=subprocess.DEVNULL)
+        log(f"updating arm64 package lists ({', '.join(SUITES)})")
+        run_step("apt-get update (arm64 package lists)", ["apt-get", *self._opts(), "update"],
+                 stdout=subprocess.DEVNULL)
 
     def show(self, spec: str) -> str:
-        out = subprocess.run(
-            ["apt-cache", *self._opts(), "show", spec], check=True, capture_output=True, text=True
-        )
+        out = run_step(f"apt-cache show {spec}", ["apt-cache", *self._opts(), "show", spec],
+                       capture_output=True, text=True)
         return out.stdout
 
     def newest_kernel_package(self) -> str:
@@ -102,10 +100,9 @@ class Arm64Apt:
             ):
                 missing.append(pkg)
         if missing:
-            _log(f"downloading {len(missing)} arm64 packages: {' '.join(missing)}")
-            subprocess.run(
-                ["apt-get", *self._opts(), "download", *missing], check=True, cwd=self.archives
-            )
+            log(f"downloading {len(missing)} arm64 packages: {' '.join(missing)}")
+            run_step("apt-get download (arm64 packages)", ["apt-get", *self._opts(), "download", *missing],
+                     cwd=self.archives)
         debs = []
         for pkg in packages:
             name = pkg.split("/")[0]
@@ -118,7 +115,7 @@ class Arm64Apt:
 
 def extract(deb: Path, dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], check=True)
+    run_step(f"dpkg-deb -x {deb.name}", ["dpkg-deb", "-x", str(deb), str(dest)])
 
 
 if __name__ == "__main__":

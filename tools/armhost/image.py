@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from debian import Arm64Apt, extract
+from steps import log, run_step
 
 # Userspace for the emulated host (Debian bookworm arm64), see ../shared notes on the recipe.
 USERSPACE_PACKAGES = [
@@ -93,10 +94,6 @@ echo "@@ARMHOST-EXIT $rc @@"
 sync
 poweroff -f
 """
-
-
-def log(msg: str) -> None:
-    print(f"armhost: {msg}", file=sys.stderr, flush=True)
 
 
 class HostImage:
@@ -175,10 +172,16 @@ class HostImage:
         self.wheels.mkdir(parents=True)
         log("downloading aarch64 wheels: " + " ".join(BINARY_WHEELS + SDIST_WHEELS))
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-        subprocess.run([*pip, "download", "--only-binary=:all:", "--platform", "manylinux2014_aarch64",
-                        "--python-version", "3.11", "--implementation", "cp", "-d", str(self.wheels),
-                        *BINARY_WHEELS], check=True)
-        subprocess.run([*pip, "wheel", "--no-deps", "-w", str(self.wheels), *SDIST_WHEELS], check=True)
+        run_step("pip download (aarch64 wheels)",
+                 [*pip, "download", "--only-binary=:all:", "--platform", "manylinux2014_aarch64",
+                  "--python-version", "3.11", "--implementation", "cp", "-d", str(self.wheels),
+                  *BINARY_WHEELS])
+        # --use-pep517: build in an isolated environment with setuptools and wheel fetched for it.
+        # Without it, a pip older than 23.1 (Debian 12's venvs have 23.0.1) builds a setup.py-only
+        # sdist with the venv's own setuptools and fails with "invalid command 'bdist_wheel'"
+        # unless the `wheel` package happens to be installed.
+        run_step("pip wheel " + " ".join(SDIST_WHEELS),
+                 [*pip, "wheel", "--no-deps", "--use-pep517", "-w", str(self.wheels), *SDIST_WHEELS])
         (self.wheels / ".complete").touch()
 
     def _assemble_root(self, root: Path) -> None:
@@ -246,9 +249,8 @@ def precompile(root: Path, dirs: list[Path]) -> None:
 def pack_cpio(root: Path, out: Path) -> None:
     """Pack `root` as a newc cpio owned by root, as the kernel's initramfs unpacker expects."""
     tmp = out.with_suffix(".tmp")
-    files = subprocess.run(["find", ".", "-mindepth", "1"], cwd=root, check=True,
-                           capture_output=True).stdout
+    files = run_step(f"listing {root}", ["find", ".", "-mindepth", "1"], cwd=root, capture_output=True).stdout
     with open(tmp, "wb") as f:
-        subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], cwd=root,
-                       input=files, stdout=f, check=True)
+        run_step(f"packing {out.name} (cpio)", ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"], cwd=root,
+                 input=files, stdout=f)
     os.replace(tmp, out)
