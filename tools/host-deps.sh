@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Installs the host packages pyvmm's build, tests and demo need, on Debian (run as root).
-#   all hosts:   python3 with venv, device-tree-compiler, an AArch64 assembler (binutils)
+#   all hosts:   python3 with venv, device-tree-compiler, an AArch64 assembler (binutils), and a C
+#                compiler with Python's headers: pylibfdt (which dtschema, a dev dependency, needs)
+#                is an sdist only and builds a C extension when the venv is made (the SWIG it
+#                needs comes from PyPI as a build requirement, so Debian's swig is not needed)
 #   non-arm64:   qemu-system-aarch64 (bookworm-backports' QEMU is ~1.5x faster per exit than
 #                bookworm's), cpio, dpkg-deb, binutils-aarch64-linux-gnu
 set -euo pipefail
@@ -10,6 +13,11 @@ need=()
 have() { command -v "$1" >/dev/null 2>&1; }
 have python3 && python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3 python3-venv)
 have dtc || need+=(device-tree-compiler)
+have cc || need+=(gcc)
+[ -e /usr/include/stdio.h ] || need+=(libc6-dev)   # gcc only recommends it
+# Python.h of the python3 the venv is made from (Debian's python3 gets it from python3-dev)
+have python3 && [ -e "$(python3 -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" ] \
+    || need+=(python3-dev)
 if [ "$arch" = aarch64 ]; then
     have as || need+=(binutils)
 else
