@@ -21,7 +21,7 @@ GUEST_BINS := $(patsubst %.S,build/guests/%.bin,$(notdir $(GUEST_SRCS))) \
 BENCH_BINS := $(patsubst benchmarks/%.S,build/bench/%.bin,$(wildcard benchmarks/*.S))
 vpath %.S tests/guests examples/guests
 
-.PHONY: all test lint unit kvm demo bench guests host-deps venv armhost clean
+.PHONY: all test lint unit kvm demo bench guests host-deps venv armhost fresh-check clean
 all: guests
 
 host-deps: .cache/host-deps.stamp
@@ -98,6 +98,12 @@ ifeq ($(NATIVE_KVM),yes)
 else
 	@$(ARMHOST) run --timeout 900 -- python3 -m benchmarks
 endif
+
+# The two commands above on a truly fresh Debian 12: a new debootstrap'd bookworm root with a clean
+# clone of HEAD, `make demo` and `make test` run in it (as root, in a chroot, clean environment).
+# Slow (everything is downloaded and built again), so not part of `make test`. KEEP=1 keeps the root.
+fresh-check:
+	@KEEP=$(KEEP) bash tools/fresh-check.sh
 
 clean:
 	rm -rf build kvm_bindings/_kvm_ffi.py
