@@ -1,0 +1,709 @@
+"""SDEI 1.1 (Arm DEN0054B, Software Delegated Exception Interface), serviced in Python.
+
+The client (the guest OS at EL1) registers handlers for events; pyvmm delivers an event by
+taking the target vCPU out of KVM_RUN and rewriting its registers so that it runs the handler,
+even if the guest had every interrupt masked. Everything lives here: the 19 calls, the per-event
+state machine (§6.1), the per-PE mask and handler nesting (§6.2, §6.3), and the dispatch itself.
+
+Events:
+  * event 0: private, normal priority, signalled by a client with EVENT_SIGNAL (§5.1.16);
+  * platform events a user declares (`EventSpec`): private or shared, normal or critical, raised
+    by the host with `Sdei.trigger()` (Python) or `pyvmm sdei signal` (the control socket);
+  * bound events (INTERRUPT_BIND, §5.1.14): an SPI a pyvmm device drives becomes shared event
+    BIND_EVENT_BASE + slot; while that event is registered the line is taken from the vGIC and
+    its level raises the event instead (FEATURES(BIND_SLOTS) tells the client how many slots).
+    Lines KVM raises from an irqfd (virtio devices) never pass through pyvmm and cannot be bound.
+
+Dispatch (§6.3, §6.5): on the target vCPU's own thread, with its state consistent (after an
+immediate-exit KVM_RUN, Documentation/virt/kvm/api.rst), x0-x17, PC and PSTATE are saved and
+the handler is entered at EL1h with DAIF masked, x0 = event, x1 = registered argument, x2 =
+interrupted PC, x3 = interrupted PSTATE. EVENT_CONTEXT reads the saved x0-x17; EVENT_COMPLETE
+restores them with PC and PSTATE; EVENT_COMPLETE_AND_RESUME restores x0-x17 and enters the resume
+address as if an IRQ had been taken there: ELR_EL1/SPSR_EL1 = interrupted PC/PSTATE. A critical
+event preempts a running normal handler; a masked PE, a running handler of equal or higher
+priority, and a vCPU that is off or in power-down suspend all defer delivery (the event stays
+pending). A PE in standby (PSCI CPU_SUSPEND) is woken by an event.
+
+Locking: one lock guards every registration and PE; registers are only touched on the owning
+vCPU's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+from kvm_bindings.constants import MpState
+from kvm_bindings.regs import CORE_REGS, SYS_REGS
+from pyvmm.errors import VmmError
+from pyvmm.irqchip import NR_IRQS, SPI_BASE
+from pyvmm.smccc.call import SmcccCall
+from pyvmm.smccc.dispatcher import TraceEvent
+from pyvmm.smccc.function_id import Owner
+from pyvmm.smccc.service import NO_RESULT, Results, Service, function
+from pyvmm.vcpu import Power
+
+if TYPE_CHECKING:
+    from pyvmm.vcpu import Vcpu
+    from pyvmm.vm import Vm
+
+log = logging.getLogger("pyvmm")
+
+FN_BASE = 0xC400_0020  # SMC64 only (§5.1): VERSION is FN_BASE + 0 ... SHARED_RESET FN_BASE + 0x12
+FN_COUNT = 0x13
+VERSION_1_1 = (1 << 48) | (1 << 32)  # major [62:48], minor [47:32], vendor-defined [31:0] = 0
+
+# Return codes (§5.2, table 5-1)
+SUCCESS = 0
+NOT_SUPPORTED = -1
+INVALID_PARAMETERS = -2
+DENIED = -3
+PENDING = -5
+OUT_OF_RESOURCE = -10
+ERROR_NAMES = {0: "SUCCESS", -1: "NOT_SUPPORTED", -2: "INVALID_PARAMETERS", -3: "DENIED", -5: "PENDING",
+               -10: "OUT_OF_RESOURCE"}
+
+# EVENT_STATUS bits (§5.1.8), also the state-machine states below
+REGISTERED, ENABLED, RUNNING = 1, 2, 4
+
+# EVENT_REGISTER / ROUTING_SET flags (§5.1.2): bit 0 routing mode; bit 1 relative mode (1.1)
+ROUTE_PE = 1
+RELATIVE_MODE = 2
+
+# EVENT_GET_INFO info (§5.1.9)
+INFO_TYPE, INFO_SIGNALED, INFO_PRIORITY, INFO_ROUTING_MODE, INFO_ROUTING_AFF = range(5)
+
+# FEATURES (§5.1.17)
+FEATURE_BIND_SLOTS, FEATURE_RELATIVE_MODE = 0, 1
+
+BIND_EVENT_BASE = 1000  # bound interrupts become shared events 1000, 1001, ...
+BIND_SLOTS = 16
+EVENT_NUMBER_MAX = 0x7FFF_FFFF  # event numbers are 32-bit and positive (bit 31 clear)
+CONTEXT_REGS = 18  # x0-x17 (§5.1.4)
+MPIDR_AFF_MASK = 0xFF_00FF_FFFF  # Aff3 [39:32], Aff2..Aff0 [23:0]
+
+
+class Action(IntEnum):
+    REGISTER = 0
+    RELEASE = 1
+    ENABLE = 2
+    DISABLE = 3
+    UNREGISTER = 4
+    ROUTING = 5
+    CONTEXT = 6
+    COMPLETE = 7
+    DISPATCH = 8
+
+
+# The handler state machine (§6.1, table 6-1): the state after each permitted action; an action
+# missing from a state's row is not permitted there (the call returns DENIED). The state is the
+# EVENT_STATUS value. RUNNING alone is "handler unregister-pending": UNREGISTER while running.
+_A = Action
+TRANSITIONS: dict[int, dict[Action, int]] = {
+    0: {_A.REGISTER: REGISTERED, _A.RELEASE: 0},
+    REGISTERED: {_A.ENABLE: REGISTERED | ENABLED, _A.DISABLE: REGISTERED, _A.UNREGISTER: 0,
+                 _A.ROUTING: REGISTERED},
+    REGISTERED | ENABLED: {_A.ENABLE: REGISTERED | ENABLED, _A.DISABLE: REGISTERED, _A.UNREGISTER: 0,
+                           _A.DISPATCH: REGISTERED | ENABLED | RUNNING},
+    REGISTERED | RUNNING: {_A.ENABLE: REGISTERED | ENABLED | RUNNING, _A.DISABLE: REGISTERED | RUNNING,
+                           _A.UNREGISTER: RUNNING, _A.CONTEXT: REGISTERED | RUNNING, _A.COMPLETE: REGISTERED},
+    REGISTERED | ENABLED | RUNNING: {_A.ENABLE: REGISTERED | ENABLED | RUNNING,
+                                     _A.DISABLE: REGISTERED | RUNNING, _A.UNREGISTER: RUNNING,
+                                     _A.CONTEXT: REGISTERED | ENABLED | RUNNING,
+                                     _A.COMPLETE: REGISTERED | ENABLED},
+    RUNNING: {_A.CONTEXT: RUNNING, _A.COMPLETE: 0},
+}
+
+# PSTATE (Arm ARM C5.2.19) and SCTLR_EL1 bits used to enter a handler as an exception would
+_NZCV = 0xF << 28
+_DIT, _PAN, _SSBS, _NRW = 1 << 24, 1 << 22, 1 << 12, 1 << 4
+_DAIF_EL1H = 0x3C5  # D, A, I, F masked; M = EL1h
+_SCTLR_SPAN, _SCTLR_DSSBS = 1 << 23, 1 << 44
+
+_X = tuple(CORE_REGS[f"x{n}"] for n in range(CONTEXT_REGS))
+_PC, _PSTATE = CORE_REGS["pc"], CORE_REGS["pstate"]
+_ELR_EL1, _SPSR_EL1 = CORE_REGS["elr_el1"], CORE_REGS["spsr_el1"]
+_SCTLR_EL1 = SYS_REGS["sctlr_el1"]
+
+
+def exception_pstate(interrupted: int, sctlr: int) -> int:
+    """PSTATE on taking an exception to EL1h from `interrupted` (Arm ARM D1.3.1, the pseudocode
+    AArch64.TakeException): NZCV kept, DAIF set, SS/IL/BTYPE/UAO cleared, PAN set unless
+    SCTLR_EL1.SPAN, SSBS = SCTLR_EL1.DSSBS, DIT kept from an AArch64 context."""
+    keep = _NZCV | _PAN | (0 if interrupted & _NRW else _DIT)
+    new = (interrupted & keep) | _DAIF_EL1H
+    if not sctlr & _SCTLR_SPAN:
+        new |= _PAN
+    if sctlr & _SCTLR_DSSBS:
+        new |= _SSBS
+    return new
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """A platform event: its number, private (one per PE) or shared, normal or critical."""
+
+    number: int
+    shared: bool = False
+    critical: bool = False
+    signalable: bool = False  # only event 0 (EVENT_SIGNAL)
+    interrupt: int | None = None  # INTID of a bound event
+
+    def describe(self) -> str:
+        kind = "shared" if self.shared else "private"
+        extra = f", bound to INTID {self.interrupt}" if self.interrupt is not None else ""
+        return f"event {self.number} ({kind}, {'critical' if self.critical else 'normal'}{extra})"
+
+
+def parse_event(text: str) -> EventSpec:
+    """NUMBER[,shared|private][,critical|normal], the --sdei-event syntax."""
+    parts = [p.strip().lower() for p in text.split(",")]
+    try:
+        number = int(parts[0], 0)
+    except ValueError:
+        raise VmmError(f"SDEI event {text!r}: the event number comes first, e.g. 100,shared,critical") from None
+    shared = critical = False
+    for p in parts[1:]:
+        if p in ("shared", "private"):
+            shared = p == "shared"
+        elif p in ("critical", "normal"):
+            critical = p == "critical"
+        else:
+            raise VmmError(f"SDEI event {text!r}: {p!r} is not shared, private, critical or normal")
+    return EventSpec(number, shared, critical)
+
+
+class Registration:
+    """One event's handler state: per PE for a private event, one for a shared event."""
+
+    __slots__ = ("spec", "pe", "state", "entry", "arg", "route_pe", "affinity", "pending")
+
+    def __init__(self, spec: EventSpec, pe: int | None) -> None:
+        self.spec, self.pe = spec, pe
+        self.state = 0
+        self.entry = self.arg = self.affinity = 0
+        self.route_pe = False
+        self.pending = False  # triggered and not yet dispatched
+
+    def clear(self) -> None:
+        self.entry = self.arg = self.affinity = 0
+        self.route_pe = False
+        self.pending = False
+
+
+class Frame:
+    """A running handler on a PE and the context it interrupted."""
+
+    __slots__ = ("reg", "x", "pc", "pstate")
+
+    def __init__(self, reg: Registration) -> None:
+        self.reg = reg
+        self.x: tuple[int, ...] = ()
+        self.pc = self.pstate = 0
+
+
+class Pe:
+    """A PE's SDEI state: masked or not, its private events, its running handlers (innermost
+    last: at most a normal one and a critical one preempting it)."""
+
+    __slots__ = ("index", "masked", "private", "frames", "poked")
+
+    def __init__(self, index: int, private: dict[int, Registration]) -> None:
+        self.index = index
+        self.masked = True  # every PE starts masked (§6.2)
+        self.private = private
+        self.frames: list[Frame] = []
+        self.poked = False  # a delivery check is queued on the vCPU's thread
+
+
+class Sdei(Service):
+    name = "SDEI"
+    owner = Owner.STANDARD_SECURE
+    ranges = ((FN_BASE, FN_COUNT),)
+    error_names = ERROR_NAMES
+
+    def __init__(self, vm: Vm, events: Iterable[EventSpec] = (), bind_slots: int = BIND_SLOTS) -> None:
+        self.vm = vm
+        self.lock = threading.RLock()
+        self.bind_slots = bind_slots
+        specs = {0: EventSpec(0, signalable=True)}
+        for e in events:
+            if not 0 < e.number <= EVENT_NUMBER_MAX:
+                raise VmmError(f"SDEI event number {e.number} is not in 1..{EVENT_NUMBER_MAX} (0 is the "
+                               "software-signalled event)")
+            if BIND_EVENT_BASE <= e.number < BIND_EVENT_BASE + bind_slots:
+                raise VmmError(f"SDEI event number {e.number} is one of the bound-interrupt events "
+                               f"{BIND_EVENT_BASE}..{BIND_EVENT_BASE + bind_slots - 1}")
+            if e.number in specs:
+                raise VmmError(f"SDEI event {e.number} is declared twice")
+            specs[e.number] = EventSpec(e.number, e.shared, e.critical)
+        self.specs = specs
+        self.dispatches = 0  # handlers entered, for tests and benchmarks
+        self._lines: set[int] = set()  # INTIDs of bound interrupts whose line is high
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self.shared: dict[int, Registration] = {n: Registration(s, None) for n, s in self.specs.items() if s.shared}
+        self.bound: dict[int, Registration] = {}  # INTID -> the bound event's registration
+        self.pes = [Pe(v.index, {n: Registration(s, v.index) for n, s in self.specs.items() if not s.shared})
+                    for v in self.vm.vcpus]
+
+    # --- the host side ---------------------------------------------------------------------
+    def trigger(self, number: int, cpu: int | None = None) -> bool:
+        """Raise event `number` (any thread). A private event needs the target vCPU index `cpu`;
+        a shared one goes where its routing says. True if the event is now pending; False if it
+        was dropped because the client has not registered it."""
+        with self.lock:
+            spec = self.specs.get(number)
+            if spec is None:  # bound events are raised by their interrupt line, not by name
+                raise VmmError(f"there is no SDEI event {number} to signal (declared: "
+                               f"{', '.join(str(n) for n in sorted(self.specs))})")
+            if spec.shared:
+                if cpu is not None:
+                    raise VmmError(f"SDEI event {number} is shared: its routing picks the PE, not --cpu")
+                reg = self.shared[number]
+            else:
+                if cpu is None or not 0 <= cpu < len(self.pes):
+                    raise VmmError(f"SDEI event {number} is private: name the vCPU (0..{len(self.pes) - 1})")
+                reg = self.pes[cpu].private[number]
+            return self._raise(reg)
+
+    def interrupt(self, intid: int, level: bool) -> bool:
+        """A device drives interrupt line `intid`. True when SDEI owns the line (it is bound and
+        the bound event registered): then the level raises or clears the event and the vGIC
+        must not see it."""
+        with self.lock:
+            if level:
+                self._lines.add(intid)
+            else:
+                self._lines.discard(intid)
+            reg = self.bound.get(intid)
+            if reg is None or not reg.state & REGISTERED:
+                return False
+            if level:
+                self._raise(reg)
+            elif not reg.state & RUNNING:
+                reg.pending = False  # level-sensitive: withdrawn before it was taken
+            return True
+
+    def status(self) -> list[dict[str, object]]:
+        """Every event's state, for `pyvmm sdei status` and tests."""
+        with self.lock:
+            rows = []
+            for pe in self.pes:
+                for reg in pe.private.values():
+                    rows.append(self._row(reg, f"vcpu{pe.index}"))
+            for reg in self.shared.values():
+                rows.append(self._row(reg, "shared"))
+            return rows
+
+    @staticmethod
+    def _row(reg: Registration, where: str) -> dict[str, object]:
+        names = [n for bit, n in ((REGISTERED, "registered"), (ENABLED, "enabled"), (RUNNING, "running"))
+                 if reg.state & bit]
+        return {"event": reg.spec.number, "where": where, "critical": reg.spec.critical,
+                "state": "+".join(names) or "unregistered", "pending": reg.pending,
+                "interrupt": reg.spec.interrupt}
+
+    def masked(self, cpu: int) -> bool:
+        return self.pes[cpu].masked
+
+    # --- hooks from the VM -----------------------------------------------------------------
+    def reset(self) -> None:
+        """SYSTEM_RESET: everything unregistered and released, every PE masked."""
+        with self.lock:
+            owned = [i for i, reg in self.bound.items() if reg.state & REGISTERED and i in self._lines]
+            self._init_state()
+            for intid in owned:  # bound lines go back to the vGIC
+                self.vm.raise_gic_line(intid, True)
+
+    def power_on(self, vcpu: Vcpu) -> None:
+        """A PE powers on (PSCI CPU_ON): masked, private events unregistered (§6.2, as TF-A's
+        psci_cpu_on_finish hook does)."""
+        with self.lock:
+            pe = self.pes[vcpu.index]
+            pe.masked = True
+            pe.frames.clear()
+            for reg in pe.private.values():
+                reg.state = 0
+                reg.clear()
+
+    def woken(self, vcpu: Vcpu) -> None:
+        """A vCPU left suspend: deliver what waited for it."""
+        with self.lock:
+            self._schedule(self.pes[vcpu.index])
+
+    # --- SMCCC functions -------------------------------------------------------------------
+    @function(FN_BASE + 0x0, name="SDEI_VERSION", describe="describe_value")
+    def version(self, call: SmcccCall) -> Results:
+        return VERSION_1_1
+
+    @function(FN_BASE + 0x1, name="SDEI_EVENT_REGISTER", args=("event", "entry_point_address", "ep_argument",
+                                                              "flags", "affinity"))
+    def register(self, call: SmcccCall) -> Results:
+        number, entry, arg, flags, affinity = call.args(5)
+        with self.lock:
+            reg = self._lookup(call, number)
+            if reg is None:
+                return INVALID_PARAMETERS
+            if entry == 0 or entry & 3:
+                return INVALID_PARAMETERS  # handlers are A64 code: a non-zero, word-aligned address
+            if flags & ~ROUTE_PE:
+                return INVALID_PARAMETERS  # reserved bits, or relative mode (FEATURES says unsupported)
+            if reg.spec.shared and flags & ROUTE_PE and self._pe_by_affinity(affinity) is None:
+                return INVALID_PARAMETERS
+            if not self._transition(reg, Action.REGISTER):
+                return DENIED
+            reg.entry, reg.arg = entry, arg
+            reg.route_pe = bool(reg.spec.shared and flags & ROUTE_PE)  # private events: routing ignored
+            reg.affinity = affinity & MPIDR_AFF_MASK if reg.route_pe else 0
+            reg.pending = False
+            intid = reg.spec.interrupt
+            if intid is not None:  # SDEI takes the line from the vGIC (TF-A: interrupt to EL3)
+                if intid in self._lines:
+                    self.vm.raise_gic_line(intid, False)
+                    reg.pending = True  # a level-sensitive line still asserted
+            return SUCCESS
+
+    @function(FN_BASE + 0x2, name="SDEI_EVENT_ENABLE", args=("event",))
+    def enable(self, call: SmcccCall) -> Results:
+        return self._simple(call, Action.ENABLE)
+
+    @function(FN_BASE + 0x3, name="SDEI_EVENT_DISABLE", args=("event",))
+    def disable(self, call: SmcccCall) -> Results:
+        return self._simple(call, Action.DISABLE)
+
+    def _simple(self, call: SmcccCall, action: Action) -> Results:
+        with self.lock:
+            reg = self._lookup(call, call.arg(1))
+            if reg is None:
+                return INVALID_PARAMETERS
+            if not self._transition(reg, action):
+                return DENIED
+            if action == Action.ENABLE:
+                self._schedule_event(reg)
+            return SUCCESS
+
+    @function(FN_BASE + 0x4, name="SDEI_EVENT_CONTEXT", args=("param",))
+    def context(self, call: SmcccCall) -> Results:
+        param = call.arg(1)
+        pe = self.pes[call.vcpu.index]
+        if not pe.frames:
+            return DENIED  # only a running handler has an interrupted context
+        if param >= CONTEXT_REGS:
+            return INVALID_PARAMETERS
+        return pe.frames[-1].x[param]
+
+    @function(FN_BASE + 0x5, name="SDEI_EVENT_COMPLETE", args=("status",))
+    def complete(self, call: SmcccCall) -> Results:
+        return self._complete(call, resume=None)
+
+    @function(FN_BASE + 0x6, name="SDEI_EVENT_COMPLETE_AND_RESUME", args=("resume_addr",))
+    def complete_and_resume(self, call: SmcccCall) -> Results:
+        return self._complete(call, resume=call.arg(1))
+
+    @function(FN_BASE + 0x7, name="SDEI_EVENT_UNREGISTER", args=("event",))
+    def unregister(self, call: SmcccCall) -> Results:
+        with self.lock:
+            reg = self._lookup(call, call.arg(1))
+            if reg is None:
+                return INVALID_PARAMETERS
+            return self._unregister(reg)
+
+    @function(FN_BASE + 0x8, name="SDEI_EVENT_STATUS", args=("event",))
+    def event_status(self, call: SmcccCall) -> Results:
+        with self.lock:
+            reg = self._lookup(call, call.arg(1))
+            return INVALID_PARAMETERS if reg is None else reg.state
+
+    @function(FN_BASE + 0x9, name="SDEI_EVENT_GET_INFO", args=("event", "info"))
+    def get_info(self, call: SmcccCall) -> Results:
+        number, info = call.args(2)
+        with self.lock:
+            reg = self._lookup(call, number)
+            if reg is None:
+                return INVALID_PARAMETERS
+            spec = reg.spec
+            if info == INFO_TYPE:
+                return int(spec.shared)
+            if info == INFO_SIGNALED:
+                return int(spec.signalable)  # 1: EVENT_SIGNAL can raise it
+            if info == INFO_PRIORITY:
+                return int(spec.critical)
+            if info in (INFO_ROUTING_MODE, INFO_ROUTING_AFF):
+                if not spec.shared:
+                    return INVALID_PARAMETERS  # routing is a shared event's property
+                if not reg.state & REGISTERED:
+                    return DENIED
+                if info == INFO_ROUTING_MODE:
+                    return int(reg.route_pe)
+                return reg.affinity if reg.route_pe else INVALID_PARAMETERS
+            return INVALID_PARAMETERS
+
+    @function(FN_BASE + 0xA, name="SDEI_EVENT_ROUTING_SET", args=("event", "routing_mode", "affinity"))
+    def routing_set(self, call: SmcccCall) -> Results:
+        number, mode, affinity = call.args(3)
+        with self.lock:
+            reg = self._lookup(call, number)
+            if reg is None or not reg.spec.shared:
+                return INVALID_PARAMETERS
+            if mode & ~ROUTE_PE or (mode & ROUTE_PE and self._pe_by_affinity(affinity) is None):
+                return INVALID_PARAMETERS
+            if not self._transition(reg, Action.ROUTING):
+                return DENIED  # only registered, disabled and not running (§5.1.10)
+            reg.route_pe = bool(mode & ROUTE_PE)
+            reg.affinity = affinity & MPIDR_AFF_MASK if reg.route_pe else 0
+            return SUCCESS
+
+    @function(FN_BASE + 0xB, name="SDEI_PE_MASK", describe="describe_value")
+    def pe_mask(self, call: SmcccCall) -> Results:
+        with self.lock:
+            pe = self.pes[call.vcpu.index]
+            was_unmasked = not pe.masked
+            pe.masked = True
+            return int(was_unmasked)  # 1: this call masked the PE; 0: it already was
+
+    @function(FN_BASE + 0xC, name="SDEI_PE_UNMASK")
+    def pe_unmask(self, call: SmcccCall) -> Results:
+        with self.lock:
+            pe = self.pes[call.vcpu.index]
+            pe.masked = False
+            self._schedule(pe)
+            return SUCCESS
+
+    @function(FN_BASE + 0xD, name="SDEI_INTERRUPT_BIND", args=("interrupt_number",), describe="describe_value")
+    def interrupt_bind(self, call: SmcccCall) -> Results:
+        intid = call.arg(1) & 0xFFFF_FFFF
+        with self.lock:
+            if intid < 16 or intid >= NR_IRQS:
+                return INVALID_PARAMETERS  # SGIs cannot be bound; no such interrupt
+            if intid < SPI_BASE:
+                return OUT_OF_RESOURCE  # PPIs are the in-kernel timers' and PMU's: no private slots
+            if intid - SPI_BASE in self.vm.irqfd_spis:
+                return INVALID_PARAMETERS  # signalled by KVM irqfd (virtio): it never passes through pyvmm
+            reg = self.bound.get(intid)
+            if reg is not None:
+                return reg.spec.number  # already bound: the same event
+            used = {r.spec.number for r in self.bound.values()}
+            free = [n for n in range(BIND_EVENT_BASE, BIND_EVENT_BASE + self.bind_slots) if n not in used]
+            if not free:
+                return OUT_OF_RESOURCE
+            spec = EventSpec(free[0], shared=True, interrupt=intid)
+            reg = self.bound[intid] = self.shared[spec.number] = Registration(spec, None)
+            return spec.number
+
+    @function(FN_BASE + 0xE, name="SDEI_INTERRUPT_RELEASE", args=("event",))
+    def interrupt_release(self, call: SmcccCall) -> Results:
+        with self.lock:
+            reg = self._lookup(call, call.arg(1))
+            if reg is None or reg.spec.interrupt is None:
+                return INVALID_PARAMETERS  # not a bound event
+            if not self._transition(reg, Action.RELEASE):
+                return DENIED  # registered, or its handler still running
+            self._release(reg)
+            return SUCCESS
+
+    @function(FN_BASE + 0xF, name="SDEI_EVENT_SIGNAL", args=("event", "target_pe"))
+    def signal(self, call: SmcccCall) -> Results:
+        number, target = call.args(2)
+        with self.lock:
+            if number & 0xFFFF_FFFF != 0:
+                return INVALID_PARAMETERS  # only event 0 can be signalled
+            pe = self._pe_by_affinity(target)
+            if pe is None:
+                return INVALID_PARAMETERS
+            self._raise(pe.private[0])
+            return SUCCESS
+
+    @function(FN_BASE + 0x10, name="SDEI_FEATURES", args=("feature",), describe="describe_value")
+    def features(self, call: SmcccCall) -> Results:
+        feature = call.arg(1)
+        if feature == FEATURE_BIND_SLOTS:
+            return self.bind_slots << 16  # shared slots [31:16], private slots [15:0] = 0
+        if feature == FEATURE_RELATIVE_MODE:
+            return 0  # relative mode is not supported
+        return INVALID_PARAMETERS
+
+    @function(FN_BASE + 0x11, name="SDEI_PRIVATE_RESET")
+    def private_reset(self, call: SmcccCall) -> Results:
+        with self.lock:
+            results = [self._unregister(reg) for reg in self.pes[call.vcpu.index].private.values()]
+            return DENIED if PENDING in results else SUCCESS
+
+    @function(FN_BASE + 0x12, name="SDEI_SHARED_RESET")
+    def shared_reset(self, call: SmcccCall) -> Results:
+        with self.lock:
+            results = [self._unregister(reg) for reg in list(self.shared.values())]
+            if PENDING in results:
+                return DENIED  # a handler is still running somewhere
+            for reg in list(self.bound.values()):
+                self._release(reg)
+            return SUCCESS
+
+    # --- state -----------------------------------------------------------------------------
+    def _lookup(self, call: SmcccCall, number: int) -> Registration | None:
+        """The registration event `number` (x1, 32 bits) names for the calling PE."""
+        number &= 0xFFFF_FFFF
+        reg = self.shared.get(number)
+        if reg is None:
+            reg = self.pes[call.vcpu.index].private.get(number)
+        return reg
+
+    def _pe_by_affinity(self, mpidr: int) -> Pe | None:
+        """The PE whose MPIDR affinity fields (Aff3..Aff0) `mpidr` names; other bits are ignored."""
+        for v in self.vm.vcpus:
+            if v.mpidr & MPIDR_AFF_MASK == mpidr & MPIDR_AFF_MASK:
+                return self.pes[v.index]
+        return None
+
+    @staticmethod
+    def _transition(reg: Registration, action: Action) -> bool:
+        nxt = TRANSITIONS[reg.state].get(action)
+        if nxt is None:
+            return False
+        reg.state = nxt
+        return True
+
+    def _unregister(self, reg: Registration) -> int:
+        if not self._transition(reg, Action.UNREGISTER):
+            return PENDING if reg.state & RUNNING else DENIED
+        reg.clear()
+        intid = reg.spec.interrupt
+        if intid is not None and intid in self._lines:
+            self.vm.raise_gic_line(intid, True)  # the line belongs to the vGIC again
+        return PENDING if reg.state & RUNNING else SUCCESS
+
+    def _release(self, reg: Registration) -> None:
+        intid = reg.spec.interrupt
+        assert intid is not None
+        del self.bound[intid]
+        del self.shared[reg.spec.number]
+
+    def _raise(self, reg: Registration) -> bool:
+        if not reg.state & REGISTERED:
+            log.debug("SDEI %s raised while unregistered: dropped", reg.spec.describe())
+            return False
+        reg.pending = True
+        self._schedule_event(reg)
+        return True
+
+    def _targets(self, reg: Registration) -> list[Pe]:
+        if reg.pe is not None:
+            return [self.pes[reg.pe]]
+        if reg.route_pe:
+            pe = self._pe_by_affinity(reg.affinity)
+            return [pe] if pe is not None else []
+        return self.pes
+
+    def _schedule_event(self, reg: Registration) -> None:
+        for pe in self._targets(reg):
+            self._schedule(pe)
+
+    def _schedule(self, pe: Pe) -> None:
+        """If `pe` has something to deliver, have its vCPU thread look (lock held)."""
+        if pe.poked or self._next(pe) is None:
+            return
+        pe.poked = True
+        vcpu = self.vm.vcpus[pe.index]
+        if vcpu.thread is not None and vcpu.thread.ident == threading.get_ident():
+            vcpu.defer(self._deliver)  # after the current exit is answered, before KVM_RUN
+        else:
+            vcpu.request(self._deliver)
+
+    def _next(self, pe: Pe) -> Registration | None:
+        """The event to dispatch on `pe` now: pending, registered, enabled, not running, routed
+        here; critical before normal, then the lowest number; none while masked or while a
+        handler of the same or higher priority runs (§6.3)."""
+        vcpu = self.vm.vcpus[pe.index]
+        if pe.masked or vcpu.power != Power.ON or vcpu.resume_at is not None:
+            return None
+        if pe.frames and pe.frames[-1].reg.spec.critical:
+            return None
+        need_critical = bool(pe.frames)
+        best: Registration | None = None
+        for reg in (*pe.private.values(), *self.shared.values()):
+            if not reg.pending or reg.state != REGISTERED | ENABLED:
+                continue
+            if need_critical and not reg.spec.critical:
+                continue
+            if reg.pe is None and reg.route_pe and reg.affinity != vcpu.mpidr & MPIDR_AFF_MASK:
+                continue
+            if best is None or (reg.spec.critical, -reg.spec.number) > (best.spec.critical, -best.spec.number):
+                best = reg
+        return best
+
+    # --- dispatch and completion (on the vCPU's own thread) --------------------------------
+    def _deliver(self, vcpu: Vcpu) -> None:
+        """Enter the handler of every event due on this PE: a critical one found after a normal
+        one was entered preempts it at once."""
+        pe = self.pes[vcpu.index]
+        while True:
+            with self.lock:
+                pe.poked = False
+                reg = self._next(pe)
+                if reg is None:
+                    return
+                reg.pending = False
+                self._transition(reg, Action.DISPATCH)
+                frame = Frame(reg)
+                pe.frames.append(frame)
+                entry, arg, number = reg.entry, reg.arg, reg.spec.number
+            self._enter_handler(vcpu, frame, number, entry, arg)
+
+    def _enter_handler(self, vcpu: Vcpu, frame: Frame, number: int, entry: int, arg: int) -> None:
+        fd = vcpu.fd
+        get, put = fd.get_one_reg, fd.set_one_reg
+        if vcpu.suspended:  # standby (PSCI CPU_SUSPEND): the event wakes the PE
+            fd.set_mp_state(MpState.RUNNABLE)
+            vcpu.suspended = False
+        frame.x = tuple([get(r) for r in _X])
+        frame.pc, frame.pstate = get(_PC), get(_PSTATE)
+        pstate = exception_pstate(frame.pstate, get(_SCTLR_EL1))
+        for reg_id, value in ((_X[0], number), (_X[1], arg), (_X[2], frame.pc), (_X[3], frame.pstate),
+                              (_PC, entry), (_PSTATE, pstate)):
+            put(reg_id, value)
+        self.dispatches += 1
+        self._trace(vcpu, f"dispatch event {number} -> handler {entry:#x} (arg {arg:#x}, interrupted "
+                          f"pc {frame.pc:#x} pstate {frame.pstate:#x})")
+
+    def _complete(self, call: SmcccCall, resume: int | None) -> Results:
+        vcpu = call.vcpu
+        pe = self.pes[vcpu.index]
+        with self.lock:
+            if not pe.frames:
+                return DENIED  # no handler is running on this PE
+            frame = pe.frames.pop()
+            reg = frame.reg
+            self._transition(reg, Action.COMPLETE)
+            intid = reg.spec.interrupt
+            if intid is not None and reg.state & REGISTERED and intid in self._lines:
+                reg.pending = True  # level-sensitive: still asserted, so it fires again
+        fd = vcpu.fd
+        for n in range(CONTEXT_REGS):
+            fd.set_one_reg(_X[n], frame.x[n])
+        if resume is None:
+            fd.set_one_reg(_PC, frame.pc)
+            fd.set_one_reg(_PSTATE, frame.pstate)
+            self._trace(vcpu, f"complete event {reg.spec.number}: back to pc {frame.pc:#x}")
+        else:
+            # as if an IRQ were taken at the interrupted instruction (§5.1.6)
+            fd.set_one_reg(_ELR_EL1, frame.pc)
+            fd.set_one_reg(_SPSR_EL1, frame.pstate)
+            fd.set_one_reg(_PSTATE, exception_pstate(frame.pstate, fd.get_one_reg(_SCTLR_EL1)))
+            fd.set_one_reg(_PC, resume)
+            self._trace(vcpu, f"complete event {reg.spec.number}: resume at {resume:#x} "
+                              f"(ELR_EL1 {frame.pc:#x}, SPSR_EL1 {frame.pstate:#x})")
+        with self.lock:
+            self._schedule(pe)  # what waited for this handler, here
+            if reg.spec.shared:
+                self._schedule_event(reg)  # a shared event may now run elsewhere
+        return NO_RESULT  # the registers now hold the resumed context
+
+    def _trace(self, vcpu: Vcpu, text: str) -> None:
+        trace = self.vm.smccc.trace
+        if trace is not None:
+            trace(TraceEvent(vcpu.index, "sdei", text))
