@@ -29,11 +29,13 @@ host-deps: .cache/host-deps.stamp
 	@bash tools/host-deps.sh
 	@mkdir -p $(@D) && touch $@
 
+# --use-pep517: Debian 12's venvs have pip 23.0.1, which would install a setup.py-only sdist (pyfdt)
+# the deprecated legacy way; newer pips always build it with PEP 517, so every pip does the same.
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: pyproject.toml | .cache/host-deps.stamp
 	@echo "venv: installing pyvmm and its development dependencies into $(VENV)"
 	@$(PYTHON) -m venv $(VENV)
-	@$(VPY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@$(VPY) -m pip install -q --disable-pip-version-check --use-pep517 -e '.[dev]'
 	@touch $@
 
 kvm_bindings/_kvm_ffi.py: kvm_bindings/cdef_*.py kvm_bindings/ffi_build.py | $(VENV)/.stamp
