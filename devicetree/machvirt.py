@@ -1,19 +1,18 @@
 """The mach-virt device tree of a pyvmm VM (the shape kvmtool and QEMU's virt machine give Linux).
 
-Bindings followed: arm/cpus.yaml (reg = MPIDR Aff2..Aff0, enable-method "psci"), arm/psci.yaml,
-arm/firmware/sdei.txt, interrupt-controller/arm,gic-v3.yaml and arm,gic.yaml, timer/arm,arch_timer.yaml,
-chosen.yaml. Devices add their own nodes through `dt_node(phandles)`.
+Bindings followed: arm/cpus.yaml (reg = MPIDR Aff2..Aff0, enable-method "psci"),
+interrupt-controller/arm,gic-v3.yaml and arm,gic.yaml, timer/arm,arch_timer.yaml, chosen.yaml.
+The tree is assembled from the machine's parts: devices add their own nodes through
+`dt_node(phandles)`, firmware services (PSCI, SDEI) theirs through `Service.dt_node()`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 from devicetree.builder import U64, Node, Phandles
-
-if TYPE_CHECKING:
-    from pyvmm.vm import Vm
 
 GIC_PPI, GIC_SPI = 1, 0
 IRQ_TYPE_LEVEL_HIGH = 4
@@ -21,35 +20,48 @@ TIMER_PPIS = (13, 14, 11, 10)  # secure phys, non-secure phys, virt, hyp phys (a
 MPIDR_AFF_MASK = 0xFF_FFFF
 
 
-def machine_tree(vm: Vm, *, bootargs: str = "", initrd: tuple[int, int] | None = None,
-                 stdout: str | None = None, sdei: bool | None = None) -> Node:
-    """`sdei`: advertise /firmware/sdei (default: when the VM services SDEI)."""
-    if sdei is None:
-        sdei = getattr(vm, "sdei", None) is not None
+class GicLayout(Protocol):
+    version: int
+
+    @property
+    def regions(self) -> list[tuple[int, int, str]]: ...
+
+
+class DtPart(Protocol):
+    """A device that adds its own node (kvmtool's generate_fdt_node callbacks)."""
+
+    def dt_node(self, ph: Phandles) -> Node: ...
+
+
+def machine_tree(*, cpus: Sequence[int], memory: Sequence[tuple[int, int]], gic: GicLayout,
+                 devices: Sequence[DtPart] = (), firmware: Sequence[tuple[str, Node]] = (),
+                 bootargs: str = "", initrd: tuple[int, int] | None = None, stdout: str | None = None) -> Node:
+    """`cpus`: each vCPU's MPIDR; `memory`: (base, size) of each RAM region; `firmware`: (parent
+    path, node) of each firmware service's node (/psci, /firmware/sdei)."""
     ph = Phandles()
     root = Node("/", {"compatible": "linux,dummy-virt", "model": "pyvmm", "#address-cells": 2,
                       "#size-cells": 2, "interrupt-parent": ph["gic"]})
-    cpus = Node("cpus", {"#address-cells": 1, "#size-cells": 0})
-    for v in vm.vcpus:
-        aff = v.mpidr & MPIDR_AFF_MASK
-        cpus.children.append(Node(f"cpu@{aff:x}", {"device_type": "cpu", "compatible": "arm,arm-v8", "reg": aff,
-                                                   "enable-method": "psci"}))
-    root.children.append(cpus)
-    root.child("psci", compatible=["arm,psci-1.0", "arm,psci-0.2"], method=vm.smccc.conduit)
-    if sdei:
-        root.child("firmware").child("sdei", compatible="arm,sdei-1.0", method=vm.smccc.conduit)
-    for r in vm.memory.regions:
-        root.children.append(Node(f"memory@{r.gpa:x}", {"device_type": "memory", "reg": [U64(r.gpa), U64(r.size)]}))
-    root.children.append(gic_node(vm, ph))
+    cpu_nodes = Node("cpus", {"#address-cells": 1, "#size-cells": 0})
+    for mpidr in cpus:
+        aff = mpidr & MPIDR_AFF_MASK
+        cpu_nodes.children.append(Node(f"cpu@{aff:x}", {"device_type": "cpu", "compatible": "arm,arm-v8",
+                                                        "reg": aff, "enable-method": "psci"}))
+    root.children.append(cpu_nodes)
+    for parent, node in firmware:
+        _at(root, parent).children.append(node)
+    for gpa, size in memory:
+        root.children.append(Node(f"memory@{gpa:x}", {"device_type": "memory", "reg": [U64(gpa), U64(size)]}))
+    root.children.append(gic_node(gic, ph))
     root.children.append(Node("timer", {
         "compatible": "arm,armv8-timer", "always-on": True,
         "interrupts": [c for ppi in TIMER_PPIS for c in (GIC_PPI, ppi, IRQ_TYPE_LEVEL_HIGH)]}))
     aliases = Node("aliases")
-    for dev in vm.dt_devices:
+    for dev in devices:
         node = dev.dt_node(ph)
         root.children.append(node)
-        if getattr(dev, "alias", None):
-            aliases.props[dev.alias] = f"/{node.name}"
+        alias = getattr(dev, "alias", None)
+        if alias:
+            aliases.props[alias] = f"/{node.name}"
     chosen = root.child("chosen", bootargs=bootargs, **{"rng_seed": os.urandom(64), "kaslr_seed": U64(
         int.from_bytes(os.urandom(8), "little"))})
     if stdout:
@@ -62,8 +74,18 @@ def machine_tree(vm: Vm, *, bootargs: str = "", initrd: tuple[int, int] | None =
     return root
 
 
-def gic_node(vm: Vm, ph: Phandles) -> Node:
-    gic = vm.gic
+def _at(root: Node, path: str) -> Node:
+    """The node at `path`, made (empty) where missing."""
+    node = root
+    for part in filter(None, path.split("/")):
+        found = next((c for c in node.children if c.name == part), None)
+        if found is None:
+            found = node.child(part)
+        node = found
+    return node
+
+
+def gic_node(gic: GicLayout, ph: Phandles) -> Node:
     regs = [v for base, size, _ in gic.regions for v in (U64(base), U64(size))]
     compatible = "arm,gic-v3" if gic.version == 3 else "arm,cortex-a15-gic"
     return Node(f"intc@{gic.regions[0][0]:x}", {

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 
 from devicetree.builder import build_dtb
-from devicetree.machvirt import machine_tree
 from pyvmm.errors import ImageError, VmmError
 from pyvmm.loader import DTB_MAX, HEADER, KernelImage, file_size, parse_image, place
 from pyvmm.vm import Vm
@@ -32,13 +31,12 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     initrd_size = file_size(initrd, "initrd") if initrd is not None else 0
     ram = vm.memory.find(vm.ram_base)
     layout = place(vm.ram_base, ram.size, image, initrd_size, "kernel" if kernel is not None else "firmware")
-    vm.load_path(path, layout.kernel, size)  # straight from the file into guest RAM
+    vm.load_file(path, layout.kernel)  # straight from the file into guest RAM
     initrd_range = None
     if initrd is not None:
-        vm.load_path(initrd, layout.initrd, initrd_size)
+        vm.load_file(initrd, layout.initrd)
         initrd_range = (layout.initrd, layout.initrd + initrd_size)
-    tree = machine_tree(vm, bootargs=cmdline, initrd=initrd_range, stdout=f"/uart@{vm.serial.base:x}")
-    dtb = build_dtb(tree)
+    dtb = build_dtb(vm.device_tree(bootargs=cmdline, initrd=initrd_range, stdout=f"/uart@{vm.serial.base:x}"))
     if len(dtb) > DTB_MAX:
         raise ImageError(f"the device tree is {len(dtb)} bytes, over the 2 MiB booting.rst allows")
     vm.load(dtb, layout.dtb)

@@ -9,6 +9,7 @@
   pyvmm sdei status --control SOCKET                   its SDEI events and PE masks
   pyvmm stop --control SOCKET                          stop a running VM
   pyvmm check                                          what this host's KVM offers
+  pyvmm --version
 
 Exit status of `run`: 0 when the guest powers off; 1 on an error; 2 for bad usage; 3 when the
 guest crashes, halts (every vCPU off) or is stopped; 124 when --timeout expires. A guest's PSCI
@@ -65,7 +66,11 @@ def positive_float(text: str) -> float:
 
 
 def build_parser() -> Parser:
+    from pyvmm import __version__
+    from pyvmm.devices.virtio import CLI_DEVICES
+
     p = Parser(prog="pyvmm", description="A kvmtool-style arm64 VMM in Python.")
+    p.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run a guest")
     image = run.add_mutually_exclusive_group(required=True)
@@ -74,14 +79,8 @@ def build_parser() -> Parser:
                        help="flat binary loaded at the start of RAM and entered at EL1h, x0 = DTB")
     run.add_argument("-i", "--initrd", metavar="FILE", help="initial ramdisk for the kernel")
     run.add_argument("-p", "--params", default="", metavar="PARAMS", help="kernel command line")
-    run.add_argument("--console", choices=["serial", "virtio"], default="serial",
-                     help="the guest console: serial (16550A at 0x1000000, ttyS0) or virtio (hvc0)")
-    run.add_argument("-d", "--disk", action="append", default=[], metavar="FILE[,ro]",
-                     help="a raw disk image as virtio-blk (vda, vdb, ...); ro: read-only; repeatable")
-    run.add_argument("--rng", action="store_true", help="a virtio-rng entropy device fed by getrandom")
-    run.add_argument("-n", "--network", action="append", default=[],
-                     metavar="mode=tap,tapif=NAME[,guest_mac=MAC]|mode=none",
-                     help="a virtio-net NIC on a host tap device, or with no backend; repeatable")
+    for device_type in CLI_DEVICES:  # each virtio device type declares its own options
+        device_type.add_arguments(run)
     run.add_argument("--dump-dtb", metavar="FILE", help="write the generated device tree to FILE and exit")
     run.add_argument("-c", "--cpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("-m", "--mem", type=positive_int, default=64, metavar="MiB", help="RAM in MiB (default 64)")
@@ -117,14 +116,29 @@ def build_parser() -> Parser:
     return p
 
 
+class HostConsole:
+    """The host side of the guest's console for devices made from the command line: the UART
+    unless a device takes it (--console virtio)."""
+
+    def __init__(self) -> None:
+        from pyvmm.console import ConsoleOutput
+
+        self.output = ConsoleOutput()
+        self.receive: Callable[[bytes], None] | None = None  # None: the UART's
+        self.kernel_name = "ttyS0"
+
+    def console_output(self, data: bytes) -> None:
+        self.output.write(data)
+
+    def use_console(self, receive: Callable[[bytes], None], kernel_name: str) -> None:
+        self.receive, self.kernel_name = receive, kernel_name
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pyvmm.boot import boot
-    from pyvmm.console import ConsoleInput, ConsoleOutput
+    from pyvmm.console import ConsoleInput
     from pyvmm.control import ControlServer
-    from pyvmm.devices.virtio.blk import VirtioBlk, parse_disk
-    from pyvmm.devices.virtio.console import VirtioConsole
-    from pyvmm.devices.virtio.net import VirtioNet, parse_network
-    from pyvmm.devices.virtio.rng import VirtioRng
+    from pyvmm.devices.virtio import CLI_DEVICES
     from pyvmm.services.loader import load_service_module, parse_range
     from pyvmm.services.sdei import parse_event
     from pyvmm.smccc.trace import TracePrinter
@@ -139,34 +153,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sdei_event and not args.sdei:
         raise VmmError("--sdei-event declares SDEI events: add --sdei")
     events = [parse_event(e) for e in args.sdei_event]
-    disks = [parse_disk(d) for d in args.disk]
-    networks = [parse_network(n) for n in args.network]
-    with Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit) as vm:
-        # virtio devices, in kvmtool's order: disks, console, entropy, network
-        for path, read_only in disks:
-            vm.add_virtio(VirtioBlk(path, read_only))
-        virtio_console = None
-        if args.console == "virtio":
-            output = vm.console.write if isinstance(vm.console, ConsoleOutput) else ConsoleOutput().write
-            virtio_console = VirtioConsole(output)
-            vm.add_virtio(virtio_console)
-        if args.rng:
-            vm.add_virtio(VirtioRng())
-        for spec in networks:
-            vm.add_virtio(VirtioNet(spec))
+    host = HostConsole()
+    devices = [d for device_type in CLI_DEVICES for d in device_type.from_args(args, host)]
+    with Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output) as vm:
+        for device in devices:
+            vm.add_virtio(device)
         for m in added:
-            vm.smccc.register(m.base, m.count, m.handle, m.name)  # type: ignore[arg-type]
+            vm.smccc.register(m.base, m.size, m.handle, m.name)
         for m in replacing:
-            vm.smccc.replace(m.base, m.count, m.handle, m.name)  # type: ignore[arg-type]
-        for base, count in denied:
-            vm.smccc.deny(base, count, "--deny")
+            vm.smccc.replace(m.base, m.size, m.handle, m.name)
+        for base, size in denied:
+            vm.smccc.deny(base, size, "--deny")
         if args.sdei:
             vm.enable_sdei(events)
         if "smccc" in args.trace:
             vm.smccc.trace = TracePrinter(sys.stderr)
         cmdline = args.params
         if args.kernel and "console=" not in cmdline:
-            cmdline = f"console={'hvc0' if virtio_console else 'ttyS0'} {cmdline}".strip()
+            cmdline = f"console={host.kernel_name} {cmdline}".strip()
         dtb = boot(vm, kernel=args.kernel, firmware=args.firmware, initrd=args.initrd, cmdline=cmdline)
         if args.dump_dtb:
             try:
@@ -175,10 +179,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             except OSError as e:
                 raise VmmError(f"cannot write {args.dump_dtb}: {e.strerror}") from None
             return EXIT_OK
-        receive = virtio_console.receive if virtio_console else vm.serial.uart.receive
-        console_in = ConsoleInput(receive, lambda: vm.stop("quit from the console (Ctrl-A x)"),
-                                  getattr(vm.console, "flush", lambda: None))
-        control = ControlServer(vm, args.control) if args.control else None
+        receive = host.receive or vm.serial.uart.receive
+        console_in = ConsoleInput(receive, lambda: vm.stop("quit from the console (Ctrl-A x)"), host.output.flush)
+        control = ControlServer(args.control, vm.stop, vm.sdei) if args.control else None
         if control is not None:
             control.start()
         console_in.start()
@@ -226,12 +229,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     from pyvmm.kvm import Kvm
     from pyvmm.smccc import filter as smccc_filter
 
+    uname = os.uname()
+    print(f"kernel        {uname.release} {uname.machine}")
+    if uname.machine != "aarch64":
+        print(f"pyvmm runs guests on arm64 hosts with KVM; this host is {uname.machine}. "
+              "`make demo` and `make test` run pyvmm inside an emulated arm64 host here.")
+        return EXIT_ERROR
     kvm = Kvm()
     vm_fd = kvm.create_vm()
-    print(f"kernel        {os.uname().release} {os.uname().machine}")
-    for cap in Cap:
-        print(f"KVM_CAP_{cap.name:<22} {kvm.check_extension(cap)}")
     try:
+        for cap in Cap:
+            print(f"KVM_CAP_{cap.name:<22} {kvm.check_extension(cap)}")
         smccc_filter.check_supported(vm_fd)
         print("SMCCC filter  supported")
     except VmmError as e:
@@ -239,6 +247,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     finally:
         vm_fd.close()
+        kvm.close()
     return EXIT_OK
 
 

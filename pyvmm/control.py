@@ -19,12 +19,13 @@ import os
 import socket
 import stat
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.errors import VmmError
 
 if TYPE_CHECKING:
-    from pyvmm.vm import Vm
+    from pyvmm.services.sdei import Sdei
 
 log = logging.getLogger("pyvmm")
 MAX_REQUEST = 4096
@@ -32,8 +33,10 @@ CLIENT_TIMEOUT = 5.0
 
 
 class ControlServer:
-    def __init__(self, vm: Vm, path: str) -> None:
-        self.vm, self.path = vm, path
+    """Serves a VM's `stop` and, when the VM has SDEI, its `sdei`."""
+
+    def __init__(self, path: str, stop: Callable[[str], None], sdei: Sdei | None) -> None:
+        self.path, self._stop, self._sdei = path, stop, sdei
         _claim(path)
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -79,15 +82,14 @@ class ControlServer:
         cmd = request.get("cmd")
         try:
             if cmd == "stop":
-                self.vm.stop("stopped through the control socket")
+                self._stop("stopped through the control socket")
                 return {"ok": True}
             if cmd in ("sdei-signal", "sdei-status"):
-                sdei = self.vm.sdei
+                sdei = self._sdei
                 if sdei is None:
                     return {"ok": False, "error": "this VM runs without SDEI (start it with --sdei)"}
                 if cmd == "sdei-status":
-                    return {"ok": True, "events": sdei.status(),
-                            "masked": [sdei.masked(v.index) for v in self.vm.vcpus]}
+                    return {"ok": True, "events": sdei.status(), "masked": sdei.pe_masks()}
                 event, cpu = request.get("event"), request.get("cpu")
                 if not isinstance(event, int) or not (cpu is None or isinstance(cpu, int)):
                     return {"ok": False, "error": "sdei-signal takes an integer event and an optional integer cpu"}

@@ -5,17 +5,32 @@ for kvmtool find the GIC where they expect it: the distributor in the 64 KiB bel
 GICv3 redistributors (128 KiB per vCPU) or the GICv2 CPU interface (128 KiB) right below it.
 Set-up order (Documentation/virt/kvm/devices/arm-vgic-v3.rst): create the device, place its
 regions, then KVM_DEV_ARM_VGIC_CTRL_INIT once every vCPU exists.
+
+Reset: KVM_ARM_VCPU_INIT resets a vCPU's registers, timer and PMU, but no vGIC state
+(arch/arm64/kvm/reset.c, kvm_reset_vcpu): enables, pending and active bits, priorities, groups
+and the CPU interface (ICH_VMCR, active priorities) survive it. `reset()` writes them back to
+what KVM_DEV_ARM_VGIC_CTRL_INIT leaves (arch/arm64/kvm/vgic/vgic-init.c: every priority 0,
+SGIs enabled and edge, PPIs and SPIs disabled, SPIs edge and routed to vCPU 0, group 1 on a
+GICv3 and 0 on a GICv2, distributor off), through the register groups of arm-vgic-v3.rst and
+arm-vgic.rst. The CPU interface registers are read once after initialisation and written back.
+Every vCPU must be out of KVM_RUN (else EBUSY).
 """
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 
 from kvm_bindings.constants import (
     KVM_DEV_ARM_VGIC_CTRL_INIT,
     KVM_DEV_ARM_VGIC_GRP_ADDR,
+    KVM_DEV_ARM_VGIC_GRP_CPU_REGS,
+    KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS,
     KVM_DEV_ARM_VGIC_GRP_CTRL,
+    KVM_DEV_ARM_VGIC_GRP_DIST_REGS,
+    KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO,
     KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
+    KVM_DEV_ARM_VGIC_GRP_REDIST_REGS,
     KVM_VGIC_V2_ADDR_TYPE_CPU,
     KVM_VGIC_V2_ADDR_TYPE_DIST,
     KVM_VGIC_V3_ADDR_TYPE_DIST,
@@ -23,6 +38,7 @@ from kvm_bindings.constants import (
     DeviceType,
 )
 from pyvmm.errors import KvmIoctlError, KvmUnavailableError
+from pyvmm.irq import NR_IRQS, SPI_BASE
 from pyvmm.kvm import VmFd
 
 GIC_DIST_BASE = 0x4000_0000 - 0x1_0000
@@ -30,16 +46,31 @@ GIC_DIST_SIZE = 0x1_0000
 GIC_REDIST_SIZE = 0x2_0000  # per vCPU: RD_base + SGI_base frames
 GIC_CPUI_SIZE = 0x2_0000
 GICV2_MAX_VCPUS = 8
-NR_IRQS = 256  # SGIs, PPIs and 224 SPIs; a multiple of 32 (vgic: KVM_DEV_ARM_VGIC_GRP_NR_IRQS)
-SPI_BASE = 32
 
-# Arch timer PPIs as INTIDs (DT "arm,armv8-timer" lists them as PPIs 13, 14, 11, 10)
-TIMER_PPIS = {"secure-phys": 13, "phys": 14, "virt": 11, "hyp-phys": 10}
+# Distributor registers (GIC architecture spec IHI 0069, §12.9; the GICv2 ones at the same offsets)
+GICD_CTLR, GICD_IIDR = 0x000, 0x008
+GICD_IGROUPR, GICD_ISENABLER, GICD_ICENABLER = 0x080, 0x100, 0x180
+GICD_ISPENDR, GICD_ICPENDR, GICD_ICACTIVER = 0x200, 0x280, 0x380
+GICD_IPRIORITYR, GICD_ITARGETSR, GICD_ICFGR = 0x400, 0x800, 0xC00
+GICD_CPENDSGIR = 0xF10  # GICv2
+GICD_IROUTER = 0x6000  # GICv3, 8 bytes per INTID
+GICR_SGI_BASE = 0x1_0000  # a GICv3 redistributor's SGI frame, where its SGI/PPI registers live
+ALL = 0xFFFF_FFFF
+SGIS = 0xFFFF  # INTIDs 0-15
+# GICv3 CPU interface: ICC_*_EL1 as op0:op1:CRn:CRm:op2 (KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS)
+ICC_PMR, ICC_BPR0, ICC_BPR1, ICC_CTLR = 0xC230, 0xC643, 0xC663, 0xC664
+ICC_IGRPEN0, ICC_IGRPEN1 = 0xC666, 0xC667
+ICC_AP0R, ICC_AP1R = 0xC644, 0xC648  # ..3 each; how many exist follows ICC_CTLR.PRIbits
+ICC_CTLR_CBPR_EOIMODE = 0b11
+# GICv2 CPU interface (KVM_DEV_ARM_VGIC_GRP_CPU_REGS): CTLR, PMR, BPR, ABPR, APR0
+GICC_REGS = (0x00, 0x04, 0x08, 0x1C, 0xD0)
 
 
 class Gic:
     def __init__(self, vm_fd: VmFd, nr_vcpus: int) -> None:
         self.nr_vcpus = nr_vcpus
+        self._mpidrs: list[int] = []
+        self._cpu_regs: list[dict[int, int]] = []  # each CPU interface's registers after init
         self.dist_base = GIC_DIST_BASE
         try:
             self.dev = vm_fd.create_device(DeviceType.ARM_VGIC_V3)
@@ -71,13 +102,106 @@ class Gic:
             return [(self.dist_base, GIC_DIST_SIZE, "gic-dist"), (self.redist_base, self.redist_size, "gic-redist")]
         return [(self.dist_base, GIC_DIST_SIZE, "gic-dist"), (self.cpu_base, GIC_CPUI_SIZE, "gic-cpu")]
 
-    def finalize(self) -> None:
-        """After every vCPU is created: fix the number of IRQs and initialise the vGIC."""
+    def finalize(self, mpidrs: list[int]) -> None:
+        """After every vCPU is created: fix the number of IRQs, initialise the vGIC, and note
+        each CPU interface's initial registers for reset()."""
         self.dev.set_device_attr_u32(KVM_DEV_ARM_VGIC_GRP_NR_IRQS, 0, NR_IRQS, "GIC NR_IRQS")
         self.dev.set_device_attr(KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT, 0, "GIC CTRL_INIT")
+        self._mpidrs = mpidrs
+        if self.version == 3:
+            self._cpu_regs = [self._icc_snapshot(_v3_affinity(m)) for m in mpidrs]
+        else:
+            self._cpu_regs = [{off: self.dev.get_device_attr_u32(KVM_DEV_ARM_VGIC_GRP_CPU_REGS, cpu << 32 | off)
+                               for off in GICC_REGS} for cpu in range(len(mpidrs))]
+
+    def _icc_snapshot(self, aff: int) -> dict[int, int]:
+        get = self.dev.get_device_attr_u64
+        regs = {reg: get(KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, aff | reg) for reg in
+                (ICC_CTLR, ICC_PMR, ICC_BPR0, ICC_BPR1, ICC_IGRPEN0, ICC_IGRPEN1)}
+        regs[ICC_CTLR] &= ~ICC_CTLR_CBPR_EOIMODE  # only these two bits are written back (vgic-sys-reg-v3.c)
+        pri_bits = (regs[ICC_CTLR] >> 8 & 7) + 1
+        aprs = 4 if pri_bits >= 7 else 2 if pri_bits == 6 else 1  # vgic_v3_max_apr_idx
+        for n in range(aprs):
+            regs[ICC_AP0R + n] = get(KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, aff | (ICC_AP0R + n))
+            regs[ICC_AP1R + n] = get(KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, aff | (ICC_AP1R + n))
+        return regs
+
+    def reset(self) -> None:
+        """Back to the state after finalize(): nothing enabled (SGIs aside), pending or active,
+        default priorities, groups, configuration and routing; CPU interfaces as they were."""
+        if self.version == 3:
+            self._reset_v3()
+        else:
+            self._reset_v2()
+
+    def _reset_v3(self) -> None:
+        dist = self._writer(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, 0)
+        dist(GICD_CTLR, 0)
+        for word in range(SPI_BASE // 32, NR_IRQS // 32):  # distributor: the SPIs
+            at = 4 * word
+            dist(GICD_ICENABLER + at, ALL)
+            dist(GICD_ICACTIVER + at, ALL)
+            dist(GICD_ISPENDR + at, 0)  # from userspace ISPENDR sets the pending latch to the value
+            dist(GICD_IGROUPR + at, ALL)
+            for k in range(2):
+                dist(GICD_ICFGR + 2 * at + 4 * k, 0)
+            for k in range(8):
+                dist(GICD_IPRIORITYR + 8 * at + 4 * k, 0)
+            self.dev.set_device_attr_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, 32 * word, 0, "GIC LEVEL_INFO")
+        for intid in range(SPI_BASE, NR_IRQS):
+            dist(GICD_IROUTER + 8 * intid, 0)  # the low half: Aff2..Aff0 = vCPU 0
+        for mpidr, icc in zip(self._mpidrs, self._cpu_regs, strict=True):
+            aff = _v3_affinity(mpidr)
+            redist = self._writer(KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, aff)
+            redist(GICR_SGI_BASE + GICD_ICENABLER, ALL)
+            redist(GICR_SGI_BASE + GICD_ISENABLER, SGIS)
+            redist(GICR_SGI_BASE + GICD_ICACTIVER, ALL)
+            redist(GICR_SGI_BASE + GICD_ISPENDR, 0)
+            redist(GICR_SGI_BASE + GICD_IGROUPR, ALL)
+            for k in range(8):
+                redist(GICR_SGI_BASE + GICD_IPRIORITYR + 4 * k, 0)
+            for reg, value in icc.items():  # ICC_CTLR first: BPR1 is kept only with CBPR clear
+                self.dev.set_device_attr_u64(KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS, aff | reg, value, "GIC ICC")
+
+    def _reset_v2(self) -> None:
+        dist = self._writer(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, 0)
+        # IGROUPR is writable from userspace only once GICD_IIDR has been (vgic-mmio-v2.c)
+        dist(GICD_IIDR, self.dev.get_device_attr_u32(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, GICD_IIDR))
+        dist(GICD_CTLR, 0)
+        for word in range(SPI_BASE // 32, NR_IRQS // 32):
+            at = 4 * word
+            for reg, value in ((GICD_ICENABLER, ALL), (GICD_ICPENDR, ALL), (GICD_ICACTIVER, ALL),
+                               (GICD_IGROUPR, 0)):
+                dist(reg + at, value)
+            for k in range(2):
+                dist(GICD_ICFGR + 2 * at + 4 * k, 0)
+            for k in range(8):
+                dist(GICD_IPRIORITYR + 8 * at + 4 * k, 0)
+                dist(GICD_ITARGETSR + 8 * at + 4 * k, 0)
+        for cpu, gicc in enumerate(self._cpu_regs):
+            banked = self._writer(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, cpu << 32)
+            for reg, value in ((GICD_ICENABLER, ALL), (GICD_ISENABLER, SGIS), (GICD_ICPENDR, ALL),
+                               (GICD_ICACTIVER, ALL), (GICD_IGROUPR, 0)):
+                banked(reg, value)
+            for k in range(8):
+                banked(GICD_IPRIORITYR + 4 * k, 0)
+            for k in range(4):
+                banked(GICD_CPENDSGIR + 4 * k, ALL)
+            for off, value in gicc.items():
+                self.dev.set_device_attr_u32(KVM_DEV_ARM_VGIC_GRP_CPU_REGS, cpu << 32 | off, value, "GICC")
+
+    def _writer(self, group: int, high: int) -> Callable[[int, int], None]:
+        def write(offset: int, value: int) -> None:
+            self.dev.set_device_attr_u32(group, high | offset, value, f"GIC register {offset:#x}")
+        return write
 
     def close(self) -> None:
         self.dev.close()
+
+
+def _v3_affinity(mpidr: int) -> int:
+    """An MPIDR as the attr's bits 63:32 (Aff3 63:56, Aff2 55:48, Aff1 47:40, Aff0 39:32)."""
+    return ((mpidr >> 32 & 0xFF) << 56) | ((mpidr & 0xFF_FFFF) << 32)
 
 
 class InKernelRegion:

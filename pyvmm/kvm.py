@@ -93,7 +93,6 @@ class DeviceAttrs:
         a = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr, "addr": addr})
         _ioctl(self.fd, io.KVM_SET_DEVICE_ATTR, a, context)
 
-
     def set_device_attr_u64(self, group: int, attr: int, value: int, context: str = "") -> None:
         val = ffi.new("uint64_t *", value)
         self.set_device_attr(group, attr, int(ffi.cast("uintptr_t", val)), context)
@@ -101,6 +100,18 @@ class DeviceAttrs:
     def set_device_attr_u32(self, group: int, attr: int, value: int, context: str = "") -> None:
         val = ffi.new("uint32_t *", value)
         self.set_device_attr(group, attr, int(ffi.cast("uintptr_t", val)), context)
+
+    def get_device_attr_u32(self, group: int, attr: int, context: str = "") -> int:
+        return self._get_device_attr("uint32_t *", group, attr, context)
+
+    def get_device_attr_u64(self, group: int, attr: int, context: str = "") -> int:
+        return self._get_device_attr("uint64_t *", group, attr, context)
+
+    def _get_device_attr(self, ctype: str, group: int, attr: int, context: str) -> int:
+        val = ffi.new(ctype)
+        a = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr, "addr": int(ffi.cast("uintptr_t", val))})
+        _ioctl(self.fd, io.KVM_GET_DEVICE_ATTR, a, context)
+        return int(val[0])
 
 
 class DeviceFd(DeviceAttrs):

@@ -1,32 +1,33 @@
-"""A vCPU: its fd, registers by name, its power state, and the thread that runs KVM_RUN.
+"""A vCPU: its fd, registers by name, its power state, and the thread that runs its exit loop.
 
-Power (PSCI 1.1 §5.7.1, AFFINITY_INFO states): a vCPU is ON, OFF or ON_PENDING. Only vCPU 0
-starts ON; the others wait, outside KVM_RUN, until a PSCI CPU_ON makes them ON_PENDING. The
-target's own thread then resets it (KVM_ARM_VCPU_INIT), sets the entry point and context ID,
-becomes ON and enters the guest. CPU_OFF sends a vCPU's thread back to waiting.
+Power (PSCI 1.1 §5.7.1): the vCPU owns its PowerState; PSCI and the machine ask it for
+transitions (request_on, power_off, suspend, reset) and never assign its fields. Only vCPU 0
+starts ON; the others wait, outside KVM_RUN, until a CPU_ON makes them ON_PENDING. The vCPU's own
+thread then boots it (KVM_ARM_VCPU_INIT, entry point, context ID), marks it ON and enters the guest.
 
 Stopping a vCPU at any moment (Documentation/virt/kvm/api.rst, "immediate_exit"): the stopper
 sets kvm_run.immediate_exit and sends the vCPU thread a signal. A thread already inside KVM_RUN
 is interrupted by the signal (EINTR); one about to enter sees immediate_exit and returns EINTR at
-once. Either way the loop regains control, so no guest can hold a vCPU thread hostage.
+once. Either way the loop regains control, so no guest can hold a vCPU thread hostage. Work
+queued with request() while the thread is not running keeps immediate_exit set, so it runs as
+soon as the thread starts, before the guest does.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
-from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from kvm_bindings.constants import ExitReason
-from kvm_bindings.regs import CORE_REGS, SYS_REGS, sysreg_id
-from pyvmm.exits import HEAD, decode, decode_mmio
+from kvm_bindings.constants import ExitReason, MpState, SystemEvent, VcpuFeature
+from kvm_bindings.regs import CORE_REGS, PSTATE_BOOT, SYS_REGS, sysreg_id
+from pyvmm.errors import VmmError
+from pyvmm.exits import HEAD, Exit, MmioExit, SystemEventExit, decode, decode_mmio
 from pyvmm.kvm import VcpuFd
-
-if TYPE_CHECKING:
-    from pyvmm.vm import Vm
+from pyvmm.power import Entry, Power, PowerState
 
 KICK_SIGNAL = signal.SIGRTMIN + 2
 _X = tuple(CORE_REGS[f"x{n}"] for n in range(31))
@@ -42,36 +43,51 @@ def install_kick_handler() -> None:
     if _kick_handler_installed:
         return
     if threading.current_thread() is not threading.main_thread():
-        from pyvmm.errors import VmmError
-
         raise VmmError("create the first VM from the main thread (pyvmm installs its vCPU kick signal handler)")
     signal.signal(KICK_SIGNAL, lambda signum, frame: None)
     _kick_handler_installed = True
 
 
-class Power(IntEnum):
-    """Values as AFFINITY_INFO returns them (PSCI 1.1 §5.7.1)."""
+class ExitHandler(Protocol):
+    """What a vCPU's exit loop hands exits to (the machine's devices, services and life cycle)."""
 
-    ON = 0
-    OFF = 1
-    ON_PENDING = 2
+    def hypercall(self, vcpu: Vcpu, function_id: int, flags: int) -> None: ...
+
+    def mmio(self, vcpu: Vcpu, ex: MmioExit) -> None: ...
+
+    def system_event(self, vcpu: Vcpu, ex: SystemEventExit) -> bool: ...
+
+    def other(self, vcpu: Vcpu, ex: Exit) -> None: ...
+
+    def booting(self, vcpu: Vcpu) -> None: ...
+
+    def woken(self, vcpu: Vcpu) -> None: ...
+
+    def turned_off(self, vcpu: Vcpu) -> None: ...
+
+    def failed(self, vcpu: Vcpu, error: BaseException) -> None: ...
 
 
 class Vcpu:
-    def __init__(self, vm: Vm, index: int, fd: VcpuFd) -> None:
-        self.vm = vm
+    def __init__(self, index: int, fd: VcpuFd, target: int, exits: ExitHandler) -> None:
         self.index = index
         self.fd = fd
+        self._target = target
+        self._exits = exits
         self.thread: threading.Thread | None = None
         self._stop = False
         self._requests: deque[Callable[[Vcpu], None]] = deque()
-        # power state, guarded by vm.power_lock; _power_on: (entry, context ID) of a pending CPU_ON
-        self.power = Power.OFF
-        self._power_on: tuple[int, int] | None = None
-        self._woken = threading.Condition(vm.power_lock)
-        self.resume_at: tuple[int, int] | None = None  # power-down suspend: (entry, context ID)
-        self.suspended = False  # in KVM_MP_STATE_SUSPENDED (PSCI CPU_SUSPEND / SYSTEM_SUSPEND)
-        self.mpidr = 0  # MPIDR_EL1, read once the vCPU is initialised
+        self._power = PowerState(on=index == 0)
+        self._resume_at: Entry | None = None  # power-down suspend: where the vCPU wakes
+        self._suspended = False  # in KVM_MP_STATE_SUSPENDED (PSCI CPU_SUSPEND / SYSTEM_SUSPEND)
+        # the exit path's register access, without an attribute lookup through fd
+        self.get_one_reg = fd.get_one_reg
+        self.set_one_reg = fd.set_one_reg
+        self.x0_value = fd.x0_value
+        self.write_x0 = fd.write_x0
+        self.failed = fd.failed
+        self.init(powered_off=index > 0)
+        self.mpidr = self.get_reg("mpidr_el1")  # fixed by KVM from the vCPU index
 
     # --- registers -------------------------------------------------------------------------
     def get_reg(self, name: str) -> int:
@@ -93,30 +109,92 @@ class Vcpu:
     def set_sysreg(self, op0: int, op1: int, crn: int, crm: int, op2: int, value: int) -> None:
         self.fd.set_one_reg(sysreg_id(op0, op1, crn, crm, op2), value)
 
-    # --- power -----------------------------------------------------------------------------
-    def power_on(self, entry: int, context_id: int) -> None:
-        """Make an OFF vCPU ON_PENDING; its thread will boot it at `entry` (vm.power_lock held)."""
-        self.power = Power.ON_PENDING
-        self._power_on = (entry, context_id)
-        self._woken.notify_all()
+    # --- reset and boot --------------------------------------------------------------------
+    def init(self, *, powered_off: bool) -> None:
+        """KVM_ARM_VCPU_INIT with the preferred target: PSCI 0.2+ (KVM's own PSCI, when it
+        answers), secondaries powered off. Also a full reset of the vCPU's registers."""
+        features = 1 << VcpuFeature.PSCI_0_2
+        if powered_off:
+            features |= 1 << VcpuFeature.POWER_OFF
+        self.fd.vcpu_init(self._target, [features, 0, 0, 0, 0, 0, 0])
+
+    def boot(self, entry: Entry) -> None:
+        """Reset to the power-on state and point the vCPU at `entry`: EL1h, DAIF masked, MMU off,
+        x0 = the context ID (booting.rst; PSCI 1.1 §6.4.3, CPU_ON and power-down wake-up)."""
+        self.init(powered_off=False)
+        self.set_entry(entry)
+
+    def set_entry(self, entry: Entry) -> None:
+        self.set_reg("pstate", PSTATE_BOOT)
+        self.set_reg("pc", entry.address)
+        self.set_x(0, entry.context_id)
+
+    def reset(self, entry: Entry | None) -> None:
+        """The machine's reset (thread not running): vCPU 0 back at `entry`, the others off."""
+        self._power.reset(on=self.index == 0)
+        self._resume_at, self._suspended = None, False
+        self.init(powered_off=self.index > 0)
+        if entry is not None and self.index == 0:
+            self.set_entry(entry)
+
+    # --- power (PSCI 1.1 §5.7.1, §5.4, §5.20) ------------------------------------------------
+    @property
+    def power(self) -> Power:
+        return self._power.state
+
+    def request_on(self, entry: Entry) -> Power | None:
+        """PSCI CPU_ON of this vCPU, from any thread: None if it is now ON_PENDING, else the state
+        that refused it (ON or ON_PENDING)."""
+        return self._power.request_on(entry)
 
     def power_off(self) -> None:
-        """Called on this vCPU's own thread (PSCI CPU_OFF): leave the guest and wait for CPU_ON."""
-        with self.vm.power_lock:
-            self.power = Power.OFF
-            self._power_on = None
+        """PSCI CPU_OFF, on this vCPU's own thread: leave the guest and wait for a CPU_ON."""
+        self._power.turn_off()
         self.fd.run_struct.immediate_exit = 1  # the next KVM_RUN returns at once; the loop sees OFF
-        self.vm.check_all_off()
 
-    def leave_guest(self) -> None:
-        """Called on this vCPU's own thread: do not re-enter the guest (the run is ending)."""
-        self._stop = True
-        self.fd.run_struct.immediate_exit = 1
+    def suspend(self, resume_at: Entry | None) -> None:
+        """On this vCPU's thread: wait in KVM for a wake-up event (KVM_MP_STATE_SUSPENDED, the
+        state KVM_CAP_ARM_SYSTEM_SUSPEND introduced). With `resume_at` the vCPU wakes from
+        power-down there; without, it continues after the call (standby)."""
+        self._resume_at = resume_at
+        self._suspended = True
+        self.fd.set_mp_state(MpState.SUSPENDED)
 
-    # --- the run loop ----------------------------------------------------------------------
+    @property
+    def suspended(self) -> bool:
+        return self._suspended
+
+    @property
+    def powered_down(self) -> bool:
+        """In a power-down suspend: its context is lost until it wakes at its resume entry."""
+        return self._resume_at is not None
+
+    def leave_standby(self) -> bool:
+        """On this vCPU's thread: if it is in a standby suspend, make it runnable (an event is
+        being delivered to it). True if it was."""
+        if not self._suspended or self._resume_at is not None:
+            return False
+        self.fd.set_mp_state(MpState.RUNNABLE)
+        self._suspended = False
+        return True
+
+    def _woken(self) -> None:
+        """KVM_SYSTEM_EVENT_WAKEUP: an interrupt is pending for the suspended vCPU. The suspend
+        state is sticky until userspace leaves it (arch/arm64/kvm/arm.c, kvm_vcpu_suspend):
+        from standby, mark it runnable; from power-down, boot it at its resume entry point."""
+        self._suspended = False
+        resume_at, self._resume_at = self._resume_at, None
+        if resume_at is not None:
+            self.boot(resume_at)
+        else:
+            self.fd.set_mp_state(MpState.RUNNABLE)
+
+    # --- the thread ------------------------------------------------------------------------
     def start(self) -> None:
         self._stop = False
-        self.fd.run_struct.immediate_exit = 0
+        # queued requests run before the guest does (a request() made while stopped only set
+        # immediate_exit; clearing it here would leave them waiting for the guest's next exit)
+        self.fd.run_struct.immediate_exit = 1 if self._requests else 0
         self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 
@@ -131,13 +209,30 @@ class Vcpu:
                 pass
 
     def stop(self) -> None:
+        """Ask the thread to end (any thread); join() waits for it."""
         self._stop = True
+        self._power.stop()
         self.kick()
-        with self.vm.power_lock:
-            self._woken.notify_all()
+
+    def leave_guest(self) -> None:
+        """On this vCPU's own thread: do not enter the guest again (the run is ending or resetting)."""
+        self._stop = True
+        self.fd.run_struct.immediate_exit = 1
+
+    def join(self, deadline: float) -> bool:
+        """Wait until the thread has ended, kicking it again while it runs; False if it is still
+        running at `deadline` (time.monotonic())."""
+        t = self.thread
+        while t is not None and t.is_alive():
+            if time.monotonic() >= deadline:
+                return False
+            self.kick()
+            t.join(0.05)
+        return True
 
     def request(self, fn: Callable[[Vcpu], None]) -> None:
-        """Run `fn(vcpu)` on this vCPU's thread at its next exit (kicking it out of the guest)."""
+        """Run `fn(vcpu)` on this vCPU's thread at its next exit (kicking it out of the guest);
+        queued while the thread is stopped, it runs as soon as the thread starts."""
         self._requests.append(fn)
         self.kick()
 
@@ -147,51 +242,51 @@ class Vcpu:
         an immediate-exit KVM_RUN first lets KVM finish it (an MMIO load's register write)."""
         self._requests.append(fn)
 
+    def on_own_thread(self) -> bool:
+        t = self.thread
+        return t is not None and t.ident == threading.get_ident()
+
     def _thread_main(self) -> None:
         try:
             while self._wait_until_on():
                 self._loop()
+                if self._stop:
+                    break
+                if self.power == Power.OFF:
+                    self._exits.turned_off(self)
         except BaseException as e:  # noqa: BLE001 - any failure ends the run with its message
-            self.vm.fail(self, e)
+            self._exits.failed(self, e)
 
     def _wait_until_on(self) -> bool:
-        """Wait while OFF; boot a pending CPU_ON. False when the vCPU is to stop."""
-        with self.vm.power_lock:
-            while self.power == Power.OFF and not self._stop:
-                self._woken.wait()
-            if self._stop:
-                return False
-            pending = self._power_on if self.power == Power.ON_PENDING else None
-        if pending is not None:
-            hook = self.vm.before_power_on
-            if hook is not None:
-                hook(self)
-            self.vm.smccc.power_on(self)  # services' per-PE state starts over (SDEI)
-            self.vm.boot_vcpu(self, *pending)  # KVM_ARM_VCPU_INIT, entry point, context ID
-            with self.vm.power_lock:
-                if self.power == Power.ON_PENDING:
-                    self.power = Power.ON
-                    self._power_on = None
+        """Wait while OFF; boot a pending CPU_ON. False when the thread is to end."""
+        if self._stop:
+            return False
+        pending = self._power.wait_until_on()
+        if pending is False:
+            return False
+        if isinstance(pending, Entry):
+            self._exits.booting(self)  # services' per-PE state starts over (SDEI)
+            self.boot(pending)
+            self._power.booted()
         return True
 
     def _loop(self) -> None:
-        """KVM_RUN until told to stop. Hypercalls take the fast path straight from the exit header;
-        every other exit is decoded into its typed value first."""
+        """KVM_RUN until told to stop or powered off. Hypercalls take the fast path straight
+        from the exit header; every other exit is decoded into its typed value first."""
         fd = self.fd
         run, buf = fd.run_struct, fd.mmap
         kvm_run, failed = fd.run, fd.failed
         head = HEAD.unpack_from
-        vm = self.vm
-        dispatch = vm.smccc.dispatch
-        handle_mmio = vm.handle_mmio
-        handle_exit = vm.handle_exit
+        exits = self._exits
+        dispatch, handle_mmio = exits.hypercall, exits.mmio
         requests = self._requests
+        power = self._power
         while True:
             if kvm_run() and failed("KVM_RUN"):  # kicked: clear immediate_exit first, then the flags
                 run.immediate_exit = 0
                 while requests:
                     requests.popleft()(self)
-                if self._stop or self.power != Power.ON:
+                if self._stop or power.state != Power.ON:
                     return
                 continue
             reason, nr, flags = head(buf)
@@ -202,10 +297,21 @@ class Vcpu:
                 continue
             if reason == _MMIO:
                 handle_mmio(self, decode_mmio(buf))
-            elif not handle_exit(self, decode(run)):
-                return
+            else:
+                ex = decode(run)
+                if isinstance(ex, SystemEventExit):
+                    if ex.type == SystemEvent.WAKEUP:
+                        self._woken()
+                        exits.woken(self)
+                    elif not exits.system_event(self, ex):
+                        return
+                else:
+                    exits.other(self, ex)
             if requests:
                 run.immediate_exit = 1  # KVM completes the exit, returns EINTR, then they run
+
+    def close(self) -> None:
+        self.fd.close()
 
 
 def _reg_id(name: str) -> int:

@@ -29,11 +29,21 @@ class Uart16550:
         self._output, self._set_irq = output, set_irq
         self._lock = threading.Lock()  # host input arrives on another thread
         self._rx: deque[int] = deque()
+        self._power_on()
+
+    def _power_on(self) -> None:
+        """Register values after a master reset (datasheet table 5)."""
+        self._rx.clear()
         self.ier = self.lcr = self.mcr = self.scr = self.fcr = 0
         self.dll, self.dlm = 0x0C, 0  # 9600 baud at 1.8432 MHz
         self._thr_pending = False
         self._overrun = False
         self._irq = False
+
+    def reset(self) -> None:
+        """The machine's reset: power-on state; the interrupt line is lowered by the machine."""
+        with self._lock:
+            self._power_on()
 
     # --- guest side ----------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:

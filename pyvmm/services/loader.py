@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Callable
 from typing import NamedTuple
 
 from pyvmm.errors import VmmError
+from pyvmm.smccc.service import Handler
 
 
 class ServiceModule(NamedTuple):
     base: int
-    count: int
-    handle: Callable[..., object]
+    size: int  # function IDs in the range
+    handle: Handler
     name: str
 
 

@@ -13,15 +13,12 @@ NOT_SUPPORTED, and PSCI_FEATURES says so.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from devicetree.builder import Node
+from pyvmm.power import Entry, Power
 from pyvmm.smccc.call import SmcccCall
+from pyvmm.smccc.context import ServiceContext, ServiceVcpu
 from pyvmm.smccc.function_id import SMC64, Owner
 from pyvmm.smccc.service import NO_RESULT, Results, Service, function
-from pyvmm.vcpu import Power
-
-if TYPE_CHECKING:
-    from pyvmm.vm import Vm
 
 PSCI_VERSION_1_1 = (1 << 16) | 1
 SMCCC_VERSION = 0x8000_0000
@@ -67,24 +64,27 @@ class Psci(Service):
     revision = (1, 1)
     error_names = ERROR_NAMES
 
-    def __init__(self, vm: Vm) -> None:
-        self.vm = vm
-        self._by_affinity: dict[int, dict[int, object]] = {}  # mask -> {MPIDR & mask: vCPU}
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        # the vCPU each target_cpu/target_affinity names, by affinity mask (MPIDRs never change)
+        self._by_affinity = {mask: {v.mpidr & mask: v for v in ctx.vcpus}
+                             for mask in (AFFINITY_MASK_64, AFFINITY_MASK_32)}
 
     def describe_affinity(self, x0: int) -> str:
         return Power(x0).name if x0 in Power._value2member_map_ else self.describe_result(x0)
 
+    def dt_node(self) -> tuple[str, Node]:
+        # Documentation/devicetree/bindings/arm/psci.yaml: PSCI 1.0+ firmware is compatible with
+        # 0.2; only the conduit is needed (function IDs are the standard ones)
+        return "/", Node("psci", {"compatible": ["arm,psci-1.0", "arm,psci-0.2"], "method": self.ctx.conduit})
+
     # --- helpers -----------------------------------------------------------------------------
-    def _target(self, call: SmcccCall, affinity: int):  # type: ignore[no-untyped-def]
-        """The vCPU a target_cpu/target_affinity argument names (MPIDRs never change)."""
-        mask = AFFINITY_MASK_64 if call.function_id & SMC64 else AFFINITY_MASK_32
-        table = self._by_affinity.get(mask)
-        if table is None:
-            table = self._by_affinity[mask] = {v.mpidr & mask: v for v in self.vm.vcpus}
-        return table.get(affinity)
+    def _target(self, call: SmcccCall, affinity: int) -> ServiceVcpu | None:
+        """The vCPU a target_cpu/target_affinity argument names."""
+        return self._by_affinity[AFFINITY_MASK_64 if call.function_id & SMC64 else AFFINITY_MASK_32].get(affinity)
 
     def _in_ram(self, address: int) -> bool:
-        return self.vm.memory.contains(address, 4)
+        return self.ctx.memory.contains(address, 4)
 
     # --- functions ---------------------------------------------------------------------------
     @function(F32 + 0x0, name="PSCI_VERSION", describe="describe_value")
@@ -99,9 +99,9 @@ class Psci(Service):
         if power_state & POWER_STATE_TYPE_POWERDOWN:
             if not self._in_ram(entry):
                 return INVALID_ADDRESS
-            self.vm.suspend(call.vcpu, (entry, context_id))  # wakes at entry, x0 = context ID
+            call.vcpu.suspend(Entry(entry, context_id))  # wakes at entry, x0 = context ID
         else:
-            self.vm.suspend(call.vcpu, None)  # standby: returns SUCCESS once woken
+            call.vcpu.suspend(None)  # standby: returns SUCCESS once woken
         return SUCCESS
 
     @function(F32 + 0x2, name="CPU_OFF")
@@ -117,13 +117,10 @@ class Psci(Service):
             return INVALID_PARAMETERS
         if not self._in_ram(entry):
             return INVALID_ADDRESS
-        with self.vm.power_lock:  # concurrent CPU_ONs: exactly one sees OFF
-            if target.power == Power.ON:
-                return ALREADY_ON
-            if target.power == Power.ON_PENDING:
-                return ON_PENDING
-            target.power_on(entry, context_id)
-        return SUCCESS
+        refused = target.request_on(Entry(entry, context_id))  # of concurrent CPU_ONs, one succeeds
+        if refused is None:
+            return SUCCESS
+        return ALREADY_ON if refused == Power.ON else ON_PENDING
 
     @function(*_both(0x4), name="AFFINITY_INFO", args=("target_affinity", "lowest_affinity_level"),
               describe="describe_affinity")
@@ -150,12 +147,12 @@ class Psci(Service):
 
     @function(F32 + 0x8, name="SYSTEM_OFF")
     def system_off(self, call: SmcccCall) -> Results:
-        self.vm.power_off_system(call.vcpu, "PSCI SYSTEM_OFF")
+        self.ctx.system.power_off_system(call.vcpu, "PSCI SYSTEM_OFF")
         return NO_RESULT
 
     @function(F32 + 0x9, name="SYSTEM_RESET")
     def system_reset(self, call: SmcccCall) -> Results:
-        self.vm.request_reset(call.vcpu, "PSCI SYSTEM_RESET")
+        self.ctx.system.request_reset(call.vcpu, "PSCI SYSTEM_RESET")
         return NO_RESULT
 
     @function(F32 + 0xA, name="PSCI_FEATURES", args=("psci_func_id",))
@@ -171,12 +168,11 @@ class Psci(Service):
     @function(*_both(0xE), name="SYSTEM_SUSPEND", args=("entry_point_address", "context_id"))
     def system_suspend(self, call: SmcccCall) -> Results:
         entry, context_id = call.args(2)
-        with self.vm.power_lock:
-            if any(v.power != Power.OFF for v in self.vm.vcpus if v is not call.vcpu):
-                return DENIED  # every other core must be off (§5.20)
+        if any(v.power != Power.OFF for v in self.ctx.vcpus if v is not call.vcpu):
+            return DENIED  # every other core must be off (§5.20)
         if not self._in_ram(entry):
             return INVALID_ADDRESS
-        self.vm.suspend(call.vcpu, (entry, context_id))
+        call.vcpu.suspend(Entry(entry, context_id))
         return SUCCESS
 
     @function(*_both(0x12), name="SYSTEM_RESET2", args=("reset_type", "cookie"))
@@ -184,5 +180,5 @@ class Psci(Service):
         reset_type = call.arg(1)
         if reset_type != SYSTEM_WARM_RESET:
             return INVALID_PARAMETERS  # no vendor-specific reset types
-        self.vm.request_reset(call.vcpu, "PSCI SYSTEM_RESET2 (warm reset)")
+        self.ctx.system.request_reset(call.vcpu, "PSCI SYSTEM_RESET2 (warm reset)")
         return NO_RESULT

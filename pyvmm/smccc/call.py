@@ -10,7 +10,7 @@ from pyvmm.smccc.function_id import SMC64, FunctionId, decode
 _SMC = HypercallExitFlag.SMC.value
 
 if TYPE_CHECKING:
-    from pyvmm.vcpu import Vcpu
+    from pyvmm.smccc.context import ServiceVcpu
 
 
 class SmcccCall:
@@ -19,7 +19,7 @@ class SmcccCall:
 
     __slots__ = ("vcpu", "function_id", "flags", "_args")
 
-    def __init__(self, vcpu: Vcpu, function_id: int, flags: int = 0) -> None:
+    def __init__(self, vcpu: ServiceVcpu, function_id: int, flags: int = 0) -> None:
         self.vcpu = vcpu
         self.function_id = function_id
         self.flags = flags  # kvm_run.hypercall.flags (KVM_HYPERCALL_EXIT_*)

@@ -18,17 +18,15 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 from kvm_bindings.constants import HypercallExitFlag, SmcccFilterAction
 from pyvmm.errors import VmmError
 from pyvmm.smccc.call import SmcccCall
+from pyvmm.smccc.context import ServiceVcpu, TraceEvent
 from pyvmm.smccc.filter import FilterRange
 from pyvmm.smccc.function_id import CALL_COUNT, CALL_UID, FAST_CALL, NOT_SUPPORTED, OWNER_SHIFT, REVISION, SMC64
 from pyvmm.smccc.service import NO_RESULT, PYVMM_UID, Function, Handler, HandlerService, Results, Service
-
-if TYPE_CHECKING:
-    from pyvmm.vcpu import Vcpu
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U32 = 0xFFFF_FFFF
@@ -39,7 +37,7 @@ CONDUITS = ("hvc", "smc")
 
 class Route(NamedTuple):
     base: int
-    count: int
+    size: int  # function IDs in the route
     service: Service
 
 
@@ -52,14 +50,6 @@ class TraceRecord(NamedTuple):
     results: tuple[int, ...] | None  # None: the call did not return (NO_RESULT)
     seconds: float
     note: str = ""
-
-
-class TraceEvent(NamedTuple):
-    """Something a service did to a vCPU outside a call's results (an SDEI dispatch)."""
-
-    vcpu: int
-    source: str
-    text: str
 
 
 class HandlerError(VmmError):
@@ -158,9 +148,9 @@ class Dispatcher:
     def _check_range(self, base: int, count: int, name: str) -> None:
         self._check_bounds(base, count, name)
         for r in self._routes:
-            if r.base < base + count and base < r.base + r.count:
+            if r.base < base + count and base < r.base + r.size:
                 raise VmmError(f"SMCCC range {base:#010x}+{count} ({name}) overlaps "
-                               f"{r.base:#010x}+{r.count} ({r.service.name})")
+                               f"{r.base:#010x}+{r.size} ({r.service.name})")
         for d in self._denied:
             if d.overlaps(base, count):
                 raise VmmError(f"SMCCC range {base:#010x}+{count} ({name}) overlaps denied range {d}")
@@ -171,39 +161,45 @@ class Dispatcher:
         end = base + count
         routes: list[Route] = []
         for r in self._routes:
-            routes += [Route(b, c, r.service) for b, c in _outside(r.base, r.count, base, end)]
+            routes += [Route(b, c, r.service) for b, c in _outside(r.base, r.size, base, end)]
         self._routes = sorted(routes, key=lambda r: r.base)
         self._denied = [FilterRange(b, c, d.action, d.name) for d in self._denied
-                        for b, c in _outside(d.base, d.count, base, end)]
+                        for b, c in _outside(d.base, d.size, base, end)]
         self.services = [s for s in self.services if any(r.service is s for r in self._routes)
                          or isinstance(s, GeneralQueries) or not s.ranges]
         self._cache.clear()
 
     def filter_ranges(self) -> list[FilterRange]:
         """The KVM filter that forwards exactly the routed ranges and denies the denied ones."""
-        fwd = [FilterRange(r.base, r.count, SmcccFilterAction.FWD_TO_USER, r.service.name) for r in self._routes]
+        fwd = [FilterRange(r.base, r.size, SmcccFilterAction.FWD_TO_USER, r.service.name) for r in self._routes]
         return sorted(fwd + self._denied, key=lambda r: r.base)
+
+    def emit(self, event: TraceEvent) -> None:
+        """A service's own line in the trace (an SDEI dispatch), if tracing is on."""
+        trace = self.trace
+        if trace is not None:
+            trace(event)
 
     def reset(self) -> None:
         for s in self.services:
             s.reset()
 
-    def power_on(self, vcpu: Vcpu) -> None:
+    def power_on(self, vcpu: ServiceVcpu) -> None:
         for s in self.services:
             s.power_on(vcpu)
 
-    def woken(self, vcpu: Vcpu) -> None:
+    def woken(self, vcpu: ServiceVcpu) -> None:
         for s in self.services:
             s.woken(vcpu)
 
     # --- dispatch --------------------------------------------------------------------------
     def resolve(self, function_id: int) -> Function | None:
         i = bisect.bisect_right(self._routes, function_id, key=lambda r: r.base) - 1
-        if i >= 0 and function_id < self._routes[i].base + self._routes[i].count:
+        if i >= 0 and function_id < self._routes[i].base + self._routes[i].size:
             return self._routes[i].service.lookup(function_id)
         return None
 
-    def dispatch(self, vcpu: Vcpu, function_id: int, flags: int) -> None:
+    def dispatch(self, vcpu: ServiceVcpu, function_id: int, flags: int) -> None:
         """Answer one KVM_EXIT_HYPERCALL on `vcpu` (called on that vCPU's thread).
 
         This is the exit loop's hot path: a cached handler lookup, the handler, and (for the
@@ -224,10 +220,9 @@ class Dispatcher:
                 raise HandlerError(f"SMCCC handler for {function_id:#010x} raised {type(e).__name__}: {e}") from e
         self.calls += 1
         if type(results) is int:  # the common single result: one prepared KVM_SET_ONE_REG(x0)
-            fd = vcpu.fd
-            fd.x0_value[0] = results & (_U64 if function_id & SMC64 else _U32)
-            if fd.write_x0() < 0:
-                fd.failed("KVM_SET_ONE_REG")
+            vcpu.x0_value[0] = results & (_U64 if function_id & SMC64 else _U32)
+            if vcpu.write_x0() < 0:
+                vcpu.failed("KVM_SET_ONE_REG")
         elif results is not NO_RESULT:
             write_results(vcpu, call, results)
 
@@ -238,7 +233,7 @@ class Dispatcher:
             self._cache[function_id] = handler
         return handler
 
-    def _dispatch_traced(self, vcpu: Vcpu, function_id: int, flags: int) -> None:
+    def _dispatch_traced(self, vcpu: ServiceVcpu, function_id: int, flags: int) -> None:
         fn = self.resolve(function_id)
         call = SmcccCall(vcpu, function_id, flags)
         args = call.args(len(fn.args)) if fn is not None else ()  # before x1.. hold results
@@ -276,7 +271,7 @@ def _outside(base: int, count: int, cut_base: int, cut_end: int) -> list[tuple[i
     return parts
 
 
-def write_results(vcpu: Vcpu, call: SmcccCall, results: Results) -> None:
+def write_results(vcpu: ServiceVcpu, call: SmcccCall, results: Results) -> None:
     mask = _U64 if call.function_id & SMC64 else _U32
     values = _as_results(results)
     vcpu.set_x(0, values[0] & mask)

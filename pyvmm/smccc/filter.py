@@ -23,16 +23,16 @@ MIN_KERNEL = (6, 4)
 
 class FilterRange(NamedTuple):
     base: int
-    count: int
+    size: int  # function IDs in the range
     action: SmcccFilterAction
     name: str = ""
 
     @property
     def last(self) -> int:
-        return self.base + self.count - 1
+        return self.base + self.size - 1
 
     def overlaps(self, base: int, count: int) -> bool:
-        return self.base < base + count and base < self.base + self.count
+        return self.base < base + count and base < self.base + self.size
 
     def __str__(self) -> str:
         label = f" ({self.name})" if self.name else ""
@@ -43,9 +43,9 @@ def validate(ranges: list[FilterRange]) -> None:
     """Raise SmcccFilterError for the first range KVM would refuse."""
     seen: list[FilterRange] = []
     for r in ranges:
-        if r.count <= 0 or r.base < 0:
-            raise SmcccFilterError(f"SMCCC filter range {r.base:#x}+{r.count}: needs at least one function")
-        if r.base + r.count > 1 << 32:
+        if r.size <= 0 or r.base < 0:
+            raise SmcccFilterError(f"SMCCC filter range {r.base:#x}+{r.size}: needs at least one function")
+        if r.base + r.size > 1 << 32:
             raise SmcccFilterError(f"SMCCC filter range {r}: wraps past 0xffffffff")
         for base, count in RESERVED:
             if r.overlaps(base, count):
@@ -53,18 +53,9 @@ def validate(ranges: list[FilterRange]) -> None:
                     f"SMCCC filter range {r}: overlaps {base:#010x}-{base + count - 1:#010x}, "
                     "which KVM reserves for the Arm architecture calls")
         for other in seen:
-            if r.overlaps(other.base, other.count):
+            if r.overlaps(other.base, other.size):
                 raise SmcccFilterError(f"SMCCC filter range {r}: overlaps range {other}")
         seen.append(r)
-
-
-def kernel_version() -> tuple[int, int]:
-    release = os.uname().release
-    try:
-        major, minor = release.split(".")[:2]
-        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-    except ValueError:
-        return (0, 0)
 
 
 def check_supported(vm_fd: object) -> None:
@@ -88,7 +79,7 @@ def install(vm_fd: object, ranges: list[FilterRange]) -> None:
 def install_range(vm_fd: object, r: FilterRange) -> None:
     """One range straight to KVM (no validation), with KVM's refusals put in words."""
     try:
-        vm_fd.set_smccc_filter(r.base, r.count, int(r.action))  # type: ignore[attr-defined]
+        vm_fd.set_smccc_filter(r.base, r.size, int(r.action))  # type: ignore[attr-defined]
     except KvmIoctlError as e:
         reason = {
             errno.EEXIST: "overlaps a range already installed or one KVM reserves",

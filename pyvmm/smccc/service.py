@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
+from devicetree.builder import Node
 from pyvmm.smccc.call import SmcccCall
 
 Results = int | Sequence[int]
@@ -55,7 +56,7 @@ def function(*fids: int, name: str, args: tuple[str, ...] = (),
     `describe` names the service method that puts a name to its x0 in traces."""
 
     def mark(method: Callable[..., Results]) -> Callable[..., Results]:
-        method.__smccc__ = (fids, name, args, describe)  # type: ignore[attr-defined]
+        setattr(method, "__smccc__", (fids, name, args, describe))  # noqa: B010 - a marker on a function
         return method
 
     return mark
@@ -106,6 +107,11 @@ class Service:
 
     def reset(self) -> None:
         """Return to the power-on state (the VM is being reset)."""
+
+    def dt_node(self) -> tuple[str, Node] | None:
+        """(parent path, node): what the guest discovers this service by in the device tree, as
+        kvmtool's generate_fdt_node callbacks give each part its own node; None for no node."""
+        return None
 
 
 class HandlerService(Service):

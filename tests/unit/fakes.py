@@ -1,32 +1,49 @@
-"""Fakes for unit tests of pure logic: a vCPU whose registers live in a dict."""
+"""One fake of the narrow interface services are handed (pyvmm.smccc.context): vCPUs whose
+registers live in dicts, the system's power controls, RAM bounds and interrupt lines. The power
+state is the real PowerState, so PSCI's transitions are the real ones."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 from kvm_bindings import ffi
+from kvm_bindings.regs import CORE_REGS, SYS_REGS
+from pyvmm.power import Entry, Power, PowerState
+from pyvmm.smccc.context import ServiceContext, TraceEvent
+
+_X_BY_ID = {CORE_REGS[f"x{n}"]: n for n in range(31)}
 
 
-class FakeFd:
-    def __init__(self, vcpu: FakeVcpu) -> None:
-        self.vcpu = vcpu
-        self.x0_value = ffi.new("uint64_t *")
+class FakeVcpu:
+    """A vCPU for services: x0-x30 in `x`, other registers by ID in `regs`. get_x/set_x (the
+    dispatcher's argument reads and result writes) are recorded in `reads` and `writes`,
+    register ioctls by ID (SDEI's) counted in reg_reads/reg_writes. Work for 'its thread' is
+    queued until settle()."""
 
+    def __init__(self, index: int = 0, regs: dict[int, int] | None = None, on: bool = True) -> None:
+        self.index = index
+        self.mpidr = (1 << 31) | ((index >> 4) << 8) | (index & 0xF)  # as KVM assigns it
+        self.x: dict[int, int] = dict(regs or {})
+        self.regs: dict[int, int] = {}
+        self.reads: list[int] = []
+        self.writes: list[tuple[int, int]] = []
+        self.reg_reads = self.reg_writes = 0
+        self.x0_value: Any = ffi.new("uint64_t *")
+        self._power = PowerState(on)
+        self.suspends: list[Entry | None] = []
+        self.suspended = False
+        self.resume_at: Entry | None = None
+        self.queued: list[Callable[[Any], None]] = []
+
+    # --- registers -------------------------------------------------------------------------
     def write_x0(self) -> int:
-        self.vcpu.set_x(0, self.x0_value[0])
+        self.set_x(0, self.x0_value[0])
         return 0
 
     def failed(self, name: str) -> bool:
         raise AssertionError(name)
-
-
-class FakeVcpu:
-    """Counts register reads and writes, so tests can pin how many ioctls an exit costs."""
-
-    def __init__(self, index: int = 0, regs: dict[int, int] | None = None) -> None:
-        self.index = index
-        self.x = dict(regs or {})
-        self.reads: list[int] = []
-        self.writes: list[tuple[int, int]] = []
-        self.fd = FakeFd(self)
 
     def get_x(self, n: int) -> int:
         self.reads.append(n)
@@ -34,115 +51,77 @@ class FakeVcpu:
 
     def set_x(self, n: int, value: int) -> None:
         self.writes.append((n, value))
-        self.x[n] = value
-
-
-class FakeMachine:
-    """Just enough of a Vm for services: vCPUs with MPIDRs and power states, RAM bounds, and a
-    record of the system-level requests services make."""
-
-    def __init__(self, cpus: int = 4, ram: tuple[int, int] = (0x8000_0000, 0x100_0000)) -> None:
-        import threading
-
-        from pyvmm.vcpu import Power
-
-        self.power_lock = threading.Lock()
-        self.ram = ram
-        self.events: list[tuple] = []
-        self.vcpus = [FakePoweredVcpu(self, i) for i in range(cpus)]
-        self.vcpus[0].power = Power.ON
-        self.memory = self
-
-    def contains(self, gpa: int, size: int = 1) -> bool:
-        base, length = self.ram
-        return base <= gpa and gpa + size <= base + length
-
-    def suspend(self, vcpu, resume_at) -> None:  # type: ignore[no-untyped-def]
-        self.events.append(("suspend", vcpu.index, resume_at))
-
-    def request_reset(self, vcpu, message: str) -> None:  # type: ignore[no-untyped-def]
-        self.events.append(("reset", vcpu.index, message))
-
-    def power_off_system(self, vcpu, message: str) -> None:  # type: ignore[no-untyped-def]
-        self.events.append(("off", vcpu.index, message))
-
-
-class FakePoweredVcpu(FakeVcpu):
-    def __init__(self, machine: FakeMachine, index: int) -> None:
-        from pyvmm.vcpu import Power
-
-        super().__init__(index)
-        self.machine = machine
-        self.mpidr = (1 << 31) | ((index >> 4) << 8) | (index & 0xF)  # as KVM assigns it
-        self.power = Power.OFF
-        self.booted: tuple[int, int] | None = None
-
-    def power_on(self, entry: int, context_id: int) -> None:
-        from pyvmm.vcpu import Power
-
-        self.power = Power.ON_PENDING
-        self.booted = (entry, context_id)
-
-    def power_off(self) -> None:
-        from pyvmm.vcpu import Power
-
-        self.power = Power.OFF
-
-
-class FakeRegsFd(FakeFd):
-    """A vCPU fd whose KVM_{GET,SET}_ONE_REG work on a dict keyed by register ID."""
+        self.x[n] = value & 0xFFFF_FFFF_FFFF_FFFF
 
     def get_one_reg(self, reg_id: int) -> int:
-        self.vcpu.reg_reads += 1
-        return self.vcpu.regs.get(reg_id, 0)
+        self.reg_reads += 1
+        n = _X_BY_ID.get(reg_id)
+        return self.x.get(n, 0) if n is not None else self.regs.get(reg_id, 0)
 
     def set_one_reg(self, reg_id: int, value: int) -> None:
-        self.vcpu.reg_writes += 1
-        self.vcpu.regs[reg_id] = value & 0xFFFF_FFFF_FFFF_FFFF
-
-    def set_mp_state(self, state: int) -> None:
-        self.vcpu.mp_state = state
-
-
-class FakeSdeiVcpu(FakePoweredVcpu):
-    """A powered vCPU with a full register file and a queue of work for 'its thread'."""
-
-    def __init__(self, machine: FakeMachine, index: int) -> None:
-        from kvm_bindings.regs import CORE_REGS
-
-        super().__init__(machine, index)
-        self._ids = {n: CORE_REGS[f"x{n}"] for n in range(31)}
-        self.regs: dict[int, int] = {}
-        self.reg_reads = self.reg_writes = 0
-        self.fd = FakeRegsFd(self)
-        self.thread = None
-        self.queued: list = []
-        self.suspended = False
-        self.resume_at = None
-        self.mp_state = 0
-
-    def get_x(self, n: int) -> int:
-        self.reads.append(n)
-        return self.fd.get_one_reg(self._ids[n])
-
-    def set_x(self, n: int, value: int) -> None:
-        self.writes.append((n, value))
-        self.fd.set_one_reg(self._ids[n], value)
+        self.reg_writes += 1
+        n = _X_BY_ID.get(reg_id)
+        if n is not None:
+            self.x[n] = value & 0xFFFF_FFFF_FFFF_FFFF
+        else:
+            self.regs[reg_id] = value & 0xFFFF_FFFF_FFFF_FFFF
 
     def reg(self, name: str) -> int:
-        from kvm_bindings.regs import CORE_REGS, SYS_REGS
-
-        return self.regs.get(CORE_REGS.get(name) or SYS_REGS[name], 0)
+        reg_id = CORE_REGS.get(name) or SYS_REGS[name]
+        n = _X_BY_ID.get(reg_id)
+        return self.x.get(n, 0) if n is not None else self.regs.get(reg_id, 0)
 
     def set_reg(self, name: str, value: int) -> None:
-        from kvm_bindings.regs import CORE_REGS, SYS_REGS
+        reg_id = CORE_REGS.get(name) or SYS_REGS[name]
+        n = _X_BY_ID.get(reg_id)
+        if n is not None:
+            self.x[n] = value
+        else:
+            self.regs[reg_id] = value
 
-        self.regs[CORE_REGS.get(name) or SYS_REGS[name]] = value
+    # --- power -----------------------------------------------------------------------------
+    @property
+    def power(self) -> Power:
+        return self._power.state
 
-    def request(self, fn) -> None:  # type: ignore[no-untyped-def]
+    def request_on(self, entry: Entry) -> Power | None:
+        return self._power.request_on(entry)
+
+    def power_off(self) -> None:
+        self._power.turn_off()
+
+    def boot_pending(self) -> Entry | bool:
+        """What the vCPU's thread would do next: boot a pending CPU_ON (returns its entry)."""
+        pending = self._power.wait_until_on()
+        self._power.booted()
+        return pending
+
+    def set_power(self, on: bool) -> None:
+        self._power.reset(on)
+
+    def suspend(self, resume_at: Entry | None) -> None:
+        self.suspends.append(resume_at)
+        self.suspended, self.resume_at = True, resume_at
+
+    @property
+    def powered_down(self) -> bool:
+        return self.resume_at is not None
+
+    def leave_standby(self) -> bool:
+        if not self.suspended or self.resume_at is not None:
+            return False
+        self.suspended = False
+        return True
+
+    # --- its thread ------------------------------------------------------------------------
+    def on_own_thread(self) -> bool:
+        return False
+
+    def request(self, fn: Callable[[Any], None]) -> None:
         self.queued.append(fn)
 
-    defer = request
+    def defer(self, fn: Callable[[Any], None]) -> None:
+        self.queued.append(fn)
 
     def settle(self) -> int:
         """Run what was queued for this vCPU's thread, as its loop would before KVM_RUN."""
@@ -153,28 +132,60 @@ class FakeSdeiVcpu(FakePoweredVcpu):
         return ran
 
 
-class FakeDispatcherHost:
-    trace = None
+class FakeSystem:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int, str]] = []
+
+    def power_off_system(self, vcpu: Any, message: str) -> None:
+        self.events.append(("off", vcpu.index, message))
+
+    def request_reset(self, vcpu: Any, message: str) -> None:
+        self.events.append(("reset", vcpu.index, message))
 
 
-class FakeSdeiMachine(FakeMachine):
-    """Every vCPU ON, with registers; records the vGIC lines SDEI drives."""
+class FakeRam:
+    def __init__(self, base: int = 0x8000_0000, size: int = 0x100_0000) -> None:
+        self.base, self.size = base, size
 
-    def __init__(self, cpus: int = 2) -> None:
-        import threading
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        return self.base <= gpa and gpa + size <= self.base + self.size
 
-        from pyvmm.vcpu import Power
 
-        self.power_lock = threading.Lock()
-        self.ram = (0x8000_0000, 0x100_0000)
-        self.events = []
-        self.vcpus = [FakeSdeiVcpu(self, i) for i in range(cpus)]
-        for v in self.vcpus:
-            v.power = Power.ON
-        self.memory = self
-        self.smccc = FakeDispatcherHost()
+class FakeLines:
+    """Interrupt lines as SDEI sees them: what reaches the vGIC is recorded; INTID 52 is wired to
+    an irqfd, as a virtio device's line is."""
+
+    def __init__(self) -> None:
+        self.interceptor: Callable[[int, bool], bool] | None = None
         self.gic_lines: list[tuple[int, bool]] = []
-        self.irqfd_spis: set[int] = {20}  # INTID 52 is wired to an irqfd, as a virtio device's is
+        self.irqfds = {52}
 
-    def raise_gic_line(self, intid: int, level: bool) -> None:
+    def to_gic(self, intid: int, level: bool) -> None:
         self.gic_lines.append((intid, level))
+
+    def is_high(self, intid: int) -> bool:
+        return False
+
+    def is_irqfd(self, intid: int) -> bool:
+        return intid in self.irqfds
+
+
+@dataclass
+class FakeMachine:
+    """A ServiceContext around fake vCPUs, with the fakes themselves at hand."""
+
+    vcpus: list[FakeVcpu]
+    system: FakeSystem = field(default_factory=FakeSystem)
+    ram: FakeRam = field(default_factory=FakeRam)
+    lines: FakeLines = field(default_factory=FakeLines)
+    conduit: str = "hvc"
+
+    def context(self, trace: Callable[[TraceEvent], None] | None = None) -> ServiceContext:
+        """The context services get; `trace`: where their trace lines go (a Dispatcher's emit)."""
+        return ServiceContext(self.vcpus, self.ram, self.system, self.conduit, trace or (lambda event: None),
+                              self.lines)
+
+
+def machine(cpus: int = 4, *, all_on: bool = False, conduit: str = "hvc") -> FakeMachine:
+    """`cpus` fake vCPUs: vCPU 0 on and the others off, as at boot (or all on)."""
+    return FakeMachine([FakeVcpu(i, on=all_on or i == 0) for i in range(cpus)], conduit=conduit)

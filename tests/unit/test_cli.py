@@ -73,7 +73,7 @@ def test_service_module_errors_are_one_line(tmp_path) -> None:  # type: ignore[n
     with pytest.raises(VmmError, match="failed to load: ModuleNotFoundError"):
         load_service_module(str(bad))
     m = load_service_module(str(ROOT / "examples" / "vendor_service.py"))
-    assert (m.base, m.count, m.name) == (0xC600_0000, 0x100, "demo vendor service")
+    assert (m.base, m.size, m.name) == (0xC600_0000, 0x100, "demo vendor service")
     assert parse_range("0xC3000000+0x100") == (0xC300_0000, 0x100)
     assert parse_range("0xC3000000-0xC30000FF") == (0xC300_0000, 0x100)
     with pytest.raises(VmmError, match="not a range of 32-bit"):

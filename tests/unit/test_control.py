@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,13 +12,12 @@ from pyvmm import cli
 from pyvmm.control import ControlServer, request
 from pyvmm.errors import VmmError
 from pyvmm.services.sdei import EventSpec, Sdei
-from tests.unit.fakes import FakeSdeiMachine
+from tests.unit.fakes import machine
 
 
-class ControlledMachine(FakeSdeiMachine):
+class ControlledMachine:
     def __init__(self) -> None:
-        super().__init__(2)
-        self.sdei = Sdei(self, [EventSpec(100)])  # type: ignore[arg-type]
+        self.sdei = Sdei(machine(2, all_on=True).context(), [EventSpec(100)])
         self.stopped: list[str] = []
 
     def stop(self, message: str) -> None:
@@ -25,16 +25,16 @@ class ControlledMachine(FakeSdeiMachine):
 
 
 @pytest.fixture
-def served(tmp_path: Path):  # type: ignore[no-untyped-def]
+def served(tmp_path: Path) -> Iterator[tuple[ControlledMachine, str]]:
     vm = ControlledMachine()
     path = str(tmp_path / "vm.sock")
-    server = ControlServer(vm, path)  # type: ignore[arg-type]
+    server = ControlServer(path, vm.stop, vm.sdei)
     server.start()
     yield vm, path
     server.close()
 
 
-def test_signal_status_and_stop(served, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_signal_status_and_stop(served: tuple[ControlledMachine, str], capsys: pytest.CaptureFixture[str]) -> None:
     vm, path = served
     assert request(path, {"cmd": "sdei-signal", "event": 100, "cpu": 1}) == {"ok": True, "pending": False}
     vm.sdei.pes[1].private[100].state = 1  # registered
@@ -50,7 +50,8 @@ def test_signal_status_and_stop(served, capsys) -> None:  # type: ignore[no-unty
     assert vm.stopped == ["stopped through the control socket"]
 
 
-def test_bad_requests_get_one_line_errors(served, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_bad_requests_get_one_line_errors(served: tuple[ControlledMachine, str],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     vm, path = served
     with pytest.raises(VmmError, match="no SDEI event 7"):
         request(path, {"cmd": "sdei-signal", "event": 7, "cpu": 0})
@@ -72,14 +73,14 @@ def test_socket_path_is_claimed_carefully(tmp_path: Path) -> None:
     stale = socket.socket(socket.AF_UNIX)
     stale.bind(str(path))
     stale.close()  # nobody listens: taken over
-    server = ControlServer(vm, str(path))  # type: ignore[arg-type]
+    server = ControlServer(str(path), vm.stop, vm.sdei)
     server.start()
     with pytest.raises(VmmError, match="another VM is listening"):
-        ControlServer(vm, str(path))  # type: ignore[arg-type]
+        ControlServer(str(path), vm.stop, vm.sdei)
     server.close()
     assert not path.exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(VmmError, match="not a socket"):
-        ControlServer(vm, str(tmp_path / "file"))  # type: ignore[arg-type]
+        ControlServer(str(tmp_path / "file"), vm.stop, vm.sdei)
     with pytest.raises(VmmError, match="no VM listens"):
         request(str(path), {"cmd": "stop"})

@@ -6,7 +6,9 @@ import pytest
 
 from kvm_bindings.constants import SmcccFilterAction
 from pyvmm.errors import VmmError
+from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.dispatcher import Dispatcher, HandlerError
+from pyvmm.smccc.service import Results
 from tests.unit.fakes import FakeVcpu
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -25,7 +27,7 @@ def test_single_result_is_one_register_write() -> None:
 def test_four_results_skip_registers_already_holding_the_value() -> None:
     d, v = Dispatcher(), FakeVcpu(regs={1: 10, 2: 20, 3: 30})
 
-    def handler(call):  # type: ignore[no-untyped-def]
+    def handler(call: SmcccCall) -> Results:
         x1, x2, x3 = call.args(3)
         return (0, x1, x2 + 1, x3)
 
@@ -38,7 +40,7 @@ def test_smc32_results_and_arguments_are_32_bit() -> None:
     d, v = Dispatcher(), FakeVcpu(regs={1: 0xAAAA_BBBB_CCCC_DDDD})
     seen = []
 
-    def handler(call):  # type: ignore[no-untyped-def]
+    def handler(call: SmcccCall) -> Results:
         seen.append(call.arg(1))
         return (-1, 0x1_0000_0002)
 
@@ -79,14 +81,19 @@ def test_unknown_conduit_is_refused() -> None:
         Dispatcher("svc")
 
 
+def answer(d: Dispatcher, fid: int) -> Results | None:
+    """What the handler routed for `fid` returns (None: no route)."""
+    fn = d.resolve(fid)
+    return None if fn is None else fn.handler(SmcccCall(FakeVcpu(), fid))
+
+
 def test_route_boundaries() -> None:
     d = Dispatcher()
     d.register(0xC600_0010, 0x10, lambda call: 1, "b")
     d.register(0xC600_0000, 0x10, lambda call: 2, "a")
-    assert d.resolve(0xC600_0000).handler(None) == 2  # type: ignore[union-attr,arg-type]
-    assert d.resolve(0xC600_000F).handler(None) == 2  # type: ignore[union-attr,arg-type]
-    assert d.resolve(0xC600_0010).handler(None) == 1  # type: ignore[union-attr,arg-type]
-    assert d.resolve(0xC600_001F).name == "b[0xf]"  # type: ignore[union-attr]
+    assert [answer(d, fid) for fid in (0xC600_0000, 0xC600_000F, 0xC600_0010)] == [2, 2, 1]
+    fn = d.resolve(0xC600_001F)
+    assert fn is not None and fn.name == "b[0xf]"
     assert d.resolve(0xC600_0020) is None
     assert d.resolve(0xC5FF_FFFF) is None
 
@@ -115,7 +122,7 @@ def test_filter_ranges_come_from_routes_and_denials() -> None:
     d.register(SIP64, 0x10, lambda call: 0, "sip")
     d.deny(0xC300_0000, 0x100, "oem")
     ranges = d.filter_ranges()
-    assert [(r.base, r.count, r.action) for r in ranges] == [
+    assert [(r.base, r.size, r.action) for r in ranges] == [
         (SIP64, 0x10, SmcccFilterAction.FWD_TO_USER), (0xC300_0000, 0x100, SmcccFilterAction.DENY)]
 
 
@@ -131,11 +138,11 @@ def test_replace_and_deny_carve_only_their_ids() -> None:
     d.register(0x8400_0000, 0x20, lambda call: 1, "psci32")
     d.replace(0x8400_0000, 1, lambda call: 2, "mine")
     d.deny(0x8400_0010, 2, "gone")
-    ranges = [(r.base, r.count, r.action.name, r.name) for r in d.filter_ranges()]
+    ranges = [(r.base, r.size, r.action.name, r.name) for r in d.filter_ranges()]
     assert ranges == [(0x8400_0000, 1, "FWD_TO_USER", "mine"), (0x8400_0001, 0xF, "FWD_TO_USER", "psci32"),
                       (0x8400_0010, 2, "DENY", "gone"), (0x8400_0012, 0xE, "FWD_TO_USER", "psci32")]
-    assert d.resolve(0x8400_0000).handler(None) == 2  # type: ignore[union-attr,arg-type]
+    assert answer(d, 0x8400_0000) == 2
     assert d.resolve(0x8400_0011) is None
-    assert d.resolve(0x8400_001F).handler(None) == 1  # type: ignore[union-attr,arg-type]
+    assert answer(d, 0x8400_001F) == 1
     d.replace(0x8400_0011, 1, lambda call: 3, "back")  # replacing part of a denied range
-    assert [(r.base, r.count) for r in d.filter_ranges()][2:4] == [(0x8400_0010, 1), (0x8400_0011, 1)]
+    assert [(r.base, r.size) for r in d.filter_ranges()][2:4] == [(0x8400_0010, 1), (0x8400_0011, 1)]

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -18,54 +17,67 @@ from pyvmm.devices.serial import SerialPort
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.mmio import VIRTIO_MMIO_BASE, VirtioMmio
 from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.irq import InterruptLines
+from pyvmm.memory import GuestMemory
+from pyvmm.services.psci import Psci
+from pyvmm.services.sdei import Sdei
+from pyvmm.smccc.service import Service
+from tests.unit.fakes import machine
 from tests.unit.virtio_driver import FakeVmFd
 
 
-class FakeMachine:
-    """What machine_tree reads from a Vm, without KVM."""
+class Gic:
+    """What the tree needs of the vGIC: its version and regions at kvmtool's addresses."""
 
-    def __init__(self, cpus: int, gic_version: int = 3, conduit: str = "hvc") -> None:
-        self.vcpus = [SimpleNamespace(mpidr=(1 << 31) | i) for i in range(cpus)]
-        self.memory = SimpleNamespace(regions=[SimpleNamespace(gpa=0x8000_0000, size=256 << 20)])
-        regions = ([(0x3FFF_0000, 0x1_0000, "gic-dist"), (0x3FFF_0000 - cpus * 0x2_0000, cpus * 0x2_0000, "gic-redist")]
-                   if gic_version == 3 else [(0x3FFF_0000, 0x1_0000, "gic-dist"), (0x3FFD_0000, 0x2_0000, "gic-cpu")])
-        self.gic = SimpleNamespace(version=gic_version, regions=regions)
-        self.smccc = SimpleNamespace(conduit=conduit)
-        self.dt_devices: list = []
-        self.devices: list = []
-        self._spi = 0
-        self.serial = SerialPort(self, lambda byte: None)  # type: ignore[arg-type]
+    def __init__(self, cpus: int, version: int) -> None:
+        self.version = version
+        self.regions = ([(0x3FFF_0000, 0x1_0000, "gic-dist"), (0x3FFF_0000 - cpus * 0x2_0000, cpus * 0x2_0000,
+                                                                "gic-redist")]
+                        if version == 3 else [(0x3FFF_0000, 0x1_0000, "gic-dist"), (0x3FFD_0000, 0x2_0000, "gic-cpu")])
+
+
+class Board:
+    """The parts a VM assembles its tree from, made for real without KVM: the UART on an
+    interrupt line, virtio transports on guest RAM, PSCI (and SDEI) on a service context."""
+
+    def __init__(self, cpus: int, gic_version: int = 3, conduit: str = "hvc", sdei: bool = False) -> None:
+        self.fake = machine(cpus, all_on=True, conduit=conduit)
+        self.gic = Gic(cpus, gic_version)
         self.fd = FakeVmFd()
-        self.virtio: list[VirtioMmio] = []
-
-    def irqfd(self, fd: int, spi: int) -> None:
-        self.fd.irqfd(fd, spi)
+        self.lines = InterruptLines(self.fd)
+        self.ram = GuestMemory()
+        self.ram.add(0x8000_0000, 1 << 20)
+        self.devices: list[SerialPort | VirtioMmio] = [SerialPort(lambda byte: None, self.lines.line())]
+        ctx = self.fake.context()
+        self.services: list[Service] = [Psci(ctx), *([Sdei(ctx)] if sdei else [])]
 
     def add_virtio(self, device: VirtioDevice) -> None:
-        self.virtio.append(VirtioMmio(self, device, VIRTIO_MMIO_BASE + 0x200 * len(self.virtio),  # type: ignore[arg-type]
-                                      self.allocate_spi()))
+        base = VIRTIO_MMIO_BASE + 0x200 * (len(self.devices) - 1)
+        self.devices.append(VirtioMmio(device, base, self.ram, self.lines.irqfd(), self.fd.ioeventfd))
+
+    def dtb(self) -> bytes:
+        firmware = [node for s in self.services if (node := s.dt_node()) is not None]
+        return build_dtb(machine_tree(cpus=[v.mpidr for v in self.fake.vcpus], memory=[(0x8000_0000, 256 << 20)],
+                                      gic=self.gic, devices=self.devices, firmware=firmware,
+                                      bootargs="console=ttyS0", initrd=(0x8F00_0000, 0x8F10_0000),
+                                      stdout="/uart@1000000"))
 
     def close(self) -> None:
-        for t in self.virtio:
-            t.close()
-
-    def allocate_spi(self) -> int:
-        self._spi += 1
-        return self._spi - 1
-
-    def set_spi(self, spi: int, level: bool) -> None:
-        pass
-
-    def add_device(self, base, size, device, name, dt=None) -> None:  # type: ignore[no-untyped-def]
-        self.devices.append((base, size, name))
-        if dt is not None:
-            self.dt_devices.append(dt)
+        for d in self.devices:
+            d.close()
+        self.lines.close()
+        self.ram.close()
 
 
-def dtb_for(machine: FakeMachine, **kw: object) -> bytes:
-    tree = machine_tree(machine, bootargs="console=ttyS0", initrd=(0x8F00_0000, 0x8F10_0000),  # type: ignore[arg-type]
-                        stdout="/uart@1000000", **kw)  # type: ignore[arg-type]
-    return build_dtb(tree)
+def dtb_of(cpus: int, gic_version: int = 3, conduit: str = "hvc", sdei: bool = False,
+           virtio: int = 0) -> bytes:
+    board = Board(cpus, gic_version, conduit, sdei)
+    try:
+        for _ in range(virtio):
+            board.add_virtio(VirtioRng())
+        return board.dtb()
+    finally:
+        board.close()
 
 
 def decompile(dtb: bytes) -> str:
@@ -75,7 +87,7 @@ def decompile(dtb: bytes) -> str:
 
 @pytest.mark.parametrize(("cpus", "gic", "conduit"), [(1, 3, "hvc"), (4, 3, "smc"), (2, 2, "hvc")])
 def test_tree_content(cpus: int, gic: int, conduit: str) -> None:
-    dts = decompile(dtb_for(FakeMachine(cpus, gic, conduit), sdei=conduit == "smc"))
+    dts = decompile(dtb_of(cpus, gic, conduit, sdei=conduit == "smc"))
     assert 'compatible = "linux,dummy-virt";' in dts
     assert dts.count('enable-method = "psci";') == cpus
     assert f"cpu@{cpus - 1:x} {{" in dts
@@ -90,13 +102,7 @@ def test_tree_content(cpus: int, gic: int, conduit: str) -> None:
 
 
 def test_virtio_devices_have_kvmtool_addresses_and_edge_interrupts() -> None:
-    machine = FakeMachine(1)
-    machine.add_virtio(VirtioRng())
-    machine.add_virtio(VirtioRng())
-    try:
-        dts = decompile(dtb_for(machine))
-    finally:
-        machine.close()
+    dts = decompile(dtb_of(1, virtio=2))
     for base, spi in ((0x3000000, 1), (0x3000200, 2)):
         node = dts[dts.index(f"virtio@{base:x} {{"):]
         node = node[:node.index("};")]
@@ -128,16 +134,11 @@ def test_tree_passes_dt_validate(tmp_path: Path) -> None:
         out = subprocess.run([dt_tool("dt-validate"), "-s", str(schema), str(path)], capture_output=True, text=True)
         return [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
 
-    assert validate(dtb_for(FakeMachine(2), sdei=True)) == []
-    with_virtio = FakeMachine(1)
-    with_virtio.add_virtio(VirtioRng())
-    try:
-        assert validate(dtb_for(with_virtio)) == []
-    finally:
-        with_virtio.close()
-    assert validate(dtb_for(FakeMachine(4, conduit="smc"))) == []
-    bad = FakeMachine(1, conduit="svc")  # a conduit the binding does not allow is caught
-    assert any("method" in line for line in validate(dtb_for(bad, sdei=True)))
+    assert validate(dtb_of(2, sdei=True)) == []
+    assert validate(dtb_of(1, virtio=1)) == []
+    assert validate(dtb_of(4, conduit="smc")) == []
+    bad = dtb_of(1, conduit="svc", sdei=True)  # a conduit the binding does not allow is caught
+    assert any("method" in line for line in validate(bad))
 
 
 # Negative checks: each tests/schemas file rejects pyvmm's tree once one rule of its kernel
@@ -191,12 +192,7 @@ def move_to_root(dts: str, path: str) -> str:
 ], ids=["psci-without-method", "virtio-mmio-without-interrupts", "sdei-method-svc", "sdei-outside-firmware"])
 def test_schemas_reject_a_tree_that_breaks_the_binding(processed_schemas: Path, tmp_path: Path, schema: str,
                                                        breakage: Callable[[str], str], expected: str) -> None:
-    machine = FakeMachine(1)
-    machine.add_virtio(VirtioRng())
-    try:
-        dts = decompile(dtb_for(machine, sdei=True))
-    finally:
-        machine.close()
+    dts = decompile(dtb_of(1, sdei=True, virtio=1))
 
     def validate(source: str) -> str:
         subprocess.run(["dtc", "-I", "dts", "-O", "dtb", "-q", "-o", str(tmp_path / "t.dtb")], input=source.encode(),

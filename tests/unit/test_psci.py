@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import threading
+import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyvmm.power import Entry, Power, PowerState
 from pyvmm.services import psci as p
 from pyvmm.services.psci import Psci
 from pyvmm.services.std_hyp import StandardHypervisor
 from pyvmm.smccc.dispatcher import Dispatcher
 from pyvmm.smccc.service import PYVMM_UID
-from pyvmm.vcpu import Power
-from tests.unit.fakes import FakeMachine
+from tests.unit.fakes import FakeMachine, machine
 
 U64, U32 = (1 << 64) - 1, (1 << 32) - 1
 RAM = 0x8000_0000
@@ -22,9 +24,9 @@ ENTRY = RAM + 0x1000
 
 
 def setup(cpus: int = 4) -> tuple[FakeMachine, Dispatcher]:
-    m = FakeMachine(cpus)
+    m = machine(cpus)
     d = Dispatcher()
-    d.add_service(Psci(m))  # type: ignore[arg-type]
+    d.add_service(Psci(m.context()))
     d.add_service(StandardHypervisor())
     return m, d
 
@@ -34,7 +36,7 @@ def call(m: FakeMachine, d: Dispatcher, fid: int, *args: int, cpu: int = 0) -> i
     v = m.vcpus[cpu]
     v.x.update({n + 1: a for n, a in enumerate(args)})
     v.writes.clear()
-    d.dispatch(v, fid, 0)  # type: ignore[arg-type]
+    d.dispatch(v, fid, 0)
     if not v.writes:
         return None
     x0 = v.writes[0][1]
@@ -58,10 +60,10 @@ def test_cpu_on_transitions() -> None:
     target = m.vcpus[2]
     assert call(m, d, AFFINITY64, 2, 0) == Power.OFF
     assert call(m, d, CPU_ON64, 2, ENTRY, 0xC0FFEE) == p.SUCCESS
-    assert target.power == Power.ON_PENDING and target.booted == (ENTRY, 0xC0FFEE)
+    assert target.power == Power.ON_PENDING
     assert call(m, d, AFFINITY64, 2, 0) == Power.ON_PENDING
     assert call(m, d, CPU_ON64, 2, ENTRY, 0) == p.ON_PENDING
-    target.power = Power.ON  # its thread booted it
+    assert target.boot_pending() == Entry(ENTRY, 0xC0FFEE)  # its thread boots it there
     assert call(m, d, CPU_ON64, 2, ENTRY, 0) == p.ALREADY_ON
     assert call(m, d, AFFINITY64, 2, 0) == Power.ON
 
@@ -79,25 +81,37 @@ def test_cpu_on_argument_checks(fid: int, target: int, entry: int, expected: int
     assert call(m, d, fid, target, entry, 0) == expected
 
 
+class SlowPowerState(PowerState):
+    """A power state whose every read takes 10 ms, as a thread preempted between reading and
+    writing it would: concurrent CPU_ONs all overlap there, so only a lock makes one win."""
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if name == "_state":
+            time.sleep(0.01)  # between reading the state and acting on it
+        return value
+
+
 def test_concurrent_cpu_on_has_exactly_one_success() -> None:
     m, d = setup(cpus=8)
-    barrier = threading.Barrier(8)
+    for v in m.vcpus:
+        v.set_power(on=v.index != 1)
+    m.vcpus[1]._power = SlowPowerState(on=False)
+    barrier = threading.Barrier(7)
     results: list[int | None] = []
 
     def caller(cpu: int) -> None:
         barrier.wait()
         results.append(call(m, d, CPU_ON64, 1, ENTRY, cpu, cpu=cpu))
 
-    for v in m.vcpus:
-        v.power = Power.ON
-    m.vcpus[1].power = Power.OFF
     threads = [threading.Thread(target=caller, args=(c,)) for c in (0, 2, 3, 4, 5, 6, 7)]
-    threads.append(threading.Thread(target=barrier.wait))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert sorted(results) == [p.ON_PENDING] * 6 + [p.SUCCESS]
+    winner = m.vcpus[1].boot_pending()
+    assert isinstance(winner, Entry) and winner.address == ENTRY
 
 
 def test_affinity_info_checks() -> None:
@@ -110,32 +124,32 @@ def test_affinity_info_checks() -> None:
 
 def test_cpu_off_does_not_return() -> None:
     m, d = setup()
-    m.vcpus[1].power = Power.ON
+    m.vcpus[1].set_power(on=True)
     assert call(m, d, 0x8400_0002, cpu=1) is None
     assert m.vcpus[1].power == Power.OFF
 
 
-@pytest.mark.parametrize(("power_state", "entry", "expected", "event"), [
-    (0, 0, p.SUCCESS, ("suspend", 0, None)),  # standby
-    (1 << 16, ENTRY, p.SUCCESS, ("suspend", 0, (ENTRY, 0x77))),  # power-down, resumes at entry
-    (1 << 16, 0x10, p.INVALID_ADDRESS, None),
-    (1 << 20, 0, p.INVALID_PARAMETERS, None),  # reserved bit
-    (1 << 24, 0, p.INVALID_PARAMETERS, None),  # power level 1: no clusters here
+@pytest.mark.parametrize(("power_state", "entry", "expected", "suspends"), [
+    (0, 0, p.SUCCESS, [None]),  # standby
+    (1 << 16, ENTRY, p.SUCCESS, [Entry(ENTRY, 0x77)]),  # power-down, resumes at entry
+    (1 << 16, 0x10, p.INVALID_ADDRESS, []),
+    (1 << 20, 0, p.INVALID_PARAMETERS, []),  # reserved bit
+    (1 << 24, 0, p.INVALID_PARAMETERS, []),  # power level 1: no clusters here
 ])
-def test_cpu_suspend(power_state: int, entry: int, expected: int, event: tuple | None) -> None:
+def test_cpu_suspend(power_state: int, entry: int, expected: int, suspends: list[Entry | None]) -> None:
     m, d = setup()
     assert call(m, d, 0xC400_0001, power_state, entry, 0x77) == expected
-    assert m.events == ([event] if event else [])
+    assert m.vcpus[0].suspends == suspends
 
 
 def test_system_suspend_needs_every_other_core_off() -> None:
     m, d = setup()
-    m.vcpus[3].power = Power.ON_PENDING
+    assert m.vcpus[3].request_on(Entry(ENTRY, 0)) is None  # ON_PENDING
     assert call(m, d, 0xC400_000E, ENTRY, 5) == p.DENIED
-    m.vcpus[3].power = Power.OFF
+    m.vcpus[3].set_power(on=False)
     assert call(m, d, 0xC400_000E, 0x10, 5) == p.INVALID_ADDRESS
     assert call(m, d, 0xC400_000E, ENTRY, 5) == p.SUCCESS
-    assert m.events == [("suspend", 0, (ENTRY, 5))]
+    assert m.vcpus[0].suspends == [Entry(ENTRY, 5)]
 
 
 def test_system_off_reset_and_reset2() -> None:
@@ -145,7 +159,7 @@ def test_system_off_reset_and_reset2() -> None:
     assert call(m, d, 0xC400_0012, 0, 0) is None
     assert call(m, d, 0x8400_0009) is None
     assert call(m, d, 0x8400_0008) is None
-    assert [e[0] for e in m.events] == ["reset", "reset", "off"]
+    assert [e[0] for e in m.system.events] == ["reset", "reset", "off"]
 
 
 def test_features() -> None:
@@ -170,16 +184,16 @@ def test_general_service_queries() -> None:
     v = m.vcpus[0]
     for owner in (4, 5):
         base = 0x8000_FF00 | owner << 24
-        d.dispatch(v, base + 1, 0)  # type: ignore[arg-type]
+        d.dispatch(v, base + 1, 0)
         assert tuple(value for _, value in v.writes[-4:]) == uid
         v.writes.clear()
-    assert call(m, d, 0x8400_FF00) == len(Psci(m).functions())  # type: ignore[arg-type]
+    assert call(m, d, 0x8400_FF00) == 20  # PSCI's function IDs: 6 functions SMC32 only, 7 in both conventions
     assert call(m, d, 0x8500_FF00) == 0
     assert call(m, d, 0x8400_FF02) == p.NOT_SUPPORTED  # reserved query
     v.writes.clear()
-    d.dispatch(v, 0x8400_FF03, 0)  # type: ignore[arg-type]
+    d.dispatch(v, 0x8400_FF03, 0)
     assert [value for _, value in v.writes] == [1, 1]
-    assert (0x8400_FF00, 4) in [(r.base, r.count) for r in d.filter_ranges()]
+    assert (0x8400_FF00, 4) in [(r.base, r.size) for r in d.filter_ranges()]
 
 
 @settings(max_examples=400, deadline=None)
@@ -188,9 +202,9 @@ def test_general_service_queries() -> None:
 def test_any_call_gets_a_conformant_answer(fid: int, args: list[int], conduit: int) -> None:
     m, d = setup()
     v = m.vcpus[1]
-    v.power = Power.ON
+    v.set_power(on=True)
     v.x.update({n + 1: a for n, a in enumerate(args)})
-    d.dispatch(v, fid, conduit)  # type: ignore[arg-type]
+    d.dispatch(v, fid, conduit)
     width = U64 if fid & (1 << 30) else U32
     assert all(value <= width for _, value in v.writes)  # SMC32 results are 32-bit
     assert all(n <= 3 for n, _ in v.writes)  # only x0..x3, never x4..x17

@@ -12,8 +12,9 @@ import time
 from pyvmm.devices.bus import MmioBus
 from pyvmm.devices.virtio import mmio as reg
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice
+from pyvmm.devices.virtio.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.devices.virtio.mmio import VirtioMmio
-from pyvmm.devices.virtio.queue import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pyvmm.irq import InterruptLines
 from pyvmm.memory import GuestMemory
 
 RAM = 0x8000_0000
@@ -23,33 +24,44 @@ RAM_SIZE = 4 << 20
 class FakeVmFd:
     def __init__(self) -> None:
         self.irqfds: list[tuple[int, int]] = []
+        self.levels: list[tuple[int, int]] = []
         self.ioeventfds: list[tuple[int, int, int, int, int]] = []
 
-    def irqfd(self, fd: int, gsi: int) -> None:
+    def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
         self.irqfds.append((fd, gsi))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        self.levels.append((irq, level))
 
     def ioeventfd(self, addr: int, length: int, fd: int, flags: int = 0, datamatch: int = 0) -> None:
         self.ioeventfds.append((addr, length, fd, flags, datamatch))
 
 
 class FakeVm:
+    """Guest RAM (anonymous memory), interrupt lines and an MMIO bus: what a transport is handed."""
+
     def __init__(self) -> None:
         self.memory = GuestMemory()
         self.memory.add(RAM, RAM_SIZE)
         self.fd = FakeVmFd()
+        self.lines = InterruptLines(self.fd)
         self.mmio = MmioBus()
-        self.dt_devices: list[object] = []
-
-    def irqfd(self, fd: int, spi: int) -> None:
-        self.fd.irqfd(fd, spi)
-
-    def add_device(self, base: int, size: int, device: object, name: str, dt: object = None) -> None:
-        self.mmio.add(base, size, device, name)  # type: ignore[arg-type]
-        if dt is not None:
-            self.dt_devices.append(dt)
+        self.transports: list[VirtioMmio] = []
 
     def attach(self, device: VirtioDevice) -> VirtioMmio:
-        return VirtioMmio(self, device, reg.VIRTIO_MMIO_BASE, 3)  # type: ignore[arg-type]
+        """A transport at the first virtio-mmio slot, its worker running."""
+        t = VirtioMmio(device, reg.VIRTIO_MMIO_BASE, self.memory, self.lines.irqfd(), self.fd.ioeventfd)
+        self.mmio.add(t.base, reg.VIRTIO_MMIO_SIZE, t, t.name)
+        self.transports.append(t)
+        t.start()
+        return t
+
+    def close(self) -> None:
+        for t in self.transports:
+            assert t.stop(time.monotonic() + 5.0)
+            t.close()
+        self.lines.close()
+        self.memory.close()
 
 
 class DriverQueue:
@@ -170,7 +182,7 @@ class Driver:
 
     def interrupted(self, timeout: float = 5.0) -> int:
         """Wait for the irqfd to be signalled; returns InterruptStatus and acknowledges it."""
-        fd = self.t._irq_fd
+        fd = self.t.irq.fd
         if not select.select([fd], [], [], timeout)[0]:
             raise AssertionError("no interrupt")
         os.eventfd_read(fd)

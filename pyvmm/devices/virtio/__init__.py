@@ -1,2 +1,14 @@
-"""virtio-mmio devices: the transport (mmio.py), split virtqueues (queue.py), the device model
-base (device.py) and one module per device type."""
+"""virtio-mmio devices: the transport (mmio.py), split virtqueues (queue.py, chain.py, layout.py,
+linear_table.py), the device model base (device.py) and one module per device type."""
+
+from __future__ import annotations
+
+from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.virtio.console import VirtioConsole
+from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.net import VirtioNet
+from pyvmm.devices.virtio.rng import VirtioRng
+
+# The device types `pyvmm run` offers, in kvmtool's order of attachment: disks, console, entropy,
+# network. A new device type: its module, and one line here.
+CLI_DEVICES: tuple[type[VirtioDevice], ...] = (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet)

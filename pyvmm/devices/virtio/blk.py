@@ -7,13 +7,16 @@ O_RDONLY, offers VIRTIO_BLK_F_RO, and fails every write with IOERR.
 
 from __future__ import annotations
 
+import argparse
 import os
 import struct
 from collections.abc import Callable
 
 from kvm_bindings import ffi, libc
-from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.queue import IOVEC, Chain, QueueError, Virtqueue, fill, split, split_tail
+from pyvmm.devices.virtio.chain import Chain, QueueError, fill, split, split_tail
+from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
+from pyvmm.devices.virtio.layout import IOVEC
+from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.errors import VmmError
 
 SECTOR = 512
@@ -48,6 +51,15 @@ class VirtioBlk(VirtioDevice):
     device_id = 2
     name = "blk"
     queue_sizes = (QUEUE_SIZE,)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-d", "--disk", action="append", default=[], metavar="FILE[,ro]",
+                            help="a raw disk image as virtio-blk (vda, vdb, ...); ro: read-only; repeatable")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, host: DeviceHost) -> list[VirtioDevice]:
+        return [cls(*parse_disk(spec)) for spec in args.disk]
 
     def __init__(self, path: str, read_only: bool = False) -> None:
         super().__init__()

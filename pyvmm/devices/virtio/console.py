@@ -10,12 +10,14 @@ Linux posts its receive buffers before it connects the port, discarding what arr
 
 from __future__ import annotations
 
+import argparse
 import os
 import threading
 from collections.abc import Callable
 
-from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.queue import Chain, Virtqueue, fill
+from pyvmm.devices.virtio.chain import Chain, fill
+from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
+from pyvmm.devices.virtio.queue import Virtqueue
 
 RECEIVEQ, TRANSMITQ = 0, 1  # port 0's queues (§5.3.2)
 QUEUE_SIZE = 64
@@ -27,6 +29,19 @@ class VirtioConsole(VirtioDevice):
     device_id = 3
     name = "console"
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--console", choices=["serial", "virtio"], default="serial",
+                            help="the guest console: serial (16550A at 0x1000000, ttyS0) or virtio (hvc0)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, host: DeviceHost) -> list[VirtioDevice]:
+        if args.console != "virtio":
+            return []
+        console = cls(host.console_output)
+        host.use_console(console.receive, "hvc0")
+        return [console]
 
     def __init__(self, output: Callable[[bytes], None]) -> None:
         super().__init__()

@@ -1,16 +1,19 @@
 """What a virtio device model is, independent of its transport (virtio 1.2 §2, §5).
 
 A device declares its ID, feature bits, queue sizes and configuration space, and handles queue
-notifications on its transport's worker thread (never a vCPU thread). Adding a device type is
-one new module with one subclass; the transport (mmio.py) does the rest.
+notifications on its transport's worker thread (never a vCPU thread). It also declares its own
+command-line options (add_arguments, from_args). Adding a device type is one new module with one
+subclass, plus its line in CLI_DEVICES (__init__.py); the transport (mmio.py) does the rest.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from pyvmm.devices.virtio.queue import Chain, Virtqueue
+from pyvmm.devices.virtio.chain import Chain
+from pyvmm.devices.virtio.queue import Virtqueue
 
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.mmio import VirtioMmio
@@ -20,6 +23,17 @@ VIRTIO_F_INDIRECT_DESC = 1 << 28
 VIRTIO_F_EVENT_IDX = 1 << 29
 VIRTIO_F_VERSION_1 = 1 << 32
 TRANSPORT_FEATURES = VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX | VIRTIO_F_VERSION_1
+
+
+class DeviceHost(Protocol):
+    """What a device made from the command line may need of the host side (the CLI is one)."""
+
+    def console_output(self, data: bytes) -> None:
+        """Write to the host's console (standard output)."""
+
+    def use_console(self, receive: Callable[[bytes], None], kernel_name: str) -> None:
+        """This device is the guest's console: host input goes to `receive`, and the kernel's
+        console is `kernel_name` (its console= default)."""
 
 
 class VirtioDevice:
@@ -34,6 +48,16 @@ class VirtioDevice:
         self.transport: VirtioMmio | None = None
         self.config = bytearray()  # the device configuration space, little-endian fields
         self.driver_features = 0  # valid once the device is activated
+
+    # --- the command line (pyvmm run) -----------------------------------------------------
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """Add this device type's options to `pyvmm run`."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, host: DeviceHost) -> list[VirtioDevice]:
+        """The devices of this type the parsed options ask for, in the order given."""
+        return []
 
     # --- called by the transport ---------------------------------------------------------
     def attach(self, transport: VirtioMmio) -> None:

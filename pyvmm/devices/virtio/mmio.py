@@ -1,12 +1,19 @@
 """The virtio-mmio transport, version 2 (virtio 1.2 §4.2; no legacy interface).
 
 One instance per device, at kvmtool's addresses (0x3000000 upwards, 0x200 each) with its own
-SPI. The fast path never involves a vCPU thread in Python:
+SPI. A transport is handed what it needs and no more: guest RAM, its interrupt line (an irqfd), and
+a way to register ioeventfds. The fast path never involves a vCPU thread in Python:
   * queue notifications: a KVM ioeventfd per queue on QueueNotify (datamatch = queue index), so
     KVM completes the guest's write and signals the eventfd without leaving the kernel;
   * device work: one worker thread per device polls those eventfds (and any backend fds);
   * interrupts: a KVM irqfd on the device's SPI, signalled by the worker.
 vCPU threads only see the transport's registers: set-up, InterruptStatus and InterruptACK.
+
+Locking: `_state` guards the registers and queue set-up, held briefly by vCPU threads and by the
+worker; device work (a disk read, an fsync, a frame) runs outside it, so a register access never
+waits behind I/O. Only what would pull the rings from under a request in flight (a reset, a queue
+made not ready) waits for the worker to finish that request, as the driver must wait for a reset
+to complete anyway (§2.4.1).
 
 A driver that breaks the rules (malformed chains, rings outside RAM, DRIVER_OK without
 FEATURES_OK) gets the device marked DEVICE_NEEDS_RESET with a configuration-change interrupt
@@ -19,16 +26,27 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from devicetree.builder import U64, Node, Phandles
 from kvm_bindings.constants import KVM_IOEVENTFD_FLAG_DATAMATCH
+from pyvmm.devices.virtio.chain import QueueError
 from pyvmm.devices.virtio.device import TRANSPORT_FEATURES, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice
-from pyvmm.devices.virtio.queue import QueueError, Virtqueue
+from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.memory import GuestMemory
 
-if TYPE_CHECKING:
-    from pyvmm.vm import Vm
+
+class Interrupt(Protocol):
+    """The transport's interrupt line (pyvmm.irq.IrqFd is one)."""
+
+    spi: int
+
+    def trigger(self) -> None: ...
+
+
+IoEventFdRegistrar = Callable[[int, int, int, int, int], None]  # (addr, len, fd, flags, datamatch)
 
 log = logging.getLogger("pyvmm")
 
@@ -63,32 +81,38 @@ GIC_SPI, IRQ_TYPE_EDGE_RISING = 0, 1  # an irqfd injects an edge, as kvmtool and
 
 
 class VirtioMmio:
-    def __init__(self, vm: Vm, device: VirtioDevice, base: int, spi: int) -> None:
-        self.device, self.base, self.spi = device, base, spi
+    def __init__(self, device: VirtioDevice, base: int, memory: GuestMemory, irq: Interrupt,
+                 ioeventfd: IoEventFdRegistrar) -> None:
+        self.device, self.base, self.irq = device, base, irq
+        self.spi = irq.spi
         self.name = f"virtio-{device.name}"
-        self.queues = [Virtqueue(i, n, vm.memory) for i, n in enumerate(device.queue_sizes)]
+        self.queues = [Virtqueue(i, n, memory) for i, n in enumerate(device.queue_sizes)]
         self.device_features = device.features | TRANSPORT_FEATURES
-        self.lock = threading.Lock()  # transport and queue state: vCPU register writes vs. the worker
+        self._state = threading.Condition(threading.RLock())  # registers and queue set-up
+        self._busy = False  # the worker is in device code (under _state: wait for it to clear)
         self._isr_lock = threading.Lock()
         self._reset_registers()
-        self._irq_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        self._kick_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in self.queues]
-        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC)
-        vm.irqfd(self._irq_fd, spi)
-        for i, fd in enumerate(self._kick_fds):
-            vm.fd.ioeventfd(base + QUEUE_NOTIFY, 4, fd, KVM_IOEVENTFD_FLAG_DATAMATCH, i)
-        vm.add_device(base, VIRTIO_MMIO_SIZE, self, self.name, dt=self)
+        self._kick_fds: list[int] = []
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            for i in range(len(self.queues)):
+                fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self._kick_fds.append(fd)
+                ioeventfd(base + QUEUE_NOTIFY, 4, fd, KVM_IOEVENTFD_FLAG_DATAMATCH, i)
+        except BaseException:
+            self._close_fds()
+            raise
         device.attach(self)
         self._poller = select.poll()
-        self._handlers: dict[int, Callable[[], None] | None] = {self._stop_fd: None}
+        self._handlers: dict[int, Callable[[], None]] = {}
         for q, fd in zip(self.queues, self._kick_fds, strict=True):
             self._handlers[fd] = self._kick_handler(fd, q)
         for fd, fn in device.poll_fds().items():
             self._handlers[fd] = self._backend_handler(fn)
-        for fd in self._handlers:
+        for fd in (self._stop_fd, *self._handlers):
             self._poller.register(fd, select.POLLIN)
-        self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        self._stopping = False  # stop() was called: nothing waits for the worker any more
 
     def _reset_registers(self) -> None:
         self.status = 0
@@ -150,7 +174,7 @@ class VirtioMmio:
 
     def write(self, offset: int, size: int, value: int) -> None:
         if offset >= CONFIG:
-            with self.lock:
+            with self._state:
                 self.device.write_config(offset - CONFIG, value.to_bytes(size, "little"))
             return
         if size != 4 or offset & 3:
@@ -163,7 +187,7 @@ class VirtioMmio:
             with self._isr_lock:
                 self.isr &= ~value
             return
-        with self.lock:
+        with self._state:
             if offset == STATUS:
                 self._set_status(value)
             elif offset == DEVICE_FEATURES_SEL:
@@ -193,8 +217,9 @@ class VirtioMmio:
                 try:
                     q.activate(bool(self.driver_features & VIRTIO_F_EVENT_IDX))
                 except QueueError as e:
-                    self._break(str(e))
+                    self._break_locked(str(e))
             elif not value & 1:
+                self._wait_idle()  # the worker may be using this queue's rings
                 q.release()
             return
         if q.ready:
@@ -211,6 +236,7 @@ class VirtioMmio:
     def _set_status(self, value: int) -> None:
         """Device status transitions (§3.1.1 driver initialisation, §2.1 status field)."""
         if value == 0:
+            self._wait_idle()  # the request in flight completes before the rings go (§2.4.1)
             self._reset()
             return
         new, old = value & 0xFF, self.status
@@ -219,10 +245,14 @@ class VirtioMmio:
         if new & DRIVER_OK and not old & DRIVER_OK:
             if not new & FEATURES_OK:
                 self.status = new
-                self._break("DRIVER_OK without FEATURES_OK")
+                self._break_locked("DRIVER_OK without FEATURES_OK")
                 return
             self.status = new
-            self._safely(self.device.activate, self.driver_features)
+            try:
+                self.device.activate(self.driver_features)
+            except Exception as e:  # a device bug breaks the device, not the vCPU thread
+                self._break_locked(f"internal error: {type(e).__name__}: {e}")
+                return
             for fd in self._kick_fds:  # buffers made available before DRIVER_OK
                 os.eventfd_write(fd, 1)
         self.status = new | (DEVICE_NEEDS_RESET if self.broken else 0)
@@ -239,12 +269,17 @@ class VirtioMmio:
         self._reset_registers()
         self.device.reset()
 
-    def reset(self) -> None:
-        """The VM is reset: the device is as it was at power-on."""
-        with self.lock:
-            self._reset()
+    def _wait_idle(self) -> None:
+        """With _state held: wait until the worker is out of device code (a bounded wait while
+        the worker is being stopped, so a stuck backend cannot hold a vCPU thread forever)."""
+        while self._busy and not self._stopping:
+            self._state.wait(0.1)
 
     def _break(self, why: str) -> None:
+        with self._state:
+            self._break_locked(why)
+
+    def _break_locked(self, why: str) -> None:
         if self.broken is None:
             log.warning("%s at %#x: %s; the device needs a reset", self.name, self.base, why)
         self.broken = why
@@ -252,20 +287,62 @@ class VirtioMmio:
         self.config_generation += 1
         self._interrupt(INT_CONFIG_CHANGE)
 
+    # --- the life cycle (pyvmm/lifecycle.py) ------------------------------------------------
+    def start(self) -> None:
+        """Start the worker thread."""
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self, deadline: float) -> bool:
+        """End the worker; False if it had not ended by `deadline` (stuck in a backend)."""
+        t = self._thread
+        if t is None:
+            return True
+        self._stopping = True
+        os.eventfd_write(self._stop_fd, 1)
+        t.join(max(0.0, deadline - time.monotonic()))
+        if t.is_alive():
+            return False
+        self._thread = None
+        try:
+            os.eventfd_read(self._stop_fd)
+        except BlockingIOError:
+            pass
+        return True
+
+    def quiesce(self, deadline: float) -> bool:
+        """For a machine reset: the worker ends, so nothing writes into guest RAM any more."""
+        return self.stop(deadline)
+
+    def reset(self) -> None:
+        """The machine is reset (worker stopped): the device is as it was at power-on."""
+        with self._state:
+            self._reset()
+
+    def resume(self) -> None:
+        self.start()
+
     # --- the worker thread ---------------------------------------------------------------
     def _work(self) -> None:
+        """Serve kicks and backend fds until told to stop. Nothing a guest or a device does
+        ends this loop: a failure breaks the device (NEEDS_RESET) and the loop goes on."""
         while True:
             for fd, events in self._poller.poll():
+                if fd == self._stop_fd:
+                    return
                 handler = self._handlers.get(fd)
                 if handler is None:
-                    if fd == self._stop_fd:
-                        return
                     continue
-                if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL) and not events & select.POLLIN:
-                    log.warning("%s: backend fd %d failed; no longer watched", self.name, fd)
-                    self._poller.unregister(fd)
-                    continue
-                handler()
+                try:
+                    if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL) and not events & select.POLLIN:
+                        log.warning("%s: backend fd %d failed; no longer watched", self.name, fd)
+                        self._poller.unregister(fd)
+                        continue
+                    handler()
+                except Exception as e:  # a pyvmm bug: the device stops, the VMM does not
+                    log.error("%s: internal error: %s: %s", self.name, type(e).__name__, e)
+                    self._break(f"internal error: {type(e).__name__}: {e}")
 
     def _kick_handler(self, fd: int, queue: Virtqueue) -> Callable[[], None]:
         notify = self.device.notify
@@ -275,27 +352,32 @@ class VirtioMmio:
                 os.eventfd_read(fd)
             except BlockingIOError:
                 pass
-            with self.lock:
-                if self.running and queue.ready:
-                    self._safely(notify, queue)
+            self._device_work(notify, queue)
         return kicked
 
     def _backend_handler(self, fn: Callable[[], None]) -> Callable[[], None]:
         def ready() -> None:
-            with self.lock:
-                self._safely(fn)
+            self._device_work(fn)
         return ready
 
-    def _safely(self, fn: Callable[..., None], *args: object) -> None:
-        """Run device code (lock held): a broken ring rule or a device bug breaks the device,
-        never the VMM."""
+    def _device_work(self, fn: Callable[..., None], queue: Virtqueue | None = None) -> None:
+        """Run device code on the worker, outside _state: a broken ring rule or a device bug
+        breaks the device, never the VMM."""
+        with self._state:
+            if not self.running or (queue is not None and not queue.ready):
+                return
+            self._busy = True
         try:
-            fn(*args)
+            fn() if queue is None else fn(queue)
         except QueueError as e:
             self._break(str(e))
         except Exception as e:
-            log.exception("%s", self.name)
+            log.error("%s: internal error: %s: %s", self.name, type(e).__name__, e)
             self._break(f"internal error: {type(e).__name__}: {e}")
+        finally:
+            with self._state:
+                self._busy = False
+                self._state.notify_all()
 
     def watch(self, fd: int, enabled: bool) -> None:
         """Worker thread: start or stop polling a backend fd."""
@@ -308,18 +390,20 @@ class VirtioMmio:
     def _interrupt(self, bit: int) -> None:
         with self._isr_lock:
             self.isr |= bit
-        os.eventfd_write(self._irq_fd, 1)
+        self.irq.trigger()
 
     # --- teardown ------------------------------------------------------------------------
     def close(self) -> None:
-        os.eventfd_write(self._stop_fd, 1)
-        self._thread.join(5.0)
-        with self.lock:
-            for q in self.queues:
-                q.release()
-            self.device.close()
-        for fd in (self._irq_fd, self._stop_fd, *self._kick_fds):
+        """After stop() returned True: drop the ring views and release the backend."""
+        for q in self.queues:
+            q.release()
+        self.device.close()
+        self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self._stop_fd, *self._kick_fds):
             os.close(fd)
+        self._kick_fds = []
 
 
 def _set_half(current: int, high: bool, value: int) -> int:

@@ -11,13 +11,15 @@ No offloads are offered; the guest checksums and segments itself.
 
 from __future__ import annotations
 
+import argparse
 import os
 import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
-from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.queue import Chain, Virtqueue
+from pyvmm.devices.virtio.chain import Chain
+from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
+from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.errors import VmmError
 from pyvmm.kvm import open_tap
 
@@ -79,6 +81,16 @@ class VirtioNet(VirtioDevice):
     name = "net"
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     features = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("-n", "--network", action="append", default=[],
+                            metavar="mode=tap,tapif=NAME[,guest_mac=MAC]|mode=none",
+                            help="a virtio-net NIC on a host tap device, or with no backend; repeatable")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, host: DeviceHost) -> list[VirtioDevice]:
+        return [cls(spec) for spec in [parse_network(n) for n in args.network]]
 
     def __init__(self, spec: NetworkSpec) -> None:
         super().__init__()

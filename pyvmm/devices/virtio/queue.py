@@ -8,162 +8,29 @@ descriptors and may not nest. Any violation raises QueueError; the transport the
 device NEEDS_RESET (§2.1.2) and stops using its queues until the driver resets it.
 
 Buffers come back as zero-copy memoryviews of guest RAM, ready for preadv/pwritev/readv/writev.
-Indirect tables in the layout drivers use take a faster road: checked and translated into a host
-iovec with arithmetic on the whole table at once (Virtqueue._linear_table), for virtio-blk's
+Indirect tables in the layout drivers use take a faster road (linear_table.py), for virtio-blk's
 one-syscall requests.
 """
 
 from __future__ import annotations
 
-import struct
-from functools import cache
-
 from pyvmm.barrier import fence
+from pyvmm.devices.virtio.chain import Chain, QueueError
+from pyvmm.devices.virtio.layout import (
+    DESC,
+    DESC_SIZE,
+    MAX_QUEUE_SIZE,
+    USED_ELEM,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+)
+from pyvmm.devices.virtio.linear_table import linear_chain
 from pyvmm.errors import GuestMemoryError
-from pyvmm.memory import GuestMemory, Region
+from pyvmm.memory import GuestMemory
 
-# struct virtq_desc: le64 addr, le32 len, le16 flags, le16 next (§2.7.5)
-DESC = struct.Struct("<QIHH")
-DESC_SIZE = DESC.size
-VIRTQ_DESC_F_NEXT = 1
-VIRTQ_DESC_F_WRITE = 2
-VIRTQ_DESC_F_INDIRECT = 4
-# struct virtq_used_elem: le32 id, le32 len (§2.7.8)
-USED_ELEM = struct.Struct("<II")
-VIRTQ_AVAIL_F_NO_INTERRUPT = 1  # §2.7.7
-MAX_QUEUE_SIZE = 32768  # §2.7: a split queue's size is a power of 2, at most 32768
-IOVEC = struct.Struct("<QQ")  # struct iovec on LP64: void *iov_base, size_t iov_len
-DESC_BITS = DESC_SIZE * 8
-ENTRY_MODULUS = (1 << DESC_BITS) - 1
-
-
-class TableConstants:
-    """Per-table-size masks for Virtqueue._linear_table: one 16-byte pattern per descriptor,
-    laid out like struct virtq_desc (addr bytes 0-7, len 8-11, flags 12-13, next 14-15)."""
-
-    def __init__(self, n: int, gpa: int, size: int, host_addr: int) -> None:
-        def every(pattern: bytes, count: int = n) -> int:
-            return int.from_bytes(pattern * count, "little")
-
-        zero = bytes(DESC_SIZE)
-        self.n = n
-        self.addrs = every(b"\xff" * 8 + bytes(8))
-        self.lengths = every(b"\xff" * 4 + bytes(12))
-        self.write = every(bytes(12) + bytes([VIRTQ_DESC_F_WRITE]) + bytes(3))
-        # flags of every entry and next of all but the last (whose next means nothing)
-        self.meta = every(bytes(12) + b"\xff" * 4, n - 1) | 0xFFFF << DESC_BITS * (n - 1) + 96
-        # ... as a linear table has them, WRITE aside: NEXT and next = k + 1, then a last with no flags
-        self.linear = int.from_bytes(b"".join(bytes(12) + bytes([VIRTQ_DESC_F_NEXT, 0]) + (i + 1).to_bytes(2, "little")
-                                              for i in range(n - 1)) + zero, "little")
-        self.ones = every(b"\x01" + bytes(15))
-        self.guards = every(bytes(8) + b"\x02" + bytes(7))  # bit 65 of each entry
-        self._tails: dict[int, int] = {}
-        # the RAM region's bounds and host offset, repeated in every entry
-        self.starts = gpa * self.ones
-        self.ends = (gpa + size) * self.ones | self.guards
-        self.to_host = (host_addr - gpa) * self.ones
-
-    def writable_tail(self, count: int) -> int:
-        """The WRITE bits of a table whose last `count` entries are writable."""
-        tail = self._tails.get(count)
-        if tail is None:
-            shift = DESC_BITS * (self.n - count)
-            tail = self._tails[count] = self.write >> shift << shift
-        return tail
-
-
-@cache
-def _table_constants(n: int, gpa: int, size: int, host_addr: int) -> TableConstants:
-    return TableConstants(n, gpa, size, host_addr)
-
-
-class QueueError(Exception):
-    """The driver broke the split-ring rules: the device must be reset."""
-
-
-class Chain:
-    """One available descriptor chain: device-readable buffers, then device-writable ones.
-
-    A chain from a linear indirect table (see Virtqueue._linear_table) also carries `iov`, its
-    buffers as a host struct iovec array, and builds the memoryviews only if asked for them."""
-
-    __slots__ = ("head", "_readable", "_writable", "iov", "nr_readable", "total", "_ram")
-
-    def __init__(self, head: int, readable: list[memoryview] | None, writable: list[memoryview] | None,
-                 iov: bytes | None = None, nr_readable: int = 0, total: int = 0, ram: Region | None = None) -> None:
-        self.head, self._readable, self._writable = head, readable, writable
-        self.iov, self.nr_readable, self.total, self._ram = iov, nr_readable, total, ram
-
-    @property
-    def readable(self) -> list[memoryview]:
-        if self._readable is None:
-            self._views()
-        return self._readable  # type: ignore[return-value]
-
-    @property
-    def writable(self) -> list[memoryview]:
-        if self._writable is None:
-            self._views()
-        return self._writable  # type: ignore[return-value]
-
-    def _views(self) -> None:
-        assert self.iov is not None
-        views = [self.view(k) for k in range(len(self.iov) // IOVEC.size)]
-        self._readable, self._writable = views[:self.nr_readable], views[self.nr_readable:]
-
-    def view(self, k: int) -> memoryview:
-        """Buffer `k` of an iov chain as a memoryview."""
-        assert self.iov is not None and self._ram is not None
-        host, length = IOVEC.unpack_from(self.iov, k * IOVEC.size)
-        off = host - self._ram.host_addr
-        return self._ram.view[off:off + length]
-
-    def length(self, k: int) -> int:
-        """The length of buffer `k` of an iov chain."""
-        assert self.iov is not None
-        return IOVEC.unpack_from(self.iov, k * IOVEC.size)[1]  # type: ignore[no-any-return]
-
-    @property
-    def readable_len(self) -> int:
-        return sum(len(b) for b in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(len(b) for b in self.writable)
-
-
-def split(buffers: list[memoryview], at: int) -> tuple[list[memoryview], list[memoryview]]:
-    """Buffers for the first `at` bytes and for the rest (§2.6.4: framing is the driver's
-    choice, so a header may span descriptors or share one with data)."""
-    head: list[memoryview] = []
-    for i, b in enumerate(buffers):
-        if at <= 0:
-            return head, buffers[i:]
-        if len(b) <= at:
-            head.append(b)
-            at -= len(b)
-        else:
-            head.append(b[:at])
-            return head, [b[at:], *buffers[i + 1:]]
-    return head, []
-
-
-def fill(buffers: list[memoryview], data: bytes) -> int:
-    """Copy `data` into the buffers as far as they reach; returns the bytes copied."""
-    done = 0
-    for b in buffers:
-        n = min(len(b), len(data) - done)
-        b[:n] = data[done:done + n]
-        done += n
-        if done == len(data):
-            break
-    return done
-
-
-def split_tail(buffers: list[memoryview], size: int) -> tuple[list[memoryview], list[memoryview]]:
-    """Buffers for all but the last `size` bytes, and for those last bytes."""
-    total = sum(len(b) for b in buffers)
-    return split(buffers, max(0, total - size))
+__all__ = ["Chain", "QueueError", "Virtqueue"]
 
 
 class Virtqueue:
@@ -286,7 +153,7 @@ class Virtqueue:
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > size:
                     raise QueueError(f"queue {self.index}: indirect table of {length} bytes in chain {head}")
                 raw = self._view(addr, length, head)
-                if not readable and not writable and (chain := self._linear_table(head, raw)) is not None:
+                if not readable and not writable and (chain := linear_chain(head, raw, self.memory.regions[0])) is not None:
                     return chain
                 entries = list(DESC.iter_unpack(raw))  # one copy: the driver cannot change it under us
                 limit, i = len(entries), 0
@@ -305,37 +172,6 @@ class Virtqueue:
             i = nxt
             if i >= (size if entries is None else len(entries)):
                 raise QueueError(f"queue {self.index}: descriptor {i} in chain {head} is beyond its table")
-
-    def _linear_table(self, head: int, raw: memoryview) -> Chain | None:
-        """An indirect table as drivers lay it out (Linux's virtqueue_add_split): descriptor k
-        links to k+1, readable buffers first, every buffer inside the first RAM region. The
-        table is checked and turned into a host iovec with integer arithmetic on the whole
-        table at once, not a Python loop per descriptor: under emulation that loop cost
-        ~15 us a descriptor, most of a 1 MiB block request. None: not that shape; the general
-        walk then follows it (and names what is wrong, if anything is)."""
-        n = len(raw) // DESC_SIZE
-        region = self.memory.regions[0]
-        k = _table_constants(n, region.gpa, region.size, region.host_addr)
-        t = int.from_bytes(raw, "little")  # one copy: the driver cannot change it under us
-        meta = t & k.meta
-        writes = meta & k.write
-        if meta ^ writes != k.linear:
-            return None  # not linked 0->1->...->n-1 with only NEXT/WRITE flags
-        nr_writable = writes.bit_count()
-        if writes != k.writable_tail(nr_writable):
-            return None  # a readable buffer after a writable one
-        addrs = t & k.addrs
-        lengths = (t >> 64) & k.lengths  # each length moved to its entry's low bits
-        # Each entry is 128 bits and an address 64, so bit 65 of every entry can serve as a
-        # guard: a subtraction that goes negative in one entry clears that entry's guard.
-        if ((addrs | k.guards) - k.starts) & k.guards != k.guards:
-            return None  # an address below the region
-        if (k.ends - (addrs + lengths)) & k.guards != k.guards:
-            return None  # a buffer past its end
-        iov = (addrs + k.to_host | lengths << 64).to_bytes(len(raw), "little")
-        # the sum of the lengths: 2**128 = 1 (mod 2**128 - 1), so the entries add up mod that
-        total = lengths % ENTRY_MODULUS
-        return Chain(head, None, None, iov, n - nr_writable, total, region)
 
     def _view(self, addr: int, length: int, head: int) -> memoryview:
         try:

@@ -6,10 +6,12 @@ request so that a hostile request for all of guest RAM costs no more than a smal
 
 from __future__ import annotations
 
+import argparse
 import os
 
-from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.queue import Chain, Virtqueue
+from pyvmm.devices.virtio.chain import Chain
+from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
+from pyvmm.devices.virtio.queue import Virtqueue
 
 QUEUE_SIZE = 64
 MAX_REQUEST = 64 << 10
@@ -19,6 +21,14 @@ class VirtioRng(VirtioDevice):
     device_id = 4
     name = "rng"
     queue_sizes = (QUEUE_SIZE,)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--rng", action="store_true", help="a virtio-rng entropy device fed by getrandom")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, host: DeviceHost) -> list[VirtioDevice]:
+        return [cls()] if args.rng else []
 
     def __init__(self) -> None:
         super().__init__()

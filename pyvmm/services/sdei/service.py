@@ -1,31 +1,8 @@
-"""SDEI 1.1 (Arm DEN0054B, Software Delegated Exception Interface), serviced in Python.
-
-The client (the guest OS at EL1) registers handlers for events; pyvmm delivers an event by
-taking the target vCPU out of KVM_RUN and rewriting its registers so that it runs the handler,
-even if the guest had every interrupt masked. Everything lives here: the 19 calls, the per-event
-state machine (§6.1), the per-PE mask and handler nesting (§6.2, §6.3), and the dispatch itself.
-
-Events:
-  * event 0: private, normal priority, signalled by a client with EVENT_SIGNAL (§5.1.16);
-  * platform events a user declares (`EventSpec`): private or shared, normal or critical, raised
-    by the host with `Sdei.trigger()` (Python) or `pyvmm sdei signal` (the control socket);
-  * bound events (INTERRUPT_BIND, §5.1.14): an SPI a pyvmm device drives becomes shared event
-    BIND_EVENT_BASE + slot; while that event is registered the line is taken from the vGIC and
-    its level raises the event instead (FEATURES(BIND_SLOTS) tells the client how many slots).
-    Lines KVM raises from an irqfd (virtio devices) never pass through pyvmm and cannot be bound.
-
-Dispatch (§6.3, §6.5): on the target vCPU's own thread, with its state consistent (after an
-immediate-exit KVM_RUN, Documentation/virt/kvm/api.rst), x0-x17, PC and PSTATE are saved and
-the handler is entered at EL1h with DAIF masked, x0 = event, x1 = registered argument, x2 =
-interrupted PC, x3 = interrupted PSTATE. EVENT_CONTEXT reads the saved x0-x17; EVENT_COMPLETE
-restores them with PC and PSTATE; EVENT_COMPLETE_AND_RESUME restores x0-x17 and enters the resume
-address as if an IRQ had been taken there: ELR_EL1/SPSR_EL1 = interrupted PC/PSTATE. A critical
-event preempts a running normal handler; a masked PE, a running handler of equal or higher
-priority, and a vCPU that is off or in power-down suspend all defer delivery (the event stays
-pending). A PE in standby (PSCI CPU_SUSPEND) is woken by an event.
+"""SDEI 1.1 as an SMCCC service: the 19 calls (DEN0054B §5.1), events raised by the host or by
+bound interrupt lines, and when to deliver what to which PE (§6.2, §6.3).
 
 Locking: one lock guards every registration and PE; registers are only touched on the owning
-vCPU's thread.
+vCPU's thread (delivery.py).
 """
 
 from __future__ import annotations
@@ -33,191 +10,49 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
-from enum import IntEnum
-from typing import TYPE_CHECKING
 
-from kvm_bindings.constants import MpState
-from kvm_bindings.regs import CORE_REGS, SYS_REGS
+from devicetree.builder import Node
 from pyvmm.errors import VmmError
-from pyvmm.irqchip import NR_IRQS, SPI_BASE
+from pyvmm.irq import NR_IRQS, SPI_BASE
+from pyvmm.power import Power
+from pyvmm.services.sdei.delivery import Frame, Pe, enter_handler, leave_handler
+from pyvmm.services.sdei.events import (
+    BIND_EVENT_BASE,
+    BIND_SLOTS,
+    CONTEXT_REGS,
+    DENIED,
+    ENABLED,
+    ERROR_NAMES,
+    EVENT_NUMBER_MAX,
+    FEATURE_BIND_SLOTS,
+    FEATURE_RELATIVE_MODE,
+    FN_BASE,
+    FN_COUNT,
+    INFO_PRIORITY,
+    INFO_ROUTING_AFF,
+    INFO_ROUTING_MODE,
+    INFO_SIGNALED,
+    INFO_TYPE,
+    INVALID_PARAMETERS,
+    MPIDR_AFF_MASK,
+    OUT_OF_RESOURCE,
+    PENDING,
+    REGISTERED,
+    ROUTE_PE,
+    RUNNING,
+    SUCCESS,
+    VERSION_1_1,
+    Action,
+    EventSpec,
+    Registration,
+    transition,
+)
 from pyvmm.smccc.call import SmcccCall
-from pyvmm.smccc.dispatcher import TraceEvent
+from pyvmm.smccc.context import ServiceContext, ServiceVcpu, TraceEvent
 from pyvmm.smccc.function_id import Owner
 from pyvmm.smccc.service import NO_RESULT, Results, Service, function
-from pyvmm.vcpu import Power
-
-if TYPE_CHECKING:
-    from pyvmm.vcpu import Vcpu
-    from pyvmm.vm import Vm
 
 log = logging.getLogger("pyvmm")
-
-FN_BASE = 0xC400_0020  # SMC64 only (§5.1): VERSION is FN_BASE + 0 ... SHARED_RESET FN_BASE + 0x12
-FN_COUNT = 0x13
-VERSION_1_1 = (1 << 48) | (1 << 32)  # major [62:48], minor [47:32], vendor-defined [31:0] = 0
-
-# Return codes (§5.2, table 5-1)
-SUCCESS = 0
-NOT_SUPPORTED = -1
-INVALID_PARAMETERS = -2
-DENIED = -3
-PENDING = -5
-OUT_OF_RESOURCE = -10
-ERROR_NAMES = {0: "SUCCESS", -1: "NOT_SUPPORTED", -2: "INVALID_PARAMETERS", -3: "DENIED", -5: "PENDING",
-               -10: "OUT_OF_RESOURCE"}
-
-# EVENT_STATUS bits (§5.1.8), also the state-machine states below
-REGISTERED, ENABLED, RUNNING = 1, 2, 4
-
-# EVENT_REGISTER / ROUTING_SET flags (§5.1.2): bit 0 routing mode; bit 1 relative mode (1.1)
-ROUTE_PE = 1
-RELATIVE_MODE = 2
-
-# EVENT_GET_INFO info (§5.1.9)
-INFO_TYPE, INFO_SIGNALED, INFO_PRIORITY, INFO_ROUTING_MODE, INFO_ROUTING_AFF = range(5)
-
-# FEATURES (§5.1.17)
-FEATURE_BIND_SLOTS, FEATURE_RELATIVE_MODE = 0, 1
-
-BIND_EVENT_BASE = 1000  # bound interrupts become shared events 1000, 1001, ...
-BIND_SLOTS = 16
-EVENT_NUMBER_MAX = 0x7FFF_FFFF  # event numbers are 32-bit and positive (bit 31 clear)
-CONTEXT_REGS = 18  # x0-x17 (§5.1.4)
-MPIDR_AFF_MASK = 0xFF_00FF_FFFF  # Aff3 [39:32], Aff2..Aff0 [23:0]
-
-
-class Action(IntEnum):
-    REGISTER = 0
-    RELEASE = 1
-    ENABLE = 2
-    DISABLE = 3
-    UNREGISTER = 4
-    ROUTING = 5
-    CONTEXT = 6
-    COMPLETE = 7
-    DISPATCH = 8
-
-
-# The handler state machine (§6.1, table 6-1): the state after each permitted action; an action
-# missing from a state's row is not permitted there (the call returns DENIED). The state is the
-# EVENT_STATUS value. RUNNING alone is "handler unregister-pending": UNREGISTER while running.
-_A = Action
-TRANSITIONS: dict[int, dict[Action, int]] = {
-    0: {_A.REGISTER: REGISTERED, _A.RELEASE: 0},
-    REGISTERED: {_A.ENABLE: REGISTERED | ENABLED, _A.DISABLE: REGISTERED, _A.UNREGISTER: 0,
-                 _A.ROUTING: REGISTERED},
-    REGISTERED | ENABLED: {_A.ENABLE: REGISTERED | ENABLED, _A.DISABLE: REGISTERED, _A.UNREGISTER: 0,
-                           _A.DISPATCH: REGISTERED | ENABLED | RUNNING},
-    REGISTERED | RUNNING: {_A.ENABLE: REGISTERED | ENABLED | RUNNING, _A.DISABLE: REGISTERED | RUNNING,
-                           _A.UNREGISTER: RUNNING, _A.CONTEXT: REGISTERED | RUNNING, _A.COMPLETE: REGISTERED},
-    REGISTERED | ENABLED | RUNNING: {_A.ENABLE: REGISTERED | ENABLED | RUNNING,
-                                     _A.DISABLE: REGISTERED | RUNNING, _A.UNREGISTER: RUNNING,
-                                     _A.CONTEXT: REGISTERED | ENABLED | RUNNING,
-                                     _A.COMPLETE: REGISTERED | ENABLED},
-    RUNNING: {_A.CONTEXT: RUNNING, _A.COMPLETE: 0},
-}
-
-# PSTATE (Arm ARM C5.2.19) and SCTLR_EL1 bits used to enter a handler as an exception would
-_NZCV = 0xF << 28
-_DIT, _PAN, _SSBS, _NRW = 1 << 24, 1 << 22, 1 << 12, 1 << 4
-_DAIF_EL1H = 0x3C5  # D, A, I, F masked; M = EL1h
-_SCTLR_SPAN, _SCTLR_DSSBS = 1 << 23, 1 << 44
-
-_X = tuple(CORE_REGS[f"x{n}"] for n in range(CONTEXT_REGS))
-_PC, _PSTATE = CORE_REGS["pc"], CORE_REGS["pstate"]
-_ELR_EL1, _SPSR_EL1 = CORE_REGS["elr_el1"], CORE_REGS["spsr_el1"]
-_SCTLR_EL1 = SYS_REGS["sctlr_el1"]
-
-
-def exception_pstate(interrupted: int, sctlr: int) -> int:
-    """PSTATE on taking an exception to EL1h from `interrupted` (Arm ARM D1.3.1, the pseudocode
-    AArch64.TakeException): NZCV kept, DAIF set, SS/IL/BTYPE/UAO cleared, PAN set unless
-    SCTLR_EL1.SPAN, SSBS = SCTLR_EL1.DSSBS, DIT kept from an AArch64 context."""
-    keep = _NZCV | _PAN | (0 if interrupted & _NRW else _DIT)
-    new = (interrupted & keep) | _DAIF_EL1H
-    if not sctlr & _SCTLR_SPAN:
-        new |= _PAN
-    if sctlr & _SCTLR_DSSBS:
-        new |= _SSBS
-    return new
-
-
-@dataclass(frozen=True)
-class EventSpec:
-    """A platform event: its number, private (one per PE) or shared, normal or critical."""
-
-    number: int
-    shared: bool = False
-    critical: bool = False
-    signalable: bool = False  # only event 0 (EVENT_SIGNAL)
-    interrupt: int | None = None  # INTID of a bound event
-
-    def describe(self) -> str:
-        kind = "shared" if self.shared else "private"
-        extra = f", bound to INTID {self.interrupt}" if self.interrupt is not None else ""
-        return f"event {self.number} ({kind}, {'critical' if self.critical else 'normal'}{extra})"
-
-
-def parse_event(text: str) -> EventSpec:
-    """NUMBER[,shared|private][,critical|normal], the --sdei-event syntax."""
-    parts = [p.strip().lower() for p in text.split(",")]
-    try:
-        number = int(parts[0], 0)
-    except ValueError:
-        raise VmmError(f"SDEI event {text!r}: the event number comes first, e.g. 100,shared,critical") from None
-    shared = critical = False
-    for p in parts[1:]:
-        if p in ("shared", "private"):
-            shared = p == "shared"
-        elif p in ("critical", "normal"):
-            critical = p == "critical"
-        else:
-            raise VmmError(f"SDEI event {text!r}: {p!r} is not shared, private, critical or normal")
-    return EventSpec(number, shared, critical)
-
-
-class Registration:
-    """One event's handler state: per PE for a private event, one for a shared event."""
-
-    __slots__ = ("spec", "pe", "state", "entry", "arg", "route_pe", "affinity", "pending")
-
-    def __init__(self, spec: EventSpec, pe: int | None) -> None:
-        self.spec, self.pe = spec, pe
-        self.state = 0
-        self.entry = self.arg = self.affinity = 0
-        self.route_pe = False
-        self.pending = False  # triggered and not yet dispatched
-
-    def clear(self) -> None:
-        self.entry = self.arg = self.affinity = 0
-        self.route_pe = False
-        self.pending = False
-
-
-class Frame:
-    """A running handler on a PE and the context it interrupted."""
-
-    __slots__ = ("reg", "x", "pc", "pstate")
-
-    def __init__(self, reg: Registration) -> None:
-        self.reg = reg
-        self.x: tuple[int, ...] = ()
-        self.pc = self.pstate = 0
-
-
-class Pe:
-    """A PE's SDEI state: masked or not, its private events, its running handlers (innermost
-    last: at most a normal one and a critical one preempting it)."""
-
-    __slots__ = ("index", "masked", "private", "frames", "poked")
-
-    def __init__(self, index: int, private: dict[int, Registration]) -> None:
-        self.index = index
-        self.masked = True  # every PE starts masked (§6.2)
-        self.private = private
-        self.frames: list[Frame] = []
-        self.poked = False  # a delivery check is queued on the vCPU's thread
 
 
 class Sdei(Service):
@@ -226,8 +61,8 @@ class Sdei(Service):
     ranges = ((FN_BASE, FN_COUNT),)
     error_names = ERROR_NAMES
 
-    def __init__(self, vm: Vm, events: Iterable[EventSpec] = (), bind_slots: int = BIND_SLOTS) -> None:
-        self.vm = vm
+    def __init__(self, ctx: ServiceContext, events: Iterable[EventSpec] = (), bind_slots: int = BIND_SLOTS) -> None:
+        self.ctx = ctx
         self.lock = threading.RLock()
         self.bind_slots = bind_slots
         specs = {0: EventSpec(0, signalable=True)}
@@ -245,12 +80,13 @@ class Sdei(Service):
         self.dispatches = 0  # handlers entered, for tests and benchmarks
         self._lines: set[int] = set()  # INTIDs of bound interrupts whose line is high
         self._init_state()
+        ctx.lines.interceptor = self.interrupt  # bound lines come here before the vGIC
 
     def _init_state(self) -> None:
         self.shared: dict[int, Registration] = {n: Registration(s, None) for n, s in self.specs.items() if s.shared}
         self.bound: dict[int, Registration] = {}  # INTID -> the bound event's registration
         self.pes = [Pe(v.index, {n: Registration(s, v.index) for n, s in self.specs.items() if not s.shared})
-                    for v in self.vm.vcpus]
+                    for v in self.ctx.vcpus]
 
     # --- the host side ---------------------------------------------------------------------
     def trigger(self, number: int, cpu: int | None = None) -> bool:
@@ -312,16 +148,24 @@ class Sdei(Service):
     def masked(self, cpu: int) -> bool:
         return self.pes[cpu].masked
 
+    def pe_masks(self) -> list[bool]:
+        """Every PE's mask, by vCPU index."""
+        with self.lock:
+            return [pe.masked for pe in self.pes]
+
     # --- hooks from the VM -----------------------------------------------------------------
     def reset(self) -> None:
-        """SYSTEM_RESET: everything unregistered and released, every PE masked."""
+        """SYSTEM_RESET: everything unregistered and released, every PE masked. The machine
+        lowers every interrupt line next, so bound lines need not be handed back."""
         with self.lock:
-            owned = [i for i, reg in self.bound.items() if reg.state & REGISTERED and i in self._lines]
+            self._lines.clear()
             self._init_state()
-            for intid in owned:  # bound lines go back to the vGIC
-                self.vm.raise_gic_line(intid, True)
 
-    def power_on(self, vcpu: Vcpu) -> None:
+    def dt_node(self) -> tuple[str, Node]:
+        # Documentation/devicetree/bindings/arm/firmware/sdei.txt: under /firmware, with the conduit
+        return "/firmware", Node("sdei", {"compatible": "arm,sdei-1.0", "method": self.ctx.conduit})
+
+    def power_on(self, vcpu: ServiceVcpu) -> None:
         """A PE powers on (PSCI CPU_ON): masked, private events unregistered (§6.2, as TF-A's
         psci_cpu_on_finish hook does)."""
         with self.lock:
@@ -332,7 +176,7 @@ class Sdei(Service):
                 reg.state = 0
                 reg.clear()
 
-    def woken(self, vcpu: Vcpu) -> None:
+    def woken(self, vcpu: ServiceVcpu) -> None:
         """A vCPU left suspend: deliver what waited for it."""
         with self.lock:
             self._schedule(self.pes[vcpu.index])
@@ -356,7 +200,7 @@ class Sdei(Service):
                 return INVALID_PARAMETERS  # reserved bits, or relative mode (FEATURES says unsupported)
             if reg.spec.shared and flags & ROUTE_PE and self._pe_by_affinity(affinity) is None:
                 return INVALID_PARAMETERS
-            if not self._transition(reg, Action.REGISTER):
+            if not transition(reg, Action.REGISTER):
                 return DENIED
             reg.entry, reg.arg = entry, arg
             reg.route_pe = bool(reg.spec.shared and flags & ROUTE_PE)  # private events: routing ignored
@@ -365,7 +209,7 @@ class Sdei(Service):
             intid = reg.spec.interrupt
             if intid is not None:  # SDEI takes the line from the vGIC (TF-A: interrupt to EL3)
                 if intid in self._lines:
-                    self.vm.raise_gic_line(intid, False)
+                    self.ctx.lines.to_gic(intid, False)
                     reg.pending = True  # a level-sensitive line still asserted
             return SUCCESS
 
@@ -382,7 +226,7 @@ class Sdei(Service):
             reg = self._lookup(call, call.arg(1))
             if reg is None:
                 return INVALID_PARAMETERS
-            if not self._transition(reg, action):
+            if not transition(reg, action):
                 return DENIED
             if action == Action.ENABLE:
                 self._schedule_event(reg)
@@ -453,7 +297,7 @@ class Sdei(Service):
                 return INVALID_PARAMETERS
             if mode & ~ROUTE_PE or (mode & ROUTE_PE and self._pe_by_affinity(affinity) is None):
                 return INVALID_PARAMETERS
-            if not self._transition(reg, Action.ROUTING):
+            if not transition(reg, Action.ROUTING):
                 return DENIED  # only registered, disabled and not running (§5.1.10)
             reg.route_pe = bool(mode & ROUTE_PE)
             reg.affinity = affinity & MPIDR_AFF_MASK if reg.route_pe else 0
@@ -483,7 +327,7 @@ class Sdei(Service):
                 return INVALID_PARAMETERS  # SGIs cannot be bound; no such interrupt
             if intid < SPI_BASE:
                 return OUT_OF_RESOURCE  # PPIs are the in-kernel timers' and PMU's: no private slots
-            if intid - SPI_BASE in self.vm.irqfd_spis:
+            if self.ctx.lines.is_irqfd(intid):
                 return INVALID_PARAMETERS  # signalled by KVM irqfd (virtio): it never passes through pyvmm
             reg = self.bound.get(intid)
             if reg is not None:
@@ -502,7 +346,7 @@ class Sdei(Service):
             reg = self._lookup(call, call.arg(1))
             if reg is None or reg.spec.interrupt is None:
                 return INVALID_PARAMETERS  # not a bound event
-            if not self._transition(reg, Action.RELEASE):
+            if not transition(reg, Action.RELEASE):
                 return DENIED  # registered, or its handler still running
             self._release(reg)
             return SUCCESS
@@ -555,26 +399,18 @@ class Sdei(Service):
 
     def _pe_by_affinity(self, mpidr: int) -> Pe | None:
         """The PE whose MPIDR affinity fields (Aff3..Aff0) `mpidr` names; other bits are ignored."""
-        for v in self.vm.vcpus:
+        for v in self.ctx.vcpus:
             if v.mpidr & MPIDR_AFF_MASK == mpidr & MPIDR_AFF_MASK:
                 return self.pes[v.index]
         return None
 
-    @staticmethod
-    def _transition(reg: Registration, action: Action) -> bool:
-        nxt = TRANSITIONS[reg.state].get(action)
-        if nxt is None:
-            return False
-        reg.state = nxt
-        return True
-
     def _unregister(self, reg: Registration) -> int:
-        if not self._transition(reg, Action.UNREGISTER):
+        if not transition(reg, Action.UNREGISTER):
             return PENDING if reg.state & RUNNING else DENIED
         reg.clear()
         intid = reg.spec.interrupt
         if intid is not None and intid in self._lines:
-            self.vm.raise_gic_line(intid, True)  # the line belongs to the vGIC again
+            self.ctx.lines.to_gic(intid, True)  # the line belongs to the vGIC again
         return PENDING if reg.state & RUNNING else SUCCESS
 
     def _release(self, reg: Registration) -> None:
@@ -608,8 +444,8 @@ class Sdei(Service):
         if pe.poked or self._next(pe) is None:
             return
         pe.poked = True
-        vcpu = self.vm.vcpus[pe.index]
-        if vcpu.thread is not None and vcpu.thread.ident == threading.get_ident():
+        vcpu = self.ctx.vcpus[pe.index]
+        if vcpu.on_own_thread():
             vcpu.defer(self._deliver)  # after the current exit is answered, before KVM_RUN
         else:
             vcpu.request(self._deliver)
@@ -618,8 +454,8 @@ class Sdei(Service):
         """The event to dispatch on `pe` now: pending, registered, enabled, not running, routed
         here; critical before normal, then the lowest number; none while masked or while a
         handler of the same or higher priority runs (§6.3)."""
-        vcpu = self.vm.vcpus[pe.index]
-        if pe.masked or vcpu.power != Power.ON or vcpu.resume_at is not None:
+        vcpu = self.ctx.vcpus[pe.index]
+        if pe.masked or vcpu.power != Power.ON or vcpu.powered_down:
             return None
         if pe.frames and pe.frames[-1].reg.spec.critical:
             return None
@@ -637,7 +473,7 @@ class Sdei(Service):
         return best
 
     # --- dispatch and completion (on the vCPU's own thread) --------------------------------
-    def _deliver(self, vcpu: Vcpu) -> None:
+    def _deliver(self, vcpu: ServiceVcpu) -> None:
         """Enter the handler of every event due on this PE: a critical one found after a normal
         one was entered preempts it at once."""
         pe = self.pes[vcpu.index]
@@ -648,27 +484,14 @@ class Sdei(Service):
                 if reg is None:
                     return
                 reg.pending = False
-                self._transition(reg, Action.DISPATCH)
+                transition(reg, Action.DISPATCH)
                 frame = Frame(reg)
                 pe.frames.append(frame)
                 entry, arg, number = reg.entry, reg.arg, reg.spec.number
-            self._enter_handler(vcpu, frame, number, entry, arg)
-
-    def _enter_handler(self, vcpu: Vcpu, frame: Frame, number: int, entry: int, arg: int) -> None:
-        fd = vcpu.fd
-        get, put = fd.get_one_reg, fd.set_one_reg
-        if vcpu.suspended:  # standby (PSCI CPU_SUSPEND): the event wakes the PE
-            fd.set_mp_state(MpState.RUNNABLE)
-            vcpu.suspended = False
-        frame.x = tuple([get(r) for r in _X])
-        frame.pc, frame.pstate = get(_PC), get(_PSTATE)
-        pstate = exception_pstate(frame.pstate, get(_SCTLR_EL1))
-        for reg_id, value in ((_X[0], number), (_X[1], arg), (_X[2], frame.pc), (_X[3], frame.pstate),
-                              (_PC, entry), (_PSTATE, pstate)):
-            put(reg_id, value)
-        self.dispatches += 1
-        self._trace(vcpu, f"dispatch event {number} -> handler {entry:#x} (arg {arg:#x}, interrupted "
-                          f"pc {frame.pc:#x} pstate {frame.pstate:#x})")
+            enter_handler(vcpu, frame, number, entry, arg)
+            self.dispatches += 1
+            self._trace(vcpu, f"dispatch event {number} -> handler {entry:#x} (arg {arg:#x}, interrupted "
+                              f"pc {frame.pc:#x} pstate {frame.pstate:#x})")
 
     def _complete(self, call: SmcccCall, resume: int | None) -> Results:
         vcpu = call.vcpu
@@ -678,23 +501,14 @@ class Sdei(Service):
                 return DENIED  # no handler is running on this PE
             frame = pe.frames.pop()
             reg = frame.reg
-            self._transition(reg, Action.COMPLETE)
+            transition(reg, Action.COMPLETE)
             intid = reg.spec.interrupt
             if intid is not None and reg.state & REGISTERED and intid in self._lines:
                 reg.pending = True  # level-sensitive: still asserted, so it fires again
-        fd = vcpu.fd
-        for n in range(CONTEXT_REGS):
-            fd.set_one_reg(_X[n], frame.x[n])
+        leave_handler(vcpu, frame, resume)
         if resume is None:
-            fd.set_one_reg(_PC, frame.pc)
-            fd.set_one_reg(_PSTATE, frame.pstate)
             self._trace(vcpu, f"complete event {reg.spec.number}: back to pc {frame.pc:#x}")
         else:
-            # as if an IRQ were taken at the interrupted instruction (§5.1.6)
-            fd.set_one_reg(_ELR_EL1, frame.pc)
-            fd.set_one_reg(_SPSR_EL1, frame.pstate)
-            fd.set_one_reg(_PSTATE, exception_pstate(frame.pstate, fd.get_one_reg(_SCTLR_EL1)))
-            fd.set_one_reg(_PC, resume)
             self._trace(vcpu, f"complete event {reg.spec.number}: resume at {resume:#x} "
                               f"(ELR_EL1 {frame.pc:#x}, SPSR_EL1 {frame.pstate:#x})")
         with self.lock:
@@ -703,7 +517,5 @@ class Sdei(Service):
                 self._schedule_event(reg)  # a shared event may now run elsewhere
         return NO_RESULT  # the registers now hold the resumed context
 
-    def _trace(self, vcpu: Vcpu, text: str) -> None:
-        trace = self.vm.smccc.trace
-        if trace is not None:
-            trace(TraceEvent(vcpu.index, "sdei", text))
+    def _trace(self, vcpu: ServiceVcpu, text: str) -> None:
+        self.ctx.trace(TraceEvent(vcpu.index, "sdei", text))

@@ -1,0 +1,96 @@
+"""A descriptor chain as a device sees it: device-readable buffers, then device-writable ones,
+as zero-copy views of guest RAM (or, from a linear indirect table, a host struct iovec)."""
+
+from __future__ import annotations
+
+from pyvmm.devices.virtio.layout import IOVEC
+from pyvmm.memory import Region
+
+
+class QueueError(Exception):
+    """The driver broke the split-ring rules: the device must be reset."""
+
+
+class Chain:
+    """One available descriptor chain: device-readable buffers, then device-writable ones.
+
+    A chain from a linear indirect table (linear_table.py) also carries `iov`, its
+    buffers as a host struct iovec array, and builds the memoryviews only if asked for them."""
+
+    __slots__ = ("head", "_readable", "_writable", "iov", "nr_readable", "total", "_ram")
+
+    def __init__(self, head: int, readable: list[memoryview] | None, writable: list[memoryview] | None,
+                 iov: bytes | None = None, nr_readable: int = 0, total: int = 0, ram: Region | None = None) -> None:
+        self.head, self._readable, self._writable = head, readable, writable
+        self.iov, self.nr_readable, self.total, self._ram = iov, nr_readable, total, ram
+
+    @property
+    def readable(self) -> list[memoryview]:
+        if self._readable is None:
+            self._views()
+        return self._readable  # type: ignore[return-value]
+
+    @property
+    def writable(self) -> list[memoryview]:
+        if self._writable is None:
+            self._views()
+        return self._writable  # type: ignore[return-value]
+
+    def _views(self) -> None:
+        assert self.iov is not None
+        views = [self.view(k) for k in range(len(self.iov) // IOVEC.size)]
+        self._readable, self._writable = views[:self.nr_readable], views[self.nr_readable:]
+
+    def view(self, k: int) -> memoryview:
+        """Buffer `k` of an iov chain as a memoryview."""
+        assert self.iov is not None and self._ram is not None
+        host, length = IOVEC.unpack_from(self.iov, k * IOVEC.size)
+        off = host - self._ram.host_addr
+        return self._ram.view[off:off + length]
+
+    def length(self, k: int) -> int:
+        """The length of buffer `k` of an iov chain."""
+        assert self.iov is not None
+        return IOVEC.unpack_from(self.iov, k * IOVEC.size)[1]  # type: ignore[no-any-return]
+
+    @property
+    def readable_len(self) -> int:
+        return sum(len(b) for b in self.readable)
+
+    @property
+    def writable_len(self) -> int:
+        return sum(len(b) for b in self.writable)
+
+
+def split(buffers: list[memoryview], at: int) -> tuple[list[memoryview], list[memoryview]]:
+    """Buffers for the first `at` bytes and for the rest (§2.6.4: framing is the driver's
+    choice, so a header may span descriptors or share one with data)."""
+    head: list[memoryview] = []
+    for i, b in enumerate(buffers):
+        if at <= 0:
+            return head, buffers[i:]
+        if len(b) <= at:
+            head.append(b)
+            at -= len(b)
+        else:
+            head.append(b[:at])
+            return head, [b[at:], *buffers[i + 1:]]
+    return head, []
+
+
+def fill(buffers: list[memoryview], data: bytes) -> int:
+    """Copy `data` into the buffers as far as they reach; returns the bytes copied."""
+    done = 0
+    for b in buffers:
+        n = min(len(b), len(data) - done)
+        b[:n] = data[done:done + n]
+        done += n
+        if done == len(data):
+            break
+    return done
+
+
+def split_tail(buffers: list[memoryview], size: int) -> tuple[list[memoryview], list[memoryview]]:
+    """Buffers for all but the last `size` bytes, and for those last bytes."""
+    total = sum(len(b) for b in buffers)
+    return split(buffers, max(0, total - size))

@@ -1,0 +1,48 @@
+"""What is loaded into guest RAM before the guest starts, kept so that a reset loads it again."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from pyvmm.errors import VmmError
+from pyvmm.memory import GuestMemory
+
+
+@dataclass(frozen=True)
+class BlobImage:
+    """Bytes pyvmm made (the device tree)."""
+
+    gpa: int
+    data: bytes
+
+    def load(self, memory: GuestMemory) -> None:
+        memory.write(self.gpa, self.data)
+
+
+@dataclass(frozen=True)
+class FileImage:
+    """`size` bytes of a file (kernel, initrd, firmware), read straight into guest RAM."""
+
+    gpa: int
+    path: str
+    size: int
+
+    def load(self, memory: GuestMemory) -> None:
+        view = memory.view(self.gpa, self.size)  # bounds-checked
+        try:
+            with open(self.path, "rb") as f:
+                got = f.readinto(view)
+        except OSError as e:
+            raise VmmError(f"cannot read {self.path}: {e.strerror}") from None
+        finally:
+            view.release()
+        if got != self.size:
+            raise VmmError(f"{self.path} changed while it was being loaded")
+
+
+Image = BlobImage | FileImage
+
+
+def file_image(path: str | os.PathLike[str], gpa: int, size: int) -> FileImage:
+    return FileImage(gpa, os.fspath(path), size)
