@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mmap
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,7 @@ class LoopResult:
         return self.seconds / self.calls * 1e6
 
 
-def run_hvc_loop(function_id: int, calls: int, setup: Callable[[Vm], None] | None = None,
+def run_hvc_loop(function_id: int, calls: int, setup: Callable[[Vm], object] | None = None,
                  before_run: Callable[[Vm], None] | None = None, psci: bool = True,
                  guest: str = "hvc_loop") -> LoopResult:
     """Run hvc_loop.S: `calls` HVCs of `function_id` (x1..x3 = 0), timed in the guest by
@@ -86,5 +86,5 @@ class NativeFloor:
             raise SystemExit(f"native floor loop failed: errno {-ret}")
 
 
-def median(values: list[float]) -> float:
+def median(values: Sequence[float]) -> float:
     return statistics.median(values)

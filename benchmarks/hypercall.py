@@ -38,14 +38,14 @@ def main() -> dict[str, float]:
         v["kernel"].append(run_hvc_loop(PSCI_VERSION, CALLS, psci=False).us_per_call)
         v["native"].append(run_hvc_loop(PSCI_VERSION, CALLS, forward_psci_version_only,
                                         lambda vm: floor.forward(vm, CALLS, PSCI_1_1), psci=False).us_per_call)
-        r = run_hvc_loop(PSCI_VERSION, CALLS)
-        assert r.last_x0 == PSCI_1_1, hex(r.last_x0)
-        v["pyvmm"].append(r.us_per_call)
+        res = run_hvc_loop(PSCI_VERSION, CALLS)
+        assert res.last_x0 == PSCI_1_1, hex(res.last_x0)
+        v["pyvmm"].append(res.us_per_call)
         a = rows["AFFINITY_INFO"]
         a["kernel"].append(run_hvc_loop(AFFINITY_INFO64, CALLS, psci=False).us_per_call)
-        r = run_hvc_loop(AFFINITY_INFO64, CALLS)
-        assert r.last_x0 == 0, hex(r.last_x0)  # vCPU 0 is ON
-        a["pyvmm"].append(r.us_per_call)
+        res = run_hvc_loop(AFFINITY_INFO64, CALLS)
+        assert res.last_x0 == 0, hex(res.last_x0)  # vCPU 0 is ON
+        a["pyvmm"].append(res.us_per_call)
 
     print(f"SMCCC round trips over HVC, {ROUNDS} rounds x {CALLS} calls (median us per call)")
     print(f"  {'call':<15}{'in-kernel':>10}{'native floor':>14}{'pyvmm':>9}{'pyvmm/floor':>13}{'pyvmm/kernel':>14}")

@@ -11,7 +11,13 @@ from the machine's parts rather than written out in one place.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from pyfdt.pyfdt import Fdt, FdtNode, FdtProperty, FdtPropertyBytes, FdtPropertyStrings, FdtPropertyWords
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs
 
 
 class U64:
@@ -29,7 +35,7 @@ class U64:
         return hash(self.value)
 
 
-Value = int | str | bytes | U64 | list[int] | list[str] | list[int | U64] | None | bool
+Value = int | str | bytes | U64 | list[int] | list[str] | list[U64] | list[int | U64] | None | bool
 
 
 class Node:
@@ -75,7 +81,7 @@ def _prop_name(key: str) -> str:
     return key.replace("__", ",").replace("_", "-")
 
 
-def _cells(values: list[int | U64]) -> list[int]:
+def _cells(values: Sequence[int | U64]) -> list[int]:
     words: list[int] = []
     for v in values:
         if isinstance(v, U64):
@@ -98,11 +104,15 @@ def _property(name: str, value: Value) -> FdtProperty:
         return FdtPropertyBytes(name, [b - 256 if b > 127 else b for b in value])  # pyfdt wants int8
     if isinstance(value, int | U64):
         return FdtPropertyWords(name, _cells([value]))
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-        return FdtPropertyStrings(name, list(value))  # type: ignore[arg-type]
     if isinstance(value, list) and value:
-        return FdtPropertyWords(name, _cells(value))  # type: ignore[arg-type]
+        if _is_stringlist(value):
+            return FdtPropertyStrings(name, list(value))
+        return FdtPropertyWords(name, _cells(value))
     raise ValueError(f"property {name!r} has an unsupported value {value!r}")
+
+
+def _is_stringlist(value: list[int] | list[str] | list[U64] | list[int | U64]) -> TypeIs[list[str]]:
+    return all(isinstance(v, str) for v in value)
 
 
 def _to_fdt_node(node: Node) -> FdtNode:
@@ -124,4 +134,5 @@ def build_dtb(root: Node, boot_cpuid: int = 0) -> bytes:
         raise ValueError("the root node is named '/'")
     fdt = Fdt(version=17, last_comp_version=16, boot_cpuid_phys=boot_cpuid)
     fdt.add_rootnode(_to_fdt_node(root))
-    return fdt.to_dtb()
+    dtb: bytes = fdt.to_dtb()
+    return dtb

@@ -62,8 +62,8 @@ def machine_tree(*, cpus: Sequence[int], memory: Sequence[tuple[int, int]], gic:
         alias = getattr(dev, "alias", None)
         if alias:
             aliases.props[alias] = f"/{node.name}"
-    chosen = root.child("chosen", bootargs=bootargs, **{"rng_seed": os.urandom(64), "kaslr_seed": U64(
-        int.from_bytes(os.urandom(8), "little"))})
+    chosen = root.child("chosen", bootargs=bootargs, rng_seed=os.urandom(64),
+                        kaslr_seed=U64(int.from_bytes(os.urandom(8), "little")))
     if stdout:
         chosen.props["stdout-path"] = stdout
     if initrd is not None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import vendor_service
 
 from pyvmm import SmcccCall, Vm, VmmError
+from pyvmm.smccc.dispatcher import TraceRecord
 from pyvmm.smccc.trace import TracePrinter
 
 GUESTS = Path(__file__).resolve().parents[1] / "build" / "guests"
@@ -40,7 +41,8 @@ def run(conduit: str) -> bool:
 
         vm.smccc.register(FN_REPORT, 1, guest_saw, "report")
         trace = TracePrinter(sys.stdout)
-        vm.smccc.trace = lambda record: None if record.function_id == FN_REPORT else trace(record)
+        vm.smccc.trace = lambda record: (None if isinstance(record, TraceRecord) and record.function_id == FN_REPORT
+                                         else trace(record))
         result = vm.run(timeout=60)
     print(f"== guest ended: {result}, {vm.smccc.calls} forwarded calls in {result.elapsed:.2f} s ==")
     return result.ok

@@ -7,6 +7,10 @@ here once, on first import.
 
 from __future__ import annotations
 
+from typing import Any, TypeAlias
+
+CData: TypeAlias = Any  # a cffi cdata object (a pointer, array or struct): cffi has no type stubs
+
 try:
     from kvm_bindings._kvm_ffi import ffi
 except ImportError:  # fresh checkout: generate once, then import the generated module
@@ -17,4 +21,4 @@ except ImportError:  # fresh checkout: generate once, then import the generated 
 
 libc = ffi.dlopen(None)
 
-__all__ = ["ffi", "libc"]
+__all__ = ["CData", "ffi", "libc"]

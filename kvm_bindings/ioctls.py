@@ -6,10 +6,14 @@ the golden tests. Numbers and directions are those of include/uapi/linux/kvm.h (
 
 from __future__ import annotations
 
-from ioctl_opt import IOC, IOC_NONE, IOC_READ, IOC_WRITE
+from collections.abc import Callable
+
+from ioctl_opt import IOC as _IOC
+from ioctl_opt import IOC_NONE, IOC_READ, IOC_WRITE
 
 from kvm_bindings import ffi
 
+IOC: Callable[[int, int, int, int], int] = _IOC  # (dir, type, nr, size); ioctl_opt has no type hints
 KVMIO = 0xAE
 
 

@@ -33,7 +33,8 @@ def _offset(ctype: str, field: str) -> int:
         parts.append(name)
         if index:
             parts.append(int(index.rstrip("]")))
-    return ffi.offsetof(ctype, *parts)
+    offset: int = ffi.offsetof(ctype, *parts)
+    return offset
 
 
 def sysreg_id(op0: int, op1: int, crn: int, crm: int, op2: int) -> int:

@@ -12,6 +12,7 @@ import faulthandler
 import os
 import platform
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,16 +51,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _kvm_watchdog(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def _kvm_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
     if request.node.get_closest_marker("kvm"):
-        faulthandler.dump_traceback_later(KVM_TEST_TIME_LIMIT, exit=True, file=sys.__stderr__)
+        faulthandler.dump_traceback_later(KVM_TEST_TIME_LIMIT, exit=True, file=sys.__stderr__ or sys.stderr)
         yield
         faulthandler.cancel_dump_traceback_later()
     else:
         yield
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # type: ignore[no-untyped-def]
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: pytest.ExitCode,
+                            config: pytest.Config) -> None:
     if not KVM_TIER:
         return
     stats = terminalreporter.stats

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,20 +36,21 @@ def test_bad_flags_are_one_line_usage_errors(args: list[str], message: str) -> N
     assert "Traceback" not in p.stderr
 
 
-def test_missing_firmware_is_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_missing_firmware_is_one_line(tmp_path: Path) -> None:
     p = run_cli("run", "-f", str(tmp_path / "nope.bin"))
     assert p.returncode == cli.EXIT_ERROR
     assert p.stderr.strip().splitlines() == [f"pyvmm: error: firmware {tmp_path / 'nope.bin'} does not exist or is not a file"]
 
 
-def test_missing_kvm_device_is_a_clear_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_missing_kvm_device_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(KvmUnavailableError, match="does not exist: this host has no KVM"):
         Kvm(str(tmp_path / "kvm"))
     with pytest.raises(KvmUnavailableError, match="cannot open"):
         Kvm("/dev/null/kvm")
 
 
-def test_non_arm64_host_is_a_clear_error(monkeypatch, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_non_arm64_host_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
     fw = tmp_path / "fw.bin"
     fw.write_bytes(b"\x00\x00\x00\x14")
     monkeypatch.setattr("pyvmm.vm.os.uname", lambda: os.uname_result(("Linux", "h", "6", "1", "x86_64")))
@@ -58,7 +60,7 @@ def test_non_arm64_host_is_a_clear_error(monkeypatch, tmp_path, capsys) -> None:
                    "(`make demo` and `make test` run pyvmm inside an emulated arm64 host)"]
 
 
-def test_service_module_errors_are_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_service_module_errors_are_one_line(tmp_path: Path) -> None:
     from pyvmm.errors import VmmError
     from pyvmm.services.loader import load_service_module, parse_range
 

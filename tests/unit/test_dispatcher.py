@@ -68,8 +68,13 @@ def test_unrouted_id_gets_not_supported() -> None:
 @pytest.mark.parametrize(("conduit", "flags", "other"), [("hvc", 0, 1), ("smc", 1, 0)])
 def test_only_the_vms_conduit_is_served(conduit: str, flags: int, other: int) -> None:
     d, v = Dispatcher(conduit), FakeVcpu()
-    calls = []
-    d.register(SIP64, 1, lambda call: calls.append((call.conduit, repr(call))) or 0)
+    calls: list[tuple[str, str]] = []
+
+    def handler(call: SmcccCall) -> int:
+        calls.append((call.conduit, repr(call)))
+        return 0
+
+    d.register(SIP64, 1, handler)
     d.dispatch(v, SIP64, flags)
     d.dispatch(v, SIP64, other)
     assert calls == [(conduit, f"SmcccCall(0xc2000000 via {conduit} on vcpu0)")]

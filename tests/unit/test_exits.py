@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from kvm_bindings import ffi
+from kvm_bindings import CData, ffi
 from kvm_bindings.constants import ExitReason, SystemEvent
 from pyvmm import exits
 from pyvmm.exits import HypercallExit, MmioExit, NisvExit, SystemEventExit, UnknownExit
 
 
-def new_run(reason: int):  # type: ignore[no-untyped-def]
+def new_run(reason: int) -> CData:
     run = ffi.new("struct kvm_run *")
     run.exit_reason = reason
     return run
@@ -66,7 +66,9 @@ def test_mmio_with_bogus_length_decodes_without_data() -> None:
     run = new_run(ExitReason.MMIO)
     run.mmio.len = 200
     run.mmio.is_write = 1
-    assert exits.decode(run).data == 0
+    ev = exits.decode(run)
+    assert isinstance(ev, MmioExit)
+    assert ev.data == 0
 
 
 def test_system_event() -> None:
@@ -78,7 +80,9 @@ def test_system_event() -> None:
     assert ev == SystemEventExit(SystemEvent.RESET, (1,))
     assert ev.name == "reset"
     run.system_event.ndata = 999  # hostile/garbage count is clamped
-    assert len(exits.decode(run).data) == 16
+    ev = exits.decode(run)
+    assert isinstance(ev, SystemEventExit)
+    assert len(ev.data) == 16
 
 
 def test_other_exits() -> None:

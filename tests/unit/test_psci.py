@@ -109,7 +109,7 @@ def test_concurrent_cpu_on_has_exactly_one_success() -> None:
         t.start()
     for t in threads:
         t.join()
-    assert sorted(results) == [p.ON_PENDING] * 6 + [p.SUCCESS]
+    assert sorted(r for r in results if r is not None) == [p.ON_PENDING] * 6 + [p.SUCCESS]  # a None would make it short
     winner = m.vcpus[1].boot_pending()
     assert isinstance(winner, Entry) and winner.address == ENTRY
 

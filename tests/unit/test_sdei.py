@@ -3,6 +3,8 @@ whose registers live in a dict (the real-KVM side is tests/kvm/test_sdei.py)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -485,11 +487,14 @@ CALLS = st.tuples(st.integers(0, 1), st.integers(F, F + 0x13),
 ACTIONS = st.one_of(CALLS, st.tuples(st.just("settle"), st.integers(0, 1)),
                     st.tuples(st.just("trigger"), st.sampled_from([0, CRITICAL, SHARED])),
                     st.tuples(st.just("line"), st.booleans()))
+# (cpu, function ID, x1..x5) or one of the three other actions ACTIONS draws
+Action = (tuple[int, int, list[int]] | tuple[Literal["settle"], int] | tuple[Literal["trigger"], int]
+          | tuple[Literal["line"], bool])
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(ACTIONS, max_size=60))
-def test_random_calls_keep_the_state_machine_valid(actions: list[tuple[object, ...]]) -> None:
+def test_random_calls_keep_the_state_machine_valid(actions: list[Action]) -> None:
     """Any sequence of calls, triggers and dispatches: no exception, only states of table 6-1,
     at most a normal and a critical handler nested per PE, and every COMPLETE pops one."""
     m, d, sdei = setup()

@@ -14,7 +14,7 @@ from pyvmm.devices.virtio import mmio as reg
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice
 from pyvmm.devices.virtio.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.devices.virtio.mmio import VirtioMmio
-from pyvmm.irq import InterruptLines
+from pyvmm.irq import InterruptLines, IrqFd
 from pyvmm.memory import GuestMemory
 
 RAM = 0x8000_0000
@@ -110,7 +110,8 @@ class DriverQueue:
         self.driver.write(reg.QUEUE_NOTIFY, self.index)
 
     def used_idx(self) -> int:
-        return struct.unpack("<H", self.driver.mem.read(self.used + 2, 2))[0]
+        idx: int = struct.unpack("<H", self.driver.mem.read(self.used + 2, 2))[0]
+        return idx
 
     def wait_used(self, count: int = 1, timeout: float = 5.0) -> list[tuple[int, int]]:
         """The next `count` used elements (id, len), waiting for the device's worker."""
@@ -182,6 +183,7 @@ class Driver:
 
     def interrupted(self, timeout: float = 5.0) -> int:
         """Wait for the irqfd to be signalled; returns InterruptStatus and acknowledges it."""
+        assert isinstance(self.t.irq, IrqFd)  # FakeVm.attach wires each transport to an irqfd
         fd = self.t.irq.fd
         if not select.select([fd], [], [], timeout)[0]:
             raise AssertionError("no interrupt")

@@ -7,6 +7,7 @@ L2 fails the run instead of hanging CI.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import selectors
@@ -83,7 +84,7 @@ def run(kernel: Path, base: Path, checkout: Path, command: list[str], *, cpus: i
 
 
 def _follow(proc: subprocess.Popen[bytes], started: float, timeout: float) -> int:
-    assert proc.stdout is not None
+    assert isinstance(proc.stdout, io.BufferedReader)  # a pipe with the default buffering: it has read1()
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     buf = b""
@@ -95,7 +96,7 @@ def _follow(proc: subprocess.Popen[bytes], started: float, timeout: float) -> in
             return 124
         if not sel.select(min(left, 5.0)):
             continue
-        chunk = proc.stdout.read1(65536)  # type: ignore[attr-defined]
+        chunk = proc.stdout.read1(65536)
         if not chunk:
             break
         buf += chunk

@@ -27,7 +27,7 @@ def system_mirror() -> str:
         text = path.read_text(errors="replace")
         if path.suffix == ".sources":
             for stanza in re.split(r"\n\s*\n", text):
-                fields = dict(
+                fields: dict[str, str] = dict(
                     (k.strip().lower(), v.strip())
                     for k, _, v in (ln.partition(":") for ln in stanza.splitlines())
                     if not k.startswith("#") and v
@@ -80,7 +80,8 @@ class Arm64Apt:
     def show(self, spec: str) -> str:
         out = run_step(f"apt-cache show {spec}", ["apt-cache", *self._opts(), "show", spec],
                        capture_output=True, text=True)
-        return out.stdout
+        stdout: str = out.stdout
+        return stdout
 
     def newest_kernel_package(self) -> str:
         """The versioned image package that bookworm-backports' linux-image-arm64 depends on."""
