@@ -67,8 +67,10 @@ build/bench/%.bin: benchmarks/%.S | .cache/host-deps.stamp
 armhost guest-images: $(VENV)/.stamp
 	@$(ARMHOST) build
 
+# ruff, and mypy in strict mode over every Python file (pyproject.toml [tool.mypy])
 lint: $(VENV)/.stamp
 	@$(VPY) -m ruff check .
+	@$(VPY) -m mypy
 
 unit: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests
 	@$(VPY) -m pytest -m "not kvm" -q

@@ -15,6 +15,7 @@ import termios
 import threading
 import tty
 from collections.abc import Callable
+from typing import Any
 
 CTRL_A = 0x01
 
@@ -70,7 +71,7 @@ class ConsoleInput:
                  flush: Callable[[], None]) -> None:
         self._receive, self._quit, self._flush = receive, quit, flush
         self._fd = sys.stdin.fileno() if sys.stdin is not None else -1
-        self._saved: list | None = None
+        self._saved: list[Any] | None = None  # termios attributes
         self._stop_r, self._stop_w = os.pipe()
         self._thread: threading.Thread | None = None
 

@@ -106,7 +106,7 @@ def request(path: str, message: dict[str, Any]) -> dict[str, Any]:
     try:
         sock.connect(path)
         sock.sendall(json.dumps(message).encode() + b"\n")
-        reply = json.loads(_read_line(sock))
+        reply: dict[str, Any] = json.loads(_read_line(sock))
     except FileNotFoundError:
         raise VmmError(f"no VM listens on {path} (start one with pyvmm run --control {path})") from None
     except ConnectionRefusedError:

@@ -84,7 +84,6 @@ class Gic:
                     f"not {nr_vcpus}") from None
             self.dev = vm_fd.create_device(DeviceType.ARM_VGIC_V2)
             self.version = 2
-        assert self.dev is not None
         if self.version == 3:
             self.redist_size = GIC_REDIST_SIZE * nr_vcpus
             self.redist_base = self.dist_base - self.redist_size

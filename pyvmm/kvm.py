@@ -13,6 +13,7 @@ import errno
 import functools
 import mmap
 import os
+from collections.abc import Callable
 
 from kvm_bindings import ffi, libc
 from kvm_bindings import ioctls as io
@@ -40,7 +41,7 @@ def _ioctl(fd: int, request: int, arg: object = _NULL, context: str = "") -> int
     if isinstance(arg, int):
         arg = ffi.cast("void *", arg)
     while True:
-        ret = libc.ioctl(fd, request, arg)
+        ret: int = libc.ioctl(fd, request, arg)
         if ret >= 0:
             return ret
         err = ffi.errno
@@ -87,7 +88,7 @@ class DeviceAttrs:
 
     def has_device_attr(self, group: int, attr: int) -> bool:
         a = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr})
-        return libc.ioctl(self.fd, io.KVM_HAS_DEVICE_ATTR, a) == 0
+        return bool(libc.ioctl(self.fd, io.KVM_HAS_DEVICE_ATTR, a) == 0)
 
     def set_device_attr(self, group: int, attr: int, addr: int = 0, context: str = "") -> None:
         a = ffi.new("struct kvm_device_attr *", {"group": group, "attr": attr, "addr": addr})
@@ -158,11 +159,15 @@ class VmFd(DeviceAttrs):
         fd = _ioctl(self.fd, io.KVM_CREATE_VCPU, index, f"vcpu {index}")
         return VcpuFd(fd, self.kvm.vcpu_mmap_size())
 
-    def create_device(self, dev_type: int, test: bool = False) -> DeviceFd | None:
-        d = ffi.new("struct kvm_create_device *",
-                    {"type": dev_type, "flags": KVM_CREATE_DEVICE_TEST if test else 0})
+    def create_device(self, dev_type: int) -> DeviceFd:
+        d = ffi.new("struct kvm_create_device *", {"type": dev_type, "flags": 0})
         _ioctl(self.fd, io.KVM_CREATE_DEVICE, d, f"device type {dev_type}")
-        return None if test else DeviceFd(d.fd)
+        return DeviceFd(d.fd)
+
+    def probe_device(self, dev_type: int) -> None:
+        """KVM_CREATE_DEVICE_TEST: raises if this KVM cannot make such a device."""
+        d = ffi.new("struct kvm_create_device *", {"type": dev_type, "flags": KVM_CREATE_DEVICE_TEST})
+        _ioctl(self.fd, io.KVM_CREATE_DEVICE, d, f"device type {dev_type}")
 
     def irq_line(self, irq: int, level: int) -> None:
         _ioctl(self.fd, io.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
@@ -202,11 +207,11 @@ class VcpuFd(DeviceAttrs):
         #   run():       KVM_RUN
         #   write_x0():  KVM_SET_ONE_REG(x0) from the buffer x0_value, the one register every
         #                forwarded SMCCC call writes
-        self.run = functools.partial(libc.ioctl, fd, _KVM_RUN, _NULL)
+        self.run: Callable[[], int] = functools.partial(libc.ioctl, fd, _KVM_RUN, _NULL)
         self.x0_value = ffi.new("uint64_t *")
         self._x0_reg = ffi.new("struct kvm_one_reg *",
                                {"id": CORE_REGS["x0"], "addr": int(ffi.cast("uintptr_t", self.x0_value))})
-        self.write_x0 = functools.partial(libc.ioctl, fd, _SET_ONE_REG, self._x0_reg)
+        self.write_x0: Callable[[], int] = functools.partial(libc.ioctl, fd, _SET_ONE_REG, self._x0_reg)
 
     def failed(self, name: str) -> bool:
         """After a prepared ioctl returned -1: True for a kick (EINTR/EAGAIN), else raise."""
@@ -222,7 +227,8 @@ class VcpuFd(DeviceAttrs):
     def get_one_reg(self, reg_id: int) -> int:
         if libc.ioctl(self.fd, _GET_ONE_REG, self._regs.get(reg_id) or self._new_reg(reg_id)) < 0:
             raise KvmIoctlError("KVM_GET_ONE_REG", ffi.errno, f"reg {reg_id:#x}")
-        return self._val[0]
+        value: int = self._val[0]
+        return value
 
     def set_one_reg(self, reg_id: int, value: int) -> None:
         self._val[0] = value & 0xFFFF_FFFF_FFFF_FFFF
@@ -232,11 +238,6 @@ class VcpuFd(DeviceAttrs):
     def vcpu_init(self, target: int, features: list[int]) -> None:
         init = ffi.new("struct kvm_vcpu_init *", {"target": target, "features": features})
         _ioctl(self.fd, io.KVM_ARM_VCPU_INIT, init)
-
-    def get_mp_state(self) -> int:
-        s = ffi.new("struct kvm_mp_state *")
-        _ioctl(self.fd, io.KVM_GET_MP_STATE, s)
-        return s.mp_state
 
     def set_mp_state(self, state: int) -> None:
         _ioctl(self.fd, io.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": state}))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import sysconfig
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -41,9 +42,8 @@ from pyvmm.memory import GuestMemory
 from pyvmm.power import Entry
 
 if TYPE_CHECKING:
-    from pyvmm.irqchip import Gic
+    from pyvmm.smccc.context import ServiceVcpu
     from pyvmm.smccc.dispatcher import Dispatcher
-    from pyvmm.vcpu import Vcpu
 
 log = logging.getLogger("pyvmm")
 
@@ -99,9 +99,34 @@ class MachineDevice(Protocol):
         """Release fds and guest-RAM views (only after stop() returned True)."""
 
 
+class MachineVcpu(Protocol):
+    """A vCPU's part in the life cycle (pyvmm.vcpu.Vcpu is one)."""
+
+    index: int
+    thread: threading.Thread | None
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def join(self, deadline: float) -> bool: ...
+
+    def reset(self, entry: Entry | None) -> None: ...
+
+    def leave_guest(self) -> None: ...
+
+
+class IrqChip(Protocol):
+    def reset(self) -> None: ...
+
+
 def where(thread: threading.Thread) -> str:
-    """The function and line a thread is running (to report one that will not stop)."""
+    """The function and line a thread is running, outside the standard library (to report one
+    that will not stop: the user's handler, not the Event.wait it sits in)."""
     frame = sys._current_frames().get(thread.ident or -1)
+    stdlib = sysconfig.get_paths()["stdlib"]
+    while frame is not None and frame.f_back is not None and frame.f_code.co_filename.startswith(stdlib):
+        frame = frame.f_back
     if frame is None:
         return "no Python frame"
     code = frame.f_code
@@ -113,8 +138,8 @@ class Lifecycle:
                  install_filter: Callable[[], None]) -> None:
         self._memory, self._lines, self._smccc = memory, lines, smccc
         self._install_filter = install_filter
-        self.vcpus: Sequence[Vcpu] = ()
-        self.gic: Gic | None = None
+        self.vcpus: Sequence[MachineVcpu] = ()
+        self.gic: IrqChip | None = None
         self.devices: list[MachineDevice] = []
         self.images: list[Image] = []
         self.boot: Entry | None = None  # where vCPU 0 starts
@@ -126,6 +151,7 @@ class Lifecycle:
         self._reset_pending: str | None = None
         self.ran = False
         self._closed = False
+        self._stuck: set[MachineVcpu] = set()  # vCPU threads that would not stop (reported once)
 
     # --- run -------------------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> RunResult:
@@ -193,13 +219,18 @@ class Lifecycle:
             v.start()
 
     def _stop_vcpus(self) -> list[str]:
+        """Ask every vCPU thread to end and wait (once) for each; the ones newly found stuck."""
         for v in self.vcpus:
             v.stop()
         deadline = time.monotonic() + STOP_GRACE
         stuck = []
         for v in self.vcpus:
-            if not v.join(deadline) and v.thread is not None:
-                stuck.append(f"vcpu{v.index} did not stop within {STOP_GRACE:g} s: it is in {where(v.thread)}")
+            if not v.join(time.monotonic() if v in self._stuck else deadline) and v.thread is not None:
+                if v not in self._stuck:
+                    self._stuck.add(v)
+                    stuck.append(f"vcpu{v.index} did not stop within {STOP_GRACE:g} s: it is in {where(v.thread)}")
+            else:
+                self._stuck.discard(v)
         return stuck
 
     # --- what ends a run (any thread) --------------------------------------------------------
@@ -212,14 +243,14 @@ class Lifecycle:
     def stop(self, message: str = "stopped by request") -> None:
         self.finish(RunResult("stopped", message))
 
-    def request_reset(self, vcpu: Vcpu, message: str) -> None:
+    def request_reset(self, vcpu: ServiceVcpu, message: str) -> None:
         """From a vCPU thread: restart the guest from its boot state (PSCI SYSTEM_RESET)."""
         vcpu.leave_guest()
         with self._lock:
             self._reset_pending = message
         self._done.set()
 
-    def power_off_system(self, vcpu: Vcpu, message: str) -> None:
+    def power_off_system(self, vcpu: ServiceVcpu, message: str) -> None:
         """From a vCPU thread: the guest is off (PSCI SYSTEM_OFF); the run ends with status 0."""
         vcpu.leave_guest()
         self.finish(RunResult("poweroff", message, vcpu.index))
@@ -231,13 +262,13 @@ class Lifecycle:
         if self._closed:
             return
         self._closed = True
-        stuck = self._stop_vcpus()
+        new = self._stop_vcpus()
         deadline = time.monotonic() + STOP_GRACE
-        stuck += [f"{d.name}'s worker did not stop within {STOP_GRACE:g} s" for d in self.devices
-                  if not d.stop(deadline)]
-        if stuck:
-            for s in stuck:
-                log.warning("%s: its VM's memory and file descriptors are kept", s)
+        new += [f"{d.name}'s worker did not stop within {STOP_GRACE:g} s" for d in self.devices
+                if not d.stop(deadline)]
+        for s in new:  # those found stuck during the run were reported in its result
+            log.warning("%s; its VM's memory and file descriptors are kept", s)
+        if new or self._stuck:
             _kept_alive.append(resources.pop_all())
             return
         resources.close()

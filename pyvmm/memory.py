@@ -8,7 +8,6 @@ outside the guest's own RAM. `view()` hands out zero-copy memoryviews for device
 from __future__ import annotations
 
 import mmap
-import struct
 
 from kvm_bindings import ffi
 from pyvmm.errors import GuestMemoryError
@@ -61,7 +60,10 @@ class GuestMemory:
         # fraction of the stage-2 faults. The mapping is over-allocated to align it.
         huge = size >= HUGE_PAGE and gpa % HUGE_PAGE == 0 and hasattr(mmap, "MADV_HUGEPAGE")
         extra = HUGE_PAGE if huge else 0
-        m = mmap.mmap(-1, size + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        try:
+            m = mmap.mmap(-1, size + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+        except OSError as e:
+            raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest RAM: {e.strerror}") from None
         region = Region(gpa, size, len(self.regions), readonly, m, HUGE_PAGE if huge else 1)
         if huge:
             try:
@@ -96,26 +98,9 @@ class GuestMemory:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         self.view(gpa, len(data))[:] = data
 
-    def read_u32(self, gpa: int) -> int:
-        return struct.unpack("<I", self.view(gpa, 4))[0]
-
-    def read_u64(self, gpa: int) -> int:
-        return struct.unpack("<Q", self.view(gpa, 8))[0]
-
-    def write_u32(self, gpa: int, value: int) -> None:
-        self.write(gpa, struct.pack("<I", value & 0xFFFF_FFFF))
-
-    def write_u64(self, gpa: int, value: int) -> None:
-        self.write(gpa, struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF))
-
     def close(self) -> None:
         for r in self.regions:
             r.view.release()
             ffi.release(r._buffer)
             r.mapping.close()
         self.regions.clear()
-
-    def reset(self) -> None:
-        """Zero all RAM (a cold reset); the host mappings and memslots stay in place."""
-        for r in self.regions:
-            r.mapping.madvise(mmap.MADV_DONTNEED, r.offset, r.size)  # private anonymous: reads back zero

@@ -161,10 +161,6 @@ class Vcpu:
         self.fd.set_mp_state(MpState.SUSPENDED)
 
     @property
-    def suspended(self) -> bool:
-        return self._suspended
-
-    @property
     def powered_down(self) -> bool:
         """In a power-down suspend: its context is lost until it wakes at its resume entry."""
         return self._resume_at is not None

@@ -92,6 +92,7 @@ class Vm:
         self.memory = GuestMemory()
         keep(self.memory.close)
         self.mmio = MmioBus()
+        self.dt_parts: list[DtPart] = []  # devices that contribute a device-tree node
         self.smccc = Dispatcher(conduit)
         self.unhandled_mmio = UnhandledMmio(unhandled_mmio)
         self.ram_base = ram_base
@@ -123,7 +124,6 @@ class Vm:
         self.serial = SerialPort(out, self.lines.line())
         self.add_device(self.serial.base, self.serial.size, self.serial.uart, "uart", dt=self.serial)
         self.lifecycle.devices.append(self.serial)
-        self.dt_parts: list[DtPart] = [self.serial]  # devices that contribute a device-tree node
         self.virtio: list[VirtioMmio] = []
         self.service_context = ServiceContext(self.vcpus, self.memory, self.lifecycle, conduit, self.smccc.emit,
                                               self.lines)
@@ -151,7 +151,7 @@ class Vm:
             if r.overlaps(base, size):
                 raise VmmError(f"device {name} at {base:#x}+{size:#x} overlaps guest RAM {r.gpa:#x}+{r.size:#x}")
         self.mmio.add(base, size, device, name)
-        if dt is not None and dt is not getattr(self, "serial", None):
+        if dt is not None:
             self.dt_parts.append(dt)
 
     def add_virtio(self, device: VirtioDevice) -> VirtioMmio:

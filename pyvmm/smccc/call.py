@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kvm_bindings.constants import HypercallExitFlag
-from pyvmm.smccc.function_id import SMC64, FunctionId, decode
+from pyvmm.smccc.function_id import SMC64
 
 _SMC = HypercallExitFlag.SMC.value
 
@@ -36,10 +36,6 @@ class SmcccCall:
     @property
     def smc64(self) -> bool:
         return bool(self.function_id & SMC64)
-
-    @property
-    def fid(self) -> FunctionId:
-        return decode(self.function_id)
 
     def arg(self, n: int) -> int:
         """x<n> as the guest passed it (w<n>, zero-extended, for an SMC32/HVC32 call)."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from kvm_bindings.constants import HypercallExitFlag, SmcccFilterAction
@@ -31,7 +31,6 @@ from pyvmm.smccc.service import NO_RESULT, PYVMM_UID, Function, Handler, Handler
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U32 = 0xFFFF_FFFF
 _SMC = HypercallExitFlag.SMC.value
-_MISS = object()
 CONDUITS = ("hvc", "smc")
 
 
@@ -207,8 +206,9 @@ class Dispatcher:
         """
         if self.trace is not None:
             return self._dispatch_traced(vcpu, function_id, flags)
-        handler = self._cache.get(function_id, _MISS)
-        if handler is _MISS:
+        try:
+            handler = self._cache[function_id]
+        except KeyError:
             handler = self._cache_handler(function_id)
         call = SmcccCall(vcpu, function_id, flags)
         if handler is None or flags & _SMC != self._smc:
@@ -271,7 +271,7 @@ def _outside(base: int, count: int, cut_base: int, cut_end: int) -> list[tuple[i
     return parts
 
 
-def write_results(vcpu: ServiceVcpu, call: SmcccCall, results: Results) -> None:
+def write_results(vcpu: ServiceVcpu, call: SmcccCall, results: int | Sequence[int]) -> None:
     mask = _U64 if call.function_id & SMC64 else _U32
     values = _as_results(results)
     vcpu.set_x(0, values[0] & mask)
@@ -281,7 +281,7 @@ def write_results(vcpu: ServiceVcpu, call: SmcccCall, results: Results) -> None:
             vcpu.set_x(n, v)
 
 
-def _as_results(results: Results) -> tuple[int, ...]:
+def _as_results(results: int | Sequence[int]) -> tuple[int, ...]:
     values = (results,) if isinstance(results, int) else tuple(results)
     if not 1 <= len(values) <= 4:
         raise HandlerError(f"an SMCCC handler returns 1 to 4 results (x0-x3), not {len(values)}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from enum import IntEnum
-from typing import NamedTuple
 
 FAST_CALL = 1 << 31
 SMC64 = 1 << 30
@@ -32,31 +31,3 @@ class Owner(IntEnum):
     STANDARD_HYP = 5
     VENDOR_HYP = 6
     # 7-47 reserved; 48-49 trusted applications; 50-63 trusted OS
-
-
-class FunctionId(NamedTuple):
-    fast: bool
-    smc64: bool
-    owner: int
-    number: int
-
-    @property
-    def owner_name(self) -> str:
-        if self.owner in Owner._value2member_map_:
-            return Owner(self.owner).name
-        if 48 <= self.owner <= 49:
-            return "TRUSTED_APP"
-        if 50 <= self.owner <= 63:
-            return "TRUSTED_OS"
-        return "RESERVED"
-
-
-def decode(fid: int) -> FunctionId:
-    fid &= 0xFFFF_FFFF
-    return FunctionId(bool(fid & FAST_CALL), bool(fid & SMC64), (fid >> OWNER_SHIFT) & OWNER_MASK,
-                      fid & FUNCTION_MASK)
-
-
-def make(owner: int, number: int, *, smc64: bool = False, fast: bool = True) -> int:
-    return ((FAST_CALL if fast else 0) | (SMC64 if smc64 else 0) | ((owner & OWNER_MASK) << OWNER_SHIFT)
-            | (number & FUNCTION_MASK))

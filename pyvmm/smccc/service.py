@@ -9,13 +9,11 @@ values (x0..x3), or NO_RESULT when the call does not return to the caller (CPU_O
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from enum import Enum
+from typing import Any, Final, Literal, NamedTuple
 
 from devicetree.builder import Node
 from pyvmm.smccc.call import SmcccCall
-
-Results = int | Sequence[int]
-Handler = Callable[[SmcccCall], Results]
 
 # pyvmm's implementation UID, returned by every Call UID query pyvmm answers (SMCCC §6.2.2):
 # UUID 7f1d2a3e-5c4b-4e8a-9b6d-70797666d6d6, in its little-endian byte form (w0 = time_low).
@@ -31,14 +29,18 @@ def signed(x0: int) -> int:
     return x0
 
 
-class NoResult:
+class NoResult(Enum):
     """The call does not return to its caller: write no registers."""
+
+    NO_RESULT = 0
 
     def __repr__(self) -> str:
         return "NO_RESULT"
 
 
-NO_RESULT: Any = NoResult()
+NO_RESULT: Final = NoResult.NO_RESULT
+Results = int | Sequence[int] | Literal[NoResult.NO_RESULT]
+Handler = Callable[[SmcccCall], Results]
 
 
 class Function(NamedTuple):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from pyvmm.smccc.dispatcher import TraceEvent, TraceRecord
+from pyvmm.smccc.context import TraceEvent
+from pyvmm.smccc.dispatcher import TraceRecord
 
 
 def format_record(r: TraceRecord | TraceEvent) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 from kvm_bindings import ffi
 from kvm_bindings.regs import CORE_REGS, SYS_REGS
 from pyvmm.power import Entry, Power, PowerState
-from pyvmm.smccc.context import ServiceContext, TraceEvent
+from pyvmm.smccc.context import ServiceContext, ServiceVcpu, TraceEvent
 
 _X_BY_ID = {CORE_REGS[f"x{n}"]: n for n in range(31)}
 
@@ -31,6 +31,7 @@ class FakeVcpu:
         self.writes: list[tuple[int, int]] = []
         self.reg_reads = self.reg_writes = 0
         self.x0_value: Any = ffi.new("uint64_t *")
+        self.write_x0: Callable[[], int] = self._write_x0  # an attribute, as on pyvmm.vcpu.Vcpu
         self._power = PowerState(on)
         self.suspends: list[Entry | None] = []
         self.suspended = False
@@ -38,7 +39,7 @@ class FakeVcpu:
         self.queued: list[Callable[[Any], None]] = []
 
     # --- registers -------------------------------------------------------------------------
-    def write_x0(self) -> int:
+    def _write_x0(self) -> int:
         self.set_x(0, self.x0_value[0])
         return 0
 
@@ -114,6 +115,9 @@ class FakeVcpu:
         return True
 
     # --- its thread ------------------------------------------------------------------------
+    def leave_guest(self) -> None:
+        pass
+
     def on_own_thread(self) -> bool:
         return False
 
@@ -136,10 +140,10 @@ class FakeSystem:
     def __init__(self) -> None:
         self.events: list[tuple[str, int, str]] = []
 
-    def power_off_system(self, vcpu: Any, message: str) -> None:
+    def power_off_system(self, vcpu: ServiceVcpu, message: str) -> None:
         self.events.append(("off", vcpu.index, message))
 
-    def request_reset(self, vcpu: Any, message: str) -> None:
+    def request_reset(self, vcpu: ServiceVcpu, message: str) -> None:
         self.events.append(("reset", vcpu.index, message))
 
 

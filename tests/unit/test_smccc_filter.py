@@ -10,7 +10,6 @@ from kvm_bindings.constants import SmcccFilterAction
 from pyvmm.errors import KvmIoctlError, SmcccFilterError
 from pyvmm.smccc import filter as f
 from pyvmm.smccc.filter import FilterRange
-from pyvmm.smccc.function_id import Owner, decode, make
 
 FWD = SmcccFilterAction.FWD_TO_USER
 
@@ -71,14 +70,3 @@ def test_missing_filter_names_the_kernel_version() -> None:
 def test_kernel_refusals_are_translated(err: int, words: str) -> None:
     with pytest.raises(SmcccFilterError, match=words):
         f.install_range(FakeVmFd(fail=err), FilterRange(0xC200_0000, 1, FWD, "x"))
-
-
-def test_function_id_decoding() -> None:
-    fid = decode(0xC400_0003)
-    assert (fid.fast, fid.smc64, fid.owner, fid.number) == (True, True, Owner.STANDARD_SECURE, 3)
-    assert decode(0x8600_FF01).owner_name == "VENDOR_HYP"
-    assert decode(0xB100_0000).owner_name == "TRUSTED_APP"
-    assert decode(0xBF00_0000).owner_name == "TRUSTED_OS"
-    assert decode(0x8700_0000).owner_name == "RESERVED"
-    assert make(Owner.STANDARD_HYP, 0xFF01) == 0x8500_FF01
-    assert make(Owner.SIP, 1, smc64=True) == 0xC200_0001

@@ -36,6 +36,7 @@ from pyvmm.devices.virtio.net import parse_network
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.errors import VmmError
+from pyvmm.irq import IrqFd
 from pyvmm.memory import GuestMemory
 from tests.unit.virtio_driver import RAM, RAM_SIZE, Driver, FakeVm
 
@@ -70,6 +71,7 @@ def test_registers_identify_a_version_2_device_and_its_features(vm: FakeVm, disk
     assert d.read(reg.CONFIG, 8) == 64  # capacity in sectors
     # one ioeventfd per queue on QueueNotify with the queue index as datamatch; an irqfd on the SPI
     assert vm.fd.ioeventfds == [(reg.VIRTIO_MMIO_BASE + reg.QUEUE_NOTIFY, 4, t._kick_fds[0], 1, 0)]
+    assert isinstance(t.irq, IrqFd)
     assert vm.fd.irqfds == [(t.irq.fd, 0)]
     node = t.dt_node(Phandles())
     assert node.name == "virtio@3000000" and node.props["compatible"] == "virtio,mmio"
@@ -365,7 +367,8 @@ descriptor = st.tuples(
        indirect=st.lists(descriptor, max_size=12),
        ring=st.lists(st.integers(0, 0xFFFF) | st.integers(0, 9), min_size=8, max_size=8),
        avail_idx=st.integers(0, 0xFFFF), used_event=st.integers(0, 0xFFFF))
-def test_hostile_rings_never_escape_or_hang(memory: GuestMemory, descs: list, indirect: list, ring: list[int],
+def test_hostile_rings_never_escape_or_hang(memory: GuestMemory, descs: list[tuple[int, int, int, int]],
+                                            indirect: list[tuple[int, int, int, int]], ring: list[int],
                                             avail_idx: int, used_event: int) -> None:
     """Random descriptor tables, indirect tables and available rings: pop() returns chains whose
     buffers all lie in guest RAM, or raises QueueError; nothing else, and it always ends."""
@@ -384,7 +387,7 @@ def test_hostile_rings_never_escape_or_hang(memory: GuestMemory, descs: list, in
             break
         assert len(chain.readable) + len(chain.writable) <= 8 * 2
         assert all(in_guest_ram(memory, addr, length) for addr, length in host_ranges(chain))
-        q.push(chain.head, chain.writable_len & 0xFFFF_FFFF)
+        q.push(chain.head, sum(map(len, chain.writable)) & 0xFFFF_FFFF)
         q.publish()
         q.want_notifications()
 
@@ -402,6 +405,7 @@ def test_random_register_writes_never_raise(vm: FakeVm, writes: list[tuple[int, 
     for offset in range(0, 0x200, 4):
         assert 0 <= t.read(offset, 4) < 2**32
     t.reset()
+    assert isinstance(t.irq, IrqFd)
     assert os.path.exists(f"/proc/self/fd/{t.irq.fd}")
 
 

@@ -57,10 +57,6 @@ class Chain:
     def readable_len(self) -> int:
         return sum(len(b) for b in self.readable)
 
-    @property
-    def writable_len(self) -> int:
-        return sum(len(b) for b in self.writable)
-
 
 def split(buffers: list[memoryview], at: int) -> tuple[list[memoryview], list[memoryview]]:
     """Buffers for the first `at` bytes and for the rest (§2.6.4: framing is the driver's

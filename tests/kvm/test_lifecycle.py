@@ -1,0 +1,170 @@
+"""The machine's life cycle on real KVM: construction that fails part-way, requests queued while
+a vCPU is stopped, a reset that returns the vGIC to its initial state, and threads that will
+not stop (pyvmm/lifecycle.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from pyvmm import cli
+from pyvmm.errors import VmmError
+from pyvmm.irqchip import Gic
+from pyvmm.smccc.call import SmcccCall
+from pyvmm.smccc.service import Service
+from pyvmm.vcpu import Vcpu
+from pyvmm.vm import Vm
+from tests.conftest import guest_image
+from tests.kvm.conftest import FN_REPORT, Reports
+
+SIP64 = 0xC200_0000
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def mapped_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
+
+
+@pytest.mark.parametrize("failure", ["too many vCPUs", "more RAM than the host can map", "late in construction"])
+def test_a_vm_whose_construction_fails_leaks_nothing(failure: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    Vm(cpus=1, mem_mib=16).close()  # the kick handler and lazily made objects exist from now on
+    kw: dict[str, int] = {"cpus": 2, "mem_mib": 64}
+    if failure == "too many vCPUs":
+        kw["cpus"] = 4096
+    elif failure == "more RAM than the host can map":
+        kw["mem_mib"] = (1 << 28) - (1 << 12)  # 256 TiB less 4 GiB: all of a 48-bit address space
+    else:
+        def broken(self: Gic, mpidrs: list[int]) -> None:
+            raise VmmError("injected failure after the vCPUs and the vGIC exist")
+        monkeypatch.setattr(Gic, "finalize", broken)
+    fds, mapped = open_fds(), mapped_kib()
+    with pytest.raises(VmmError) as caught:
+        Vm(**kw)
+    if failure == "more RAM than the host can map":
+        assert str(caught.value).startswith(f"cannot map {kw['mem_mib']} MiB of guest RAM")
+    assert open_fds() == fds
+    assert mapped_kib() - mapped < 4096  # guest RAM and the vCPUs' kvm_run mappings are gone
+
+
+def stop_from(vm: Vm, seen: list[str]) -> Callable[[Vcpu], None]:
+    def look(vcpu: Vcpu) -> None:
+        seen.append(threading.current_thread().name)
+        vm.stop("the request ran")
+    return look
+
+
+def test_a_request_queued_before_run_runs_although_the_guest_never_exits(make_vm: Callable[..., Vm]) -> None:
+    vm = make_vm("spin")
+    seen: list[str] = []
+    vm.vcpus[0].request(stop_from(vm, seen))
+    result = vm.run(timeout=30)
+    assert (result.reason, result.message) == ("stopped", "the request ran"), result
+    assert seen == ["vcpu0"] and result.elapsed < 15
+
+
+class QueuesOnReset(Service):
+    """A service whose reset hook (run while every vCPU is stopped) queues work on vCPU 0."""
+
+    name = "queues on reset"
+
+    def __init__(self, vm: Vm, seen: list[str]) -> None:
+        self.vm, self.seen = vm, seen
+
+    def reset(self) -> None:
+        self.vm.vcpus[0].request(stop_from(self.vm, self.seen))
+
+
+def test_a_request_queued_during_a_reset_runs_although_the_guest_never_exits(make_vm: Callable[..., Vm]) -> None:
+    vm = make_vm("reset_spin")
+    seen: list[str] = []
+    vm.smccc.add_service(QueuesOnReset(vm, seen))
+    result = vm.run(timeout=30)
+    assert (result.reason, result.message) == ("stopped", "the request ran"), result
+    assert vm.resets == 1 and seen == ["vcpu0"]
+
+
+def test_a_reset_returns_the_vgic_to_its_initial_state(make_vm: Callable[..., Vm]) -> None:
+    vm = make_vm("gic_reset")
+    reports = Reports()
+    vm.smccc.register(FN_REPORT, 1, reports, "report")
+    result = vm.run(timeout=60)
+    assert result.ok, result
+    assert vm.resets == 1
+    assert [v[0] for v in reports.tagged(1)] == [1, 2]
+    (set_dist, after_dist), (set_redist, after_redist), (set_cpu, after_cpu) = (
+        [v[:5] for v in reports.tagged(tag)] for tag in (2, 3, 4))
+    ppi20 = 1 << 20
+    # boot 1 set them (SPIs 32-63 enabled, pending, active; priorities; the distributor on)
+    assert set_dist[:4] == (0xFFFF_FFFF, 0xFFFF_FFFF, 0xFFFF_FFFF, 0xA0A0_A0A0) and set_dist[4] & 2
+    assert set_redist[:4] == (0xFFFF | ppi20, ppi20, ppi20, 0xA0A0_A0A0)
+    assert set_cpu[:2] == (0xF0, 1)
+    # after the reset: nothing enabled but the SGIs, pending or active, priorities 0, all off
+    assert after_dist[:4] == (0, 0, 0, 0) and not after_dist[4] & 2
+    assert after_redist[:4] == (0xFFFF, 0, 0, 0)
+    assert after_cpu[:2] == (0, 0)
+
+
+class Stuck:
+    """An SMCCC handler that does not return until released."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def __call__(self, call: SmcccCall) -> int:
+        self.entered.set()
+        self.release.wait()
+        return 0
+
+
+def test_a_vcpu_that_will_not_stop_keeps_its_fds_and_mappings(make_vm: Callable[..., Vm]) -> None:
+    vm = make_vm("hvc_loop")
+    stuck = Stuck()
+    vm.smccc.register(SIP64, 1, stuck, "stuck")
+    vm.vcpus[0].set_x(9, 1)
+    vm.vcpus[0].set_x(10, SIP64)
+    started = time.monotonic()
+    result = vm.run(timeout=1)
+    assert result.reason == "timeout" and time.monotonic() - started < 15
+    assert "vcpu0 did not stop within" in result.message and "__call__() at test_lifecycle.py" in result.message
+    vcpu_fd, ram = vm.vcpus[0].fd.fd, vm.memory.regions[0]
+    vm.close()  # must keep what the stuck thread may still touch
+    os.fstat(vcpu_fd)  # still open: its number cannot go to another VM
+    assert not ram.mapping.closed
+    other = Vm(cpus=1, mem_mib=16)
+    try:
+        assert other.vcpus[0].fd.fd != vcpu_fd
+    finally:
+        other.close()
+    stuck.release.set()  # the handler returns; the thread writes x0 through its own fd and ends
+    thread = vm.vcpus[0].thread
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_a_service_that_never_returns_is_stopped_by_the_timeout(tmp_path: Path) -> None:
+    service = tmp_path / "never.py"
+    service.write_text("import time\n\nRANGE = (0xC6000000, 0x100)\n\n\ndef handle(call):\n"
+                       "    while True:\n        time.sleep(0.1)\n")
+    started = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("smccc_demo")), "-c", "2",
+                        "-m", "16", "--service", str(service), "--timeout", "2"],
+                       capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert p.returncode == cli.EXIT_TIMEOUT, p.stderr
+    line, = p.stderr.strip().splitlines()
+    assert line.startswith("pyvmm: guest ended: timeout: the guest was still running after 2 s; vcpu0 did not stop")
+    assert "handle() at never.py:8" in line
+    assert took < 30

@@ -1,0 +1,238 @@
+"""The life cycle's ordering (pyvmm/lifecycle.py), and the virtio transport's part in it: a
+reset quiesces every device before the vGIC is reset and the images are loaded again; a
+register access never waits behind device I/O; a worker survives what it does not expect; a
+worker that will not stop is reported, not waited for forever. Real transports, threads and
+RAM; no KVM."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pyvmm.devices.virtio import mmio as reg
+from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.images import BlobImage
+from pyvmm.irq import InterruptLines
+from pyvmm.lifecycle import Lifecycle, RunResult
+from pyvmm.memory import GuestMemory
+from pyvmm.power import Entry
+from pyvmm.smccc.dispatcher import Dispatcher
+from pyvmm.smccc.service import Service
+from tests.unit.virtio_driver import RAM, Driver, FakeVm, FakeVmFd
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.log: list[str] = []
+
+
+class Part:
+    """A vCPU, a device, the vGIC or a service that records what the life cycle asks of it."""
+
+    def __init__(self, name: str, rec: Recorder, index: int = 0) -> None:
+        self.name, self.rec, self.index = name, rec, index
+        self.thread: threading.Thread | None = None
+        self.quiesces = True
+
+    def _note(self, what: str) -> None:
+        self.rec.log.append(f"{what} {self.name}")
+
+    # as a vCPU
+    def start(self) -> None:
+        self._note("start")
+
+    def stop(self) -> None:
+        self._note("stop")
+
+    def join(self, deadline: float) -> bool:
+        return True
+
+    def reset(self, entry: Entry | None = None) -> None:
+        self._note("reset")
+
+    def leave_guest(self) -> None:
+        pass
+
+    # as a device
+    def quiesce(self, deadline: float) -> bool:
+        self._note("quiesce")
+        return self.quiesces
+
+    def resume(self) -> None:
+        self._note("resume")
+
+    def close(self) -> None:
+        pass
+
+
+class RecordingService(Service):
+    name = "firmware"
+
+    def __init__(self, rec: Recorder) -> None:
+        self.rec = rec
+
+    def reset(self) -> None:
+        self.rec.log.append("reset firmware")
+
+
+class RecordingRam(GuestMemory):
+    def __init__(self, rec: Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.rec.log.append("load image")
+        super().write(gpa, data)
+
+
+class RecordingLines(InterruptLines):
+    def __init__(self, rec: Recorder) -> None:
+        super().__init__(FakeVmFd())
+        self.rec = rec
+
+    def lower_all(self) -> None:
+        self.rec.log.append("lower lines")
+        super().lower_all()
+
+
+def test_a_reset_quiesces_devices_then_resets_the_vgic_then_reloads() -> None:
+    rec = Recorder()
+    ram = RecordingRam(rec)
+    ram.add(RAM, 1 << 20)
+    smccc = Dispatcher()
+    smccc.add_service(RecordingService(rec))
+    life = Lifecycle(ram, RecordingLines(rec), smccc, lambda: None)
+    life.vcpus = [Part("vcpu0", rec), Part("vcpu1", rec, 1)]
+    life.gic = Part("vgic", rec)
+    life.devices = [Part("blk", rec), Part("net", rec)]
+    life.images = [BlobImage(RAM, b"kernel")]
+    life.boot = Entry(RAM, 0)
+    life.request_reset(Part("caller", rec), "SYSTEM_RESET")
+    rec.log.clear()
+    life._reset()
+    ram.close()
+    assert rec.log == [
+        "stop vcpu0", "stop vcpu1",  # 1. nothing runs guest code
+        "quiesce blk", "quiesce net",  # 2. nothing writes guest RAM
+        "reset vgic", "reset firmware", "lower lines",  # 3.
+        "reset blk", "reset net",  # 4.
+        "load image",  # 5.
+        "reset vcpu0", "reset vcpu1",  # 6.
+        "resume blk", "resume net", "start vcpu0", "start vcpu1"]  # 7.
+    assert life.resets == 1
+
+
+def test_a_device_that_will_not_quiesce_ends_the_run_instead_of_resetting() -> None:
+    rec = Recorder()
+    ram = GuestMemory()
+    life = Lifecycle(ram, InterruptLines(FakeVmFd()), Dispatcher(), lambda: None)
+    stuck = Part("blk", rec)
+    stuck.quiesces = False
+    life.devices = [stuck]
+    life._reset()
+    assert not rec.log[-1].startswith("load") and life.resets == 0
+    result = life._result
+    assert isinstance(result, RunResult) and result.reason == "error"
+    assert result.message == "the guest's reset failed: blk did not quiesce within 5 s"
+
+
+class Blocking(VirtioDevice):
+    """A device whose requests take as long as the test says (a slow disk's fsync)."""
+
+    device_id = 4
+    name = "slow"
+    queue_sizes = (8,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy = threading.Event()
+        self.finish = threading.Event()
+
+    def notify(self, queue: Virtqueue) -> None:
+        self.busy.set()
+        self.finish.wait(10)
+
+
+@pytest.fixture
+def vm() -> Iterator[FakeVm]:
+    fake = FakeVm()
+    yield fake
+    for d in fake.transports:
+        assert isinstance(d.device, Blocking)
+        d.device.finish.set()
+    fake.close()
+
+
+def in_thread(fn: Callable[..., object], *args: object) -> threading.Thread:
+    t = threading.Thread(target=fn, args=args, daemon=True)
+    t.start()
+    return t
+
+
+def test_register_accesses_do_not_wait_behind_device_io(vm: FakeVm) -> None:
+    dev = Blocking()
+    d = Driver(vm.attach(dev), vm.memory)
+    d.init()
+    d.queues[0].add([b"x"], [])
+    d.queues[0].kick()
+    assert dev.busy.wait(5)  # the worker is inside a request
+    # what a vCPU does meanwhile: select a queue, write the features select, read status and ISR
+    t = in_thread(lambda: (d.write(reg.QUEUE_SEL, 0), d.write(reg.DEVICE_FEATURES_SEL, 1),
+                           d.read(reg.STATUS), d.read(reg.INTERRUPT_STATUS)))
+    t.join(2)
+    assert not t.is_alive(), "a register access waited for the device's I/O"
+    # a reset does wait: the rings may not go while a request uses them (§2.4.1)
+    reset = in_thread(d.write, reg.STATUS, 0)
+    reset.join(0.3)
+    assert reset.is_alive()
+    dev.finish.set()
+    reset.join(5)
+    assert not reset.is_alive() and d.read(reg.STATUS) == 0
+
+
+def test_a_worker_that_will_not_stop_is_reported_in_bounded_time(vm: FakeVm) -> None:
+    dev = Blocking()
+    t = vm.attach(dev)
+    d = Driver(t, vm.memory)
+    d.init()
+    d.queues[0].add([b"x"], [])
+    d.queues[0].kick()
+    assert dev.busy.wait(5)
+    started = time.monotonic()
+    assert not t.stop(time.monotonic() + 0.3)  # stuck in its backend: not waited for
+    assert time.monotonic() - started < 2
+    dev.finish.set()
+    assert t.stop(time.monotonic() + 5)
+
+
+def test_the_worker_survives_an_unexpected_exception(vm: FakeVm, monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = Blocking()
+    dev.finish.set()
+    t = vm.attach(dev)
+    d = Driver(t, vm.memory)
+    d.init()
+    hooks: list[object] = []
+    monkeypatch.setattr(threading, "excepthook", hooks.append)
+    real_read = os.eventfd_read
+
+    def failing_read(fd: int) -> int:
+        monkeypatch.setattr(reg.os, "eventfd_read", real_read)
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(reg.os, "eventfd_read", failing_read)
+    d.queues[0].add([b"x"], [])
+    d.queues[0].kick()
+    d.wait_broken()
+    assert t.broken == "internal error: RuntimeError: injected"
+    assert t._thread is not None and t._thread.is_alive() and hooks == []
+    d.write(reg.STATUS, 0)  # the driver resets the device, which serves again
+    dev.busy.clear()
+    d.init()
+    d.queues[0].add([b"y"], [])
+    d.queues[0].kick()
+    assert dev.busy.wait(5)
