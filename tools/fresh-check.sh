@@ -93,7 +93,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- helpers --------------------------------------------------------------------------------
-minutes() { awk -v s="$1" 'BEGIN { printf "%.1f", s / 60 }'; }
+mmss() { printf '%dm%02ds' $(($1 / 60)) $(($1 % 60)); }
 
 # Prefix each line with [m:ss] since the start (bash's SECONDS, no process per line). It runs
 # in its own process (a pipeline stage), so resetting SECONDS touches nothing else.
@@ -119,7 +119,7 @@ at() {
         | awk '{ print $1 * 60 + $2 }'
 }
 
-# Phases of a command's log: "name ERE name ERE ... name" -> "name m.m, name m.m, ..." where each
+# Phases of a command's log: "name ERE name ERE ... name" -> "name 1m05s, name 0m20s, ..." where each
 # phase runs from its marker (the start for the first) to the next one found (or the end).
 phases() {
     local log=$1 total=$2 name=$3 start=0 out= t
@@ -127,7 +127,7 @@ phases() {
     while [ $# -ge 2 ]; do
         t=$(at "$log" "$1")
         if [ -n "$t" ]; then
-            out+="${out:+, }$name $(minutes $((t - start)))"
+            out+="${out:+, }$name $(mmss $((t - start)))"
             start=$t
         else
             out+="${out:+, }$name -"   # not reached (or skipped)
@@ -135,11 +135,12 @@ phases() {
         name=$2
         shift 2
     done
-    echo "$out${out:+, }$name $(minutes $((total - start)))"
+    echo "$out${out:+, }$name $(mmss $((total - start)))"
 }
 
 # --- 1. the root --------------------------------------------------------------------------------
 t0=$SECONDS
+fetched="its packages from the cache"
 if [ ! -f "$tarball" ]; then
     say "downloading the $suite minbase packages once (cached in ${tarball#"$here"/})"
     work=$(mktemp -d "$cache/tarball.XXXXXX")
@@ -147,6 +148,8 @@ if [ ! -f "$tarball" ]; then
         >"$logs/debootstrap-tarball.log" 2>&1 || { rm -rf "$work" "$tarball.tmp"; die "debootstrap --make-tarball failed, see $logs/debootstrap-tarball.log"; }
     rm -rf "$work"
     mv "$tarball.tmp" "$tarball"
+    fetched="its packages downloaded once in $(mmss $((SECONDS - t0)))"
+    t0=$SECONDS
 fi
 root=$(mktemp -d "$cache/root.XXXXXX")
 chmod 755 "$root"
@@ -213,9 +216,10 @@ done
 
 echo
 say "summary (HEAD ${head:0:12}; logs in ${logs#"$here"/})"
-say "  debootstrap   $(minutes "$t_debootstrap") min; first step (git, make) $(minutes "$t_first") min"
-say "  make demo     ${result[demo]} in $(minutes "${secs[demo]}") min: $(phases "$logs/make-demo.log" "${secs[demo]}" \
+say "  debootstrap   $(mmss "$t_debootstrap") ($fetched)"
+say "  first step    $(mmss "$t_first") (apt-get install git make)"
+say "  make demo     ${result[demo]} in $(mmss "${secs[demo]}"): $(phases "$logs/make-demo.log" "${secs[demo]}" \
     host-deps 'venv: ' venv 'armhost: ' 'armhost build' 'armhost: booting' demo)"
-say "  make test     ${result[test]} in $(minutes "${secs[test]}") min: $(phases "$logs/make-test.log" "${secs[test]}" \
+say "  make test     ${result[test]} in $(mmss "${secs[test]}"): $(phases "$logs/make-test.log" "${secs[test]}" \
     'lint+unit' 'armhost: booting' 'KVM tier')"
 [ "${result[demo]}" = passed ] && [ "${result[test]}" = passed ]
