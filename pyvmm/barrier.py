@@ -34,9 +34,9 @@ def _arm64_fence() -> Callable[[], None]:
     finally:
         os.close(fd)
     buffer = ffi.from_buffer(page)
-    fn = ffi.cast("void (*)(void)", buffer)
+    fn: Callable[[], None] = ffi.cast("void (*)(void)", buffer)
     _keep.extend((page, buffer))  # the code must outlive every call
-    return fn  # type: ignore[no-any-return]
+    return fn
 
 
 def _no_fence() -> None:

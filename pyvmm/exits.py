@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
+import mmap
 import struct
 from typing import NamedTuple
 
-from kvm_bindings import ffi
+from kvm_bindings import CData, ffi
 from kvm_bindings.constants import ExitReason, HypercallExitFlag, SystemEvent
 
 
@@ -101,41 +102,42 @@ _MMIO_OFFSET = ffi.offsetof("struct kvm_run", "mmio", "phys_addr")
 _MMIO_DATA = ffi.offsetof("struct kvm_run", "mmio", "data")
 _MMIO = struct.Struct("<Q8sIB")
 _U64 = struct.Struct("<Q")
+Buffer = mmap.mmap | bytearray | memoryview  # the kvm_run mapping, or a copy of it (tests)
 
 
-def decode_mmio(buf: object) -> MmioExit:
+def decode_mmio(buf: Buffer) -> MmioExit:
     """KVM_EXIT_MMIO from the kvm_run mmap (or ffi.buffer of it), without cffi attribute access."""
-    addr, data, size, is_write = _MMIO.unpack_from(buf, _MMIO_OFFSET)  # type: ignore[arg-type]
+    addr, data, size, is_write = _MMIO.unpack_from(buf, _MMIO_OFFSET)
     value = int.from_bytes(data[:size], "little") if is_write and 0 < size <= 8 else 0
     return MmioExit(addr, size, bool(is_write), value)
 
 
-def complete_mmio_read(buf: object, value: int, size: int) -> None:
+def complete_mmio_read(buf: Buffer, value: int, size: int) -> None:
     """Write a load's result into kvm_run.mmio.data (`buf`: the kvm_run mmap); KVM finishes the
     load on re-entry."""
-    _U64.pack_into(buf, _MMIO_DATA, value & ((1 << (8 * size)) - 1) if 0 < size <= 8 else 0)  # type: ignore[arg-type]
+    _U64.pack_into(buf, _MMIO_DATA, value & ((1 << (8 * size)) - 1) if 0 < size <= 8 else 0)
 
 
-def decode(run: object) -> Exit:
+def decode(run: CData) -> Exit:
     """Decode a `struct kvm_run *` (cffi cdata) after KVM_RUN returned 0."""
-    reason = run.exit_reason  # type: ignore[attr-defined]
+    reason = run.exit_reason
     if reason == _HYPERCALL:
-        hc = run.hypercall  # type: ignore[attr-defined]
+        hc = run.hypercall
         flags = hc.flags
         return HypercallExit(hc.nr, bool(flags & _SMC), bool(flags & _T16))
     if reason == _MMIO_EXIT:
         return decode_mmio(ffi.buffer(run))
     if reason == ExitReason.SYSTEM_EVENT:
-        ev = run.system_event  # type: ignore[attr-defined]
+        ev = run.system_event
         return SystemEventExit(ev.type, tuple(ev.data[0:min(ev.ndata, 16)]))
     if reason == ExitReason.INTR:
         return INTERRUPTED
     if reason == ExitReason.ARM_NISV:
-        return NisvExit(run.arm_nisv.esr_iss, run.arm_nisv.fault_ipa)  # type: ignore[attr-defined]
+        return NisvExit(run.arm_nisv.esr_iss, run.arm_nisv.fault_ipa)
     if reason == ExitReason.FAIL_ENTRY:
-        fe = run.fail_entry  # type: ignore[attr-defined]
+        fe = run.fail_entry
         return FailEntryExit(fe.hardware_entry_failure_reason, fe.cpu)
     if reason == ExitReason.INTERNAL_ERROR:
-        ie = run.internal  # type: ignore[attr-defined]
+        ie = run.internal
         return InternalErrorExit(ie.suberror, tuple(ie.data[0:min(ie.ndata, 16)]))
     return UnknownExit(reason)

@@ -50,6 +50,3 @@ class MmioBus:
 
     def overlaps(self, base: int, size: int) -> Mapping | None:
         return next((m for m in self._maps if m.base < base + size and base < m.base + m.size), None)
-
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._maps)

@@ -85,7 +85,8 @@ class GeneralQueries(Service):
         """The UUID as four little-endian words of its little-endian byte form (w0 = time_low)."""
         owned = self._owned()
         raw = owned[0].uid if owned else PYVMM_UID
-        return tuple(int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4))  # type: ignore[return-value]
+        w = [int.from_bytes(raw[i:i + 4], "little") for i in range(0, 16, 4)]
+        return w[0], w[1], w[2], w[3]
 
     def revision_query(self, call: SmcccCall) -> tuple[int, int]:
         owned = self._owned()

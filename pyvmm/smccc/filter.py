@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from kvm_bindings.constants import KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER, SmcccFilterAction
 from pyvmm.errors import KvmIoctlError, SmcccFilterError
@@ -19,6 +19,14 @@ from pyvmm.errors import KvmIoctlError, SmcccFilterError
 # both calling conventions: arch/arm64/kvm/hypercalls.c, init_smccc_filter().
 RESERVED = ((0x8000_0000, 0x1_0000), (0xC000_0000, 0x1_0000))
 MIN_KERNEL = (6, 4)
+
+
+class FilterFd(Protocol):
+    """The VM fd's two filter operations (pyvmm.kvm.VmFd)."""
+
+    def has_device_attr(self, group: int, attr: int) -> bool: ...
+
+    def set_smccc_filter(self, base: int, nr_functions: int, action: int) -> None: ...
 
 
 class FilterRange(NamedTuple):
@@ -58,15 +66,15 @@ def validate(ranges: list[FilterRange]) -> None:
         seen.append(r)
 
 
-def check_supported(vm_fd: object) -> None:
+def check_supported(vm_fd: FilterFd) -> None:
     """Probe with KVM_HAS_DEVICE_ATTR on the VM fd; a clear error if this KVM has no filter."""
-    if not vm_fd.has_device_attr(KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER):  # type: ignore[attr-defined]
+    if not vm_fd.has_device_attr(KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER):
         raise SmcccFilterError(
             f"this kernel's KVM has no SMCCC filter (KVM_ARM_VM_SMCCC_FILTER); it needs Linux >= "
             f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]}, this host runs {os.uname().release}")
 
 
-def install(vm_fd: object, ranges: list[FilterRange]) -> None:
+def install(vm_fd: FilterFd, ranges: list[FilterRange]) -> None:
     """Validate, probe, then install each range (one KVM_SET_DEVICE_ATTR per range)."""
     validate(ranges)
     if not ranges:
@@ -76,10 +84,10 @@ def install(vm_fd: object, ranges: list[FilterRange]) -> None:
         install_range(vm_fd, r)
 
 
-def install_range(vm_fd: object, r: FilterRange) -> None:
+def install_range(vm_fd: FilterFd, r: FilterRange) -> None:
     """One range straight to KVM (no validation), with KVM's refusals put in words."""
     try:
-        vm_fd.set_smccc_filter(r.base, r.size, int(r.action))  # type: ignore[attr-defined]
+        vm_fd.set_smccc_filter(r.base, r.size, int(r.action))
     except KvmIoctlError as e:
         reason = {
             errno.EEXIST: "overlaps a range already installed or one KVM reserves",

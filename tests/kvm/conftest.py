@@ -1,10 +1,12 @@
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 
+from pyvmm.smccc.call import SmcccCall
 from pyvmm.vm import Vm
 from tests.conftest import guest_image
 
@@ -23,13 +25,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.kvm)
 
 
+class MakeVm(Protocol):
+    def __call__(self, guest: str, *, cpus: int = 1, mem_mib: int = 16, conduit: str = "hvc",
+                 unhandled_mmio: str = "ignore") -> Vm: ...
+
+
 @pytest.fixture
-def make_vm() -> Iterator[Callable[..., Vm]]:
+def make_vm() -> Iterator[MakeVm]:
     """Build a Vm with a guest payload loaded at the start of RAM; closed after the test."""
     vms: list[Vm] = []
 
-    def make(guest: str, *, cpus: int = 1, mem_mib: int = 16, **kw: object) -> Vm:
-        vm = Vm(cpus=cpus, mem_mib=mem_mib, **kw)  # type: ignore[arg-type]
+    def make(guest: str, *, cpus: int = 1, mem_mib: int = 16, conduit: str = "hvc",
+             unhandled_mmio: str = "ignore") -> Vm:
+        vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, unhandled_mmio=unhandled_mmio)
         vms.append(vm)
         entry = vm.load_file(guest_image(guest))
         vm.set_boot(entry)
@@ -60,7 +68,7 @@ class Reports:
     def __init__(self) -> None:
         self.values: list[tuple[int, ...]] = []
 
-    def __call__(self, call) -> int:  # type: ignore[no-untyped-def]
+    def __call__(self, call: SmcccCall) -> int:
         self.values.append(call.args(6))
         return 0
 

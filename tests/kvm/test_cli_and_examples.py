@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 from pyvmm import cli
 from tests.conftest import ROOT, guest_image
@@ -25,7 +26,7 @@ def test_run_timeout_stops_a_spinning_guest() -> None:
     assert p.stderr.strip().splitlines() == ["pyvmm: guest ended: timeout: the guest was still running after 1 s"]
 
 
-def test_empty_firmware_is_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_empty_firmware_is_one_line(tmp_path: Path) -> None:
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
     p = run_cli("run", "-f", str(empty))
@@ -33,7 +34,7 @@ def test_empty_firmware_is_one_line(tmp_path) -> None:  # type: ignore[no-untype
     assert p.stderr.strip().splitlines() == [f"pyvmm: error: firmware {empty} is empty"]
 
 
-def test_firmware_too_big_for_ram_is_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_firmware_too_big_for_ram_is_one_line(tmp_path: Path) -> None:
     big = tmp_path / "big.bin"
     big.write_bytes(b"\0" * (2 << 20))
     p = run_cli("run", "-f", str(big), "-m", "1")
@@ -84,7 +85,7 @@ def test_run_with_a_service_module_trace_and_smc_conduit() -> None:
     assert "[vcpu0 smc] SYSTEM_OFF() = ? (does not return)" in p.stderr
 
 
-def test_replace_psci_version_and_deny_a_range(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_replace_psci_version_and_deny_a_range(tmp_path: Path) -> None:
     mine = tmp_path / "my_psci_version.py"
     mine.write_text("RANGE = (0x84000000, 1)\nNAME = 'my PSCI_VERSION'\n\ndef handle(call):\n    return 0x20000\n")
     p = run_cli("run", "-f", str(guest_image("smccc_demo")), "-c", "2", "-m", "16", "--replace-service", str(mine),

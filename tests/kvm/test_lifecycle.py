@@ -22,7 +22,7 @@ from pyvmm.smccc.service import Service
 from pyvmm.vcpu import Vcpu
 from pyvmm.vm import Vm
 from tests.conftest import guest_image
-from tests.kvm.conftest import FN_REPORT, Reports
+from tests.kvm.conftest import FN_REPORT, MakeVm, Reports
 
 SIP64 = 0xC200_0000
 
@@ -39,20 +39,20 @@ def mapped_kib() -> int:
 @pytest.mark.parametrize("failure", ["too many vCPUs", "more RAM than the host can map", "late in construction"])
 def test_a_vm_whose_construction_fails_leaks_nothing(failure: str, monkeypatch: pytest.MonkeyPatch) -> None:
     Vm(cpus=1, mem_mib=16).close()  # the kick handler and lazily made objects exist from now on
-    kw: dict[str, int] = {"cpus": 2, "mem_mib": 64}
+    cpus, mem_mib = 2, 64
     if failure == "too many vCPUs":
-        kw["cpus"] = 4096
+        cpus = 4096
     elif failure == "more RAM than the host can map":
-        kw["mem_mib"] = (1 << 28) - (1 << 12)  # 256 TiB less 4 GiB: all of a 48-bit address space
+        mem_mib = (1 << 28) - (1 << 12)  # 256 TiB less 4 GiB: all of a 48-bit address space
     else:
         def broken(self: Gic, mpidrs: list[int]) -> None:
             raise VmmError("injected failure after the vCPUs and the vGIC exist")
         monkeypatch.setattr(Gic, "finalize", broken)
     fds, mapped = open_fds(), mapped_kib()
     with pytest.raises(VmmError) as caught:
-        Vm(**kw)
+        Vm(cpus=cpus, mem_mib=mem_mib)
     if failure == "more RAM than the host can map":
-        assert str(caught.value).startswith(f"cannot map {kw['mem_mib']} MiB of guest RAM")
+        assert str(caught.value).startswith(f"cannot map {mem_mib} MiB of guest RAM")
     assert open_fds() == fds
     assert mapped_kib() - mapped < 4096  # guest RAM and the vCPUs' kvm_run mappings are gone
 
@@ -64,7 +64,7 @@ def stop_from(vm: Vm, seen: list[str]) -> Callable[[Vcpu], None]:
     return look
 
 
-def test_a_request_queued_before_run_runs_although_the_guest_never_exits(make_vm: Callable[..., Vm]) -> None:
+def test_a_request_queued_before_run_runs_although_the_guest_never_exits(make_vm: MakeVm) -> None:
     vm = make_vm("spin")
     seen: list[str] = []
     vm.vcpus[0].request(stop_from(vm, seen))
@@ -85,7 +85,7 @@ class QueuesOnReset(Service):
         self.vm.vcpus[0].request(stop_from(self.vm, self.seen))
 
 
-def test_a_request_queued_during_a_reset_runs_although_the_guest_never_exits(make_vm: Callable[..., Vm]) -> None:
+def test_a_request_queued_during_a_reset_runs_although_the_guest_never_exits(make_vm: MakeVm) -> None:
     vm = make_vm("reset_spin")
     seen: list[str] = []
     vm.smccc.add_service(QueuesOnReset(vm, seen))
@@ -94,7 +94,7 @@ def test_a_request_queued_during_a_reset_runs_although_the_guest_never_exits(mak
     assert vm.resets == 1 and seen == ["vcpu0"]
 
 
-def test_a_reset_returns_the_vgic_to_its_initial_state(make_vm: Callable[..., Vm]) -> None:
+def test_a_reset_returns_the_vgic_to_its_initial_state(make_vm: MakeVm) -> None:
     vm = make_vm("gic_reset")
     reports = Reports()
     vm.smccc.register(FN_REPORT, 1, reports, "report")
@@ -128,7 +128,7 @@ class Stuck:
         return 0
 
 
-def test_a_vcpu_that_will_not_stop_keeps_its_fds_and_mappings(make_vm: Callable[..., Vm]) -> None:
+def test_a_vcpu_that_will_not_stop_keeps_its_fds_and_mappings(make_vm: MakeVm) -> None:
     vm = make_vm("hvc_loop")
     stuck = Stuck()
     vm.smccc.register(SIP64, 1, stuck, "stuck")

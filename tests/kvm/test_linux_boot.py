@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from pyfdt.pyfdt import FdtBlobParse
@@ -50,7 +51,7 @@ def test_linux_finds_sdei_and_unmasks_every_cpu(conduit: str) -> None:
     assert not any("NOT_SUPPORTED" in call or "DENIED" in call for _, call in calls)
 
 
-def test_dump_dtb_writes_the_tree(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_dump_dtb_writes_the_tree(tmp_path: Path) -> None:
     image, initrd = linux_guest()
     out = tmp_path / "guest.dtb"
     p = pyvmm("run", "-c", "3", "-m", "128", "-k", str(image), "-i", str(initrd), "-p", "quiet",
@@ -66,7 +67,7 @@ def test_dump_dtb_writes_the_tree(tmp_path) -> None:  # type: ignore[no-untyped-
     assert 'compatible = "arm,sdei-1.0";' in dts and dts.count('method = "hvc";') == 2
 
 
-def test_bad_or_missing_kernel_is_one_line(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_bad_or_missing_kernel_is_one_line(tmp_path: Path) -> None:
     not_an_image = tmp_path / "Image"
     not_an_image.write_bytes(b"#!/bin/sh\necho hello\n" * 10)
     p = pyvmm("run", "-k", str(not_an_image), timeout=60)

@@ -8,7 +8,9 @@ from collections import Counter
 import pytest
 
 from pyvmm.smccc.service import PYVMM_UID
-from tests.kvm.conftest import FN_REPORT, Reports, guest_for, s32, s64
+from pyvmm.vcpu import Vcpu
+from pyvmm.vm import Vm
+from tests.kvm.conftest import FN_REPORT, MakeVm, Reports, guest_for, s32, s64
 
 SUCCESS, NOT_SUPPORTED, INVALID_PARAMETERS, DENIED, ALREADY_ON, ON_PENDING, INVALID_ADDRESS = 0, -1, -2, -3, -4, -5, -9
 ON, OFF, PENDING = 0, 1, 2
@@ -16,7 +18,7 @@ UID_WORDS = tuple(int.from_bytes(PYVMM_UID[i:i + 4], "little") for i in range(0,
 CONDUITS = ["hvc", "smc"]
 
 
-def psci_vm(make_vm, guest: str, conduit: str, cpus: int):  # type: ignore[no-untyped-def]
+def psci_vm(make_vm: MakeVm, guest: str, conduit: str, cpus: int) -> tuple[Vm, Reports]:
     vm = make_vm(guest_for(guest, conduit), cpus=cpus, conduit=conduit)
     reports = Reports()
     vm.smccc.register(FN_REPORT, 1, reports, "report")
@@ -24,11 +26,11 @@ def psci_vm(make_vm, guest: str, conduit: str, cpus: int):  # type: ignore[no-un
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_smp_bring_up_affinity_off_on_and_concurrent_cpu_on(make_vm, conduit: str) -> None:
+def test_smp_bring_up_affinity_off_on_and_concurrent_cpu_on(make_vm: MakeVm, conduit: str) -> None:
     vm, reports = psci_vm(make_vm, "psci_smp", conduit, cpus=4)
     boots: Counter[int] = Counter()
 
-    def hold_cpu2_second_boot(vcpu) -> None:  # type: ignore[no-untyped-def]
+    def hold_cpu2_second_boot(vcpu: Vcpu) -> None:
         boots[vcpu.index] += 1
         if vcpu.index == 2 and boots[2] == 2:
             time.sleep(0.5)  # keep cpu2 ON_PENDING while the guest asks again
@@ -81,7 +83,7 @@ def test_smp_bring_up_affinity_off_on_and_concurrent_cpu_on(make_vm, conduit: st
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_cpu_suspend_and_system_suspend_wake_up(make_vm, conduit: str) -> None:
+def test_cpu_suspend_and_system_suspend_wake_up(make_vm: MakeVm, conduit: str) -> None:
     vm, reports = psci_vm(make_vm, "psci_suspend", conduit, cpus=2)
     result = vm.run(timeout=120)
     assert result.reason == "poweroff", result
@@ -96,7 +98,7 @@ def test_cpu_suspend_and_system_suspend_wake_up(make_vm, conduit: str) -> None:
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_system_reset_restarts_the_guest(make_vm, conduit: str) -> None:
+def test_system_reset_restarts_the_guest(make_vm: MakeVm, conduit: str) -> None:
     vm, reports = psci_vm(make_vm, "psci_reset", conduit, cpus=2)
     result = vm.run(timeout=120)
     assert result.reason == "poweroff", result
@@ -104,7 +106,7 @@ def test_system_reset_restarts_the_guest(make_vm, conduit: str) -> None:
     assert [v[:2] for v in reports.values] == [(1, 1), (1, 2), (2, (1 << 64) + INVALID_PARAMETERS), (1, 3)]
 
 
-def test_last_cpu_off_ends_the_run(make_vm) -> None:
+def test_last_cpu_off_ends_the_run(make_vm: MakeVm) -> None:
     vm = make_vm("cpu_off")
     result = vm.run(timeout=30)
     assert result.reason == "halted"

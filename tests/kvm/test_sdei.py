@@ -7,12 +7,14 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from pyvmm.services.sdei import EventSpec
+from pyvmm.services.sdei import EventSpec, Sdei
+from pyvmm.smccc.call import SmcccCall
 from tests.conftest import guest_image
-from tests.kvm.conftest import FN_REPORT, Reports, guest_for, s64
+from tests.kvm.conftest import FN_REPORT, MakeVm, Reports, guest_for, s64
 
 SUCCESS, NOT_SUPPORTED, INVALID_PARAMETERS, DENIED, PENDING, OUT_OF_RESOURCE = 0, -1, -2, -3, -5, -10
 CONDUITS = ["hvc", "smc"]
@@ -25,30 +27,30 @@ class SdeiReports(Reports):
     """Reports, and the host's part: raise critical event 100 from inside the normal handler
     (tag 10) and event 101 from another thread while the guest spins (tag 13)."""
 
-    def __init__(self, vm) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, sdei: Sdei) -> None:
         super().__init__()
-        self.vm = vm
+        self.sdei = sdei
         self.raised: list[bool] = []
 
-    def __call__(self, call) -> int:  # type: ignore[no-untyped-def]
+    def __call__(self, call: SmcccCall) -> int:
         super().__call__(call)
         tag = self.values[-1][0]
         if tag == 10:
-            self.raised.append(self.vm.sdei.trigger(100, cpu=0))
+            self.raised.append(self.sdei.trigger(100, cpu=0))
         elif tag == 13:
             def later() -> None:
                 time.sleep(0.2)  # the guest is spinning in its loop by then
-                self.raised.append(self.vm.sdei.trigger(101, cpu=0))
+                self.raised.append(self.sdei.trigger(101, cpu=0))
             threading.Thread(target=later, daemon=True).start()
         return 0
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_sdei_calls_dispatch_and_completion(make_vm, conduit: str) -> None:
+def test_sdei_calls_dispatch_and_completion(make_vm: MakeVm, conduit: str) -> None:
     vm = make_vm(guest_for("sdei_basic", conduit), conduit=conduit)
     assert vm.serial.spi == 0  # the guest binds INTID 32
     sdei = vm.enable_sdei(EVENTS)
-    reports = SdeiReports(vm)
+    reports = SdeiReports(sdei)
     vm.smccc.register(FN_REPORT, 1, reports, "report")
     result = vm.run(timeout=120)
     assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
@@ -100,13 +102,13 @@ def test_sdei_calls_dispatch_and_completion(make_vm, conduit: str) -> None:
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_sdei_signal_to_another_pe_and_shared_routing(make_vm, conduit: str) -> None:
+def test_sdei_signal_to_another_pe_and_shared_routing(make_vm: MakeVm, conduit: str) -> None:
     vm = make_vm(guest_for("sdei_smp", conduit), cpus=2, conduit=conduit)
     sdei = vm.enable_sdei([EventSpec(200, shared=True)])
     reports = Reports()
     raised: list[bool] = []
 
-    def report(call) -> int:  # type: ignore[no-untyped-def]
+    def report(call: SmcccCall) -> int:
         reports(call)
         if reports.values[-1][0] == 2:
             raised.append(sdei.trigger(200))
@@ -122,7 +124,7 @@ def test_sdei_signal_to_another_pe_and_shared_routing(make_vm, conduit: str) -> 
     assert (event, mpidr) == (200, vm.vcpus[1].mpidr)  # routed to cpu1, although cpu0 was unmasked
 
 
-def test_cli_control_socket_and_trace(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_cli_control_socket_and_trace(tmp_path: Path) -> None:
     """`pyvmm run --sdei --control` runs sdei_basic, which at one point spins with interrupts
     masked until event 101 arrives; a second process raises it with `pyvmm sdei signal` once
     `pyvmm sdei status` shows the guest has registered and enabled it."""

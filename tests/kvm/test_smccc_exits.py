@@ -7,26 +7,28 @@ import pytest
 from kvm_bindings.constants import SmcccFilterAction
 from pyvmm.errors import SmcccFilterError
 from pyvmm.smccc import filter as smccc_filter
+from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.filter import FilterRange
-from tests.kvm.conftest import FN_REPORT, SIP32, SIP64, Reports, guest_for
+from pyvmm.smccc.service import Results
+from tests.kvm.conftest import FN_REPORT, SIP32, SIP64, MakeVm, Reports, guest_for
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 @pytest.mark.parametrize("conduit", ["hvc", "smc"])
-def test_forwarded_calls_return_four_values_on_the_vms_conduit(make_vm, conduit: str) -> None:
+def test_forwarded_calls_return_four_values_on_the_vms_conduit(make_vm: MakeVm, conduit: str) -> None:
     vm = make_vm(guest_for("smccc_roundtrip", conduit), conduit=conduit)
     seen: list[tuple[int, str, tuple[int, ...]]] = []
     reports = Reports()
 
-    def sip64(call):  # type: ignore[no-untyped-def]
+    def sip64(call: SmcccCall) -> Results:
         if call.function_id == FN_REPORT:
             return reports(call)
         seen.append((call.function_id, call.conduit, call.args(3)))
         x1, x2, x3 = call.args(3)
         return (0xFEED_FACE_CAFE_BEEF, x1 + 1, x2 + 2, x3 + 3)
 
-    def sip32(call):  # type: ignore[no-untyped-def]
+    def sip32(call: SmcccCall) -> Results:
         seen.append((call.function_id, call.conduit, call.args(1)))
         return (0x1234_5678_9ABC_DEF0, -1)
 
@@ -44,21 +46,21 @@ def test_forwarded_calls_return_four_values_on_the_vms_conduit(make_vm, conduit:
     assert reports.values[2][:2] == (0x9ABC_DEF0, 0xFFFF_FFFF)  # SMC32 results truncated
 
 
-def test_filter_on_reserved_range_is_refused_clearly(make_vm) -> None:
+def test_filter_on_reserved_range_is_refused_clearly(make_vm: MakeVm) -> None:
     vm = make_vm("spin")
     vm.smccc.register(0x8000_0000, 0x10, lambda call: 0, "arch")
     with pytest.raises(SmcccFilterError, match=r"0x80000000-0x8000000f.*reserves"):
         vm.run(timeout=5)
 
 
-def test_kernel_refuses_reserved_range_and_error_names_it(make_vm) -> None:
+def test_kernel_refuses_reserved_range_and_error_names_it(make_vm: MakeVm) -> None:
     vm = make_vm("spin")
     bad = FilterRange(0xC000_0000, 4, SmcccFilterAction.FWD_TO_USER, "arch64")
     with pytest.raises(SmcccFilterError, match=r"0xc0000000-0xc0000003 fwd_to_user \(arch64\).*EEXIST"):
         smccc_filter.install_range(vm.fd, bad)
 
 
-def test_filter_after_a_vcpu_ran_fails_clearly(make_vm) -> None:
+def test_filter_after_a_vcpu_ran_fails_clearly(make_vm: MakeVm) -> None:
     vm = make_vm("spin")
     assert vm.run(timeout=0.5).reason == "timeout"
     late = FilterRange(SIP64, 0x10, SmcccFilterAction.FWD_TO_USER, "late")
@@ -66,7 +68,7 @@ def test_filter_after_a_vcpu_ran_fails_clearly(make_vm) -> None:
         smccc_filter.install_range(vm.fd, late)
 
 
-def test_deny_range_is_answered_by_kvm(make_vm) -> None:
+def test_deny_range_is_answered_by_kvm(make_vm: MakeVm) -> None:
     """A denied range never exits to userspace: the guest gets NOT_SUPPORTED from KVM itself."""
     vm = make_vm("hvc_loop")
     reports = Reports()
@@ -81,7 +83,7 @@ def test_deny_range_is_answered_by_kvm(make_vm) -> None:
     assert vm.smccc.calls == 2  # only the report and SYSTEM_OFF exited to userspace
 
 
-def test_unrouted_id_in_forwarded_range_gets_not_supported(make_vm) -> None:
+def test_unrouted_id_in_forwarded_range_gets_not_supported(make_vm: MakeVm) -> None:
     vm = make_vm("hvc_loop")
     reports = Reports()
     vm.smccc.register(FN_REPORT, 1, reports, "report")
@@ -93,10 +95,10 @@ def test_unrouted_id_in_forwarded_range_gets_not_supported(make_vm) -> None:
     assert vm.smccc.calls == 4  # two calls, the report, SYSTEM_OFF
 
 
-def test_handler_exception_ends_the_run_with_its_message(make_vm) -> None:
+def test_handler_exception_ends_the_run_with_its_message(make_vm: MakeVm) -> None:
     vm = make_vm("hvc_loop")
 
-    def broken(call):  # type: ignore[no-untyped-def]
+    def broken(call: SmcccCall) -> Results:
         raise RuntimeError("bug in the service")
 
     vm.smccc.register(SIP64, 0x10, broken, "broken")

@@ -3,9 +3,10 @@ every forwarded call gets an answer the specifications allow."""
 
 from __future__ import annotations
 
+from pyvmm.smccc.context import TraceEvent
 from pyvmm.smccc.dispatcher import TraceRecord
 from pyvmm.smccc.service import PYVMM_UID
-from tests.kvm.conftest import FN_REPORT, SIP64, Reports
+from tests.kvm.conftest import FN_REPORT, SIP64, MakeVm, Reports
 
 CALLS = 3000
 UID_WORDS = tuple(int.from_bytes(PYVMM_UID[i:i + 4], "little") for i in range(0, 16, 4))
@@ -43,18 +44,19 @@ def conformance_problem(r: TraceRecord) -> str | None:
     return None
 
 
-def test_random_calls_get_conformant_answers(make_vm) -> None:
+def test_random_calls_get_conformant_answers(make_vm: MakeVm) -> None:
     vm = make_vm("smccc_random", cpus=2)
     reports = Reports()
     vm.smccc.register(FN_REPORT, 1, reports, "report")
     vm.smccc.register(SIP64, 0xF0, lambda call: call.function_id & 0xFF, "sip")
-    records: list[TraceRecord] = []
-    vm.smccc.trace = records.append
+    traced: list[TraceRecord | TraceEvent] = []
+    vm.smccc.trace = traced.append
     vm.vcpus[0].set_x(9, CALLS)
     vm.vcpus[0].set_x(10, 0x9E37_79B9_7F4A_7C15)  # generator seed
     result = vm.run(timeout=600)
     assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
 
+    records = [r for r in traced if isinstance(r, TraceRecord)]
     tag, calls, clobbered, *_ = reports.values[-1]
     assert (tag, calls, clobbered) == (1, CALLS, 0)  # all made, x4..x17 preserved across every one
     problems = [(hex(r.function_id), p) for r in records if (p := conformance_problem(r))]

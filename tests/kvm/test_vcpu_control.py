@@ -8,19 +8,20 @@ import time
 import pytest
 
 from pyvmm.errors import GuestMemoryError
-from tests.kvm.conftest import FN_REPORT, Reports
+from pyvmm.vcpu import Vcpu
+from tests.kvm.conftest import FN_REPORT, MakeVm, Reports
 
 
-def test_spinning_guest_is_stopped_within_bounded_time(make_vm) -> None:
+def test_spinning_guest_is_stopped_within_bounded_time(make_vm: MakeVm) -> None:
     vm = make_vm("spin", cpus=2)
     started = time.monotonic()
     result = vm.run(timeout=1.0)
     assert result.reason == "timeout"
     assert time.monotonic() - started < 6.0
-    assert all(not v.thread.is_alive() for v in vm.vcpus)
+    assert all(v.thread is not None and not v.thread.is_alive() for v in vm.vcpus)
 
 
-def test_stop_from_another_thread(make_vm) -> None:
+def test_stop_from_another_thread(make_vm: MakeVm) -> None:
     vm = make_vm("spin")
     threading.Timer(0.5, vm.stop, args=("test asked",)).start()
     result = vm.run(timeout=60)
@@ -28,7 +29,7 @@ def test_stop_from_another_thread(make_vm) -> None:
     assert result.elapsed < 30
 
 
-def test_unmapped_access_is_a_clean_mmio_exit(make_vm) -> None:
+def test_unmapped_access_is_a_clean_mmio_exit(make_vm: MakeVm) -> None:
     vm = make_vm("mmio_unmapped")
     reports = Reports()
     vm.smccc.register(FN_REPORT, 1, reports, "report")
@@ -39,21 +40,21 @@ def test_unmapped_access_is_a_clean_mmio_exit(make_vm) -> None:
     assert accesses == [(0x1000_0000, 4, True, 0xDEADBEEF), (0x1000_0000, 8, False, 0)]
 
 
-def test_unmapped_access_with_stop_policy_is_a_clear_error(make_vm) -> None:
+def test_unmapped_access_with_stop_policy_is_a_clear_error(make_vm: MakeVm) -> None:
     vm = make_vm("mmio_unmapped", unhandled_mmio="stop")
     result = vm.run(timeout=30)
     assert result.reason == "error"
     assert result.message == "guest write of 4 bytes at 0x10000000: no RAM or device there"
 
 
-def test_undecodable_unmapped_access_is_a_clear_error(make_vm) -> None:
+def test_undecodable_unmapped_access_is_a_clear_error(make_vm: MakeVm) -> None:
     vm = make_vm("mmio_nisv")
     result = vm.run(timeout=30)
     assert result.reason == "error"
     assert "0x10000000" in result.message and "cannot decode" in result.message
 
 
-def test_registers_by_name_and_encoding(make_vm) -> None:
+def test_registers_by_name_and_encoding(make_vm: MakeVm) -> None:
     vm = make_vm("spin", cpus=2)
     v0, v1 = vm.vcpus
     assert v0.get_reg("pc") == vm.ram_base
@@ -70,7 +71,7 @@ def test_registers_by_name_and_encoding(make_vm) -> None:
         v0.get_reg("x31")
 
 
-def test_overlapping_and_out_of_range_memory_is_refused(make_vm) -> None:
+def test_overlapping_and_out_of_range_memory_is_refused(make_vm: MakeVm) -> None:
     vm = make_vm("spin")
     with pytest.raises(GuestMemoryError, match="overlaps 0x80000000-0x80ffffff"):
         vm.add_memory(0x80F0_0000, 0x20_0000)
@@ -95,7 +96,7 @@ class RecordingDevice:
         self.log.append(("write", offset, size, value))
 
 
-def test_mmio_exits_reach_the_device_on_the_bus(make_vm) -> None:
+def test_mmio_exits_reach_the_device_on_the_bus(make_vm: MakeVm) -> None:
     vm = make_vm("mmio_unmapped")
     dev = RecordingDevice()
     vm.add_device(0x1000_0000, 0x1000, dev, "recorder")
@@ -107,17 +108,17 @@ def test_mmio_exits_reach_the_device_on_the_bus(make_vm) -> None:
     assert vm.unhandled_mmio.accesses == []
 
 
-def test_device_overlapping_ram_is_refused(make_vm) -> None:
+def test_device_overlapping_ram_is_refused(make_vm: MakeVm) -> None:
     vm = make_vm("spin")
     with pytest.raises(Exception, match="overlaps guest RAM"):
         vm.add_device(vm.ram_base + 0x1000, 0x1000, RecordingDevice(), "bad")
 
 
-def test_request_runs_on_the_vcpu_thread_while_the_guest_spins(make_vm) -> None:
+def test_request_runs_on_the_vcpu_thread_while_the_guest_spins(make_vm: MakeVm) -> None:
     vm = make_vm("spin")
     seen: list[tuple[str, int]] = []
 
-    def look(vcpu) -> None:  # type: ignore[no-untyped-def]
+    def look(vcpu: Vcpu) -> None:
         seen.append((threading.current_thread().name, vcpu.get_reg("pc")))
         vm.stop("looked")
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyvmm.devices.virtio.blk import VirtioBlk
-from tests.kvm.conftest import FN_REPORT, Reports
+from tests.kvm.conftest import FN_REPORT, MakeVm, Reports
 
 ACK_DRIVER_FEATURES_OK = 1 | 2 | 8
 DRIVER_OK, NEEDS_RESET = 4, 0x40
 INT_CONFIG_CHANGE = 2
 
 
-def test_malformed_chains_break_the_device_not_the_vmm(make_vm, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_malformed_chains_break_the_device_not_the_vmm(make_vm: MakeVm, tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
     vm = make_vm("virtio_hostile")

@@ -23,6 +23,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.power import Entry
 from pyvmm.smccc.dispatcher import Dispatcher
 from pyvmm.smccc.service import Service
+from tests.unit.fakes import FakeVcpu
 from tests.unit.virtio_driver import RAM, Driver, FakeVm, FakeVmFd
 
 
@@ -32,17 +33,47 @@ class Recorder:
 
 
 class Part:
-    """A vCPU, a device, the vGIC or a service that records what the life cycle asks of it."""
+    """The vGIC, a device or a vCPU, recording what the life cycle asks of it."""
 
-    def __init__(self, name: str, rec: Recorder, index: int = 0) -> None:
-        self.name, self.rec, self.index = name, rec, index
-        self.thread: threading.Thread | None = None
-        self.quiesces = True
+    def __init__(self, name: str, rec: Recorder) -> None:
+        self.name, self.rec = name, rec
 
     def _note(self, what: str) -> None:
         self.rec.log.append(f"{what} {self.name}")
 
-    # as a vCPU
+    def reset(self) -> None:
+        self._note("reset")
+
+
+class DevicePart(Part):
+    def __init__(self, name: str, rec: Recorder, quiesces: bool = True) -> None:
+        super().__init__(name, rec)
+        self.quiesces = quiesces
+
+    def start(self) -> None:
+        self._note("start")
+
+    def quiesce(self, deadline: float) -> bool:
+        self._note("quiesce")
+        return self.quiesces
+
+    def resume(self) -> None:
+        self._note("resume")
+
+    def stop(self, deadline: float) -> bool:
+        self._note("stop")
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class VcpuPart(Part):
+    def __init__(self, name: str, rec: Recorder, index: int) -> None:
+        super().__init__(name, rec)
+        self.index = index
+        self.thread: threading.Thread | None = None
+
     def start(self) -> None:
         self._note("start")
 
@@ -56,17 +87,6 @@ class Part:
         self._note("reset")
 
     def leave_guest(self) -> None:
-        pass
-
-    # as a device
-    def quiesce(self, deadline: float) -> bool:
-        self._note("quiesce")
-        return self.quiesces
-
-    def resume(self) -> None:
-        self._note("resume")
-
-    def close(self) -> None:
         pass
 
 
@@ -107,12 +127,12 @@ def test_a_reset_quiesces_devices_then_resets_the_vgic_then_reloads() -> None:
     smccc = Dispatcher()
     smccc.add_service(RecordingService(rec))
     life = Lifecycle(ram, RecordingLines(rec), smccc, lambda: None)
-    life.vcpus = [Part("vcpu0", rec), Part("vcpu1", rec, 1)]
+    life.vcpus = [VcpuPart("vcpu0", rec, 0), VcpuPart("vcpu1", rec, 1)]
     life.gic = Part("vgic", rec)
-    life.devices = [Part("blk", rec), Part("net", rec)]
+    life.devices = [DevicePart("blk", rec), DevicePart("net", rec)]
     life.images = [BlobImage(RAM, b"kernel")]
     life.boot = Entry(RAM, 0)
-    life.request_reset(Part("caller", rec), "SYSTEM_RESET")
+    life.request_reset(FakeVcpu(), "SYSTEM_RESET")
     rec.log.clear()
     life._reset()
     ram.close()
@@ -131,9 +151,7 @@ def test_a_device_that_will_not_quiesce_ends_the_run_instead_of_resetting() -> N
     rec = Recorder()
     ram = GuestMemory()
     life = Lifecycle(ram, InterruptLines(FakeVmFd()), Dispatcher(), lambda: None)
-    stuck = Part("blk", rec)
-    stuck.quiesces = False
-    life.devices = [stuck]
+    life.devices = [DevicePart("blk", rec, quiesces=False)]
     life._reset()
     assert not rec.log[-1].startswith("load") and life.resets == 0
     result = life._result
@@ -182,8 +200,13 @@ def test_register_accesses_do_not_wait_behind_device_io(vm: FakeVm) -> None:
     d.queues[0].kick()
     assert dev.busy.wait(5)  # the worker is inside a request
     # what a vCPU does meanwhile: select a queue, write the features select, read status and ISR
-    t = in_thread(lambda: (d.write(reg.QUEUE_SEL, 0), d.write(reg.DEVICE_FEATURES_SEL, 1),
-                           d.read(reg.STATUS), d.read(reg.INTERRUPT_STATUS)))
+    def registers() -> None:
+        d.write(reg.QUEUE_SEL, 0)
+        d.write(reg.DEVICE_FEATURES_SEL, 1)
+        d.read(reg.STATUS)
+        d.read(reg.INTERRUPT_STATUS)
+
+    t = in_thread(registers)
     t.join(2)
     assert not t.is_alive(), "a register access waited for the device's I/O"
     # a reset does wait: the rings may not go while a request uses them (§2.4.1)
@@ -221,10 +244,10 @@ def test_the_worker_survives_an_unexpected_exception(vm: FakeVm, monkeypatch: py
     real_read = os.eventfd_read
 
     def failing_read(fd: int) -> int:
-        monkeypatch.setattr(reg.os, "eventfd_read", real_read)
+        monkeypatch.setattr(os, "eventfd_read", real_read)
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(reg.os, "eventfd_read", failing_read)
+    monkeypatch.setattr(os, "eventfd_read", failing_read)
     d.queues[0].add([b"x"], [])
     d.queues[0].kick()
     d.wait_broken()

@@ -27,19 +27,19 @@ class Chain:
     @property
     def readable(self) -> list[memoryview]:
         if self._readable is None:
-            self._views()
-        return self._readable  # type: ignore[return-value]
+            self._readable, self._writable = self._views()
+        return self._readable
 
     @property
     def writable(self) -> list[memoryview]:
         if self._writable is None:
-            self._views()
-        return self._writable  # type: ignore[return-value]
+            self._readable, self._writable = self._views()
+        return self._writable
 
-    def _views(self) -> None:
+    def _views(self) -> tuple[list[memoryview], list[memoryview]]:
         assert self.iov is not None
         views = [self.view(k) for k in range(len(self.iov) // IOVEC.size)]
-        self._readable, self._writable = views[:self.nr_readable], views[self.nr_readable:]
+        return views[:self.nr_readable], views[self.nr_readable:]
 
     def view(self, k: int) -> memoryview:
         """Buffer `k` of an iov chain as a memoryview."""
@@ -51,7 +51,8 @@ class Chain:
     def length(self, k: int) -> int:
         """The length of buffer `k` of an iov chain."""
         assert self.iov is not None
-        return IOVEC.unpack_from(self.iov, k * IOVEC.size)[1]  # type: ignore[no-any-return]
+        length: int = IOVEC.unpack_from(self.iov, k * IOVEC.size)[1]
+        return length
 
     @property
     def readable_len(self) -> int:
