@@ -119,23 +119,30 @@ at() {
         | awk '{ print $1 * 60 + $2 }'
 }
 
-# Phases of a command's log: "name ERE name ERE ... name" -> "name 1m05s, name 0m20s, ..." where each
-# phase runs from its marker (the start for the first) to the next one found (or the end).
+# Phases of a command's log: "name ERE name ERE ... name" -> "name 1m05s, name 0m20s, ...". The
+# first phase starts with the command, each later one at the first line matching the ERE before
+# its name, and lasts until the next phase that started (or the end); "-" if it never started.
 phases() {
-    local log=$1 total=$2 name=$3 start=0 out= t
+    local log=$1 total=$2 i j names=("$3") starts=(0) out= end
     shift 3
     while [ $# -ge 2 ]; do
-        t=$(at "$log" "$1")
-        if [ -n "$t" ]; then
-            out+="${out:+, }$name $(mmss $((t - start)))"
-            start=$t
-        else
-            out+="${out:+, }$name -"   # not reached (or skipped)
-        fi
-        name=$2
+        starts+=("$(at "$log" "$1")")
+        names+=("$2")
         shift 2
     done
-    echo "$out${out:+, }$name $(mmss $((total - start)))"
+    for ((i = 0; i < ${#names[@]}; i++)); do
+        out+="${out:+, }${names[i]} "
+        if [ -z "${starts[i]}" ]; then
+            out+="-"
+            continue
+        fi
+        end=$total
+        for ((j = i + 1; j < ${#names[@]}; j++)); do
+            [ -n "${starts[j]}" ] && { end=${starts[j]}; break; }
+        done
+        out+=$(mmss $((end - starts[i])))
+    done
+    echo "$out"
 }
 
 # --- 1. the root --------------------------------------------------------------------------------
