@@ -139,6 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pyvmm.console import ConsoleInput
     from pyvmm.control import ControlServer
     from pyvmm.devices.virtio import CLI_DEVICES
+    from pyvmm.lifecycle import threads_left_running
     from pyvmm.services.loader import load_service_module, parse_range
     from pyvmm.services.sdei import parse_event
     from pyvmm.smccc.trace import TracePrinter
@@ -191,10 +192,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             console_in.stop()
             if control is not None:
                 control.close()
-    if result.reason == "poweroff":
-        return EXIT_OK
-    print(f"pyvmm: guest ended: {result}", file=sys.stderr)
-    return {"timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(result.reason, EXIT_GUEST)
+    status = EXIT_OK if result.reason == "poweroff" else {"timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(
+        result.reason, EXIT_GUEST)
+    if status != EXIT_OK:
+        print(f"pyvmm: guest ended: {result}", file=sys.stderr)
+    if threads_left_running():
+        # a thread that would not stop (a service handler that never returns) is running user
+        # code: do not tear the interpreter down under it, leave now with the run's status
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def cmd_sdei(args: argparse.Namespace) -> int:

@@ -53,6 +53,11 @@ STOP_GRACE = 5.0  # seconds a thread gets to end once asked
 _kept_alive: list[ExitStack] = []
 
 
+def threads_left_running() -> bool:
+    """Whether a closed machine left a thread running (its resources are kept alive)."""
+    return bool(_kept_alive)
+
+
 class RunResult:
     """Why a run ended. `reason`: poweroff, reset, crash, suspend, halted, timeout, stopped or error."""
 

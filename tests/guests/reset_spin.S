@@ -6,11 +6,7 @@
     .global _start
 _start:
     msr daifset, #0xf
-    adr x19, _start
-    add x19, x19, #0x10, lsl #12
-    ldr w20, [x19]
-    add w20, w20, #1
-    str w20, [x19]
+    count_boot
     cmp w20, #1
     b.ne 1f
     psci PSCI_SYSTEM_RESET

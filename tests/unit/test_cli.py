@@ -87,3 +87,27 @@ def test_service_module_errors_are_one_line(tmp_path: Path) -> None:
 def test_bad_conduit_is_a_usage_error() -> None:
     p = run_cli("run", "-f", "x", "--psci-conduit", "svc")
     assert p.returncode == cli.EXIT_USAGE and "invalid choice: 'svc'" in p.stderr
+
+
+def test_version() -> None:
+    p = run_cli("--version")
+    assert (p.returncode, p.stdout.strip()) == (0, "pyvmm 0.1.0")
+
+
+def test_check_off_arm64_says_the_host_is_not_arm64(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr("pyvmm.cli.os.uname", lambda: os.uname_result(("Linux", "h", "6.18.0", "1", "x86_64")))
+    assert cli.main(["check"]) == cli.EXIT_ERROR
+    out = capsys.readouterr().out
+    assert "this host is x86_64" in out and "`make demo`" in out
+    assert "SMCCC filter" not in out and "6.4" not in out  # not a kernel-version complaint
+
+
+def test_virtio_devices_bring_their_own_options() -> None:
+    """Each device type in CLI_DEVICES adds its options to `pyvmm run`, in kvmtool's order."""
+    from pyvmm.devices.virtio import CLI_DEVICES, VirtioBlk, VirtioConsole, VirtioNet, VirtioRng
+
+    assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet)
+    help_text = run_cli("run", "--help").stdout
+    for flag in ("--disk", "--console", "--rng", "--network"):
+        assert flag in help_text

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from devicetree.builder import build_dtb
+from devicetree.builder import Node, build_dtb
 from devicetree.machvirt import machine_tree
 from pyvmm.devices.serial import SerialPort
 from pyvmm.devices.virtio.device import VirtioDevice
@@ -204,3 +204,23 @@ def test_schemas_reject_a_tree_that_breaks_the_binding(processed_schemas: Path, 
     assert validate(dts).strip() == ""  # the tree as generated passes
     report = validate(breakage(dts))
     assert expected in report and f"http://devicetree.org/schemas/{schema}" in report, report
+
+
+class VendorFirmware(Service):
+    """A service of someone's own that the guest finds through the device tree."""
+
+    name = "vendor firmware"
+
+    def dt_node(self) -> tuple[str, Node]:
+        return "/firmware", Node("vendor-fw", {"compatible": "vendor,firmware", "method": "hvc"})
+
+
+def test_a_service_adds_its_own_node() -> None:
+    board = Board(1, sdei=True)
+    try:
+        board.services.append(VendorFirmware())
+        dts = decompile(board.dtb())
+    finally:
+        board.close()
+    firmware = dts[dts.index("firmware {"):]
+    assert "sdei {" in firmware and "vendor-fw {" in firmware and 'compatible = "vendor,firmware";' in firmware

@@ -12,3 +12,5 @@ from pyvmm.devices.virtio.rng import VirtioRng
 # The device types `pyvmm run` offers, in kvmtool's order of attachment: disks, console, entropy,
 # network. A new device type: its module, and one line here.
 CLI_DEVICES: tuple[type[VirtioDevice], ...] = (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet)
+
+__all__ = ["CLI_DEVICES", "VirtioBlk", "VirtioConsole", "VirtioDevice", "VirtioNet", "VirtioRng"]
