@@ -155,10 +155,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise VmmError("--sdei-event declares SDEI events: add --sdei")
     events = [parse_event(e) for e in args.sdei_event]
     host = HostConsole()
-    devices = [d for device_type in CLI_DEVICES for d in device_type.from_args(args, host)]
     with Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output) as vm:
-        for device in devices:
-            vm.add_virtio(device)
+        for device_type in CLI_DEVICES:  # the VM closes them, whatever happens next
+            for device in device_type.from_args(args, host):
+                vm.add_virtio(device)
         for m in added:
             vm.smccc.register(m.base, m.size, m.handle, m.name)
         for m in replacing:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 from kvm_bindings.constants import SystemEvent
 from pyvmm.devices.bus import MmioBus
@@ -51,7 +51,6 @@ class MachineExits:
         self._smccc, self._bus, self._unhandled, self._lifecycle = smccc, bus, unhandled, lifecycle
         self.hypercall = smccc.dispatch  # the hot path: no frame of our own
         self.vcpus: Sequence[Vcpu] = ()
-        self.before_power_on: Callable[[Vcpu], None] | None = None  # hook: a vCPU is about to boot (tests)
 
     def mmio(self, vcpu: Vcpu, ex: MmioExit) -> None:
         m = self._bus.find(ex.addr, ex.size)
@@ -60,7 +59,7 @@ class MachineExits:
             if ex.is_write:
                 m.device.write(off, ex.size, ex.data)
             else:
-                complete_mmio_read(vcpu.fd.mmap, m.device.read(off, ex.size), ex.size)
+                complete_mmio_read(vcpu.kvm_run, m.device.read(off, ex.size), ex.size)
             return
         access = f"{'write' if ex.is_write else 'read'} of {ex.size} bytes at {ex.addr:#x}"
         if self._unhandled.policy == "stop":
@@ -69,7 +68,7 @@ class MachineExits:
             self._unhandled.accesses.append(ex)
             log.warning("vcpu%d: %s hits no RAM or device (reads as 0, writes ignored)", vcpu.index, access)
         if not ex.is_write:
-            complete_mmio_read(vcpu.fd.mmap, 0, ex.size)
+            complete_mmio_read(vcpu.kvm_run, 0, ex.size)
 
     def system_event(self, vcpu: Vcpu, ex: SystemEventExit) -> bool:
         """KVM's own PSCI (psci=False) or a guest crash: the run ends. False: this vCPU stops."""
@@ -91,9 +90,6 @@ class MachineExits:
         raise GuestError(f"unhandled KVM exit {ex}")
 
     def booting(self, vcpu: Vcpu) -> None:
-        hook = self.before_power_on
-        if hook is not None:
-            hook(vcpu)
         self._smccc.power_on(vcpu)  # services' per-PE state starts over (SDEI)
 
     def woken(self, vcpu: Vcpu) -> None:

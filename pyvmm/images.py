@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.errors import VmmError
 from pyvmm.memory import GuestMemory
 
 
-@dataclass(frozen=True)
-class BlobImage:
+class BlobImage(NamedTuple):
     """Bytes pyvmm made (the device tree)."""
 
     gpa: int
@@ -20,8 +19,7 @@ class BlobImage:
         memory.write(self.gpa, self.data)
 
 
-@dataclass(frozen=True)
-class FileImage:
+class FileImage(NamedTuple):
     """`size` bytes of a file (kernel, initrd, firmware), read straight into guest RAM."""
 
     gpa: int

@@ -65,7 +65,7 @@ class InterruptLines:
         self._lines: dict[int, IrqLine] = {}  # by INTID
         self._irqfds: dict[int, IrqFd] = {}
         self._next_spi = 0
-        self.interceptor: Interceptor | None = None  # SDEI's, while it is enabled
+        self._interceptor: Interceptor | None = None  # SDEI's, while it is enabled
 
     def _allocate_spi(self) -> int:
         spi = self._next_spi
@@ -92,8 +92,12 @@ class InterruptLines:
         line = self._irqfds[SPI_BASE + spi] = IrqFd(spi, fd)
         return line
 
+    def intercept(self, interceptor: Interceptor) -> None:
+        """Offer every level change to `interceptor` first; what it takes skips the vGIC."""
+        self._interceptor = interceptor
+
     def drive(self, line: IrqLine, level: bool) -> None:
-        interceptor = self.interceptor
+        interceptor = self._interceptor
         if interceptor is not None and interceptor(line.intid, level):
             return
         self.to_gic(line.intid, level)
@@ -102,10 +106,6 @@ class InterruptLines:
         """KVM_IRQ_LINE for an SPI: irq_type SPI, irq_id = INTID (Documentation/virt/kvm/api.rst)."""
         with self._lock:  # one line's level changes reach KVM in the order they were made
             self._fd.irq_line((KVM_ARM_IRQ_TYPE_SPI << KVM_ARM_IRQ_TYPE_SHIFT) | intid, int(level))
-
-    def is_high(self, intid: int) -> bool:
-        line = self._lines.get(intid)
-        return line is not None and line.level
 
     def is_irqfd(self, intid: int) -> bool:
         return intid in self._irqfds

@@ -57,6 +57,7 @@ GICD_IROUTER = 0x6000  # GICv3, 8 bytes per INTID
 GICR_SGI_BASE = 0x1_0000  # a GICv3 redistributor's SGI frame, where its SGI/PPI registers live
 ALL = 0xFFFF_FFFF
 SGIS = 0xFFFF  # INTIDs 0-15
+EDGE = 0xAAAA_AAAA  # GICD_ICFGR: Int_config[1] set for each of 16 interrupts, edge-triggered
 # GICv3 CPU interface: ICC_*_EL1 as op0:op1:CRn:CRm:op2 (KVM_DEV_ARM_VGIC_GRP_CPU_SYSREGS)
 ICC_PMR, ICC_BPR0, ICC_BPR1, ICC_CTLR = 0xC230, 0xC643, 0xC663, 0xC664
 ICC_IGRPEN0, ICC_IGRPEN1 = 0xC666, 0xC667
@@ -91,8 +92,12 @@ class Gic:
         else:
             self.cpu_base = self.dist_base - GIC_CPUI_SIZE
             regions = ((KVM_VGIC_V2_ADDR_TYPE_DIST, self.dist_base), (KVM_VGIC_V2_ADDR_TYPE_CPU, self.cpu_base))
-        for kind, base in regions:
-            self.dev.set_device_attr_u64(KVM_DEV_ARM_VGIC_GRP_ADDR, kind, base, f"GIC region {kind} at {base:#x}")
+        try:
+            for kind, base in regions:
+                self.dev.set_device_attr_u64(KVM_DEV_ARM_VGIC_GRP_ADDR, kind, base, f"GIC region {kind} at {base:#x}")
+        except BaseException:
+            self.dev.close()
+            raise
 
     @property
     def regions(self) -> list[tuple[int, int, str]]:
@@ -143,7 +148,7 @@ class Gic:
             dist(GICD_ISPENDR + at, 0)  # from userspace ISPENDR sets the pending latch to the value
             dist(GICD_IGROUPR + at, ALL)
             for k in range(2):
-                dist(GICD_ICFGR + 2 * at + 4 * k, 0)
+                dist(GICD_ICFGR + 2 * at + 4 * k, EDGE)
             for k in range(8):
                 dist(GICD_IPRIORITYR + 8 * at + 4 * k, 0)
             self.dev.set_device_attr_u32(KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO, 32 * word, 0, "GIC LEVEL_INFO")
@@ -173,7 +178,7 @@ class Gic:
                                (GICD_IGROUPR, 0)):
                 dist(reg + at, value)
             for k in range(2):
-                dist(GICD_ICFGR + 2 * at + 4 * k, 0)
+                dist(GICD_ICFGR + 2 * at + 4 * k, EDGE)
             for k in range(8):
                 dist(GICD_IPRIORITYR + 8 * at + 4 * k, 0)
                 dist(GICD_ITARGETSR + 8 * at + 4 * k, 0)

@@ -24,7 +24,6 @@ from kvm_bindings.constants import (
     KVM_API_VERSION,
     KVM_ARM_VM_SMCCC_CTRL,
     KVM_ARM_VM_SMCCC_FILTER,
-    KVM_CREATE_DEVICE_TEST,
     Cap,
 )
 from kvm_bindings.regs import CORE_REGS
@@ -156,18 +155,13 @@ class VmFd(DeviceAttrs):
         return init.target, list(init.features)
 
     def create_vcpu(self, index: int) -> VcpuFd:
-        fd = _ioctl(self.fd, io.KVM_CREATE_VCPU, index, f"vcpu {index}")
-        return VcpuFd(fd, self.kvm.vcpu_mmap_size())
+        size = self.kvm.vcpu_mmap_size()
+        return VcpuFd(_ioctl(self.fd, io.KVM_CREATE_VCPU, index, f"vcpu {index}"), size)
 
     def create_device(self, dev_type: int) -> DeviceFd:
         d = ffi.new("struct kvm_create_device *", {"type": dev_type, "flags": 0})
         _ioctl(self.fd, io.KVM_CREATE_DEVICE, d, f"device type {dev_type}")
         return DeviceFd(d.fd)
-
-    def probe_device(self, dev_type: int) -> None:
-        """KVM_CREATE_DEVICE_TEST: raises if this KVM cannot make such a device."""
-        d = ffi.new("struct kvm_create_device *", {"type": dev_type, "flags": KVM_CREATE_DEVICE_TEST})
-        _ioctl(self.fd, io.KVM_CREATE_DEVICE, d, f"device type {dev_type}")
 
     def irq_line(self, irq: int, level: int) -> None:
         _ioctl(self.fd, io.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))
@@ -195,7 +189,11 @@ class VcpuFd(DeviceAttrs):
 
     def __init__(self, fd: int, mmap_size: int) -> None:
         self.fd = fd
-        self.mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            self.mmap = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            os.close(fd)
+            raise KvmIoctlError("mmap of kvm_run", e.errno or 0) from None
         self.run_struct = ffi.from_buffer("struct kvm_run *", self.mmap)
         self._val = ffi.new("uint64_t *")
         self._val_addr = int(ffi.cast("uintptr_t", self._val))

@@ -12,8 +12,9 @@
                write into guest RAM (a disk read or a received frame must not land in the new
                guest's memory);
             3. the vGIC goes back to its state after initialisation (nothing enabled, pending or
-               active), firmware services (PSCI, SDEI) to theirs, every interrupt line low;
-            4. every device is reset (virtio: as if the driver wrote status 0; the UART);
+               active), firmware services (PSCI, SDEI) to theirs;
+            4. every device is reset (virtio: as if the driver wrote status 0; the UART), then
+               every interrupt line is lowered;
             5. the images are loaded into RAM again;
             6. every vCPU is re-initialised (vCPU 0 at the boot entry, the others off);
             7. devices resume, vCPU threads start.
@@ -28,7 +29,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import sysconfig
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +56,10 @@ _kept_alive: list[ExitStack] = []
 def threads_left_running() -> bool:
     """Whether a closed machine left a thread running (its resources are kept alive)."""
     return bool(_kept_alive)
+
+
+def _message(e: BaseException) -> str:
+    return str(e) if isinstance(e, VmmError) else f"internal error: {type(e).__name__}: {e}"
 
 
 class RunResult:
@@ -87,6 +91,9 @@ class MachineDevice(Protocol):
     def start(self) -> None:
         """The run begins (start workers)."""
 
+    def release_waiters(self) -> None:
+        """The vCPUs are about to be stopped: none may go on waiting for this device."""
+
     def quiesce(self, deadline: float) -> bool:
         """Until resume(): nothing in flight, nothing touches guest RAM. False: not stopped by
         `deadline` (time.monotonic())."""
@@ -99,9 +106,6 @@ class MachineDevice(Protocol):
 
     def stop(self, deadline: float) -> bool:
         """The run is over: every thread of the device has ended (False: one had not by `deadline`)."""
-
-    def close(self) -> None:
-        """Release fds and guest-RAM views (only after stop() returned True)."""
 
 
 class MachineVcpu(Protocol):
@@ -128,6 +132,8 @@ class IrqChip(Protocol):
 def where(thread: threading.Thread) -> str:
     """The function and line a thread is running, outside the standard library (to report one
     that will not stop: the user's handler, not the Event.wait it sits in)."""
+    import sysconfig  # only here: a failure's report, kept off start-up
+
     frame = sys._current_frames().get(thread.ident or -1)
     stdlib = sysconfig.get_paths()["stdlib"]
     while frame is not None and frame.f_back is not None and frame.f_code.co_filename.startswith(stdlib):
@@ -158,6 +164,12 @@ class Lifecycle:
         self._closed = False
         self._stuck: set[MachineVcpu] = set()  # vCPU threads that would not stop (reported once)
 
+    def add_device(self, device: MachineDevice) -> None:
+        self.devices.append(device)
+
+    def add_image(self, image: Image) -> None:
+        self.images.append(image)
+
     # --- run -------------------------------------------------------------------------------
     def run(self, timeout: float | None = None) -> RunResult:
         """Run until the guest powers off or fails, stop() is called, or `timeout` seconds pass
@@ -168,11 +180,11 @@ class Lifecycle:
         self.ran = True
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
-        for d in self.devices:
-            d.start()
-        for v in self.vcpus:
-            v.start()
         try:
+            for d in self.devices:
+                d.start()
+            for v in self.vcpus:
+                v.start()
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not self._done.wait(left):
@@ -187,6 +199,8 @@ class Lifecycle:
                 self._reset()
         except KeyboardInterrupt:
             self.finish(RunResult("stopped", "interrupted"))
+        except Exception as e:  # starting a thread, or a reset step: the run ends with its message
+            self.finish(RunResult("error", _message(e)))
         finally:
             stuck = self._stop_vcpus()
             for fn in self.on_run_end:
@@ -201,22 +215,30 @@ class Lifecycle:
     def _reset(self) -> None:
         """SYSTEM_RESET: the steps of the module's docstring, in order."""
         stuck = self._stop_vcpus()
+        with self._lock:  # every vCPU has stopped: a second SYSTEM_RESET of the old boot is this one
+            self._reset_pending = None
+            if self._result is None:
+                self._done.clear()
         deadline = time.monotonic() + STOP_GRACE
         stuck += [f"{d.name} did not quiesce within {STOP_GRACE:g} s" for d in self.devices
                   if not d.quiesce(deadline)]
         if stuck:
             self.finish(RunResult("error", "the guest's reset failed: " + "; ".join(stuck)))
             return
-        if self.gic is not None:
-            self.gic.reset()
-        self._smccc.reset()
-        self._lines.lower_all()
-        for d in self.devices:
-            d.reset()
-        for image in self.images:
-            image.load(self._memory)
-        for v in self.vcpus:
-            v.reset(self.boot)
+        try:
+            if self.gic is not None:
+                self.gic.reset()
+            self._smccc.reset()
+            for d in self.devices:
+                d.reset()
+            self._lines.lower_all()  # after the devices: none of them drives a line any more
+            for image in self.images:
+                image.load(self._memory)
+            for v in self.vcpus:
+                v.reset(self.boot)
+        except Exception as e:
+            self.finish(RunResult("error", f"the guest's reset failed: {_message(e)}"))
+            return
         self.resets += 1
         for d in self.devices:
             d.resume()
@@ -225,6 +247,8 @@ class Lifecycle:
 
     def _stop_vcpus(self) -> list[str]:
         """Ask every vCPU thread to end and wait (once) for each; the ones newly found stuck."""
+        for d in self.devices:  # a vCPU in a device's register write must not wait on it
+            d.release_waiters()
         for v in self.vcpus:
             v.stop()
         deadline = time.monotonic() + STOP_GRACE

@@ -86,6 +86,7 @@ class Vcpu:
         self.x0_value = fd.x0_value
         self.write_x0 = fd.write_x0
         self.failed = fd.failed
+        self.kvm_run = fd.mmap  # where an MMIO load's result goes (exits.complete_mmio_read)
         self.init(powered_off=index > 0)
         self.mpidr = self.get_reg("mpidr_el1")  # fixed by KVM from the vCPU index
 
@@ -188,9 +189,13 @@ class Vcpu:
     # --- the thread ------------------------------------------------------------------------
     def start(self) -> None:
         self._stop = False
-        # queued requests run before the guest does (a request() made while stopped only set
-        # immediate_exit; clearing it here would leave them waiting for the guest's next exit)
-        self.fd.run_struct.immediate_exit = 1 if self._requests else 0
+        # queued requests run before the guest does: a request() made while stopped only set
+        # immediate_exit, so clearing it would leave them waiting for the guest's next exit.
+        # Cleared first, then set again if any is queued, so that one queued in between counts.
+        run = self.fd.run_struct
+        run.immediate_exit = 0
+        if self._requests:
+            run.immediate_exit = 1
         self.thread = threading.Thread(target=self._thread_main, name=f"vcpu{self.index}", daemon=True)
         self.thread.start()
 
@@ -306,8 +311,6 @@ class Vcpu:
             if requests:
                 run.immediate_exit = 1  # KVM completes the exit, returns EINTR, then they run
 
-    def close(self) -> None:
-        self.fd.close()
 
 
 def _reg_id(name: str) -> int:

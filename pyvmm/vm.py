@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
-from devicetree.machvirt import DtPart, machine_tree
 from kvm_bindings.constants import KVM_MEM_READONLY, Cap
 from pyvmm.console import ConsoleOutput
 from pyvmm.devices.bus import MmioBus, MmioDevice
@@ -38,6 +37,7 @@ from pyvmm.vcpu import Vcpu, install_kick_handler
 
 if TYPE_CHECKING:
     from devicetree.builder import Node
+    from devicetree.machvirt import DtPart
     from pyvmm.devices.virtio.device import VirtioDevice
     from pyvmm.devices.virtio.mmio import VirtioMmio
     from pyvmm.services.psci import Psci
@@ -123,19 +123,22 @@ class Vm:
             self.lifecycle.on_run_end.append(out.flush)
         self.serial = SerialPort(out, self.lines.line())
         self.add_device(self.serial.base, self.serial.size, self.serial.uart, "uart", dt=self.serial)
-        self.lifecycle.devices.append(self.serial)
+        self.lifecycle.add_device(self.serial)
         self.virtio: list[VirtioMmio] = []
         self.service_context = ServiceContext(self.vcpus, self.memory, self.lifecycle, conduit, self.smccc.emit,
                                               self.lines)
         self.sdei: Sdei | None = None  # enable_sdei()
         self.psci: Psci | None = None
+        from pyvmm.services.psci import KvmPsci, Psci
+
         if psci:
-            from pyvmm.services.psci import Psci
             from pyvmm.services.std_hyp import StandardHypervisor
 
             self.psci = Psci(self.service_context)
             self.smccc.add_service(self.psci)
             self.smccc.add_service(StandardHypervisor())
+        else:
+            self.smccc.add_service(KvmPsci(conduit))
 
     # --- building ------------------------------------------------------------------------
     def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> None:
@@ -146,7 +149,8 @@ class Vm:
                                        KVM_MEM_READONLY if readonly else 0)
 
     def add_device(self, base: int, size: int, device: MmioDevice, name: str, dt: DtPart | None = None) -> None:
-        """Put `device` on the MMIO bus; `dt`, if given, contributes its node (dt_node(phandles))."""
+        """Put `device` on the MMIO bus; `dt`, if given, contributes its node (dt_node(phandles)).
+        A device with state of its own takes part in resets with vm.lifecycle.add_device()."""
         for r in self.memory.regions:
             if r.overlaps(base, size):
                 raise VmmError(f"device {name} at {base:#x}+{size:#x} overlaps guest RAM {r.gpa:#x}+{r.size:#x}")
@@ -156,16 +160,21 @@ class Vm:
 
     def add_virtio(self, device: VirtioDevice) -> VirtioMmio:
         """Attach a virtio device on its own virtio-mmio transport, at the next of kvmtool's
-        virtio-mmio slots (0x3000000 + 0x200 * n) with the next SPI."""
+        virtio-mmio slots (0x3000000 + 0x200 * n) with the next SPI. The VM owns the device from
+        here on: it is closed with the VM, or at once if it cannot be attached."""
         from pyvmm.devices.virtio.mmio import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio
 
-        if self.lifecycle.ran:
-            raise VmmError("add devices before the VM first runs")
-        base = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE * len(self.virtio)
-        transport = VirtioMmio(device, base, self.memory, self.lines.irqfd(), self.fd.ioeventfd)
+        try:
+            if self.lifecycle.ran:
+                raise VmmError("add devices before the VM first runs")
+            base = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE * len(self.virtio)
+            transport = VirtioMmio(device, base, self.memory, self.lines.irqfd(), self.fd.ioeventfd)
+        except BaseException:
+            device.close()
+            raise
         self._resources.callback(transport.close)
         self.add_device(base, VIRTIO_MMIO_SIZE, transport, transport.name, dt=transport)
-        self.lifecycle.devices.append(transport)
+        self.lifecycle.add_device(transport)
         self.virtio.append(transport)
         return transport
 
@@ -175,7 +184,7 @@ class Vm:
         /firmware/sdei on the VM's conduit."""
         from pyvmm.services.sdei import Sdei
 
-        if self.lifecycle.ran:
+        if self._filter_installed:
             raise VmmError("enable SDEI before the VM first runs (the SMCCC filter is fixed then)")
         if self.sdei is not None:
             raise VmmError("SDEI is already enabled on this VM")
@@ -204,7 +213,7 @@ class Vm:
 
     def _add_image(self, image: Image) -> None:
         image.load(self.memory)
-        self.lifecycle.images.append(image)
+        self.lifecycle.add_image(image)
 
     def set_boot(self, entry: int, x0: int = 0) -> None:
         """Boot vCPU 0 at `entry` in EL1h with DAIF masked and x0 = `x0` (booting.rst)."""
@@ -216,6 +225,8 @@ class Vm:
     def device_tree(self, *, bootargs: str = "", initrd: tuple[int, int] | None = None,
                     stdout: str | None = None) -> Node:
         """The machine's device tree, assembled from its parts (see devicetree/machvirt.py)."""
+        from devicetree.machvirt import machine_tree
+
         firmware = [node for s in self.smccc.services if (node := s.dt_node()) is not None]
         return machine_tree(cpus=[v.mpidr for v in self.vcpus], memory=[(r.gpa, r.size) for r in self.memory.regions],
                             gic=self.gic, devices=self.dt_parts, firmware=firmware, bootargs=bootargs,
@@ -226,6 +237,7 @@ class Vm:
         """Install the filter the dispatcher's routes call for (run() does this if not yet done)."""
         if not self._filter_installed:
             smccc_filter.install(self.fd, self.smccc.filter_ranges())
+            self.smccc.freeze()
             self._filter_installed = True
 
     _filter_installed = False
@@ -244,15 +256,6 @@ class Vm:
     def resets(self) -> int:
         """How many times the guest has been reset within the run."""
         return self.lifecycle.resets
-
-    @property
-    def before_power_on(self) -> Callable[[Vcpu], None] | None:
-        """A hook called on a vCPU's thread just before it boots from a CPU_ON (tests)."""
-        return self._exits.before_power_on
-
-    @before_power_on.setter
-    def before_power_on(self, hook: Callable[[Vcpu], None] | None) -> None:
-        self._exits.before_power_on = hook
 
     # --- teardown ------------------------------------------------------------------------
     def close(self) -> None:

@@ -33,6 +33,9 @@ class SerialPort:
     def start(self) -> None:
         pass
 
+    def release_waiters(self) -> None:
+        pass
+
     def quiesce(self, deadline: float) -> bool:
         return True
 
@@ -44,6 +47,3 @@ class SerialPort:
 
     def stop(self, deadline: float) -> bool:
         return True
-
-    def close(self) -> None:
-        pass

@@ -74,9 +74,7 @@ class Psci(Service):
         return Power(x0).name if x0 in Power._value2member_map_ else self.describe_result(x0)
 
     def dt_node(self) -> tuple[str, Node]:
-        # Documentation/devicetree/bindings/arm/psci.yaml: PSCI 1.0+ firmware is compatible with
-        # 0.2; only the conduit is needed (function IDs are the standard ones)
-        return "/", Node("psci", {"compatible": ["arm,psci-1.0", "arm,psci-0.2"], "method": self.ctx.conduit})
+        return psci_node(self.ctx.conduit)
 
     # --- helpers -----------------------------------------------------------------------------
     def _target(self, call: SmcccCall, affinity: int) -> ServiceVcpu | None:
@@ -182,3 +180,23 @@ class Psci(Service):
             return INVALID_PARAMETERS  # no vendor-specific reset types
         self.ctx.system.request_reset(call.vcpu, "PSCI SYSTEM_RESET2 (warm reset)")
         return NO_RESULT
+
+
+class KvmPsci(Service):
+    """KVM's own PSCI, when pyvmm does not serve PSCI (Vm(psci=False)): no function is forwarded,
+    but the guest still finds PSCI, and so its CPUs' enable-method, through the device tree.
+    KVM answers HVC and SMC #0 alike (arch/arm64/kvm/hypercalls.c)."""
+
+    name = "KVM PSCI"
+
+    def __init__(self, conduit: str) -> None:
+        self.conduit = conduit
+
+    def dt_node(self) -> tuple[str, Node]:
+        return psci_node(self.conduit)
+
+
+def psci_node(conduit: str) -> tuple[str, Node]:
+    """/psci (Documentation/devicetree/bindings/arm/psci.yaml): PSCI 1.0+ firmware is compatible
+    with 0.2, and only the conduit is needed (the function IDs are the standard ones)."""
+    return "/", Node("psci", {"compatible": ["arm,psci-1.0", "arm,psci-0.2"], "method": conduit})

@@ -9,7 +9,6 @@ services the same context built around fake vCPUs (tests/unit/fakes.py).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 from pyvmm.power import Entry, Power
@@ -79,17 +78,14 @@ class SystemControl(Protocol):
 class BindableLines(Protocol):
     """The interrupt lines an SDEI client may bind (pyvmm.irq.InterruptLines is one)."""
 
-    interceptor: Callable[[int, bool], bool] | None
+    def intercept(self, interceptor: Callable[[int, bool], bool]) -> None: ...
 
     def to_gic(self, intid: int, level: bool) -> None: ...
-
-    def is_high(self, intid: int) -> bool: ...
 
     def is_irqfd(self, intid: int) -> bool: ...
 
 
-@dataclass
-class ServiceContext:
+class ServiceContext(NamedTuple):
     vcpus: Sequence[ServiceVcpu]
     memory: GuestRam
     system: SystemControl

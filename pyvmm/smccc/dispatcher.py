@@ -102,6 +102,7 @@ class Dispatcher:
         self.calls = 0  # forwarded calls answered
         self.trace: Callable[[TraceRecord | TraceEvent], None] | None = None
         self.conduit = conduit
+        self._frozen = False
 
     @property
     def conduit(self) -> str:
@@ -114,7 +115,17 @@ class Dispatcher:
         self._smc = _SMC if value == "smc" else 0
 
     # --- registration ----------------------------------------------------------------------
+    def freeze(self) -> None:
+        """The KVM filter has been derived from the routes and installed: KVM refuses a new one
+        once a vCPU has run, so registration ends here."""
+        self._frozen = True
+
+    def _check_open(self, what: str) -> None:
+        if self._frozen:
+            raise VmmError(f"{what}: the SMCCC filter is fixed once the VM runs; register services before run()")
+
     def add_service(self, service: Service) -> None:
+        self._check_open(f"adding SMCCC service {service.name}")
         for base, count in service.ranges:
             self._check_range(base, count, service.name)
         self.services.append(service)
@@ -131,12 +142,14 @@ class Dispatcher:
 
     def replace(self, base: int, count: int, handler: Handler, name: str = "") -> None:
         """Like register(), after removing whatever routes overlap the range."""
+        self._check_open(f"replacing {base:#x}+{count}")
         self._remove_overlapping(base, count)
         self.register(base, count, handler, name)
 
     def deny(self, base: int, count: int, name: str = "") -> None:
         """Have KVM itself answer NOT_SUPPORTED for [base, base + count), with no exit at all;
         routes overlapping the range are removed."""
+        self._check_open(f"denying {base:#x}+{count}")
         self._check_bounds(base, count, name)
         self._remove_overlapping(base, count)
         self._denied.append(FilterRange(base, count, SmcccFilterAction.DENY, name))

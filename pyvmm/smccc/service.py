@@ -14,6 +14,7 @@ from typing import Any, Final, Literal, NamedTuple
 
 from devicetree.builder import Node
 from pyvmm.smccc.call import SmcccCall
+from pyvmm.smccc.context import ServiceVcpu
 
 # pyvmm's implementation UID, returned by every Call UID query pyvmm answers (SMCCC §6.2.2):
 # UUID 7f1d2a3e-5c4b-4e8a-9b6d-70797666d6d6, in its little-endian byte form (w0 = time_low).
@@ -101,10 +102,10 @@ class Service:
         """For functions that return values: nothing, unless x0 holds an error code."""
         return self.describe_result(x0) if signed(x0) < 0 else ""
 
-    def power_on(self, vcpu: Any) -> None:
+    def power_on(self, vcpu: ServiceVcpu) -> None:
         """A vCPU is powering on through PSCI CPU_ON: per-PE state starts over."""
 
-    def woken(self, vcpu: Any) -> None:
+    def woken(self, vcpu: ServiceVcpu) -> None:
         """A vCPU has left suspend."""
 
     def reset(self) -> None:

@@ -2,10 +2,11 @@
 // its image (RAM survives a reset; the image is loaded again) and reports (1, boot) each time.
 // Boot 1 enables, pends and activates SPIs 32-63 and PPI 20, raises their priorities, enables
 // the distributor and vCPU 0's CPU interface (PMR, Group 1), reports what it reads back, and
-// resets. Boot 2 reports the same registers, which a reset must have returned to their initial
-// state, and powers off. Reports: (2, GICD ISENABLER1, ISPENDR1, ISACTIVER1, IPRIORITYR8,
-// GICD_CTLR), (3, GICR ISENABLER0, ISPENDR0, ISACTIVER0, IPRIORITYR5), (4, ICC_PMR_EL1,
-// ICC_IGRPEN1_EL1).
+// makes SPIs 32-47 level-triggered and SPIs 32-63 Group 0, and resets. Boot 2 reports the same
+// registers, which a reset must have returned to their initial state, and powers off. Reports:
+// (2, GICD ISENABLER1, ISPENDR1, ISACTIVER1, IPRIORITYR8, GICD_CTLR), (3, GICR ISENABLER0,
+// ISPENDR0, ISACTIVER0, IPRIORITYR5), (4, ICC_PMR_EL1, ICC_IGRPEN1_EL1, GICD_ICFGR2,
+// GICD_IGROUPR1).
     .include "common.inc"
     .equ GICR_SGI, GICD_BASE - 0x20000 + 0x10000    // vCPU 0's redistributor, its SGI frame
     .text
@@ -32,6 +33,8 @@ _start:
     str w11, [x12, #0x100]              // GICR_ISENABLER0: PPI 20
     str w11, [x12, #0x200]              // GICR_ISPENDR0
     str w11, [x12, #0x300]              // GICR_ISACTIVER0
+    str wzr, [x10, #0xc08]              // GICD_ICFGR2: INTIDs 32-47 level-triggered
+    str wzr, [x10, #0x084]              // GICD_IGROUPR1: SPIs 32-63 in Group 0
     mov x11, #0xf0
     msr icc_pmr_el1, x11
     mov x11, #1
@@ -65,6 +68,8 @@ read_back:
     report
     mrs x2, icc_pmr_el1
     mrs x3, icc_igrpen1_el1
+    ldr w4, [x10, #0xc08]
+    ldr w5, [x10, #0x084]
     mov x1, #4
     report
     ret x24

@@ -36,6 +36,12 @@ def mapped_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
 
 
+def vcpu_mappings() -> int:
+    """kvm_run mappings in this process (anon_inode:kvm-vcpu:N in /proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        return sum("kvm-vcpu" in line for line in f)
+
+
 @pytest.mark.parametrize("failure", ["too many vCPUs", "more RAM than the host can map", "late in construction"])
 def test_a_vm_whose_construction_fails_leaks_nothing(failure: str, monkeypatch: pytest.MonkeyPatch) -> None:
     Vm(cpus=1, mem_mib=16).close()  # the kick handler and lazily made objects exist from now on
@@ -48,13 +54,14 @@ def test_a_vm_whose_construction_fails_leaks_nothing(failure: str, monkeypatch: 
         def broken(self: Gic, mpidrs: list[int]) -> None:
             raise VmmError("injected failure after the vCPUs and the vGIC exist")
         monkeypatch.setattr(Gic, "finalize", broken)
-    fds, mapped = open_fds(), mapped_kib()
+    fds, mapped, vcpu_maps = open_fds(), mapped_kib(), vcpu_mappings()
     with pytest.raises(VmmError) as caught:
         Vm(cpus=cpus, mem_mib=mem_mib)
     if failure == "more RAM than the host can map":
         assert str(caught.value).startswith(f"cannot map {mem_mib} MiB of guest RAM")
     assert open_fds() == fds
-    assert mapped_kib() - mapped < 4096  # guest RAM and the vCPUs' kvm_run mappings are gone
+    assert vcpu_mappings() == vcpu_maps  # no vCPU's kvm_run is still mapped
+    assert mapped_kib() - mapped < 16 << 10  # nor the 64 MiB of guest RAM
 
 
 def stop_from(vm: Vm, seen: list[str]) -> Callable[[Vcpu], None]:
@@ -108,11 +115,12 @@ def test_a_reset_returns_the_vgic_to_its_initial_state(make_vm: MakeVm) -> None:
     # boot 1 set them (SPIs 32-63 enabled, pending, active; priorities; the distributor on)
     assert set_dist[:4] == (0xFFFF_FFFF, 0xFFFF_FFFF, 0xFFFF_FFFF, 0xA0A0_A0A0) and set_dist[4] & 2
     assert set_redist[:4] == (0xFFFF | ppi20, ppi20, ppi20, 0xA0A0_A0A0)
-    assert set_cpu[:2] == (0xF0, 1)
-    # after the reset: nothing enabled but the SGIs, pending or active, priorities 0, all off
+    assert set_cpu[:4] == (0xF0, 1, 0, 0)
+    # after the reset: nothing enabled but the SGIs, pending or active, priorities 0, all off,
+    # the configuration KVM_DEV_ARM_VGIC_CTRL_INIT leaves (arch/arm64/kvm/vgic/vgic-init.c)
     assert after_dist[:4] == (0, 0, 0, 0) and not after_dist[4] & 2
     assert after_redist[:4] == (0xFFFF, 0, 0, 0)
-    assert after_cpu[:2] == (0, 0)
+    assert after_cpu[:4] == (0, 0, 0xAAAA_AAAA, 0xFFFF_FFFF)  # SPIs edge-triggered, Group 1 again
 
 
 class Stuck:

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from pyvmm.smccc.service import PYVMM_UID
-from pyvmm.vcpu import Vcpu
+from pyvmm.smccc.context import ServiceVcpu
+from pyvmm.smccc.service import PYVMM_UID, Service
 from pyvmm.vm import Vm
 from tests.kvm.conftest import FN_REPORT, MakeVm, Reports, guest_for, s32, s64
 
@@ -25,17 +25,25 @@ def psci_vm(make_vm: MakeVm, guest: str, conduit: str, cpus: int) -> tuple[Vm, R
     return vm, reports
 
 
+class HoldCpu2SecondBoot(Service):
+    """Services hear of each CPU_ON boot on the booting vCPU's thread, before it is ON: keeping
+    cpu2's second boot there keeps it ON_PENDING while the guest asks again."""
+
+    name = "hold cpu2"
+
+    def __init__(self) -> None:
+        self.boots: Counter[int] = Counter()
+
+    def power_on(self, vcpu: ServiceVcpu) -> None:
+        self.boots[vcpu.index] += 1
+        if vcpu.index == 2 and self.boots[2] == 2:
+            time.sleep(0.5)
+
+
 @pytest.mark.parametrize("conduit", CONDUITS)
 def test_smp_bring_up_affinity_off_on_and_concurrent_cpu_on(make_vm: MakeVm, conduit: str) -> None:
     vm, reports = psci_vm(make_vm, "psci_smp", conduit, cpus=4)
-    boots: Counter[int] = Counter()
-
-    def hold_cpu2_second_boot(vcpu: Vcpu) -> None:
-        boots[vcpu.index] += 1
-        if vcpu.index == 2 and boots[2] == 2:
-            time.sleep(0.5)  # keep cpu2 ON_PENDING while the guest asks again
-
-    vm.before_power_on = hold_cpu2_second_boot
+    vm.smccc.add_service(HoldCpu2SecondBoot())
     result = vm.run(timeout=150)
     assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
     assert not reports.tagged(0xBAD)

@@ -10,6 +10,7 @@ from typing import Any
 
 from kvm_bindings import ffi
 from kvm_bindings.regs import CORE_REGS, SYS_REGS
+from pyvmm.errors import KvmIoctlError
 from pyvmm.power import Entry, Power, PowerState
 from pyvmm.smccc.context import ServiceContext, ServiceVcpu, TraceEvent
 
@@ -147,6 +148,45 @@ class FakeSystem:
         self.events.append(("reset", vcpu.index, message))
 
 
+class FakeVmFd:
+    """The VM fd's ioctls that parts are handed (interrupt lines, ioeventfds, the SMCCC filter),
+    recorded instead of issued; `filter_supported`/`filter_fails`: how KVM answers the filter."""
+
+    def __init__(self, filter_supported: bool = True, filter_fails: int = 0) -> None:
+        self.irqfds: list[tuple[int, int]] = []
+        self.levels: list[tuple[int, int]] = []
+        self.ioeventfds: list[tuple[int, int, int, int, int]] = []
+        self.filter_supported, self.filter_fails = filter_supported, filter_fails
+        self.installed: list[tuple[int, int, int]] = []
+
+    def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
+        self.irqfds.append((fd, gsi))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        self.levels.append((irq, level))
+
+    def ioeventfd(self, addr: int, length: int, fd: int, flags: int = 0, datamatch: int = 0) -> None:
+        self.ioeventfds.append((addr, length, fd, flags, datamatch))
+
+    def has_device_attr(self, group: int, attr: int) -> bool:
+        return self.filter_supported
+
+    def set_smccc_filter(self, base: int, nr_functions: int, action: int) -> None:
+        if self.filter_fails:
+            raise KvmIoctlError("KVM_SET_DEVICE_ATTR", self.filter_fails)
+        self.installed.append((base, nr_functions, action))
+
+
+class FakeGicLayout:
+    """What the device tree needs of a vGIC: its version and its regions at kvmtool's addresses."""
+
+    def __init__(self, cpus: int, version: int = 3) -> None:
+        self.version = version
+        self.regions = ([(0x3FFF_0000, 0x1_0000, "gic-dist"), (0x3FFF_0000 - cpus * 0x2_0000, cpus * 0x2_0000,
+                                                                "gic-redist")]
+                        if version == 3 else [(0x3FFF_0000, 0x1_0000, "gic-dist"), (0x3FFD_0000, 0x2_0000, "gic-cpu")])
+
+
 class FakeRam:
     def __init__(self, base: int = 0x8000_0000, size: int = 0x100_0000) -> None:
         self.base, self.size = base, size
@@ -164,11 +204,11 @@ class FakeLines:
         self.gic_lines: list[tuple[int, bool]] = []
         self.irqfds = {52}
 
+    def intercept(self, interceptor: Callable[[int, bool], bool]) -> None:
+        self.interceptor = interceptor
+
     def to_gic(self, intid: int, level: bool) -> None:
         self.gic_lines.append((intid, level))
-
-    def is_high(self, intid: int) -> bool:
-        return False
 
     def is_irqfd(self, intid: int) -> bool:
         return intid in self.irqfds

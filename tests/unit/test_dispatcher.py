@@ -151,3 +151,16 @@ def test_replace_and_deny_carve_only_their_ids() -> None:
     assert answer(d, 0x8400_001F) == 1
     d.replace(0x8400_0011, 1, lambda call: 3, "back")  # replacing part of a denied range
     assert [(r.base, r.size) for r in d.filter_ranges()][2:4] == [(0x8400_0010, 1), (0x8400_0011, 1)]
+
+
+def test_registration_ends_once_the_filter_is_installed() -> None:
+    d = Dispatcher()
+    d.register(SIP64, 1, lambda call: 0, "early")
+    d.freeze()
+    with pytest.raises(VmmError, match="the SMCCC filter is fixed once the VM runs"):
+        d.register(SIP32, 1, lambda call: 0, "late")
+    with pytest.raises(VmmError, match="the SMCCC filter is fixed once the VM runs"):
+        d.replace(SIP64, 1, lambda call: 1)
+    with pytest.raises(VmmError, match="the SMCCC filter is fixed once the VM runs"):
+        d.deny(0xC300_0000, 1)
+    assert [r.name for r in d.filter_ranges()] == ["early"]

@@ -23,8 +23,8 @@ from pyvmm.memory import GuestMemory
 from pyvmm.power import Entry
 from pyvmm.smccc.dispatcher import Dispatcher
 from pyvmm.smccc.service import Service
-from tests.unit.fakes import FakeVcpu
-from tests.unit.virtio_driver import RAM, Driver, FakeVm, FakeVmFd
+from tests.unit.fakes import FakeVcpu, FakeVmFd
+from tests.unit.virtio_driver import RAM, Driver, FakeVm
 
 
 class Recorder:
@@ -52,6 +52,9 @@ class DevicePart(Part):
 
     def start(self) -> None:
         self._note("start")
+
+    def release_waiters(self) -> None:
+        pass
 
     def quiesce(self, deadline: float) -> bool:
         self._note("quiesce")
@@ -139,8 +142,8 @@ def test_a_reset_quiesces_devices_then_resets_the_vgic_then_reloads() -> None:
     assert rec.log == [
         "stop vcpu0", "stop vcpu1",  # 1. nothing runs guest code
         "quiesce blk", "quiesce net",  # 2. nothing writes guest RAM
-        "reset vgic", "reset firmware", "lower lines",  # 3.
-        "reset blk", "reset net",  # 4.
+        "reset vgic", "reset firmware",  # 3.
+        "reset blk", "reset net", "lower lines",  # 4.
         "load image",  # 5.
         "reset vcpu0", "reset vcpu1",  # 6.
         "resume blk", "resume net", "start vcpu0", "start vcpu1"]  # 7.
@@ -209,13 +212,34 @@ def test_register_accesses_do_not_wait_behind_device_io(vm: FakeVm) -> None:
     t = in_thread(registers)
     t.join(2)
     assert not t.is_alive(), "a register access waited for the device's I/O"
-    # a reset does wait: the rings may not go while a request uses them (§2.4.1)
+    # a reset does not wait either: it is done once the request is (the rings may not go while it
+    # uses them), and until then status reads non-zero, as the driver must wait for 0 (§2.4.1)
     reset = in_thread(d.write, reg.STATUS, 0)
-    reset.join(0.3)
-    assert reset.is_alive()
+    reset.join(2)
+    assert not reset.is_alive() and d.read(reg.STATUS) != 0
     dev.finish.set()
-    reset.join(5)
-    assert not reset.is_alive() and d.read(reg.STATUS) == 0
+    deadline = time.monotonic() + 5
+    while d.read(reg.STATUS) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert d.read(reg.STATUS) == 0 and not any(q.ready for q in d.t.queues)
+
+
+def test_a_driver_writing_on_before_its_reset_completed_waits_only_until_the_machine_stops(vm: FakeVm) -> None:
+    dev = Blocking()
+    t = vm.attach(dev)
+    d = Driver(t, vm.memory)
+    d.init()
+    d.queues[0].add([b"x"], [])
+    d.queues[0].kick()
+    assert dev.busy.wait(5)
+    d.write(reg.STATUS, 0)
+    again = in_thread(d.write, reg.STATUS, reg.ACKNOWLEDGE)  # does not wait for status 0
+    again.join(0.3)
+    assert again.is_alive()  # its write must come after the reset: it waits for the request
+    t.release_waiters()  # the machine stops its vCPUs
+    again.join(2)
+    assert not again.is_alive()
+    dev.finish.set()
 
 
 def test_a_worker_that_will_not_stop_is_reported_in_bounded_time(vm: FakeVm) -> None:

@@ -22,18 +22,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.services.psci import Psci
 from pyvmm.services.sdei import Sdei
 from pyvmm.smccc.service import Service
-from tests.unit.fakes import machine
-from tests.unit.virtio_driver import FakeVmFd
-
-
-class Gic:
-    """What the tree needs of the vGIC: its version and regions at kvmtool's addresses."""
-
-    def __init__(self, cpus: int, version: int) -> None:
-        self.version = version
-        self.regions = ([(0x3FFF_0000, 0x1_0000, "gic-dist"), (0x3FFF_0000 - cpus * 0x2_0000, cpus * 0x2_0000,
-                                                                "gic-redist")]
-                        if version == 3 else [(0x3FFF_0000, 0x1_0000, "gic-dist"), (0x3FFD_0000, 0x2_0000, "gic-cpu")])
+from tests.unit.fakes import FakeGicLayout, FakeVmFd, machine
 
 
 class Board:
@@ -42,7 +31,7 @@ class Board:
 
     def __init__(self, cpus: int, gic_version: int = 3, conduit: str = "hvc", sdei: bool = False) -> None:
         self.fake = machine(cpus, all_on=True, conduit=conduit)
-        self.gic = Gic(cpus, gic_version)
+        self.gic = FakeGicLayout(cpus, gic_version)
         self.fd = FakeVmFd()
         self.lines = InterruptLines(self.fd)
         self.ram = GuestMemory()
@@ -64,7 +53,8 @@ class Board:
 
     def close(self) -> None:
         for d in self.devices:
-            d.close()
+            if isinstance(d, VirtioMmio):
+                d.close()
         self.lines.close()
         self.ram.close()
 

@@ -7,25 +7,12 @@ import errno
 import pytest
 
 from kvm_bindings.constants import SmcccFilterAction
-from pyvmm.errors import KvmIoctlError, SmcccFilterError
+from pyvmm.errors import SmcccFilterError
 from pyvmm.smccc import filter as f
 from pyvmm.smccc.filter import FilterRange
+from tests.unit.fakes import FakeVmFd
 
 FWD = SmcccFilterAction.FWD_TO_USER
-
-
-class FakeVmFd:
-    def __init__(self, supported: bool = True, fail: int = 0) -> None:
-        self.supported, self.fail = supported, fail
-        self.installed: list[tuple[int, int, int]] = []
-
-    def has_device_attr(self, group: int, attr: int) -> bool:
-        return self.supported
-
-    def set_smccc_filter(self, base: int, count: int, action: int) -> None:
-        if self.fail:
-            raise KvmIoctlError("KVM_SET_DEVICE_ATTR", self.fail)
-        self.installed.append((base, count, action))
 
 
 @pytest.mark.parametrize(("rng", "message"), [
@@ -54,12 +41,12 @@ def test_adjacent_ranges_are_fine_and_installed_in_order() -> None:
 
 
 def test_no_ranges_needs_no_filter_support() -> None:
-    f.install(FakeVmFd(supported=False), [])
+    f.install(FakeVmFd(filter_supported=False), [])
 
 
 def test_missing_filter_names_the_kernel_version() -> None:
     with pytest.raises(SmcccFilterError, match=r"needs Linux >= 6\.4, this host runs"):
-        f.install(FakeVmFd(supported=False), [FilterRange(0xC200_0000, 1, FWD)])
+        f.install(FakeVmFd(filter_supported=False), [FilterRange(0xC200_0000, 1, FWD)])
 
 
 @pytest.mark.parametrize(("err", "words"), [
@@ -69,4 +56,4 @@ def test_missing_filter_names_the_kernel_version() -> None:
 ])
 def test_kernel_refusals_are_translated(err: int, words: str) -> None:
     with pytest.raises(SmcccFilterError, match=words):
-        f.install_range(FakeVmFd(fail=err), FilterRange(0xC200_0000, 1, FWD, "x"))
+        f.install_range(FakeVmFd(filter_fails=err), FilterRange(0xC200_0000, 1, FWD, "x"))

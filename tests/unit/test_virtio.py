@@ -355,29 +355,43 @@ def test_host_ranges_see_a_buffer_outside_guest_ram(memory: GuestMemory) -> None
     assert not all(in_guest_ram(memory, a, n) for a, n in host_ranges(outside))
 
 
+TABLE = RAM + 0x3000  # where the fuzzed indirect table lives
 descriptor = st.tuples(
-    st.one_of(st.integers(0, 2**64 - 1), st.integers(RAM - 64, RAM + RAM_SIZE + 64)),  # addr
-    st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 4096)),  # len
-    st.integers(0, 0xFFFF) | st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7]),  # flags
-    st.integers(0, 0xFFFF) | st.integers(0, 9))  # next
+    st.one_of(st.integers(RAM + 0x4000, RAM + RAM_SIZE - 0x2000), st.integers(0, 2**64 - 1),
+              st.integers(RAM - 64, RAM + 64), st.integers(RAM + RAM_SIZE - 64, RAM + RAM_SIZE + 64)),  # addr
+    st.one_of(st.integers(0, 4096), st.integers(0, 2**32 - 1)),  # len
+    st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7]) | st.integers(0, 0xFFFF),  # flags
+    st.integers(0, 7) | st.integers(0, 0xFFFF))  # next
+to_table = st.integers(1, 12).map(lambda n: (TABLE, 16 * n, VIRTQ_DESC_F_INDIRECT, 0))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(descs=st.lists(descriptor, min_size=8, max_size=8),
-       indirect=st.lists(descriptor, max_size=12),
-       ring=st.lists(st.integers(0, 0xFFFF) | st.integers(0, 9), min_size=8, max_size=8),
-       avail_idx=st.integers(0, 0xFFFF), used_event=st.integers(0, 0xFFFF))
+@given(descs=st.lists(descriptor | to_table, min_size=8, max_size=8),
+       indirect=st.lists(descriptor, min_size=1, max_size=9), linear=st.booleans(),
+       ring=st.lists(st.integers(0, 7) | st.integers(0, 0xFFFF), min_size=8, max_size=8),
+       avail_idx=st.integers(2, 8) | st.integers(0, 0xFFFF), used_event=st.integers(0, 0xFFFF))
 def test_hostile_rings_never_escape_or_hang(memory: GuestMemory, descs: list[tuple[int, int, int, int]],
-                                            indirect: list[tuple[int, int, int, int]], ring: list[int],
-                                            avail_idx: int, used_event: int) -> None:
-    """Random descriptor tables, indirect tables and available rings: pop() returns chains whose
-    buffers all lie in guest RAM, or raises QueueError; nothing else, and it always ends."""
+                                            indirect: list[tuple[int, int, int, int]], linear: bool,
+                                            ring: list[int], avail_idx: int, used_event: int) -> None:
+    """Random descriptor tables, indirect tables (some in the linear layout the fast path takes)
+    and available rings: pop() returns chains whose buffers all lie in guest RAM, host addresses
+    included, or raises QueueError; nothing else, and it always ends. Ring entry 0 is a
+    well-formed chain and entry 1 the fuzzed indirect table, so whenever the available index is
+    sane at least one chain is checked, and the table whenever it is at most the queue's size."""
+    if linear:  # descriptor k links to k + 1, readable ones first (virtqueue_add_split)
+        order = sorted(indirect, key=lambda d: bool(d[2] & VIRTQ_DESC_F_WRITE))
+        indirect = [(a, n, (f & VIRTQ_DESC_F_WRITE) | (VIRTQ_DESC_F_NEXT if k + 1 < len(order) else 0), k + 1)
+                    for k, (a, n, f, _) in enumerate(order)]
+    descs = [(RAM + 0x4000, 64, VIRTQ_DESC_F_WRITE, 0), (TABLE, 16 * len(indirect), VIRTQ_DESC_F_INDIRECT, 0),
+             *descs[2:]]
+    ring = [0, 1, *ring[2:]]
     q = _queue(memory)
     for i, d in enumerate(descs):
         memory.write(RAM + 16 * i, DESC.pack(*d))
-    for i, d in enumerate(indirect):  # an indirect table at a fixed spot some descriptors may hit
-        memory.write(RAM + 0x3000 + 16 * i, DESC.pack(*d))
+    for i, d in enumerate(indirect):
+        memory.write(TABLE + 16 * i, DESC.pack(*d))
     memory.write(RAM + 0x1000, struct.pack("<HH8HH", 0, avail_idx, *ring, used_event))
+    popped = 0
     for _ in range(12):
         try:
             chain = q.pop()
@@ -385,11 +399,13 @@ def test_hostile_rings_never_escape_or_hang(memory: GuestMemory, descs: list[tup
             break
         if chain is None:
             break
+        popped += 1
         assert len(chain.readable) + len(chain.writable) <= 8 * 2
         assert all(in_guest_ram(memory, addr, length) for addr, length in host_ranges(chain))
         q.push(chain.head, sum(map(len, chain.writable)) & 0xFFFF_FFFF)
         q.publish()
         q.want_notifications()
+    assert popped >= 1 or not 1 <= avail_idx <= 8
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

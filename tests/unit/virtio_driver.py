@@ -16,25 +16,10 @@ from pyvmm.devices.virtio.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_
 from pyvmm.devices.virtio.mmio import VirtioMmio
 from pyvmm.irq import InterruptLines, IrqFd
 from pyvmm.memory import GuestMemory
+from tests.unit.fakes import FakeVmFd
 
 RAM = 0x8000_0000
 RAM_SIZE = 4 << 20
-
-
-class FakeVmFd:
-    def __init__(self) -> None:
-        self.irqfds: list[tuple[int, int]] = []
-        self.levels: list[tuple[int, int]] = []
-        self.ioeventfds: list[tuple[int, int, int, int, int]] = []
-
-    def irqfd(self, fd: int, gsi: int, flags: int = 0, resamplefd: int = 0) -> None:
-        self.irqfds.append((fd, gsi))
-
-    def irq_line(self, irq: int, level: int) -> None:
-        self.levels.append((irq, level))
-
-    def ioeventfd(self, addr: int, length: int, fd: int, flags: int = 0, datamatch: int = 0) -> None:
-        self.ioeventfds.append((addr, length, fd, flags, datamatch))
 
 
 class FakeVm:

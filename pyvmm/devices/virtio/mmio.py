@@ -11,9 +11,11 @@ vCPU threads only see the transport's registers: set-up, InterruptStatus and Int
 
 Locking: `_state` guards the registers and queue set-up, held briefly by vCPU threads and by the
 worker; device work (a disk read, an fsync, a frame) runs outside it, so a register access never
-waits behind I/O. Only what would pull the rings from under a request in flight (a reset, a queue
-made not ready) waits for the worker to finish that request, as the driver must wait for a reset
-to complete anyway (§2.4.1).
+waits behind I/O. What would pull the rings from under a request in flight is deferred until the
+worker has finished it: a reset (status 0 reads back non-zero until then, and the driver must
+wait for it to read 0, §2.4.1) and the release of a queue made not ready. Only a driver that
+goes on writing registers before its reset has completed waits, and never once the machine is
+stopping or resetting.
 
 A driver that breaks the rules (malformed chains, rings outside RAM, DRIVER_OK without
 FEATURES_OK) gets the device marked DEVICE_NEEDS_RESET with a configuration-change interrupt
@@ -89,30 +91,32 @@ class VirtioMmio:
         self.queues = [Virtqueue(i, n, memory) for i, n in enumerate(device.queue_sizes)]
         self.device_features = device.features | TRANSPORT_FEATURES
         self._state = threading.Condition(threading.RLock())  # registers and queue set-up
-        self._busy = False  # the worker is in device code (under _state: wait for it to clear)
+        self._busy = False  # the worker is in device code
+        self._reset_pending = False  # status 0 was written while it was: the worker resets the device
+        self._release_pending: list[Virtqueue] = []  # queues made not ready while it was
         self._isr_lock = threading.Lock()
         self._reset_registers()
         self._kick_fds: list[int] = []
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._thread: threading.Thread | None = None
+        self._stopping = False  # the machine is stopping or resetting: nothing waits for the worker
         try:
             for i in range(len(self.queues)):
                 fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 self._kick_fds.append(fd)
                 ioeventfd(base + QUEUE_NOTIFY, 4, fd, KVM_IOEVENTFD_FLAG_DATAMATCH, i)
+            device.attach(self)
+            self._poller = select.poll()
+            self._handlers: dict[int, Callable[[], None]] = {}
+            for q, fd in zip(self.queues, self._kick_fds, strict=True):
+                self._handlers[fd] = self._kick_handler(fd, q)
+            for fd, fn in device.poll_fds().items():
+                self._handlers[fd] = self._backend_handler(fn)
+            for fd in (self._stop_fd, *self._handlers):
+                self._poller.register(fd, select.POLLIN)
         except BaseException:
             self._close_fds()
             raise
-        device.attach(self)
-        self._poller = select.poll()
-        self._handlers: dict[int, Callable[[], None]] = {}
-        for q, fd in zip(self.queues, self._kick_fds, strict=True):
-            self._handlers[fd] = self._kick_handler(fd, q)
-        for fd, fn in device.poll_fds().items():
-            self._handlers[fd] = self._backend_handler(fn)
-        for fd in (self._stop_fd, *self._handlers):
-            self._poller.register(fd, select.POLLIN)
-        self._thread: threading.Thread | None = None
-        self._stopping = False  # stop() was called: nothing waits for the worker any more
 
     def _reset_registers(self) -> None:
         self.status = 0
@@ -188,6 +192,8 @@ class VirtioMmio:
                 self.isr &= ~value
             return
         with self._state:
+            if self._reset_pending and not self._wait_idle():
+                return  # the machine is stopping or resetting the device itself
             if offset == STATUS:
                 self._set_status(value)
             elif offset == DEVICE_FEATURES_SEL:
@@ -219,8 +225,11 @@ class VirtioMmio:
                 except QueueError as e:
                     self._break_locked(str(e))
             elif not value & 1:
-                self._wait_idle()  # the worker may be using this queue's rings
-                q.release()
+                if self._busy:  # the worker may be using this queue's rings: it releases them
+                    q.ready = False
+                    self._release_pending.append(q)
+                else:
+                    q.release()
             return
         if q.ready:
             return  # §4.2.2.3: the driver sets a queue up only while it is not ready
@@ -236,8 +245,10 @@ class VirtioMmio:
     def _set_status(self, value: int) -> None:
         """Device status transitions (§3.1.1 driver initialisation, §2.1 status field)."""
         if value == 0:
-            self._wait_idle()  # the request in flight completes before the rings go (§2.4.1)
-            self._reset()
+            if self._busy:
+                self._reset_pending = True  # when the request in flight is done (§2.4.1)
+            else:
+                self._reset()
             return
         new, old = value & 0xFF, self.status
         if new & FEATURES_OK and not old & FEATURES_OK and not self._features_acceptable():
@@ -263,17 +274,20 @@ class VirtioMmio:
 
     def _reset(self) -> None:
         """Status 0 (§4.2.3.1) or a VM reset: everything back to its initial state."""
+        self._reset_pending = False
+        self._release_pending.clear()
         for q in self.queues:
             q.release()
             q.reset()
         self._reset_registers()
         self.device.reset()
 
-    def _wait_idle(self) -> None:
-        """With _state held: wait until the worker is out of device code (a bounded wait while
-        the worker is being stopped, so a stuck backend cannot hold a vCPU thread forever)."""
+    def _wait_idle(self) -> bool:
+        """With _state held: wait until the worker is out of device code. False if the machine
+        stops or resets meanwhile (release_waiters()): a stuck backend never holds a vCPU."""
         while self._busy and not self._stopping:
             self._state.wait(0.1)
+        return not self._busy
 
     def _break(self, why: str) -> None:
         with self._state:
@@ -288,6 +302,12 @@ class VirtioMmio:
         self._interrupt(INT_CONFIG_CHANGE)
 
     # --- the life cycle (pyvmm/lifecycle.py) ------------------------------------------------
+    def release_waiters(self) -> None:
+        """The machine is about to stop its vCPUs: none may wait for this device any more."""
+        with self._state:
+            self._stopping = True
+            self._state.notify_all()
+
     def start(self) -> None:
         """Start the worker thread."""
         self._stopping = False
@@ -299,7 +319,7 @@ class VirtioMmio:
         t = self._thread
         if t is None:
             return True
-        self._stopping = True
+        self.release_waiters()
         os.eventfd_write(self._stop_fd, 1)
         t.join(max(0.0, deadline - time.monotonic()))
         if t.is_alive():
@@ -364,7 +384,7 @@ class VirtioMmio:
         """Run device code on the worker, outside _state: a broken ring rule or a device bug
         breaks the device, never the VMM."""
         with self._state:
-            if not self.running or (queue is not None and not queue.ready):
+            if not self.running or self._reset_pending or (queue is not None and not queue.ready):
                 return
             self._busy = True
         try:
@@ -375,9 +395,19 @@ class VirtioMmio:
             log.error("%s: internal error: %s: %s", self.name, type(e).__name__, e)
             self._break(f"internal error: {type(e).__name__}: {e}")
         finally:
-            with self._state:
-                self._busy = False
-                self._state.notify_all()
+            self._work_done()
+
+    def _work_done(self) -> None:
+        """Out of device code: do what the driver asked for meanwhile and wake who waits."""
+        with self._state:
+            self._busy = False
+            if self._reset_pending:
+                self._reset()
+            for q in self._release_pending:
+                if not q.ready:  # not set up again meanwhile
+                    q.release()
+            self._release_pending.clear()
+            self._state.notify_all()
 
     def watch(self, fd: int, enabled: bool) -> None:
         """Worker thread: start or stop polling a backend fd."""

@@ -80,7 +80,7 @@ class Sdei(Service):
         self.dispatches = 0  # handlers entered, for tests and benchmarks
         self._lines: set[int] = set()  # INTIDs of bound interrupts whose line is high
         self._init_state()
-        ctx.lines.interceptor = self.interrupt  # bound lines come here before the vGIC
+        ctx.lines.intercept(self.interrupt)  # bound lines come here before the vGIC
 
     def _init_state(self) -> None:
         self.shared: dict[int, Registration] = {n: Registration(s, None) for n, s in self.specs.items() if s.shared}
