@@ -19,7 +19,7 @@ from pyvmm.devices.virtio.mmio import VIRTIO_MMIO_BASE, VirtioMmio
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.irq import InterruptLines
 from pyvmm.memory import GuestMemory
-from pyvmm.services.psci import Psci
+from pyvmm.services.psci import KvmPsci, Psci
 from pyvmm.services.sdei import Sdei
 from pyvmm.smccc.service import Service
 from tests.unit.fakes import FakeGicLayout, FakeVmFd, machine
@@ -214,3 +214,14 @@ def test_a_service_adds_its_own_node() -> None:
         board.close()
     firmware = dts[dts.index("firmware {"):]
     assert "sdei {" in firmware and "vendor-fw {" in firmware and 'compatible = "vendor,firmware";' in firmware
+
+
+def test_with_kvms_own_psci_the_tree_still_has_psci() -> None:
+    """Vm(psci=False): KVM answers PSCI, and the CPUs' enable-method still needs /psci."""
+    board = Board(2, conduit="smc")
+    try:
+        board.services = [KvmPsci("smc")]
+        dts = decompile(board.dtb())
+    finally:
+        board.close()
+    assert 'compatible = "arm,psci-1.0\\0arm,psci-0.2";' in dts and 'method = "smc";' in dts
