@@ -6,10 +6,7 @@
     .text
     .global _start
 _start:
-    count_boot
-    mov x2, x20
-    mov x1, #1
-    report
+    report_boot
     cmp w20, #1
     b.eq 1f
     cmp w20, #2

@@ -15,6 +15,7 @@ import pytest
 
 from pyvmm.devices.virtio import mmio as reg
 from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.mmio import VirtioMmio
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.images import BlobImage
 from pyvmm.irq import InterruptLines
@@ -195,13 +196,20 @@ def in_thread(fn: Callable[..., object], *args: object) -> threading.Thread:
     return t
 
 
-def test_register_accesses_do_not_wait_behind_device_io(vm: FakeVm) -> None:
+def in_a_request(vm: FakeVm) -> tuple[Blocking, VirtioMmio, Driver]:
+    """A Blocking device whose worker is inside a request (until dev.finish is set)."""
     dev = Blocking()
-    d = Driver(vm.attach(dev), vm.memory)
+    t = vm.attach(dev)
+    d = Driver(t, vm.memory)
     d.init()
     d.queues[0].add([b"x"], [])
     d.queues[0].kick()
-    assert dev.busy.wait(5)  # the worker is inside a request
+    assert dev.busy.wait(5)
+    return dev, t, d
+
+
+def test_register_accesses_do_not_wait_behind_device_io(vm: FakeVm) -> None:
+    dev, _, d = in_a_request(vm)
     # what a vCPU does meanwhile: select a queue, write the features select, read status and ISR
     def registers() -> None:
         d.write(reg.QUEUE_SEL, 0)
@@ -225,13 +233,7 @@ def test_register_accesses_do_not_wait_behind_device_io(vm: FakeVm) -> None:
 
 
 def test_a_driver_writing_on_before_its_reset_completed_waits_only_until_the_machine_stops(vm: FakeVm) -> None:
-    dev = Blocking()
-    t = vm.attach(dev)
-    d = Driver(t, vm.memory)
-    d.init()
-    d.queues[0].add([b"x"], [])
-    d.queues[0].kick()
-    assert dev.busy.wait(5)
+    dev, t, d = in_a_request(vm)
     d.write(reg.STATUS, 0)
     again = in_thread(d.write, reg.STATUS, reg.ACKNOWLEDGE)  # does not wait for status 0
     again.join(0.3)
@@ -243,13 +245,7 @@ def test_a_driver_writing_on_before_its_reset_completed_waits_only_until_the_mac
 
 
 def test_a_worker_that_will_not_stop_is_reported_in_bounded_time(vm: FakeVm) -> None:
-    dev = Blocking()
-    t = vm.attach(dev)
-    d = Driver(t, vm.memory)
-    d.init()
-    d.queues[0].add([b"x"], [])
-    d.queues[0].kick()
-    assert dev.busy.wait(5)
+    dev, t, d = in_a_request(vm)
     started = time.monotonic()
     assert not t.stop(time.monotonic() + 0.3)  # stuck in its backend: not waited for
     assert time.monotonic() - started < 2
