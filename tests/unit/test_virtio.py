@@ -457,3 +457,37 @@ def test_linear_indirect_tables_give_what_the_general_walk_gives(memory: GuestMe
     assert len([b for b in chain.readable if len(b)]) == len([1 for a, ln in buffers[:nr_readable] if ln])
     if chain.iov is not None:
         assert chain.total == sum(length for _, length in buffers)
+
+
+def linear_table(n: int, writable: int, addr: int) -> memoryview:
+    flags = [VIRTQ_DESC_F_WRITE if k >= n - writable else 0 for k in range(n)]
+    return memoryview(b"".join(DESC.pack(addr, 16, f | (VIRTQ_DESC_F_NEXT if k + 1 < n else 0), k + 1)
+                               for k, f in enumerate(flags)))
+
+
+def test_indirect_tables_of_every_shape_do_not_grow_the_vmm(memory: GuestMemory) -> None:
+    """A guest posting linear indirect tables of every length a 256-entry queue allows, with every
+    number of writable entries, leaves the VMM holding no more than a bounded cache of them."""
+    import tracemalloc
+
+    from pyvmm.devices.virtio.linear_table import linear_chain
+
+    ram = memory.regions[0]
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for n in range(1, 257):
+        for writable in range(0, n + 1, max(1, n // 16)):
+            chain = linear_chain(0, linear_table(n, writable, RAM + 0x4000), ram)
+            assert chain is not None and chain.nr_readable == n - writable
+    held = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    assert held < 2 << 20, f"{held >> 10} KiB held after posting tables of every shape"
+
+
+def test_an_iov_buffer_outside_guest_ram_is_refused(memory: GuestMemory) -> None:
+    """Chain.view checks the range itself: a negative offset would otherwise wrap around RAM."""
+    ram = memory.regions[0]
+    for host, length in ((ram.host_addr - 16, 32), (ram.host_addr + ram.size - 8, 16)):
+        chain = Chain(3, None, None, IOVEC.pack(host, length), 0, length, ram)
+        with pytest.raises(QueueError, match="buffer 0 of chain 3 is outside guest RAM"):
+            chain.view(0)

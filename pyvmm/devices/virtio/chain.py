@@ -46,6 +46,8 @@ class Chain:
         assert self.iov is not None and self._ram is not None
         host, length = IOVEC.unpack_from(self.iov, k * IOVEC.size)
         off = host - self._ram.host_addr
+        if not 0 <= off <= off + length <= self._ram.size:  # a slice would wrap or clip, not fail
+            raise QueueError(f"buffer {k} of chain {self.head} is outside guest RAM")
         return self._ram.view[off:off + length]
 
     def length(self, k: int) -> int:

@@ -9,7 +9,7 @@ also names what is wrong with a malformed table.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import lru_cache
 
 from pyvmm.devices.virtio.chain import Chain
 from pyvmm.devices.virtio.layout import DESC_SIZE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
@@ -39,7 +39,6 @@ class TableConstants:
                                               for i in range(n - 1)) + zero, "little")
         self.ones = every(b"\x01" + bytes(15))
         self.guards = every(bytes(8) + b"\x02" + bytes(7))  # bit 65 of each entry
-        self._tails: dict[int, int] = {}
         # the RAM region's bounds and host offset, repeated in every entry
         self.starts = gpa * self.ones
         self.ends = (gpa + size) * self.ones | self.guards
@@ -47,14 +46,15 @@ class TableConstants:
 
     def writable_tail(self, count: int) -> int:
         """The WRITE bits of a table whose last `count` entries are writable."""
-        tail = self._tails.get(count)
-        if tail is None:
-            shift = DESC_BITS * (self.n - count)
-            tail = self._tails[count] = self.write >> shift << shift
-        return tail
+        shift = DESC_BITS * (self.n - count)
+        return self.write >> shift << shift
 
 
-@cache
+# A guest chooses its tables' lengths (up to the queue size), so what is kept of them is bounded
+# here, not by the guest: drivers use a handful of lengths (Linux: one per request shape), and a
+# guest cycling through all of them only costs itself time. An entry is ~10 ints of 16 bytes per
+# descriptor: 8 of the longest tables a 256-entry queue allows hold ~330 KiB.
+@lru_cache(maxsize=8)
 def _table_constants(n: int, gpa: int, size: int, host_addr: int) -> TableConstants:
     return TableConstants(n, gpa, size, host_addr)
 
