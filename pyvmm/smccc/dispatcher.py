@@ -16,8 +16,9 @@ denied by KVM itself, everything else left to KVM.
 from __future__ import annotations
 
 import bisect
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NamedTuple
 
 from kvm_bindings.constants import HypercallExitFlag, SmcccFilterAction
@@ -30,6 +31,7 @@ from pyvmm.smccc.service import NO_RESULT, PYVMM_UID, Function, Handler, Handler
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U32 = 0xFFFF_FFFF
+_MIN = -(1 << 63)  # the most negative result: -1 is NOT_SUPPORTED
 _SMC = HypercallExitFlag.SMC.value
 CONDUITS = ("hvc", "smc")
 
@@ -233,12 +235,12 @@ class Dispatcher:
             except Exception as e:
                 raise HandlerError(f"SMCCC handler for {function_id:#010x} raised {type(e).__name__}: {e}") from e
         self.calls += 1
-        if type(results) is int:  # the common single result: one prepared KVM_SET_ONE_REG(x0)
+        if type(results) is int and _MIN <= results <= _U64:  # the common single result: one ioctl
             vcpu.x0_value[0] = results & (_U64 if function_id & SMC64 else _U32)
             if vcpu.write_x0() < 0:
                 vcpu.failed("KVM_SET_ONE_REG")
         elif results is not NO_RESULT:
-            write_results(vcpu, call, results)
+            write_results(vcpu, call, checked(results, function_id, handler))
 
     def _cache_handler(self, function_id: int) -> Handler | None:
         fn = self.resolve(function_id)
@@ -263,10 +265,12 @@ class Dispatcher:
             except Exception as e:
                 raise HandlerError(f"SMCCC handler for {function_id:#010x} raised {type(e).__name__}: {e}") from e
         self.calls += 1
+        shown = None
         if results is not NO_RESULT:
-            write_results(vcpu, call, results)
-        mask = _U64 if function_id & SMC64 else _U32
-        shown = None if results is NO_RESULT else tuple(v & mask for v in _as_results(results))
+            values = checked(results, function_id, fn.handler if fn is not None else None)
+            write_results(vcpu, call, values)
+            mask = _U64 if function_id & SMC64 else _U32
+            shown = tuple(v & mask for v in values)
         assert self.trace is not None
         self.trace(TraceRecord(vcpu.index, call.conduit, function_id, fn, args, shown,
                                time.perf_counter() - started, note))
@@ -285,18 +289,39 @@ def _outside(base: int, count: int, cut_base: int, cut_end: int) -> list[tuple[i
     return parts
 
 
-def write_results(vcpu: ServiceVcpu, call: SmcccCall, results: int | Sequence[int]) -> None:
+def handler_name(handler: object) -> str:
+    """A handler as a person finds it: `handle() in my_service.py`, or its repr."""
+    code = getattr(handler, "__code__", None) or getattr(getattr(handler, "__func__", None), "__code__", None)
+    if code is None:
+        return repr(handler)
+    return f"{getattr(handler, '__qualname__', code.co_name)}() in {os.path.basename(code.co_filename)}"
+
+
+def checked(results: object, function_id: int, handler: object) -> tuple[int, ...]:
+    """A handler's results as x0..x3, or a HandlerError that names the handler and the call: a
+    result is x0 (an int), 1 to 4 of them (a list or tuple), or NO_RESULT; each fits in 64 bits,
+    signed or not (an SMC32 call's are then truncated to 32, SMCCC §2.6)."""
+    items: list[object] = [results] if isinstance(results, int) else list(results) \
+        if isinstance(results, list | tuple) else []
+    values = [v for v in items if isinstance(v, int)]
+    if not items:
+        problem = f"returned {results!r}"
+    elif not 1 <= len(items) <= 4:
+        problem = f"returned {len(items)} results"
+    elif len(values) != len(items):
+        problem = f"returned {results!r}, not integers"
+    elif not all(_MIN <= v <= _U64 for v in values):
+        problem = f"returned {results!r}, beyond 64 bits"
+    else:
+        return tuple(values)
+    raise HandlerError(f"SMCCC handler {handler_name(handler)} for {function_id:#010x} {problem}: a handler "
+                       "returns x0, or 1 to 4 results (x0-x3) as integers, or NO_RESULT")
+
+
+def write_results(vcpu: ServiceVcpu, call: SmcccCall, values: tuple[int, ...]) -> None:
     mask = _U64 if call.function_id & SMC64 else _U32
-    values = _as_results(results)
     vcpu.set_x(0, values[0] & mask)
     for n in range(1, len(values)):
         v = values[n] & mask
         if call.known_register(n) != v:
             vcpu.set_x(n, v)
-
-
-def _as_results(results: int | Sequence[int]) -> tuple[int, ...]:
-    values = (results,) if isinstance(results, int) else tuple(results)
-    if not 1 <= len(values) <= 4:
-        raise HandlerError(f"an SMCCC handler returns 1 to 4 results (x0-x3), not {len(values)}")
-    return values

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from kvm_bindings.constants import SmcccFilterAction
@@ -164,3 +166,43 @@ def test_registration_ends_once_the_filter_is_installed() -> None:
     with pytest.raises(VmmError, match="the SMCCC filter is fixed once the VM runs"):
         d.deny(0xC300_0000, 1)
     assert [r.name for r in d.filter_ranges()] == ["early"]
+
+
+def returns_nothing(call: SmcccCall) -> Any:  # what a user's module may do
+    pass
+
+
+@pytest.mark.parametrize(("result", "problem"), [
+    (None, "returned None"), ("7", "returned '7'"), (1.5, "returned 1.5"), ((), "returned ()"),
+    ((1, 2, 3, 4, 5), "returned 5 results"), ([1, "a"], "returned [1, 'a'], not integers"),
+    (1 << 64, "beyond 64 bits"), (-(1 << 63) - 1, "beyond 64 bits"), ((0, 1 << 70), "beyond 64 bits"),
+])
+def test_a_bad_result_is_the_handlers_error_naming_it(result: object, problem: str) -> None:
+    d, v = Dispatcher(), FakeVcpu()
+
+    def my_handler(call: SmcccCall) -> Any:  # what a user's handler may do
+        return result
+
+    d.register(SIP64, 1, my_handler, "mine")
+    with pytest.raises(HandlerError) as caught:
+        d.dispatch(v, SIP64, 0)
+    message = str(caught.value)
+    assert message.startswith("SMCCC handler test_a_bad_result_is_the_handlers_error_naming_it.<locals>.my_handler() "
+                              "in test_dispatcher.py for 0xc2000000 ")
+    assert problem in message and "1 to 4 results" in message
+    assert v.writes == []  # nothing half-written
+
+
+def test_a_module_handler_that_returns_nothing_is_named() -> None:
+    d, v = Dispatcher(), FakeVcpu()
+    d.register(SIP64, 1, returns_nothing, "mine")
+    d.trace = lambda record: None  # the traced path checks the same way
+    with pytest.raises(HandlerError, match=r"handler returns_nothing\(\) in test_dispatcher.py for 0xc2000000 returned None"):
+        d.dispatch(v, SIP64, 0)
+
+
+def test_extreme_results_in_range_are_written() -> None:
+    d, v = Dispatcher(), FakeVcpu()
+    d.register(SIP64, 1, lambda call: (-(1 << 63), U64, True, 0), "edges")
+    d.dispatch(v, SIP64, 0)
+    assert v.writes == [(0, 1 << 63), (1, U64), (2, 1), (3, 0)]
