@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import socketserver
 import stat
 import threading
 from collections.abc import Callable
@@ -33,48 +34,40 @@ CLIENT_TIMEOUT = 5.0
 
 
 class ControlServer:
-    """Serves a VM's `stop` and, when the VM has SDEI, its `sdei`."""
+    """Serves a VM's `stop` and, when the VM has SDEI, its `sdei`: one request per connection, each
+    on its own thread (the standard library's socketserver), so a slow, silent or vanished client
+    holds up nobody, and whatever a client sends gets a one-line error reply or a closed
+    connection while the socket goes on serving."""
 
     def __init__(self, path: str, stop: Callable[[str], None], sdei: Sdei | None) -> None:
         self.path, self._stop, self._sdei = path, stop, sdei
         _claim(path)
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.bind(path)
+            self._server = _Server(path, self)
         except OSError as e:
-            self._sock.close()
             raise VmmError(f"cannot listen on {path}: {e.strerror}") from None
-        self._sock.listen(4)
-        self._thread = threading.Thread(target=self._serve, name="control", daemon=True)
-        self._closed = False
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.2,), name="control",
+                                        daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def close(self) -> None:
-        self._closed = True
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
+        if self._thread.is_alive():
+            self._server.shutdown()  # serve_forever returns within its poll interval
+        self._server.server_close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
-        self._thread.join(2.0)
 
-    def _serve(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return  # closed
-            with conn:
-                conn.settimeout(CLIENT_TIMEOUT)  # a client that never finishes its line is dropped
-                try:
-                    line = _read_line(conn)
-                    reply = self.handle(json.loads(line))
-                except (OSError, ValueError) as e:
-                    reply = {"ok": False, "error": f"bad request: {e}"}
-                with contextlib.suppress(OSError):
-                    conn.sendall(json.dumps(reply).encode() + b"\n")
+    def reply(self, line: bytes) -> dict[str, Any]:
+        """The answer to one request line, whatever its bytes."""
+        if len(line) > MAX_REQUEST:
+            return {"ok": False, "error": f"bad request: longer than {MAX_REQUEST} bytes"}
+        try:
+            request = json.loads(line)
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
+            return {"ok": False, "error": f"bad request: not one JSON object ({type(e).__name__})"}
+        return self.handle(request)
 
     def handle(self, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict):
@@ -97,6 +90,36 @@ class ControlServer:
         except VmmError as e:
             return {"ok": False, "error": str(e)}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+class _Connection(socketserver.StreamRequestHandler):
+    timeout = CLIENT_TIMEOUT  # a client that never finishes its line is dropped
+    server: _Server
+
+    def handle(self) -> None:
+        try:
+            line = self.rfile.readline(MAX_REQUEST + 1)
+        except OSError:
+            return  # timed out or gone: the connection just closes
+        try:
+            reply = self.server.control.reply(line)
+        except Exception as e:  # a pyvmm bug: the client is told, the server goes on
+            log.warning("control socket: internal error: %s: %s", type(e).__name__, e)
+            reply = {"ok": False, "error": f"internal error: {type(e).__name__}"}
+        with contextlib.suppress(OSError):
+            self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True  # a connection's thread never holds the process up
+    block_on_close = False
+
+    def __init__(self, path: str, control: ControlServer) -> None:
+        self.control = control
+        super().__init__(path, _Connection)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.warning("control socket: a request failed")  # one line, not socketserver's traceback
 
 
 def request(path: str, message: dict[str, Any]) -> dict[str, Any]:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyvmm import cli
 from pyvmm.control import ControlServer, request
@@ -84,3 +89,55 @@ def test_socket_path_is_claimed_carefully(tmp_path: Path) -> None:
         ControlServer(str(tmp_path / "file"), vm.stop, vm.sdei)
     with pytest.raises(VmmError, match="no VM listens"):
         request(str(path), {"cmd": "stop"})
+
+
+def send_raw(path: str, data: bytes) -> bytes:
+    """Send bytes as a client would, then read what comes back until the server closes."""
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(path)
+        with contextlib.suppress(OSError):
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(4096):
+                out += chunk
+        return out
+
+
+def test_a_deeply_nested_request_gets_an_error_and_the_socket_goes_on(served: tuple[ControlledMachine, str]) -> None:
+    vm, path = served
+    reply = json.loads(send_raw(path, b"[" * 3000 + b"\n"))
+    assert reply == {"ok": False, "error": "bad request: not one JSON object (RecursionError)"}
+    assert json.loads(send_raw(path, b"x" * 10_000 + b"\n"))["error"] == "bad request: longer than 4096 bytes"
+    request(path, {"cmd": "stop"})
+    assert vm.stopped == ["stopped through the control socket"]
+
+
+def test_a_silent_client_holds_up_nobody(served: tuple[ControlledMachine, str]) -> None:
+    vm, path = served
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.connect(path)  # and says nothing
+        started = time.monotonic()
+        request(path, {"cmd": "stop"})
+        assert time.monotonic() - started < 2
+    with socket.socket(socket.AF_UNIX) as gone:
+        gone.connect(path)
+        gone.sendall(b'{"cmd": "sto')  # and vanishes mid-line
+    request(path, {"cmd": "stop"})
+    assert vm.stopped == ["stopped through the control socket"] * 2
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=600) | st.text(max_size=300).map(str.encode)
+       | st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+                      lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids, max_size=4),
+                      max_leaves=20).map(lambda v: json.dumps(v).encode()))
+def test_any_bytes_get_a_reply_or_a_closed_connection(served: tuple[ControlledMachine, str], data: bytes) -> None:
+    vm, path = served
+    out = send_raw(path, data + b"\n")
+    if out:
+        reply = json.loads(out)
+        assert set(reply) <= {"ok", "error", "pending", "events", "masked"}
+    assert request(path, {"cmd": "sdei-status"})["ok"]  # still serving
