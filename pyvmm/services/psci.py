@@ -4,11 +4,12 @@ Both PSCI ranges (0x84000000 and 0xC4000000, 0x20 IDs each) are forwarded, so ev
 implemented or not, is answered here and never by KVM's in-kernel PSCI. Topology: one power
 level (cores); a core's affinity is its MPIDR_EL1 Aff3..Aff0 as KVM assigns it.
 
-Implemented: PSCI_VERSION, CPU_SUSPEND, CPU_OFF, CPU_ON, AFFINITY_INFO, MIGRATE,
-MIGRATE_INFO_TYPE, MIGRATE_INFO_UP_CPU, SYSTEM_OFF, SYSTEM_RESET, PSCI_FEATURES, SYSTEM_SUSPEND,
-SYSTEM_RESET2 (the mandatory set of §5.1 plus the two optional system calls). The other optional
-calls (CPU_FREEZE, CPU_DEFAULT_SUSPEND, NODE_HW_STATE, SET_SUSPEND_MODE, PSCI_STAT_*) answer
-NOT_SUPPORTED, and PSCI_FEATURES says so.
+Implemented: PSCI_VERSION, CPU_SUSPEND, CPU_OFF, CPU_ON, AFFINITY_INFO, MIGRATE_INFO_TYPE,
+SYSTEM_OFF, SYSTEM_RESET, PSCI_FEATURES, SYSTEM_SUSPEND, SYSTEM_RESET2 (the mandatory set of §5.1
+plus the two optional system calls). There is no Trusted OS (MIGRATE_INFO_TYPE answers 2), so
+MIGRATE and MIGRATE_INFO_UP_CPU are not implemented (§5.1: optional then), like CPU_FREEZE,
+CPU_DEFAULT_SUSPEND, NODE_HW_STATE, SET_SUSPEND_MODE and PSCI_STAT_*: they answer NOT_SUPPORTED,
+and PSCI_FEATURES, which may only report what is implemented (§5.15), says so.
 """
 
 from __future__ import annotations
@@ -131,17 +132,9 @@ class Psci(Service):
             return INVALID_PARAMETERS
         return target.power.value  # a plain int: the dispatcher's single-result fast path
 
-    @function(*_both(0x5), name="MIGRATE", args=("target_cpu",))
-    def migrate(self, call: SmcccCall) -> Results:
-        return NOT_SUPPORTED  # no Trusted OS to migrate (MIGRATE_INFO_TYPE 2)
-
     @function(F32 + 0x6, name="MIGRATE_INFO_TYPE", describe="describe_value")
     def migrate_info_type(self, call: SmcccCall) -> Results:
         return MIGRATE_INFO_TYPE_NOT_PRESENT
-
-    @function(*_both(0x7), name="MIGRATE_INFO_UP_CPU")
-    def migrate_info_up_cpu(self, call: SmcccCall) -> Results:
-        return NOT_SUPPORTED
 
     @function(F32 + 0x8, name="SYSTEM_OFF")
     def system_off(self, call: SmcccCall) -> Results:

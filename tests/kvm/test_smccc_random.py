@@ -27,7 +27,6 @@ def conformance_problem(r: TraceRecord) -> str | None:
         None: {-1},
         "PSCI_VERSION": {0x1_0001},
         "AFFINITY_INFO": {0, 1, 2, -2},
-        "MIGRATE": {-1}, "MIGRATE_INFO_UP_CPU": {-1},
         "MIGRATE_INFO_TYPE": {2},
         "PSCI_FEATURES": {0, -1},
         "CALL_COUNT": None, "REVISION": {1},
