@@ -491,3 +491,28 @@ def test_an_iov_buffer_outside_guest_ram_is_refused(memory: GuestMemory) -> None
         chain = Chain(3, None, None, IOVEC.pack(host, length), 0, length, ram)
         with pytest.raises(QueueError, match="buffer 0 of chain 3 is outside guest RAM"):
             chain.view(0)
+
+
+def test_received_frames_say_they_are_in_one_buffer(vm: FakeVm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """virtio 1.2 §5.1.6.4: without VIRTIO_NET_F_MRG_RXBUF the device sets num_buffers to 1; the
+    tap writes the 10-byte header before it and leaves those two bytes as they were."""
+    import socket
+
+    from pyvmm.devices.virtio import net as virtio_net
+
+    host, guest_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    guest_side.setblocking(False)
+    monkeypatch.setattr(virtio_net, "open_tap", lambda name, hdr: guest_side.detach())
+    dev = virtio_net.VirtioNet(parse_network("mode=tap,tapif=fake0"))
+    d = Driver(vm.attach(dev), vm.memory)
+    d.init()
+    for header_first in (True, False):  # the header in its own buffer, or split across two
+        addr = d.heap
+        d.queues[0].add([], [12, 1514] if header_first else [7, 1519])
+        d.queues[0].kick()
+        host.send(bytes(10) + b"\xff\xff" + b"frame")  # num_buffers as the previous frame left it
+        (_, written), = d.queues[0].wait_used()
+        assert written == 17
+        header = d.mem.read(addr, 12) if header_first else d.mem.read(addr, 7) + d.mem.read(addr + 16, 5)
+        assert header[10:12] == b"\x01\x00"
+    host.close()

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
-from pyvmm.devices.virtio.chain import Chain
+from pyvmm.devices.virtio.chain import Chain, fill, split
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.errors import VmmError
@@ -26,6 +26,7 @@ from pyvmm.kvm import open_tap
 RECEIVEQ, TRANSMITQ = 0, 1  # receiveq1, transmitq1 (§5.1.2)
 QUEUE_SIZE = 256
 HEADER_SIZE = 12  # struct virtio_net_hdr_v1, num_buffers included (VIRTIO_F_VERSION_1)
+NUM_BUFFERS = 10  # its offset: le16 num_buffers, 1 without VIRTIO_NET_F_MRG_RXBUF (§5.1.6.4)
 VIRTIO_NET_F_MAC = 1 << 5
 VIRTIO_NET_F_STATUS = 1 << 16
 VIRTIO_NET_S_LINK_UP = 1
@@ -151,6 +152,8 @@ class VirtioNet(VirtioDevice):
             except OSError:  # nothing more to read (EAGAIN) or the tap is gone
                 queue.unpop()
                 break
+            if n >= HEADER_SIZE:  # the tap leaves num_buffers alone: the frame is in 1 buffer
+                fill(split(chain.writable, NUM_BUFFERS)[1], b"\x01\x00")
             queue.push(chain.head, n)
             self.rx_frames += 1
         self.used(queue)
