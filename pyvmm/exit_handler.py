@@ -96,7 +96,9 @@ class MachineExits:
         self._smccc.woken(vcpu)
 
     def turned_off(self, vcpu: Vcpu) -> None:
-        """Every vCPU off and none pending: nothing can run again, so the run ends."""
+        """A vCPU powered itself off: services hear of it; and with every vCPU off and none
+        pending nothing can run again, so the run ends."""
+        self._smccc.powered_off(vcpu)
         if all(v.power == Power.OFF for v in self.vcpus):
             self._lifecycle.finish(RunResult("halted", "every vCPU is off (PSCI CPU_OFF) and none can be woken"))
 

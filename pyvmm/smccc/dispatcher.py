@@ -207,6 +207,10 @@ class Dispatcher:
         for s in self.services:
             s.woken(vcpu)
 
+    def powered_off(self, vcpu: ServiceVcpu) -> None:
+        for s in self.services:
+            s.powered_off(vcpu)
+
     # --- dispatch --------------------------------------------------------------------------
     def resolve(self, function_id: int) -> Function | None:
         i = bisect.bisect_right(self._routes, function_id, key=lambda r: r.base) - 1

@@ -108,6 +108,9 @@ class Service:
     def woken(self, vcpu: ServiceVcpu) -> None:
         """A vCPU has left suspend."""
 
+    def powered_off(self, vcpu: ServiceVcpu) -> None:
+        """A vCPU has powered itself off (PSCI CPU_OFF), on its own thread."""
+
     def reset(self) -> None:
         """Return to the power-on state (the VM is being reset)."""
 

@@ -328,6 +328,22 @@ def test_shared_event_runs_once_at_a_time() -> None:
     assert sdei.dispatches == 2  # both PEs were asked to look; one took it
 
 
+def test_a_pe_powering_off_inside_a_shared_handler_does_not_leave_it_running() -> None:
+    m, d, sdei = setup()
+    v0, v1 = m.vcpus
+    call(d, v1, UNMASK)
+    ready(d, v0, SHARED, flags=s.ROUTE_PE, affinity=v1.mpidr)  # to cpu1 only
+    sdei.trigger(SHARED)
+    assert v1.settle() == 1 and call(d, v0, STATUS, SHARED) == s.REGISTERED | s.ENABLED | s.RUNNING
+    sdei.trigger(SHARED)  # pending again while it runs
+    v1.power_off()  # PSCI CPU_OFF inside the handler
+    d.powered_off(v1)
+    assert call(d, v0, STATUS, SHARED) == s.REGISTERED | s.ENABLED  # no longer running
+    assert v0.settle() == 0  # routed to the PE that is off: it waits
+    assert call(d, v0, UNREGISTER, SHARED) == s.SUCCESS
+    assert call(d, v0, SHARED_RESET) == s.SUCCESS  # not DENIED for ever
+
+
 def test_interrupt_bind_and_release() -> None:
     m, d, _ = setup()
     v = m.vcpus[0]

@@ -181,6 +181,20 @@ class Sdei(Service):
         with self.lock:
             self._schedule(self.pes[vcpu.index])
 
+    def powered_off(self, vcpu: ServiceVcpu) -> None:
+        """A PE powered off (PSCI CPU_OFF) inside handlers: they can never complete there, so they
+        end as if completed (an event left RUNNING would answer UNREGISTER with PENDING and
+        SHARED_RESET with DENIED for ever), and a shared event may run on another PE again."""
+        with self.lock:
+            pe = self.pes[vcpu.index]
+            pe.masked = True
+            ended = [frame.reg for frame in pe.frames]
+            pe.frames.clear()
+            for reg in ended:
+                self._ended(reg)
+                if reg.spec.shared:
+                    self._schedule_event(reg)
+
     # --- SMCCC functions -------------------------------------------------------------------
     @function(FN_BASE + 0x0, name="SDEI_VERSION", describe="describe_value")
     def version(self, call: SmcccCall) -> Results:
@@ -501,10 +515,7 @@ class Sdei(Service):
                 return DENIED  # no handler is running on this PE
             frame = pe.frames.pop()
             reg = frame.reg
-            transition(reg, Action.COMPLETE)
-            intid = reg.spec.interrupt
-            if intid is not None and reg.state & REGISTERED and intid in self._lines:
-                reg.pending = True  # level-sensitive: still asserted, so it fires again
+            self._ended(reg)
         leave_handler(vcpu, frame, resume)
         if resume is None:
             self._trace(vcpu, f"complete event {reg.spec.number}: back to pc {frame.pc:#x}")
@@ -516,6 +527,13 @@ class Sdei(Service):
             if reg.spec.shared:
                 self._schedule_event(reg)  # a shared event may now run elsewhere
         return NO_RESULT  # the registers now hold the resumed context
+
+    def _ended(self, reg: Registration) -> None:
+        """A handler of `reg` is over (lock held)."""
+        transition(reg, Action.COMPLETE)
+        intid = reg.spec.interrupt
+        if intid is not None and reg.state & REGISTERED and intid in self._lines:
+            reg.pending = True  # level-sensitive: still asserted, so it fires again
 
     def _trace(self, vcpu: ServiceVcpu, text: str) -> None:
         self.ctx.trace(TraceEvent(vcpu.index, "sdei", text))
