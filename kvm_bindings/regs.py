@@ -50,6 +50,11 @@ def fw_reg_id(index: int) -> int:
 
 KVM_REG_ARM_PSCI_VERSION = fw_reg_id(0)
 
+# The firmware services KVM implements itself, as bitmaps (Documentation/virt/kvm/arm/fw-pseudo-registers.rst)
+KVM_REG_ARM_FW_FEAT_BMAP = 0x0016 << 16
+KVM_REG_ARM_STD_BMAP = KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_FW_FEAT_BMAP | 0
+KVM_REG_ARM_STD_BIT_TRNG_V1_0 = 1 << 0
+
 # Core registers by name: x0-x30, sp (SP_EL0), pc, pstate, sp_el1, elr_el1, spsr_el1.
 CORE_REGS: dict[str, int] = {f"x{n}": core_reg_id(f"regs.regs[{n}]") for n in range(31)}
 CORE_REGS.update({

@@ -23,8 +23,15 @@ from collections.abc import Callable
 from typing import Protocol
 
 from kvm_bindings.constants import ExitReason, MpState, SystemEvent, VcpuFeature
-from kvm_bindings.regs import CORE_REGS, PSTATE_BOOT, SYS_REGS, sysreg_id
-from pyvmm.errors import VmmError
+from kvm_bindings.regs import (
+    CORE_REGS,
+    KVM_REG_ARM_STD_BIT_TRNG_V1_0,
+    KVM_REG_ARM_STD_BMAP,
+    PSTATE_BOOT,
+    SYS_REGS,
+    sysreg_id,
+)
+from pyvmm.errors import KvmIoctlError, VmmError
 from pyvmm.exits import HEAD, Exit, MmioExit, SystemEventExit, decode, decode_mmio
 from pyvmm.kvm import VcpuFd
 from pyvmm.power import Entry, Power, PowerState
@@ -109,6 +116,14 @@ class Vcpu:
 
     def set_sysreg(self, op0: int, op1: int, crn: int, crm: int, op2: int, value: int) -> None:
         self.fd.set_one_reg(sysreg_id(op0, op1, crn, crm, op2), value)
+
+    def kvm_offers_trng(self) -> bool:
+        """Whether KVM answers the TRNG calls itself (its KVM_REG_ARM_STD_BMAP firmware register,
+        Linux >= 6.0; pyvmm, whose filter needs 6.4, does not look further back)."""
+        try:
+            return bool(self.fd.get_one_reg(KVM_REG_ARM_STD_BMAP) & KVM_REG_ARM_STD_BIT_TRNG_V1_0)
+        except KvmIoctlError:
+            return False
 
     # --- reset and boot --------------------------------------------------------------------
     def init(self, *, powered_off: bool) -> None:

@@ -33,6 +33,7 @@ from pyvmm.power import Entry
 from pyvmm.smccc import filter as smccc_filter
 from pyvmm.smccc.context import ServiceContext
 from pyvmm.smccc.dispatcher import Dispatcher
+from pyvmm.smccc.function_id import TRNG_FUNCTIONS, Owner
 from pyvmm.vcpu import Vcpu, install_kick_handler
 
 if TYPE_CHECKING:
@@ -116,6 +117,8 @@ class Vm:
             keep(fd.close)
             self.vcpus.append(Vcpu(i, fd, target, self._exits))
         self._exits.vcpus = self.lifecycle.vcpus = self.vcpus
+        if self.vcpus[0].kvm_offers_trng():
+            self.smccc.kernel_functions[Owner.STANDARD_SECURE] = TRNG_FUNCTIONS
         self.gic.finalize([v.mpidr for v in self.vcpus])
         out = ConsoleOutput() if console is None else console
         self.console = out

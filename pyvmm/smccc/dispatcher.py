@@ -81,7 +81,12 @@ class GeneralQueries(Service):
         return None
 
     def call_count(self, call: SmcccCall) -> int:
-        return sum(len(s.functions()) for s in self._owned())
+        """The owner's functions pyvmm implements, and those KVM answers itself (TRNG) that are
+        neither forwarded nor denied."""
+        d = self._dispatcher
+        in_kernel = [fid for fid in d.kernel_functions.get(self.owner, ())
+                     if d.resolve(fid) is None and not any(r.overlaps(fid, 1) for r in d._denied)]
+        return sum(len(s.functions()) for s in self._owned()) + len(in_kernel)
 
     def call_uid(self, call: SmcccCall) -> tuple[int, int, int, int]:
         """The UUID as four little-endian words of its little-endian byte form (w0 = time_low)."""
@@ -105,6 +110,8 @@ class Dispatcher:
         self.trace: Callable[[TraceRecord | TraceEvent], None] | None = None
         self.conduit = conduit
         self._frozen = False
+        # by owner, the function IDs KVM answers itself (its TRNG): counted by Call Count
+        self.kernel_functions: dict[int, tuple[int, ...]] = {}
 
     @property
     def conduit(self) -> str:

@@ -31,3 +31,8 @@ class Owner(IntEnum):
     STANDARD_HYP = 5
     VENDOR_HYP = 6
     # 7-47 reserved; 48-49 trusted applications; 50-63 trusted OS
+
+
+# The TRNG interface (Arm DEN0098, owner 4), which KVM answers itself when it offers it:
+# TRNG_VERSION, TRNG_FEATURES, TRNG_GET_UUID, TRNG_RND (SMC32 and SMC64)
+TRNG_FUNCTIONS = (0x8400_0050, 0x8400_0051, 0x8400_0052, 0x8400_0053, 0xC400_0053)

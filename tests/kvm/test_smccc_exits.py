@@ -83,6 +83,19 @@ def test_deny_range_is_answered_by_kvm(make_vm: MakeVm) -> None:
     assert vm.smccc.calls == 2  # only the report and SYSTEM_OFF exited to userspace
 
 
+def test_owner_4_call_count_counts_kvms_trng_too(make_vm: MakeVm) -> None:
+    """Call Count for owner 4 from a guest: PSCI's 16 function IDs, and the 5 of the TRNG that
+    this KVM answers itself (it offers TRNG: its KVM_REG_ARM_STD_BMAP says so)."""
+    vm = make_vm("hvc_loop")
+    assert vm.vcpus[0].kvm_offers_trng()
+    reports = Reports()
+    vm.smccc.register(FN_REPORT, 1, reports, "report")
+    vm.vcpus[0].set_x(9, 1)
+    vm.vcpus[0].set_x(10, 0x8400_FF00)  # Standard Secure Service Call Count
+    assert vm.run(timeout=30).reason == "poweroff"
+    assert reports.values[0][2:4] == (1, 16 + 5)
+
+
 def test_unrouted_id_in_forwarded_range_gets_not_supported(make_vm: MakeVm) -> None:
     vm = make_vm("hvc_loop")
     reports = Reports()

@@ -214,3 +214,16 @@ def test_any_call_gets_a_conformant_answer(fid: int, args: list[int], conduit: i
         x0 = v.writes[0][1]
         signed = x0 - (width + 1) if x0 > width >> 1 else x0
         assert signed >= -9  # a PSCI/SMCCC status or a value, never an undefined error
+
+
+def test_call_count_includes_the_trng_functions_kvm_answers() -> None:
+    """Owner 4's Call Count covers all of its functions the guest can call: pyvmm's PSCI and
+    KVM's own TRNG (DEN0098), less any TRNG ID the user denies."""
+    from pyvmm.smccc.function_id import TRNG_FUNCTIONS, Owner
+
+    m, d = setup()
+    assert call(m, d, 0x8400_FF00) == 16
+    d.kernel_functions[Owner.STANDARD_SECURE] = TRNG_FUNCTIONS
+    assert call(m, d, 0x8400_FF00) == 16 + 5
+    d.deny(0x8400_0053, 1, "no 32-bit TRNG_RND")
+    assert call(m, d, 0x8400_FF00) == 16 + 4
