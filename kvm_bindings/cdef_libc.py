@@ -3,11 +3,21 @@
 ioctl is declared with a pointer third argument rather than as variadic: calling a variadic
 function in ABI mode is not portable, and every KVM ioctl takes either a pointer or an integer
 that fits one (integers are passed as `ffi.cast("void *", n)`). preadv/pwritev take an iovec
-array built as bytes (virtio-blk's fast path, see pyvmm/devices/virtio/queue.py).
+array built as bytes (virtio-blk's fast path, see pyvmm/devices/virtio/linear_table.py);
+struct flock is what fcntl(2) locks a disk image with.
 """
 
 CDEF = """
 int ioctl(int fd, unsigned long request, void *arg);
 ssize_t preadv(int fd, const void *iov, int iovcnt, int64_t offset);   /* iov: struct iovec[] */
 ssize_t pwritev(int fd, const void *iov, int iovcnt, int64_t offset);
+
+/* fcntl(2) record locks (F_OFD_SETLK), for disk images: <asm-generic/fcntl.h> on LP64 */
+struct flock {
+    short l_type;
+    short l_whence;
+    int64_t l_start;
+    int64_t l_len;
+    int l_pid;
+};
 """

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.vm import Vm
-from tests.conftest import linux_guest
+from tests.conftest import ROOT, linux_guest
 
 GUEST_TIMEOUT = 120.0
 
@@ -147,7 +148,7 @@ def test_console_over_virtio_both_ways() -> None:
      "network 'mode=none,guest_mac=01:00:00:00:00:01': 01:00:00:00:00:01 is a multicast address: a NIC needs a unicast one"),
     ("-d", "/nonexistent.img", "disk /nonexistent.img: No such file or directory"),
     ("-d", "/dev/null", "disk /dev/null is smaller than one 512-byte sector"),
-    ("-d", "x.img,rw", "disk 'x.img,rw': unknown option 'rw' (FILE or FILE,ro)"),
+    ("-d", "x.img,rw", "disk 'x.img,rw': unknown option 'rw' (FILE[,ro][,nolock])"),
 ])
 def test_bad_device_flags_are_one_line(flag: str, value: str, message: str) -> None:
     image, _ = linux_guest()
@@ -155,3 +156,47 @@ def test_bad_device_flags_are_one_line(flag: str, value: str, message: str) -> N
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == cli.EXIT_ERROR
     assert p.stderr.splitlines() == [f"pyvmm: error: {message}"]
+
+
+def locked_by_another(path: Path) -> bool:
+    """Whether another open file holds a lock on `path` (a shared OFD lock of our own is refused)."""
+    from pyvmm.devices.virtio.blk import lock_image
+    from pyvmm.errors import VmmError
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        lock_image(fd, str(path), shared=True)
+        return False
+    except VmmError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_a_second_pyvmm_on_the_same_image_is_refused(tmp_path: Path) -> None:
+    """The first VM holds its disk's lock while it runs; a second one on the same image gets one
+    line and status 1, and takes it with ,nolock (or once the first has gone)."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    spin = str(ROOT / "build" / "guests" / "spin.bin")
+    first = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-f", spin, "-m", "16", "-d", str(disk),
+                              "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        def second(*opts: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([sys.executable, "-m", "pyvmm", "run", "-f", spin, "-m", "16", "-d",
+                                   ",".join([str(disk), *opts]), "--timeout", "1"],
+                                  capture_output=True, text=True, timeout=60)
+
+        deadline = time.monotonic() + 40
+        while not locked_by_another(disk):  # until the first has its disk open and locked
+            assert time.monotonic() < deadline and first.poll() is None, first.communicate()
+            time.sleep(0.2)
+        p = second()
+        assert p.returncode == cli.EXIT_ERROR
+        assert p.stderr.splitlines() == [f"pyvmm: error: disk {disk} is locked: another process uses it "
+                                         "(add ,nolock to use it anyway)"]
+        assert second("nolock").returncode == cli.EXIT_TIMEOUT  # it ran: the user opted out
+    finally:
+        first.kill()
+        first.wait()
+    assert second().returncode == cli.EXIT_TIMEOUT  # the lock went with the first process

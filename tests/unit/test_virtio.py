@@ -178,8 +178,9 @@ def _all_status_bytes(d: Driver) -> list[int]:
 
 
 def test_disk_arguments(tmp_path: Path) -> None:
-    assert parse_disk("a.img") == ("a.img", False)
-    assert parse_disk("a.img,ro") == ("a.img", True)
+    assert parse_disk("a.img") == ("a.img", False, True)
+    assert parse_disk("a.img,ro") == ("a.img", True, True)
+    assert parse_disk("a.img,ro,nolock") == ("a.img", True, False)
     with pytest.raises(VmmError, match="unknown option 'rw'"):
         parse_disk("a.img,rw")
     with pytest.raises(VmmError, match="No such file"):
@@ -187,6 +188,28 @@ def test_disk_arguments(tmp_path: Path) -> None:
     (tmp_path / "tiny.img").write_bytes(b"x")
     with pytest.raises(VmmError, match="smaller than one 512-byte sector"):
         VirtioBlk(str(tmp_path / "tiny.img"))
+
+
+def test_an_image_in_use_is_refused_as_qemu_does(disk: Path) -> None:
+    """OFD locks: readers share an image, a writer has it alone; ,nolock opts out. The locks go
+    with the open file, so they hold between two VMs of one process as between two processes."""
+    path = str(disk)
+    first = VirtioBlk(path)
+    try:
+        for read_only in (False, True):
+            with pytest.raises(VmmError) as caught:
+                VirtioBlk(path, read_only)
+            user = "writes to it" if read_only else "uses it"
+            assert str(caught.value) == f"disk {path} is locked: another process {user} (add ,nolock to use it anyway)"
+        VirtioBlk(path, lock=False).close()  # nolock
+    finally:
+        first.close()
+    readers = [VirtioBlk(path, read_only=True), VirtioBlk(path, read_only=True)]  # shared
+    with pytest.raises(VmmError, match="locked: another process uses it"):
+        VirtioBlk(path)  # a writer is refused while it is read
+    for r in readers:
+        r.close()
+    VirtioBlk(path).close()  # the locks went with the fds
 
 
 # --- entropy, console, network options -------------------------------------------------------

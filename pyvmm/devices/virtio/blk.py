@@ -1,13 +1,17 @@
-"""virtio-blk on a raw image file (virtio 1.2 §5.2), `-d/--disk FILE[,ro]`.
+"""virtio-blk on a raw image file (virtio 1.2 §5.2), `-d/--disk FILE[,ro][,nolock]`.
 
 Requests go straight between the image and guest RAM: preadv/pwritev with the request's guest
 buffers as the I/O vector, no copy in between. FLUSH is fsync(2). A read-only disk is opened
-O_RDONLY, offers VIRTIO_BLK_F_RO, and fails every write with IOERR.
+O_RDONLY, offers VIRTIO_BLK_F_RO, and fails every write with IOERR. An image is locked as QEMU
+locks its images (shared for `ro`, exclusive otherwise), so a second VM cannot use an image
+another writes; `nolock` opts out.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import os
 import struct
 from collections.abc import Callable
@@ -36,15 +40,30 @@ ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES
 HEADER = struct.Struct("<IIQ")  # struct virtio_blk_req: le32 type, le32 reserved, le64 sector
 
 
-def parse_disk(spec: str) -> tuple[str, bool]:
-    """`FILE[,ro]` as the CLI takes it -> (path, read_only)."""
+def parse_disk(spec: str) -> tuple[str, bool, bool]:
+    """`FILE[,ro][,nolock]` as the CLI takes it -> (path, read_only, lock)."""
     path, *opts = spec.split(",")
     for o in opts:
-        if o != "ro":
-            raise VmmError(f"disk {spec!r}: unknown option {o!r} (FILE or FILE,ro)")
+        if o not in ("ro", "nolock"):
+            raise VmmError(f"disk {spec!r}: unknown option {o!r} (FILE[,ro][,nolock])")
     if not path:
         raise VmmError(f"disk {spec!r} names no file")
-    return path, "ro" in opts
+    return path, "ro" in opts, "nolock" not in opts
+
+
+def lock_image(fd: int, path: str, shared: bool) -> None:
+    """Lock the whole image against other users, as QEMU does: an open file description lock
+    (F_OFD_SETLK, fcntl(2)), shared for a read-only disk, exclusive otherwise. It goes with the
+    fd, whichever thread or process holds it; a lock some other open of the image holds refuses."""
+    lock = ffi.new("struct flock *", {"l_type": fcntl.F_RDLCK if shared else fcntl.F_WRLCK,
+                                      "l_whence": os.SEEK_SET, "l_start": 0, "l_len": 0})
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, bytes(ffi.buffer(lock)))
+    except OSError as e:
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise VmmError(f"disk {path}: cannot lock it: {e.strerror}") from None
+        user = "writes to it" if shared else "uses it"
+        raise VmmError(f"disk {path} is locked: another process {user} (add ,nolock to use it anyway)") from None
 
 
 class VirtioBlk(VirtioDevice):
@@ -54,24 +73,31 @@ class VirtioBlk(VirtioDevice):
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("-d", "--disk", action="append", default=[], metavar="FILE[,ro]",
-                            help="a raw disk image as virtio-blk (vda, vdb, ...); ro: read-only; repeatable")
+        parser.add_argument("-d", "--disk", action="append", default=[], metavar="FILE[,ro][,nolock]",
+                            help="a raw disk image as virtio-blk (vda, vdb, ...); ro: read-only; nolock: do not "
+                                 "lock it against other users; repeatable")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, host: DeviceHost) -> list[VirtioDevice]:
         return [cls(*parse_disk(spec)) for spec in args.disk]
 
-    def __init__(self, path: str, read_only: bool = False) -> None:
+    def __init__(self, path: str, read_only: bool = False, lock: bool = True) -> None:
+        """`lock`: refuse an image another process uses, and keep others from using this one."""
         super().__init__()
         self.path, self.read_only = path, read_only
         try:
             self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         except OSError as e:
             raise VmmError(f"disk {path}: {e.strerror}") from None
-        size = os.lseek(self.fd, 0, os.SEEK_END)  # files and block devices alike
-        if size < SECTOR:
+        try:
+            if lock:
+                lock_image(self.fd, path, shared=read_only)
+            size = os.lseek(self.fd, 0, os.SEEK_END)  # files and block devices alike
+            if size < SECTOR:
+                raise VmmError(f"disk {path} is smaller than one {SECTOR}-byte sector")
+        except BaseException:
             os.close(self.fd)
-            raise VmmError(f"disk {path} is smaller than one {SECTOR}-byte sector")
+            raise
         self.sectors = size // SECTOR
         self.features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
         if read_only:
