@@ -12,8 +12,9 @@
   pyvmm --version
 
 Exit status of `run`: 0 when the guest powers off; 1 on an error; 2 for bad usage; 3 when the
-guest crashes, halts (every vCPU off) or is stopped; 124 when --timeout expires. A guest's PSCI
-SYSTEM_RESET restarts it within the same run.
+guest crashes, halts (every vCPU off) or is stopped; 124 when --timeout expires; 128 + N when
+signal N (SIGTERM, SIGINT, SIGHUP) stopped it. A guest's PSCI SYSTEM_RESET restarts it within
+the same run.
 Every failure is one line on stderr, never a traceback.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -116,6 +118,28 @@ def build_parser() -> Parser:
     return p
 
 
+class StopSignals:
+    """SIGTERM, SIGINT and SIGHUP stop the VM the way `pyvmm stop` does: every vCPU and device
+    ends, disk images are flushed and closed, and pyvmm exits with 128 + the signal's number.
+    A second SIGINT while it is stopping ends pyvmm at once (the user insists)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, stop: Callable[[str], None]) -> None:
+        self._stop = stop
+        self.received: int | None = None
+        for signo in self.SIGNALS:
+            signal.signal(signo, self._handle)
+
+    def _handle(self, signo: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signo
+            self._stop(f"stopped by {signal.Signals(signo).name}")
+        elif signo == signal.SIGINT:
+            sys.stderr.flush()
+            os._exit(128 + signo)
+
+
 class HostConsole:
     """The host side of the guest's console for devices made from the command line: the UART
     unless a device takes it (--console virtio)."""
@@ -186,14 +210,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         if control is not None:
             control.start()
         console_in.start()
+        stopping = StopSignals(vm.stop)
         try:
             result = vm.run(timeout=args.timeout)
         finally:
             console_in.stop()
             if control is not None:
                 control.close()
-    status = EXIT_OK if result.reason == "poweroff" else {"timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(
-        result.reason, EXIT_GUEST)
+    if stopping.received is not None:
+        status = 128 + stopping.received
+    else:
+        status = EXIT_OK if result.reason == "poweroff" else {"timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(
+            result.reason, EXIT_GUEST)
     if status != EXIT_OK:
         print(f"pyvmm: guest ended: {result}", file=sys.stderr)
     if threads_left_running():

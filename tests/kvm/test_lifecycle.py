@@ -5,6 +5,8 @@ not stop (pyvmm/lifecycle.py)."""
 from __future__ import annotations
 
 import os
+import select
+import signal
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.service import Service
 from pyvmm.vcpu import Vcpu
 from pyvmm.vm import Vm
-from tests.conftest import guest_image
+from tests.conftest import guest_image, linux_guest
 from tests.kvm.conftest import FN_REPORT, MakeVm, Reports
 
 SIP64 = 0xC200_0000
@@ -176,3 +178,42 @@ def test_a_service_that_never_returns_is_stopped_by_the_timeout(tmp_path: Path) 
     assert line.startswith("pyvmm: guest ended: timeout: the guest was still running after 2 s; vcpu0 did not stop")
     assert "handle() at never.py:8" in line
     assert took < 30
+
+
+def test_sigterm_during_a_linux_boot_stops_cleanly(tmp_path: Path) -> None:
+    image, initrd = linux_guest()
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    p = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-c", "2", "-m", "256", "-k", str(image), "-i",
+                          str(initrd), "-d", str(disk), "-p", "pyvmm.run=sleep,600", "--timeout", "300"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + 200
+    while b"Booting Linux" not in seen:  # the kernel is running: SMCCC calls, MMIO, virtio set-up
+        assert time.monotonic() < deadline and p.poll() is None, seen[-2000:]
+        if select.select([p.stdout], [], [], 1.0)[0]:
+            seen += os.read(p.stdout.fileno(), 4096)
+    p.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    out, err = p.communicate(timeout=60)
+    assert time.monotonic() - started < 20
+    assert p.returncode == 128 + signal.SIGTERM
+    assert err.decode().splitlines() == ["pyvmm: guest ended: stopped: stopped by SIGTERM"]
+
+
+def test_a_second_sigint_while_stopping_ends_pyvmm_at_once(tmp_path: Path) -> None:
+    service = tmp_path / "never.py"
+    service.write_text("import time\n\nRANGE = (0xC6000000, 0x100)\n\n\ndef handle(call):\n"
+                       "    while True:\n        time.sleep(0.1)\n")
+    p = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("smccc_demo")), "-c", "2",
+                          "-m", "16", "--service", str(service), "--timeout", "100"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(5)  # the guest is stuck in the service by now
+    p.send_signal(signal.SIGINT)  # stopping: its vCPU will not stop for a while
+    time.sleep(1)
+    started = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=30)
+    assert p.returncode == 128 + signal.SIGINT
+    assert time.monotonic() - started < 3
