@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import subprocess
 import sys
 import tarfile
@@ -200,3 +201,28 @@ def test_a_second_pyvmm_on_the_same_image_is_refused(tmp_path: Path) -> None:
         first.kill()
         first.wait()
     assert second().returncode == cli.EXIT_TIMEOUT  # the lock went with the first process
+
+
+def test_what_the_guest_flushed_survives_kill_9(tmp_path: Path) -> None:
+    """The guest writes a block and syncs it (FLUSH: fsync on the host), says so, and goes on
+    running; pyvmm is killed with SIGKILL; the image holds the block."""
+    image, initrd = linux_guest()
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    marker = "flushed-before-the-kill"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pyvmm", "run", "-m", "256", "-k", str(image), "-i", str(initrd), "-d", str(disk),
+         "-p", f"quiet pyvmm.run=echo,{marker}|dd,of=/dev/vda,conv=fsync,2>/dev/null;echo,SYNCED-$?;sleep,600",
+         "--timeout", "300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    seen, deadline = b"", time.monotonic() + 240
+    try:
+        while b"SYNCED-0" not in seen:
+            assert time.monotonic() < deadline and p.poll() is None, seen[-2000:]
+            if select.select([p.stdout], [], [], 1.0)[0]:
+                seen += os.read(p.stdout.fileno(), 4096)
+        p.kill()
+        p.wait(30)
+    finally:
+        p.kill()
+    assert disk.read_bytes()[:len(marker)] == marker.encode()
