@@ -3,12 +3,15 @@ an optional initrd, and the machine's device tree, whose address goes in x0 (boo
 
 from __future__ import annotations
 
+import logging
 import os
 
 from devicetree.builder import build_dtb
 from pyvmm.errors import ImageError, VmmError
 from pyvmm.loader import DTB_MAX, HEADER, KernelImage, file_size, parse_image, place
 from pyvmm.vm import Vm
+
+log = logging.getLogger("pyvmm")
 
 
 def _header(path: str, size: int) -> bytes:
@@ -26,6 +29,9 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     size = file_size(path, "kernel" if kernel is not None else "firmware")
     if kernel is not None:
         image = parse_image(_header(path, size), os.path.basename(path), file_size=size)
+        if image.headerless:
+            log.warning("kernel %s has no arm64 Image header: loaded as a flat binary at RAM + %#x, "
+                        "as kvmtool does", path, image.text_offset)
     else:
         image = KernelImage(0, size, 0)  # raw: at the start of RAM, entered at its first byte
     initrd_size = file_size(initrd, "initrd") if initrd is not None else 0

@@ -8,6 +8,8 @@ Documentation/arch/arm64/booting.rst:
     (BSS included) must be free RAM;
   * the DTB is 8-byte aligned and at most 2 MiB; the initrd anywhere in RAM, not overlapping.
 The kernel goes at the start of RAM, the DTB in the last 2 MiB, the initrd right below the DTB.
+A kernel with no Image header (kvm-unit-tests' .flat files) is taken as kvmtool takes it
+(arm/kvm.c): a flat binary at RAM + 0x80000, entered at its first byte.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class KernelImage(NamedTuple):
     text_offset: int
     image_size: int  # bytes the kernel occupies once running (BSS included)
     flags: int
+    headerless: bool = False  # no Image header: a flat binary, placed as kvmtool places it
 
 
 class Layout(NamedTuple):
@@ -54,11 +57,16 @@ def parse_image(data: bytes, name: str = "kernel", file_size: int | None = None)
     file's size (default len(data))."""
     size = len(data) if file_size is None else file_size
     if size < HEADER.size or len(data) < HEADER.size:
+        if size and len(data) == size and data[:2] != b"\x1f\x8b":
+            return KernelImage(LEGACY_TEXT_OFFSET, size, 0, headerless=True)  # a small flat binary
         raise ImageError(f"{name} is {size} bytes, too short for an arm64 Image (64-byte header)")
     _, _, text_offset, image_size, flags, _, _, _, magic, _ = HEADER.unpack_from(data)
     if magic != IMAGE_MAGIC:
-        hint = " (gzip data: decompress it, e.g. zcat vmlinuz > Image)" if data[:2] == b"\x1f\x8b" else ""
-        raise ImageError(f"{name} is not an arm64 Linux Image: no 'ARM\\x64' magic at offset 56{hint}")
+        if data[:2] == b"\x1f\x8b":
+            raise ImageError(f"{name} is gzip data, not an arm64 Linux Image: decompress it, e.g. zcat vmlinuz > Image")
+        # kvmtool's way with a kernel that has no Image header (kvm-unit-tests' .flat files):
+        # a flat binary at RAM start + its default TEXT_OFFSET, entered at its first byte
+        return KernelImage(LEGACY_TEXT_OFFSET, size, 0, headerless=True)
     if flags & 1:
         raise ImageError(f"{name} is a big-endian kernel; pyvmm runs little-endian guests")
     if image_size == 0:

@@ -11,7 +11,7 @@ import pytest
 from pyfdt.pyfdt import FdtBlobParse
 
 from pyvmm import cli
-from tests.conftest import linux_guest
+from tests.conftest import guest_image, linux_guest
 
 
 def pyvmm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -68,16 +68,27 @@ def test_dump_dtb_writes_the_tree(tmp_path: Path) -> None:
 
 
 def test_bad_or_missing_kernel_is_one_line(tmp_path: Path) -> None:
-    not_an_image = tmp_path / "Image"
-    not_an_image.write_bytes(b"#!/bin/sh\necho hello\n" * 10)
-    p = pyvmm("run", "-k", str(not_an_image), timeout=60)
+    compressed = tmp_path / "vmlinuz"
+    compressed.write_bytes(b"\x1f\x8b\x08" + bytes(200))
+    p = pyvmm("run", "-k", str(compressed), timeout=60)
     assert p.returncode == cli.EXIT_ERROR
-    assert p.stderr.strip().splitlines() == ["pyvmm: error: Image is not an arm64 Linux Image: no 'ARM\\x64' magic at offset 56"]
+    assert p.stderr.strip().splitlines() == [
+        "pyvmm: error: vmlinuz is gzip data, not an arm64 Linux Image: decompress it, e.g. zcat vmlinuz > Image"]
     p = pyvmm("run", "-k", str(tmp_path / "nope"), timeout=60)
     assert p.stderr.strip().splitlines() == [f"pyvmm: error: kernel {tmp_path / 'nope'} does not exist or is not a file"]
     image, initrd = linux_guest()
     p = pyvmm("run", "-k", str(image), "-i", str(initrd), "-m", "32", timeout=60)
     assert p.returncode == cli.EXIT_ERROR and "do not fit in 32 MiB of RAM" in p.stderr
+
+
+def test_a_kernel_without_an_image_header_runs_as_under_kvmtool() -> None:
+    """kvmtool's command line for a flat binary (kvm-unit-tests' .flat): `-k` with no Image header
+    loads it at RAM + 0x80000, with a note. This guest resets itself twice, then powers off."""
+    p = pyvmm("run", "-k", str(guest_image("psci_reset")), "-m", "16", "--timeout", "60", timeout=120)
+    assert p.returncode == cli.EXIT_OK, p.stderr
+    assert p.stderr.strip().splitlines() == [
+        f"pyvmm: kernel {guest_image('psci_reset')} has no arm64 Image header: loaded as a flat binary at "
+        "RAM + 0x80000, as kvmtool does"]
 
 
 def test_terminal_input_reaches_the_guest_shell() -> None:
