@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -121,23 +122,35 @@ def build_parser() -> Parser:
 class StopSignals:
     """SIGTERM, SIGINT and SIGHUP stop the VM the way `pyvmm stop` does: every vCPU and device
     ends, disk images are flushed and closed, and pyvmm exits with 128 + the signal's number.
-    A second SIGINT while it is stopping ends pyvmm at once (the user insists)."""
+    A second SIGINT while it is stopping ends pyvmm at once (the user insists). A signal the user
+    had ignored (nohup, a background job) stays ignored; the old handlers come back at the end."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
     def __init__(self, stop: Callable[[str], None]) -> None:
         self._stop = stop
         self.received: int | None = None
-        for signo in self.SIGNALS:
-            signal.signal(signo, self._handle)
+        self._saved = {signo: signal.getsignal(signo) for signo in self.SIGNALS}
+        for signo, old in self._saved.items():
+            if old is not signal.SIG_IGN:
+                signal.signal(signo, self._handle)
+
+    def message(self) -> str | None:
+        return None if self.received is None else f"stopped by {signal.Signals(self.received).name}"
 
     def _handle(self, signo: int, frame: object) -> None:
         if self.received is None:
             self.received = signo
-            self._stop(f"stopped by {signal.Signals(signo).name}")
+            # not here: the handler runs between two bytecodes of the main thread, which may hold
+            # the locks stop() takes
+            threading.Thread(target=self._stop, args=(self.message(),), name="stop", daemon=True).start()
         elif signo == signal.SIGINT:
             sys.stderr.flush()
             os._exit(128 + signo)
+
+    def restore(self) -> None:
+        for signo, old in self._saved.items():
+            signal.signal(signo, old)
 
 
 class HostConsole:
@@ -214,10 +227,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             result = vm.run(timeout=args.timeout)
         finally:
+            stopping.restore()
             console_in.stop()
             if control is not None:
                 control.close()
-    if stopping.received is not None:
+    if stopping.received is not None and result.reason == "stopped" and result.message == stopping.message():
         status = 128 + stopping.received
     else:
         status = EXIT_OK if result.reason == "poweroff" else {"timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(

@@ -41,6 +41,8 @@ class ControlServer:
 
     def __init__(self, path: str, stop: Callable[[str], None], sdei: Sdei | None) -> None:
         self.path, self._stop, self._sdei = path, stop, sdei
+        self._lock = threading.Lock()  # requests, and close(): none is served once it has returned
+        self._closed = False
         _claim(path)
         try:
             self._server = _Server(path, self)
@@ -53,6 +55,8 @@ class ControlServer:
         self._thread.start()
 
     def close(self) -> None:
+        with self._lock:  # a request being served finishes first; none is served after
+            self._closed = True
         if self._thread.is_alive():
             self._server.shutdown()  # serve_forever returns within its poll interval
         self._server.server_close()
@@ -67,7 +71,10 @@ class ControlServer:
             request = json.loads(line)
         except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
             return {"ok": False, "error": f"bad request: not one JSON object ({type(e).__name__})"}
-        return self.handle(request)
+        with self._lock:
+            if self._closed:
+                return {"ok": False, "error": "the VM is going away"}
+            return self.handle(request)
 
     def handle(self, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict):

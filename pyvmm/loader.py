@@ -64,6 +64,10 @@ def parse_image(data: bytes, name: str = "kernel", file_size: int | None = None)
     if magic != IMAGE_MAGIC:
         if data[:2] == b"\x1f\x8b":
             raise ImageError(f"{name} is gzip data, not an arm64 Linux Image: decompress it, e.g. zcat vmlinuz > Image")
+        if data[:4] == b"\x7fELF":
+            raise ImageError(f"{name} is an ELF file (a vmlinux?): boot the Image, arch/arm64/boot/Image")
+        if data[:2] == b"MZ" and data[4:8] == b"zimg":
+            raise ImageError(f"{name} is an EFI zboot image: boot the uncompressed Image it holds")
         # kvmtool's way with a kernel that has no Image header (kvm-unit-tests' .flat files):
         # a flat binary at RAM start + its default TEXT_OFFSET, entered at its first byte
         return KernelImage(LEGACY_TEXT_OFFSET, size, 0, headerless=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import reprlib
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -315,16 +316,17 @@ def checked(results: object, function_id: int, handler: object) -> tuple[int, ..
     items: list[object] = [results] if isinstance(results, int) else list(results) \
         if isinstance(results, list | tuple) else []
     values = [v for v in items if isinstance(v, int)]
+    if items and 1 <= len(items) <= 4 and len(values) == len(items) and all(_MIN <= v <= _U64 for v in values):
+        return tuple(values)
+    shown = reprlib.repr(results).replace("\n", " ")  # one line, however large the object
     if not items:
-        problem = f"returned {results!r}"
+        problem = f"returned {shown}"
     elif not 1 <= len(items) <= 4:
         problem = f"returned {len(items)} results"
     elif len(values) != len(items):
-        problem = f"returned {results!r}, not integers"
-    elif not all(_MIN <= v <= _U64 for v in values):
-        problem = f"returned {results!r}, beyond 64 bits"
+        problem = f"returned {shown}, not integers"
     else:
-        return tuple(values)
+        problem = f"returned {shown}, beyond 64 bits"
     raise HandlerError(f"SMCCC handler {handler_name(handler)} for {function_id:#010x} {problem}: a handler "
                        "returns x0, or 1 to 4 results (x0-x3) as integers, or NO_RESULT")
 

@@ -39,6 +39,8 @@ def test_a_kernel_without_an_image_header_is_a_flat_binary_at_0x80000_as_under_k
     (b"", "too short"),
     (b"\x1f\x8b\x08" + bytes(100), "gzip data, not an arm64 Linux Image: decompress it"),
     (b"\x1f\x8b\x08", "too short"),
+    (b"\x7fELF\x02\x01\x01" + bytes(100), "an ELF file"),
+    (b"MZ\x00\x00zimg" + bytes(100), "an EFI zboot image"),
     (image(flags=0x3), "big-endian"),
     (image(image_size=0x100), "smaller than the file"),
     (image(text_offset=0x123), "not page aligned"),

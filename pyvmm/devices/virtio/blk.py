@@ -2,17 +2,16 @@
 
 Requests go straight between the image and guest RAM: preadv/pwritev with the request's guest
 buffers as the I/O vector, no copy in between. FLUSH is fsync(2). A read-only disk is opened
-O_RDONLY, offers VIRTIO_BLK_F_RO, and fails every write with IOERR. An image is locked as QEMU
-locks its images (shared for `ro`, exclusive otherwise), so a second VM cannot use an image
-another writes; `nolock` opts out.
+O_RDONLY, offers VIRTIO_BLK_F_RO, and fails every write with IOERR. An image is locked against
+a second user (shared for `ro`, exclusive otherwise: lock_image()); `nolock` opts out.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import fcntl
+import logging
 import os
 import struct
 from collections.abc import Callable
@@ -23,6 +22,8 @@ from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
 from pyvmm.devices.virtio.layout import IOVEC
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.errors import VmmError
+
+log = logging.getLogger("pyvmm")
 
 SECTOR = 512
 QUEUE_SIZE = 256
@@ -53,16 +54,18 @@ def parse_disk(spec: str) -> tuple[str, bool, bool]:
 
 
 def lock_image(fd: int, path: str, shared: bool) -> None:
-    """Lock the whole image against other users, as QEMU does: an open file description lock
-    (F_OFD_SETLK, fcntl(2)), shared for a read-only disk, exclusive otherwise. It goes with the
-    fd, whichever thread or process holds it; a lock some other open of the image holds refuses."""
+    """Lock the whole image against other users, in QEMU's spirit (it locks a few bytes of the
+    image per permission instead, so the two do not see each other's locks): an open file
+    description lock (F_OFD_SETLK, fcntl(2)), shared for a read-only disk, exclusive otherwise.
+    It goes with the fd, whichever thread holds it; another open of the image holding a
+    conflicting lock refuses it."""
     lock = ffi.new("struct flock *", {"l_type": fcntl.F_RDLCK if shared else fcntl.F_WRLCK,
                                       "l_whence": os.SEEK_SET, "l_start": 0, "l_len": 0})
     try:
         fcntl.fcntl(fd, fcntl.F_OFD_SETLK, bytes(ffi.buffer(lock)))
     except OSError as e:
         if e.errno not in (errno.EAGAIN, errno.EACCES):
-            raise VmmError(f"disk {path}: cannot lock it: {e.strerror}") from None
+            raise VmmError(f"disk {path}: cannot lock it: {e.strerror} (add ,nolock to use it unlocked)") from None
         user = "writes to it" if shared else "uses it"
         raise VmmError(f"disk {path} is locked: another process {user} (add ,nolock to use it anyway)") from None
 
@@ -197,7 +200,9 @@ class VirtioBlk(VirtioDevice):
     def close(self) -> None:
         """What the guest wrote reaches the disk before the image is let go."""
         if not self.read_only:
-            with contextlib.suppress(OSError):
+            try:
                 os.fsync(self.fd)
+            except OSError as e:
+                log.warning("disk %s: flushing it failed: %s", self.path, e.strerror)
         os.close(self.fd)
 

@@ -16,6 +16,7 @@ from pyvmm.devices.virtio.layout import DESC_SIZE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC
 from pyvmm.memory import Region
 
 DESC_BITS = DESC_SIZE * 8
+MAX_TABLE = 256  # the longest indirect table any pyvmm queue accepts (its size: virtio-blk, virtio-net)
 ENTRY_MODULUS = (1 << DESC_BITS) - 1
 
 
@@ -50,11 +51,10 @@ class TableConstants:
         return self.write >> shift << shift
 
 
-# A guest chooses its tables' lengths (up to the queue size), so what is kept of them is bounded
-# here, not by the guest: drivers use a handful of lengths (Linux: one per request shape), and a
-# guest cycling through all of them only costs itself time. An entry is ~10 ints of 16 bytes per
-# descriptor: 8 of the longest tables a 256-entry queue allows hold ~330 KiB.
-@lru_cache(maxsize=8)
+# A guest chooses its tables' lengths, up to the queue size, and Linux's virtio-blk uses one per
+# segment count. So the cache has room for every length a 256-entry queue allows, and no more:
+# an entry is ~10 ints of 16 bytes per descriptor, all 256 lengths ~5 MiB, whatever the guest does.
+@lru_cache(maxsize=MAX_TABLE)
 def _table_constants(n: int, gpa: int, size: int, host_addr: int) -> TableConstants:
     return TableConstants(n, gpa, size, host_addr)
 
@@ -63,6 +63,8 @@ def linear_chain(head: int, raw: memoryview, region: Region) -> Chain | None:
     """Chain `head` from the indirect table `raw` as a host iovec into `region`; None if the
     table is not in the linear layout (the general walk then follows it)."""
     n = len(raw) // DESC_SIZE
+    if n > MAX_TABLE:
+        return None  # a device with a larger queue: the general walk, and nothing kept
     k = _table_constants(n, region.gpa, region.size, region.host_addr)
     t = int.from_bytes(raw, "little")  # one copy: the driver cannot change it under us
     meta = t & k.meta
