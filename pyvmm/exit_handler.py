@@ -28,7 +28,7 @@ from pyvmm.vcpu import Vcpu
 
 log = logging.getLogger("pyvmm")
 
-SYSTEM_EVENTS = {SystemEvent.SHUTDOWN: "poweroff", SystemEvent.RESET: "reset", SystemEvent.CRASH: "crash",
+SYSTEM_EVENTS: dict[int, str] = {SystemEvent.SHUTDOWN: "poweroff", SystemEvent.RESET: "reset", SystemEvent.CRASH: "crash",
                  SystemEvent.SUSPEND: "suspend"}
 
 
@@ -72,8 +72,8 @@ class MachineExits:
 
     def system_event(self, vcpu: Vcpu, ex: SystemEventExit) -> bool:
         """KVM's own PSCI (psci=False) or a guest crash: the run ends. False: this vCPU stops."""
-        reason = SYSTEM_EVENTS.get(SystemEvent(ex.type)) if ex.type in SystemEvent._value2member_map_ else None
-        self._lifecycle.finish(RunResult(reason or ex.name, f"guest system event {ex.name}", vcpu.index, ex.data))
+        reason = SYSTEM_EVENTS.get(ex.type, ex.name)  # IntEnum keys match the raw type number
+        self._lifecycle.finish(RunResult(reason, f"guest system event {ex.name}", vcpu.index, ex.data))
         return False
 
     def other(self, vcpu: Vcpu, ex: Exit) -> None:

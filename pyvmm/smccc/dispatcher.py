@@ -85,8 +85,7 @@ class GeneralQueries(Service):
         """The owner's functions pyvmm implements, and those KVM answers itself (TRNG) that are
         neither forwarded nor denied."""
         d = self._dispatcher
-        in_kernel = [fid for fid in d.kernel_functions.get(self.owner, ())
-                     if d.resolve(fid) is None and not any(r.overlaps(fid, 1) for r in d._denied)]
+        in_kernel = [fid for fid in d.kernel_functions.get(self.owner, ()) if d.left_to_kvm(fid)]
         return sum(len(s.functions()) for s in self._owned()) + len(in_kernel)
 
     def call_uid(self, call: SmcccCall) -> tuple[int, int, int, int]:
@@ -191,6 +190,10 @@ class Dispatcher:
         self.services = [s for s in self.services if any(r.service is s for r in self._routes)
                          or isinstance(s, GeneralQueries) or not s.ranges]
         self._cache.clear()
+
+    def left_to_kvm(self, fid: int) -> bool:
+        """Neither forwarded to a service nor denied: KVM answers `fid` as it would anyway."""
+        return self.resolve(fid) is None and not any(d.overlaps(fid, 1) for d in self._denied)
 
     def filter_ranges(self) -> list[FilterRange]:
         """The KVM filter that forwards exactly the routed ranges and denies the denied ones."""
