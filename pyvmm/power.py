@@ -2,10 +2,18 @@
 that changes it.
 
 A vCPU is ON, OFF or ON_PENDING. Any thread may ask an OFF vCPU to come on (PSCI CPU_ON): exactly
-one of several concurrent callers sees OFF and makes it ON_PENDING; the others are told the state
-that refused them (ALREADY_ON or ON_PENDING). The vCPU's own thread waits while it is OFF, boots
-a pending CPU_ON and then marks itself ON; CPU_OFF, on its own thread, sends it back to waiting.
-A suspended vCPU (CPU_SUSPEND, SYSTEM_SUSPEND) stays ON: `Suspend` records how it wakes.
+one of several concurrent callers sees OFF and makes it ON_PENDING; the others are refused. The
+vCPU's own thread waits while it is OFF, boots a pending CPU_ON and then marks itself ON; CPU_OFF,
+on its own thread, sends it back to waiting. A suspended vCPU stays ON.
+
+What the guest sees (`guest_power`) is atomic: once a CPU_ON has succeeded the target is ON, and a
+later CPU_ON is ALREADY_ON, as with KVM's in-kernel PSCI (arch/arm64/kvm/psci.c marks the target
+runnable under its lock). The short while its thread takes to boot it is pyvmm's own, not a
+pending power-on, and leaks out nowhere. ON_PENDING is reported only for a power-on that is
+genuinely pending: one that cannot proceed because the target's thread has been told to stop
+(the machine is stopping or resetting), so it will boot only if and when that thread runs again.
+Internally the vCPU stays ON_PENDING until it has booted: firmware services (SDEI) deliver
+nothing to a PE that has not booted yet.
 """
 
 from __future__ import annotations
@@ -43,13 +51,25 @@ class PowerState:
     def state(self) -> Power:
         return self._state
 
+    @property
+    def guest_power(self) -> Power:
+        """The state as the guest sees it (PSCI AFFINITY_INFO, CPU_ON's refusals): ON_PENDING
+        reads as ON unless the power-on genuinely waits for a stopped thread."""
+        with self._cond:
+            return self._seen()
+
+    def _seen(self) -> Power:
+        if self._state == Power.ON_PENDING and not self._stopping:
+            return Power.ON
+        return self._state
+
     def request_on(self, entry: Entry) -> Power | None:
         """PSCI CPU_ON, from any thread: an OFF vCPU becomes ON_PENDING and None is returned;
-        otherwise nothing changes and the state that refused the call is returned."""
+        otherwise nothing changes and the state that refused the call, as the guest sees it
+        (`guest_power`), is returned."""
         with self._cond:
-            state = self._state
-            if state != Power.OFF:
-                return state
+            if self._state != Power.OFF:
+                return self._seen()
             self._state = Power.ON_PENDING
             self._pending = entry
             self._cond.notify_all()

@@ -158,9 +158,14 @@ class Vcpu:
     def power(self) -> Power:
         return self._power.state
 
+    @property
+    def guest_power(self) -> Power:
+        """The power state as the guest sees it (PSCI AFFINITY_INFO): see pyvmm/power.py."""
+        return self._power.guest_power
+
     def request_on(self, entry: Entry) -> Power | None:
         """PSCI CPU_ON of this vCPU, from any thread: None if it is now ON_PENDING, else the state
-        that refused it (ON or ON_PENDING)."""
+        that refused it as the guest sees it (ON, or ON_PENDING while the vCPU is stopping)."""
         return self._power.request_on(entry)
 
     def power_off(self) -> None:

@@ -116,7 +116,7 @@ class Psci(Service):
             return INVALID_PARAMETERS
         if not self._in_ram(entry):
             return INVALID_ADDRESS
-        refused = target.request_on(Entry(entry, context_id))  # of concurrent CPU_ONs, one succeeds
+        refused = target.request_on(Entry(entry, context_id))  # atomic: one succeeds, the rest see ON
         if refused is None:
             return SUCCESS
         return ALREADY_ON if refused == Power.ON else ON_PENDING
@@ -130,7 +130,7 @@ class Psci(Service):
         target = self._target(call, affinity)
         if target is None:
             return INVALID_PARAMETERS
-        return target.power.value  # a plain int: the dispatcher's single-result fast path
+        return target.guest_power.value  # a plain int: the dispatcher's single-result fast path
 
     @function(F32 + 0x6, name="MIGRATE_INFO_TYPE", describe="describe_value")
     def migrate_info_type(self, call: SmcccCall) -> Results:

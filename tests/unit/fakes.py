@@ -86,6 +86,13 @@ class FakeVcpu:
     def power(self) -> Power:
         return self._power.state
 
+    @property
+    def guest_power(self) -> Power:
+        return self._power.guest_power
+
+    def stop(self) -> None:
+        self._power.stop()
+
     def request_on(self, entry: Entry) -> Power | None:
         return self._power.request_on(entry)
 
