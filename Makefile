@@ -16,8 +16,11 @@ ARMHOST_TIMEOUT ?= 900
 export PYTHONDONTWRITEBYTECODE := 1
 
 GUEST_SRCS := $(wildcard tests/guests/*.S examples/guests/*.S)
+A32_SRCS := $(wildcard tests/guests/a32/*.S)
 GUEST_BINS := $(patsubst %.S,build/guests/%.bin,$(notdir $(GUEST_SRCS))) \
-              $(patsubst %.S,build/guests/%_smc.bin,$(notdir $(GUEST_SRCS)))
+              $(patsubst %.S,build/guests/%_smc.bin,$(notdir $(GUEST_SRCS))) \
+              $(patsubst %.S,build/guests/a32/%.bin,$(notdir $(A32_SRCS))) \
+              $(patsubst %.S,build/guests/a32/%_smc.bin,$(notdir $(A32_SRCS)))
 BENCH_BINS := $(patsubst benchmarks/%.S,build/bench/%.bin,$(wildcard benchmarks/*.S))
 vpath %.S tests/guests examples/guests
 
@@ -53,6 +56,18 @@ build/guests/%.bin: %.S tests/guests/common.inc | .cache/host-deps.stamp
 	@mkdir -p $(@D)
 	@$(CROSS)as -I tests/guests -o $(@:.bin=.o) $<
 	@$(CROSS)objcopy -O binary $(@:.bin=.o) $@
+	@rm -f $(@:.bin=.o)
+
+# AArch32 guests (for --aarch32 VMs), assembled by binutils' arm-linux-gnueabihf cross assembler.
+build/guests/a32/%_smc.bin: tests/guests/a32/%.S tests/guests/a32/common32.inc | .cache/host-deps.stamp
+	@mkdir -p $(@D)
+	@arm-linux-gnueabihf-as -I tests/guests/a32 --defsym SMC=1 -o $(@:.bin=.o) $<
+	@arm-linux-gnueabihf-objcopy -O binary $(@:.bin=.o) $@
+	@rm -f $(@:.bin=.o)
+build/guests/a32/%.bin: tests/guests/a32/%.S tests/guests/a32/common32.inc | .cache/host-deps.stamp
+	@mkdir -p $(@D)
+	@arm-linux-gnueabihf-as -I tests/guests/a32 -o $(@:.bin=.o) $<
+	@arm-linux-gnueabihf-objcopy -O binary $(@:.bin=.o) $@
 	@rm -f $(@:.bin=.o)
 
 # Host-side AArch64 code for the benchmarks (the native floor loop), assembled the same way.

@@ -39,6 +39,7 @@ class Cap(IntEnum):
     ONE_REG = 70
     READONLY_MEM = 81
     ARM_PSCI = 87
+    ARM_EL1_32BIT = 93
     DEVICE_CTRL = 89
     ARM_PSCI_0_2 = 102
     ARM_PMU_V3 = 126

@@ -86,3 +86,11 @@ SYS_REGS: dict[str, int] = {
 PSTATE_EL1H = 0x5
 PSTATE_DAIF = 0xF << 6
 PSTATE_BOOT = PSTATE_DAIF | PSTATE_EL1H  # 0x3c5
+
+# Boot PSTATE of an AArch32 EL1 (SPSR's AArch32 encoding, Arm ARM C5.2.18): Supervisor mode with
+# A, I, F masked (Documentation/arch/arm/booting.rst); T selects T32, as bit 0 of a PSCI entry
+# address asks (PSCI 1.1 §6.4.3.1). M[4] = 1 is what makes the state AArch32.
+PSTATE_AA32_SVC = 0x13
+PSTATE_AA32_AIF = 0x7 << 6
+PSTATE_AA32_T = 1 << 5
+PSTATE_BOOT_AA32 = PSTATE_AA32_AIF | PSTATE_AA32_SVC  # 0x1d3

@@ -8,7 +8,7 @@ import os
 
 from devicetree.builder import build_dtb
 from pyvmm.errors import ImageError, VmmError
-from pyvmm.loader import DTB_MAX, HEADER, KernelImage, file_size, parse_image, place
+from pyvmm.loader import DTB_MAX, HEADER, KernelImage, file_size, parse_aarch32_image, parse_image, place
 from pyvmm.vm import Vm
 
 log = logging.getLogger("pyvmm")
@@ -27,7 +27,12 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     path = kernel if kernel is not None else firmware
     assert path is not None
     size = file_size(path, "kernel" if kernel is not None else "firmware")
-    if kernel is not None:
+    if kernel is not None and vm.aarch32:
+        image = parse_aarch32_image(_header(path, size), os.path.basename(path), file_size=size)
+        if image.headerless:
+            log.warning("kernel %s is not a zImage: loaded as a flat AArch32 binary at RAM + %#x, "
+                        "as kvmtool does", path, image.text_offset)
+    elif kernel is not None:
         image = parse_image(_header(path, size), os.path.basename(path), file_size=size)
         if image.headerless:
             log.warning("kernel %s has no arm64 Image header: loaded as a flat binary at RAM + %#x, "
@@ -46,5 +51,8 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     if len(dtb) > DTB_MAX:
         raise ImageError(f"the device tree is {len(dtb)} bytes, over the 2 MiB booting.rst allows")
     vm.load(dtb, layout.dtb)
-    vm.set_boot(layout.kernel, x0=layout.dtb)
+    if vm.aarch32:  # arm/booting.rst: r0 = 0, r1 = ~0 (the DTB names the machine), r2 = the DTB
+        vm.set_boot(layout.kernel, x0=0, more=(0xFFFF_FFFF, layout.dtb))
+    else:
+        vm.set_boot(layout.kernel, x0=layout.dtb)
     return dtb

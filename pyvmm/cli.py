@@ -87,6 +87,8 @@ def build_parser() -> Parser:
     run.add_argument("--dump-dtb", metavar="FILE", help="write the generated device tree to FILE and exit")
     run.add_argument("-c", "--cpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
     run.add_argument("-m", "--mem", type=positive_int, default=64, metavar="MiB", help="RAM in MiB (default 64)")
+    run.add_argument("--aarch32", action="store_true",
+                     help="run the guest in AArch32 state (an AArch32 kernel or firmware; no SDEI)")
     run.add_argument("--psci-conduit", choices=["hvc", "smc"], default="hvc",
                      help="the SMCCC conduit of PSCI and every other service (default hvc)")
     run.add_argument("--service", action="append", default=[], metavar="FILE",
@@ -190,9 +192,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     denied = [parse_range(r) for r in args.deny]
     if args.sdei_event and not args.sdei:
         raise VmmError("--sdei-event declares SDEI events: add --sdei")
+    if args.sdei and args.aarch32:
+        raise VmmError("--sdei needs an AArch64 guest: SDEI's calls are all SMC64, which AArch32 callers cannot make")
     events = [parse_event(e) for e in args.sdei_event]
     host = HostConsole()
-    with Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output) as vm:
+    with Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output,
+            aarch32=args.aarch32) as vm:
         for device_type in CLI_DEVICES:  # the VM closes them, whatever happens next
             for device in device_type.from_args(args, host):
                 vm.add_virtio(device)

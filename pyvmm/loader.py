@@ -10,6 +10,10 @@ Documentation/arch/arm64/booting.rst:
 The kernel goes at the start of RAM, the DTB in the last 2 MiB, the initrd right below the DTB.
 A kernel with no Image header (kvm-unit-tests' .flat files) is taken as kvmtool takes it
 (arm/kvm.c): a flat binary at RAM + 0x80000, entered at its first byte.
+
+An AArch32 VM boots an AArch32 kernel as kvmtool's --aarch32 does: a zImage (Documentation/arch/
+arm/booting.rst: magic 0x016f2818 at offset 0x24) or a flat binary at RAM + 0x8000, entered at its
+first byte with r0 = 0, r1 = ~0 (no machine type: the DTB describes the machine), r2 = the DTB.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ SZ_2M = 2 << 20
 PAGE = 4096
 DTB_MAX = SZ_2M
 LEGACY_TEXT_OFFSET = 0x80000
+ZIMAGE_MAGIC = 0x016F_2818  # u32 @0x24 of an arm zImage
+ZIMAGE_MAGIC_OFFSET = 0x24
+AARCH32_TEXT_OFFSET = 0x8000  # kvmtool's ARM_KERN_OFFSET for AArch32 guests
 
 
 class KernelImage(NamedTuple):
@@ -80,6 +87,20 @@ def parse_image(data: bytes, name: str = "kernel", file_size: int | None = None)
     if text_offset % PAGE:
         raise ImageError(f"{name} has text_offset {text_offset:#x}, not page aligned")
     return KernelImage(text_offset, image_size, flags)
+
+
+def parse_aarch32_image(data: bytes, name: str = "kernel", file_size: int | None = None) -> KernelImage:
+    """An AArch32 kernel: a zImage, or headerless (a flat binary); `data` is its first bytes."""
+    size = len(data) if file_size is None else file_size
+    if len(data) >= HEADER.size and HEADER.unpack_from(data)[8] == IMAGE_MAGIC:
+        raise ImageError(f"{name} is an arm64 Image: an AArch32 VM (--aarch32) boots an AArch32 kernel (zImage)")
+    if data[:2] == b"\x1f\x8b":
+        raise ImageError(f"{name} is gzip data, not an AArch32 zImage")
+    if data[:4] == b"\x7fELF":
+        raise ImageError(f"{name} is an ELF file (a vmlinux?): boot the zImage, arch/arm/boot/zImage")
+    magic_end = ZIMAGE_MAGIC_OFFSET + 4
+    zimage = len(data) >= magic_end and int.from_bytes(data[ZIMAGE_MAGIC_OFFSET:magic_end], "little") == ZIMAGE_MAGIC
+    return KernelImage(AARCH32_TEXT_OFFSET, size, 0, headerless=not zimage)
 
 
 def place(ram_base: int, ram_size: int, image: KernelImage, initrd_size: int, what: str = "kernel") -> Layout:

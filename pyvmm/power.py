@@ -32,10 +32,12 @@ class Power(IntEnum):
 
 
 class Entry(NamedTuple):
-    """Where a vCPU starts: its entry point and the value of x0 (a CPU_ON context ID)."""
+    """Where a vCPU starts: its entry point, the value of x0 (a CPU_ON context ID) and of x1, x2,
+    ... where a boot protocol needs more (an AArch32 Linux: r1 = ~0, r2 = the DTB)."""
 
     address: int
     context_id: int
+    more: tuple[int, ...] = ()
 
 
 class PowerState:

@@ -27,7 +27,9 @@ from kvm_bindings.regs import (
     CORE_REGS,
     KVM_REG_ARM_STD_BIT_TRNG_V1_0,
     KVM_REG_ARM_STD_BMAP,
+    PSTATE_AA32_T,
     PSTATE_BOOT,
+    PSTATE_BOOT_AA32,
     SYS_REGS,
     sysreg_id,
 )
@@ -76,10 +78,11 @@ class ExitHandler(Protocol):
 
 
 class Vcpu:
-    def __init__(self, index: int, fd: VcpuFd, target: int, exits: ExitHandler) -> None:
+    def __init__(self, index: int, fd: VcpuFd, target: int, exits: ExitHandler, *, aarch32: bool = False) -> None:
         self.index = index
         self.fd = fd
         self._target = target
+        self.aarch32 = aarch32  # EL1 (so every SMCCC caller) in AArch32 state: KVM_ARM_VCPU_EL1_32BIT
         self._exits = exits
         self.thread: threading.Thread | None = None
         self._stop = False
@@ -130,6 +133,8 @@ class Vcpu:
         """KVM_ARM_VCPU_INIT with the preferred target: PSCI 0.2+ (KVM's own PSCI, when it
         answers), secondaries powered off. Also a full reset of the vCPU's registers."""
         features = 1 << VcpuFeature.PSCI_0_2
+        if self.aarch32:
+            features |= 1 << VcpuFeature.EL1_32BIT
         if powered_off:
             features |= 1 << VcpuFeature.POWER_OFF
         self.fd.vcpu_init(self._target, [features, 0, 0, 0, 0, 0, 0])
@@ -141,9 +146,15 @@ class Vcpu:
         self.set_entry(entry)
 
     def set_entry(self, entry: Entry) -> None:
-        self.set_reg("pstate", PSTATE_BOOT)
-        self.set_reg("pc", entry.address)
+        if self.aarch32:  # Supervisor mode; an odd address is a T32 entry (PSCI 1.1 §6.4.3.1)
+            self.set_reg("pstate", PSTATE_BOOT_AA32 | (PSTATE_AA32_T if entry.address & 1 else 0))
+            self.set_reg("pc", entry.address & ~1)
+        else:
+            self.set_reg("pstate", PSTATE_BOOT)
+            self.set_reg("pc", entry.address)
         self.set_x(0, entry.context_id)
+        for n, value in enumerate(entry.more, start=1):
+            self.set_x(n, value)
 
     def reset(self, entry: Entry | None) -> None:
         """The machine's reset (thread not running): vCPU 0 back at `entry`, the others off."""

@@ -55,9 +55,11 @@ __all__ = ["RAM_BASE", "RunResult", "Vm"]
 class Vm:
     def __init__(self, *, cpus: int = 1, mem_mib: int = 64, ram_base: int = RAM_BASE,
                  kvm_path: str = "/dev/kvm", unhandled_mmio: str = "ignore", conduit: str = "hvc",
-                 psci: bool = True, console: Callable[[int], None] | None = None) -> None:
+                 psci: bool = True, console: Callable[[int], None] | None = None, aarch32: bool = False) -> None:
         """`conduit`: the SMCCC conduit every service answers on (the other gets NOT_SUPPORTED).
         `psci`: service PSCI 1.1 in pyvmm (else KVM's in-kernel PSCI answers).
+        `aarch32`: the vCPUs' EL1 is AArch32 (KVM_ARM_VCPU_EL1_32BIT, kvmtool's --aarch32); their
+        SMC64/HVC64 calls all get NOT_SUPPORTED (SMCCC 1.3 §5.2), so SDEI cannot be offered.
         `console`: where the serial port's output bytes go (default: stdout, a line at a time).
         A failure here leaves nothing behind: every fd and mapping made so far is closed."""
         if cpus < 1:
@@ -72,13 +74,13 @@ class Vm:
         install_kick_handler()
         self._resources = ExitStack()  # what close() frees, last made first
         try:
-            self._build(cpus, mem_mib << 20, ram_base, kvm_path, unhandled_mmio, conduit, psci, console)
+            self._build(cpus, mem_mib << 20, ram_base, kvm_path, unhandled_mmio, conduit, psci, console, aarch32)
         except BaseException:
             self._resources.close()
             raise
 
     def _build(self, cpus: int, mem_size: int, ram_base: int, kvm_path: str, unhandled_mmio: str,
-               conduit: str, psci: bool, console: Callable[[int], None] | None) -> None:
+               conduit: str, psci: bool, console: Callable[[int], None] | None, aarch32: bool) -> None:
         keep = self._resources.callback
         self.kvm = Kvm(kvm_path)
         keep(self.kvm.close)
@@ -88,6 +90,10 @@ class Vm:
         max_vcpus = self.kvm.check_extension(Cap.MAX_VCPUS) or self.kvm.check_extension(Cap.NR_VCPUS)
         if cpus > max_vcpus:
             raise VmmError(f"{cpus} vCPUs requested, this KVM allows at most {max_vcpus}")
+        if aarch32 and not self.kvm.check_extension(Cap.ARM_EL1_32BIT):
+            raise KvmUnavailableError("this host's CPUs cannot run EL1 in AArch32 state (no KVM_CAP_ARM_EL1_32BIT), "
+                                      "which an AArch32 guest needs")
+        self.aarch32 = aarch32
         self.fd = self.kvm.create_vm()
         keep(self.fd.close)
         self.memory = GuestMemory()
@@ -95,6 +101,7 @@ class Vm:
         self.mmio = MmioBus()
         self.dt_parts: list[DtPart] = []  # devices that contribute a device-tree node
         self.smccc = Dispatcher(conduit)
+        self.smccc.aarch32_callers = aarch32
         self.unhandled_mmio = UnhandledMmio(unhandled_mmio)
         self.ram_base = ram_base
         self.add_memory(ram_base, mem_size)
@@ -115,7 +122,7 @@ class Vm:
         for i in range(cpus):
             fd = self.fd.create_vcpu(i)
             keep(fd.close)
-            self.vcpus.append(Vcpu(i, fd, target, self._exits))
+            self.vcpus.append(Vcpu(i, fd, target, self._exits, aarch32=aarch32))
         self._exits.vcpus = self.lifecycle.vcpus = self.vcpus
         if self.vcpus[0].kvm_offers_trng():
             self.smccc.kernel_functions[Owner.STANDARD_SECURE] = TRNG_FUNCTIONS
@@ -191,6 +198,8 @@ class Vm:
             raise VmmError("enable SDEI before the VM first runs (the SMCCC filter is fixed then)")
         if self.sdei is not None:
             raise VmmError("SDEI is already enabled on this VM")
+        if self.aarch32:
+            raise VmmError("SDEI cannot be offered to an AArch32 guest: its calls are all SMC64 (SDEI 1.1 §5.1)")
         self.sdei = Sdei(self.service_context, events)
         self.smccc.add_service(self.sdei)
         return self.sdei
@@ -218,11 +227,12 @@ class Vm:
         image.load(self.memory)
         self.lifecycle.add_image(image)
 
-    def set_boot(self, entry: int, x0: int = 0) -> None:
-        """Boot vCPU 0 at `entry` in EL1h with DAIF masked and x0 = `x0` (booting.rst)."""
-        if not self.memory.contains(entry, 4):
+    def set_boot(self, entry: int, x0: int = 0, more: tuple[int, ...] = ()) -> None:
+        """Boot vCPU 0 at `entry` in EL1h with DAIF masked (AArch32: Supervisor mode, A, I, F
+        masked), x0 = `x0` and x1, x2, ... = `more` (booting.rst)."""
+        if not self.memory.contains(entry & ~1, 4):
             raise GuestMemoryError(f"entry point {entry:#x} is not in guest RAM")
-        self.lifecycle.boot = Entry(entry, x0)
+        self.lifecycle.boot = Entry(entry, x0, more)
         self.vcpus[0].set_entry(self.lifecycle.boot)
 
     def device_tree(self, *, bootargs: str = "", initrd: tuple[int, int] | None = None,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the host packages pyvmm's build, tests and demo need, on Debian (run as root).
-#   all hosts:   python3 with venv, device-tree-compiler, an AArch64 assembler (binutils), and a C
+#   all hosts:   python3 with venv, device-tree-compiler, an AArch64 assembler (binutils), an
+#                AArch32 one (binutils-arm-linux-gnueabihf, for the --aarch32 test guests), and a C
 #                compiler with Python's headers: pylibfdt (which dtschema, a dev dependency, needs)
 #                is an sdist only and builds a C extension when the venv is made (the SWIG it
 #                needs comes from PyPI as a build requirement, so Debian's swig is not needed)
@@ -18,6 +19,7 @@ have cc || need+=(gcc)
 # Python.h of the python3 the venv is made from (Debian's python3 gets it from python3-dev)
 have python3 && [ -e "$(python3 -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" ] \
     || need+=(python3-dev)
+have arm-linux-gnueabihf-as || need+=(binutils-arm-linux-gnueabihf)
 if [ "$arch" = aarch64 ]; then
     have as || need+=(binutils)
 else

@@ -8,9 +8,13 @@ SMCCC 1.4 rules applied here, for every service:
     as §2.6 requires); a result equal to what the register already holds (known from a lazily
     read argument) is not written, saving a KVM_SET_ONE_REG;
   * the General Service Queries (Call Count, Call UID, Revision: §6.2) are answered for every
-    owner a registered service declares.
+    owner a registered service declares;
+  * in a VM whose callers are in AArch32 state (`aarch32_callers`), every SMC64/HVC64 call gets
+    NOT_SUPPORTED, whoever would otherwise answer it (SMCCC 1.3 §5.2; QEMU does the same).
 The KVM filter is derived from what is registered: routed ranges are forwarded, denied ranges
-denied by KVM itself, everything else left to KVM.
+denied by KVM itself, everything else left to KVM. With AArch32 callers the whole SMC64 half
+(outside KVM's reserved Arm architecture range) is forwarded, so that the rule above also covers
+what KVM would answer itself (its TRNG_RND64) and every such call shows in a trace.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ from pyvmm.smccc.service import NO_RESULT, PYVMM_UID, Function, Handler, Handler
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U32 = 0xFFFF_FFFF
-_MIN = -(1 << 63)  # the most negative result: -1 is NOT_SUPPORTED
+_MIN = -(1 << 63)
+# with AArch32 callers, every SMC64 ID above KVM's reserved Arm architecture range (filter.py)
+_SMC64_FORWARDED = 0xC001_0000  # the most negative result: -1 is NOT_SUPPORTED
 _SMC = HypercallExitFlag.SMC.value
 CONDUITS = ("hvc", "smc")
 
@@ -110,6 +116,7 @@ class Dispatcher:
         self.trace: Callable[[TraceRecord | TraceEvent], None] | None = None
         self.conduit = conduit
         self._frozen = False
+        self.aarch32_callers = False  # set by the VM for KVM_ARM_VCPU_EL1_32BIT vCPUs
         # by owner, the function IDs KVM answers itself (its TRNG): counted by Call Count
         self.kernel_functions: dict[int, tuple[int, ...]] = {}
 
@@ -198,7 +205,13 @@ class Dispatcher:
     def filter_ranges(self) -> list[FilterRange]:
         """The KVM filter that forwards exactly the routed ranges and denies the denied ones."""
         fwd = [FilterRange(r.base, r.size, SmcccFilterAction.FWD_TO_USER, r.service.name) for r in self._routes]
-        return sorted(fwd + self._denied, key=lambda r: r.base)
+        ranges = fwd + self._denied
+        if self.aarch32_callers:
+            ranges = [FilterRange(b, c, r.action, r.name) for r in ranges
+                      for b, c in _outside(r.base, r.size, _SMC64_FORWARDED, 1 << 32)]
+            ranges.append(FilterRange(_SMC64_FORWARDED, (1 << 32) - _SMC64_FORWARDED, SmcccFilterAction.FWD_TO_USER,
+                                      "SMC64 from AArch32"))
+        return sorted(ranges, key=lambda r: r.base)
 
     def emit(self, event: TraceEvent) -> None:
         """A service's own line in the trace (an SDEI dispatch), if tracing is on."""
@@ -224,6 +237,8 @@ class Dispatcher:
 
     # --- dispatch --------------------------------------------------------------------------
     def resolve(self, function_id: int) -> Function | None:
+        if function_id & SMC64 and self.aarch32_callers:
+            return None  # SMCCC 1.3 §5.2: no SMC64/HVC64 call is offered to AArch32 callers
         i = bisect.bisect_right(self._routes, function_id, key=lambda r: r.base) - 1
         if i >= 0 and function_id < self._routes[i].base + self._routes[i].size:
             return self._routes[i].service.lookup(function_id)
@@ -272,6 +287,8 @@ class Dispatcher:
         started = time.perf_counter()
         if fn is None:
             results: Results = NOT_SUPPORTED
+            if function_id & SMC64 and self.aarch32_callers:
+                note = "an SMC64 call from AArch32"
         elif flags & _SMC != self._smc:
             results, note = NOT_SUPPORTED, f"not offered over {call.conduit}"
         else:

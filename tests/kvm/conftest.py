@@ -13,6 +13,7 @@ from tests.conftest import guest_image
 SIP64 = 0xC200_0000
 SIP32 = 0x8200_0000
 FN_REPORT = 0xC200_00F0
+FN_REPORT32 = 0x8200_00F0  # AArch32 guests' report call (tests/guests/a32/common32.inc)
 
 
 HERE = Path(__file__).resolve().parent
@@ -27,7 +28,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 class MakeVm(Protocol):
     def __call__(self, guest: str, *, cpus: int = 1, mem_mib: int = 16, conduit: str = "hvc",
-                 unhandled_mmio: str = "ignore") -> Vm: ...
+                 unhandled_mmio: str = "ignore", aarch32: bool = False) -> Vm: ...
 
 
 @pytest.fixture
@@ -36,8 +37,8 @@ def make_vm() -> Iterator[MakeVm]:
     vms: list[Vm] = []
 
     def make(guest: str, *, cpus: int = 1, mem_mib: int = 16, conduit: str = "hvc",
-             unhandled_mmio: str = "ignore") -> Vm:
-        vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, unhandled_mmio=unhandled_mmio)
+             unhandled_mmio: str = "ignore", aarch32: bool = False) -> Vm:
+        vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, unhandled_mmio=unhandled_mmio, aarch32=aarch32)
         vms.append(vm)
         entry = vm.load_file(guest_image(guest))
         vm.set_boot(entry)

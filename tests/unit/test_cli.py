@@ -111,3 +111,11 @@ def test_virtio_devices_bring_their_own_options() -> None:
     help_text = run_cli("run", "--help").stdout
     for flag in ("--disk", "--console", "--rng", "--network"):
         assert flag in help_text
+
+
+def test_sdei_for_an_aarch32_guest_is_one_line(tmp_path: Path) -> None:
+    guest = tmp_path / "guest.bin"
+    guest.write_bytes(b"\x00" * 16)
+    p = run_cli("run", "--aarch32", "--sdei", "-f", str(guest))
+    assert p.returncode == cli.EXIT_ERROR and "SDEI's calls are all SMC64" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1

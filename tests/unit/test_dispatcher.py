@@ -9,7 +9,8 @@ import pytest
 from kvm_bindings.constants import SmcccFilterAction
 from pyvmm.errors import VmmError
 from pyvmm.smccc.call import SmcccCall
-from pyvmm.smccc.dispatcher import Dispatcher, HandlerError
+from pyvmm.smccc.context import TraceEvent
+from pyvmm.smccc.dispatcher import Dispatcher, HandlerError, TraceRecord
 from pyvmm.smccc.service import Results
 from tests.unit.fakes import FakeVcpu
 
@@ -206,3 +207,25 @@ def test_extreme_results_in_range_are_written() -> None:
     d.register(SIP64, 1, lambda call: (-(1 << 63), U64, True, 0), "edges")
     d.dispatch(v, SIP64, 0)
     assert v.writes == [(0, 1 << 63), (1, U64), (2, 1), (3, 0)]
+
+
+def test_aarch32_callers_get_not_supported_for_every_smc64_call() -> None:
+    """SMCCC 1.3 §5.2: no SMC64/HVC64 function for an AArch32 caller, registered or not; the
+    filter forwards the whole SMC64 half past KVM's reserved range so KVM's own (TRNG_RND64)
+    are covered too, and every SMC32 route stays as it was."""
+    d, v = Dispatcher(), FakeVcpu()
+    d.register(SIP64, 16, lambda call: 7, "sip64")
+    d.register(SIP32, 16, lambda call: 8, "sip32")
+    d.deny(0xC500_0000, 16, "denied")
+    d.aarch32_callers = True
+    d.dispatch(v, SIP64 + 1, 0)
+    d.dispatch(v, SIP32 + 1, 0)
+    assert v.writes == [(0, U64), (0, 8)]
+    ranges = d.filter_ranges()
+    assert [(r.base, r.size, r.action) for r in ranges if r.base >= 0xC000_0000] == [
+        (0xC001_0000, 0x3FFF_0000, SmcccFilterAction.FWD_TO_USER)]
+    assert (SIP32, 16, SmcccFilterAction.FWD_TO_USER) in [(r.base, r.size, r.action) for r in ranges]
+    traced: list[TraceRecord | TraceEvent] = []
+    d.trace = traced.append
+    d.dispatch(v, SIP64 + 2, 0)
+    assert isinstance(traced[0], TraceRecord) and traced[0].note == "an SMC64 call from AArch32"

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from pyvmm.errors import ImageError
-from pyvmm.loader import IMAGE_MAGIC, parse_image, place
+from pyvmm.loader import IMAGE_MAGIC, KernelImage, parse_aarch32_image, parse_image, place
 
 RAM = 0x8000_0000
 
@@ -64,3 +64,12 @@ def test_layout_that_does_not_fit_says_how_much_ram_is_needed() -> None:
     k = parse_image(image(image_size=0x300_0000))
     with pytest.raises(ImageError, match=r"do not fit in 32 MiB of RAM; give at least \d+ MiB"):
         place(RAM, 32 << 20, k, 8 << 20)
+
+
+def test_aarch32_kernels_go_at_0x8000_as_under_kvmtool() -> None:
+    zimage = bytearray(0x200)
+    zimage[0x24:0x28] = (0x016F_2818).to_bytes(4, "little")
+    assert parse_aarch32_image(bytes(zimage)) == KernelImage(0x8000, 0x200, 0, headerless=False)
+    assert parse_aarch32_image(b"\x00" * 32) == KernelImage(0x8000, 32, 0, headerless=True)
+    with pytest.raises(ImageError, match="is an arm64 Image"):
+        parse_aarch32_image(image())
