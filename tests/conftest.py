@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests import fuzzing
+
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS = ROOT / "build" / "guests"
 KVM_TIER = os.environ.get("PYVMM_KVM_TIER") == "1"
-KVM_TEST_TIME_LIMIT = 180  # seconds; a stuck test dumps its threads and ends the session
+# seconds; a stuck test dumps its threads and ends the session (a fuzz campaign's tests run longer)
+KVM_TEST_TIME_LIMIT = 1800 if fuzzing.CAMPAIGN else 180
 
 
 def have_kvm() -> bool:
@@ -62,6 +65,8 @@ def _kvm_watchdog(request: pytest.FixtureRequest) -> Iterator[None]:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: pytest.ExitCode,
                             config: pytest.Config) -> None:
+    for line in fuzzing.summary_lines():
+        terminalreporter.write_line(line)
     if not KVM_TIER:
         return
     stats = terminalreporter.stats

@@ -17,6 +17,7 @@ from pyvmm import cli
 from pyvmm.control import ControlServer, request
 from pyvmm.errors import VmmError
 from pyvmm.services.sdei import EventSpec, Sdei
+from tests import fuzzing
 from tests.unit.fakes import machine
 
 
@@ -129,7 +130,8 @@ def test_a_silent_client_holds_up_nobody(served: tuple[ControlledMachine, str]) 
     assert vm.stopped == ["stopped through the control socket"] * 2
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=fuzzing.size(150, 5000), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=600) | st.text(max_size=300).map(str.encode)
        | st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=8),
                       lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids, max_size=4),
@@ -140,3 +142,4 @@ def test_any_bytes_get_a_reply_or_a_closed_connection(served: tuple[ControlledMa
     reply = json.loads(out)  # every line, whatever it holds, gets a reply
     assert set(reply) <= {"ok", "error", "pending", "events", "masked"}
     assert request(path, {"cmd": "sdei-status"})["ok"]  # still serving
+    fuzzing.tally("control socket").add("random requests")
