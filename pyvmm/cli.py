@@ -27,16 +27,26 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import NoReturn
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, NoReturn
 
 from pyvmm.errors import VmmError
+
+if TYPE_CHECKING:
+    from pyvmm.devices.virtio.device import VirtioDevice
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GUEST, EXIT_TIMEOUT = 0, 1, 2, 3, 124
 
 
+def one_line(message: str) -> str:
+    """An error message as one line, whatever the user's values in it hold: line breaks and other
+    unprintable characters are shown escaped, as repr() would show them."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(one_line(f"{self.prog}: error: {message} (see {self.prog} --help)"), file=sys.stderr)
         raise SystemExit(EXIT_USAGE)
 
 
@@ -196,11 +206,25 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise VmmError("--sdei needs an AArch64 guest: SDEI's calls are all SMC64, which AArch32 callers cannot make")
     events = [parse_event(e) for e in args.sdei_event]
     host = HostConsole()
-    with Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output,
-            aarch32=args.aarch32) as vm:
-        for device_type in CLI_DEVICES:  # the VM closes them, whatever happens next
+    # the devices first, as kvmtool parses every option before touching KVM: a bad -d or -n is
+    # reported as such on any host; until the VM owns them they are closed here on any failure
+    with ExitStack() as unowned:
+        devices: list[VirtioDevice] = []
+        for device_type in CLI_DEVICES:
             for device in device_type.from_args(args, host):
-                vm.add_virtio(device)
+                unowned.callback(device.close)
+                devices.append(device)
+        vm = Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output,
+                aarch32=args.aarch32)
+        unowned.pop_all()
+    with vm:
+        for i, device in enumerate(devices):
+            try:
+                vm.add_virtio(device)  # the VM closes it from here on, or at once if it cannot attach
+            except BaseException:
+                for rest in devices[i + 1:]:
+                    rest.close()
+                raise
         for m in added:
             vm.smccc.register(m.base, m.size, m.handle, m.name)
         for m in replacing:
@@ -313,14 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"run": cmd_run, "sdei": cmd_sdei, "stop": cmd_stop, "check": cmd_check}[args.command](args)
     except VmmError as e:
-        print(f"pyvmm: error: {e}", file=sys.stderr)
+        print(one_line(f"pyvmm: error: {e}"), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a pyvmm bug: still one line, unless asked for the traceback
         if os.environ.get("PYVMM_DEBUG"):
             raise
-        print(f"pyvmm: internal error: {type(e).__name__}: {e} (PYVMM_DEBUG=1 shows where)", file=sys.stderr)
+        print(one_line(f"pyvmm: internal error: {type(e).__name__}: {e} (PYVMM_DEBUG=1 shows where)"), file=sys.stderr)
         return EXIT_ERROR
 
 

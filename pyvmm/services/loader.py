@@ -1,17 +1,50 @@
 """Loading a user's SMCCC service from a Python file (`pyvmm run --service FILE`).
 
 The file defines RANGE = (first function ID, count), handle(call) returning x0 or up to four
-results, and optionally NAME. examples/vendor_service.py is one.
+results, and optionally NAME. examples/vendor_service.py is one. Whatever the file does when it
+is run (raises, calls sys.exit(), never finishes), the user gets one line naming it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
 from typing import NamedTuple
 
 from pyvmm.errors import VmmError
+from pyvmm.smccc.filter import RESERVED
 from pyvmm.smccc.service import Handler
+
+LOAD_TIME_LIMIT = 10.0  # seconds a service file may take to run at import
+
+
+class _TooSlow(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt the code running in the main thread after `seconds` (SIGALRM, setitimer(2)):
+    a Python loop, or a sleep, at import ends with _TooSlow. Elsewhere, no limit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise _TooSlow
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class ServiceModule(NamedTuple):
@@ -30,14 +63,18 @@ def load_service_module(path: str) -> ServiceModule:
         raise VmmError(f"service module {path} cannot be loaded as Python")
     module = importlib.util.module_from_spec(spec)
     try:
-        spec.loader.exec_module(module)
-    except Exception as e:
+        with _time_limit(LOAD_TIME_LIMIT):
+            spec.loader.exec_module(module)
+    except _TooSlow:
+        raise VmmError(f"service module {path} did not finish loading within {LOAD_TIME_LIMIT:g} s") from None
+    except (Exception, SystemExit) as e:  # a module calling sys.exit() is a broken module too
         raise VmmError(f"service module {path} failed to load: {type(e).__name__}: {e}") from None
     rng, handle = getattr(module, "RANGE", None), getattr(module, "handle", None)
     if not (isinstance(rng, tuple) and len(rng) == 2 and all(isinstance(v, int) for v in rng)):
         raise VmmError(f"service module {path} must define RANGE = (first function ID, count)")
     if not callable(handle):
         raise VmmError(f"service module {path} must define handle(call)")
+    check_ids(rng[0], rng[1], f"service module {path}: RANGE {rng[0]:#x}+{rng[1]}")
     return ServiceModule(rng[0], rng[1], handle, str(getattr(module, "NAME", name)))
 
 
@@ -53,6 +90,16 @@ def parse_range(text: str) -> tuple[int, int]:
             base, count = int(text, 0), 1
     except ValueError:
         raise VmmError(f"{text!r} is not a function-ID range (BASE+COUNT or FIRST-LAST)") from None
-    if count < 1 or not 0 <= base < 1 << 32 or base + count > 1 << 32:
-        raise VmmError(f"{text!r} is not a range of 32-bit function IDs")
+    check_ids(base, count, repr(text))
     return base, count
+
+
+def check_ids(base: int, count: int, what: str) -> None:
+    """A user's range must be 32-bit function IDs clear of those KVM keeps (filter.RESERVED):
+    said before the VM is built, whatever the host."""
+    if count < 1 or not 0 <= base < 1 << 32 or base + count > 1 << 32:
+        raise VmmError(f"{what} is not a range of 32-bit function IDs")
+    for first, size in RESERVED:
+        if first < base + count and base < first + size:
+            raise VmmError(f"{what} overlaps {first:#010x}-{first + size - 1:#010x}, which KVM keeps for the "
+                           "Arm architecture calls")

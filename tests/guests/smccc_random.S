@@ -1,6 +1,6 @@
 // x9 calls of pseudo-random SMCCC function IDs with random x1..x3, from a xorshift64 generator
 // seeded with x10. IDs are drawn from PSCI (both widths), the owners' query IDs, the SiP test
-// range and the whole 32-bit space. PSCI calls that would change power state (CPU_SUSPEND,
+// range, SDEI and the whole 32-bit space. PSCI calls that would change power state (CPU_SUSPEND,
 // CPU_OFF, CPU_ON, SYSTEM_*) are replaced by PSCI_VERSION, so the guest survives to report.
 // x4..x17 are checked after every call. Report: (1, calls made, mask of clobbered x4..x17).
     .include "common.inc"
@@ -42,7 +42,13 @@ loop:
     movl w0, SIP64_BASE                 // 4: the test's SiP range
     orr x0, x0, x22
     b 9f
-3:  lsr x0, x19, #32                    // 5-7: anything at all
+3:  cmp x21, #5
+    b.ne 4f
+    and x22, x22, #0x1f                 // 5: SDEI (0x20-0x3f: its 19 functions and beyond)
+    movl w0, 0xC4000020
+    orr x0, x0, x22
+    b 9f
+4:  lsr x0, x19, #32                    // 6-7: anything at all
 9:  bic w23, w0, #0x40000000            // a PSCI ID (either width)?
     and w23, w23, #0xffffffe0
     movl w24, 0x84000000

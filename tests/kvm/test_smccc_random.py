@@ -1,20 +1,34 @@
-"""Thousands of pseudo-random SMCCC calls from a guest: pyvmm neither crashes nor hangs, and
-every forwarded call gets an answer the specifications allow."""
+"""Random SMCCC calls from a real guest over both conduits (hypothesis draws the generator seeds):
+pyvmm neither crashes nor hangs nor loses a thread, and every forwarded call gets an answer the
+specifications allow (SMCCC 1.4, PSCI 1.1, SDEI 1.1). `make test` makes a share of the calls,
+`make fuzz` the campaign (tests/fuzzing.py)."""
 
 from __future__ import annotations
+
+import threading
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyvmm.smccc.context import TraceEvent
 from pyvmm.smccc.dispatcher import TraceRecord
 from pyvmm.smccc.service import PYVMM_UID
-from tests.kvm.conftest import FN_REPORT, SIP64, MakeVm, Reports
+from pyvmm.vm import Vm
+from tests import fuzzing
+from tests.conftest import guest_image
+from tests.kvm.conftest import FN_REPORT, SIP64, Reports, guest_for
 
-CALLS = 3000
+CALLS = fuzzing.size(2500, 12_500)  # per VM
+VMS = fuzzing.size(1, 8)  # per conduit: the campaign makes 100,000 calls over each
 UID_WORDS = tuple(int.from_bytes(PYVMM_UID[i:i + 4], "little") for i in range(0, 16, 4))
 U64, U32 = (1 << 64) - 1, (1 << 32) - 1
+SDEI_ERRORS = {0, -1, -2, -3, -5, -10}  # SDEI 1.1 §5.1: SUCCESS and the error codes
+SDEI_QUERIES = {"SDEI_EVENT_STATUS", "SDEI_EVENT_GET_INFO", "SDEI_FEATURES", "SDEI_PE_MASK", "SDEI_INTERRUPT_BIND"}
 
 
 def conformance_problem(r: TraceRecord) -> str | None:
-    """Why the answer to one forwarded call breaks SMCCC 1.4 / PSCI 1.1, or None."""
+    """Why the answer to one forwarded call breaks SMCCC 1.4 / PSCI 1.1 / SDEI 1.1, or None."""
     width = U64 if r.function_id & (1 << 30) else U32
     name = r.function.name if r.function else None
     if r.results is None:
@@ -37,30 +51,55 @@ def conformance_problem(r: TraceRecord) -> str | None:
         return None if r.results == (r.function_id & 0xFF,) else "the SiP handler's answer was lost"
     if name is not None and name.startswith("report"):
         return None
+    if name == "SDEI_VERSION":
+        return None if (x0 >> 48, x0 >> 32 & 0xFFFF) == (1, 1) else f"SDEI_VERSION answered {x0:#x}"
+    if name is not None and name.startswith("SDEI_"):
+        ok = signed in SDEI_ERRORS or (name in SDEI_QUERIES and signed >= 0)
+        return None if ok else f"{name} answered {signed}"
     allowed = expected.get(name, set())
     if allowed is not None and signed not in allowed:
         return f"{name} answered {signed}"
     return None
 
 
-def test_random_calls_get_conformant_answers(make_vm: MakeVm) -> None:
-    vm = make_vm("smccc_random", cpus=2)
-    reports = Reports()
-    vm.smccc.register(FN_REPORT, 1, reports, "report")
-    vm.smccc.register(SIP64, 0xF0, lambda call: call.function_id & 0xFF, "sip")
-    traced: list[TraceRecord | TraceEvent] = []
-    vm.smccc.trace = traced.append
-    vm.vcpus[0].set_x(9, CALLS)
-    vm.vcpus[0].set_x(10, 0x9E37_79B9_7F4A_7C15)  # generator seed
-    result = vm.run(timeout=600)
-    assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
+@pytest.mark.parametrize("conduit", ["hvc", "smc"])
+def test_random_calls_get_conformant_answers(conduit: str) -> None:
+    t = fuzzing.tally(f"SMCCC calls from a guest over {conduit.upper()}")
+    threads_before = threading.active_count()
 
-    records = [r for r in traced if isinstance(r, TraceRecord)]
-    tag, calls, clobbered, *_ = reports.values[-1]
-    assert (tag, calls, clobbered) == (1, CALLS, 0)  # all made, x4..x17 preserved across every one
-    problems = [(hex(r.function_id), p) for r in records if (p := conformance_problem(r))]
-    assert problems == []
-    names = {r.function.name if r.function else None for r in records}
-    assert len(records) > CALLS // 3  # a good share of the calls reached pyvmm
-    assert {None, "PSCI_VERSION", "AFFINITY_INFO", "PSCI_FEATURES", "CALL_UID"} <= names
-    assert any(n is not None and n.startswith("sip[") for n in names)
+    @settings(max_examples=VMS, deadline=None, database=None)
+    @given(seed=st.integers(1, U64))
+    def one_vm(seed: int) -> None:
+        problems: list[tuple[str, str]] = []
+        answered: set[str | None] = set()
+
+        def check(r: TraceRecord | TraceEvent) -> None:
+            if isinstance(r, TraceRecord):
+                answered.add(r.function.name if r.function else None)
+                t.add("reached pyvmm")
+                if (p := conformance_problem(r)) is not None:
+                    problems.append((hex(r.function_id), p))
+
+        with Vm(cpus=2, mem_mib=16, conduit=conduit) as vm:
+            vm.set_boot(vm.load_file(guest_image(guest_for("smccc_random", conduit))))
+            vm.enable_sdei()
+            reports = Reports()
+            vm.smccc.register(FN_REPORT, 1, reports, "report")
+            vm.smccc.register(SIP64, 0xF0, lambda call: call.function_id & 0xFF, "sip")
+            vm.smccc.trace = check
+            vm.vcpus[0].set_x(9, CALLS)
+            vm.vcpus[0].set_x(10, seed)
+            result = vm.run(timeout=900)
+            assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
+            assert all(v.thread is None or not v.thread.is_alive() for v in vm.vcpus)
+        tag, calls, clobbered, *_ = reports.values[-1]
+        assert (tag, calls, clobbered) == (1, CALLS, 0)  # all made, x4..x17 preserved across every one
+        assert problems == []
+        assert {None, "PSCI_VERSION", "AFFINITY_INFO", "CALL_UID", "SDEI_VERSION"} <= answered
+        assert any(n is not None and n.startswith("sip[") for n in answered)
+        t.add("calls", CALLS)
+
+    one_vm()
+    assert threading.active_count() == threads_before  # every vCPU and device thread ended
+    if fuzzing.CAMPAIGN:
+        assert t.counts["calls"] >= 100_000

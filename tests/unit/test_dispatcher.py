@@ -5,13 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvm_bindings.constants import SmcccFilterAction
 from pyvmm.errors import VmmError
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.context import TraceEvent
 from pyvmm.smccc.dispatcher import Dispatcher, HandlerError, TraceRecord
-from pyvmm.smccc.service import Results
+from pyvmm.smccc.service import NO_RESULT, Results
+from tests import fuzzing
 from tests.unit.fakes import FakeVcpu
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -229,3 +232,32 @@ def test_aarch32_callers_get_not_supported_for_every_smc64_call() -> None:
     d.trace = traced.append
     d.dispatch(v, SIP64 + 2, 0)
     assert isinstance(traced[0], TraceRecord) and traced[0].note == "an SMC64 call from AArch32"
+
+
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=20) | st.just(NO_RESULT) | st.just(object()),
+    lambda kids: st.lists(kids, max_size=6) | st.tuples(kids, kids) | st.dictionaries(st.text(max_size=4), kids, max_size=3)
+    | st.frozensets(st.integers() | st.text(max_size=4), max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=fuzzing.size(300, 20_000), deadline=None, database=None)
+@given(result=anything, smc64=st.booleans())
+def test_whatever_a_handler_returns_the_answer_or_the_error_is_well_formed(result: object, smc64: bool) -> None:
+    """Handlers are user code: their results are either written (truncated to the convention's
+    width) or refused with one line naming the handler and the call; nothing else escapes."""
+    d, v = Dispatcher(), FakeVcpu()
+    base = SIP64 if smc64 else SIP32
+    def garbage(call: SmcccCall) -> Any:
+        return result
+
+    d.register(base, 1, garbage, "garbage")
+    try:
+        d.dispatch(v, base, 0)
+    except HandlerError as e:
+        assert "\n" not in str(e) and f"{base:#010x}" in str(e)
+    else:
+        mask = U64 if smc64 else 0xFFFF_FFFF
+        assert all(0 <= value <= mask for _, value in v.writes)
+    fuzzing.tally("SMCCC handler results").add("returned objects")

@@ -82,7 +82,7 @@ class Target(NamedTuple):
     close: Callable[[], None]
 
 
-def blk(tmp: Path) -> Target:
+def blk(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Target:
     disk = tmp / "disk.img"
     disk.write_bytes(bytes(64 * SECTOR))
 
@@ -93,7 +93,7 @@ def blk(tmp: Path) -> Target:
     return Target(VirtioBlk(str(disk)), request, lambda: None)
 
 
-def rng(tmp: Path) -> Target:
+def rng(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Target:
     def request(d: Driver) -> None:
         d.queues[0].add([], [64])
         d.queues[0].kick()
@@ -101,7 +101,7 @@ def rng(tmp: Path) -> Target:
     return Target(VirtioRng(), request, lambda: None)
 
 
-def console(tmp: Path) -> Target:
+def console(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Target:
     def request(d: Driver) -> None:
         d.queues[1].add([b"alive\n"], [])
         d.queues[1].kick()
@@ -109,16 +109,13 @@ def console(tmp: Path) -> Target:
     return Target(VirtioConsole(lambda data: None), request, lambda: None)
 
 
-def net(tmp: Path) -> Target:
+def net(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Target:
     host, guest_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     guest_side.setblocking(False)
-    open_tap = virtio_net.open_tap
-    virtio_net.open_tap = lambda name, hdr: guest_side.detach()  # a datagram socket stands in for the tap
-    try:
-        dev = virtio_net.VirtioNet(parse_network("mode=tap,tapif=fuzz0"))
-    finally:
-        virtio_net.open_tap = open_tap
     host.setblocking(False)
+    # a datagram socket stands in for the tap
+    monkeypatch.setattr(virtio_net, "open_tap", lambda name, vnet_hdr_size: guest_side.detach())
+    dev = virtio_net.VirtioNet(parse_network("mode=tap,tapif=fuzz0"))
 
     def request(d: Driver) -> None:
         try:
@@ -173,7 +170,7 @@ def test_a_hostile_driver_breaks_no_device(name: str, tmp_path: Path, escaped: l
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     # each broken device logs why: kept out of the captured log, which would hold every line
     monkeypatch.setattr(logging.getLogger("pyvmm"), "level", logging.ERROR)
-    target = DEVICES[name](tmp_path)
+    target = DEVICES[name](tmp_path, monkeypatch)
     vm = FakeVm()
     transport = vm.attach(target.device)
     d = Driver(transport, vm.memory)

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 from collections.abc import Callable
 
@@ -94,9 +95,15 @@ class VirtioBlk(VirtioDevice):
         except OSError as e:
             raise VmmError(f"disk {path}: {e.strerror}") from None
         try:
+            mode = os.fstat(self.fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise VmmError(f"disk {path} is not a file or a block device")
             if lock:
                 lock_image(self.fd, path, shared=read_only)
-            size = os.lseek(self.fd, 0, os.SEEK_END)  # files and block devices alike
+            try:
+                size = os.lseek(self.fd, 0, os.SEEK_END)  # files and block devices alike
+            except OSError as e:
+                raise VmmError(f"disk {path}: cannot tell its size: {e.strerror}") from None
             if size < SECTOR:
                 raise VmmError(f"disk {path} is smaller than one {SECTOR}-byte sector")
         except BaseException:
