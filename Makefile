@@ -24,7 +24,7 @@ GUEST_BINS := $(patsubst %.S,build/guests/%.bin,$(notdir $(GUEST_SRCS))) \
 BENCH_BINS := $(patsubst benchmarks/%.S,build/bench/%.bin,$(wildcard benchmarks/*.S))
 vpath %.S tests/guests examples/guests
 
-.PHONY: all test lint unit kvm demo bench guests host-deps venv armhost fresh-check clean
+.PHONY: all test lint unit kvm fuzz demo bench guests host-deps venv armhost fresh-check clean
 all: guests
 
 host-deps: .cache/host-deps.stamp
@@ -100,6 +100,18 @@ else
 endif
 
 test: lint unit kvm
+
+# The fuzz campaigns in full (`make test` runs a share of each): a hostile driver against every
+# virtio device, malformed CLI values, broken service modules, handler results and control-socket
+# bytes on this host; random SMCCC calls from real guests over both conduits in the KVM tier.
+# Each prints its tallies (counts, RSS). About 15 minutes on a 2-core x86 machine.
+fuzz: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
+	@PYVMM_FUZZ=1 $(VPY) -m pytest -m "fuzz and not kvm" -q
+ifeq ($(NATIVE_KVM),yes)
+	@PYVMM_FUZZ=1 PYVMM_KVM_TIER=1 $(VPY) -m pytest -m "fuzz and kvm" -q -rfEs --capture=sys
+else
+	@$(ARMHOST) run --timeout 2400 -- env PYVMM_FUZZ=1 PYVMM_KVM_TIER=1 python3 -m pytest -m "fuzz and kvm" -q -rfEs --color=no --capture=sys
+endif
 
 # The demo: Linux boots with PSCI and SDEI serviced (and traced) in Python and reads a virtio disk
 # and virtio entropy, an assembled guest calls a Python SMCCC service over HVC and over SMC, and

@@ -62,6 +62,7 @@ def conformance_problem(r: TraceRecord) -> str | None:
     return None
 
 
+@pytest.mark.fuzz
 @pytest.mark.parametrize("conduit", ["hvc", "smc"])
 def test_random_calls_get_conformant_answers(conduit: str) -> None:
     t = fuzzing.tally(f"SMCCC calls from a guest over {conduit.upper()}")

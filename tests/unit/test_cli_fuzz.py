@@ -86,6 +86,7 @@ def test_every_value_flag_is_covered() -> None:
                                       "--console", "--deny", "--sdei-event", "--service", "--control", "--timeout"}
 
 
+@pytest.mark.fuzz
 @settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(flag=st.sampled_from(FLAGS), value=malformed)
@@ -115,6 +116,7 @@ SERVICE_BODIES = {
 }
 
 
+@pytest.mark.fuzz
 @pytest.mark.parametrize("what", list(SERVICE_BODIES))
 def test_broken_service_modules_get_one_line(workdir: Path, what: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """(Handlers that return garbage: tests/unit/test_dispatcher.py; that never return: the KVM tier.)"""

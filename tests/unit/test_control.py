@@ -130,6 +130,7 @@ def test_a_silent_client_holds_up_nobody(served: tuple[ControlledMachine, str]) 
     assert vm.stopped == ["stopped through the control socket"] * 2
 
 
+@pytest.mark.fuzz
 @settings(max_examples=fuzzing.size(150, 5000), deadline=None, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=600) | st.text(max_size=300).map(str.encode)

@@ -242,6 +242,7 @@ anything = st.recursive(
     max_leaves=12)
 
 
+@pytest.mark.fuzz
 @settings(max_examples=fuzzing.size(300, 20_000), deadline=None, database=None)
 @given(result=anything, smc64=st.booleans())
 def test_whatever_a_handler_returns_the_answer_or_the_error_is_well_formed(result: object, smc64: bool) -> None:

@@ -16,6 +16,7 @@ from pyvmm.services.psci import Psci
 from pyvmm.services.std_hyp import StandardHypervisor
 from pyvmm.smccc.dispatcher import Dispatcher
 from pyvmm.smccc.service import PYVMM_UID
+from tests import fuzzing
 from tests.unit.fakes import FakeMachine, machine
 
 U64, U32 = (1 << 64) - 1, (1 << 32) - 1
@@ -205,7 +206,8 @@ def test_general_service_queries() -> None:
     assert (0x8400_FF00, 4) in [(r.base, r.size) for r in d.filter_ranges()]
 
 
-@settings(max_examples=400, deadline=None)
+@pytest.mark.fuzz
+@settings(max_examples=fuzzing.size(400, 20_000), deadline=None, database=None)
 @given(fid=st.integers(0, U32), args=st.lists(st.integers(0, U64), min_size=6, max_size=6),
        conduit=st.sampled_from([0, 1]))
 def test_any_call_gets_a_conformant_answer(fid: int, args: list[int], conduit: int) -> None:
@@ -223,6 +225,7 @@ def test_any_call_gets_a_conformant_answer(fid: int, args: list[int], conduit: i
         x0 = v.writes[0][1]
         signed = x0 - (width + 1) if x0 > width >> 1 else x0
         assert signed >= -9  # a PSCI/SMCCC status or a value, never an undefined error
+    fuzzing.tally("PSCI and the General Service Queries").add("calls")
 
 
 def test_call_count_includes_the_trng_functions_kvm_answers() -> None:

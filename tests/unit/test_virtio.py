@@ -38,6 +38,7 @@ from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.errors import VmmError
 from pyvmm.irq import IrqFd
 from pyvmm.memory import GuestMemory
+from tests import fuzzing
 from tests.unit.virtio_driver import RAM, RAM_SIZE, Driver, FakeVm
 
 
@@ -406,7 +407,9 @@ descriptor = st.tuples(
 to_table = st.integers(1, 12).map(lambda n: (TABLE, 16 * n, VIRTQ_DESC_F_INDIRECT, 0))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.fuzz
+@settings(max_examples=fuzzing.size(400, 20_000), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(descs=st.lists(descriptor | to_table, min_size=8, max_size=8),
        indirect=st.lists(descriptor, min_size=1, max_size=9), linear=st.booleans(),
        ring=st.lists(st.integers(0, 7) | st.integers(0, 0xFFFF), min_size=8, max_size=8),
@@ -447,9 +450,12 @@ def test_hostile_rings_never_escape_or_hang(memory: GuestMemory, descs: list[tup
         q.publish()
         q.want_notifications()
     assert popped >= 1 or not 1 <= avail_idx <= 8
+    fuzzing.tally("virtqueue").add("hostile rings popped")
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.mark.fuzz
+@settings(max_examples=fuzzing.size(200, 10_000), deadline=None, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(writes=st.lists(st.tuples(st.integers(0, 0x1FF), st.sampled_from([1, 2, 4, 8]), st.integers(0, 2**32 - 1)),
                        max_size=60))
 def test_random_register_writes_never_raise(vm: FakeVm, writes: list[tuple[int, int, int]]) -> None:
@@ -464,6 +470,7 @@ def test_random_register_writes_never_raise(vm: FakeVm, writes: list[tuple[int, 
     t.reset()
     assert isinstance(t.irq, IrqFd)
     assert os.path.exists(f"/proc/self/fd/{t.irq.fd}")
+    fuzzing.tally("virtio-mmio registers").add("register writes", len(writes))
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

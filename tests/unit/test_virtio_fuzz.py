@@ -165,6 +165,7 @@ def feed(d: Driver, action: Ring | RegisterWrite, avail_idx: list[int]) -> int:
     return len(action.heads)
 
 
+@pytest.mark.fuzz
 @pytest.mark.parametrize("name", list(DEVICES))
 def test_a_hostile_driver_breaks_no_device(name: str, tmp_path: Path, escaped: list[BaseException],
                                            monkeypatch: pytest.MonkeyPatch) -> None:
