@@ -119,3 +119,17 @@ def test_sdei_for_an_aarch32_guest_is_one_line(tmp_path: Path) -> None:
     p = run_cli("run", "--aarch32", "--sdei", "-f", str(guest))
     assert p.returncode == cli.EXIT_ERROR and "SDEI's calls are all SMC64" in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_disks_that_cannot_be_one_are_refused_before_kvm_is_touched(tmp_path: Path) -> None:
+    """Device flags are checked first (as kvmtool parses every option first), on any host."""
+    small = tmp_path / "small.img"
+    small.write_bytes(bytes(100))
+    guest = tmp_path / "guest.bin"
+    guest.write_bytes(bytes(16))
+    for spec, message in ((str(small), f"disk {small} is smaller than one 512-byte sector"),
+                          ("/dev/null", "disk /dev/null is not a file or a block device"),
+                          ("/proc/self/status,ro", "disk /proc/self/status: cannot tell its size: Invalid argument"),
+                          (str(tmp_path), f"disk {tmp_path}: Is a directory")):
+        p = run_cli("run", "-f", str(guest), "-d", spec)
+        assert (p.returncode, p.stderr.splitlines()) == (cli.EXIT_ERROR, [f"pyvmm: error: {message}"])
