@@ -8,7 +8,16 @@ import os
 
 from devicetree.builder import build_dtb
 from pyvmm.errors import ImageError, VmmError
-from pyvmm.loader import DTB_MAX, HEADER, KernelImage, file_size, parse_aarch32_image, parse_image, place
+from pyvmm.loader import (
+    DTB_MAX,
+    HEADER,
+    KernelImage,
+    file_size,
+    parse_aarch32_image,
+    parse_image,
+    place,
+    placement_size,
+)
 from pyvmm.vm import Vm
 
 log = logging.getLogger("pyvmm")
@@ -41,7 +50,8 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
         image = KernelImage(0, size, 0)  # raw: at the start of RAM, entered at its first byte
     initrd_size = file_size(initrd, "initrd") if initrd is not None else 0
     ram = vm.memory.find(vm.ram_base)
-    layout = place(vm.ram_base, ram.size, image, initrd_size, "kernel" if kernel is not None else "firmware")
+    layout = place(vm.ram_base, placement_size(ram.size, vm.aarch32), image, initrd_size,
+                   "kernel" if kernel is not None else "firmware")
     vm.load_file(path, layout.kernel)  # straight from the file into guest RAM
     initrd_range = None
     if initrd is not None:

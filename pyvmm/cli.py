@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from pyvmm.devices.virtio.device import VirtioDevice
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GUEST, EXIT_TIMEOUT = 0, 1, 2, 3, 124
+MAX_SECONDS = 1e8  # a --timeout of over three years is a mistake, and beyond threading.TIMEOUT_MAX one
 
 
 def one_line(message: str) -> str:
@@ -73,8 +74,8 @@ def positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    if not 0 < value <= MAX_SECONDS:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive and at most {MAX_SECONDS:g} (seconds)")
     return value
 
 
@@ -187,6 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pyvmm.boot import boot
     from pyvmm.console import ConsoleInput
     from pyvmm.control import ControlServer
+    from pyvmm.control import claim as claim_control_path
     from pyvmm.devices.virtio import CLI_DEVICES
     from pyvmm.lifecycle import threads_left_running
     from pyvmm.services.loader import load_service_module, parse_range
@@ -205,6 +207,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.sdei and args.aarch32:
         raise VmmError("--sdei needs an AArch64 guest: SDEI's calls are all SMC64, which AArch32 callers cannot make")
     events = [parse_event(e) for e in args.sdei_event]
+    if args.control:
+        claim_control_path(args.control)
     host = HostConsole()
     # the devices first, as kvmtool parses every option before touching KVM: a bad -d or -n is
     # reported as such on any host; until the VM owns them they are closed here on any failure
@@ -266,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         status = EXIT_OK if result.reason == "poweroff" else {"timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(
             result.reason, EXIT_GUEST)
     if status != EXIT_OK:
-        print(f"pyvmm: guest ended: {result}", file=sys.stderr)
+        print(one_line(f"pyvmm: guest ended: {result}"), file=sys.stderr)
     if threads_left_running():
         # a thread that would not stop (a service handler that never returns) is running user
         # code: do not tear the interpreter down under it, leave now with the run's status

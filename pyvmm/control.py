@@ -43,11 +43,11 @@ class ControlServer:
         self.path, self._stop, self._sdei = path, stop, sdei
         self._lock = threading.Lock()  # requests, and close(): none is served once it has returned
         self._closed = False
-        _claim(path)
+        claim(path)
         try:
             self._server = _Server(path, self)
         except OSError as e:
-            raise VmmError(f"cannot listen on {path}: {e.strerror}") from None
+            raise VmmError(f"cannot listen on {path}: {e.strerror or e}") from None  # AF_UNIX: "path too long"
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.2,), name="control",
                                         daemon=True)
 
@@ -150,6 +150,9 @@ def request(path: str, message: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
+SUN_PATH_MAX = 108  # sizeof(struct sockaddr_un.sun_path) on Linux
+
+
 def _read_line(sock: socket.socket) -> str:
     data = b""
     while not data.endswith(b"\n"):
@@ -162,13 +165,18 @@ def _read_line(sock: socket.socket) -> str:
     return data.decode()
 
 
-def _claim(path: str) -> None:
+def claim(path: str) -> None:
     """Make room for the socket: a stale socket (nobody listening) is removed; anything else
-    at `path` is an error."""
+    at `path`, or a path a Unix socket cannot have (sun_path: 108 bytes with its NUL, unix(7)),
+    is an error. The CLI calls this before it builds the VM, so a bad --control costs nothing."""
+    if len(os.fsencode(path)) >= SUN_PATH_MAX:
+        raise VmmError(f"--control {path}: a Unix socket path is at most {SUN_PATH_MAX - 1} bytes")
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return
+    except OSError as e:  # a name too long, a file used as a directory, no permission
+        raise VmmError(f"--control {path}: {e.strerror}") from None
     if not stat.S_ISSOCK(st.st_mode):
         raise VmmError(f"--control {path}: a file that is not a socket is in the way")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -176,7 +184,7 @@ def _claim(path: str) -> None:
         probe.connect(path)
     except OSError as e:
         if e.errno != errno.ECONNREFUSED:
-            raise VmmError(f"--control {path}: {e.strerror}") from None
+            raise VmmError(f"--control {path}: {e.strerror or e}") from None
         os.unlink(path)  # stale: its VM is gone
         return
     finally:

@@ -65,11 +65,12 @@ def _message(e: BaseException) -> str:
 class RunResult:
     """Why a run ended. `reason`: poweroff, reset, crash, suspend, halted, timeout, stopped or error."""
 
-    __slots__ = ("reason", "message", "vcpu", "data", "elapsed")
+    __slots__ = ("reason", "message", "vcpu", "data", "elapsed", "stuck")
 
     def __init__(self, reason: str, message: str = "", vcpu: int | None = None, data: tuple[int, ...] = ()) -> None:
         self.reason, self.message, self.vcpu, self.data = reason, message, vcpu, data
         self.elapsed = 0.0
+        self.stuck: list[str] = []  # the threads that would not stop when the run ended, and where
 
     @property
     def ok(self) -> bool:
@@ -80,7 +81,8 @@ class RunResult:
 
     def __str__(self) -> str:
         who = f" (vcpu{self.vcpu})" if self.vcpu is not None else ""
-        return f"{self.reason}{who}{': ' + self.message if self.message else ''}"
+        message = "; ".join([m for m in (self.message, *self.stuck) if m])
+        return f"{self.reason}{who}{': ' + message if message else ''}"
 
 
 class MachineDevice(Protocol):
@@ -207,8 +209,7 @@ class Lifecycle:
                 fn()
         result = self._result
         assert result is not None
-        if stuck:
-            result.message = "; ".join([result.message, *stuck])
+        result.stuck = stuck
         result.elapsed = time.monotonic() - started
         return result
 

@@ -14,6 +14,8 @@ A kernel with no Image header (kvm-unit-tests' .flat files) is taken as kvmtool 
 An AArch32 VM boots an AArch32 kernel as kvmtool's --aarch32 does: a zImage (Documentation/arch/
 arm/booting.rst: magic 0x016f2818 at offset 0x24) or a flat binary at RAM + 0x8000, entered at its
 first byte with r0 = 0, r1 = ~0 (no machine type: the DTB describes the machine), r2 = the DTB.
+An AArch32 kernel needs its DTB and initrd in lowmem, so they go at the top of the first 256 MiB
+of RAM rather than of all of it (kvmtool's limit too).
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ LEGACY_TEXT_OFFSET = 0x80000
 ZIMAGE_MAGIC = 0x016F_2818  # u32 @0x24 of an arm zImage
 ZIMAGE_MAGIC_OFFSET = 0x24
 AARCH32_TEXT_OFFSET = 0x8000  # kvmtool's ARM_KERN_OFFSET for AArch32 guests
+AARCH32_LOWMEM = 256 << 20  # where an AArch32 kernel can surely reach its DTB and initrd
+
+
+def placement_size(ram_size: int, aarch32: bool) -> int:
+    """How much of RAM, from its start, kernel, initrd and DTB may be placed in."""
+    return min(ram_size, AARCH32_LOWMEM) if aarch32 else ram_size
 
 
 class KernelImage(NamedTuple):

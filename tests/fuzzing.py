@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 
 CAMPAIGN = os.environ.get("PYVMM_FUZZ") == "1"
@@ -23,9 +24,11 @@ def size(share: int, campaign: int) -> int:
 class Tally:
     counts: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # device workers count too
 
     def add(self, what: str, n: int = 1) -> None:
-        self.counts[what] = self.counts.get(what, 0) + n
+        with self.lock:
+            self.counts[what] = self.counts.get(what, 0) + n
 
 
 TALLIES: dict[str, Tally] = {}

@@ -23,14 +23,15 @@ from pyvmm.smccc.service import Handler
 LOAD_TIME_LIMIT = 10.0  # seconds a service file may take to run at import
 
 
-class _TooSlow(Exception):
-    pass
+class _TooSlow(BaseException):
+    """Not an Exception: a module's `except Exception` must not swallow its own time limit."""
 
 
 @contextlib.contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
-    """Interrupt the code running in the main thread after `seconds` (SIGALRM, setitimer(2)):
-    a Python loop, or a sleep, at import ends with _TooSlow. Elsewhere, no limit."""
+    """Interrupt the code running in the main thread after `seconds` (SIGALRM, setitimer(2)),
+    and again every 0.1 s after that: a Python loop, or a sleep, at import ends with _TooSlow,
+    even one that catches it once. Elsewhere, no limit."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -39,7 +40,7 @@ def _time_limit(seconds: float) -> Iterator[None]:
         raise _TooSlow
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 0.1)
     try:
         yield
     finally:

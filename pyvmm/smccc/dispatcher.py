@@ -263,7 +263,8 @@ class Dispatcher:
             try:
                 results = handler(call)
             except Exception as e:
-                raise HandlerError(f"SMCCC handler for {function_id:#010x} raised {type(e).__name__}: {e}") from e
+                raise HandlerError(f"SMCCC handler {handler_name(handler)} for {function_id:#010x} raised "
+                                   f"{type(e).__name__}: {e}") from e
         self.calls += 1
         if type(results) is int and _MIN <= results <= _U64:  # the common single result: one ioctl
             vcpu.x0_value[0] = results & (_U64 if function_id & SMC64 else _U32)
@@ -295,7 +296,8 @@ class Dispatcher:
             try:
                 results = fn.handler(call)
             except Exception as e:
-                raise HandlerError(f"SMCCC handler for {function_id:#010x} raised {type(e).__name__}: {e}") from e
+                raise HandlerError(f"SMCCC handler {handler_name(fn.handler)} for {function_id:#010x} raised "
+                                   f"{type(e).__name__}: {e}") from e
         self.calls += 1
         shown = None
         if results is not NO_RESULT:

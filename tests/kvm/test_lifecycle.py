@@ -19,6 +19,7 @@ import pytest
 from pyvmm import cli
 from pyvmm.errors import VmmError
 from pyvmm.irqchip import Gic
+from pyvmm.lifecycle import STOP_GRACE
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.service import Service
 from pyvmm.vcpu import Vcpu
@@ -147,7 +148,7 @@ def test_a_vcpu_that_will_not_stop_keeps_its_fds_and_mappings(make_vm: MakeVm) -
     started = time.monotonic()
     result = vm.run(timeout=1)
     assert result.reason == "timeout" and time.monotonic() - started < 15
-    assert "vcpu0 did not stop within" in result.message and "__call__() at test_lifecycle.py" in result.message
+    assert "vcpu0 did not stop within" in str(result) and "__call__() at test_lifecycle.py" in str(result)
     vcpu_fd, ram = vm.vcpus[0].fd.fd, vm.memory.regions[0]
     vm.close()  # must keep what the stuck thread may still touch
     os.fstat(vcpu_fd)  # still open: its number cannot go to another VM
@@ -217,3 +218,24 @@ def test_a_second_sigint_while_stopping_ends_pyvmm_at_once(tmp_path: Path) -> No
     p.communicate(timeout=30)
     assert p.returncode == 128 + signal.SIGINT
     assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_one_signal_stops_a_stuck_guest_with_its_status(tmp_path: Path, signo: signal.Signals) -> None:
+    """A vCPU stuck in a service handler cannot stop, yet one signal still ends pyvmm with
+    128 + N once the grace period is over, the line naming where the vCPU is stuck."""
+    service = tmp_path / "never.py"
+    service.write_text("import time\n\nRANGE = (0xC6000000, 0x100)\n\n\ndef handle(call):\n"
+                       "    while True:\n        time.sleep(0.1)\n")
+    p = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("smccc_demo")), "-c", "2",
+                          "-m", "16", "--service", str(service), "--timeout", "100"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)  # the guest is stuck in the service by now
+    p.send_signal(signo)
+    started = time.monotonic()
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signo, err
+    assert time.monotonic() - started < STOP_GRACE + 10
+    line, = err.strip().splitlines()
+    assert line.startswith(f"pyvmm: guest ended: stopped: stopped by {signo.name}; vcpu0 did not stop") and \
+        "handle() at never.py:8" in line, line

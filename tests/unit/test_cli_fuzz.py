@@ -75,7 +75,8 @@ def run_in_process(argv: list[str]) -> tuple[int, str]:
 def argv_for(flag: tuple[str, ...], value: str) -> list[str]:
     *command, option = flag
     if command == ["run"]:
-        return ["run", "-f", "guest.bin", "--dump-dtb", "out.dtb", option, value]
+        sdei = ["--sdei"] if option == "--sdei-event" else []  # else refused before its value is read
+        return ["run", "-f", "guest.bin", "--dump-dtb", "out.dtb", *sdei, option, value]
     if command == ["sdei", "signal"]:
         return ["sdei", "signal", "--control", "nowhere.sock", "1", option, value]
     return [*command, option, value]
@@ -113,6 +114,8 @@ SERVICE_BODIES = {
     "exits at import": "import sys\nsys.exit(3)\n",
     "loops at import": "while True:\n    pass\n",
     "sleeps at import": "import time\ntime.sleep(3600)\n",
+    "swallows exceptions at import": "import time\nwhile True:\n    try:\n        time.sleep(0.1)\n"
+                                     "    except Exception:\n        pass\n",
 }
 
 

@@ -144,3 +144,13 @@ def test_any_bytes_get_a_reply_or_a_closed_connection(served: tuple[ControlledMa
     assert set(reply) <= {"ok", "error", "pending", "events", "masked"}
     assert request(path, {"cmd": "sdei-status"})["ok"]  # still serving
     fuzzing.tally("control socket").add("random requests")
+
+
+def test_socket_paths_that_cannot_be_are_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for path, message in ((str(tmp_path / "file" / "vm.sock"), "Not a directory"),
+                          (str(tmp_path / "loop" / "vm.sock"), "Too many levels of symbolic links"),
+                          (str(tmp_path / ("y" * 120)), "a Unix socket path is at most 107 bytes")):
+        with pytest.raises(VmmError, match=message):
+            ControlServer(path, lambda why: None, None)

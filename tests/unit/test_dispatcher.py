@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvm_bindings.constants import SmcccFilterAction
+from pyvmm import cli
 from pyvmm.errors import VmmError
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.context import TraceEvent
@@ -262,3 +263,17 @@ def test_whatever_a_handler_returns_the_answer_or_the_error_is_well_formed(resul
         mask = U64 if smc64 else 0xFFFF_FFFF
         assert all(0 <= value <= mask for _, value in v.writes)
     fuzzing.tally("SMCCC handler results").add("returned objects")
+
+
+def test_a_handler_that_raises_is_named() -> None:
+    d, v = Dispatcher(), FakeVcpu()
+
+    def explodes(call: SmcccCall) -> int:
+        raise RuntimeError("first line\nsecond line")
+
+    d.register(SIP64, 1, explodes, "explodes")
+    with pytest.raises(HandlerError, match=r"SMCCC handler \S*explodes\(\) in test_dispatcher.py for 0xc2000000 raised "
+                                           "RuntimeError: first line"):
+        d.dispatch(v, SIP64, 0)
+    assert cli.one_line("pyvmm: guest ended: error: first line\nsecond line") == \
+        "pyvmm: guest ended: error: first line\\nsecond line"

@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from pyvmm.errors import ImageError
-from pyvmm.loader import IMAGE_MAGIC, KernelImage, parse_aarch32_image, parse_image, place
+from pyvmm.loader import DTB_MAX, IMAGE_MAGIC, KernelImage, parse_aarch32_image, parse_image, place, placement_size
 
 RAM = 0x8000_0000
 
@@ -73,3 +73,12 @@ def test_aarch32_kernels_go_at_0x8000_as_under_kvmtool() -> None:
     assert parse_aarch32_image(b"\x00" * 32) == KernelImage(0x8000, 32, 0, headerless=True)
     with pytest.raises(ImageError, match="is an arm64 Image"):
         parse_aarch32_image(image())
+
+
+def test_an_aarch32_dtb_and_initrd_stay_in_lowmem() -> None:
+    ram = 2 << 30
+    image32 = parse_aarch32_image(b"\x00" * 64)
+    layout = place(RAM, placement_size(ram, aarch32=True), image32, 8 << 20)
+    assert layout.dtb + DTB_MAX <= RAM + (256 << 20) and layout.initrd < layout.dtb
+    assert layout.kernel == RAM + 0x8000
+    assert place(RAM, placement_size(ram, aarch32=False), parse_image(image()), 0).dtb > RAM + (256 << 20)  # at the top

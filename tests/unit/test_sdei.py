@@ -3,7 +3,7 @@ whose registers live in a dict (the real-KVM side is tests/kvm/test_sdei.py)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import pytest
 from hypothesis import given, settings
@@ -342,6 +342,41 @@ def test_a_pe_powering_off_inside_a_shared_handler_does_not_leave_it_running() -
     assert v0.settle() == 0  # routed to the PE that is off: it waits
     assert call(d, v0, UNREGISTER, SHARED) == s.SUCCESS
     assert call(d, v0, SHARED_RESET) == s.SUCCESS  # not DENIED for ever
+
+
+def test_a_cpu_on_heard_before_the_cpu_off_still_ends_its_handlers() -> None:
+    """Another PE's CPU_ON may boot the PE before its thread reports the CPU_OFF: the power-on
+    then ends what it was running, or the shared event would stay RUNNING for ever."""
+    m, d, sdei = setup()
+    v0, v1 = m.vcpus
+    call(d, v1, UNMASK)
+    ready(d, v0, SHARED, flags=s.ROUTE_PE, affinity=v1.mpidr)
+    sdei.trigger(SHARED)
+    assert v1.settle() == 1
+    v1.power_off()  # CPU_OFF inside the handler, not reported yet
+    d.power_on(v1)  # the CPU_ON that boots it again is
+    assert call(d, v0, STATUS, SHARED) == s.REGISTERED | s.ENABLED
+    assert call(d, v0, UNREGISTER, SHARED) == s.SUCCESS
+
+
+def test_the_exit_loop_tells_services_of_a_cpu_off() -> None:
+    """MachineExits.turned_off, which the vCPU thread calls after a CPU_OFF, reaches SDEI."""
+    from pyvmm.devices.bus import MmioBus
+    from pyvmm.exit_handler import MachineExits, UnhandledMmio
+    from pyvmm.lifecycle import Lifecycle
+    from pyvmm.vcpu import Vcpu
+
+    m, d, sdei = setup()
+    v0, v1 = m.vcpus
+    call(d, v1, UNMASK)
+    ready(d, v0, SHARED, flags=s.ROUTE_PE, affinity=v1.mpidr)
+    sdei.trigger(SHARED)
+    assert v1.settle() == 1
+    exits = MachineExits(d, MmioBus(), UnhandledMmio("ignore"), cast(Lifecycle, None))  # v0 stays on: no finish()
+    exits.vcpus = cast(list[Vcpu], m.vcpus)
+    v1.power_off()
+    exits.turned_off(cast(Vcpu, v1))
+    assert call(d, v0, STATUS, SHARED) == s.REGISTERED | s.ENABLED
 
 
 def test_interrupt_bind_and_release() -> None:

@@ -170,8 +170,7 @@ class Sdei(Service):
         psci_cpu_on_finish hook does)."""
         with self.lock:
             pe = self.pes[vcpu.index]
-            pe.masked = True
-            pe.frames.clear()
+            self._end_handlers(pe)  # in case a CPU_ON came before its CPU_OFF was heard of
             for reg in pe.private.values():
                 reg.state = 0
                 reg.clear()
@@ -186,14 +185,17 @@ class Sdei(Service):
         end as if completed (an event left RUNNING would answer UNREGISTER with PENDING and
         SHARED_RESET with DENIED for ever), and a shared event may run on another PE again."""
         with self.lock:
-            pe = self.pes[vcpu.index]
-            pe.masked = True
-            ended = [frame.reg for frame in pe.frames]
-            pe.frames.clear()
-            for reg in ended:
-                self._ended(reg)
-                if reg.spec.shared:
-                    self._schedule_event(reg)
+            self._end_handlers(self.pes[vcpu.index])
+
+    def _end_handlers(self, pe: Pe) -> None:
+        """The PE is masked and the handlers it was running end as if completed (lock held)."""
+        pe.masked = True
+        ended = [frame.reg for frame in pe.frames]
+        pe.frames.clear()
+        for reg in ended:
+            self._ended(reg)
+            if reg.spec.shared:
+                self._schedule_event(reg)
 
     # --- SMCCC functions -------------------------------------------------------------------
     @function(FN_BASE + 0x0, name="SDEI_VERSION", describe="describe_value")
