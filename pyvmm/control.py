@@ -20,6 +20,7 @@ import socket
 import socketserver
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyvmm")
 MAX_REQUEST = 4096
-CLIENT_TIMEOUT = 5.0
+CLIENT_TIMEOUT = 5.0  # for a whole request line: a client trickling bytes is dropped as a silent one is
+MAX_CLIENTS = 16  # connections served at once; more are closed at once (each has a thread)
 
 
 class ControlServer:
@@ -99,22 +101,39 @@ class ControlServer:
         return {"ok": False, "error": f"unknown command {cmd!r}"}
 
 
-class _Connection(socketserver.StreamRequestHandler):
-    timeout = CLIENT_TIMEOUT  # a client that never finishes its line is dropped
+class _Connection(socketserver.BaseRequestHandler):
     server: _Server
+    request: socket.socket
 
     def handle(self) -> None:
-        try:
-            line = self.rfile.readline(MAX_REQUEST + 1)
-        except OSError:
-            return  # timed out or gone: the connection just closes
+        line = self._read_line(time.monotonic() + CLIENT_TIMEOUT)
+        if line is None:
+            return  # too slow, or gone: the connection just closes
         try:
             reply = self.server.control.reply(line)
         except Exception as e:  # a pyvmm bug: the client is told, the server goes on
             log.warning("control socket: internal error: %s: %s", type(e).__name__, e)
             reply = {"ok": False, "error": f"internal error: {type(e).__name__}"}
         with contextlib.suppress(OSError):
-            self.wfile.write(json.dumps(reply).encode() + b"\n")
+            self.request.settimeout(CLIENT_TIMEOUT)
+            self.request.sendall(json.dumps(reply).encode() + b"\n")
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        """One line (with its newline), or MAX_REQUEST + 1 bytes of one, within `deadline`."""
+        data = b""
+        while b"\n" not in data and len(data) <= MAX_REQUEST:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                self.request.settimeout(left)
+                chunk = self.request.recv(MAX_REQUEST + 1 - len(data))
+            except OSError:
+                return None
+            if not chunk:
+                return data or None  # the client half-closed after its request
+            data += chunk
+        return data[:data.index(b"\n") + 1] if b"\n" in data else data
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -123,7 +142,20 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     def __init__(self, path: str, control: ControlServer) -> None:
         self.control = control
+        self._slots = threading.BoundedSemaphore(MAX_CLIENTS)
         super().__init__(path, _Connection)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # busy: closed at once, the client may try again
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
     def handle_error(self, request: object, client_address: object) -> None:
         log.warning("control socket: a request failed")  # one line, not socketserver's traceback

@@ -37,6 +37,7 @@ from pyvmm.smccc.service import NO_RESULT, PYVMM_UID, Function, Handler, Handler
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U32 = 0xFFFF_FFFF
 _MIN = -(1 << 63)
+_MIN32 = -(1 << 31)
 # with AArch32 callers, every SMC64 ID above KVM's reserved Arm architecture range (filter.py)
 _SMC64_FORWARDED = 0xC001_0000  # the most negative result: -1 is NOT_SUPPORTED
 _SMC = HypercallExitFlag.SMC.value
@@ -266,8 +267,8 @@ class Dispatcher:
                 raise HandlerError(f"SMCCC handler {handler_name(handler)} for {function_id:#010x} raised "
                                    f"{type(e).__name__}: {e}") from e
         self.calls += 1
-        if type(results) is int and _MIN <= results <= _U64:  # the common single result: one ioctl
-            vcpu.x0_value[0] = results & (_U64 if function_id & SMC64 else _U32)
+        if type(results) is int and (_MIN <= results <= _U64 if function_id & SMC64 else _MIN32 <= results <= _U32):
+            vcpu.x0_value[0] = results & (_U64 if function_id & SMC64 else _U32)  # the common case: one ioctl
             if vcpu.write_x0() < 0:
                 vcpu.failed("KVM_SET_ONE_REG")
         elif results is not NO_RESULT:
@@ -333,12 +334,14 @@ def handler_name(handler: object) -> str:
 
 def checked(results: object, function_id: int, handler: object) -> tuple[int, ...]:
     """A handler's results as x0..x3, or a HandlerError that names the handler and the call: a
-    result is x0 (an int), 1 to 4 of them (a list or tuple), or NO_RESULT; each fits in 64 bits,
-    signed or not (an SMC32 call's are then truncated to 32, SMCCC §2.6)."""
+    result is x0 (an int), 1 to 4 of them (a list or tuple), or NO_RESULT; each fits the call's
+    registers, signed or not: 64 bits, or 32 for an SMC32/HVC32 call (SMCCC §2.6: its results are
+    w0-w3, so a wider value is the handler's mistake, not something to truncate quietly)."""
     items: list[object] = [results] if isinstance(results, int) else list(results) \
         if isinstance(results, list | tuple) else []
     values = [v for v in items if isinstance(v, int)]
-    if items and 1 <= len(items) <= 4 and len(values) == len(items) and all(_MIN <= v <= _U64 for v in values):
+    low, high, bits = (_MIN, _U64, 64) if function_id & SMC64 else (_MIN32, _U32, 32)
+    if items and 1 <= len(items) <= 4 and len(values) == len(items) and all(low <= v <= high for v in values):
         return tuple(values)
     shown = reprlib.repr(results).replace("\n", " ")  # one line, however large the object
     if not items:
@@ -348,7 +351,7 @@ def checked(results: object, function_id: int, handler: object) -> tuple[int, ..
     elif len(values) != len(items):
         problem = f"returned {shown}, not integers"
     else:
-        problem = f"returned {shown}, beyond 64 bits"
+        problem = f"returned {shown}, beyond {bits} bits" + ("" if bits == 64 else " (an SMC32 call)")
     raise HandlerError(f"SMCCC handler {handler_name(handler)} for {function_id:#010x} {problem}: a handler "
                        "returns x0, or 1 to 4 results (x0-x3) as integers, or NO_RESULT")
 

@@ -194,8 +194,8 @@ def test_a_second_pyvmm_on_the_same_image_is_refused(tmp_path: Path) -> None:
             time.sleep(0.2)
         p = second()
         assert p.returncode == cli.EXIT_ERROR
-        assert p.stderr.splitlines() == [f"pyvmm: error: disk {disk} is locked: another process uses it "
-                                         "(add ,nolock to use it anyway)"]
+        assert p.stderr.splitlines() == [f"pyvmm: error: disk {disk} is locked: another process, or another -d "
+                                         "of this one, uses it (add ,nolock to use it anyway)"]
         assert second("nolock").returncode == cli.EXIT_TIMEOUT  # it ran: the user opted out
     finally:
         first.kill()

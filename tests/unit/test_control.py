@@ -154,3 +154,36 @@ def test_socket_paths_that_cannot_be_are_one_line(tmp_path: Path) -> None:
                           (str(tmp_path / ("y" * 120)), "a Unix socket path is at most 107 bytes")):
         with pytest.raises(VmmError, match=message):
             ControlServer(path, lambda why: None, None)
+
+
+def test_a_trickling_client_is_dropped_and_clients_are_bounded(served: tuple[ControlledMachine, str],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLIENT_TIMEOUT bounds a whole request line, however slowly its bytes come; at most
+    MAX_CLIENTS connections hold a thread, the ones beyond are closed at once."""
+    from pyvmm import control
+
+    monkeypatch.setattr(control, "CLIENT_TIMEOUT", 0.5)
+    vm, path = served
+    with socket.socket(socket.AF_UNIX) as slow:
+        slow.connect(path)
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - started < 3:
+                slow.sendall(b" ")  # one byte every 0.1 s: never a whole line
+                time.sleep(0.1)
+        assert time.monotonic() - started < 1.5  # closed on it (EPIPE) well before 3 s
+    silent = [socket.socket(socket.AF_UNIX) for _ in range(control.MAX_CLIENTS)]
+    try:
+        for s in silent:
+            s.connect(path)
+        time.sleep(0.1)
+        with socket.socket(socket.AF_UNIX) as extra:
+            extra.connect(path)
+            extra.settimeout(2)
+            assert extra.recv(1) == b""  # closed at once, not served later
+    finally:
+        for s in silent:
+            s.close()
+    time.sleep(0.7)  # the silent ones have been dropped
+    request(path, {"cmd": "stop"})
+    assert vm.stopped == ["stopped through the control socket"]

@@ -49,12 +49,15 @@ def test_smc32_results_and_arguments_are_32_bit() -> None:
 
     def handler(call: SmcccCall) -> Results:
         seen.append(call.arg(1))
-        return (-1, 0x1_0000_0002)
+        return (-1, 0xFFFF_FFFF)
 
     d.register(SIP32, 1, handler)
     d.dispatch(v, SIP32, 0)
     assert seen == [0xCCCC_DDDD]
-    assert v.writes == [(0, 0xFFFF_FFFF), (1, 2)]
+    assert v.writes == [(0, 0xFFFF_FFFF), (1, 0xFFFF_FFFF)]
+    d.register(SIP32 + 1, 1, lambda call: 0x1_0000_0002)  # w0 cannot hold it: the handler's mistake
+    with pytest.raises(HandlerError, match=r"returned 4294967298, beyond 32 bits \(an SMC32 call\)"):
+        d.dispatch(v, SIP32 + 1, 0)
 
 
 def test_smc64_negative_result_is_sign_extended() -> None:

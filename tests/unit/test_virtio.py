@@ -219,12 +219,13 @@ def test_an_image_in_use_is_refused(disk: Path) -> None:
             with pytest.raises(VmmError) as caught:
                 VirtioBlk(path, read_only)
             user = "writes to it" if read_only else "uses it"
-            assert str(caught.value) == f"disk {path} is locked: another process {user} (add ,nolock to use it anyway)"
+            assert str(caught.value) == (f"disk {path} is locked: another process, or another -d of this one, {user} "
+                                         "(add ,nolock to use it anyway)")
         VirtioBlk(path, lock=False).close()  # nolock
     finally:
         first.close()
     readers = [VirtioBlk(path, read_only=True), VirtioBlk(path, read_only=True)]  # shared
-    with pytest.raises(VmmError, match="locked: another process uses it"):
+    with pytest.raises(VmmError, match="is locked: another process, or another -d of this one, uses it"):
         VirtioBlk(path)  # a writer is refused while it is read
     for r in readers:
         r.close()

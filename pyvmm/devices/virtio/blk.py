@@ -55,11 +55,12 @@ def parse_disk(spec: str) -> tuple[str, bool, bool]:
 
 
 def lock_image(fd: int, path: str, shared: bool) -> None:
-    """Lock the whole image against other users, in QEMU's spirit (it locks a few bytes of the
-    image per permission instead, so the two do not see each other's locks): an open file
-    description lock (F_OFD_SETLK, fcntl(2)), shared for a read-only disk, exclusive otherwise.
-    It goes with the fd, whichever thread holds it; another open of the image holding a
-    conflicting lock refuses it."""
+    """Lock the whole image against other users, as QEMU does (it locks single bytes per
+    permission, in the same OFD lock space, so a whole-file lock of pyvmm's conflicts with a
+    writer QEMU as it should): an open file description lock (F_OFD_SETLK, fcntl(2)), shared
+    for a read-only disk, exclusive otherwise. It goes with the fd, whichever thread holds it;
+    any other open of the image with a conflicting lock is refused, in this process too (the
+    same image given twice)."""
     lock = ffi.new("struct flock *", {"l_type": fcntl.F_RDLCK if shared else fcntl.F_WRLCK,
                                       "l_whence": os.SEEK_SET, "l_start": 0, "l_len": 0})
     try:
@@ -68,7 +69,8 @@ def lock_image(fd: int, path: str, shared: bool) -> None:
         if e.errno not in (errno.EAGAIN, errno.EACCES):
             raise VmmError(f"disk {path}: cannot lock it: {e.strerror} (add ,nolock to use it unlocked)") from None
         user = "writes to it" if shared else "uses it"
-        raise VmmError(f"disk {path} is locked: another process {user} (add ,nolock to use it anyway)") from None
+        raise VmmError(f"disk {path} is locked: another process, or another -d of this one, {user} "
+                       "(add ,nolock to use it anyway)") from None
 
 
 class VirtioBlk(VirtioDevice):
