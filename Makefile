@@ -104,7 +104,7 @@ test: lint unit kvm
 # The fuzz campaigns in full (`make test` runs a share of each): a hostile driver against every
 # virtio device, malformed CLI values, broken service modules, handler results and control-socket
 # bytes on this host; random SMCCC calls from real guests over both conduits in the KVM tier.
-# Each prints its tallies (counts, RSS). About 15 minutes on a 2-core x86 machine.
+# Each prints its tallies (counts, RSS). About 17 minutes on a 2-core x86 machine.
 fuzz: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
 	@PYVMM_FUZZ=1 $(VPY) -m pytest -m "fuzz and not kvm" -q
 ifeq ($(NATIVE_KVM),yes)

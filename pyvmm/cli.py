@@ -221,7 +221,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         vm = Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output,
                 aarch32=args.aarch32)
         unowned.pop_all()
-    with vm:
+    # the signal handlers outlive the VM: a signal while it closes (disk images are fsynced
+    # then) is one more stop request, and a second SIGINT still ends pyvmm at once
+    with ExitStack() as after_close, vm:
         for i, device in enumerate(devices):
             try:
                 vm.add_virtio(device)  # the VM closes it from here on, or at once if it cannot attach
@@ -257,10 +259,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             control.start()
         console_in.start()
         stopping = StopSignals(vm.stop)
+        after_close.callback(stopping.restore)
         try:
             result = vm.run(timeout=args.timeout)
         finally:
-            stopping.restore()
             console_in.stop()
             if control is not None:
                 control.close()
