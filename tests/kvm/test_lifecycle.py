@@ -165,14 +165,18 @@ def test_a_vcpu_that_will_not_stop_keeps_its_fds_and_mappings(make_vm: MakeVm) -
     assert not thread.is_alive()
 
 
-def test_a_service_that_never_returns_is_stopped_by_the_timeout(tmp_path: Path) -> None:
+def stuck_guest(tmp_path: Path, timeout: int) -> list[str]:
+    """A `pyvmm run` whose guest calls a --service handler that never returns (never.py:8)."""
     service = tmp_path / "never.py"
     service.write_text("import time\n\nRANGE = (0xC6000000, 0x100)\n\n\ndef handle(call):\n"
                        "    while True:\n        time.sleep(0.1)\n")
+    return [sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("smccc_demo")), "-c", "2", "-m", "16",
+            "--service", str(service), "--timeout", str(timeout)]
+
+
+def test_a_service_that_never_returns_is_stopped_by_the_timeout(tmp_path: Path) -> None:
     started = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("smccc_demo")), "-c", "2",
-                        "-m", "16", "--service", str(service), "--timeout", "2"],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(stuck_guest(tmp_path, 2), capture_output=True, text=True, timeout=60)
     took = time.monotonic() - started
     assert p.returncode == cli.EXIT_TIMEOUT, p.stderr
     line, = p.stderr.strip().splitlines()
@@ -204,12 +208,7 @@ def test_sigterm_during_a_linux_boot_stops_cleanly(tmp_path: Path) -> None:
 
 
 def test_a_second_sigint_while_stopping_ends_pyvmm_at_once(tmp_path: Path) -> None:
-    service = tmp_path / "never.py"
-    service.write_text("import time\n\nRANGE = (0xC6000000, 0x100)\n\n\ndef handle(call):\n"
-                       "    while True:\n        time.sleep(0.1)\n")
-    p = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("smccc_demo")), "-c", "2",
-                          "-m", "16", "--service", str(service), "--timeout", "100"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(stuck_guest(tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(5)  # the guest is stuck in the service by now
     p.send_signal(signal.SIGINT)  # stopping: its vCPU will not stop for a while
     time.sleep(1)
@@ -224,12 +223,7 @@ def test_a_second_sigint_while_stopping_ends_pyvmm_at_once(tmp_path: Path) -> No
 def test_one_signal_stops_a_stuck_guest_with_its_status(tmp_path: Path, signo: signal.Signals) -> None:
     """A vCPU stuck in a service handler cannot stop, yet one signal still ends pyvmm with
     128 + N once the grace period is over, the line naming where the vCPU is stuck."""
-    service = tmp_path / "never.py"
-    service.write_text("import time\n\nRANGE = (0xC6000000, 0x100)\n\n\ndef handle(call):\n"
-                       "    while True:\n        time.sleep(0.1)\n")
-    p = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("smccc_demo")), "-c", "2",
-                          "-m", "16", "--service", str(service), "--timeout", "100"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(stuck_guest(tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(3)  # the guest is stuck in the service by now
     p.send_signal(signo)
     started = time.monotonic()

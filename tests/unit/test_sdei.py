@@ -328,13 +328,21 @@ def test_shared_event_runs_once_at_a_time() -> None:
     assert sdei.dispatches == 2  # both PEs were asked to look; one took it
 
 
-def test_a_pe_powering_off_inside_a_shared_handler_does_not_leave_it_running() -> None:
+def shared_handler_running_on_cpu1() -> tuple[FakeMachine, Dispatcher, Sdei]:
+    """A machine whose cpu1 is in the handler of the shared event, routed to it alone."""
     m, d, sdei = setup()
     v0, v1 = m.vcpus
     call(d, v1, UNMASK)
-    ready(d, v0, SHARED, flags=s.ROUTE_PE, affinity=v1.mpidr)  # to cpu1 only
+    ready(d, v0, SHARED, flags=s.ROUTE_PE, affinity=v1.mpidr)
     sdei.trigger(SHARED)
-    assert v1.settle() == 1 and call(d, v0, STATUS, SHARED) == s.REGISTERED | s.ENABLED | s.RUNNING
+    assert v1.settle() == 1
+    return m, d, sdei
+
+
+def test_a_pe_powering_off_inside_a_shared_handler_does_not_leave_it_running() -> None:
+    m, d, sdei = shared_handler_running_on_cpu1()
+    v0, v1 = m.vcpus
+    assert call(d, v0, STATUS, SHARED) == s.REGISTERED | s.ENABLED | s.RUNNING
     sdei.trigger(SHARED)  # pending again while it runs
     v1.power_off()  # PSCI CPU_OFF inside the handler
     d.powered_off(v1)
@@ -347,12 +355,8 @@ def test_a_pe_powering_off_inside_a_shared_handler_does_not_leave_it_running() -
 def test_a_cpu_on_heard_before_the_cpu_off_still_ends_its_handlers() -> None:
     """Another PE's CPU_ON may boot the PE before its thread reports the CPU_OFF: the power-on
     then ends what it was running, or the shared event would stay RUNNING for ever."""
-    m, d, sdei = setup()
+    m, d, sdei = shared_handler_running_on_cpu1()
     v0, v1 = m.vcpus
-    call(d, v1, UNMASK)
-    ready(d, v0, SHARED, flags=s.ROUTE_PE, affinity=v1.mpidr)
-    sdei.trigger(SHARED)
-    assert v1.settle() == 1
     v1.power_off()  # CPU_OFF inside the handler, not reported yet
     d.power_on(v1)  # the CPU_ON that boots it again is
     assert call(d, v0, STATUS, SHARED) == s.REGISTERED | s.ENABLED
@@ -366,12 +370,8 @@ def test_the_exit_loop_tells_services_of_a_cpu_off() -> None:
     from pyvmm.lifecycle import Lifecycle
     from pyvmm.vcpu import Vcpu
 
-    m, d, sdei = setup()
+    m, d, sdei = shared_handler_running_on_cpu1()
     v0, v1 = m.vcpus
-    call(d, v1, UNMASK)
-    ready(d, v0, SHARED, flags=s.ROUTE_PE, affinity=v1.mpidr)
-    sdei.trigger(SHARED)
-    assert v1.settle() == 1
     exits = MachineExits(d, MmioBus(), UnhandledMmio("ignore"), cast(Lifecycle, None))  # v0 stays on: no finish()
     exits.vcpus = cast(list[Vcpu], m.vcpus)
     v1.power_off()
