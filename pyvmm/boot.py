@@ -17,6 +17,7 @@ from pyvmm.loader import (
     parse_image,
     place,
     placement_size,
+    unpack_kernel,
 )
 from pyvmm.vm import Vm
 
@@ -31,6 +32,7 @@ def _header(path: str, size: int) -> bytes:
 def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, initrd: str | None = None,
          cmdline: str = "") -> bytes:
     """Load the guest and its DTB; returns the DTB. Exactly one of kernel/firmware is given."""
+    unpacked: bytes | None = None
     if (kernel is None) == (firmware is None):
         raise VmmError("boot a kernel (-k) or a firmware (-f), one of them")
     path = kernel if kernel is not None else firmware
@@ -42,7 +44,15 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
             log.warning("kernel %s is not a zImage: loaded as a flat AArch32 binary at RAM + %#x, "
                         "as kvmtool does", path, image.text_offset)
     elif kernel is not None:
-        image = parse_image(_header(path, size), os.path.basename(path), file_size=size)
+        name = os.path.basename(path)
+        unpacked = unpack_kernel(path, name, vm.memory.find(vm.ram_base).size)
+        if unpacked is not None:
+            image = parse_image(unpacked[:HEADER.size], name, file_size=len(unpacked))
+            if image.headerless:
+                raise ImageError(f"{name} unpacks to something that is not an arm64 Linux Image")
+            log.info("kernel %s: an Image of %d MiB unpacked", path, len(unpacked) >> 20)
+        else:
+            image = parse_image(_header(path, size), name, file_size=size)
         if image.headerless:
             log.warning("kernel %s has no arm64 Image header: loaded as a flat binary at RAM + %#x, "
                         "as kvmtool does", path, image.text_offset)
@@ -52,7 +62,10 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     ram = vm.memory.find(vm.ram_base)
     layout = place(vm.ram_base, placement_size(ram.size, vm.aarch32), image, initrd_size,
                    "kernel" if kernel is not None else "firmware")
-    vm.load_file(path, layout.kernel)  # straight from the file into guest RAM
+    if unpacked is not None:
+        vm.load(unpacked, layout.kernel)
+    else:
+        vm.load_file(path, layout.kernel)  # straight from the file into guest RAM
     initrd_range = None
     if initrd is not None:
         vm.load_file(initrd, layout.initrd)

@@ -11,6 +11,12 @@ The kernel goes at the start of RAM, the DTB in the last 2 MiB, the initrd right
 A kernel with no Image header (kvm-unit-tests' .flat files) is taken as kvmtool takes it
 (arm/kvm.c): a flat binary at RAM + 0x80000, entered at its first byte.
 
+Distributions ship arm64 kernels three ways, and all three boot, as under QEMU (hw/arm/boot.c):
+a plain Image (loaded straight from the file), a gzip-compressed Image (Ubuntu's vmlinuz), and an
+EFI zboot image (drivers/firmware/efi/libstub/zboot-header.S: "MZ", "zimg" at 4, the payload's
+offset and size at 8 and 12, its compression type at 24) whose payload is gzip; both are
+unpacked in memory, never to more bytes than RAM holds.
+
 An AArch32 VM boots an AArch32 kernel as kvmtool's --aarch32 does: a zImage (Documentation/arch/
 arm/booting.rst: magic 0x016f2818 at offset 0x24) or a flat binary at RAM + 0x8000, entered at its
 first byte with r0 = 0, r1 = ~0 (no machine type: the DTB describes the machine), r2 = the DTB.
@@ -20,8 +26,10 @@ of RAM rather than of all of it (kvmtool's limit too).
 
 from __future__ import annotations
 
+import io
 import os
 import struct
+import zlib
 from typing import NamedTuple
 
 from pyvmm.errors import ImageError
@@ -54,6 +62,49 @@ class Layout(NamedTuple):
     kernel: int
     initrd: int
     dtb: int
+
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZBOOT_MAGIC = (b"MZ", b"zimg")  # @0 and @4
+ZBOOT = struct.Struct("<2sH4sII8x32s")  # MZ, -, zimg, payload offset, payload size, -, compression type
+
+
+def unpack_kernel(path: str, name: str, limit: int) -> bytes | None:
+    """The Image inside a gzip-compressed kernel or a gzip EFI zboot image; None for anything
+    else (the file is then loaded as it is). An ImageError in one line for what cannot be
+    unpacked; `limit` is the most bytes the Image may have (the RAM it must fit in)."""
+    with open(path, "rb") as f:
+        head = f.read(ZBOOT.size)
+        if head[:2] == GZIP_MAGIC:
+            f.seek(0)
+            return _gunzip(f, name, limit)
+        if len(head) < ZBOOT.size or (head[:2], head[4:8]) != ZBOOT_MAGIC:
+            return None
+        _, _, _, offset, length, kind = ZBOOT.unpack(head)
+        compression = kind.split(b"\0")[0].decode(errors="replace")
+        if compression != "gzip":
+            raise ImageError(f"{name} is an EFI zboot image compressed with {compression!r}: pyvmm unpacks gzip "
+                             "ones, as QEMU does; boot the Image it holds")
+        f.seek(offset)
+        payload = f.read(length)
+        if len(payload) != length or not length:
+            raise ImageError(f"{name} is an EFI zboot image whose payload runs past the end of the file")
+        return _gunzip(io.BytesIO(payload), name, limit)
+
+
+def _gunzip(f: io.BufferedIOBase | io.BytesIO, name: str, limit: int) -> bytes:
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # the gzip container (RFC 1952)
+    out = bytearray()
+    try:
+        while not d.eof and (chunk := d.unconsumed_tail or f.read(1 << 20)):
+            out += d.decompress(chunk, limit + 1 - len(out))
+            if len(out) > limit:
+                raise ImageError(f"{name} unpacks to more than the {limit >> 20} MiB of RAM")
+    except zlib.error as e:
+        raise ImageError(f"{name}: its gzip data is corrupt ({e})") from None
+    if not d.eof:
+        raise ImageError(f"{name}: its gzip data is cut short")
+    return bytes(out)
 
 
 def file_size(path: str | os.PathLike[str], what: str) -> int:

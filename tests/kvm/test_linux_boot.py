@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,13 +74,24 @@ def test_bad_or_missing_kernel_is_one_line(tmp_path: Path) -> None:
     compressed.write_bytes(b"\x1f\x8b\x08" + bytes(200))
     p = pyvmm("run", "-k", str(compressed), timeout=60)
     assert p.returncode == cli.EXIT_ERROR
-    assert p.stderr.strip().splitlines() == [
-        "pyvmm: error: vmlinuz is gzip data, not an arm64 Linux Image: decompress it, e.g. zcat vmlinuz > Image"]
+    line, = p.stderr.strip().splitlines()
+    assert line.startswith("pyvmm: error: vmlinuz: its gzip data is corrupt")
     p = pyvmm("run", "-k", str(tmp_path / "nope"), timeout=60)
     assert p.stderr.strip().splitlines() == [f"pyvmm: error: kernel {tmp_path / 'nope'} does not exist or is not a file"]
     image, initrd = linux_guest()
     p = pyvmm("run", "-k", str(image), "-i", str(initrd), "-m", "32", timeout=60)
     assert p.returncode == cli.EXIT_ERROR and "do not fit in 32 MiB of RAM" in p.stderr
+
+
+def test_a_gzip_compressed_debian_kernel_boots(tmp_path: Path) -> None:
+    """Ubuntu ships its arm64 kernel as a gzip-compressed Image: pyvmm unpacks it, as QEMU does."""
+    image, initrd = linux_guest()
+    vmlinuz = tmp_path / "vmlinuz"
+    with open(image, "rb") as src, gzip.open(vmlinuz, "wb", compresslevel=1) as dst:
+        shutil.copyfileobj(src, dst)
+    p = pyvmm("run", "-m", "256", "-k", str(vmlinuz), "-i", str(initrd), "-p", "quiet", "--timeout", "240")
+    assert p.returncode == cli.EXIT_OK, p.stdout[-3000:] + p.stderr
+    assert "PYVMM-GUEST: init reached after" in p.stdout
 
 
 def test_a_kernel_without_an_image_header_runs_as_under_kvmtool() -> None:

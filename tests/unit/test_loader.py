@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import gzip
+import re
 import struct
+from pathlib import Path
 
 import pytest
 
 from pyvmm.errors import ImageError
-from pyvmm.loader import DTB_MAX, IMAGE_MAGIC, KernelImage, parse_aarch32_image, parse_image, place, placement_size
+from pyvmm.loader import (
+    DTB_MAX,
+    IMAGE_MAGIC,
+    KernelImage,
+    parse_aarch32_image,
+    parse_image,
+    place,
+    placement_size,
+    unpack_kernel,
+)
 
 RAM = 0x8000_0000
 
@@ -82,3 +94,33 @@ def test_an_aarch32_dtb_and_initrd_stay_in_lowmem() -> None:
     assert layout.dtb + DTB_MAX <= RAM + (256 << 20) and layout.initrd < layout.dtb
     assert layout.kernel == RAM + 0x8000
     assert place(RAM, placement_size(ram, aarch32=False), parse_image(image()), 0).dtb > RAM + (256 << 20)  # at the top
+
+
+def zboot(payload: bytes, compression: bytes = b"gzip") -> bytes:
+    """An EFI zboot image as drivers/firmware/efi/libstub/zboot-header.S lays it out."""
+    offset = 0x200
+    header = struct.pack("<2sH4sII8x32s", b"MZ", 0, b"zimg", offset, len(payload), compression)
+    return header + bytes(offset - len(header)) + payload
+
+
+def test_gzip_and_zboot_kernels_unpack_to_their_image(tmp_path: Path) -> None:
+    kernel = image(body=0x3000)
+    for name, data in (("vmlinuz", gzip.compress(kernel)), ("vmlinuz.efi", zboot(gzip.compress(kernel)))):
+        (tmp_path / name).write_bytes(data)
+        assert unpack_kernel(str(tmp_path / name), name, 1 << 20) == kernel
+    (tmp_path / "Image").write_bytes(kernel)
+    assert unpack_kernel(str(tmp_path / "Image"), "Image", 1 << 20) is None  # loaded from the file as it is
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (zboot(b"\x28\xb5\x2f\xfd", b"zstd22"), "an EFI zboot image compressed with 'zstd22': pyvmm unpacks gzip ones"),
+    (zboot(b"")[:0x200], "payload runs past the end of the file"),
+    (gzip.compress(bytes(4 << 20)), "unpacks to more than the 1 MiB of RAM"),
+    (gzip.compress(bytes(range(256)) * 64)[:100], "its gzip data is cut short"),
+    (b"\x1f\x8b\x08" + bytes(200), "its gzip data is corrupt"),
+])
+def test_kernels_that_cannot_be_unpacked_are_one_line(tmp_path: Path, data: bytes, message: str) -> None:
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(data)
+    with pytest.raises(ImageError, match=re.escape(message)):
+        unpack_kernel(str(path), "vmlinuz", 1 << 20)
