@@ -24,7 +24,7 @@ GUEST_BINS := $(patsubst %.S,build/guests/%.bin,$(notdir $(GUEST_SRCS))) \
 BENCH_BINS := $(patsubst benchmarks/%.S,build/bench/%.bin,$(wildcard benchmarks/*.S))
 vpath %.S tests/guests examples/guests
 
-.PHONY: all test lint unit kvm fuzz demo bench guests host-deps venv armhost fresh-check clean
+.PHONY: all test lint unit kvm fuzz demo bench dist guests host-deps venv armhost fresh-check clean
 all: guests
 
 host-deps: .cache/host-deps.stamp
@@ -42,7 +42,7 @@ $(VENV)/.stamp: pyproject.toml | .cache/host-deps.stamp
 	@touch $@
 
 kvm_bindings/_kvm_ffi.py: kvm_bindings/cdef_*.py kvm_bindings/ffi_build.py | $(VENV)/.stamp
-	@rm -f $@ && $(VPY) -c 'import kvm_bindings'
+	@rm -f $@ && $(VPY) -m kvm_bindings.ffi_build >/dev/null
 
 # Guest payloads: flat AArch64 binaries assembled from .S with GNU as (cross on non-arm64 hosts).
 guests: $(GUEST_BINS)
@@ -136,5 +136,9 @@ endif
 fresh-check:
 	@KEEP=$(KEEP) bash tools/fresh-check.sh
 
+# The sdist and the wheel, in dist/: the wheel carries the generated FFI module (setup.py).
+dist: $(VENV)/.stamp
+	@$(VPY) -m build --outdir dist . >/dev/null && ls dist
+
 clean:
-	rm -rf build kvm_bindings/_kvm_ffi.py
+	rm -rf build dist kvm_bindings/_kvm_ffi.py

@@ -1,8 +1,9 @@
 """cffi bindings of the Linux KVM UAPI for arm64.
 
 `ffi` knows every struct layout; `libc` exposes the few libc calls made through cffi. The FFI
-module is generated (see ffi_build.py); if a checkout has not generated it yet, it is generated
-here once, on first import.
+module is generated at build time (ffi_build.py, through cffi's setuptools integration, so a
+wheel is complete; the Makefile does it for a checkout). Without it the same declarations are
+parsed here, in memory: slower to start, but nothing is written and nothing printed.
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ CData: TypeAlias = Any  # a cffi cdata object (a pointer, array or struct): cffi
 
 try:
     from kvm_bindings._kvm_ffi import ffi
-except ImportError:  # fresh checkout: generate once, then import the generated module
-    from kvm_bindings.ffi_build import generate
+except ImportError:  # a checkout nothing has built yet (and while the build itself runs)
+    from kvm_bindings.ffi_build import make_builder
 
-    generate()
-    from kvm_bindings._kvm_ffi import ffi
+    ffi = make_builder()
 
 libc = ffi.dlopen(None)
 

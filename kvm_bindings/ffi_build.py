@@ -2,7 +2,9 @@
 
 Out-of-line ABI mode (cffi docs, "Out-of-line, ABI level") serialises the parsed declarations into
 a small pure-Python module, so starting a VM never runs pycparser and needs no C compiler.
-Run `python -m kvm_bindings.ffi_build` (the Makefile does), or let the package do it on first import.
+setup.py hands `ffibuilder` to cffi's setuptools integration (cffi_modules), which writes the
+module into every build, so wheels carry it; `python -m kvm_bindings.ffi_build` (the Makefile)
+writes it into a checkout.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def generate() -> Path:
     make_builder().emit_python_code(str(package_dir / "_kvm_ffi.py"))
     return package_dir / "_kvm_ffi.py"
 
+
+ffibuilder = make_builder()
 
 if __name__ == "__main__":
     print(generate())
