@@ -38,6 +38,7 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     path = kernel if kernel is not None else firmware
     assert path is not None
     size = file_size(path, "kernel" if kernel is not None else "firmware")
+    ram = vm.memory.find(vm.ram_base)
     if kernel is not None and vm.aarch32:
         image = parse_aarch32_image(_header(path, size), os.path.basename(path), file_size=size)
         if image.headerless:
@@ -45,7 +46,7 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
                         "as kvmtool does", path, image.text_offset)
     elif kernel is not None:
         name = os.path.basename(path)
-        unpacked = unpack_kernel(path, name, vm.memory.find(vm.ram_base).size)
+        unpacked = unpack_kernel(path, name, ram.size)
         if unpacked is not None:
             image = parse_image(unpacked[:HEADER.size], name, file_size=len(unpacked))
             if image.headerless:
@@ -59,7 +60,6 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     else:
         image = KernelImage(0, size, 0)  # raw: at the start of RAM, entered at its first byte
     initrd_size = file_size(initrd, "initrd") if initrd is not None else 0
-    ram = vm.memory.find(vm.ram_base)
     layout = place(vm.ram_base, placement_size(ram.size, vm.aarch32), image, initrd_size,
                    "kernel" if kernel is not None else "firmware")
     if unpacked is not None:

@@ -17,7 +17,8 @@ from types import FrameType
 from typing import NamedTuple
 
 from pyvmm.errors import VmmError
-from pyvmm.smccc.filter import RESERVED
+from pyvmm.smccc.filter import reserved_by_kvm
+from pyvmm.smccc.function_id import is_id_range
 from pyvmm.smccc.service import Handler
 
 LOAD_TIME_LIMIT = 10.0  # seconds a service file may take to run at import
@@ -98,9 +99,7 @@ def parse_range(text: str) -> tuple[int, int]:
 def check_ids(base: int, count: int, what: str) -> None:
     """A user's range must be 32-bit function IDs clear of those KVM keeps (filter.RESERVED):
     said before the VM is built, whatever the host."""
-    if count < 1 or not 0 <= base < 1 << 32 or base + count > 1 << 32:
+    if not is_id_range(base, count):
         raise VmmError(f"{what} is not a range of 32-bit function IDs")
-    for first, size in RESERVED:
-        if first < base + count and base < first + size:
-            raise VmmError(f"{what} overlaps {first:#010x}-{first + size - 1:#010x}, which KVM keeps for the "
-                           "Arm architecture calls")
+    if (kept := reserved_by_kvm(base, count)) is not None:
+        raise VmmError(f"{what} overlaps {kept}, which KVM keeps for the Arm architecture calls")

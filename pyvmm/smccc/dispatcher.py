@@ -31,14 +31,24 @@ from pyvmm.errors import VmmError
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.context import ServiceVcpu, TraceEvent
 from pyvmm.smccc.filter import FilterRange
-from pyvmm.smccc.function_id import CALL_COUNT, CALL_UID, FAST_CALL, NOT_SUPPORTED, OWNER_SHIFT, REVISION, SMC64
+from pyvmm.smccc.function_id import (
+    CALL_COUNT,
+    CALL_UID,
+    FAST_CALL,
+    NOT_SUPPORTED,
+    OWNER_SHIFT,
+    REVISION,
+    SMC64,
+    is_id_range,
+)
 from pyvmm.smccc.service import NO_RESULT, PYVMM_UID, Function, Handler, HandlerService, Results, Service
 
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _U32 = 0xFFFF_FFFF
 _MIN = -(1 << 63)
 _MIN32 = -(1 << 31)
-# with AArch32 callers, every SMC64 ID above KVM's reserved Arm architecture range (filter.py)
+# With AArch32 callers the filter forwards [_SMC64_FORWARDED, 2**32): every SMC64 ID except the
+# SMC64 Arm architecture range 0xC0000000-0xC000FFFF, which KVM keeps (filter.RESERVED)
 _SMC64_FORWARDED = 0xC001_0000  # the most negative result: -1 is NOT_SUPPORTED
 _SMC = HypercallExitFlag.SMC.value
 CONDUITS = ("hvc", "smc")
@@ -172,7 +182,7 @@ class Dispatcher:
         self._denied.append(FilterRange(base, count, SmcccFilterAction.DENY, name))
 
     def _check_bounds(self, base: int, count: int, name: str) -> None:
-        if count <= 0 or not 0 <= base <= _U32 or base + count > 1 << 32:
+        if not is_id_range(base, count):
             raise VmmError(f"SMCCC range {base:#x}+{count} ({name}) is not within 32-bit function IDs")
 
     def _check_range(self, base: int, count: int, name: str) -> None:
@@ -267,8 +277,9 @@ class Dispatcher:
                 raise HandlerError(f"SMCCC handler {handler_name(handler)} for {function_id:#010x} raised "
                                    f"{type(e).__name__}: {e}") from e
         self.calls += 1
-        if type(results) is int and (_MIN <= results <= _U64 if function_id & SMC64 else _MIN32 <= results <= _U32):
-            vcpu.x0_value[0] = results & (_U64 if function_id & SMC64 else _U32)  # the common case: one ioctl
+        wide = function_id & SMC64
+        if type(results) is int and (_MIN <= results <= _U64 if wide else _MIN32 <= results <= _U32):
+            vcpu.x0_value[0] = results & (_U64 if wide else _U32)  # the common case: one ioctl
             if vcpu.write_x0() < 0:
                 vcpu.failed("KVM_SET_ONE_REG")
         elif results is not NO_RESULT:

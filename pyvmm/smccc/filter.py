@@ -55,15 +55,21 @@ def validate(ranges: list[FilterRange]) -> None:
             raise SmcccFilterError(f"SMCCC filter range {r.base:#x}+{r.size}: needs at least one function")
         if r.base + r.size > 1 << 32:
             raise SmcccFilterError(f"SMCCC filter range {r}: wraps past 0xffffffff")
-        for base, count in RESERVED:
-            if r.overlaps(base, count):
-                raise SmcccFilterError(
-                    f"SMCCC filter range {r}: overlaps {base:#010x}-{base + count - 1:#010x}, "
-                    "which KVM reserves for the Arm architecture calls")
+        if (kept := reserved_by_kvm(r.base, r.size)) is not None:
+            raise SmcccFilterError(f"SMCCC filter range {r}: overlaps {kept}, which KVM reserves for the Arm "
+                                   "architecture calls")
         for other in seen:
             if r.overlaps(other.base, other.size):
                 raise SmcccFilterError(f"SMCCC filter range {r}: overlaps range {other}")
         seen.append(r)
+
+
+def reserved_by_kvm(base: int, count: int) -> str | None:
+    """The range of RESERVED that [base, base + count) overlaps, as `first-last`, or None."""
+    for first, size in RESERVED:
+        if first < base + count and base < first + size:
+            return f"{first:#010x}-{first + size - 1:#010x}"
+    return None
 
 
 def check_supported(vm_fd: FilterFd) -> None:

@@ -35,4 +35,9 @@ class Owner(IntEnum):
 
 # The TRNG interface (Arm DEN0098, owner 4), which KVM answers itself when it offers it:
 # TRNG_VERSION, TRNG_FEATURES, TRNG_GET_UUID, TRNG_RND (SMC32 and SMC64)
+def is_id_range(base: int, count: int) -> bool:
+    """[base, base + count) is a non-empty range of 32-bit function IDs."""
+    return count >= 1 and 0 <= base and base + count <= 1 << 32
+
+
 TRNG_FUNCTIONS = (0x8400_0050, 0x8400_0051, 0x8400_0052, 0x8400_0053, 0xC400_0053)
