@@ -25,6 +25,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     (["run", "-f", "x", "-c", "0"], "'0' must be at least 1"),
     (["run", "-f", "x", "-m", "lots"], "'lots' is not a number"),
     (["run", "-f", "x", "--timeout", "-3"], "must be positive"),
+    (["run", "-f", "x", "--timeout", "inf"], "must be positive and at most 1e+08 (seconds)"),
     (["run", "-f", "x", "--bogus"], "unrecognized arguments: --bogus"),
     (["frobnicate"], "invalid choice"),
 ])
@@ -133,3 +134,11 @@ def test_disks_that_cannot_be_one_are_refused_before_kvm_is_touched(tmp_path: Pa
                           (str(tmp_path), f"disk {tmp_path}: Is a directory")):
         p = run_cli("run", "-f", str(guest), "-d", spec)
         assert (p.returncode, p.stderr.splitlines()) == (cli.EXIT_ERROR, [f"pyvmm: error: {message}"])
+
+
+def test_a_control_socket_path_that_cannot_be_is_refused_before_kvm_is_touched(tmp_path: Path) -> None:
+    guest = tmp_path / "guest.bin"
+    guest.write_bytes(bytes(16))
+    p = run_cli("run", "-f", str(guest), "--control", str(guest / "vm.sock"))
+    assert (p.returncode, p.stderr.splitlines()) == (
+        cli.EXIT_ERROR, [f"pyvmm: error: --control {guest / 'vm.sock'}: Not a directory"])

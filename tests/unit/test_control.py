@@ -162,7 +162,7 @@ def test_a_trickling_client_is_dropped_and_clients_are_bounded(served: tuple[Con
     MAX_CLIENTS connections hold a thread, the ones beyond are closed at once."""
     from pyvmm import control
 
-    monkeypatch.setattr(control, "CLIENT_TIMEOUT", 0.5)
+    monkeypatch.setattr(control, "CLIENT_TIMEOUT", 1.0)
     vm, path = served
     with socket.socket(socket.AF_UNIX) as slow:
         slow.connect(path)
@@ -171,7 +171,7 @@ def test_a_trickling_client_is_dropped_and_clients_are_bounded(served: tuple[Con
             while time.monotonic() - started < 3:
                 slow.sendall(b" ")  # one byte every 0.1 s: never a whole line
                 time.sleep(0.1)
-        assert time.monotonic() - started < 1.5  # closed on it (EPIPE) well before 3 s
+        assert time.monotonic() - started < 2.5  # closed on it (EPIPE) well before 3 s
     silent = [socket.socket(socket.AF_UNIX) for _ in range(control.MAX_CLIENTS)]
     try:
         for s in silent:
@@ -179,11 +179,13 @@ def test_a_trickling_client_is_dropped_and_clients_are_bounded(served: tuple[Con
         time.sleep(0.1)
         with socket.socket(socket.AF_UNIX) as extra:
             extra.connect(path)
-            extra.settimeout(2)
-            assert extra.recv(1) == b""  # closed at once, not served later
+            extra.settimeout(5)
+            started = time.monotonic()
+            assert extra.recv(1) == b""
+            assert time.monotonic() - started < 0.5  # closed at once, not held until CLIENT_TIMEOUT
     finally:
         for s in silent:
             s.close()
-    time.sleep(0.7)  # the silent ones have been dropped
+    time.sleep(1.2)  # the silent ones have been dropped
     request(path, {"cmd": "stop"})
     assert vm.stopped == ["stopped through the control socket"]
