@@ -82,10 +82,12 @@ build/bench/%.bin: benchmarks/%.S | .cache/host-deps.stamp
 armhost guest-images: $(VENV)/.stamp
 	@$(ARMHOST) build
 
-# ruff, and mypy in strict mode over every Python file (pyproject.toml [tool.mypy])
+# ruff, and mypy in strict mode over every Python file (pyproject.toml [tool.mypy]); the GitHub
+# workflow against the schema vendored in check-jsonschema (no network)
 lint: $(VENV)/.stamp
 	@$(VPY) -m ruff check .
 	@$(VPY) -m mypy
+	@$(VPY) -m check_jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
 unit: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests
 	@$(VPY) -m pytest -m "not kvm" -q
