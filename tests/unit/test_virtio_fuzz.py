@@ -32,6 +32,7 @@ from pyvmm.devices.virtio.console import VirtioConsole
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.devices.virtio.net import parse_network
+from pyvmm.devices.virtio.p9 import Virtio9p
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.devices.virtio.rng import VirtioRng
 from tests import fuzzing
@@ -184,7 +185,21 @@ def net(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Target:
     return Target(dev, request, host.close, frozenset({0}))
 
 
-DEVICES = {"virtio-blk": blk, "virtio-rng": rng, "virtio-console": console, "virtio-net": net}
+def ninep(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Target:
+    share = tmp / "share"
+    share.mkdir(exist_ok=True)
+    (share / "file").write_bytes(b"x" * 100)
+
+    def request(d: Driver) -> None:
+        version = struct.pack("<IBHIH", 21, 100, 0xFFFF, 8192, 8) + b"9P2000.L"  # Tversion
+        d.queues[0].add([version], [64])
+        d.queues[0].kick()
+        d.queues[0].wait_used()
+    return Target(Virtio9p(str(share), "fuzz"), request, lambda: None)
+
+
+DEVICES = {"virtio-blk": blk, "virtio-rng": rng, "virtio-console": console, "virtio-net": net,
+           "virtio-9p": ninep}
 
 
 @pytest.fixture

@@ -7,10 +7,11 @@ from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.console import VirtioConsole
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.net import VirtioNet
+from pyvmm.devices.virtio.p9 import Virtio9p
 from pyvmm.devices.virtio.rng import VirtioRng
 
 # The device types `pyvmm run` offers, in kvmtool's order of attachment: disks, console, entropy,
-# network. A new device type: its module, and one line here.
-CLI_DEVICES: tuple[type[VirtioDevice], ...] = (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet)
+# network, shared directories. A new device type: its module, and one line here.
+CLI_DEVICES: tuple[type[VirtioDevice], ...] = (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet, Virtio9p)
 
-__all__ = ["CLI_DEVICES", "VirtioBlk", "VirtioConsole", "VirtioDevice", "VirtioNet", "VirtioRng"]
+__all__ = ["CLI_DEVICES", "VirtioBlk", "VirtioConsole", "VirtioDevice", "VirtioNet", "VirtioRng", "Virtio9p"]

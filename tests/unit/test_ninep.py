@@ -1,0 +1,396 @@
+"""The 9P2000.L file server (pyvmm/ninep/server.py), driven by a test client: its semantics,
+its confinement to the shared directory, and its answers to malformed messages."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import stat
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyvmm.devices.virtio.p9 import Virtio9p, parse_share
+from pyvmm.errors import VmmError
+from pyvmm.ninep import protocol as p
+from pyvmm.ninep.server import MAX_OPEN, FileServer
+from tests import fuzzing
+from tests.unit.ninep_client import Client, NinepError
+
+RDONLY, WRONLY, RDWR, TRUNC, APPEND = 0, 1, 2, 0o1000, 0o2000
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """share/ with a file, a subdirectory, symlinks pointing out of it; secret.txt beside it."""
+    share = tmp_path / "share"
+    (share / "sub").mkdir(parents=True)
+    (share / "hello.txt").write_bytes(b"hello, 9p\n")
+    (share / "sub" / "deep.bin").write_bytes(bytes(range(256)) * 1024)
+    (share / "abs").symlink_to("/etc")
+    (share / "rel").symlink_to("../..")
+    (share / "out").symlink_to(tmp_path / "secret.txt")
+    (tmp_path / "secret.txt").write_text("outside\n")
+    os.mkfifo(share / "fifo")
+    return share
+
+
+def connect(root: Path, read_only: bool = False, **kw: int) -> Iterator[tuple[Client, int]]:
+    server = FileServer(str(root), read_only=read_only)
+    c = Client(server, **kw)
+    try:
+        yield c, c.attach()
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def rw(tree: Path) -> Iterator[tuple[Client, int]]:
+    yield from connect(tree)
+
+
+@pytest.fixture
+def ro(tree: Path) -> Iterator[tuple[Client, int]]:
+    yield from connect(tree, read_only=True)
+
+
+def err(e: pytest.ExceptionInfo[NinepError]) -> int:
+    return int(e.value.errno)
+
+
+def test_version_negotiates_msize_and_refuses_other_dialects(tree: Path) -> None:
+    server = FileServer(str(tree), read_only=True)
+    c = Client(server)
+    assert c.version(512 << 10) == (512 << 10, p.VERSION)
+    assert c.version(1 << 30)[0] == 1 << 20  # capped
+    assert c.version(16 << 10, "9P2000.u")[1] == "unknown"
+    server.close()
+
+
+def test_walk_getattr_open_read(ro: tuple[Client, int], tree: Path) -> None:
+    c, root = ro
+    fid, qids = c.walk(root, "sub", "deep.bin")
+    assert [q[0] for q in qids] == [p.QTDIR, p.QTFILE]
+    attr = c.getattr(fid)
+    st = os.stat(tree / "sub" / "deep.bin")
+    assert (attr["size"], attr["mode"], attr["path"]) == (st.st_size, st.st_mode, st.st_ino)
+    c.lopen(fid, RDONLY)
+    assert c.read_all(fid, 60_000) == (tree / "sub" / "deep.bin").read_bytes()
+    c.clunk(fid)
+    with pytest.raises(NinepError) as e:
+        c.getattr(fid)
+    assert err(e) == errno.EBADF
+
+
+def test_a_read_reply_may_span_buffers_and_never_exceeds_them(tree: Path) -> None:
+    for c, root in connect(tree, read_only=True, split_at=5):  # the 11-byte header split 5 + 6
+        fid = c.walk_all(root, "sub/deep.bin")
+        c.lopen(fid)
+        assert c.read(fid, 3, 1000) == (bytes(range(256)) * 4)[3:1003]
+        assert len(c.read(fid, 0, 1 << 20, room=100)) == 100 - 11  # bounded by the room given
+        assert c.read(fid, 1 << 40, 100) == b""
+
+
+def test_readdir_lists_everything_once_and_resumes_from_cookies(ro: tuple[Client, int], tree: Path) -> None:
+    c, root = ro
+    d, _ = c.walk(root)
+    c.lopen(d)
+    names = c.listdir(d)
+    assert sorted(names) == sorted([".", "..", *os.listdir(tree)])
+    first = c.readdir(d, 0)
+    assert [e[0] for e in c.readdir(d, first[2][1])] == [e[0] for e in first[3:]]
+    types = {name: dtype for name, _, dtype in first}
+    assert (types["sub"], types["abs"], types["hello.txt"], types["fifo"]) == (4, 10, 8, 1)
+
+
+def test_a_read_only_share_refuses_every_change(ro: tuple[Client, int], tree: Path) -> None:
+    c, root = ro
+    attempts = [
+        lambda: c.lcreate(c.walk(root)[0], "new"),
+        lambda: c.mkdir(root, "newdir"),
+        lambda: c.symlink(root, "ln", "x"),
+        lambda: c.unlinkat(root, "hello.txt"),
+        lambda: c.renameat(root, "hello.txt", root, "moved"),
+        lambda: c.lopen(c.walk_all(root, "hello.txt"), WRONLY),
+        lambda: c.lopen(c.walk_all(root, "hello.txt"), RDONLY | TRUNC),
+        lambda: c.setattr(c.walk_all(root, "hello.txt"), p.ATTR_SIZE, size=0),
+        lambda: c.mknod(root, "p", stat.S_IFIFO | 0o644),
+        lambda: c.link(root, c.walk_all(root, "hello.txt"), "hard"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(NinepError) as e:
+            attempt()
+        assert err(e) == errno.EROFS
+    assert sorted(os.listdir(tree)) == sorted(["sub", "hello.txt", "abs", "rel", "out", "fifo"])
+    assert (tree / "hello.txt").read_bytes() == b"hello, 9p\n"
+
+
+def test_create_write_rename_link_unlink_on_a_writable_share(rw: tuple[Client, int], tree: Path) -> None:
+    c, root = rw
+    f, _ = c.walk(root, "sub")
+    c.lcreate(f, "made.txt", RDWR, 0o640)
+    assert c.write(f, 0, b"0123456789") == 10
+    assert c.write(f, 4, b"AB") == 2
+    c.fsync(f)
+    assert (tree / "sub" / "made.txt").read_bytes() == b"0123AB6789"
+    assert stat.S_IMODE(os.stat(tree / "sub" / "made.txt").st_mode) == 0o640 & ~_umask()
+    assert c.read(f, 0, 100) == b"0123AB6789"
+    c.setattr(f, p.ATTR_SIZE, size=4)
+    assert c.getattr(f)["size"] == 4
+    sub = c.walk_all(root, "sub")
+    c.mkdir(sub, "inner", 0o700)
+    assert (tree / "sub" / "inner").is_dir()
+    c.renameat(sub, "made.txt", sub, "renamed.txt")
+    assert c.getattr(f)["size"] == 4  # an open fid follows its file
+    moved = c.walk_all(root, "sub/renamed.txt")
+    c.link(sub, moved, "hard")
+    assert os.stat(tree / "sub" / "hard").st_ino == os.stat(tree / "sub" / "renamed.txt").st_ino
+    c.symlink(sub, "ln", "../hello.txt")
+    assert c.readlink(c.walk_all(root, "sub/ln")) == "../hello.txt"
+    assert os.readlink(tree / "sub" / "ln") == "../hello.txt"
+    c.setattr(moved, p.ATTR_MODE, mode=0o600)
+    assert stat.S_IMODE(os.stat(tree / "sub" / "renamed.txt").st_mode) == 0o600
+    c.setattr(moved, p.ATTR_MTIME | p.ATTR_MTIME_SET, mtime=1_000_000)
+    assert os.stat(tree / "sub" / "renamed.txt").st_mtime == 1_000_000
+    c.unlinkat(sub, "hard")
+    c.unlinkat(sub, "inner", p.AT_REMOVEDIR)
+    assert sorted(os.listdir(tree / "sub")) == ["deep.bin", "ln", "renamed.txt"]
+    c.mknod(sub, "pipe", stat.S_IFIFO | 0o600)
+    assert stat.S_ISFIFO(os.lstat(tree / "sub" / "pipe").st_mode)
+    with pytest.raises(NinepError) as e:
+        c.mknod(sub, "disk", stat.S_IFBLK | 0o600)  # no host device nodes made by a guest
+    assert err(e) == errno.EPERM
+    assert c.statfs(root)[0] == 0x01021997
+
+
+def test_renaming_a_directory_carries_the_fids_below_it(rw: tuple[Client, int], tree: Path) -> None:
+    c, root = rw
+    deep = c.walk_all(root, "sub/deep.bin")
+    c.renameat(root, "sub", root, "moved")
+    c.lopen(deep)
+    assert c.read(deep, 0, 4) == bytes(range(4))
+
+
+def test_an_unlinked_open_file_is_still_readable(rw: tuple[Client, int], tree: Path) -> None:
+    c, root = rw
+    f = c.walk_all(root, "hello.txt")
+    c.lopen(f, RDWR)
+    c.unlinkat(root, "hello.txt")
+    assert c.getattr(f)["size"] == 10
+    assert c.read(f, 0, 100) == b"hello, 9p\n"
+
+
+def test_locks_conflict_between_two_opens(rw: tuple[Client, int]) -> None:
+    c, root = rw
+    a, b = c.walk_all(root, "hello.txt"), c.walk_all(root, "hello.txt")
+    c.lopen(a, RDWR)
+    c.lopen(b, RDWR)
+    assert c.lock(a, p.LOCK_TYPE_WRLCK) == p.LOCK_SUCCESS
+    assert c.lock(b, p.LOCK_TYPE_WRLCK) == p.LOCK_BLOCKED  # never waits in the server
+    assert c.getlock(b, p.LOCK_TYPE_WRLCK) == p.LOCK_TYPE_WRLCK
+    assert c.lock(a, p.LOCK_TYPE_UNLCK) == p.LOCK_SUCCESS
+    assert c.lock(b, p.LOCK_TYPE_WRLCK) == p.LOCK_SUCCESS
+
+
+# --- confinement -------------------------------------------------------------------------------
+def test_dotdot_at_the_root_stays_at_the_root(ro: tuple[Client, int], tree: Path) -> None:
+    c, root = ro
+    fid, qids = c.walk(root, "..", "..", "..")
+    assert c.getattr(fid)["path"] == os.stat(tree).st_ino
+    back = c.walk_all(root, "sub")
+    up, _ = c.walk(back, "..", "..")
+    assert c.getattr(up)["path"] == os.stat(tree).st_ino
+    c.lopen(up)
+    assert "secret.txt" not in c.listdir(up)
+    with pytest.raises(NinepError):
+        c.walk_all(root, "../secret.txt")
+
+
+def test_symlinks_are_never_followed_by_the_server(ro: tuple[Client, int]) -> None:
+    c, root = ro
+    for link in ("abs", "rel", "out"):
+        fid, qids = c.walk(root, link)
+        assert qids[0][0] == p.QTSYMLINK
+        with pytest.raises(NinepError) as e:
+            c.lopen(fid)
+        assert err(e) == errno.ELOOP
+        # a symlink is no directory to walk through: the walk stops there (a partial walk,
+        # walk(5): the qids so far, and no new fid)
+        new, qids = c.walk(root, link, "hostname")
+        assert len(qids) == 1 and new not in c.server.fids
+        with pytest.raises(NinepError) as e:
+            c.walk(fid, "hostname")
+        assert err(e) in (errno.ENOTDIR, errno.ELOOP)
+    assert c.readlink(c.walk_all(root, "abs")) == "/etc"  # the guest resolves it, in its own tree
+
+
+def test_names_with_slashes_or_nul_are_refused(ro: tuple[Client, int]) -> None:
+    c, root = ro
+    for bad in ("sub/deep.bin", "../share", "/etc", "a\0b", "x" * 256):
+        with pytest.raises(NinepError) as e:
+            c.walk(root, bad)
+        assert err(e) in (errno.EINVAL, errno.ENAMETOOLONG)
+
+
+def test_host_fifos_and_devices_are_not_opened(ro: tuple[Client, int]) -> None:
+    c, root = ro
+    with pytest.raises(NinepError) as e:
+        c.lopen(c.walk_all(root, "fifo"))  # would block the server for ever if it were opened
+    assert err(e) == errno.ENXIO
+
+
+def test_swapping_a_directory_for_a_symlink_never_leads_out(rw: tuple[Client, int], tree: Path) -> None:
+    """A racing rename puts a symlink to the outside where a directory was, while the client
+    walks into it and opens the file below: every read gives the share's file or fails."""
+    c, root = rw
+    (tree / "sub" / "secret.txt").write_text("inside\n")
+    (tree / "evil").symlink_to(tree.parent)
+    stop = threading.Event()
+
+    def swap() -> None:
+        while not stop.is_set():
+            os.rename(tree / "sub", tree / "sub.real")
+            os.rename(tree / "evil", tree / "sub")
+            os.rename(tree / "sub", tree / "evil")
+            os.rename(tree / "sub.real", tree / "sub")
+
+    t = threading.Thread(target=swap)
+    t.start()
+    seen: set[bytes] = set()
+    try:
+        for _ in range(1500):
+            try:
+                fid = c.walk_all(root, "sub/secret.txt")
+                c.lopen(fid)
+                seen.add(c.read(fid, 0, 100))
+                c.clunk(fid)
+            except NinepError:
+                pass
+    finally:
+        stop.set()
+        t.join()
+    assert seen <= {b"inside\n"}
+    assert seen, "the race never let a walk through"
+
+
+# --- hostile clients -------------------------------------------------------------------------
+def test_malformed_messages_get_einval_or_no_reply(ro: tuple[Client, int]) -> None:
+    c, root = ro
+    assert c.raw(b"\x03\x00") == b""  # no tag to answer to
+    for msg in (p.HEADER.pack(7, p.TWALK, 1),  # fields missing
+                p.HEADER.pack(99, p.TGETATTR, 1) + b"\0" * 8,  # size beyond the buffers
+                p.HEADER.pack(7 + 4 + 2, p.TREADLINK, 1) + struct.pack("<I", root) + b"\xff\xff"):
+        reply = c.raw(msg)
+        assert struct.unpack_from("<IBHI", reply)[1:] == (p.RLERROR, 1, errno.EINVAL)
+    reply = c.raw(p.HEADER.pack(7, 250, 9))
+    assert struct.unpack_from("<IBHI", reply)[1:] == (p.RLERROR, 9, errno.EOPNOTSUPP)
+    with pytest.raises(NinepError) as e:  # a count beyond the message it came in
+        c.call(p.TWRITE, struct.pack("<IQI", root, 0, 1 << 20) + b"abc")
+    assert err(e) == errno.EINVAL
+    assert c.raw(p.HEADER.pack(7, p.TFLUSH, 1) + b"\0\0", room=3) == b""  # no room for any reply
+
+
+def test_fids_and_open_files_are_bounded(ro: tuple[Client, int]) -> None:
+    c, root = ro
+    opened = []
+    with pytest.raises(NinepError) as e:
+        for _ in range(MAX_OPEN + 1):
+            fid = c.walk_all(root, "hello.txt")
+            c.lopen(fid)
+            opened.append(fid)
+    assert err(e) == errno.EMFILE and len(opened) == MAX_OPEN
+    with pytest.raises(NinepError) as e:
+        c.walk(root, newfid=root + 1 if root + 1 in c.server.fids else opened[0])  # newfid in use
+    assert err(e) == errno.EBADF
+
+
+def test_the_device_advertises_its_tag(tree: Path) -> None:
+    dev = Virtio9p(str(tree), "hostshare", read_only=True)
+    assert bytes(dev.config) == struct.pack("<H", 9) + b"hostshare"
+    assert (dev.device_id, dev.features) == (9, 1)
+    dev.close()
+    assert parse_share(f"{tree},t,ro") == (str(tree), "t", True)
+    for bad in ("", str(tree), f"{tree},", f"{tree},t,rw"):
+        with pytest.raises(VmmError):
+            parse_share(bad)
+    with pytest.raises(VmmError, match="not a directory"):
+        Virtio9p(str(tree / "hello.txt"), "t")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+
+
+
+MESSAGE_TYPES = [p.TVERSION, p.TATTACH, p.TWALK, p.TCLUNK, p.TGETATTR, p.TSETATTR, p.TLOPEN, p.TLCREATE,
+                 p.TREAD, p.TWRITE, p.TREADDIR, p.TSTATFS, p.TREADLINK, p.TMKDIR, p.TSYMLINK, p.TMKNOD,
+                 p.TLINK, p.TRENAME, p.TRENAMEAT, p.TUNLINKAT, p.TREMOVE, p.TFSYNC, p.TLOCK, p.TGETLOCK,
+                 p.TFLUSH, p.TAUTH, p.TXATTRWALK]
+NAMES = ["a", "b", "..", ".", "sub", "hello.txt", "abs", "rel", "out", "fifo", "", "x/y", "deep.bin"]
+
+
+def random_message(rnd: random.Random, fids: list[int]) -> bytes:
+    """A T-message of a real type whose fields are drawn from small pools (so they often name
+    live fids and real files) and sometimes cut short or garbled."""
+    fields = bytearray()
+    for _ in range(rnd.randrange(7)):
+        kind = rnd.randrange(5)
+        if kind == 0:
+            fields += struct.pack("<I", rnd.choice(fids) if rnd.random() < 0.8 else rnd.getrandbits(32))
+        elif kind == 1:
+            name = rnd.choice(NAMES).encode()
+            fields += struct.pack("<H", len(name)) + name
+        elif kind == 2:
+            fields += struct.pack("<Q", rnd.choice([0, 1, 4096, 1 << 63, rnd.getrandbits(64)]))
+        elif kind == 3:
+            fields += struct.pack("<I", rnd.choice([0, 1, 2, 0o100, 0o1000, 0o40755, 0o100644, rnd.getrandbits(32)]))
+        else:
+            fields += rnd.randbytes(rnd.randrange(9))
+    size = p.HEADER.size + len(fields)
+    if rnd.random() < 0.05:
+        size = rnd.getrandbits(32)
+    return p.HEADER.pack(size & 0xFFFF_FFFF, rnd.choice(MESSAGE_TYPES), rnd.getrandbits(16)) + bytes(fields)
+
+
+@pytest.mark.fuzz
+@given(seed=st.integers(0, 2**64 - 1), writable=st.booleans())
+@settings(max_examples=fuzzing.size(25, 400), deadline=None, suppress_health_check=list(HealthCheck))
+def test_random_messages_never_raise_and_never_reach_outside(tmp_path_factory: pytest.TempPathFactory,
+                                                             seed: int, writable: bool) -> None:
+    base = tmp_path_factory.mktemp("fuzz9p")
+    share = base / "share"
+    (share / "sub").mkdir(parents=True)
+    (share / "hello.txt").write_text("hi")
+    (share / "abs").symlink_to("/")
+    (share / "rel").symlink_to("..")
+    (share / "out").symlink_to(base)
+    (base / "secret.txt").write_text("outside")
+    before = sorted(os.listdir(base))
+    server = FileServer(str(share), read_only=not writable)
+    c = Client(server, msize=8192)
+    root = c.attach()
+    rnd = random.Random(seed)
+    fids = [root, root + 1, root + 2, 7, 8]
+    t = fuzzing.tally("9p server")
+    try:
+        for _ in range(fuzzing.size(300, 3000)):
+            reply = c.raw(random_message(rnd, fids), room=rnd.choice([8192, 8192, 64, 11, 3]))
+            t.add("messages")
+            if reply and reply[4] != p.RLERROR:
+                t.add("answered")
+            assert b"outside" not in reply
+            assert len(server.fids) <= 5 + len(fids) * 4 and server.open_files <= len(server.fids)
+    finally:
+        server.close()
+    assert sorted(os.listdir(base)) == before and (base / "secret.txt").read_text() == "outside"
+    assert os.stat(base / "secret.txt").st_size == 7
