@@ -9,7 +9,7 @@ import random
 import stat
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -61,7 +61,7 @@ def ro(tree: Path) -> Iterator[tuple[Client, int]]:
 
 
 def err(e: pytest.ExceptionInfo[NinepError]) -> int:
-    return int(e.value.errno)
+    return e.value.errno or 0
 
 
 def test_version_negotiates_msize_and_refuses_other_dialects(tree: Path) -> None:
@@ -111,7 +111,7 @@ def test_readdir_lists_everything_once_and_resumes_from_cookies(ro: tuple[Client
 
 def test_a_read_only_share_refuses_every_change(ro: tuple[Client, int], tree: Path) -> None:
     c, root = ro
-    attempts = [
+    attempts: list[Callable[[], object]] = [
         lambda: c.lcreate(c.walk(root)[0], "new"),
         lambda: c.mkdir(root, "newdir"),
         lambda: c.symlink(root, "ln", "x"),
