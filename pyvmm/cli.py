@@ -5,6 +5,10 @@
             [--sdei [--sdei-event N[,shared][,critical]]...] [--control SOCKET]
             [--console serial|virtio] [-d FILE[,ro][,nolock]]... [--rng] [-n mode=tap,tapif=NAME|mode=none]...
             [--trace smccc] [--dump-dtb FILE] [--timeout S]
+  pyvmm exec [-k IMAGE [--modules DIR]] [-c CPUS] [-m MiB] [-p PARAMS] [--rwdir DIR]... [--cwd DIR]
+             [--env NAME[=VALUE]]... [--console-log FILE] [--timeout S] [SMCCC options] -- CMD [ARG...]
+                                                       run a host command in a Linux guest whose root
+                                                       is the host's, read-only over virtio-9p
   pyvmm sdei signal --control SOCKET EVENT [--cpu N]   raise an SDEI event in a running VM
   pyvmm sdei status --control SOCKET                   its SDEI events and PE masks
   pyvmm stop --control SOCKET                          stop a running VM
@@ -15,6 +19,10 @@ Exit status of `run`: 0 when the guest powers off; 1 on an error; 2 for bad usag
 guest crashes, halts (every vCPU off) or is stopped; 124 when --timeout expires; 128 + N when
 signal N (SIGTERM, SIGINT, SIGHUP) stopped it. A guest's PSCI SYSTEM_RESET restarts it within
 the same run.
+Exit status of `exec`: the command's (0-255; 128 + N when signal N killed it); pyvmm's own are
+123 when the guest never ran the command (the kernel, its modules, a share or the working
+directory failed: the message says which), 124 when --timeout expires, 125 when pyvmm could not
+start the guest (bad options, no KVM, a bad kernel), 128 + N when signal N stopped pyvmm.
 Every failure is one line on stderr, never a traceback.
 """
 
@@ -26,6 +34,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, NoReturn
@@ -34,8 +43,10 @@ from pyvmm.errors import VmmError
 
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.device import VirtioDevice
+    from pyvmm.vm import Vm
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GUEST, EXIT_TIMEOUT = 0, 1, 2, 3, 124
+EXIT_EXEC_PYVMM = 125  # exec: pyvmm could not start the guest (execute.EXIT_PYVMM_FAILED)
 MAX_SECONDS = 1e8  # a --timeout of over three years is a mistake, and beyond threading.TIMEOUT_MAX one
 
 
@@ -46,9 +57,11 @@ def one_line(message: str) -> str:
 
 
 class Parser(argparse.ArgumentParser):
+    usage_status = EXIT_USAGE  # `exec` keeps 2 for its command: its own usage errors are 125
+
     def error(self, message: str) -> NoReturn:
         print(one_line(f"{self.prog}: error: {message} (see {self.prog} --help)"), file=sys.stderr)
-        raise SystemExit(EXIT_USAGE)
+        raise SystemExit(self.usage_status)
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:
@@ -96,28 +109,34 @@ def build_parser() -> Parser:
     for device_type in CLI_DEVICES:  # each virtio device type declares its own options
         device_type.add_arguments(run)
     run.add_argument("--dump-dtb", metavar="FILE", help="write the generated device tree to FILE and exit")
-    run.add_argument("-c", "--cpus", type=positive_int, default=1, help="number of vCPUs (default 1)")
-    run.add_argument("-m", "--mem", type=positive_int, default=64, metavar="MiB", help="RAM in MiB (default 64)")
+    add_machine_options(run, cpus=1, mem=64)
     run.add_argument("--aarch32", action="store_true",
                      help="run the guest in AArch32 state (an AArch32 kernel or firmware; no SDEI)")
-    run.add_argument("--psci-conduit", choices=["hvc", "smc"], default="hvc",
-                     help="the SMCCC conduit of PSCI and every other service (default hvc)")
-    run.add_argument("--service", action="append", default=[], metavar="FILE",
-                     help="add an SMCCC service from a Python file (RANGE, handle(call)); repeatable")
-    run.add_argument("--replace-service", action="append", default=[], metavar="FILE",
-                     help="like --service, replacing whatever serves that range (e.g. PSCI)")
-    run.add_argument("--deny", action="append", default=[], metavar="RANGE",
-                     help="have KVM answer NOT_SUPPORTED for BASE+COUNT or FIRST-LAST; repeatable")
     run.add_argument("--sdei", action="store_true",
                      help="service SDEI 1.1 (event 0 plus --sdei-event ones) and advertise it in the DT")
     run.add_argument("--sdei-event", action="append", default=[], metavar="N[,shared][,critical]",
                      help="declare platform SDEI event N (private and normal unless told); repeatable")
     run.add_argument("--control", metavar="SOCKET",
                      help="listen on this Unix socket for `pyvmm sdei` and `pyvmm stop`")
-    run.add_argument("--trace", choices=["smccc"], action="append", default=[],
-                     help="smccc: print every forwarded SMCCC call, strace-style, on stderr")
     run.add_argument("--timeout", type=positive_float, metavar="S", help="stop the guest after S seconds")
-    run.add_argument("--loglevel", choices=["debug", "info", "warning", "error"], default="warning")
+    ex = sub.add_parser("exec", help="run a host command in a Linux guest on the host's root",
+                        description="Boot a Linux guest whose root is the host's (read-only, virtio-9p) and run "
+                                    "CMD in it; its stdout and stderr are pyvmm's, its status pyvmm's status.")
+    ex.usage_status = EXIT_EXEC_PYVMM
+    ex.add_argument("-k", "--kernel", metavar="IMAGE",
+                    help="arm64 Linux kernel (Image, gzip Image or EFI zboot; default /boot/vmlinuz-$(uname -r))")
+    ex.add_argument("--modules", metavar="DIR",
+                    help="its modules' tree (default: /lib/modules/RELEASE, RELEASE read from the kernel)")
+    ex.add_argument("-p", "--params", default="", metavar="PARAMS", help="more kernel command line")
+    ex.add_argument("--rwdir", action="append", default=[], metavar="DIR",
+                    help="make host directory DIR writable in the guest (at the same path); repeatable")
+    ex.add_argument("--cwd", metavar="DIR", help="the command's directory (default: the current one)")
+    ex.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                    help="pass an environment variable (beyond PATH, HOME, TERM, LANG, LC_* and a few more)")
+    ex.add_argument("--console-log", metavar="FILE", help="write the kernel's console to FILE")
+    ex.add_argument("--timeout", type=positive_float, metavar="S", help="give up after S seconds (status 124)")
+    add_machine_options(ex, cpus=1, mem=512)
+    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     sdei = sub.add_parser("sdei", help="talk to a running VM's SDEI (see run --control)")
     action = sdei.add_subparsers(dest="action", required=True, parser_class=Parser)
     signal = action.add_parser("signal", help="raise an SDEI event")
@@ -130,6 +149,23 @@ def build_parser() -> Parser:
     stop.add_argument("--control", required=True, metavar="SOCKET")
     sub.add_parser("check", help="report what this host's KVM offers pyvmm")
     return p
+
+
+def add_machine_options(p: argparse.ArgumentParser, *, cpus: int, mem: int) -> None:
+    """The options `run` and `exec` share: the machine and its SMCCC services."""
+    p.add_argument("-c", "--cpus", type=positive_int, default=cpus, help=f"number of vCPUs (default {cpus})")
+    p.add_argument("-m", "--mem", type=positive_int, default=mem, metavar="MiB", help=f"RAM in MiB (default {mem})")
+    p.add_argument("--psci-conduit", choices=["hvc", "smc"], default="hvc",
+                   help="the SMCCC conduit of PSCI and every other service (default hvc)")
+    p.add_argument("--service", action="append", default=[], metavar="FILE",
+                   help="add an SMCCC service from a Python file (RANGE, handle(call)); repeatable")
+    p.add_argument("--replace-service", action="append", default=[], metavar="FILE",
+                   help="like --service, replacing whatever serves that range (e.g. PSCI)")
+    p.add_argument("--deny", action="append", default=[], metavar="RANGE",
+                   help="have KVM answer NOT_SUPPORTED for BASE+COUNT or FIRST-LAST; repeatable")
+    p.add_argument("--trace", choices=["smccc"], action="append", default=[],
+                   help="smccc: print every forwarded SMCCC call, strace-style, on stderr")
+    p.add_argument("--loglevel", choices=["debug", "info", "warning", "error"], default="warning")
 
 
 class StopSignals:
@@ -184,6 +220,31 @@ class HostConsole:
         self.receive, self.kernel_name = receive, kernel_name
 
 
+class SmcccOptions:
+    """--service, --replace-service, --deny and --trace: loaded and checked before any VM is
+    made, applied to one once it is."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from pyvmm.services.loader import load_service_module, parse_range
+
+        self.added = [load_service_module(f) for f in args.service]
+        self.replacing = [load_service_module(f) for f in args.replace_service]
+        self.denied = [parse_range(r) for r in args.deny]
+        self.trace = "smccc" in args.trace
+
+    def apply(self, vm: Vm) -> None:
+        from pyvmm.smccc.trace import TracePrinter
+
+        for m in self.added:
+            vm.smccc.register(m.base, m.size, m.handle, m.name)
+        for m in self.replacing:
+            vm.smccc.replace(m.base, m.size, m.handle, m.name)
+        for base, size in self.denied:
+            vm.smccc.deny(base, size, "--deny")
+        if self.trace:
+            vm.smccc.trace = TracePrinter(sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pyvmm.boot import boot
     from pyvmm.console import ConsoleInput
@@ -191,17 +252,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pyvmm.control import claim as claim_control_path
     from pyvmm.devices.virtio import CLI_DEVICES
     from pyvmm.lifecycle import threads_left_running
-    from pyvmm.services.loader import load_service_module, parse_range
     from pyvmm.services.sdei import parse_event
-    from pyvmm.smccc.trace import TracePrinter
     from pyvmm.vm import Vm
 
     for what, path in (("kernel", args.kernel), ("firmware", args.firmware), ("initrd", args.initrd)):
         if path is not None and not os.path.isfile(path):
             raise VmmError(f"{what} {path} does not exist or is not a file")
-    added = [load_service_module(f) for f in args.service]
-    replacing = [load_service_module(f) for f in args.replace_service]
-    denied = [parse_range(r) for r in args.deny]
+    services = SmcccOptions(args)
     if args.sdei_event and not args.sdei:
         raise VmmError("--sdei-event declares SDEI events: add --sdei")
     if args.sdei and args.aarch32:
@@ -231,16 +288,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for rest in devices[i + 1:]:
                     rest.close()
                 raise
-        for m in added:
-            vm.smccc.register(m.base, m.size, m.handle, m.name)
-        for m in replacing:
-            vm.smccc.replace(m.base, m.size, m.handle, m.name)
-        for base, size in denied:
-            vm.smccc.deny(base, size, "--deny")
+        services.apply(vm)
         if args.sdei:
             vm.enable_sdei(events)
-        if "smccc" in args.trace:
-            vm.smccc.trace = TracePrinter(sys.stderr)
         cmdline = args.params
         if args.kernel and "console=" not in cmdline:
             cmdline = f"console={host.kernel_name} {cmdline}".strip()
@@ -279,6 +329,74 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+    return status
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    """`pyvmm exec`: its statuses are the command's, or 123/124/125/128+N (see the module doc)."""
+    from pyvmm.execute import (
+        EXIT_BOOT_FAILED,
+        EXIT_PYVMM_FAILED,
+        GuestFailed,
+        GuestTimedOut,
+        LinuxSession,
+        chosen_env,
+        visible_in_guest,
+        write_all,
+    )
+
+    command = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not command:
+        print("pyvmm exec: error: no command given (pyvmm exec [options] -- CMD [ARG...])", file=sys.stderr)
+        return EXIT_PYVMM_FAILED
+    try:
+        services = SmcccOptions(args)
+        env = chosen_env(args.env)
+        rwdirs = [os.path.realpath(d) for d in args.rwdir]
+        if args.cwd is not None:
+            cwd = os.path.realpath(args.cwd)
+            if not os.path.isdir(cwd) or not visible_in_guest(cwd, rwdirs):
+                raise VmmError(f"--cwd {args.cwd} is not a directory the guest sees (the guest has its own "
+                               "/tmp, /run, /var/tmp: share it with --rwdir)")
+        else:  # the current directory, unless the guest's tmpfs hides it: then /
+            here = os.path.realpath(os.getcwd())
+            cwd = here if visible_in_guest(here, rwdirs) else "/"
+        if args.kernel is not None and not os.path.isfile(args.kernel):
+            raise VmmError(f"kernel {args.kernel} does not exist or is not a file")
+        started = time.monotonic()
+        session = LinuxSession(kernel=args.kernel, modules=args.modules, rwdirs=rwdirs, cpus=args.cpus,
+                               mem_mib=args.mem, params=args.params, console_log=args.console_log,
+                               conduit=args.psci_conduit, stdout=write_all(1), stderr=write_all(2),
+                               configure=services.apply)
+    except VmmError as e:
+        print(one_line(f"pyvmm: error: {e}"), file=sys.stderr)
+        return EXIT_PYVMM_FAILED
+
+    def left() -> float | None:
+        return None if args.timeout is None else max(0.0, started + args.timeout - time.monotonic())
+
+    stopping = StopSignals(session.stop)
+    try:
+        session.start(timeout=left())
+        status = session.run(command, env=env, cwd=cwd, timeout=left()).status
+    except GuestTimedOut:
+        print(f"pyvmm: timed out after {args.timeout:g} s", file=sys.stderr)
+        session.stop("--timeout")
+        status = EXIT_TIMEOUT
+    except GuestFailed as e:
+        if stopping.received is not None:
+            status = 128 + stopping.received
+        else:
+            print(one_line(f"pyvmm: the guest did not run the command: {e}"), file=sys.stderr)
+            status = EXIT_BOOT_FAILED
+    except VmmError as e:
+        print(one_line(f"pyvmm: error: {e}"), file=sys.stderr)
+        status = EXIT_PYVMM_FAILED
+    finally:
+        session.close()
+        stopping.restore()
+    if stopping.received is not None:
+        status = 128 + stopping.received
     return status
 
 
@@ -337,21 +455,29 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # an option `exec` does not know is its usage error (125), anything else 2
+        if args.command == "exec":
+            print(one_line(f"pyvmm exec: error: unrecognized arguments: {' '.join(unknown)} "
+                           "(see pyvmm exec --help; the command goes after --)"), file=sys.stderr)
+            return EXIT_EXEC_PYVMM
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=getattr(logging, getattr(args, "loglevel", "warning").upper()),
                         format="pyvmm: %(message)s")
     try:
-        return {"run": cmd_run, "sdei": cmd_sdei, "stop": cmd_stop, "check": cmd_check}[args.command](args)
+        commands = {"run": cmd_run, "exec": cmd_exec, "sdei": cmd_sdei, "stop": cmd_stop, "check": cmd_check}
+        return commands[args.command](args)
     except VmmError as e:
         print(one_line(f"pyvmm: error: {e}"), file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_EXEC_PYVMM if args.command == "exec" else EXIT_ERROR
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # a pyvmm bug: still one line, unless asked for the traceback
         if os.environ.get("PYVMM_DEBUG"):
             raise
         print(one_line(f"pyvmm: internal error: {type(e).__name__}: {e} (PYVMM_DEBUG=1 shows where)"), file=sys.stderr)
-        return EXIT_ERROR
+        return EXIT_EXEC_PYVMM if args.command == "exec" else EXIT_ERROR
 
 
 if __name__ == "__main__":

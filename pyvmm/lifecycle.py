@@ -158,6 +158,7 @@ class Lifecycle:
         self.boot: Entry | None = None  # where vCPU 0 starts
         self.on_run_end: list[Callable[[], None]] = []  # e.g. flush the console
         self.resets = 0
+        self.reboot = True  # False: a guest's reset ends the run (QEMU's -no-reboot)
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._result: RunResult | None = None
@@ -276,6 +277,9 @@ class Lifecycle:
     def request_reset(self, vcpu: ServiceVcpu, message: str) -> None:
         """From a vCPU thread: restart the guest from its boot state (PSCI SYSTEM_RESET)."""
         vcpu.leave_guest()
+        if not self.reboot:
+            self.finish(RunResult("reset", message, vcpu.index))
+            return
         with self._lock:
             self._reset_pending = message
         self._done.set()

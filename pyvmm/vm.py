@@ -55,12 +55,15 @@ __all__ = ["RAM_BASE", "RunResult", "Vm"]
 class Vm:
     def __init__(self, *, cpus: int = 1, mem_mib: int = 64, ram_base: int = RAM_BASE,
                  kvm_path: str = "/dev/kvm", unhandled_mmio: str = "ignore", conduit: str = "hvc",
-                 psci: bool = True, console: Callable[[int], None] | None = None, aarch32: bool = False) -> None:
+                 psci: bool = True, console: Callable[[int], None] | None = None, aarch32: bool = False,
+                 reboot: bool = True) -> None:
         """`conduit`: the SMCCC conduit every service answers on (the other gets NOT_SUPPORTED).
         `psci`: service PSCI 1.1 in pyvmm (else KVM's in-kernel PSCI answers).
         `aarch32`: the vCPUs' EL1 is AArch32 (KVM_ARM_VCPU_EL1_32BIT, kvmtool's --aarch32); their
         SMC64/HVC64 calls all get NOT_SUPPORTED (SMCCC 1.3 §5.2), so SDEI cannot be offered.
         `console`: where the serial port's output bytes go (default: stdout, a line at a time).
+        `reboot`: a guest's SYSTEM_RESET restarts it within the run; False ends the run instead
+        (reason "reset"), as QEMU's -no-reboot does.
         A failure here leaves nothing behind: every fd and mapping made so far is closed."""
         if cpus < 1:
             raise VmmError(f"a VM needs at least one vCPU, not {cpus}")
@@ -78,6 +81,7 @@ class Vm:
         except BaseException:
             self._resources.close()
             raise
+        self.lifecycle.reboot = reboot
 
     def _build(self, cpus: int, mem_size: int, ram_base: int, kvm_path: str, unhandled_mmio: str,
                conduit: str, psci: bool, console: Callable[[int], None] | None, aarch32: bool) -> None:

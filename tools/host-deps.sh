@@ -5,6 +5,7 @@
 #                compiler with Python's headers: pylibfdt (which dtschema, a dev dependency, needs)
 #                is an sdist only and builds a C extension when the venv is made (the SWIG it
 #                needs comes from PyPI as a build requirement, so Debian's swig is not needed)
+#   arm64:       busybox-static (pyvmm exec puts it in the guest's initramfs)
 #   non-arm64:   qemu-system-aarch64 (bookworm-backports' QEMU is ~1.5x faster per exit than
 #                bookworm's), cpio, dpkg-deb, binutils-aarch64-linux-gnu
 set -euo pipefail
@@ -22,6 +23,8 @@ have python3 && [ -e "$(python3 -c 'import sysconfig; print(sysconfig.get_path("
 have arm-linux-gnueabihf-as || need+=(binutils-arm-linux-gnueabihf)
 if [ "$arch" = aarch64 ]; then
     have as || need+=(binutils)
+    # pyvmm exec's initramfs runs a static busybox (the emulated host has its own)
+    dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
 else
     have aarch64-linux-gnu-as || need+=(binutils-aarch64-linux-gnu)
     have cpio || need+=(cpio)

@@ -10,9 +10,7 @@ Both are left uncompressed: under TCG the kernel's gunzip costs seconds, a memcp
 from __future__ import annotations
 
 import hashlib
-import lzma
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +19,9 @@ from pathlib import Path
 
 from debian import Arm64Apt, extract
 from steps import log, run_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: pyvmm's initramfs code
+from pyvmm.initramfs import ModuleTree, load_module  # noqa: E402
 
 # Userspace for the emulated host (Debian bookworm arm64), see ../shared notes on the recipe.
 USERSPACE_PACKAGES = [
@@ -41,7 +42,7 @@ STDLIB_PRUNE = [
 ]
 DOC_PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian"]
 
-RECIPE_VERSION = "3"  # bump when the base layout changes
+RECIPE_VERSION = "4"  # bump when the base layout changes
 
 # Kernel modules from the same package: the emulated host needs TUN for virtio-net's tap backend,
 # the L2 guest the virtio-mmio transport and drivers (Debian builds them as modules). Their
@@ -134,7 +135,8 @@ class HostImage:
         vmlinuz = sorted((kroot / "boot").glob("vmlinuz-*"))[0]
         shutil.copyfile(vmlinuz, self.kernel)
         shutil.rmtree(self.modules, ignore_errors=True)
-        shutil.move(str(next((kroot / "lib" / "modules").iterdir())), self.modules)
+        release_dir = next((kroot / "lib" / "modules").iterdir())
+        shutil.move(str(release_dir), self.modules)
         log(f"extracting {len(debs) - 1} userspace packages")
         for deb in debs[1:]:
             extract(deb, root)
@@ -142,6 +144,11 @@ class HostImage:
         self._assemble_root(root)
         install_modules(self.modules, HOST_MODULES, root / "lib" / "modules")
         shutil.copytree(self.guest, root / "opt" / "guest")
+        # the kernel the host runs, where a Debian host keeps it: pyvmm exec's default kernel
+        # (a hard link: cpio stores the data once)
+        install_module_tree(self.modules, release_dir.name, root)
+        (root / "boot").mkdir(exist_ok=True)
+        os.link(root / "opt" / "guest" / "Image", root / "boot" / f"vmlinuz-{release_dir.name}")
         log("packing base initramfs")
         pack_cpio(root, self.base)
         shutil.rmtree(staging, ignore_errors=True)
@@ -207,30 +214,25 @@ def install_modules(tree: Path, names: list[str], dest: Path) -> None:
     """Decompress `names` and every module they depend on from the kernel package's module tree
     into `dest`, with dest/order listing them so that each comes after its dependencies (the
     package ships no modules.dep; busybox insmod takes them in that order)."""
-    files = {p.name.split(".ko")[0].replace("-", "_"): p for p in tree.rglob("*.ko*")}
-    order: list[str] = []
-    blobs: dict[str, bytes] = {}
-
-    def visit(name: str) -> None:
-        if name in blobs:
-            return
-        if name not in files:
-            raise SystemExit(f"armhost: kernel module {name} is not in {tree}")
-        path = files[name]
-        data = lzma.decompress(path.read_bytes()) if path.suffix == ".xz" else path.read_bytes()
-        blobs[name] = data
-        found = re.search(rb"depends=([^\0]*)\0", data)
-        for dep in (found.group(1).decode().split(",") if found else []):
-            if dep:
-                visit(dep.replace("-", "_"))
-        order.append(name)
-
-    for name in names:
-        visit(name)
+    modules = ModuleTree(tree).resolve(names, ())
     dest.mkdir(parents=True, exist_ok=True)
-    for name in order:
-        (dest / f"{name}.ko").write_bytes(blobs[name])
-    (dest / "order").write_text(" ".join(order) + "\n")
+    for m in modules:
+        (dest / f"{m.name}.ko").write_bytes(load_module(m.path))
+    (dest / "order").write_text(" ".join(m.name for m in modules) + "\n")
+
+
+def install_module_tree(tree: Path, release: str, root: Path) -> None:
+    """The modules `pyvmm exec` loads into its guests, as the kernel package lays them out
+    (compressed, under lib/modules/RELEASE, with modules.builtin), so that the emulated host
+    looks like any Debian host to it; the rest of the package's modules are left out."""
+    dest = root / "lib" / "modules" / release
+    for m in ModuleTree(tree).resolve():
+        target = dest / m.path.relative_to(tree)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(m.path, target)
+    for name in ("modules.builtin", "modules.order"):
+        if (tree / name).is_file():
+            shutil.copyfile(tree / name, dest / name)
 
 
 def precompile(root: Path, dirs: list[Path]) -> None:
