@@ -37,7 +37,8 @@ EM_AARCH64, PT_INTERP = 183, 3
 # "ready", and then runs each command the host asks for ("run ID": /ctl/cmd-ID.sh) with stdin
 # from /dev/null and stdout and stderr through pipes into hvc0 and hvc1 (busybox cat, so the
 # command sees pipes, not terminals, and every byte goes through as it is), reporting
-# "start ID" and "exit ID STATUS" around it; "quit" powers the guest off. A failure before the
+# "start ID" and "exit ID STATUS" around it (the command's script gets the control console as
+# fd 4, to report a directory it cannot enter); "quit" powers the guest off. A failure before the
 # control console is there is printed on the kernel console, which the host keeps the tail of.
 INIT = r"""#!/bin/busybox sh
 export PATH=/bin
@@ -55,8 +56,9 @@ while [ ! -e /dev/hvc2 ]; do
     [ $n -ge 200 ] && die "the virtio consoles did not appear (is virtio_console in the kernel?)"
     sleep 0.05; n=$((n+1))
 done
-for t in 0 1 2; do stty -F /dev/hvc$t raw -echo || die "cannot set hvc$t raw"; done
-exec 3<>/dev/hvc2
+# held open for the whole run: hvc resets a terminal's settings whenever it is opened anew
+exec 3<>/dev/hvc2 5<>/dev/hvc0 6<>/dev/hvc1
+for fd in 3 5 6; do stty raw -echo <&$fd || die "cannot make the virtio consoles raw"; done
 say "up $(up)"
 grep -q '\s9p$' /proc/filesystems || die "the kernel has no 9p file system (CONFIG_9P_FS)"
 mount -t 9p -o trans=virtio,version=9p2000.L,ro pyvmm-ctl /ctl || die "cannot mount the control share"
@@ -66,10 +68,11 @@ mkfifo /tmp/out /tmp/err
 while read -r what id; do
     case "$what" in
     run)
-        cat /tmp/out >/dev/hvc0 & o=$!
-        cat /tmp/err >/dev/hvc1 & e=$!
+        cat /tmp/out >&5 & o=$!
+        cat /tmp/err >&6 & e=$!
         say "start $id $(up)"
-        chroot /newroot /run/pyvmm/busybox sh /run/pyvmm/ctl/cmd-$id.sh </dev/null >/tmp/out 2>/tmp/err 3>&-
+        chroot /newroot /run/pyvmm/busybox sh /run/pyvmm/ctl/cmd-$id.sh </dev/null >/tmp/out 2>/tmp/err \
+            4>&3 3>&- 5>&- 6>&-
         status=$?
         wait $o $e
         say "exit $id $status $(up)"
