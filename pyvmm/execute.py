@@ -182,18 +182,18 @@ class LinuxSession:
                  configure: Callable[[Vm], None] | None = None) -> None:
         self.started = time.monotonic()
         self.timeline: dict[str, float] = {}
+        self.rwdirs = [os.path.realpath(d) for d in rwdirs]
+        for given, d in zip(rwdirs, self.rwdirs, strict=True):
+            if not os.path.isdir(d):
+                raise VmmError(f"--rwdir {given} is not a directory")
+        if modules is not None and not Path(modules).is_dir():
+            raise VmmError(f"--modules {modules} is not a directory")
         if kernel is None:
             kernel, tree = default_kernel()
         elif modules is not None:
             tree = Path(modules)
         else:
             tree = modules_of(kernel)
-        if modules is not None and not Path(modules).is_dir():
-            raise VmmError(f"--modules {modules} is not a directory")
-        self.rwdirs = [os.path.realpath(d) for d in rwdirs]
-        for given, d in zip(rwdirs, self.rwdirs, strict=True):
-            if not os.path.isdir(d):
-                raise VmmError(f"--rwdir {given} is not a directory")
         self.kernel, self.modules = kernel, tree
         self.initrd = initramfs.build(tree)
         self._sinks = (stdout, stderr)

@@ -226,3 +226,27 @@ def test_what_the_guest_flushed_survives_kill_9(tmp_path: Path) -> None:
     finally:
         p.kill()
     assert disk.read_bytes()[:len(marker)] == marker.encode()
+
+
+def test_run_9p_shares_a_host_directory_with_linux(tmp_path: Path) -> None:
+    """`--9p DIR,TAG` (kvmtool's spelling): Linux mounts the tag, reads a host file, writes one
+    back, lists the directory; a `,ro` share refuses the guest's writes."""
+    image, initrd = linux_guest()
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (rw / "hello.txt").write_text("hello from the host\n")
+    (ro / "keep.txt").write_text("keep\n")
+    script = ("mkdir,/a,/b;mount,-t,9p,-o,trans=virtio,hostrw,/a;mount,-t,9p,-o,trans=virtio,hostro,/b;"
+              "echo,READ:$(cat,/a/hello.txt);echo,written-by-linux>/a/new.txt;mkdir,/a/dir;"
+              "echo,LIST:$(ls,/a|tr,'\\n',' ');echo,x>/b/keep.txt;echo,RO-WRITE:$?;umount,/a;umount,/b")
+    p = subprocess.run(
+        [sys.executable, "-m", "pyvmm", "run", "-m", "256", "-k", str(image), "-i", str(initrd),
+         "--9p", f"{rw},hostrw", "--9p", f"{ro},hostro,ro", "-p", f"quiet pyvmm.run={script}",
+         "--timeout", str(GUEST_TIMEOUT)],
+        capture_output=True, text=True, timeout=GUEST_TIMEOUT + 60)
+    assert p.returncode == cli.EXIT_OK, p.stdout[-3000:] + p.stderr
+    assert "READ:hello from the host" in p.stdout, p.stdout[-3000:]
+    assert "LIST:dir hello.txt new.txt" in p.stdout, p.stdout[-3000:]
+    assert (rw / "new.txt").read_text() == "written-by-linux\n" and (rw / "dir").is_dir()
+    assert "RO-WRITE:1" in p.stdout and (ro / "keep.txt").read_text() == "keep\n"

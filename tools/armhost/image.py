@@ -48,7 +48,7 @@ RECIPE_VERSION = "4"  # bump when the base layout changes
 # the L2 guest the virtio-mmio transport and drivers (Debian builds them as modules). Their
 # dependencies are added and ordered from each module's .modinfo "depends=".
 HOST_MODULES = ["tun"]
-GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_rng", "virtio_net"]
+GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_rng", "virtio_net", "9pnet_virtio", "9p"]
 
 # The L2 guest pyvmm boots in tests and the demo: Debian's arm64 kernel Image (the package the
 # emulated host runs) and a busybox initramfs whose /init loads the virtio drivers when the device
