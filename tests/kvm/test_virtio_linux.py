@@ -239,7 +239,7 @@ def test_run_9p_shares_a_host_directory_with_linux(tmp_path: Path) -> None:
     (ro / "keep.txt").write_text("keep\n")
     script = ("mkdir,/a,/b;mount,-t,9p,-o,trans=virtio,hostrw,/a;mount,-t,9p,-o,trans=virtio,hostro,/b;"
               "echo,READ:$(cat,/a/hello.txt);echo,written-by-linux>/a/new.txt;mkdir,/a/dir;"
-              "echo,LIST:$(ls,/a|tr,'\\n',' ');echo,x>/b/keep.txt;echo,RO-WRITE:$?;umount,/a;umount,/b")
+              "echo,LIST:$(ls,/a);echo,x>/b/keep.txt;echo,RO-WRITE:$?;umount,/a;umount,/b")
     p = subprocess.run(
         [sys.executable, "-m", "pyvmm", "run", "-m", "256", "-k", str(image), "-i", str(initrd),
          "--9p", f"{rw},hostrw", "--9p", f"{ro},hostro,ro", "-p", f"quiet pyvmm.run={script}",
