@@ -117,12 +117,12 @@ endif
 
 # The demo: Linux boots with PSCI and SDEI serviced (and traced) in Python and reads a virtio disk
 # and virtio entropy, an assembled guest calls a Python SMCCC service over HVC and over SMC, and
-# another receives SDEI events.
+# another receives SDEI events; `pyvmm exec` runs host commands in a Linux guest on the host's root.
 demo: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
 ifeq ($(NATIVE_KVM),yes)
-	@$(VPY) examples/boot_linux.py && $(VPY) examples/smccc_demo.py && $(VPY) examples/sdei_demo.py
+	@$(VPY) examples/boot_linux.py && $(VPY) examples/smccc_demo.py && $(VPY) examples/sdei_demo.py && $(VPY) examples/exec_demo.py
 else
-	@$(ARMHOST) run --timeout 400 -- sh -c "python3 examples/boot_linux.py && python3 examples/smccc_demo.py && python3 examples/sdei_demo.py"
+	@$(ARMHOST) run --timeout 500 -- sh -c "python3 examples/boot_linux.py && python3 examples/smccc_demo.py && python3 examples/sdei_demo.py && python3 examples/exec_demo.py"
 endif
 
 bench: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests $(BENCH_BINS) armhost

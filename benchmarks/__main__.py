@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-from benchmarks import boot, hypercall, sdei, startup, virtio
+from benchmarks import boot, guest_exec, hypercall, sdei, startup, virtio
 
 
 def main() -> None:
@@ -14,8 +14,9 @@ def main() -> None:
     startup.main()
     hypercall.main()
     sdei.main()
-    boot.main()
+    plain = boot.main()
     virtio.main()
+    guest_exec.main(plain["to_init_s"])
 
 
 if __name__ == "__main__":

@@ -299,6 +299,7 @@ class LinuxSession:
             what = line.split(" ", 1)[0]
             if what in ("up", "ready"):
                 self.timeline[what] = time.monotonic() - self.started
+                log.info("guest init %s (guest uptime %s s)", what, line.partition(" ")[2])
             if what == "ready":
                 return
             if what == "fail":
@@ -332,6 +333,7 @@ class LinuxSession:
             words = self._next(deadline).split()
             if len(words) >= 2 and words[1] == str(ident) and words[0] in ("start", "exit"):
                 times[words[0]] = time.monotonic() - self.started
+                log.info("command %d: %s (guest uptime %s s)", ident, " ".join(words[0:1] + words[2:-1]), words[-1])
                 if words[0] == "exit":
                     break
         os.unlink(os.path.join(self._ctl, f"cmd-{ident}.sh"))

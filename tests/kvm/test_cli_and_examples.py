@@ -106,3 +106,11 @@ def test_boot_linux_example() -> None:
     assert "PYVMM-GUEST: read from /dev/vda: hello from a virtio-blk disk" in p.stdout
     assert re.search(r"PYVMM-GUEST: from /dev/hwrng:( [0-9a-f]{2}){8}", p.stdout)
     assert "guest ended: poweroff (vcpu0): PSCI SYSTEM_OFF" in p.stdout
+
+
+def test_exec_demo_example() -> None:
+    p = subprocess.run([sys.executable, str(ROOT / "examples" / "exec_demo.py")], capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "guest: Linux" in p.stdout and "checksum matches the host's" in p.stdout
+    assert "stderr: this goes to stderr" in p.stdout and "status: 3" in p.stdout

@@ -1,0 +1,39 @@
+"""`pyvmm exec`: a host command in a Linux guest whose root is the host's (read-only, over
+virtio-9p), with the command's stdout, stderr and exit status as pyvmm's own.
+
+    python3 examples/exec_demo.py      (on an arm64 host with KVM; `make demo` runs it)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+
+def pyvmm_exec(*argv: str) -> subprocess.CompletedProcess[bytes]:
+    command = [sys.executable, "-m", "pyvmm", "exec", "--timeout", "300", "--", *argv]
+    print("$ pyvmm exec -- " + " ".join(argv), flush=True)
+    return subprocess.run(command, capture_output=True, timeout=400)
+
+
+def main() -> int:
+    print(f"host:  {' '.join(os.uname())}")
+    p = pyvmm_exec("uname", "-a")
+    print(f"guest: {p.stdout.decode().strip()}   (status {p.returncode})")
+    with open(sys.executable, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    p = pyvmm_exec("sh", "-c", f"sha256sum {sys.executable}; echo 'this goes to stderr' >&2; exit 3")
+    guest_digest = p.stdout.split()[0].decode() if p.stdout else ""
+    print(f"  stdout: {p.stdout.decode().strip()}")
+    print(f"  stderr: {p.stderr.decode().strip()}")
+    print(f"  status: {p.returncode}")
+    print(f"the guest read {sys.executable} through 9p: its checksum "
+          f"{'matches' if guest_digest == digest else 'DIFFERS from'} the host's")
+    ok = p.returncode == 3 and guest_digest == digest and p.stderr == b"this goes to stderr\n"
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
