@@ -1,6 +1,7 @@
 """The package as CI installs it: the wheel, built from this tree, installed into a fresh venv by
 an unprivileged user, works and is complete (the FFI module is built in: nothing is written into
-site-packages at import, nothing printed on stdout)."""
+site-packages at import, nothing printed on stdout). pytest is no dependency of it; installed
+with its `pytest` extra, pytest finds the plugin through the entry point."""
 
 from __future__ import annotations
 
@@ -43,8 +44,9 @@ def test_the_wheel_installs_and_runs_for_an_unprivileged_user(world_readable_dir
     subprocess.run([sys.executable, "-m", "build", "--outdir", str(wheels), str(ROOT)],
                    check=True, capture_output=True, timeout=600)
     wheel, = wheels.glob("pyvmm-*.whl")
+    # its dependencies, and its pytest extra's, from the index this pip uses
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--use-pep517", "--disable-pip-version-check",
-                    "-w", str(wheels), str(wheel)], check=True, capture_output=True, timeout=600)  # its dependencies
+                    "-w", str(wheels), f"{wheel}[pytest]"], check=True, capture_output=True, timeout=600)
     home = world_readable_dir / "home"
     home.mkdir()
     if os.getuid() == 0:
@@ -64,6 +66,28 @@ def test_the_wheel_installs_and_runs_for_an_unprivileged_user(world_readable_dir
     assert site.returncode == 0 and site.stdout.strip().endswith("site-packages/kvm_bindings/_kvm_ffi.py"), site
     p = as_user([str(venv / "bin" / "pyvmm"), "check"], home)
     assert "Traceback" not in p.stderr and p.stdout.count("\n") + p.stderr.count("\n") >= 1, p
+    check_the_pytest_plugin(venv, wheels, home)
+
+
+def check_the_pytest_plugin(venv: Path, wheels: Path, home: Path) -> None:
+    python = str(venv / "bin" / "python")
+    p = as_user([python, "-c", "import importlib.util; print(importlib.util.find_spec('pytest'))"], home)
+    assert (p.returncode, p.stdout.strip()) == (0, "None"), p  # `pip install pyvmm` brings no pytest
+    p = as_user([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", "--no-index",
+                 "--find-links", str(wheels), "pyvmm[pytest]"], home)
+    assert p.returncode == 0, p.stderr
+    (home / "test_plugin.py").write_text(
+        "from pyvmm.payload import INCLUDE_DIR\n\n"
+        "def test_the_fixtures_are_there(pytestconfig, pyvmm_payloads):\n"
+        "    assert pyvmm_payloads.cache.directory == pytestconfig.rootpath / 'build' / 'pyvmm-payloads'\n"
+        "    assert (INCLUDE_DIR / 'pyvmm.inc').is_file()  # package data: payloads include it\n")
+    # no -p: the plugin comes from the installed entry point (pytest11: pyvmm)
+    p = as_user([python, "-m", "pytest", "-p", "no:cacheprovider", "--trace-config", "test_plugin.py"], home)
+    assert p.returncode == 0 and "1 passed" in p.stdout, p.stdout + p.stderr
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    assert f"pyvmm-{version()} at {site / 'pyvmm' / 'pytest_plugin.py'}" in p.stdout, p.stdout
+    p = as_user([python, "-m", "pytest", "--help"], home)
+    assert p.returncode == 0 and "--pyvmm-skip-without-kvm" in p.stdout, p.stdout + p.stderr
 
 
 def version() -> str:
