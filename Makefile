@@ -24,7 +24,7 @@ GUEST_BINS := $(patsubst %.S,build/guests/%.bin,$(notdir $(GUEST_SRCS))) \
 BENCH_BINS := $(patsubst benchmarks/%.S,build/bench/%.bin,$(wildcard benchmarks/*.S))
 vpath %.S tests/guests examples/guests
 
-.PHONY: all test lint unit kvm fuzz demo bench dist guests host-deps venv armhost fresh-check clean
+.PHONY: all test lint unit kvm fuzz demo bench dist guests payloads host-deps venv armhost fresh-check clean
 all: guests
 
 host-deps: .cache/host-deps.stamp
@@ -57,6 +57,13 @@ build/guests/%.bin: %.S tests/guests/common.inc | .cache/host-deps.stamp
 	@$(CROSS)as -I tests/guests -o $(@:.bin=.o) $<
 	@$(CROSS)objcopy -O binary $(@:.bin=.o) $@
 	@rm -f $(@:.bin=.o)
+
+# The example project's payloads (examples/user_project/guests), for both conduits, in the
+# payload cache its tests look in (build/pyvmm-payloads under its rootdir): the KVM tier runs them
+# in the emulated arm64 host, which has no assembler, so they are assembled here first.
+USER_PROJECT := examples/user_project
+payloads: $(VENV)/.stamp
+	@$(VPY) -m pyvmm.payload build --cache $(USER_PROJECT)/build/pyvmm-payloads $(wildcard $(USER_PROJECT)/guests/*.S) >/dev/null
 
 # AArch32 guests (for --aarch32 VMs), assembled by binutils' arm-linux-gnueabihf cross assembler.
 build/guests/a32/%_smc.bin: tests/guests/a32/%.S tests/guests/a32/common32.inc | .cache/host-deps.stamp
@@ -94,7 +101,7 @@ unit: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests
 
 # The KVM tier: every test marked `kvm`, against real /dev/kvm; a skipped one fails the tier.
 # --capture=sys leaves fd 2 alone, so a stuck test's watchdog dump (faulthandler) is seen.
-kvm: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
+kvm: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests payloads armhost
 ifeq ($(NATIVE_KVM),yes)
 	@PYVMM_KVM_TIER=1 $(VPY) -m pytest -m kvm -q -rfEs --capture=sys
 else
