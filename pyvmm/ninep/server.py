@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kvm_bindings import ffi
-from pyvmm.devices.virtio.chain import fill, split
+from pyvmm.buffers import fill, gather, limit, split
 from pyvmm.ninep import protocol as p
 from pyvmm.ninep.protocol import ProtocolError, Reader, Writer
 
@@ -117,7 +117,7 @@ class FileServer:
     def handle(self, readable: list[memoryview], writable: list[memoryview]) -> int:
         """Serve the T-message in `readable`, write the R-message into `writable`; returns its
         length (0: no reply can be given, as for a message too short to hold a tag)."""
-        head = _gather(readable, WRITE_HEADER)
+        head = gather(readable, WRITE_HEADER)
         if len(head) < p.HEADER.size:
             return 0
         size, mtype, tag = p.HEADER.unpack_from(head)
@@ -133,7 +133,7 @@ class FileServer:
                 handler = self._handlers.get(mtype)
                 if handler is None:
                     raise Fail(errno.EOPNOTSUPP)
-                reply = handler(tag, Reader(_gather(readable, size)))
+                reply = handler(tag, Reader(gather(readable, size)))
         except Fail as e:
             reply = p.error_reply(tag, e.errno)
         except OSError as e:
@@ -430,7 +430,7 @@ class FileServer:
                 raise Fail(errno.EISDIR if fid.is_dir else errno.EBADF)
             count = max(0, min(count, self.msize - READ_HEADER, room - READ_HEADER))
             header, data = split(writable, READ_HEADER)
-            n = os.preadv(fid.fd, _limit(data, count), offset) if count else 0
+            n = os.preadv(fid.fd, limit(data, count), offset) if count else 0
         except Fail as e:
             reply = p.error_reply(tag, e.errno)
         except OSError as e:
@@ -452,7 +452,7 @@ class FileServer:
             raise ProtocolError("Twrite count beyond the message")
         if fid.fd < 0 or not fid.writable:
             raise Fail(errno.EBADF)
-        data = _limit(split(readable, WRITE_HEADER)[1], count)
+        data = limit(split(readable, WRITE_HEADER)[1], count)
         n = os.pwritev(fid.fd, data, offset) if count else 0
         return Writer(p.TWRITE + 1, tag).u32(n).finish()
 
@@ -652,23 +652,3 @@ def _flock(ltype: int, start: int, length: int) -> bytes:
         raise Fail(errno.EINVAL)
     lock = ffi.new("struct flock *", {"l_type": kind, "l_whence": os.SEEK_SET, "l_start": start, "l_len": length})
     return bytes(ffi.buffer(lock))
-
-
-def _gather(buffers: list[memoryview], n: int) -> bytes:
-    """The first `n` bytes of the buffers (fewer if they hold less)."""
-    out = bytearray()
-    for b in buffers:
-        if len(out) >= n:
-            break
-        out += b[:n - len(out)]
-    return bytes(out)
-
-
-def _limit(buffers: list[memoryview], n: int) -> list[memoryview]:
-    out: list[memoryview] = []
-    for b in buffers:
-        if n <= 0:
-            break
-        out.append(b[:n])
-        n -= len(b[:n])
-    return out

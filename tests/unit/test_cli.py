@@ -106,11 +106,11 @@ def test_check_off_arm64_says_the_host_is_not_arm64(monkeypatch: pytest.MonkeyPa
 
 def test_virtio_devices_bring_their_own_options() -> None:
     """Each device type in CLI_DEVICES adds its options to `pyvmm run`, in kvmtool's order."""
-    from pyvmm.devices.virtio import CLI_DEVICES, VirtioBlk, VirtioConsole, VirtioNet, VirtioRng
+    from pyvmm.devices.virtio import CLI_DEVICES, Virtio9p, VirtioBlk, VirtioConsole, VirtioNet, VirtioRng
 
-    assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet)
+    assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet, Virtio9p)
     help_text = run_cli("run", "--help").stdout
-    for flag in ("--disk", "--console", "--rng", "--network"):
+    for flag in ("--disk", "--console", "--rng", "--network", "--9p"):
         assert flag in help_text
 
 

@@ -3,8 +3,11 @@ as zero-copy views of guest RAM (or, from a linear indirect table, a host struct
 
 from __future__ import annotations
 
+from pyvmm.buffers import fill, split, split_tail
 from pyvmm.devices.virtio.layout import IOVEC
 from pyvmm.memory import Region
+
+__all__ = ["Chain", "QueueError", "fill", "split", "split_tail"]
 
 
 class QueueError(Exception):
@@ -59,37 +62,3 @@ class Chain:
     @property
     def readable_len(self) -> int:
         return sum(len(b) for b in self.readable)
-
-
-def split(buffers: list[memoryview], at: int) -> tuple[list[memoryview], list[memoryview]]:
-    """Buffers for the first `at` bytes and for the rest (§2.6.4: framing is the driver's
-    choice, so a header may span descriptors or share one with data)."""
-    head: list[memoryview] = []
-    for i, b in enumerate(buffers):
-        if at <= 0:
-            return head, buffers[i:]
-        if len(b) <= at:
-            head.append(b)
-            at -= len(b)
-        else:
-            head.append(b[:at])
-            return head, [b[at:], *buffers[i + 1:]]
-    return head, []
-
-
-def fill(buffers: list[memoryview], data: bytes) -> int:
-    """Copy `data` into the buffers as far as they reach; returns the bytes copied."""
-    done = 0
-    for b in buffers:
-        n = min(len(b), len(data) - done)
-        b[:n] = data[done:done + n]
-        done += n
-        if done == len(data):
-            break
-    return done
-
-
-def split_tail(buffers: list[memoryview], size: int) -> tuple[list[memoryview], list[memoryview]]:
-    """Buffers for all but the last `size` bytes, and for those last bytes."""
-    total = sum(len(b) for b in buffers)
-    return split(buffers, max(0, total - size))
