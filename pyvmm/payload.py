@@ -200,7 +200,8 @@ class PayloadCache:
         # a private directory next to the result, then a rename: a reader (another pytest
         # worker) sees the whole binary or none
         with tempfile.TemporaryDirectory(prefix=".build-", dir=self.directory) as tmp:
-            obj, flat = Path(tmp) / "payload.o", Path(tmp) / "payload.bin"
+            where = Path(tmp).resolve()  # the assembler runs in the source's directory
+            obj, flat = where / "payload.o", where / "payload.bin"
             for argv in ([*args, "-o", str(obj), str(src.resolve())], [tools[1], "-O", "binary", str(obj), str(flat)]):
                 try:
                     p = subprocess.run(argv, cwd=src.parent, capture_output=True, text=True,

@@ -561,6 +561,15 @@ def test_a_build_is_cached_and_named_by_what_goes_into_it(sources: Path, tmp_pat
     assert cache.path_for(moved / "guest.S", conduit="smc") != path
 
 
+def test_a_cache_named_relative_to_the_current_directory_builds(sources: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """As `make payloads` names it: the assembler runs in the source's directory, so every path
+    it is given must not depend on where pyvmm was started."""
+    monkeypatch.chdir(tmp_path)
+    path, made = payload.PayloadCache("rel/cache").build(Path("proj") / "guest.S")
+    assert made and path.is_file() and path.resolve().parent == tmp_path / "rel" / "cache"
+
+
 def test_without_an_assembler_the_error_gives_the_command_that_builds_it(sources: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # the message shows paths outside the current directory as they are
