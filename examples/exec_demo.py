@@ -33,13 +33,13 @@ def pyvmm_exec(*argv: str) -> subprocess.CompletedProcess[bytes]:
 
 def main() -> int:
     print(f"host:  {' '.join(os.uname())}")
-    p = pyvmm_exec("uname", "-a")
-    print(f"guest: {p.stdout.decode().strip()}   (status {p.returncode})")
     with open(sys.executable, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
-    p = pyvmm_exec("sh", "-c", f"sha256sum {sys.executable}; echo 'this goes to stderr' >&2; exit 3")
-    guest_digest = p.stdout.split()[0].decode() if p.stdout else ""
-    print(f"  stdout: {p.stdout.decode().strip()}")
+    p = pyvmm_exec("sh", "-c", f"uname -a; sha256sum {sys.executable}; echo 'this goes to stderr' >&2; exit 3")
+    lines = p.stdout.decode().splitlines()
+    guest_digest = lines[1].split()[0] if len(lines) > 1 else ""
+    print(f"guest: {lines[0] if lines else ''}")
+    print(f"  stdout: {' | '.join(lines)}")
     print(f"  stderr: {p.stderr.decode().strip()}")
     print(f"  status: {p.returncode}")
     print(f"the guest read {sys.executable} through 9p: its checksum "

@@ -66,9 +66,9 @@ def test_a_random_mebibyte_through_stdout_arrives_byte_exact(scratch: Path) -> N
 
 
 def test_timeout_gives_124_and_one_line() -> None:
-    p = pyvmm_exec("--timeout", "40", "--", "sleep", "1000", timeout=120)
+    p = pyvmm_exec("--timeout", "25", "--", "sleep", "1000", timeout=120)
     assert p.returncode == 124
-    assert p.stdout == b"" and p.stderr.decode().strip() == "pyvmm: timed out after 40 s"
+    assert p.stdout == b"" and p.stderr.decode().strip() == "pyvmm: timed out after 25 s"
 
 
 def test_a_missing_kernel_is_pyvmm_s_own_status(scratch: Path) -> None:
