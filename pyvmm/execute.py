@@ -123,7 +123,7 @@ def setup_script(rwdirs: Sequence[str]) -> bytes:
     opts = f"trans=virtio,version=9p2000.L,msize={MSIZE}"
     lines = [
         "R=/newroot",
-        f"mount -t 9p -o {opts},ro pyvmm-root $R || die 'cannot mount the host root over 9p'",
+        f"mount -t 9p -o {opts},ro,cache=loose pyvmm-root $R || die 'cannot mount the host root over 9p'",
         "for d in tmp var/tmp; do [ -d $R/$d ] && mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs $R/$d; done",
         "[ -d $R/run ] || die 'the host root has no /run'",
         "mount -t tmpfs -o mode=755,nosuid,nodev tmpfs $R/run",
@@ -225,7 +225,7 @@ class LinuxSession:
             self._control_console = VirtioConsole(self._control)
             devices = [VirtioConsole(lambda b: self._output(0, b)), VirtioConsole(lambda b: self._output(1, b)),
                        self._control_console, Virtio9p(self._ctl, "pyvmm-ctl", read_only=True),
-                       Virtio9p("/", "pyvmm-root", read_only=True),
+                       Virtio9p("/", "pyvmm-root", read_only=True, opaque=frozenset({"proc", "sys", "dev"})),
                        *(Virtio9p(d, f"pyvmm-rw{i}") for i, d in enumerate(self.rwdirs)), VirtioRng()]
             for device in devices:
                 vm.add_virtio(device)
@@ -268,7 +268,7 @@ class LinuxSession:
                 raise GuestFailed(self._why())
             wait = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
             if wait <= 0:
-                raise GuestTimedOut("timed out")
+                raise GuestTimedOut("the guest did not answer in time (it is still running: stop() or close() it)")
             try:
                 line = self._events.get(timeout=wait)
             except queue.Empty:
@@ -348,6 +348,11 @@ class LinuxSession:
         with self._lock:
             out, err = (bytes(b) for b in self._captured)
         return Completed(status, out, err, times)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the guest is still running (a failed or timed-out command may leave it so)."""
+        return not self._ended.is_set()
 
     def stop(self, message: str) -> None:
         self.vm.stop(message)

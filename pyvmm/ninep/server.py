@@ -23,6 +23,7 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from pyvmm.buffers import fill, gather, limit, split
 from pyvmm.ninep import protocol as p
 from pyvmm.ninep.protocol import ProtocolError, Reader, Writer
 
+MAX_OFFSET = (1 << 63) - 1  # off_t: anything larger is EINVAL, as lseek(2) has it
+MAX_LISTED = 200_000  # directory entries held for readdir across a share's fids
 MAX_MSIZE = 1 << 20  # Linux's virtio transport asks for 512 KiB; larger gains nothing
 MIN_MSIZE = 4096
 MAX_FIDS = 1 << 16  # a fid without an open file is a few hundred bytes
@@ -84,9 +87,14 @@ def _check_name(name: str) -> str:
 class FileServer:
     """Serves one host directory (`root`) to one 9P client."""
 
-    def __init__(self, root: str, *, read_only: bool) -> None:
+    def __init__(self, root: str, *, read_only: bool, opaque: frozenset[str] = frozenset()) -> None:
+        """`opaque`: names of directories right below the root that are served empty, to be
+        mounted over by the guest (the host's /proc, /sys and /dev when the share is /: their
+        files can block a reader for ever, or are not the guest's business)."""
         self.root = root
         self.read_only = read_only
+        self.opaque = opaque
+        self.listed = 0  # directory entries held in readdir snapshots
         self.root_fd = os.open(root, O_PATH_DIR)
         self.root_dev = os.fstat(self.root_fd).st_dev
         self.msize = 8192
@@ -222,15 +230,21 @@ class FileServer:
             os.close(fid.fd)
             fid.fd = -1
             self.open_files -= 1
-        fid.entries = None
+        self._drop_listing(fid)
+
+    def _drop_listing(self, fid: Fid) -> None:
+        if fid.entries is not None:
+            self.listed -= len(fid.entries)
+            fid.entries = None
 
     # --- session ---------------------------------------------------------------------------
     def _version(self, tag: int, r: Reader) -> bytes:
         msize, version = r.u32(), r.string()
         self.end_session()  # a new session: every fid of the old one is gone
+        # version(5): never more than the client's msize; one too small to serve is refused
+        agreed = p.VERSION if version == p.VERSION and msize >= MIN_MSIZE else "unknown"
         self.msize = max(MIN_MSIZE, min(msize, MAX_MSIZE))
-        agreed = p.VERSION if version == p.VERSION else "unknown"
-        return Writer(p.TVERSION + 1, tag).u32(self.msize).string(agreed).finish()
+        return Writer(p.TVERSION + 1, tag).u32(min(msize, self.msize)).string(agreed).finish()
 
     def _auth(self, tag: int, r: Reader) -> bytes:
         raise Fail(errno.EOPNOTSUPP)  # no authentication: attach with afid = NOFID
@@ -277,6 +291,8 @@ class FileServer:
                     step = names
                 else:
                     step = (*names, _check_name(name))
+                if len(step) > 1 and step[0] in self.opaque:
+                    raise Fail(errno.ENOENT)
                 st = self._lstat(step)  # ENOTDIR if `names` is not a directory
             except (Fail, OSError):
                 if i == 0:
@@ -316,45 +332,56 @@ class FileServer:
 
     def _setattr(self, tag: int, r: Reader) -> bytes:
         fid = self._fid(r)
-        valid, mode, uid, gid, size = r.u32(), r.u32(), r.u32(), r.u32(), r.u64()
+        valid, mode, uid, gid, size = r.u32(), r.u32(), r.u32(), r.u32(), _offset(r.u64())
         atime = r.u64() * 1_000_000_000 + r.u64()
         mtime = r.u64() * 1_000_000_000 + r.u64()
         if valid & ~p.ATTR_CTIME:  # a ctime-only update is what any change does anyway
             self._writable_share()
-        with self._object(fid.names) as fd:
-            st = os.fstat(fd)
-            if stat.S_ISLNK(st.st_mode) and valid & (p.ATTR_MODE | p.ATTR_SIZE):
-                raise Fail(errno.EOPNOTSUPP)  # a symlink has no mode of its own, nor a size to set
-            proc = f"/proc/self/fd/{fd}"  # the checked object itself, never a name re-resolved
-            if valid & p.ATTR_MODE:
-                os.chmod(proc, mode & 0o7777)
-            if valid & (p.ATTR_UID | p.ATTR_GID):
+        if fid.fd >= 0:  # Linux sends an open file's own fid (ATTR_FILE): it may be unlinked
+            self._set(fid.fd, os.fstat(fid.fd), valid, mode, uid, gid, size, atime, mtime, fid)
+        else:
+            with self._object(fid.names) as fd:
+                self._set(fd, os.fstat(fd), valid, mode, uid, gid, size, atime, mtime, fid)
+        return Writer(p.TSETATTR + 1, tag).finish()
+
+    def _set(self, fd: int, st: os.stat_result, valid: int, mode: int, uid: int, gid: int, size: int,
+             atime: int, mtime: int, fid: Fid) -> None:
+        """Tsetattr's changes on the checked object `fd` (an open file, or an O_PATH descriptor,
+        reached through its /proc/self/fd magic link: never a name resolved again). A symlink's
+        owner and times are set by name without following it (there is no fd call for them)."""
+        link = stat.S_ISLNK(st.st_mode)
+        if link and valid & (p.ATTR_MODE | p.ATTR_SIZE):
+            raise Fail(errno.EOPNOTSUPP)  # a symlink has no mode of its own, nor a size to set
+        target = f"/proc/self/fd/{fd}"
+        if valid & p.ATTR_MODE:
+            os.chmod(target, _safe_mode(mode, stat.S_ISDIR(st.st_mode)))
+        owner = (uid if valid & p.ATTR_UID else -1, gid if valid & p.ATTR_GID else -1)
+        if valid & (p.ATTR_UID | p.ATTR_GID):
+            if link:
                 with self._parent(fid.names) as (parent, name):
-                    os.chown(name, uid if valid & p.ATTR_UID else -1, gid if valid & p.ATTR_GID else -1,
-                             dir_fd=parent, follow_symlinks=False)
-            if valid & p.ATTR_SIZE:
-                if fid.fd >= 0 and fid.writable:
-                    os.ftruncate(fid.fd, size)
-                elif stat.S_ISREG(st.st_mode):
-                    with self._dir(fid.names[:-1]) as parent:
-                        wfd = os.open(fid.names[-1], os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent)
-                    try:
-                        if os.fstat(wfd).st_ino != st.st_ino:
-                            raise Fail(errno.ESTALE)  # renamed over meanwhile
-                        os.ftruncate(wfd, size)
-                    finally:
-                        os.close(wfd)
-                else:
-                    raise Fail(errno.EINVAL if stat.S_ISDIR(st.st_mode) else errno.EOPNOTSUPP)
-            if valid & (p.ATTR_ATIME | p.ATTR_MTIME):
-                now = None
-                a = atime if valid & p.ATTR_ATIME_SET else (now := _now_ns())
-                m = mtime if valid & p.ATTR_MTIME_SET else (now if now is not None else _now_ns())
-                a = a if valid & p.ATTR_ATIME else st.st_atime_ns
-                m = m if valid & p.ATTR_MTIME else st.st_mtime_ns
+                    os.chown(name, *owner, dir_fd=parent, follow_symlinks=False)
+            else:
+                os.chown(target, *owner)
+        if valid & p.ATTR_SIZE:
+            if not stat.S_ISREG(st.st_mode):
+                raise Fail(errno.EISDIR if stat.S_ISDIR(st.st_mode) else errno.EINVAL)
+            if fd == fid.fd and fid.writable:
+                os.ftruncate(fd, size)
+            else:
+                wfd = os.open(target, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                try:
+                    os.ftruncate(wfd, size)
+                finally:
+                    os.close(wfd)
+        if valid & (p.ATTR_ATIME | p.ATTR_MTIME):
+            now = time.time_ns()
+            a = (atime if valid & p.ATTR_ATIME_SET else now) if valid & p.ATTR_ATIME else st.st_atime_ns
+            m = (mtime if valid & p.ATTR_MTIME_SET else now) if valid & p.ATTR_MTIME else st.st_mtime_ns
+            if link:
                 with self._parent(fid.names) as (parent, name):
                     os.utime(name, ns=(a, m), dir_fd=parent, follow_symlinks=False)
-        return Writer(p.TSETATTR + 1, tag).finish()
+            else:
+                os.utime(target, ns=(a, m))
 
     def _readlink(self, tag: int, r: Reader) -> bytes:
         fid = self._fid(r)
@@ -413,9 +440,11 @@ class FileServer:
             raise Fail(errno.EBADF)
         if self.open_files >= MAX_OPEN:
             raise Fail(errno.EMFILE)
+        # always O_EXCL: Linux sends Tlcreate for a name its lookup found free, and opening a
+        # name that appeared meanwhile (a FIFO, say) must go through Tlopen's checks
         with self._dir(fid.names) as parent:
-            fd = os.open(name, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY, mode & 0o7777,
-                         dir_fd=parent)
+            fd = os.open(name, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY,
+                         _safe_mode(mode, False), dir_fd=parent)
             _give_group(parent, name, gid)
         st = os.fstat(fd)
         fid.names, fid.fd, fid.writable = (*fid.names, name), fd, flags & os.O_ACCMODE != os.O_RDONLY
@@ -425,7 +454,9 @@ class FileServer:
     def _read(self, tag: int, r: Reader, writable: list[memoryview], room: int) -> int:
         try:
             fid = self._fid(r)
-            offset, count = r.u64(), r.u32()
+            offset, count = _offset(r.u64()), r.u32()
+            if room < READ_HEADER:
+                return 0  # no room even for the reply's header
             if fid.fd < 0 or fid.is_dir:
                 raise Fail(errno.EISDIR if fid.is_dir else errno.EBADF)
             count = max(0, min(count, self.msize - READ_HEADER, room - READ_HEADER))
@@ -447,7 +478,7 @@ class FileServer:
 
     def _write(self, tag: int, r: Reader, readable: list[memoryview], size: int) -> bytes:
         fid = self._fid(r)
-        offset, count = r.u64(), r.u32()
+        offset, count = _offset(r.u64()), r.u32()
         if count > size - WRITE_HEADER:
             raise ProtocolError("Twrite count beyond the message")
         if fid.fd < 0 or not fid.writable:
@@ -462,7 +493,13 @@ class FileServer:
         if fid.fd < 0 or not fid.is_dir:
             raise Fail(errno.EBADF)
         if offset == 0 or fid.entries is None:
-            fid.entries = self._listing(fid)
+            self._drop_listing(fid)
+            entries = self._listing(fid)
+            if self.listed + len(entries) > MAX_LISTED:  # a guest holding many big listings:
+                for other in self.fids.values():  # the others are taken again when next read
+                    self._drop_listing(other)
+            fid.entries = entries
+            self.listed += len(entries)
         count = min(count, self.msize - READ_HEADER)
         out = bytearray()
         for entry in fid.entries[offset:]:
@@ -479,6 +516,8 @@ class FileServer:
         st = os.fstat(fid.fd)
         parent = self._lstat(fid.names[:-1]) if fid.names else st
         entries = [p.pack_dirent(self._qid(st), 1, 4, "."), p.pack_dirent(self._qid(parent), 2, 4, "..")]
+        if len(fid.names) == 1 and fid.names[0] in self.opaque:
+            return entries
         with os.scandir(fid.fd) as it:
             for e in it:
                 if e.is_dir(follow_symlinks=False):
@@ -533,7 +572,7 @@ class FileServer:
         name, mode, gid = _check_name(r.string()), r.u32(), r.u32()
         self._writable_share()
         with self._dir(fid.names) as parent:
-            os.mkdir(name, mode & 0o7777, dir_fd=parent)
+            os.mkdir(name, _safe_mode(mode, True), dir_fd=parent)
             _give_group(parent, name, gid)
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         return Writer(p.TMKDIR + 1, tag).qid(self._qid(st)).finish()
@@ -557,7 +596,7 @@ class FileServer:
         if stat.S_IFMT(mode) not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFREG):
             raise Fail(errno.EPERM)  # no host device nodes made by a guest
         with self._dir(fid.names) as parent:
-            os.mknod(name, mode & (0o7777 | stat.S_IFMT(mode)), dir_fd=parent)
+            os.mknod(name, _safe_mode(mode, False) | stat.S_IFMT(mode), dir_fd=parent)
             _give_group(parent, name, gid)
             st = os.stat(name, dir_fd=parent, follow_symlinks=False)
         return Writer(p.TMKNOD + 1, tag).qid(self._qid(st)).finish()
@@ -621,6 +660,20 @@ class FileServer:
         return Writer(p.TREMOVE + 1, tag).finish()
 
 
+def _safe_mode(mode: int, directory: bool) -> int:
+    """Permission bits a guest may set on the host: no set-user-ID, and set-group-ID only on
+    directories (where it means "inherit the group"), so that a guest running as root cannot
+    leave set-ID programs in a host directory."""
+    mode &= 0o7777 & ~stat.S_ISUID
+    return mode if directory else mode & ~stat.S_ISGID
+
+
+def _offset(value: int) -> int:
+    if value > MAX_OFFSET:
+        raise Fail(errno.EINVAL)
+    return value
+
+
 def _dtype(entry: os.DirEntry[str]) -> int:
     if entry.is_file(follow_symlinks=False):
         return 8  # DT_REG
@@ -638,12 +691,6 @@ def _give_group(parent: int, name: str, gid: int) -> None:
         os.chown(name, -1, gid, dir_fd=parent, follow_symlinks=False)
     except OSError:
         pass
-
-
-def _now_ns() -> int:
-    import time
-
-    return time.time_ns()
 
 
 def _flock(ltype: int, start: int, length: int) -> bytes:

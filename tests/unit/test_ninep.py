@@ -394,3 +394,101 @@ def test_random_messages_never_raise_and_never_reach_outside(tmp_path_factory: p
         server.close()
     assert sorted(os.listdir(base)) == before and (base / "secret.txt").read_text() == "outside"
     assert os.stat(base / "secret.txt").st_size == 7
+
+
+# --- found by review: each of these failed before its fix ----------------------------------------
+def test_offsets_beyond_off_t_are_einval_not_a_broken_device(rw: tuple[Client, int]) -> None:
+    c, root = rw
+    f = c.walk_all(root, "hello.txt")
+    c.lopen(f, RDWR)
+    for attempt in (lambda: c.read(f, 1 << 63, 10), lambda: c.write(f, 1 << 63, b"x"),
+                    lambda: c.setattr(f, p.ATTR_SIZE, size=1 << 63)):
+        with pytest.raises(NinepError) as e:
+            attempt()
+        assert err(e) == errno.EINVAL
+
+
+def test_lcreate_on_a_name_that_exists_never_opens_it(rw: tuple[Client, int], tree: Path) -> None:
+    """A FIFO (or a host device node) where the guest creates a file: EEXIST at once, instead
+    of the server blocking in open(2) for ever."""
+    c, root = rw
+    outcome: list[int] = []
+
+    def create() -> None:
+        try:
+            c.lcreate(c.walk(root)[0], "fifo", RDWR)
+        except NinepError as e:
+            outcome.append(e.errno or 0)
+    t = threading.Thread(target=create, daemon=True)
+    t.start()
+    t.join(5)
+    assert not t.is_alive() and outcome == [errno.EEXIST]
+
+
+def test_setattr_on_an_open_fid_acts_on_its_file_even_unlinked(rw: tuple[Client, int], tree: Path) -> None:
+    c, root = rw
+    f = c.walk_all(root, "hello.txt")
+    c.lopen(f, RDONLY)
+    held = os.open(tree / "hello.txt", os.O_RDONLY)  # the host's view of the same inode
+    try:
+        c.unlinkat(root, "hello.txt")
+        (tree / "hello.txt").write_text("a different file now\n")  # the name is someone else's
+        c.setattr(f, p.ATTR_SIZE | p.ATTR_MODE, size=5, mode=0o600)
+        assert os.fstat(held).st_size == 5 and stat.S_IMODE(os.fstat(held).st_mode) == 0o600
+        assert (tree / "hello.txt").read_text() == "a different file now\n"
+    finally:
+        os.close(held)
+
+
+def test_a_guest_cannot_leave_set_id_programs_on_the_host(rw: tuple[Client, int], tree: Path) -> None:
+    c, root = rw
+    f, _ = c.walk(root)
+    c.lcreate(f, "prog", RDWR, 0o6755)
+    assert stat.S_IMODE(os.stat(tree / "prog").st_mode) & 0o6000 == 0
+    c.setattr(c.walk_all(root, "hello.txt"), p.ATTR_MODE, mode=0o4755)
+    assert stat.S_IMODE(os.stat(tree / "hello.txt").st_mode) == 0o755
+    c.setattr(c.walk_all(root, "sub"), p.ATTR_MODE, mode=0o2775)  # on a directory: inheritance, kept
+    assert os.stat(tree / "sub").st_mode & stat.S_ISGID
+
+
+def test_replies_fit_the_room_and_the_msize_the_client_asked_for(ro: tuple[Client, int]) -> None:
+    c, root = ro
+    f = c.walk_all(root, "hello.txt")
+    c.lopen(f)
+    assert c.raw(p.HEADER.pack(23, p.TREAD, 5) + struct.pack("<IQI", f, 0, 100), room=7) == b""
+    assert c.version(1024) == (1024, "unknown")  # below what the server can work with
+
+
+def test_opaque_directories_are_served_empty(tree: Path) -> None:
+    (tree / "proc").mkdir()
+    (tree / "proc" / "kmsg").write_text("would block a reader")
+    server = FileServer(str(tree), read_only=True, opaque=frozenset({"proc"}))
+    c = Client(server)
+    root = c.attach()
+    d = c.walk_all(root, "proc")  # there to be mounted over
+    c.lopen(d)
+    assert c.listdir(d) == [".", ".."]
+    new, qids = c.walk(root, "proc", "kmsg")
+    assert len(qids) == 1 and new not in server.fids  # the walk stops at the opaque directory
+    with pytest.raises(NinepError) as e:
+        c.walk(c.walk_all(root, "proc"), "kmsg")
+    assert err(e) == errno.ENOENT
+    server.close()
+
+
+def test_readdir_listings_are_bounded_per_share(rw: tuple[Client, int], tree: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyvmm.ninep import server as server_module
+
+    c, root = rw
+    for i in range(50):
+        (tree / "sub" / f"f{i}").touch()
+    monkeypatch.setattr(server_module, "MAX_LISTED", 120)
+    fids = []
+    for _ in range(5):
+        d = c.walk_all(root, "sub")
+        c.lopen(d)
+        c.readdir(d, 0, 100)
+        fids.append(d)
+        assert c.server.listed <= 120
+    assert sorted(c.listdir(fids[0])) == sorted([".", "..", *os.listdir(tree / "sub")])  # taken again

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import pytest
 
@@ -280,9 +280,9 @@ def test_services_come_as_module_files_modules_services_or_factories(fake_vm: ty
     names = [fn.name for fid in (COUNTER_ADD, 0xC600_0001) if (fn := vm.smccc.resolve(fid)) is not None]
     assert names == ["counter service[0x1]", "again[0x1]"]
     with pytest.raises(VmmError, match="is not a service"):
-        plugin.add_services(vm.smccc, vm.service_context, [42], EXAMPLE)  # type: ignore[list-item]
+        plugin.add_services(vm.smccc, vm.service_context, cast(Any, [42]), EXAMPLE)  # what a user may pass
     with pytest.raises(VmmError, match="returned None, not a pyvmm Service"):
-        plugin.add_services(vm.smccc, vm.service_context, [lambda ctx: None], EXAMPLE)  # type: ignore[list-item,return-value]
+        plugin.add_services(vm.smccc, vm.service_context, cast(Any, [lambda ctx: None]), EXAMPLE)
     with pytest.raises(VmmError, match="no-such.py does not exist"):
         plugin.add_services(vm.smccc, vm.service_context, ["no-such.py"], EXAMPLE)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import struct
 
 from pyvmm.devices.virtio.chain import Chain
@@ -36,6 +37,18 @@ def parse_share(spec: str) -> tuple[str, str, bool]:
     return path, tag, "ro" in opts
 
 
+def _raise_file_limit() -> None:
+    """Each share may hold up to MAX_OPEN host files for the guest; the usual soft limit of
+    1024 descriptors would leave pyvmm itself none, so it goes up to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        want = 1 << 20 if hard == resource.RLIM_INFINITY else hard
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+        except (ValueError, OSError):
+            pass  # as it was: a share then fails EMFILE sooner, which the guest sees
+
+
 class Virtio9p(VirtioDevice):
     device_id = 9
     name = "9p"
@@ -52,15 +65,16 @@ class Virtio9p(VirtioDevice):
     def from_args(cls, args: argparse.Namespace, host: DeviceHost) -> list[VirtioDevice]:
         return [cls(*parse_share(spec)) for spec in args.ninep]
 
-    def __init__(self, path: str, tag: str, read_only: bool = False) -> None:
+    def __init__(self, path: str, tag: str, read_only: bool = False, opaque: frozenset[str] = frozenset()) -> None:
         super().__init__()
+        _raise_file_limit()
         raw = tag.encode()
         if not raw or len(raw) > TAG_MAX or b"\0" in raw:
             raise VmmError(f"9p tag {tag!r} must be 1 to {TAG_MAX} bytes without NUL")
         if not os.path.isdir(path):
             raise VmmError(f"9p share {path} is not a directory")
         try:
-            self.server = FileServer(path, read_only=read_only)
+            self.server = FileServer(path, read_only=read_only, opaque=opaque)
         except OSError as e:
             raise VmmError(f"9p share {path}: {e.strerror}") from None
         self.path, self.tag, self.read_only = path, tag, read_only
