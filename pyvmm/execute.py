@@ -51,6 +51,7 @@ EXIT_PYVMM_FAILED = 125  # pyvmm could not start the guest: bad options, no KVM,
 CARRIED_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "TZ", "LANG", "LANGUAGE", "LD_LIBRARY_PATH")
 GUEST_TMPFS = ("/tmp", "/run", "/var/tmp")
 CONTROL_LINE_MAX = 4096
+CAPTURE_MAX = 64 << 20  # per stream and command, when captured: beyond it output is dropped
 CONSOLE_TAIL = 8192
 MSIZE = 512000  # Linux 6.12's virtio transport maximum (PAGE_SIZE * (VIRTQUEUE_NUM - 3)); more is cut with a warning
 
@@ -64,6 +65,7 @@ class Completed:
     stdout: bytes = b""
     stderr: bytes = b""
     timeline: dict[str, float] = field(default_factory=dict)
+    truncated: bool = False  # a captured stream went past CAPTURE_MAX and was cut there
 
 
 class GuestFailed(VmmError):
@@ -81,6 +83,9 @@ def default_kernel() -> tuple[str, Path | None]:
     kernel = f"/boot/vmlinuz-{release}"
     if not os.path.isfile(kernel):
         raise VmmError(f"no -k KERNEL given and the running kernel's image is not at {kernel}")
+    if not os.access(kernel, os.R_OK):
+        raise VmmError(f"the running kernel's image {kernel} is not readable by this user (some distributions "
+                       "make it root's only): run as root, or give -k")
     modules = Path("/lib/modules") / release
     return kernel, modules if modules.is_dir() else None
 
@@ -89,10 +94,13 @@ def modules_of(kernel: str) -> Path | None:
     """/lib/modules/RELEASE for a kernel image, RELEASE read from its "Linux version" banner."""
     from pyvmm.loader import unpack_kernel
 
-    data = unpack_kernel(kernel, os.path.basename(kernel), 1 << 30)
-    if data is None:
-        with open(kernel, "rb") as f:
-            data = f.read(256 << 20)
+    try:
+        data = unpack_kernel(kernel, os.path.basename(kernel), 1 << 30)
+        if data is None:
+            with open(kernel, "rb") as f:
+                data = f.read(256 << 20)
+    except OSError as e:
+        raise VmmError(f"cannot read kernel {kernel}: {e.strerror}") from None
     found = re.search(rb"Linux version (\S+) ", data)
     if found is None:
         return None
@@ -188,6 +196,8 @@ class LinuxSession:
                 raise VmmError(f"--rwdir {given} is not a directory")
         if modules is not None and not Path(modules).is_dir():
             raise VmmError(f"--modules {modules} is not a directory")
+        if modules is not None and kernel is None:
+            raise VmmError("--modules names the modules of a -k kernel: give -k too")
         if kernel is None:
             kernel, tree = default_kernel()
         elif modules is not None:
@@ -198,6 +208,7 @@ class LinuxSession:
         self.initrd = initramfs.build(tree)
         self._sinks = (stdout, stderr)
         self._captured = (bytearray(), bytearray())
+        self._truncated = [False, False]
         self._events: queue.Queue[str] = queue.Queue(maxsize=256)
         self._line = bytearray()
         self._ids = 0
@@ -244,7 +255,11 @@ class LinuxSession:
             sink(data)
         else:
             with self._lock:
-                self._captured[which].extend(data)
+                buf = self._captured[which]
+                room = CAPTURE_MAX - len(buf)
+                if len(data) > room:
+                    self._truncated[which] = True
+                buf.extend(data[:max(0, room)])
 
     def _control(self, data: bytes) -> None:
         for byte in data:
@@ -326,11 +341,17 @@ class LinuxSession:
         with self._lock:
             for buf in self._captured:
                 buf.clear()
+            self._truncated = [False, False]
         self._failure = None
         self._send(f"run {ident}")
         times: dict[str, float] = {}
         while True:
-            words = self._next(deadline).split()
+            try:
+                words = self._next(deadline).split()
+            except GuestFailed as e:
+                if "start" in times:  # a kernel under test that panics in the command, say
+                    raise GuestFailed(f"the guest ended while the command ran: {e}") from None
+                raise
             if len(words) >= 2 and words[1] == str(ident) and words[0] in ("start", "exit"):
                 times[words[0]] = time.monotonic() - self.started
                 log.info("command %d: %s (guest uptime %s s)", ident, " ".join(words[0:1] + words[2:-1]), words[-1])
@@ -347,7 +368,8 @@ class LinuxSession:
             raise GuestFailed(f"the guest's init reported status {status}")
         with self._lock:
             out, err = (bytes(b) for b in self._captured)
-        return Completed(status, out, err, times)
+            truncated = any(self._truncated)
+        return Completed(status, out, err, times, truncated)
 
     @property
     def alive(self) -> bool:

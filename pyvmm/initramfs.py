@@ -83,7 +83,6 @@ done <&3
 sync
 poweroff -f
 """
-INIT_VERSION = hashlib.sha256(INIT.encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -190,20 +189,25 @@ def cache_dir() -> Path:
 
 
 def build(modules_root: Path | None, *, cache: Path | None = None) -> Path:
-    """The initramfs for this module tree (or none), from the cache if it is there."""
+    """The initramfs for this module tree (or none), from the cache if it is there. The cache
+    key is cheap to take (no walk of the tree): this code, the busybox, and the tree's own
+    index files, which a kernel package rewrites whenever its modules change."""
     busybox = find_busybox()
-    tree = ModuleTree(modules_root)
-    modules = tree.resolve()
-    key = hashlib.sha256()
-    for part in (INIT_VERSION, busybox, *(f"{m.path}" for m in modules)):
-        key.update(part.encode() + b"\0")
-    for path in (busybox, *(str(m.path) for m in modules)):
-        st = os.stat(path)
-        key.update(f"{st.st_size} {st.st_mtime_ns} {st.st_ino}\0".encode())
+    key = hashlib.sha256(Path(__file__).read_bytes())
+    stamps = [Path(busybox)]
+    if modules_root is not None:
+        stamps += [modules_root, modules_root / "modules.order", modules_root / "modules.builtin"]
+    for path in stamps:
+        try:
+            st = os.stat(path)
+            key.update(f"{path} {st.st_size} {st.st_mtime_ns} {st.st_ino}\0".encode())
+        except FileNotFoundError:
+            key.update(f"{path} -\0".encode())
     where = cache or cache_dir()
     out = where / f"initramfs-{key.hexdigest()[:20]}.cpio"
     if out.is_file():
         return out
+    modules = ModuleTree(modules_root).resolve()
     where.mkdir(parents=True, exist_ok=True)
     archive = Cpio()
     for d in ("bin", "dev", "modules"):

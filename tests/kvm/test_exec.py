@@ -65,6 +65,16 @@ def test_a_random_mebibyte_through_stdout_arrives_byte_exact(scratch: Path) -> N
     assert p.stdout == data
 
 
+def test_signal_status_and_rwdir_files_after_exit(scratch: Path) -> None:
+    """Through the CLI: a command killed by SIGKILL gives 128 + 9, and what it wrote under
+    --rwdir is on the host once pyvmm has exited."""
+    out = scratch / "rw"
+    out.mkdir()
+    p = pyvmm_exec("--rwdir", str(out), "--", "sh", "-c", f"echo kept > {out}/file; kill -KILL $$")
+    assert p.returncode == 128 + signal.SIGKILL, p.stderr
+    assert (out / "file").read_text() == "kept\n"
+
+
 def test_timeout_gives_124_and_one_line() -> None:
     p = pyvmm_exec("--timeout", "25", "--", "sleep", "1000", timeout=120)
     assert p.returncode == 124
@@ -122,11 +132,18 @@ def test_writes_elsewhere_on_the_root_fail(session: tuple[LinuxSession, Path, Pa
         assert not target.exists()
     done = s.run(["sh", "-c", f"mkdir {scratch}/d || rm {scratch}/blob || touch {scratch}"], timeout=60)
     assert done.status != 0 and (scratch / "blob").exists()
+    # the guest's root remounted read-write: the server itself refuses
+    done = s.run(["sh", "-c", f"mount -o remount,rw / && grep -q ' / 9p rw' /proc/mounts && echo x > {scratch}/nope"],
+                 timeout=60)
+    assert done.status != 0 and b"Read-only file system" in done.stderr, done
+    assert not (scratch / "nope").exists()
 
 
 def test_escapes_out_of_a_share_fail(session: tuple[LinuxSession, Path, Path]) -> None:
-    """The share's symlinks and .. are the guest's to resolve, in its own tree, where the
-    host's /tmp is a fresh tmpfs: nothing reaches the secret beside the shared directory."""
+    """What a user sees: a --rwdir share's symlinks and .. are the guest's to resolve, in its
+    own tree (where the host's /tmp is a fresh tmpfs), so neither reads nor writes through
+    them reach the directory beside the share. (Linux never asks the server to follow a
+    symlink or walk ..; the server's own refusals are tests/unit/test_ninep.py's.)"""
     s, rw, hidden = session
     for path in (f"{rw}/abs/secret.txt", f"{rw}/rel/secret.txt", f"{rw}/../secret.txt", f"{hidden}/secret.txt"):
         done = s.run(["cat", path], timeout=60)

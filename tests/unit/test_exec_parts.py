@@ -167,6 +167,7 @@ def test_the_control_console_parser_bounds_what_a_guest_sends() -> None:
     (["--rwdir", "/nonexistent-dir", "--", "true"], "--rwdir /nonexistent-dir is not a directory"),
     (["--cwd", "/tmp", "--", "true"], "--cwd /tmp is not a directory the guest sees"),
     (["-c", "0", "--", "true"], "'0' must be at least 1"),
+    (["--modules", "/", "--", "true"], "give -k too"),
     (["--timeout", "nan", "--", "true"], "must be positive"),
 ])
 def test_exec_usage_errors_are_one_line_and_status_125(args: list[str], message: str,
@@ -177,3 +178,19 @@ def test_exec_usage_errors_are_one_line_and_status_125(args: list[str], message:
         status = int(e.code or 0)
     err = capsys.readouterr().err
     assert status == execute.EXIT_PYVMM_FAILED and message in err and len(err.splitlines()) == 1, err
+
+
+def test_the_initramfs_is_cached_by_what_goes_into_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(elf(183, False))
+    monkeypatch.setattr(initramfs, "find_busybox", lambda: str(busybox))
+    tree = module_tree(tmp_path / "modules")
+    (tree / "modules.order").write_text("kernel/fs/9p/9p.ko\n")
+    cache = tmp_path / "cache"
+    first = initramfs.build(tree, cache=cache)
+    entries = read_newc(first.read_bytes())
+    assert entries["modules/order"][1] == b"virtio_mmio 9pnet 9pnet_virtio netfs 9p\n"
+    assert entries["bin/busybox"][1] == busybox.read_bytes() and entries["init"][0] == 0o100755
+    assert initramfs.build(tree, cache=cache) == first  # from the cache
+    (tree / "modules.order").write_text("kernel/fs/9p/9p.ko\nkernel/fs/netfs/netfs.ko\n")  # a new kernel package
+    assert initramfs.build(tree, cache=cache) != first
