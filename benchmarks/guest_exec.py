@@ -23,7 +23,9 @@ from benchmarks.common import ROOT, median
 from pyvmm.execute import LinuxSession
 
 RUNS = 3
-BIG = 256 << 20
+# 256 MiB, as the figure is defined; the emulated host answers a 9p request in ~10 ms and Linux
+# 6.12 reads a 9p file 4 KiB per request, so there it reads 32 MiB (PYVMM_BENCH_9P_MIB overrides)
+BIG = int(os.environ.get("PYVMM_BENCH_9P_MIB", "32" if os.environ.get("PYVMM_IN_ARMHOST") else "256")) << 20
 TARGET_RATIO = 1.2
 STAMP = re.compile(r"pyvmm: (entering the guest|guest init up|guest init ready|command 1: start|command 1: exit)")
 
@@ -61,9 +63,12 @@ def main(plain_to_init: float | None = None) -> None:
     m = {k: median([r[k] for r in runs]) for k in runs[0]}
     total = m["end"]
     print(f"pyvmm exec -- true: the default kernel, 2 vCPUs, 256 MiB, {RUNS} runs (median)")
-    print(f"  total wall time                 {total:7.2f} s"
-          + (f"   ({total / plain_to_init:.2f}x the plain boot to init, target {TARGET_RATIO}x)"
-             if plain_to_init else ""))
+    verdict = ""
+    if plain_to_init:
+        ratio = total / plain_to_init
+        verdict = (f"   ({ratio:.2f}x the plain boot to init: target {TARGET_RATIO}x "
+                   f"{'met' if ratio <= TARGET_RATIO else 'NOT met'})")
+    print(f"  total wall time                 {total:7.2f} s{verdict}")
     print(f"  pyvmm start-up                  {m['entering the guest']:7.2f} s   (to entering the guest)")
     print(f"  kernel boot                     {m['guest init up'] - m['entering the guest']:7.2f} s   (to the init's first word)")
     print(f"  initramfs                       {m['guest init ready'] - m['guest init up']:7.2f} s   (modules, 9p mounts)")
@@ -79,15 +84,22 @@ def main(plain_to_init: float | None = None) -> None:
     try:
         with LinuxSession(cpus=2, mem_mib=256) as session:
             session.start(timeout=300)
+            root = session.root_share
             read_cmd = f"dd if={big} of=/dev/null bs=1M"
+            before = root.requests
             seconds, _ = timed_in_guest(session, read_cmd)
+            per_mib = (root.requests - before) / (BIG >> 20)
             find_cmd = "find /usr | wc -l"
+            before = root.requests
             find_s, count = timed_in_guest(session, find_cmd)
+            find_requests = root.requests - before
     finally:
         big.unlink()
     print("virtio-9p, the host's root as the guest's (read-only, msize 512000, cache=none)")
-    print(f"  read a 256 MiB host file        {BIG / seconds / 1e6:7.1f} MB/s   (guest: {read_cmd})")
-    print(f"  find /usr | wc -l               {find_s:7.2f} s   ({count.strip()} entries; guest: {find_cmd})")
+    print(f"  read a {BIG >> 20} MiB host file {'':>{6 - len(str(BIG >> 20))}}{BIG / seconds / 1e6:7.1f} MB/s   "
+          f"({per_mib:.0f} requests per MiB; guest: {read_cmd})")
+    print(f"  find /usr | wc -l               {find_s:7.2f} s   ({count.strip()} entries, {find_requests} requests; "
+          f"guest: {find_cmd})")
     print("  under kvmtool: lkvm run --9p /,root ... then in the guest mount -t 9p -o trans=virtio,"
           "version=9p2000.L,msize=512000 root /mnt and the same commands on /mnt")
 

@@ -234,9 +234,10 @@ class LinuxSession:
         self.vm = vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, console=self.console, reboot=False)
         try:
             self._control_console = VirtioConsole(self._control)
+            self.root_share = Virtio9p("/", "pyvmm-root", read_only=True, opaque=frozenset({"proc", "sys", "dev"}))
             devices = [VirtioConsole(lambda b: self._output(0, b)), VirtioConsole(lambda b: self._output(1, b)),
                        self._control_console, Virtio9p(self._ctl, "pyvmm-ctl", read_only=True),
-                       Virtio9p("/", "pyvmm-root", read_only=True, opaque=frozenset({"proc", "sys", "dev"})),
+                       self.root_share,
                        *(Virtio9p(d, f"pyvmm-rw{i}") for i, d in enumerate(self.rwdirs)), VirtioRng()]
             for device in devices:
                 vm.add_virtio(device)
