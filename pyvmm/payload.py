@@ -45,6 +45,9 @@ CONDUITS = ("hvc", "smc")
 KEY_VERSION = 1  # bump when what goes into a build changes (options, layout of the key)
 ASSEMBLE_TIME_LIMIT = 120  # seconds for as or objcopy on one file
 
+# GNU as does not run the C preprocessor on a file it is given directly, and on AArch64 a line
+# starting with # is a comment to it: such a line would be dropped without a word
+_CPP_LINE = re.compile(rb"^[ \t]*#[ \t]*(include|define|if|ifdef|ifndef|undef|elif|else|endif)\b", re.MULTILINE)
 _DIRECTIVE = re.compile(rb'^[ \t]*\.(include|incbin)[ \t]+"([^"\n]+)"', re.MULTILINE)
 _SYMBOL = re.compile(r"[A-Za-z_.$][A-Za-z0-9_.$]*")
 
@@ -170,6 +173,10 @@ class PayloadCache:
         src = Path(source)
         if not src.is_file():
             raise PayloadError(f"payload source {src} does not exist")
+        if (cpp := _CPP_LINE.search(src.read_bytes())) is not None:
+            line = src.read_bytes()[:cpp.start()].count(b"\n") + 1
+            raise PayloadError(f"{_shown(src)}:{line}: a C preprocessor line, which GNU as would take for a comment: "
+                               "use .include, .equ and .if instead")
         defsyms = dict(defsyms or {})
         out = self.path_for(src, conduit=conduit, defsyms=defsyms)
         if out.is_file():

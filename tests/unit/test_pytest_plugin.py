@@ -570,6 +570,12 @@ def test_a_cache_named_relative_to_the_current_directory_builds(sources: Path, t
     assert made and path.is_file() and path.resolve().parent == tmp_path / "rel" / "cache"
 
 
+def test_a_c_preprocessor_line_is_refused_not_dropped(sources: Path, tmp_path: Path) -> None:
+    (sources / "cpp.S").write_text('#include "values.inc"\n' + GUEST)
+    with pytest.raises(payload.PayloadError, match=r"cpp.S:1: a C preprocessor line"):
+        payload.PayloadCache(tmp_path / "cache").build(sources / "cpp.S")
+
+
 def test_without_an_assembler_the_error_gives_the_command_that_builds_it(sources: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)  # the message shows paths outside the current directory as they are
