@@ -194,3 +194,16 @@ def test_the_initramfs_is_cached_by_what_goes_into_it(tmp_path: Path, monkeypatc
     assert initramfs.build(tree, cache=cache) == first  # from the cache
     (tree / "modules.order").write_text("kernel/fs/9p/9p.ko\nkernel/fs/netfs/netfs.ko\n")  # a new kernel package
     assert initramfs.build(tree, cache=cache) != first
+
+
+def test_captured_output_is_capped_and_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    monkeypatch.setattr(execute, "CAPTURE_MAX", 1000)
+    s = object.__new__(execute.LinuxSession)
+    s._sinks, s._lock = (None, None), threading.Lock()
+    s._captured, s._truncated = (bytearray(), bytearray()), [False, False]
+    for _ in range(50):
+        s._output(0, b"y" * 100)  # `yes` in the guest
+    s._output(1, b"short")
+    assert len(s._captured[0]) == 1000 and s._truncated == [True, False] and bytes(s._captured[1]) == b"short"
