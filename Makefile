@@ -12,7 +12,7 @@ ARCH := $(shell uname -m)
 NATIVE_KVM := $(shell [ "$(ARCH)" = aarch64 ] && [ -e /dev/kvm ] && echo yes)
 CROSS := $(if $(filter aarch64,$(ARCH)),,aarch64-linux-gnu-)
 ARMHOST := $(VPY) tools/armhost
-ARMHOST_TIMEOUT ?= 900
+ARMHOST_TIMEOUT ?= 1500
 export PYTHONDONTWRITEBYTECODE := 1
 
 GUEST_SRCS := $(wildcard tests/guests/*.S examples/guests/*.S)
