@@ -456,7 +456,10 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["exec"]:  # whichever parser finds the mistake, exec's usage errors are 125
+        parser.usage_status = EXIT_EXEC_PYVMM
+    args, unknown = parser.parse_known_args(given)
     if unknown:  # an option `exec` does not know is its usage error (125), anything else 2
         if args.command == "exec":
             print(one_line(f"pyvmm exec: error: unrecognized arguments: {' '.join(unknown)} "
