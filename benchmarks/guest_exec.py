@@ -95,7 +95,7 @@ def main(plain_to_init: float | None = None) -> None:
             find_requests = root.requests - before
     finally:
         big.unlink()
-    print("virtio-9p, the host's root as the guest's (read-only, msize 512000, cache=none)")
+    print("virtio-9p, the host's root as the guest's (read-only, msize 512000, cache=loose)")
     print(f"  read a {BIG >> 20} MiB host file {'':>{6 - len(str(BIG >> 20))}}{BIG / seconds / 1e6:7.1f} MB/s   "
           f"({per_mib:.0f} requests per MiB; guest: {read_cmd})")
     print(f"  find /usr | wc -l               {find_s:7.2f} s   ({count.strip()} entries, {find_requests} requests; "
