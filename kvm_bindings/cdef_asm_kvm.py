@@ -42,6 +42,22 @@ struct kvm_vcpu_events {
     uint32_t reserved[12];
 };
 
+/* Guest debug (Documentation/virt/kvm/api.rst, KVM_SET_GUEST_DEBUG and KVM_EXIT_DEBUG): the
+ * hardware breakpoint and watchpoint registers KVM loads while debugging, KVM_ARM_MAX_DBG_REGS
+ * of each; the exit's ESR_EL2 (hsr, hsr_high = ESR[61:32]) and FAR (a watchpoint's address). */
+struct kvm_guest_debug_arch {
+    uint64_t dbg_bcr[16];
+    uint64_t dbg_bvr[16];
+    uint64_t dbg_wcr[16];
+    uint64_t dbg_wvr[16];
+};
+
+struct kvm_debug_exit_arch {
+    uint32_t hsr;
+    uint32_t hsr_high;
+    uint64_t far;
+};
+
 struct kvm_smccc_filter {
     uint32_t base;
     uint32_t nr_functions;

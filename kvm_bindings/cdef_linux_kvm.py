@@ -78,6 +78,12 @@ struct kvm_signal_mask {
 };
 
 /* for KVM_RUN, returned by mmap(vcpu_fd, offset=0) */
+struct kvm_guest_debug {
+    uint32_t control;           /* KVM_GUESTDBG_* */
+    uint32_t pad;
+    struct kvm_guest_debug_arch arch;
+};
+
 struct kvm_run {
     /* in */
     uint8_t request_interrupt_window;
@@ -127,6 +133,9 @@ struct kvm_run {
                 uint64_t data[16];
             };
         } system_event;
+        struct {                /* KVM_EXIT_DEBUG */
+            struct kvm_debug_exit_arch arch;
+        } debug;
         struct {                /* KVM_EXIT_ARM_NISV */
             uint64_t esr_iss;
             uint64_t fault_ipa;

@@ -32,6 +32,7 @@ class Cap(IntEnum):
     NR_VCPUS = 9
     NR_MEMSLOTS = 10
     MP_STATE = 14
+    SET_GUEST_DEBUG = 23
     IRQFD = 32
     IOEVENTFD = 36
     VCPU_EVENTS = 41
@@ -42,12 +43,21 @@ class Cap(IntEnum):
     ARM_EL1_32BIT = 93
     DEVICE_CTRL = 89
     ARM_PSCI_0_2 = 102
+    GUEST_DEBUG_HW_BPS = 119
+    GUEST_DEBUG_HW_WPS = 120
     ARM_PMU_V3 = 126
     IMMEDIATE_EXIT = 136
     ARM_VM_IPA_SIZE = 165
     ARM_NISV_TO_USER = 177
     ARM_INJECT_EXT_DABT = 178
     ARM_SYSTEM_SUSPEND = 216
+
+
+# KVM_SET_GUEST_DEBUG's control bits: the generic ones (linux/kvm.h) and arm64's (asm/kvm.h)
+KVM_GUESTDBG_ENABLE = 1 << 0
+KVM_GUESTDBG_SINGLESTEP = 1 << 1
+KVM_GUESTDBG_USE_SW_BP = 1 << 16
+KVM_GUESTDBG_USE_HW = 1 << 17
 
 
 class SystemEvent(IntEnum):

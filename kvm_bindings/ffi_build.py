@@ -20,7 +20,8 @@ MODULE = "kvm_bindings._kvm_ffi"
 
 def make_builder() -> cffi.FFI:
     builder = cffi.FFI()
-    for cdef in (cdef_linux_kvm.CDEF, cdef_asm_kvm.CDEF, cdef_linux_if_tun.CDEF, cdef_libc.CDEF):
+    # the arch header first: linux/kvm.h's structs embed its kvm_*_arch ones, as the kernel's does
+    for cdef in (cdef_asm_kvm.CDEF, cdef_linux_kvm.CDEF, cdef_linux_if_tun.CDEF, cdef_libc.CDEF):
         builder.cdef(cdef)
     builder.set_source(MODULE, None)
     return builder
