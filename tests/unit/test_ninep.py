@@ -8,7 +8,9 @@ import os
 import random
 import stat
 import struct
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -252,31 +254,45 @@ def test_swapping_a_directory_for_a_symlink_never_leads_out(rw: tuple[Client, in
     (tree / "sub" / "secret.txt").write_text("inside\n")
     (tree / "evil").symlink_to(tree.parent)
     stop = threading.Event()
+    swaps = 0
 
     def swap() -> None:
+        nonlocal swaps
         while not stop.is_set():
             os.rename(tree / "sub", tree / "sub.real")
             os.rename(tree / "evil", tree / "sub")
+            if swaps % 4 == 0:
+                time.sleep(0.0005)  # now and then a window long enough for a whole walk and read
             os.rename(tree / "sub", tree / "evil")
             os.rename(tree / "sub.real", tree / "sub")
+            swaps += 1
+            if swaps % 4 == 1:
+                time.sleep(0.0005)  # and one with the real directory in place
 
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # interleave the two threads finely
     t = threading.Thread(target=swap)
     t.start()
     seen: set[bytes] = set()
+    walks = refused = 0
+    deadline = time.monotonic() + 30
     try:
-        for _ in range(1500):
+        # until both outcomes have come often (a busy machine may take longer), within 30 s
+        while (walks < 50 or refused < 50) and time.monotonic() < deadline:
             try:
                 fid = c.walk_all(root, "sub/secret.txt")
                 c.lopen(fid)
                 seen.add(c.read(fid, 0, 100))
                 c.clunk(fid)
+                walks += 1
             except NinepError:
-                pass
+                refused += 1
     finally:
         stop.set()
         t.join()
+        sys.setswitchinterval(previous)
     assert seen <= {b"inside\n"}
-    assert seen, "the race never let a walk through"
+    assert walks and refused and swaps, (walks, refused, swaps)  # the race was run, both ways
 
 
 # --- hostile clients -------------------------------------------------------------------------
