@@ -28,7 +28,7 @@ IMAGES = Path(os.environ.get("PYVMM_GUEST_IMAGES", Path(__file__).resolve().pare
 
 # what the guest runs once up (its /init takes pyvmm.run=, with commas for spaces)
 GUEST_COMMANDS = ("echo PYVMM-GUEST: read from /dev/vda: $(tar -xOf /dev/vda hello.txt); "
-                  "echo PYVMM-GUEST: from /dev/hwrng: $(dd if=/dev/hwrng bs=8 count=1 2>/dev/null | od -An -tx1)")
+                  "echo PYVMM-GUEST: from /dev/hwrng: $(head -c 8 /dev/hwrng | od -An -tx1)")
 
 
 def disk_image(path: Path) -> None:
