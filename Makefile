@@ -21,6 +21,8 @@ GUEST_BINS := $(patsubst %.S,build/guests/%.bin,$(notdir $(GUEST_SRCS))) \
               $(patsubst %.S,build/guests/%_smc.bin,$(notdir $(GUEST_SRCS))) \
               $(patsubst %.S,build/guests/a32/%.bin,$(notdir $(A32_SRCS))) \
               $(patsubst %.S,build/guests/a32/%_smc.bin,$(notdir $(A32_SRCS)))
+# The GDB stub's test guests also as ELF files with their symbols, linked where pyvmm loads them
+GUEST_ELFS := $(patsubst tests/guests/%.S,build/guests/%.elf,$(wildcard tests/guests/gdb_*.S))
 BENCH_BINS := $(patsubst benchmarks/%.S,build/bench/%.bin,$(wildcard benchmarks/*.S))
 vpath %.S tests/guests examples/guests
 
@@ -45,7 +47,12 @@ kvm_bindings/_kvm_ffi.py: kvm_bindings/cdef_*.py kvm_bindings/ffi_build.py | $(V
 	@rm -f $@ && $(VPY) -m kvm_bindings.ffi_build >/dev/null
 
 # Guest payloads: flat AArch64 binaries assembled from .S with GNU as (cross on non-arm64 hosts).
-guests: $(GUEST_BINS)
+guests: $(GUEST_BINS) $(GUEST_ELFS)
+build/guests/%.elf: %.S tests/guests/common.inc | .cache/host-deps.stamp
+	@mkdir -p $(@D)
+	@$(CROSS)as -I tests/guests -o $(@:.elf=.elf.o) $<
+	@$(CROSS)ld -Ttext=0x80000000 -o $@ $(@:.elf=.elf.o)
+	@rm -f $(@:.elf=.elf.o)
 # Each is built twice: NAME.bin makes its firmware calls with HVC, NAME_smc.bin with SMC.
 build/guests/%_smc.bin: %.S tests/guests/common.inc | .cache/host-deps.stamp
 	@mkdir -p $(@D)

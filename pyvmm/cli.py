@@ -4,7 +4,7 @@
             [--psci-conduit hvc|smc] [--service FILE]... [--replace-service FILE]... [--deny RANGE]...
             [--sdei [--sdei-event N[,shared][,critical]]...] [--control SOCKET]
             [--console serial|virtio] [-d FILE[,ro][,nolock]]... [--rng] [-n mode=tap,tapif=NAME|mode=none]...
-            [--trace smccc] [--dump-dtb FILE] [--timeout S]
+            [--trace smccc] [--dump-dtb FILE] [--timeout S] [--gdb tcp:[HOST:]PORT|unix:PATH [--gdb-wait]]
   pyvmm exec [-k IMAGE [--modules DIR]] [-c CPUS] [-m MiB] [-p PARAMS] [--rwdir DIR]... [--cwd DIR]
              [--env NAME[=VALUE]]... [--console-log FILE] [--timeout S] [SMCCC options] -- CMD [ARG...]
                                                        run a host command in a Linux guest whose root
@@ -119,6 +119,10 @@ def build_parser() -> Parser:
     run.add_argument("--control", metavar="SOCKET",
                      help="listen on this Unix socket for `pyvmm sdei` and `pyvmm stop`")
     run.add_argument("--timeout", type=positive_float, metavar="S", help="stop the guest after S seconds")
+    run.add_argument("--gdb", metavar="tcp:[HOST:]PORT|unix:PATH",
+                     help="serve GDB's remote protocol there (target remote HOST:PORT); HOST defaults to 127.0.0.1")
+    run.add_argument("--gdb-wait", action="store_true",
+                     help="hold vCPU 0 before its first instruction until GDB attaches and continues")
     ex = sub.add_parser("exec", help="run a host command in a Linux guest on the host's root",
                         description="Boot a Linux guest whose root is the host's (read-only, virtio-9p) and run "
                                     "CMD in it; its stdout and stderr are pyvmm's, its status pyvmm's status.")
@@ -266,6 +270,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     events = [parse_event(e) for e in args.sdei_event]
     if args.control:
         claim_control_path(args.control)
+    if args.gdb_wait and not args.gdb:
+        raise VmmError("--gdb-wait waits for GDB: add --gdb tcp:[HOST:]PORT or --gdb unix:PATH")
+    if args.gdb:
+        from pyvmm.gdb.server import parse_address
+
+        kind, where = parse_address(args.gdb)
+        if kind == "unix":
+            claim_control_path(where, "--gdb")
     host = HostConsole()
     # the devices first, as kvmtool parses every option before touching KVM: a bad -d or -n is
     # reported as such on any host; until the VM owns them they are closed here on any failure
@@ -302,6 +314,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             except OSError as e:
                 raise VmmError(f"cannot write {args.dump_dtb}: {e.strerror}") from None
             return EXIT_OK
+        if args.gdb:
+            stub = vm.attach_gdb(args.gdb, wait=args.gdb_wait)
+            held = "; vCPU 0 waits for it" if args.gdb_wait else ""
+            print(f"pyvmm: GDB stub listening on {stub.address}{held}", file=sys.stderr, flush=True)
         receive = host.receive or vm.serial.uart.receive
         console_in = ConsoleInput(receive, lambda: vm.stop("quit from the console (Ctrl-A x)"), host.output.flush)
         control = ControlServer(args.control, vm.stop, vm.sdei) if args.control else None

@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Sequence
+from typing import Protocol
 
 from kvm_bindings.constants import SystemEvent
 from pyvmm.devices.bus import MmioBus
 from pyvmm.errors import GuestError, VmmError
 from pyvmm.exits import (
+    DebugExit,
     Exit,
     FailEntryExit,
     InternalErrorExit,
@@ -46,11 +48,20 @@ class UnhandledMmio:
         self.accesses: list[MmioExit] = []
 
 
+class DebugEvents(Protocol):
+    """A debugger's part in the exit loop (pyvmm.gdb.debugger.Debugger)."""
+
+    def debug_exit(self, vcpu: Vcpu, ex: DebugExit) -> None: ...
+
+    def booted(self, vcpu: Vcpu) -> None: ...
+
+
 class MachineExits:
     def __init__(self, smccc: Dispatcher, bus: MmioBus, unhandled: UnhandledMmio, lifecycle: Lifecycle) -> None:
         self._smccc, self._bus, self._unhandled, self._lifecycle = smccc, bus, unhandled, lifecycle
         self.hypercall = smccc.dispatch  # the hot path: no frame of our own
         self.vcpus: Sequence[Vcpu] = ()
+        self.debugger: DebugEvents | None = None
 
     def mmio(self, vcpu: Vcpu, ex: MmioExit) -> None:
         m = self._bus.find(ex.addr, ex.size)
@@ -76,6 +87,12 @@ class MachineExits:
         self._lifecycle.finish(RunResult(reason, f"guest system event {ex.name}", vcpu.index, ex.data))
         return False
 
+    def debug(self, vcpu: Vcpu, ex: DebugExit) -> None:
+        """KVM_EXIT_DEBUG: only a debugger enables guest debug, and it takes the event."""
+        if self.debugger is None:
+            raise GuestError(f"KVM reported a debug event ({ex.kind}, ESR {ex.esr:#x}) with no debugger attached")
+        self.debugger.debug_exit(vcpu, ex)
+
     def other(self, vcpu: Vcpu, ex: Exit) -> None:
         if isinstance(ex, InterruptedExit):
             return
@@ -90,7 +107,10 @@ class MachineExits:
         raise GuestError(f"unhandled KVM exit {ex}")
 
     def booting(self, vcpu: Vcpu) -> None:
+        """A CPU_ON'd vCPU has been reset to its entry point and is about to run."""
         self._smccc.power_on(vcpu)  # services' per-PE state starts over (SDEI)
+        if self.debugger is not None:
+            self.debugger.booted(vcpu)  # KVM_ARM_VCPU_INIT reset it: its guest debug is set again
 
     def woken(self, vcpu: Vcpu) -> None:
         self._smccc.woken(vcpu)

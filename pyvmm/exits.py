@@ -59,6 +59,34 @@ class NisvExit(NamedTuple):
     fault_ipa: int
 
 
+# ESR_EL2.EC of the debug exceptions KVM hands userspace as KVM_EXIT_DEBUG (Arm ARM D19.2.37,
+# ESR_ELx; arch/arm64/kvm/handle_exit.c, kvm_handle_guest_debug). Lower EL and same EL differ
+# only in who took it: a guest's EL1 is "lower" to KVM's EL2.
+EC_KINDS = {0x30: "hw-breakpoint", 0x31: "hw-breakpoint", 0x32: "step", 0x33: "step",
+            0x34: "watchpoint", 0x35: "watchpoint", 0x3C: "breakpoint"}
+ESR_EC_SHIFT = 26
+ESR_WNR = 1 << 6  # a watchpoint's ISS: the access was a write
+
+
+class DebugExit(NamedTuple):
+    """KVM_EXIT_DEBUG: a guest-debug event (KVM_SET_GUEST_DEBUG enabled it) — a BRK, a hardware
+    breakpoint or watchpoint, or a completed single step. `far` holds the data address for a
+    watchpoint only."""
+
+    esr: int
+    far: int
+
+    @property
+    def kind(self) -> str:
+        """breakpoint (BRK), hw-breakpoint, watchpoint, step, or unknown."""
+        return EC_KINDS.get((self.esr >> ESR_EC_SHIFT) & 0x3F, "unknown")
+
+    @property
+    def write(self) -> bool:
+        """For a watchpoint: the access was a store."""
+        return bool(self.esr & ESR_WNR)
+
+
 class FailEntryExit(NamedTuple):
     reason: int
     cpu: int
@@ -73,7 +101,7 @@ class UnknownExit(NamedTuple):
     reason: int
 
 
-Exit = (MmioExit | HypercallExit | SystemEventExit | InterruptedExit | NisvExit | FailEntryExit
+Exit = (MmioExit | HypercallExit | SystemEventExit | InterruptedExit | NisvExit | DebugExit | FailEntryExit
         | InternalErrorExit | UnknownExit)
 
 _MMIO_EXIT = ExitReason.MMIO.value
@@ -134,6 +162,9 @@ def decode(run: CData) -> Exit:
         return INTERRUPTED
     if reason == ExitReason.ARM_NISV:
         return NisvExit(run.arm_nisv.esr_iss, run.arm_nisv.fault_ipa)
+    if reason == ExitReason.DEBUG:
+        arch = run.debug.arch
+        return DebugExit(arch.hsr, arch.far)
     if reason == ExitReason.FAIL_ENTRY:
         fe = run.fail_entry
         return FailEntryExit(fe.hardware_entry_failure_reason, fe.cpu)

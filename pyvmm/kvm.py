@@ -233,6 +233,30 @@ class VcpuFd(DeviceAttrs):
         if libc.ioctl(self.fd, _SET_ONE_REG, self._regs.get(reg_id) or self._new_reg(reg_id)) < 0:
             raise KvmIoctlError("KVM_SET_ONE_REG", ffi.errno, f"reg {reg_id:#x}")
 
+    def get_one_reg_bytes(self, reg_id: int, size: int) -> bytes:
+        """A register wider or narrower than 64 bits (V0-V31: 16 bytes; FPSR, FPCR: 4), as its
+        little-endian bytes; the size is in the ID's KVM_REG_SIZE field and must match."""
+        buf = ffi.new("uint8_t[]", size)
+        reg = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": int(ffi.cast("uintptr_t", buf))})
+        _ioctl(self.fd, _GET_ONE_REG, reg, f"reg {reg_id:#x}")
+        return bytes(ffi.buffer(buf))
+
+    def set_one_reg_bytes(self, reg_id: int, data: bytes) -> None:
+        buf = ffi.new("uint8_t[]", data)
+        reg = ffi.new("struct kvm_one_reg *", {"id": reg_id, "addr": int(ffi.cast("uintptr_t", buf))})
+        _ioctl(self.fd, _SET_ONE_REG, reg, f"reg {reg_id:#x}")
+
+    def set_guest_debug(self, control: int, bcr: list[int], bvr: list[int], wcr: list[int], wvr: list[int]) -> None:
+        """KVM_SET_GUEST_DEBUG (api.rst 4.56): `control` is KVM_GUESTDBG_* bits; with
+        KVM_GUESTDBG_USE_HW the breakpoint and watchpoint register values (arm64's
+        kvm_guest_debug_arch: DBGBCR/DBGBVR/DBGWCR/DBGWVR, 16 each, unused ones 0)."""
+        dbg = ffi.new("struct kvm_guest_debug *", {"control": control})
+        for i, (c, v) in enumerate(zip(bcr, bvr, strict=True)):
+            dbg.arch.dbg_bcr[i], dbg.arch.dbg_bvr[i] = c, v
+        for i, (c, v) in enumerate(zip(wcr, wvr, strict=True)):
+            dbg.arch.dbg_wcr[i], dbg.arch.dbg_wvr[i] = c, v
+        _ioctl(self.fd, io.KVM_SET_GUEST_DEBUG, dbg)
+
     def vcpu_init(self, target: int, features: list[int]) -> None:
         init = ffi.new("struct kvm_vcpu_init *", {"target": target, "features": features})
         _ioctl(self.fd, io.KVM_ARM_VCPU_INIT, init)

@@ -167,6 +167,11 @@ class Lifecycle:
         self._closed = False
         self._stuck: set[MachineVcpu] = set()  # vCPU threads that would not stop (reported once)
 
+    @property
+    def result(self) -> RunResult | None:
+        """Why the run ended; None until it has."""
+        return self._result
+
     def add_device(self, device: MachineDevice) -> None:
         self.devices.append(device)
 

@@ -34,7 +34,7 @@ from kvm_bindings.regs import (
     sysreg_id,
 )
 from pyvmm.errors import KvmIoctlError, VmmError
-from pyvmm.exits import HEAD, Exit, MmioExit, SystemEventExit, decode, decode_mmio
+from pyvmm.exits import HEAD, DebugExit, Exit, MmioExit, SystemEventExit, decode, decode_mmio
 from pyvmm.kvm import VcpuFd
 from pyvmm.power import Entry, Power, PowerState
 
@@ -65,6 +65,8 @@ class ExitHandler(Protocol):
     def mmio(self, vcpu: Vcpu, ex: MmioExit) -> None: ...
 
     def system_event(self, vcpu: Vcpu, ex: SystemEventExit) -> bool: ...
+
+    def debug(self, vcpu: Vcpu, ex: DebugExit) -> None: ...
 
     def other(self, vcpu: Vcpu, ex: Exit) -> None: ...
 
@@ -113,6 +115,17 @@ class Vcpu:
 
     def set_x(self, n: int, value: int) -> None:
         self.fd.set_one_reg(_X[n], value)
+
+    def get_wide(self, reg_id: int, size: int) -> bytes:
+        """A register of `size` bytes other than 8 (the FP/SIMD V0-V31, FPSR, FPCR), little-endian."""
+        return self.fd.get_one_reg_bytes(reg_id, size)
+
+    def set_wide(self, reg_id: int, data: bytes) -> None:
+        self.fd.set_one_reg_bytes(reg_id, data)
+
+    def set_guest_debug(self, control: int, bcr: list[int], bvr: list[int], wcr: list[int], wvr: list[int]) -> None:
+        """KVM_SET_GUEST_DEBUG (pyvmm/gdb/debugger.py sets it while the vCPU is out of the guest)."""
+        self.fd.set_guest_debug(control, bcr, bvr, wcr, wvr)
 
     def get_sysreg(self, op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
         return self.fd.get_one_reg(sysreg_id(op0, op1, crn, crm, op2))
@@ -297,8 +310,8 @@ class Vcpu:
         if pending is False:
             return False
         if isinstance(pending, Entry):
-            self._exits.booting(self)  # services' per-PE state starts over (SDEI)
             self.boot(pending)
+            self._exits.booting(self)  # services' per-PE state starts over (SDEI), a debugger's applies
             self._power.booted()
         return True
 
@@ -337,6 +350,8 @@ class Vcpu:
                         exits.woken(self)
                     elif not exits.system_event(self, ex):
                         return
+                elif isinstance(ex, DebugExit):
+                    exits.debug(self, ex)
                 else:
                     exits.other(self, ex)
             if requests:

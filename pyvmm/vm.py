@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from devicetree.machvirt import DtPart
     from pyvmm.devices.virtio.device import VirtioDevice
     from pyvmm.devices.virtio.mmio import VirtioMmio
+    from pyvmm.gdb.server import GdbServer
     from pyvmm.services.psci import Psci
     from pyvmm.services.sdei import EventSpec, Sdei
 
@@ -207,6 +208,44 @@ class Vm:
         self.sdei = Sdei(self.service_context, events)
         self.smccc.add_service(self.sdei)
         return self.sdei
+
+    def attach_gdb(self, address: str, *, wait: bool = False) -> GdbServer:
+        """Serve GDB's remote protocol on `address` (tcp:[HOST:]PORT, PORT 0 for a free one, or
+        unix:PATH) from now until the VM is closed; the server's `address` says where. A client
+        that connects stops the guest. `wait`: vCPU 0 is held before its first instruction until
+        a client lets it go (QEMU's -S). See pyvmm/gdb/debugger.py."""
+        from pyvmm.gdb.debugger import Debugger
+        from pyvmm.gdb.monitor import Monitor
+        from pyvmm.gdb.server import GdbServer
+        from pyvmm.gdb.target import MachineTarget
+
+        if self.lifecycle.ran:
+            raise VmmError("attach the GDB stub before the VM first runs")
+        if self._exits.debugger is not None:
+            raise VmmError("this VM has a GDB stub already")
+        if self.aarch32:
+            raise VmmError("the GDB stub debugs AArch64 guests; this VM's vCPUs run AArch32")
+        if not self.kvm.check_extension(Cap.SET_GUEST_DEBUG):
+            raise KvmUnavailableError("this KVM lacks KVM_CAP_SET_GUEST_DEBUG, which the GDB stub needs")
+
+        def set_watch(hook: Callable[..., None] | None) -> None:
+            self.smccc.watch = hook
+
+        debugger = Debugger(self.vcpus, MachineTarget(self.vcpus, self.memory),
+                            hw_breakpoints=self.kvm.check_extension(Cap.GUEST_DEBUG_HW_BPS),
+                            hw_watchpoints=self.kvm.check_extension(Cap.GUEST_DEBUG_HW_WPS),
+                            describe_call=self.smccc.describe, set_watch=set_watch,
+                            result=lambda: self.lifecycle.result)
+        self._resources.callback(debugger.close)
+        server = GdbServer(address, debugger, Monitor(debugger, self.smccc, lambda: self.sdei), self.stop)
+        self._resources.callback(server.close)
+        self._exits.debugger = debugger
+        self.lifecycle.add_device(debugger)
+        self.lifecycle.on_run_end.append(debugger.run_ended)
+        if wait:
+            debugger.hold()
+        server.start()
+        return server
 
     def load(self, data: bytes, gpa: int | None = None) -> int:
         """Copy an image into guest RAM (default: the start of RAM); returns its address. A

@@ -89,7 +89,7 @@ class Inspector:
         if name == b"qAttached":
             return b"1"  # an existing guest: detaching leaves it running
         if name.startswith(b"qThreadExtraInfo,"):
-            cpu = self._thread(name.split(b",", 1)[1])
+            cpu = self.thread(name.split(b",", 1)[1])
             return f"vCPU {cpu}".encode().hex().encode()
         return b""
 
@@ -147,7 +147,7 @@ class Inspector:
         return b"OK"
 
     # --- threads -----------------------------------------------------------------------------
-    def _thread(self, text: bytes) -> int:
+    def thread(self, text: bytes) -> int:
         """The vCPU a thread-id names (0 and -1: the current one)."""
         number = int(text, 16) if text not in (b"-1", b"0") else self.selected + 1
         if not 1 <= number <= self.target.vcpus():
@@ -159,7 +159,7 @@ class Inspector:
         if op not in (b"g", b"c"):
             return b""
         try:
-            cpu = self._thread(which)
+            cpu = self.thread(which)
         except IndexError:
             return error(ESRCH)
         if op == b"g":
@@ -168,7 +168,7 @@ class Inspector:
 
     def _alive(self, text: bytes) -> bytes:
         try:
-            self._thread(text)
+            self.thread(text)
         except IndexError:
             return error(ESRCH)
         return b"OK"

@@ -124,12 +124,37 @@ class Dispatcher:
         self._cache: dict[int, Handler | None] = {}
         self.services: list[Service] = []
         self.calls = 0  # forwarded calls answered
-        self.trace: Callable[[TraceRecord | TraceEvent], None] | None = None
+        self._trace: Callable[[TraceRecord | TraceEvent], None] | None = None
+        self._watch: Callable[[ServiceVcpu, int, int], None] | None = None
+        self._observed = False  # a trace or a watch is set: the hot path's one test
         self.conduit = conduit
         self._frozen = False
         self.aarch32_callers = False  # set by the VM for KVM_ARM_VCPU_EL1_32BIT vCPUs
         # by owner, the function IDs KVM answers itself (its TRNG): counted by Call Count
         self.kernel_functions: dict[int, tuple[int, ...]] = {}
+
+    @property
+    def trace(self) -> Callable[[TraceRecord | TraceEvent], None] | None:
+        """Called with a record of every forwarded call once it is answered (and with services'
+        own events), on the calling vCPU's thread."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, value: Callable[[TraceRecord | TraceEvent], None] | None) -> None:
+        self._trace = value
+        self._observed = value is not None or self._watch is not None
+
+    @property
+    def watch(self) -> Callable[[ServiceVcpu, int, int], None] | None:
+        """Called as `watch(vcpu, function_id, flags)` before a forwarded call is answered, on
+        the calling vCPU's thread: it may hold the vCPU there (a debugger's catch) and change its
+        registers, which the service then reads as the call's arguments."""
+        return self._watch
+
+    @watch.setter
+    def watch(self, value: Callable[[ServiceVcpu, int, int], None] | None) -> None:
+        self._watch = value
+        self._observed = value is not None or self._trace is not None
 
     @property
     def conduit(self) -> str:
@@ -226,7 +251,7 @@ class Dispatcher:
 
     def emit(self, event: TraceEvent) -> None:
         """A service's own line in the trace (an SDEI dispatch), if tracing is on."""
-        trace = self.trace
+        trace = self._trace
         if trace is not None:
             trace(event)
 
@@ -246,6 +271,14 @@ class Dispatcher:
         for s in self.services:
             s.powered_off(vcpu)
 
+    def describe(self, function_id: int, flags: int) -> str:
+        """A call as a person reads it: `0xc4000003 (CPU_ON, PSCI) over HVC`."""
+        fn = self.resolve(function_id)
+        conduit = "SMC" if flags & _SMC else "HVC"
+        service = next((r.service.name for r in self._routes if r.base <= function_id < r.base + r.size), None)
+        name = f" ({fn.name}, {service})" if fn is not None and service else ""
+        return f"{function_id:#010x}{name} over {conduit}"
+
     # --- dispatch --------------------------------------------------------------------------
     def resolve(self, function_id: int) -> Function | None:
         if function_id & SMC64 and self.aarch32_callers:
@@ -261,8 +294,12 @@ class Dispatcher:
         This is the exit loop's hot path: a cached handler lookup, the handler, and (for the
         common single result) exactly one KVM_SET_ONE_REG.
         """
-        if self.trace is not None:
-            return self._dispatch_traced(vcpu, function_id, flags)
+        if self._observed:
+            watch = self._watch
+            if watch is not None:
+                watch(vcpu, function_id, flags)
+            if self._trace is not None:
+                return self._dispatch_traced(vcpu, function_id, flags)
         try:
             handler = self._cache[function_id]
         except KeyError:
@@ -317,8 +354,9 @@ class Dispatcher:
             write_results(vcpu, call, values)
             mask = _U64 if function_id & SMC64 else _U32
             shown = tuple(v & mask for v in values)
-        assert self.trace is not None
-        self.trace(TraceRecord(vcpu.index, call.conduit, function_id, fn, args, shown,
+        trace = self._trace
+        assert trace is not None
+        trace(TraceRecord(vcpu.index, call.conduit, function_id, fn, args, shown,
                                time.perf_counter() - started, note))
 
 

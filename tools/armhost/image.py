@@ -30,6 +30,13 @@ USERSPACE_PACKAGES = [
     "libc6", "libexpat1", "zlib1g", "libffi8", "libbz2-1.0", "liblzma5", "libcrypt1",
     "libgcc-s1", "libuuid1", "libssl3", "libsqlite3-0", "libncursesw6", "libtinfo6",
     "libreadline8", "libdb5.3", "libnsl2", "libtirpc3",
+    # GDB for the stub's tests (gdb-minimal: no Python, no source highlighting) and the
+    # libraries it loads (its debuginfod client links libcurl and, through it, TLS and Kerberos)
+    "gdb-minimal", "libstdc++6", "libgmp10", "libxxhash0", "libzstd1", "libdebuginfod1", "libelf1",
+    "libcurl3-gnutls", "libbrotli1", "libgnutls30", "libhogweed6", "libnettle8", "libidn2-0",
+    "libunistring2", "libp11-kit0", "libtasn1-6", "libpsl5", "libnghttp2-14", "librtmp1", "libssh2-1",
+    "libgssapi-krb5-2", "libkrb5-3", "libkrb5support0", "libk5crypto3", "libkeyutils1", "libcom-err2",
+    "libldap-2.5-0", "libsasl2-2",
 ]
 # Wheels the project needs at run time and for its test tier, for CPython 3.11 on aarch64.
 BINARY_WHEELS = ["cffi", "pycparser", "ioctl-opt", "pytest", "hypothesis"]
@@ -85,6 +92,7 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts
 mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
+ip link set lo up  # localhost, as on any host (the GDB stub's TCP tests connect to 127.0.0.1)
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
 export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko; done
