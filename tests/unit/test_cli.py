@@ -37,6 +37,21 @@ def test_bad_flags_are_one_line_usage_errors(args: list[str], message: str) -> N
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--gdb-wait"], "--gdb-wait waits for GDB: add --gdb tcp:[HOST:]PORT or --gdb unix:PATH"),
+    (["--gdb", "1234"], "--gdb 1234: give tcp:[HOST:]PORT or unix:PATH"),
+    (["--gdb", "tcp:localhost:65536"], "--gdb tcp:localhost:65536: give tcp:[HOST:]PORT or unix:PATH"),
+    (["--gdb", "unix:/nonexistent-dir/gdb.sock"], "--gdb /nonexistent-dir/gdb.sock: there is no directory /nonexistent-dir"),
+])
+def test_bad_gdb_options_are_one_line_before_any_vm(tmp_path: Path, args: list[str], message: str) -> None:
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(b"\0" * 4)
+    p = run_cli("run", "-f", str(firmware), *args)
+    assert p.returncode == cli.EXIT_ERROR
+    assert p.stderr.strip().splitlines() == [f"pyvmm: error: {message}"]
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
 def test_missing_firmware_is_one_line(tmp_path: Path) -> None:
     p = run_cli("run", "-f", str(tmp_path / "nope.bin"))
     assert p.returncode == cli.EXIT_ERROR

@@ -7,7 +7,7 @@ import pytest
 from kvm_bindings import CData, ffi
 from kvm_bindings.constants import ExitReason, SystemEvent
 from pyvmm import exits
-from pyvmm.exits import HypercallExit, MmioExit, NisvExit, SystemEventExit, UnknownExit
+from pyvmm.exits import DebugExit, HypercallExit, MmioExit, NisvExit, SystemEventExit, UnknownExit
 
 
 def new_run(reason: int) -> CData:
@@ -92,3 +92,15 @@ def test_other_exits() -> None:
     run.arm_nisv.esr_iss = 0x40
     assert exits.decode(run) == NisvExit(0x40, 0x1000_0000)
     assert exits.decode(new_run(12345)) == UnknownExit(12345)
+
+
+@pytest.mark.parametrize(("ec", "kind"), [(0x3C, "breakpoint"), (0x30, "hw-breakpoint"), (0x31, "hw-breakpoint"),
+                                          (0x32, "step"), (0x33, "step"), (0x34, "watchpoint"),
+                                          (0x35, "watchpoint"), (0x00, "unknown")])
+def test_debug_exit_kind_from_the_esr_class(ec: int, kind: str) -> None:
+    run = new_run(ExitReason.DEBUG)
+    run.debug.arch.hsr = ec << 26 | 0x40  # ISS WnR: a store
+    run.debug.arch.far = 0x8000_1234
+    ex = exits.decode(run)
+    assert ex == DebugExit(ec << 26 | 0x40, 0x8000_1234)
+    assert isinstance(ex, DebugExit) and ex.kind == kind and ex.write

@@ -1,0 +1,177 @@
+"""The GDB stub against real KVM, driven by GDB itself (Debian's gdb, or gdb-minimal in the
+emulated host) in batch mode, against tests/guests/gdb_target.S built as an ELF with symbols."""
+
+from __future__ import annotations
+
+import os
+import pty
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import guest_image
+
+ROOT = Path(__file__).resolve().parents[2]
+GDB = shutil.which("gdb") or shutil.which("gdb-multiarch")
+GUEST_TIMEOUT = 240  # the --timeout of every guest run here
+
+
+def elf() -> str:
+    path = ROOT / "build" / "guests" / "gdb_target.elf"
+    assert path.is_file(), f"{path} is missing: `make guests` builds it"
+    return str(path)
+
+
+def start_vm(*args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("gdb_target")), "-c", "2",
+           "--timeout", str(GUEST_TIMEOUT), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_listening(vm: subprocess.Popen[str]) -> str:
+    """The stub's address from pyvmm's first stderr line."""
+    assert vm.stderr is not None
+    line = vm.stderr.readline()
+    m = re.search(r"GDB stub listening on (\S+?)(;|$)", line)
+    assert m, f"pyvmm did not start its GDB stub: {line!r}"
+    return m.group(1)
+
+
+def remote(address: str) -> str:
+    """`target remote`'s argument for a stub address."""
+    kind, _, rest = address.partition(":")
+    return rest if kind == "tcp" else address.removeprefix("unix:")
+
+
+def gdb(address: str, *commands: str, timeout: float = 90) -> str:
+    assert GDB is not None, "no gdb on this host (tools/host-deps.sh installs it)"
+    argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off",
+            "-ex", f"target remote {remote(address)}", elf()]
+    for c in commands:
+        argv += ["-ex", c]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    return out.stdout + out.stderr
+
+
+def finish(vm: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str, str]:
+    try:
+        out, err = vm.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        vm.kill()
+        out, err = vm.communicate()
+        pytest.fail(f"pyvmm did not end: {err}")
+    return vm.returncode, out, err
+
+
+def value(output: str, expr_tag: str) -> int:
+    """The value GDB printed for `print/x` whose line starts with `$N = ` after a `echo TAG\\n`."""
+    m = re.search(re.escape(expr_tag) + r"\n\$\d+ = (0x[0-9a-f]+)", output)
+    assert m, f"no value after {expr_tag!r} in:\n{output}"
+    return int(m.group(1), 16)
+
+
+def show(tag: str, expr: str) -> list[str]:
+    return [f"echo {tag}\\n", f"print/x {expr}"]
+
+
+ALIAS = "(0x40000000 + ((long)&magic - 0x80000000))"
+
+
+def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) -> None:
+    sock = str(tmp_path / "gdb.sock")
+    vm = start_vm("--gdb", f"unix:{sock}", "--gdb-wait")
+    try:
+        address = wait_listening(vm)
+        out = gdb(address,
+                  "info threads",
+                  "break *regs_set", "continue",
+                  "info registers x19 x20 x21",
+                  *show("X19", "$x19"), *show("X20", "$x20"), *show("PC1", "$pc"),
+                  *show("REGSET", "&regs_set"),
+                  "stepi", *show("PC2", "$pc"),
+                  *show("MAGIC0", "*(long *)&magic"), "set var *(long *)&magic = 0x2222",
+                  "delete",
+                  "watch *(long *)&watched", "continue", *show("PC3", "$pc"), *show("AFTER", "&after_store"),
+                  "delete",
+                  "monitor smccc trace on", "monitor catch smccc 0xc4000003", "continue",
+                  *show("CALL_X0", "$x0"), *show("CALL_X1", "$x1"), *show("SECONDARY", "&secondary"),
+                  *show("CALL_X2", "$x2"),
+                  "monitor catch smccc off",
+                  *show("PC_CALL", "$pc"), *show("CPU_ON_DONE", "&cpu_on_done"),
+                  "hbreak *mmu_on", "continue", *show("PC4", "$pc"), *show("MMU_ON", "&mmu_on"),
+                  "monitor smccc trace off", "delete",
+                  "info threads",
+                  *show("ALIAS", f"*(long *){ALIAS}"),
+                  f"set var *(long *){ALIAS} = 0x5555",
+                  *show("IDENTITY", "*(long *)&magic"),
+                  "x/gx 0x10000000",
+                  "delete", "break *check_magic", "continue", *show("GUEST_X2", "$x2"),
+                  "set var *(long *)&release = 1",
+                  "delete", "detach")
+    finally:
+        status, _, err = finish(vm)
+    assert "Thread 1" in out and "Thread 2" in out, out
+    assert re.search(r"x19\s+0x1919000000001919\s", out) and re.search(r"x21\s+0x21\s+33", out), out
+    assert value(out, "X19") == 0x1919_0000_0000_1919
+    assert value(out, "X20") == 0x2020_0000
+    assert value(out, "PC1") == value(out, "REGSET")
+    assert value(out, "PC2") == value(out, "REGSET") + 4
+    assert value(out, "MAGIC0") == 0x1111
+    assert "atchpoint" in out and "New value = 4660" in out, out  # 0x1234 stored by the guest
+    assert value(out, "PC3") == value(out, "AFTER")
+    assert "stopped at SMCCC call 0xc4000003" in out, out
+    assert value(out, "CALL_X0") == 0xC400_0003
+    assert value(out, "CALL_X1") == 1  # the target MPIDR
+    assert value(out, "CALL_X2") == value(out, "SECONDARY")
+    assert value(out, "PC_CALL") == value(out, "CPU_ON_DONE")  # past the HVC
+    assert "Hardware assisted breakpoint" in out and value(out, "PC4") == value(out, "MMU_ON"), out
+    assert re.search(r"\[vcpu0 hvc\] CPU_ON\(", out), out  # the trace, in GDB's console
+    assert value(out, "ALIAS") == 0x2222  # written with the MMU off, read through the new mapping
+    assert value(out, "IDENTITY") == 0x5555
+    assert "Cannot access memory at address 0x10000000" in out, out
+    assert value(out, "GUEST_X2") == 0x5555  # the guest read what GDB wrote
+    assert status == 0, err  # detached, the guest went on to power off
+
+
+def test_interrupt_spinning_guest_then_kill() -> None:
+    vm = start_vm("--gdb", "tcp:127.0.0.1:0")
+    try:
+        address = wait_listening(vm)
+        assert GDB is not None
+        argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off",
+                "-ex", f"target remote {remote(address)}", "-ex", "continue", "-ex", "info threads",
+                "-ex", "echo PC\\n", "-ex", "print/x $pc", "-ex", "kill", elf()]
+        # GDB forwards a SIGINT to the target as Ctrl-C (0x03) when its input is a terminal, as
+        # a user's is: a pseudo-terminal stands in for one
+        master, slave = pty.openpty()
+        try:
+            g = subprocess.Popen(argv, stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        finally:
+            os.close(slave)
+        assert g.stdout is not None
+        seen = ""
+        deadline = time.monotonic() + 120
+        while " in " not in seen and time.monotonic() < deadline:  # attached: "0x... in wait_release ()"
+            line = g.stdout.readline()
+            if not line:
+                break
+            seen += line
+        assert " in " in seen, seen
+        time.sleep(3)  # GDB continues (batch mode says nothing); the guest spins in wait_release
+        os.kill(g.pid, signal.SIGINT)
+        try:
+            rest, _ = g.communicate(timeout=120)
+        finally:
+            os.close(master)
+        out = seen + rest
+    finally:
+        status, _, err = finish(vm)
+    assert "SIGINT" in out, out
+    assert "Thread 1" in out and "Thread 2" in out, out
+    assert status == 3 and "killed from GDB" in err, err

@@ -1,0 +1,320 @@
+"""The GDB stub's run control, breakpoints and monitor commands against fake vCPUs and RAM; the
+debug registers' encodings; the server's address parsing and stop replies. The real thing, with
+GDB and KVM, is tests/kvm/test_gdb.py."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from kvm_bindings.constants import (
+    KVM_GUESTDBG_ENABLE,
+    KVM_GUESTDBG_SINGLESTEP,
+    KVM_GUESTDBG_USE_HW,
+    KVM_GUESTDBG_USE_SW_BP,
+)
+from pyvmm.errors import VmmError
+from pyvmm.exits import DebugExit
+from pyvmm.gdb import hw, packets
+from pyvmm.gdb.debugger import BRK, ENOSPC, SIGINT, SIGTRAP, Debugger, Stop
+from pyvmm.gdb.monitor import Monitor, parse_fid_range
+from pyvmm.gdb.server import GdbServer, exit_reply, parse_address, stop_reply
+from pyvmm.gdb.target import MachineTarget
+from pyvmm.memory import GuestMemory
+from pyvmm.power import Power
+from pyvmm.smccc.dispatcher import Dispatcher
+
+RAM = 0x8000_0000
+
+
+# --- debug registers (Arm ARM D19.3) -------------------------------------------------------------
+def test_breakpoint_slot_matches_an_a64_instruction_at_el1_and_el0() -> None:
+    slot = hw.breakpoint_slot(0x8000_1000)
+    assert slot == hw.Slot(0b1111 << 5 | 0b11 << 1 | 1, 0x8000_1000)
+    with pytest.raises(ValueError, match="4-byte aligned"):
+        hw.breakpoint_slot(0x8000_1002)
+
+
+@pytest.mark.parametrize(("address", "length", "bas", "wvr"), [
+    (0x1000, 8, 0xFF, 0x1000), (0x1004, 4, 0xF0, 0x1000), (0x1003, 1, 0x08, 0x1000), (0x1006, 2, 0xC0, 0x1000)])
+def test_watchpoint_inside_a_doubleword_uses_the_byte_select(address: int, length: int, bas: int, wvr: int) -> None:
+    slot = hw.watchpoint_slot(address, length, "write")
+    assert slot.value == wvr
+    assert slot.control == 1 | 0b11 << 1 | 0b10 << 3 | bas << 5
+    assert all(hw.covers(slot, a) for a in range(address, address + length))
+    assert not hw.covers(slot, address - 1) and not hw.covers(slot, address + length)
+
+
+def test_larger_watchpoints_are_aligned_powers_of_two_with_a_mask() -> None:
+    slot = hw.watchpoint_slot(0x1_0000, 0x100, "access")
+    assert slot.control == 1 | 0b11 << 1 | 0b11 << 3 | 0xFF << 5 | 8 << 24
+    assert hw.covers(slot, 0x1_00FF) and not hw.covers(slot, 0x1_0100)
+    for address, length in ((0x1004, 8), (0x1000, 24), (0x1008, 16)):
+        with pytest.raises(ValueError):
+            hw.watchpoint_slot(address, length, "read")
+    with pytest.raises(ValueError):
+        hw.watchpoint_slot(0x1000, 4, "execute")
+
+
+# --- run control against fake vCPUs ----------------------------------------------------------------
+class FakeVcpu:
+    """Registers in a dict; request() runs the function on a thread of its own, as a vCPU's
+    thread would at its next exit."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.regs = {"pc": RAM, "pstate": 0x3C5, "sp": 0, "sp_el1": 0, "sctlr_el1": 0, "tcr_el1": 0,
+                     "ttbr0_el1": 0, "ttbr1_el1": 0}
+        self.x = [0] * 31
+        self.thread: threading.Thread | None = None
+        self.debug: list[int] = []  # every KVM_SET_GUEST_DEBUG control value
+        self.on = True
+
+    @property
+    def power(self) -> Power:
+        return Power.ON if self.on else Power.OFF
+
+    def request(self, fn: Callable[[FakeVcpu], None]) -> None:
+        self.thread = threading.Thread(target=fn, args=(self,), daemon=True)
+        self.thread.start()
+
+    def on_own_thread(self) -> bool:
+        return self.thread is threading.current_thread()
+
+    def set_guest_debug(self, control: int, bcr: list[int], bvr: list[int], wcr: list[int], wvr: list[int]) -> None:
+        self.debug.append(control)
+
+    def get_reg(self, name: str) -> int:
+        return self.regs[name]
+
+    def set_reg(self, name: str, value: int) -> None:
+        self.regs[name] = value
+
+    def get_x(self, n: int) -> int:
+        return self.x[n]
+
+    def set_x(self, n: int, value: int) -> None:
+        self.x[n] = value
+
+    def get_wide(self, reg_id: int, size: int) -> bytes:
+        return bytes(size)
+
+    def set_wide(self, reg_id: int, data: bytes) -> None:
+        pass
+
+
+@pytest.fixture
+def machine() -> Iterator[tuple[Debugger, list[FakeVcpu], GuestMemory]]:
+    memory = GuestMemory()
+    memory.add(RAM, 1 << 16)
+    vcpus = [FakeVcpu(0), FakeVcpu(1)]
+    debugger = Debugger(vcpus, MachineTarget(vcpus, memory), hw_breakpoints=2, hw_watchpoints=1)
+    yield debugger, vcpus, memory
+    debugger.close()
+    memory.close()
+
+
+def wait_parked(debugger: Debugger, vcpus: list[FakeVcpu]) -> Stop:
+    stop = debugger.take_stop()
+    assert stop is not None
+    return stop
+
+
+def test_attach_stops_every_vcpu_and_continue_lets_them_go(machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
+    debugger, vcpus, _ = machine
+    debugger.attach()
+    assert wait_parked(debugger, vcpus) == Stop(0, SIGTRAP, "attach")
+    assert all(v.thread is not None and v.thread.is_alive() for v in vcpus)  # both parked
+    debugger.resume_vcpus(set(), run_others=True)
+    for v in vcpus:
+        assert v.thread is not None
+        v.thread.join(5)
+        assert not v.thread.is_alive()
+        assert v.debug[-1] == KVM_GUESTDBG_ENABLE  # attached, nothing set: debug on, no breakpoints
+
+
+def test_software_breakpoint_writes_brk_shows_the_original_and_restores_it(
+        machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
+    debugger, vcpus, memory = machine
+    memory.write(RAM + 0x10, b"\x1f\x20\x03\xd5")  # NOP
+    debugger.attach()
+    wait_parked(debugger, vcpus)
+    assert debugger.insert(0, RAM + 0x10, 4, 0) == 0
+    assert memory.read(RAM + 0x10, 4) == BRK
+    assert debugger.read_memory(0, RAM + 0x10, 4) == b"\x1f\x20\x03\xd5"  # GDB sees the instruction
+    debugger.write_memory(0, RAM + 0x10, b"\x00\x00\x00\x14")  # GDB patches it: the BRK stays
+    assert memory.read(RAM + 0x10, 4) == BRK
+    debugger.resume_vcpus({1}, run_others=True)
+    for v in vcpus:
+        assert v.thread is not None
+        v.thread.join(5)
+    assert vcpus[0].debug[-1] == KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP
+    assert vcpus[1].debug[-1] == KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_SW_BP | KVM_GUESTDBG_SINGLESTEP
+    # vCPU 0 meets it: KVM_EXIT_DEBUG with ESR class 0x3C at the breakpoint's PC
+    vcpus[0].regs["pc"] = RAM + 0x10
+    hit = threading.Thread(target=debugger.debug_exit, args=(vcpus[0], DebugExit(0x3C << 26, 0)))
+    hit.start()
+    assert wait_parked(debugger, vcpus) == Stop(0, SIGTRAP, "swbreak")
+    assert hit.is_alive()  # parked until resumed
+    debugger.remove(0, RAM + 0x10, 4)
+    assert memory.read(RAM + 0x10, 4) == b"\x00\x00\x00\x14"
+    debugger.detach()
+    hit.join(5)
+    assert not hit.is_alive() and vcpus[0].debug[-1] == 0
+
+
+def test_hardware_slots_are_bounded_by_what_kvm_reports(machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
+    debugger, _, _ = machine
+    assert debugger.insert(1, RAM, 4, 0) == 0
+    assert debugger.insert(1, RAM + 4, 4, 0) == 0
+    assert debugger.insert(1, RAM + 8, 4, 0) == ENOSPC
+    assert debugger.insert(2, RAM, 8, 0) == 0
+    assert debugger.insert(3, RAM + 8, 8, 0) == ENOSPC
+    debugger.remove(2, RAM, 8)
+    assert debugger.insert(3, RAM + 8, 8, 0) == 0
+    assert debugger._control(0) == 0  # noqa: SLF001 - not attached: KVM is left alone
+    debugger.attached = True
+    assert debugger._control(0) == KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW  # noqa: SLF001
+
+
+def test_watchpoint_stop_names_the_watch_gdb_set(machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
+    debugger, vcpus, _ = machine
+    debugger.attach()
+    wait_parked(debugger, vcpus)
+    debugger.insert(2, RAM + 0x104, 4, 0)
+    debugger.resume_vcpus(set(), run_others=True)
+    hit = threading.Thread(target=debugger.debug_exit, args=(vcpus[1], DebugExit(0x34 << 26 | 0x40, RAM + 0x100)))
+    hit.start()  # an 8-byte store below the watched word: the nearest watch is named
+    assert wait_parked(debugger, vcpus) == Stop(1, SIGTRAP, "watch", RAM + 0x104)
+    debugger.detach()
+    hit.join(5)
+
+
+def test_interrupt_stops_with_sigint_and_an_smccc_catch_is_reported_before_running_again(
+        machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
+    debugger, vcpus, _ = machine
+    debugger.attach()
+    wait_parked(debugger, vcpus)
+    debugger.set_catches([(0xC400_0003, 0xC400_0003)])
+    debugger.resume_vcpus(set(), run_others=True)
+    debugger._smccc_call(vcpus[0], 0x8400_0000, 0)  # noqa: SLF001 - not caught: returns at once
+    call = threading.Thread(target=debugger._smccc_call, args=(vcpus[1], 0xC400_0003, 0))  # noqa: SLF001
+    call.start()
+    debugger.interrupt()
+    stops = [wait_parked(debugger, vcpus)]
+    assert stops[0].reason in ("smccc", "interrupt")
+    debugger.resume_vcpus(set(), run_others=True)  # the held call comes first if it was not reported
+    if stops[0].reason == "interrupt":
+        stop = wait_parked(debugger, vcpus)
+        assert stop.reason == "smccc" and stop.cpu == 1 and "0xc4000003" in stop.note
+    assert call.is_alive()
+    debugger.detach()
+    call.join(5)
+    assert not call.is_alive()
+
+
+def test_interrupt_names_sigint() -> None:
+    assert stop_reply(Stop(1, SIGINT, "interrupt")) == b"T02thread:2;"
+    assert stop_reply(Stop(0, SIGTRAP, "swbreak")) == b"T05thread:1;swbreak:;"
+    assert stop_reply(Stop(0, SIGTRAP, "awatch", 0x8000_0040)) == b"T05thread:1;awatch:80000040;"
+    assert exit_reply("poweroff") == b"W00" and exit_reply("timeout") == b"X09"
+
+
+def test_a_reset_puts_the_breakpoints_back_into_the_reloaded_image(
+        machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
+    debugger, vcpus, memory = machine
+    debugger.attach()
+    wait_parked(debugger, vcpus)
+    debugger.insert(0, RAM + 0x20, 4, 0)
+    debugger.resume_vcpus(set(), run_others=True)
+    debugger.release_waiters()
+    memory.write(RAM + 0x20, b"\x01\x02\x03\x04")  # the image is loaded again
+    debugger.resume()
+    assert memory.read(RAM + 0x20, 4) == BRK
+    assert debugger.read_memory(0, RAM + 0x20, 4) == b"\x01\x02\x03\x04"
+
+
+# --- monitor commands and addresses ------------------------------------------------------------------
+def test_monitor_catch_trace_and_errors(machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
+    debugger, _, _ = machine
+    dispatcher = Dispatcher()
+    caught: list[object] = []
+    debugger._set_watch = caught.append  # noqa: SLF001 - see the hook go in and out
+    monitor = Monitor(debugger, dispatcher, lambda: None)
+    assert "catching SMCCC calls 0xc4000003-0xc4000005" in monitor.run("catch smccc c4000003-0xc4000005")
+    assert caught[-1] is not None
+    assert "not catching" in monitor.run("catch smccc off") and caught[-1] is None
+    assert "0x00000000-0xffffffff" in monitor.run("catch smccc")
+    assert monitor.run("smccc trace on") == "SMCCC trace on\n" and dispatcher.trace is not None
+    assert monitor.run("smccc trace off") == "SMCCC trace off\n"
+    assert not dispatcher._observed  # noqa: SLF001 - the hot path is plain again
+    assert monitor.run("sdei signal 5").startswith("error: this VM runs without SDEI")
+    assert monitor.run("catch smccc 1-0").startswith("error:")
+    assert monitor.run("frobnicate").startswith("unknown monitor command 'frobnicate'")
+
+
+def test_fid_ranges_and_addresses() -> None:
+    assert parse_fid_range("84000000-8400001f") == (0x8400_0000, 0x8400_001F)
+    assert parse_fid_range("0xc4000003") == (0xC400_0003, 0xC400_0003)
+    with pytest.raises(VmmError):
+        parse_fid_range("100000000")
+    assert parse_address("tcp:1234") == ("tcp", ("127.0.0.1", 1234))
+    assert parse_address("tcp:0.0.0.0:0") == ("tcp", ("0.0.0.0", 0))
+    assert parse_address("tcp:[::1]:99") == ("tcp", ("::1", 99))
+    assert parse_address("unix:/tmp/s") == ("unix", "/tmp/s")
+    for bad in ("1234", "tcp:", "tcp:host:99999", "udp:1", "unix:", "tcp:x:-1"):
+        with pytest.raises(VmmError, match="tcp:\\[HOST:\\]PORT or unix:PATH"):
+            parse_address(bad)
+
+
+# --- the server over a real socket -------------------------------------------------------------------
+def exchange(sock: socket.socket, data: bytes) -> bytes:
+    """Send one packet, return the reply's DATA (acks skipped)."""
+    sock.sendall(packets.frame(data))
+    reply = b""
+    while not (b"#" in reply and len(reply) >= reply.index(b"#") + 3):
+        chunk = sock.recv(4096)
+        assert chunk, "the stub closed the connection"
+        reply += chunk
+    body = reply[reply.index(b"$") + 1:reply.index(b"#")]
+    return packets.decode(body)
+
+
+def test_a_client_vanishing_mid_packet_is_detached_and_the_next_one_is_served(
+        machine: tuple[Debugger, list[FakeVcpu], GuestMemory], tmp_path: Path) -> None:
+    debugger, vcpus, _ = machine
+    stopped: list[str] = []
+    server = GdbServer(f"unix:{tmp_path / 'gdb.sock'}", debugger, Monitor(debugger, Dispatcher(), lambda: None),
+                       stopped.append)
+    server.start()
+    try:
+        first = socket.socket(socket.AF_UNIX)
+        first.connect(str(tmp_path / "gdb.sock"))
+        assert exchange(first, b"?") == b"T05thread:1;"
+        assert exchange(first, b"Z0,80000010,4") == b"OK"
+        first.sendall(b"$qSupported:multipro")  # and gone, mid-packet
+        first.close()
+        second = socket.socket(socket.AF_UNIX)
+        second.settimeout(10)
+        second.connect(str(tmp_path / "gdb.sock"))
+        assert exchange(second, b"?") == b"T05thread:1;"
+        assert debugger.sw == {}  # the first client's breakpoint went with it
+        assert exchange(second, b"qfThreadInfo") == b"m1,2"
+        assert exchange(second, b"$#}") == b""  # an unknown packet: the empty reply
+        assert exchange(second, b"qRcmd," + b"catch smccc 84000000".hex().encode()) \
+            == b"catching SMCCC calls 0x84000000 (forwarded ones: calls KVM answers itself never stop)\n".hex().encode()
+        second.sendall(b"$?#00")  # a bad checksum is refused with '-'
+        assert second.recv(1) == b"-"
+        assert exchange(second, b"D") == b"OK"
+        second.close()
+    finally:
+        server.close()
+    for v in vcpus:
+        assert v.thread is not None
+        v.thread.join(5)
+        assert not v.thread.is_alive()  # detached: running again
+    assert stopped == []
