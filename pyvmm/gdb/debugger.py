@@ -52,6 +52,8 @@ ENOSPC = 28
 BRK = (0xD420_0000).to_bytes(4, "little")  # BRK #0 (Arm ARM C6.2.38)
 STOP_WAIT = 5.0  # seconds every vCPU gets to park before a stop is reported anyway
 HW_SLOTS = 16  # kvm_guest_debug_arch holds 16 of each
+MAX_SW_BREAKPOINTS = 4096  # a client cannot grow the VMM without bound
+MAX_CATCHES = 256
 WATCH_KINDS = {2: "write", 3: "read", 4: "access"}  # Z2, Z3, Z4
 WATCH_REASONS = {"write": "watch", "read": "rwatch", "access": "awatch"}
 
@@ -197,6 +199,8 @@ class Debugger:
         """Z<kind>: 0 on success, else an errno for the reply."""
         with self._cond:
             if kind == 0:
+                if address not in self.sw and len(self.sw) >= MAX_SW_BREAKPOINTS:
+                    return ENOSPC
                 if address not in self.sw:
                     pa, _ = self.target.translate(cpu, address)
                     if address & 3:
@@ -247,7 +251,10 @@ class Debugger:
             mem.write(pa, original)
 
     def set_catches(self, ranges: list[tuple[int, int]]) -> None:
-        """Stop a vCPU at each forwarded SMCCC call whose function ID is in `ranges`."""
+        """Stop a vCPU at each forwarded SMCCC call whose function ID is in `ranges` (at most
+        MAX_CATCHES of them: ValueError)."""
+        if len(ranges) > MAX_CATCHES:
+            raise ValueError(f"at most {MAX_CATCHES} ranges are caught at once")
         self.catches = list(ranges)
         self._set_watch(self._smccc_call if ranges else None)
 

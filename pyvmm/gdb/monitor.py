@@ -73,7 +73,10 @@ class Monitor:
             self._debugger.set_catches([])
             return "not catching SMCCC calls\n"
         ranges = [parse_fid_range(w) for w in words[1:]] or [(0, MAX_FID)]
-        self._debugger.set_catches(self._debugger.catches + ranges)
+        try:
+            self._debugger.set_catches(self._debugger.catches + ranges)
+        except ValueError as e:
+            raise VmmError(str(e)) from None
         return self._caught()
 
     def _caught(self) -> str:

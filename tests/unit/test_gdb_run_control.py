@@ -20,7 +20,7 @@ from kvm_bindings.constants import (
 from pyvmm.errors import VmmError
 from pyvmm.exits import DebugExit
 from pyvmm.gdb import hw, packets
-from pyvmm.gdb.debugger import BRK, ENOSPC, SIGINT, SIGTRAP, Debugger, Stop
+from pyvmm.gdb.debugger import BRK, ENOSPC, MAX_SW_BREAKPOINTS, SIGINT, SIGTRAP, Debugger, Stop
 from pyvmm.gdb.monitor import Monitor, parse_fid_range
 from pyvmm.gdb.server import GdbServer, exit_reply, parse_address, stop_reply
 from pyvmm.gdb.target import MachineTarget
@@ -255,6 +255,16 @@ def test_monitor_catch_trace_and_errors(machine: tuple[Debugger, list[FakeVcpu],
     assert monitor.run("sdei signal 5").startswith("error: this VM runs without SDEI")
     assert monitor.run("catch smccc 1-0").startswith("error:")
     assert monitor.run("frobnicate").startswith("unknown monitor command 'frobnicate'")
+    monitor.run("catch smccc off")
+    assert monitor.run("catch smccc " + " ".join(str(n) for n in range(300))).startswith("error: at most 256")
+
+
+def test_software_breakpoints_are_bounded(machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
+    debugger, _, _ = machine
+    for n in range(MAX_SW_BREAKPOINTS):
+        assert debugger.insert(0, RAM + 4 * n, 4, 0) == 0
+    assert debugger.insert(0, RAM + 4 * MAX_SW_BREAKPOINTS, 4, 0) == ENOSPC
+    assert debugger.insert(0, RAM, 4, 0) == 0  # one already there is fine
 
 
 def test_fid_ranges_and_addresses() -> None:
