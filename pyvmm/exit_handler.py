@@ -114,6 +114,8 @@ class MachineExits:
 
     def woken(self, vcpu: Vcpu) -> None:
         self._smccc.woken(vcpu)
+        if self.debugger is not None:
+            self.debugger.booted(vcpu)  # a wake-up from power-down re-initialised it
 
     def turned_off(self, vcpu: Vcpu) -> None:
         """A vCPU powered itself off: services hear of it; and with every vCPU off and none

@@ -251,10 +251,11 @@ class VcpuFd(DeviceAttrs):
         KVM_GUESTDBG_USE_HW the breakpoint and watchpoint register values (arm64's
         kvm_guest_debug_arch: DBGBCR/DBGBVR/DBGWCR/DBGWVR, 16 each, unused ones 0)."""
         dbg = ffi.new("struct kvm_guest_debug *", {"control": control})
+        mask = 0xFFFF_FFFF_FFFF_FFFF
         for i, (c, v) in enumerate(zip(bcr, bvr, strict=True)):
-            dbg.arch.dbg_bcr[i], dbg.arch.dbg_bvr[i] = c, v
+            dbg.arch.dbg_bcr[i], dbg.arch.dbg_bvr[i] = c & mask, v & mask
         for i, (c, v) in enumerate(zip(wcr, wvr, strict=True)):
-            dbg.arch.dbg_wcr[i], dbg.arch.dbg_wvr[i] = c, v
+            dbg.arch.dbg_wcr[i], dbg.arch.dbg_wvr[i] = c & mask, v & mask
         _ioctl(self.fd, io.KVM_SET_GUEST_DEBUG, dbg)
 
     def vcpu_init(self, target: int, features: list[int]) -> None:

@@ -107,6 +107,7 @@ class Debugger:
         self._runnable: set[int] | None = None  # None: every vCPU may run
         self._stepping: set[int] = set()
         self._parked: set[int] = set()
+        self._park_requested: set[int] = set()  # asked to park, not yet there: asked once, however many stops
         self._events: list[Stop] = []
         self._released = False  # the run is ending or resetting: nothing parks
         self.attached = False
@@ -124,7 +125,7 @@ class Debugger:
             self._running = False
             self._events = [Stop(0, SIGTRAP, "attach")]
             for v in self._vcpus:
-                v.request(self._park)
+                self._request_park(v)
 
     def attach(self) -> None:
         """A client connected: the guest stops (if it runs), as QEMU's gdbstub stops it."""
@@ -180,8 +181,12 @@ class Debugger:
 
     def detach(self) -> None:
         """The client is gone: every breakpoint, watchpoint and catch is removed and the guest
-        runs on as if no debugger had been there."""
+        runs on as if no debugger had been there. A vCPU that is running (the client left during
+        a continue) takes the plain guest debug at its next exit."""
         with self._cond:
+            for v in self._vcpus:
+                if v.index not in self._parked and v.power != Power.OFF:  # an off one applies it as it boots
+                    v.request(self.booted)
             for address in list(self.sw):
                 self._remove_sw(address)
             self.hw.clear()
@@ -292,9 +297,14 @@ class Debugger:
 
     # --- what the vCPUs report (their own threads) -------------------------------------------
     def debug_exit(self, vcpu: DebugVcpu, ex: DebugExit) -> None:
-        """KVM_EXIT_DEBUG: record why, stop the guest, park until resumed."""
+        """KVM_EXIT_DEBUG: record why, stop the guest, park until resumed. With no client (it
+        left while this vCPU ran) the vCPU drops the guest debug and goes on: a BRK that was a
+        breakpoint is gone from memory, so the instruction runs again as it was."""
         with self._cond:
             if self._released:
+                return
+            if not self.attached:
+                self._apply(vcpu)
                 return
             self._add_event(self._classify(vcpu.index, ex))
         self._park(vcpu)
@@ -327,13 +337,15 @@ class Debugger:
         note = (f"vCPU {vcpu.index} stopped at SMCCC call {what}, before pyvmm answers it (x0-x17 hold the call; "
                 "the PC is past the HVC/SMC; continue to have it answered)")
         with self._cond:
-            if self._released:
+            if self._released or not self.attached:
                 return
             self._add_event(Stop(vcpu.index, SIGTRAP, "smccc", note=note))
         self._park(vcpu)
 
     def booted(self, vcpu: DebugVcpu) -> None:
-        """A CPU_ON reset the vCPU (KVM_ARM_VCPU_INIT): it takes the guest debug again."""
+        """On `vcpu`'s thread, out of the guest: after a CPU_ON or a wake-up from power-down
+        re-initialised it (KVM_ARM_VCPU_INIT), or when the client left, it takes the guest debug
+        as it now is."""
         with self._cond:
             self._apply(vcpu)
 
@@ -345,8 +357,15 @@ class Debugger:
             self._running = False
             for v in self._vcpus:
                 if v.index not in self._parked and not v.on_own_thread():
-                    v.request(self._park)
+                    self._request_park(v)
         self._poke()
+
+    def _request_park(self, v: DebugVcpu) -> None:
+        """(Lock held.) Have `v` park at its next exit; a vCPU that is off keeps one request
+        queued until it boots, never one per stop."""
+        if v.index not in self._park_requested:
+            self._park_requested.add(v.index)
+            v.request(self._park)
 
     def _poke(self) -> None:
         os.eventfd_write(self.wakeup, 1)
@@ -357,6 +376,7 @@ class Debugger:
     def _park(self, vcpu: DebugVcpu) -> None:
         """On `vcpu`'s thread: wait while the guest is stopped, then take the guest debug."""
         with self._cond:
+            self._park_requested.discard(vcpu.index)
             if self._may_run(vcpu.index):  # a request from an earlier stop, since resumed
                 return
             self._parked.add(vcpu.index)
@@ -416,13 +436,14 @@ class Debugger:
             self._released = False
             mem = self.target.memory
             for address, (pa, _) in list(self.sw.items()):
-                if mem.contains(pa, 4):
-                    self.sw[address] = (pa, mem.read(pa, 4))
+                if mem.contains(pa, 4) and (current := mem.read(pa, 4)) != BRK:  # an image loaded over it
+                    self.sw[address] = (pa, current)
                     mem.write(pa, BRK)
+            self._park_requested.clear()  # the vCPU threads ended: their requests ran
             for v in self._vcpus:
                 self._apply(v)
                 if not self._running:
-                    v.request(self._park)
+                    self._request_park(v)
 
     def stop(self, deadline: float) -> bool:
         return True

@@ -20,6 +20,7 @@ BAS_A64 = 0b1111 << 5
 LSC = {"read": 0b01 << 3, "write": 0b10 << 3, "access": 0b11 << 3}
 WCR_BAS_SHIFT = 5
 WCR_MASK_SHIFT = 24
+ADDRESS_END = 1 << 64
 MAX_MASK = 31  # a region of 2**31 bytes (MASK is 5 bits; 1 and 2 are reserved)
 
 
@@ -30,7 +31,7 @@ class Slot(NamedTuple):
 
 def breakpoint_slot(address: int) -> Slot:
     """A hardware breakpoint on the A64 instruction at `address` (4-byte aligned)."""
-    if address & 3:
+    if not 0 <= address < ADDRESS_END or address & 3:
         raise ValueError(f"{address:#x} is not the address of an A64 instruction (4-byte aligned)")
     return Slot(E | EL1_AND_EL0 | BAS_A64, address)
 
@@ -39,8 +40,8 @@ def watchpoint_slot(address: int, length: int, kind: str) -> Slot:
     """A watchpoint on [address, address + length) for `kind` accesses: read, write or access."""
     if kind not in LSC:
         raise ValueError(f"a watchpoint watches reads, writes or both, not {kind!r}")
-    if length < 1:
-        raise ValueError("a watchpoint covers at least one byte")
+    if length < 1 or not 0 <= address <= ADDRESS_END - length:
+        raise ValueError("a watchpoint covers at least one byte, all of them 64-bit addresses")
     control = E | EL1_AND_EL0 | LSC[kind]
     offset = address & 7
     if offset + length <= 8:

@@ -48,6 +48,12 @@ class Monitor:
         self._saved_trace: Callable[[TraceRecord | TraceEvent], None] | None = None
         self._tracing = False
 
+    def reset(self) -> None:
+        """The client is gone: its trace goes off, its unread lines with it."""
+        if self._tracing:
+            self._trace(False)
+        self.console.clear()
+
     def run(self, line: str) -> str:
         """A command's output (a line a person reads); errors are output too, as GDB shows them."""
         words = line.split()

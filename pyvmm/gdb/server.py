@@ -108,6 +108,7 @@ class GdbServer:
             with self._lock:
                 self._client = None
             self.debugger.detach()
+            self.monitor.reset()  # the next client starts with no trace and no old console lines
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -140,10 +141,11 @@ class _UnixServer(socketserver.UnixStreamServer):
         log.warning("gdb: a connection failed")
 
 
-def stop_reply(stop: Stop) -> bytes:
-    """A T stop reply (GDB manual, "Stop Reply Packets"): the signal, the thread, and why."""
+def stop_reply(stop: Stop, breaks: bool = True) -> bytes:
+    """A T stop reply (GDB manual, "Stop Reply Packets"): the signal, the thread, and why;
+    swbreak and hwbreak only to a client that said it takes them (`breaks`, from qSupported)."""
     reply = f"T{stop.signal:02x}thread:{stop.cpu + 1:x};"
-    if stop.reason in ("swbreak", "hwbreak"):
+    if stop.reason in ("swbreak", "hwbreak") and breaks:
         reply += f"{stop.reason}:;"
     elif stop.reason in ("watch", "rwatch", "awatch"):
         reply += f"{stop.reason}:{stop.address:x};"
@@ -167,6 +169,7 @@ class _Session:
         self.done = False
         self.continue_cpu = 0  # Hc's thread: what s and c act on
         self.stop = Stop(0, SIGTRAP, "attach")  # the last stop, which `?` reports
+        self.breaks = False  # the client takes swbreak/hwbreak stop reasons
 
     def run(self) -> None:
         self.sock.settimeout(SEND_TIMEOUT)
@@ -207,7 +210,7 @@ class _Session:
         if report:
             if stop.note:
                 self._send_packet(b"O" + (stop.note + "\n").encode().hex().encode())
-            self._send_packet(stop_reply(stop))
+            self._send_packet(stop_reply(stop, self.breaks))
 
     def _flush_console(self) -> None:
         console = self.server.monitor.console
@@ -227,7 +230,7 @@ class _Session:
             elif isinstance(event, packets.Interrupt):
                 if self.running:
                     self.debugger.interrupt()
-            elif not event.good and self.last:  # `-`: the client wants the last reply again
+            elif not event.good and self.last and not self.no_ack:  # `-`: send the last reply again
                 self.sock.sendall(self.last)
             if self.done:
                 return
@@ -258,8 +261,11 @@ class _Session:
         """The reply, or None when the guest was resumed (the stop reply comes later)."""
         head = data[:1]
         if data == b"?":
-            return stop_reply(self.stop)
+            ended = self.debugger.ended
+            return exit_reply(ended.reason) if ended is not None else stop_reply(self.stop, self.breaks)
         if data.startswith(b"qSupported"):
+            features = data.partition(b":")[2].split(b";")
+            self.breaks = b"swbreak+" in features and b"hwbreak+" in features
             return self.inspector.handle(data) + b";swbreak+;hwbreak+"
         if data.startswith(b"qRcmd,"):
             line = bytes.fromhex(data[6:].decode("ascii")).decode("utf-8", "replace")
@@ -300,26 +306,23 @@ class _Session:
         return self.inspector.handle(data)
 
     def _vcont(self, text: bytes) -> bytes | None:
-        """vCont;ACTION[:THREAD]...: the first action naming a thread wins for it; one without a
-        thread applies to every other (GDB manual, "Packets", vCont)."""
-        step: set[int] = set()
-        cont: set[int] = set()
-        others = False
-        named: set[int] = set()
+        """vCont;ACTION[:THREAD]...: each vCPU takes the leftmost action that names it or names
+        no thread (or -1); one no action names stays stopped (GDB manual, "Packets", vCont). C
+        and S are c and s: a signal means nothing to a vCPU."""
+        actions: list[tuple[bytes, int | None]] = []
         for item in text.split(b";"):
             action, _, thread = item.partition(b":")
             kind = action[:1].lower()
             if kind not in (b"c", b"s"):
                 return b""  # t, r and the like are not offered (vCont? says so)
-            if not thread or thread == b"-1":
-                others = others or kind == b"c"
-                continue
-            cpu = self.inspector.thread(thread)
-            if cpu in named:
-                continue
-            named.add(cpu)
-            (step if kind == b"s" else cont).add(cpu)
-        self.debugger.resume_vcpus(step, run_others=others, cpus=cont)
+            actions.append((kind, None if not thread or thread == b"-1" else self.inspector.thread(thread)))
+        step: set[int] = set()
+        cont: set[int] = set()
+        for cpu in range(self.debugger.vcpus()):
+            chosen = next((k for k, target in actions if target is None or target == cpu), None)
+            if chosen is not None:
+                (step if chosen == b"s" else cont).add(cpu)
+        self.debugger.resume_vcpus(step, run_others=False, cpus=cont)
         self.running = True
         return None
 
@@ -328,6 +331,8 @@ class _Session:
         kind, address, length = int(kind_text), int(address_text, 16), int(length_text, 16)
         if not 0 <= kind <= 4:
             return b""
+        if not 0 <= address < 1 << 64 or not 0 <= length <= 1 << 32:
+            return error(EINVAL)
         if data[:1] == b"Z":
             code = self.debugger.insert(kind, address, length, self.inspector.selected)
         else:

@@ -111,7 +111,8 @@ def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) 
                   f"set var *(long *){ALIAS} = 0x5555",
                   *show("IDENTITY", "*(long *)&magic"),
                   "x/gx 0x10000000",
-                  "delete", "break *check_magic", "continue", *show("GUEST_X2", "$x2"),
+                  "break *secondary", "continue", *show("PC5", "$pc"), *show("SECONDARY2", "&secondary"),
+                  "delete", "thread 1", "break *check_magic", "continue", *show("GUEST_X2", "$x2"),
                   "set var *(long *)&release = 1",
                   "delete", "detach")
     finally:
@@ -120,12 +121,13 @@ def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) 
     assert re.search(r"x19\s+0x1919000000001919\s", out) and re.search(r"x21\s+0x21\s+33", out), out
     assert value(out, "X19") == 0x1919_0000_0000_1919
     assert value(out, "X20") == 0x2020_0000
+    assert "Thread 1 hit Breakpoint 1, 0x" in out and "in regs_set ()" in out, out  # vCPU 0, at the symbol
     assert value(out, "PC1") == value(out, "REGSET")
     assert value(out, "PC2") == value(out, "REGSET") + 4
     assert value(out, "MAGIC0") == 0x1111
     assert "atchpoint" in out and "New value = 4660" in out, out  # 0x1234 stored by the guest
     assert value(out, "PC3") == value(out, "AFTER")
-    assert "stopped at SMCCC call 0xc4000003" in out, out
+    assert "vCPU 0 stopped at SMCCC call 0xc4000003 (CPU_ON, PSCI) over HVC" in out, out
     assert value(out, "CALL_X0") == 0xC400_0003
     assert value(out, "CALL_X1") == 1  # the target MPIDR
     assert value(out, "CALL_X2") == value(out, "SECONDARY")
@@ -135,6 +137,8 @@ def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) 
     assert value(out, "ALIAS") == 0x2222  # written with the MMU off, read through the new mapping
     assert value(out, "IDENTITY") == 0x5555
     assert "Cannot access memory at address 0x10000000" in out, out
+    assert re.search(r"Thread 2 hit Breakpoint \d+, 0x[0-9a-f]+ in secondary \(\)", out), out  # every vCPU
+    assert value(out, "PC5") == value(out, "SECONDARY2")
     assert value(out, "GUEST_X2") == 0x5555  # the guest read what GDB wrote
     assert status == 0, err  # detached, the guest went on to power off
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -118,7 +119,8 @@ def machine() -> Iterator[tuple[Debugger, list[FakeVcpu], GuestMemory]]:
     memory.close()
 
 
-def wait_parked(debugger: Debugger, vcpus: list[FakeVcpu]) -> Stop:
+def wait_parked(debugger: Debugger) -> Stop:
+    """The stop the server would report, once every vCPU has parked."""
     stop = debugger.take_stop()
     assert stop is not None
     return stop
@@ -127,7 +129,7 @@ def wait_parked(debugger: Debugger, vcpus: list[FakeVcpu]) -> Stop:
 def test_attach_stops_every_vcpu_and_continue_lets_them_go(machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
     debugger, vcpus, _ = machine
     debugger.attach()
-    assert wait_parked(debugger, vcpus) == Stop(0, SIGTRAP, "attach")
+    assert wait_parked(debugger) == Stop(0, SIGTRAP, "attach")
     assert all(v.thread is not None and v.thread.is_alive() for v in vcpus)  # both parked
     debugger.resume_vcpus(set(), run_others=True)
     for v in vcpus:
@@ -142,7 +144,7 @@ def test_software_breakpoint_writes_brk_shows_the_original_and_restores_it(
     debugger, vcpus, memory = machine
     memory.write(RAM + 0x10, b"\x1f\x20\x03\xd5")  # NOP
     debugger.attach()
-    wait_parked(debugger, vcpus)
+    wait_parked(debugger)
     assert debugger.insert(0, RAM + 0x10, 4, 0) == 0
     assert memory.read(RAM + 0x10, 4) == BRK
     assert debugger.read_memory(0, RAM + 0x10, 4) == b"\x1f\x20\x03\xd5"  # GDB sees the instruction
@@ -158,7 +160,7 @@ def test_software_breakpoint_writes_brk_shows_the_original_and_restores_it(
     vcpus[0].regs["pc"] = RAM + 0x10
     hit = threading.Thread(target=debugger.debug_exit, args=(vcpus[0], DebugExit(0x3C << 26, 0)))
     hit.start()
-    assert wait_parked(debugger, vcpus) == Stop(0, SIGTRAP, "swbreak")
+    assert wait_parked(debugger) == Stop(0, SIGTRAP, "swbreak")
     assert hit.is_alive()  # parked until resumed
     debugger.remove(0, RAM + 0x10, 4)
     assert memory.read(RAM + 0x10, 4) == b"\x00\x00\x00\x14"
@@ -184,37 +186,60 @@ def test_hardware_slots_are_bounded_by_what_kvm_reports(machine: tuple[Debugger,
 def test_watchpoint_stop_names_the_watch_gdb_set(machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
     debugger, vcpus, _ = machine
     debugger.attach()
-    wait_parked(debugger, vcpus)
+    wait_parked(debugger)
     debugger.insert(2, RAM + 0x104, 4, 0)
     debugger.resume_vcpus(set(), run_others=True)
     hit = threading.Thread(target=debugger.debug_exit, args=(vcpus[1], DebugExit(0x34 << 26 | 0x40, RAM + 0x100)))
     hit.start()  # an 8-byte store below the watched word: the nearest watch is named
-    assert wait_parked(debugger, vcpus) == Stop(1, SIGTRAP, "watch", RAM + 0x104)
+    assert wait_parked(debugger) == Stop(1, SIGTRAP, "watch", RAM + 0x104)
     debugger.detach()
     hit.join(5)
 
 
-def test_interrupt_stops_with_sigint_and_an_smccc_catch_is_reported_before_running_again(
+def test_an_smccc_catch_stops_the_caller_and_a_held_call_is_reported_before_the_guest_runs(
         machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
     debugger, vcpus, _ = machine
     debugger.attach()
-    wait_parked(debugger, vcpus)
+    wait_parked(debugger)
     debugger.set_catches([(0xC400_0003, 0xC400_0003)])
     debugger.resume_vcpus(set(), run_others=True)
     debugger._smccc_call(vcpus[0], 0x8400_0000, 0)  # noqa: SLF001 - not caught: returns at once
+    debugger.interrupt()
+    assert wait_parked(debugger) == Stop(0, SIGINT, "interrupt")
+    # while stopped, vCPU 1 was already in a caught call: it is held there, and the next resume
+    # reports it instead of running the guest
     call = threading.Thread(target=debugger._smccc_call, args=(vcpus[1], 0xC400_0003, 0))  # noqa: SLF001
     call.start()
-    debugger.interrupt()
-    stops = [wait_parked(debugger, vcpus)]
-    assert stops[0].reason in ("smccc", "interrupt")
-    debugger.resume_vcpus(set(), run_others=True)  # the held call comes first if it was not reported
-    if stops[0].reason == "interrupt":
-        stop = wait_parked(debugger, vcpus)
-        assert stop.reason == "smccc" and stop.cpu == 1 and "0xc4000003" in stop.note
-    assert call.is_alive()
-    debugger.detach()
+    deadline = time.monotonic() + 5
+    while not debugger._events and time.monotonic() < deadline:  # noqa: SLF001
+        time.sleep(0.01)
+    debugger.resume_vcpus(set(), run_others=True)
+    stop = wait_parked(debugger)
+    assert stop.reason == "smccc" and stop.cpu == 1 and "0xc4000003" in stop.note
+    assert call.is_alive()  # held in the call until the guest runs
+    debugger.resume_vcpus(set(), run_others=True)
     call.join(5)
     assert not call.is_alive()
+
+
+def test_a_client_gone_while_the_guest_runs_leaves_no_guest_debug_behind(
+        machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
+    debugger, vcpus, _ = machine
+    debugger.attach()
+    wait_parked(debugger)
+    debugger.insert(1, RAM, 4, 0)
+    debugger.resume_vcpus(set(), run_others=True)
+    for v in vcpus:
+        assert v.thread is not None
+        v.thread.join(5)
+        assert v.debug[-1] == KVM_GUESTDBG_ENABLE | KVM_GUESTDBG_USE_HW
+    debugger.detach()  # running: each vCPU is asked to take the plain debug at its next exit
+    for v in vcpus:
+        assert v.thread is not None
+        v.thread.join(5)
+        assert v.debug[-1] == 0
+    debugger.debug_exit(vcpus[0], DebugExit(0x30 << 26, 0))  # a late hit: no park, no stop
+    assert debugger.take_stop() is None and vcpus[0].debug[-1] == 0
 
 
 def test_interrupt_names_sigint() -> None:
@@ -228,7 +253,7 @@ def test_a_reset_puts_the_breakpoints_back_into_the_reloaded_image(
         machine: tuple[Debugger, list[FakeVcpu], GuestMemory]) -> None:
     debugger, vcpus, memory = machine
     debugger.attach()
-    wait_parked(debugger, vcpus)
+    wait_parked(debugger)
     debugger.insert(0, RAM + 0x20, 4, 0)
     debugger.resume_vcpus(set(), run_others=True)
     debugger.release_waiters()
@@ -319,6 +344,22 @@ def test_a_client_vanishing_mid_packet_is_detached_and_the_next_one_is_served(
             == b"catching SMCCC calls 0x84000000 (forwarded ones: calls KVM answers itself never stop)\n".hex().encode()
         second.sendall(b"$?#00")  # a bad checksum is refused with '-'
         assert second.recv(1) == b"-"
+        assert exchange(second, b"Z1,-4,4") == b"E16"  # out of the 64-bit address space
+        assert exchange(second, b"Z1,10000000000000000,4") == b"E16"
+        assert exchange(second, b"vCont;t") == b""
+        # vCont;s with no thread steps every vCPU: each takes KVM_GUESTDBG_SINGLESTEP
+        second.sendall(packets.frame(b"vCont;s"))
+        assert second.recv(1) == b"+"
+        for v in vcpus:
+            assert v.thread is not None
+            v.thread.join(5)
+            assert v.debug[-1] & KVM_GUESTDBG_SINGLESTEP
+        hit = threading.Thread(target=debugger.debug_exit, args=(vcpus[1], DebugExit(0x32 << 26, 0)))
+        hit.start()
+        assert exchange(second, b"") == b"T05thread:2;"  # (an empty packet: nothing to it but the wait)
+        assert exchange(second, b"QStartNoAckMode") == b"OK"
+        second.sendall(b"-")  # no acks now: a '-' asks for nothing
+        assert exchange(second, b"qC") == b"QC2"
         assert exchange(second, b"D") == b"OK"
         second.close()
     finally:
