@@ -55,17 +55,21 @@ def gdb(address: str, *commands: str, timeout: float = 90) -> str:
             "-ex", f"target remote {remote(address)}", elf()]
     for c in commands:
         argv += ["-ex", c]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # what it said so far, for the failure's message
+        said = [x.decode(errors="replace") if isinstance(x, bytes) else x or "" for x in (e.stdout, e.stderr)]
+        return "".join(said) + f"\n(GDB did not finish within {timeout:g} s)"
     return out.stdout + out.stderr
 
 
-def finish(vm: subprocess.Popen[str], timeout: float = 30) -> tuple[int, str, str]:
+def finish(vm: subprocess.Popen[str], gdb_output: str, timeout: float = 30) -> tuple[int, str, str]:
     try:
         out, err = vm.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         vm.kill()
         out, err = vm.communicate()
-        pytest.fail(f"pyvmm did not end: {err}")
+        pytest.fail(f"pyvmm did not end: {err}\nGDB said:\n{gdb_output}")
     return vm.returncode, out, err
 
 
@@ -86,6 +90,7 @@ ALIAS = "(0x40000000 + ((long)&magic - 0x80000000))"
 def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) -> None:
     sock = str(tmp_path / "gdb.sock")
     vm = start_vm("--gdb", f"unix:{sock}", "--gdb-wait")
+    out = ""
     try:
         address = wait_listening(vm)
         out = gdb(address,
@@ -111,12 +116,15 @@ def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) 
                   f"set var *(long *){ALIAS} = 0x5555",
                   *show("IDENTITY", "*(long *)&magic"),
                   "x/gx 0x10000000",
+                  # only vCPU 0 runs (vCont;c:1), to the guest's read of what GDB wrote
+                  "set scheduler-locking on", "break *check_magic", "continue", *show("GUEST_X2", "$x2"),
+                  "set scheduler-locking off", "delete",
+                  # a breakpoint vCPU 1 meets (vCPU 0 goes on to spin in wait_release)
                   "break *secondary", "continue", *show("PC5", "$pc"), *show("SECONDARY2", "&secondary"),
-                  "delete", "thread 1", "break *check_magic", "continue", *show("GUEST_X2", "$x2"),
-                  "set var *(long *)&release = 1",
+                  "delete", "set var *(long *)&release = 1",
                   "delete", "detach")
     finally:
-        status, _, err = finish(vm)
+        status, _, err = finish(vm, out)
     assert "Thread 1" in out and "Thread 2" in out, out
     assert re.search(r"x19\s+0x1919000000001919\s", out) and re.search(r"x21\s+0x21\s+33", out), out
     assert value(out, "X19") == 0x1919_0000_0000_1919
@@ -145,6 +153,7 @@ def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) 
 
 def test_interrupt_spinning_guest_then_kill() -> None:
     vm = start_vm("--gdb", "tcp:127.0.0.1:0")
+    out = ""
     try:
         address = wait_listening(vm)
         assert GDB is not None
@@ -175,7 +184,7 @@ def test_interrupt_spinning_guest_then_kill() -> None:
             os.close(master)
         out = seen + rest
     finally:
-        status, _, err = finish(vm)
+        status, _, err = finish(vm, out)
     assert "SIGINT" in out, out
     assert "Thread 1" in out and "Thread 2" in out, out
     assert status == 3 and "killed from GDB" in err, err
