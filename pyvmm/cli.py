@@ -444,30 +444,19 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from kvm_bindings.constants import Cap
-    from pyvmm.kvm import Kvm
-    from pyvmm.smccc import filter as smccc_filter
+    """The host's shape and, in words, what pyvmm can and cannot do on it (pyvmm/host.py)."""
+    from pyvmm.host import probe, report, runnable
 
     uname = os.uname()
-    print(f"kernel        {uname.release} {uname.machine}")
     if uname.machine != "aarch64":
+        print(f"kernel          {uname.release} {uname.machine}")
         print(f"pyvmm runs guests on arm64 hosts with KVM; this host is {uname.machine}. "
               "`make demo` and `make test` run pyvmm inside an emulated arm64 host here.")
         return EXIT_ERROR
-    kvm = Kvm()
-    vm_fd = kvm.create_vm()
-    try:
-        for cap in Cap:
-            print(f"KVM_CAP_{cap.name:<22} {kvm.check_extension(cap)}")
-        smccc_filter.check_supported(vm_fd)
-        print("SMCCC filter  supported")
-    except VmmError as e:
-        print(f"SMCCC filter  missing: {e}")
-        return EXIT_ERROR
-    finally:
-        vm_fd.close()
-        kvm.close()
-    return EXIT_OK
+    shape = probe()
+    for line in report(shape):
+        print(line)
+    return EXIT_OK if runnable(shape) else EXIT_ERROR
 
 
 def main(argv: list[str] | None = None) -> int:

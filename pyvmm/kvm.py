@@ -24,6 +24,7 @@ from kvm_bindings.constants import (
     KVM_API_VERSION,
     KVM_ARM_VM_SMCCC_CTRL,
     KVM_ARM_VM_SMCCC_FILTER,
+    KVM_CREATE_DEVICE_TEST,
     Cap,
 )
 from kvm_bindings.regs import CORE_REGS
@@ -162,6 +163,11 @@ class VmFd(DeviceAttrs):
         d = ffi.new("struct kvm_create_device *", {"type": dev_type, "flags": 0})
         _ioctl(self.fd, io.KVM_CREATE_DEVICE, d, f"device type {dev_type}")
         return DeviceFd(d.fd)
+
+    def can_create_device(self, dev_type: int) -> bool:
+        """KVM_CREATE_DEVICE with KVM_CREATE_DEVICE_TEST: whether KVM could make one (none is made)."""
+        d = ffi.new("struct kvm_create_device *", {"type": dev_type, "flags": KVM_CREATE_DEVICE_TEST})
+        return bool(libc.ioctl(self.fd, io.KVM_CREATE_DEVICE, d) == 0)
 
     def irq_line(self, irq: int, level: int) -> None:
         _ioctl(self.fd, io.KVM_IRQ_LINE, ffi.new("struct kvm_irq_level *", {"irq": irq, "level": level}))

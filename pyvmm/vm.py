@@ -22,6 +22,7 @@ from pyvmm.devices.bus import MmioBus, MmioDevice
 from pyvmm.devices.serial import SerialPort
 from pyvmm.errors import GuestMemoryError, KvmUnavailableError, VmmError
 from pyvmm.exit_handler import MachineExits, UnhandledMmio
+from pyvmm.host import vm_ipa_bits
 from pyvmm.images import BlobImage, Image, file_image
 from pyvmm.irq import InterruptLines
 from pyvmm.irqchip import Gic, InKernelRegion
@@ -99,7 +100,9 @@ class Vm:
             raise KvmUnavailableError("this host's CPUs cannot run EL1 in AArch32 state (no KVM_CAP_ARM_EL1_32BIT), "
                                       "which an AArch32 guest needs")
         self.aarch32 = aarch32
-        self.fd = self.kvm.create_vm()
+        # the guest-physical address size that holds the RAM (many boards offer fewer than 40 bits)
+        ipa_bits = vm_ipa_bits(ram_base + mem_size, self.kvm.check_extension(Cap.ARM_VM_IPA_SIZE))
+        self.fd = self.kvm.create_vm(ipa_bits)
         keep(self.fd.close)
         self.memory = GuestMemory()
         keep(self.memory.close)

@@ -44,10 +44,12 @@ def test_firmware_too_big_for_ram_is_one_line(tmp_path: Path) -> None:
         "give at least 6 MiB (-m)"]
 
 
-def test_check_reports_the_smccc_filter() -> None:
+def test_check_reports_the_host_shape() -> None:
     p = run_cli("check")
     assert p.returncode == cli.EXIT_OK, p.stderr
-    assert "SMCCC filter  supported" in p.stdout
+    for line in ("SMCCC filter    supported", "GIC             vGICv3", "page size       4 KiB", "IPA bits        "):
+        assert line in p.stdout, p.stdout
+    assert "can: service PSCI, SDEI and custom SMCCC services in Python" in p.stdout
 
 
 def test_smccc_demo_example() -> None:

@@ -1,0 +1,124 @@
+"""The host's shape as pyvmm meets it: the interrupt controller KVM can give a guest, the page
+size, the guest-physical address size, the SMCCC filter, the vCPU limit. Real arm64 machines
+differ in each (a Raspberry Pi's GIC-400 gives only a vGICv2; Asahi Linux runs 16K pages;
+Linux before 6.4 has no SMCCC filter), and `pyvmm check` says in words what that means.
+
+`probe()` asks KVM; everything else here is a pure function of the values, so tests can give
+each shape's values without such a host.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass
+
+from kvm_bindings.constants import Cap, DeviceType
+from pyvmm.errors import VmmError
+
+DEFAULT_IPA_BITS = 40  # what KVM_CREATE_VM's machine type 0 means (api.rst, KVM_CREATE_VM)
+MIN_IPA_BITS = 32  # the smallest size KVM accepts in the machine type (KVM_VM_TYPE_ARM_IPA_SIZE)
+PYVMM_IPA_BITS = 48  # pyvmm places RAM below 2**48 (no FEAT_LPA), whatever KVM offers (pyvmm/memory.py)
+FILTER_KERNEL = "6.4"  # KVM_ARM_VM_SMCCC_FILTER appeared in Linux 6.4
+
+
+@dataclass(frozen=True)
+class HostShape:
+    kernel: str  # uname release
+    gic: int | None  # the newest vGIC KVM can create: 3, 2, or None
+    page_size: int
+    max_ipa_bits: int  # KVM_CAP_ARM_VM_IPA_SIZE; 0 if KVM cannot choose (then 40 bits, fixed)
+    smccc_filter: bool
+    max_vcpus: int
+    nisv_to_user: bool  # KVM_CAP_ARM_NISV_TO_USER: MMIO it cannot decode reaches pyvmm
+    guest_debug: bool
+    hw_breakpoints: int
+    hw_watchpoints: int
+
+
+def vm_ipa_bits(ram_end: int, max_ipa_bits: int) -> int:
+    """The machine type's IPA size for a VM whose RAM ends at `ram_end` (exclusive): 0 (KVM's
+    40-bit default) where that fits and the host offers it, else the smallest size that holds
+    the RAM. A VmmError names what is missing when the host cannot hold it."""
+    needed = max(MIN_IPA_BITS, (ram_end - 1).bit_length())
+    if max_ipa_bits == 0:  # an old KVM: 40 bits, no choice
+        if needed > DEFAULT_IPA_BITS:
+            raise VmmError(f"RAM up to {ram_end:#x} needs {needed}-bit guest physical addresses; this KVM "
+                           f"gives {DEFAULT_IPA_BITS} bits and cannot give more")
+        return 0
+    if needed > max_ipa_bits:
+        raise VmmError(f"RAM up to {ram_end:#x} needs {needed}-bit guest physical addresses; this host's KVM "
+                       f"gives at most {max_ipa_bits} (KVM_CAP_ARM_VM_IPA_SIZE): give less memory (-m)")
+    # the default wherever it is within the host's limit (some kernels warn when it is not)
+    return 0 if needed <= DEFAULT_IPA_BITS <= max_ipa_bits else needed
+
+
+def probe(kvm_path: str = "/dev/kvm") -> HostShape:
+    """Ask this host's KVM (a throwaway VM for the VM-level questions)."""
+    from pyvmm.kvm import Kvm
+    from pyvmm.smccc import filter as smccc_filter
+
+    kvm = Kvm(kvm_path)
+    try:
+        vm = kvm.create_vm()
+        try:
+            gic = 3 if vm.can_create_device(DeviceType.ARM_VGIC_V3) else \
+                2 if vm.can_create_device(DeviceType.ARM_VGIC_V2) else None
+            try:
+                smccc_filter.check_supported(vm)
+                has_filter = True
+            except VmmError:
+                has_filter = False
+            nisv = bool(vm.check_extension(Cap.ARM_NISV_TO_USER))
+        finally:
+            vm.close()
+        return HostShape(
+            kernel=os.uname().release, gic=gic, page_size=mmap.PAGESIZE,
+            max_ipa_bits=kvm.check_extension(Cap.ARM_VM_IPA_SIZE), smccc_filter=has_filter,
+            max_vcpus=kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS),
+            nisv_to_user=nisv, guest_debug=bool(kvm.check_extension(Cap.SET_GUEST_DEBUG)),
+            hw_breakpoints=kvm.check_extension(Cap.GUEST_DEBUG_HW_BPS),
+            hw_watchpoints=kvm.check_extension(Cap.GUEST_DEBUG_HW_WPS))
+    finally:
+        kvm.close()
+
+
+def runnable(shape: HostShape) -> bool:
+    """Whether pyvmm can run a guest here at all."""
+    return shape.gic is not None and shape.smccc_filter
+
+
+def report(shape: HostShape) -> list[str]:
+    """The shape, then what pyvmm can and cannot do on it, a line each."""
+    from pyvmm.irqchip import GICV2_MAX_VCPUS
+    from pyvmm.vm import RAM_BASE
+
+    ipa = shape.max_ipa_bits or DEFAULT_IPA_BITS
+    ram_room = ((1 << min(ipa, PYVMM_IPA_BITS)) - RAM_BASE) >> 20
+    lines = [
+        f"kernel          {shape.kernel}",
+        f"GIC             {f'vGICv{shape.gic}' if shape.gic else 'none in the kernel'}",
+        f"page size       {shape.page_size >> 10} KiB",
+        f"IPA bits        {ipa}" + ("" if shape.max_ipa_bits else " (fixed: no KVM_CAP_ARM_VM_IPA_SIZE)"),
+        f"SMCCC filter    {'supported' if shape.smccc_filter else 'missing'}",
+        f"vCPUs           at most {shape.max_vcpus}",
+        f"guest debug     {f'{shape.hw_breakpoints} hardware breakpoints, {shape.hw_watchpoints} watchpoints' if shape.guest_debug else 'missing'}",
+        "",
+    ]
+    if shape.gic is None:
+        lines.append("cannot: run guests: KVM offers no in-kernel vGIC here")
+    if not shape.smccc_filter:
+        lines.append(f"cannot: run guests: pyvmm needs the SMCCC filter of Linux >= {FILTER_KERNEL} "
+                     f"(this host runs {shape.kernel})")
+    if runnable(shape):
+        vcpus = shape.max_vcpus if shape.gic == 3 else min(GICV2_MAX_VCPUS, shape.max_vcpus)
+        lines.append(f"can: run guests with up to {vcpus} vCPUs on a vGICv{shape.gic}"
+                     + (f" (a vGICv2 serves {GICV2_MAX_VCPUS} at most)" if shape.gic == 2 else ""))
+        lines.append(f"can: give a guest up to {ram_room} MiB of RAM (from {RAM_BASE:#x}, within {min(ipa, PYVMM_IPA_BITS)}-bit addresses)")
+        lines.append("can: service PSCI, SDEI and custom SMCCC services in Python, and trace SMCCC calls")
+    if not shape.nisv_to_user:
+        lines.append("note: MMIO that KVM cannot decode (no valid syndrome) fails KVM_RUN instead of "
+                     "reaching pyvmm (no KVM_CAP_ARM_NISV_TO_USER)")
+    if not shape.guest_debug:
+        lines.append("cannot: debug guests with GDB (no KVM_CAP_SET_GUEST_DEBUG)")
+    return lines

@@ -1,0 +1,57 @@
+"""The host-shape logic with the values each shape gives (pyvmm/host.py): IPA sizing and what
+`pyvmm check` says on GICv3 / 4K / 6.12, GICv2, 16K pages and Linux 6.1."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pyvmm.errors import VmmError
+from pyvmm.host import HostShape, report, runnable, vm_ipa_bits
+
+GIB = 1 << 30
+DEFAULT = HostShape(kernel="6.12.95+deb12-arm64", gic=3, page_size=4096, max_ipa_bits=44, smccc_filter=True,
+                    max_vcpus=512, nisv_to_user=True, guest_debug=True, hw_breakpoints=6, hw_watchpoints=4)
+GICV2 = dataclasses.replace(DEFAULT, gic=2, max_ipa_bits=40, max_vcpus=4)  # a Raspberry Pi 4's GIC-400
+PAGES_16K = dataclasses.replace(DEFAULT, kernel="6.12.95+deb12-arm64-16k", page_size=16384, max_ipa_bits=42)
+LINUX_61 = dataclasses.replace(DEFAULT, kernel="6.1.0-28-arm64", smccc_filter=False)
+
+
+@pytest.mark.parametrize(("ram_end", "host", "bits"), [
+    (2 * GIB + (64 << 20), 44, 0),  # fits the default 40 bits: KVM's default type
+    (2 * GIB + (64 << 20), 40, 0),
+    (2 * GIB + (64 << 20), 36, 32),  # a board with 36-bit IPAs: the smallest size that holds it
+    (2 * GIB + (64 << 20), 0, 0),  # no KVM_CAP_ARM_VM_IPA_SIZE: 40 bits
+    (2 * GIB + 1024 * GIB, 44, 41),  # 1 TiB of RAM from 2 GiB needs 41 bits
+])
+def test_ipa_bits_hold_the_ram(ram_end: int, host: int, bits: int) -> None:
+    assert vm_ipa_bits(ram_end, host) == bits
+
+
+def test_ram_beyond_the_hosts_ipa_size_is_refused_in_words() -> None:
+    with pytest.raises(VmmError, match="needs 37-bit guest physical addresses; this host's KVM gives at most 36"):
+        vm_ipa_bits(2 * GIB + 64 * GIB, 36)
+    with pytest.raises(VmmError, match="gives 40 bits and cannot give more"):
+        vm_ipa_bits(2 * GIB + 1024 * GIB, 0)
+
+
+def test_each_shape_in_words() -> None:
+    default = "\n".join(report(DEFAULT))
+    assert "GIC             vGICv3" in default and "page size       4 KiB" in default
+    assert "can: run guests with up to 512 vCPUs on a vGICv3" in default
+    assert "can: give a guest up to 16775168 MiB of RAM" in default  # 2**44 - 2 GiB
+    assert "up to 268433408 MiB of RAM (from 0x80000000, within 48-bit" in "\n".join(
+        report(dataclasses.replace(DEFAULT, max_ipa_bits=52)))  # pyvmm's own limit
+    v2 = "\n".join(report(GICV2))
+    assert "can: run guests with up to 4 vCPUs on a vGICv2 (a vGICv2 serves 8 at most)" in v2
+    assert "up to 1046528 MiB" in v2  # 2**40 - 2 GiB
+    assert "page size       16 KiB" in "\n".join(report(PAGES_16K))
+    old = "\n".join(report(LINUX_61))
+    assert "SMCCC filter    missing" in old
+    assert "cannot: run guests: pyvmm needs the SMCCC filter of Linux >= 6.4 (this host runs 6.1.0-28-arm64)" in old
+    assert "can:" not in old
+    assert [runnable(s) for s in (DEFAULT, GICV2, PAGES_16K, LINUX_61)] == [True, True, True, False]
+    nothing = "\n".join(report(dataclasses.replace(DEFAULT, gic=None, guest_debug=False, nisv_to_user=False)))
+    assert "cannot: run guests: KVM offers no in-kernel vGIC here" in nothing
+    assert "cannot: debug guests with GDB" in nothing and "no KVM_CAP_ARM_NISV_TO_USER" in nothing
