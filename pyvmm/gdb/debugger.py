@@ -153,6 +153,12 @@ class Debugger:
                 self._cond.wait(0.05)  # a vCPU going off does not notify: look again soon
             stop = self._events.pop(0)
             self._stepping.discard(stop.cpu)
+            late = [v.index for v in self._vcpus if not self._stopped(v)]
+            if late and not self._released:  # in a handler that does not return: say so, not hang
+                names = ", ".join(f"vCPU {i}" for i in late)
+                warning = (f"{names} did not stop within {STOP_WAIT:g} s (busy outside the guest, in pyvmm or a "
+                           "service); its registers may still change")
+                stop = stop._replace(note="\n".join(n for n in (stop.note, warning) if n))
             return stop
 
     def resume_vcpus(self, step: set[int], run_others: bool, cpus: set[int] | None = None) -> None:
@@ -387,9 +393,11 @@ class Debugger:
             if not self._released:
                 self._apply(vcpu)
 
+    def _stopped(self, v: DebugVcpu) -> bool:
+        return v.index in self._parked or v.power == Power.OFF or v.thread is None or not v.thread.is_alive()
+
     def _all_stopped(self) -> bool:
-        return all(v.index in self._parked or v.power == Power.OFF or v.thread is None or not v.thread.is_alive()
-                   for v in self._vcpus)
+        return all(self._stopped(v) for v in self._vcpus)
 
     def _control(self, cpu: int) -> int:
         if not self.attached and not self._stepping:

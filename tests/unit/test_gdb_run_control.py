@@ -242,6 +242,22 @@ def test_a_client_gone_while_the_guest_runs_leaves_no_guest_debug_behind(
     assert debugger.take_stop() is None and vcpus[0].debug[-1] == 0
 
 
+def test_a_vcpu_that_never_stops_is_named_in_the_stop(machine: tuple[Debugger, list[FakeVcpu], GuestMemory],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    debugger, vcpus, _ = machine
+    monkeypatch.setattr("pyvmm.gdb.debugger.STOP_WAIT", 0.2)
+    busy = threading.Event()
+    stuck = threading.Thread(target=busy.wait, daemon=True)  # vCPU 1's thread, in a handler that never returns
+    stuck.start()
+    monkeypatch.setattr(vcpus[1], "request", lambda fn: None)
+    vcpus[1].thread = stuck
+    debugger.attach()
+    stop = wait_parked(debugger)
+    assert stop.reason == "attach" and "vCPU 1 did not stop within 0.2 s" in stop.note
+    busy.set()
+    debugger.detach()
+
+
 def test_interrupt_names_sigint() -> None:
     assert stop_reply(Stop(1, SIGINT, "interrupt")) == b"T02thread:2;"
     assert stop_reply(Stop(0, SIGTRAP, "swbreak")) == b"T05thread:1;swbreak:;"
