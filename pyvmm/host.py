@@ -4,14 +4,15 @@ differ in each (a Raspberry Pi's GIC-400 gives only a vGICv2; Asahi Linux runs 1
 Linux before 6.4 has no SMCCC filter), and `pyvmm check` says in words what that means.
 
 `probe()` asks KVM; everything else here is a pure function of the values, so tests can give
-each shape's values without such a host.
+each shape's values without such a host. The VM imports this module as it starts: it stays
+light (a NamedTuple, not a dataclass, which would import `inspect`).
 """
 
 from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kvm_bindings.constants import Cap, DeviceType
 from pyvmm.errors import VmmError
@@ -22,8 +23,7 @@ PYVMM_IPA_BITS = 48  # pyvmm places RAM below 2**48 (no FEAT_LPA), whatever KVM 
 FILTER_KERNEL = "6.4"  # KVM_ARM_VM_SMCCC_FILTER appeared in Linux 6.4
 
 
-@dataclass(frozen=True)
-class HostShape:
+class HostShape(NamedTuple):
     kernel: str  # uname release
     gic: int | None  # the newest vGIC KVM can create: 3, 2, or None
     page_size: int

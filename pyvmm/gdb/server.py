@@ -120,7 +120,12 @@ class _Handler(socketserver.BaseRequestHandler):
         server.owner.serve(self.request)
 
 
-class _TcpServer(socketserver.TCPServer):
+class _OneLineErrors:
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.warning("gdb: a connection failed")  # one line, not socketserver's traceback
+
+
+class _TcpServer(_OneLineErrors, socketserver.TCPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], owner: GdbServer, family: int) -> None:
@@ -128,17 +133,11 @@ class _TcpServer(socketserver.TCPServer):
         self.owner = owner
         super().__init__(address, _Handler)
 
-    def handle_error(self, request: object, client_address: object) -> None:
-        log.warning("gdb: a connection failed")
 
-
-class _UnixServer(socketserver.UnixStreamServer):
+class _UnixServer(_OneLineErrors, socketserver.UnixStreamServer):
     def __init__(self, path: str, owner: GdbServer) -> None:
         self.owner = owner
         super().__init__(path, _Handler)
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        log.warning("gdb: a connection failed")
 
 
 def stop_reply(stop: Stop, breaks: bool = True) -> bytes:
@@ -298,8 +297,7 @@ class _Session:
             self.done = True
             if data.startswith(b"vKill"):
                 self._send_packet(b"OK")
-            self.debugger.detach()
-            self.server.kill("killed from GDB")
+            self.server.kill("killed from GDB")  # the session ends next, and detaches (serve)
             return None
         if data.startswith(b"qAttached"):
             return b"1"

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from pyvmm.errors import VmmError
@@ -13,9 +11,9 @@ from pyvmm.host import HostShape, report, runnable, vm_ipa_bits
 GIB = 1 << 30
 DEFAULT = HostShape(kernel="6.12.95+deb12-arm64", gic=3, page_size=4096, max_ipa_bits=44, smccc_filter=True,
                     max_vcpus=512, nisv_to_user=True, guest_debug=True, hw_breakpoints=6, hw_watchpoints=4)
-GICV2 = dataclasses.replace(DEFAULT, gic=2, max_ipa_bits=40, max_vcpus=4)  # a Raspberry Pi 4's GIC-400
-PAGES_16K = dataclasses.replace(DEFAULT, kernel="6.12.95+deb12-arm64-16k", page_size=16384, max_ipa_bits=42)
-LINUX_61 = dataclasses.replace(DEFAULT, kernel="6.1.0-28-arm64", smccc_filter=False)
+GICV2 = DEFAULT._replace(gic=2, max_ipa_bits=40, max_vcpus=4)  # a Raspberry Pi 4's GIC-400
+PAGES_16K = DEFAULT._replace(kernel="6.12.95+deb12-arm64-16k", page_size=16384, max_ipa_bits=42)
+LINUX_61 = DEFAULT._replace(kernel="6.1.0-28-arm64", smccc_filter=False)
 
 
 @pytest.mark.parametrize(("ram_end", "host", "bits"), [
@@ -42,7 +40,7 @@ def test_each_shape_in_words() -> None:
     assert "can: run guests with up to 512 vCPUs on a vGICv3" in default
     assert "can: give a guest up to 16775168 MiB of RAM" in default  # 2**44 - 2 GiB
     assert "up to 268433408 MiB of RAM (from 0x80000000, within 48-bit" in "\n".join(
-        report(dataclasses.replace(DEFAULT, max_ipa_bits=52)))  # pyvmm's own limit
+        report(DEFAULT._replace(max_ipa_bits=52)))  # pyvmm's own limit
     v2 = "\n".join(report(GICV2))
     assert "can: run guests with up to 4 vCPUs on a vGICv2 (a vGICv2 serves 8 at most)" in v2
     assert "up to 1046528 MiB" in v2  # 2**40 - 2 GiB
@@ -52,6 +50,6 @@ def test_each_shape_in_words() -> None:
     assert "cannot: run guests: pyvmm needs the SMCCC filter of Linux >= 6.4 (this host runs 6.1.0-28-arm64)" in old
     assert "can:" not in old
     assert [runnable(s) for s in (DEFAULT, GICV2, PAGES_16K, LINUX_61)] == [True, True, True, False]
-    nothing = "\n".join(report(dataclasses.replace(DEFAULT, gic=None, guest_debug=False, nisv_to_user=False)))
+    nothing = "\n".join(report(DEFAULT._replace(gic=None, guest_debug=False, nisv_to_user=False)))
     assert "cannot: run guests: KVM offers no in-kernel vGIC here" in nothing
     assert "cannot: debug guests with GDB" in nothing and "no KVM_CAP_ARM_NISV_TO_USER" in nothing
