@@ -326,6 +326,11 @@ def test_fid_ranges_and_addresses() -> None:
 def exchange(sock: socket.socket, data: bytes) -> bytes:
     """Send one packet, return the reply's DATA (acks skipped)."""
     sock.sendall(packets.frame(data))
+    return read_reply(sock)
+
+
+def read_reply(sock: socket.socket) -> bytes:
+    """The DATA of the next packet the stub sends (acks skipped)."""
     reply = b""
     while not (b"#" in reply and len(reply) >= reply.index(b"#") + 3):
         chunk = sock.recv(4096)
@@ -370,9 +375,13 @@ def test_a_client_vanishing_mid_packet_is_detached_and_the_next_one_is_served(
             assert v.thread is not None
             v.thread.join(5)
             assert v.debug[-1] & KVM_GUESTDBG_SINGLESTEP
+        # A packet while running is acknowledged and ignored (all-stop: only Ctrl-C is heard); once
+        # its '+' is back the stub has passed it, so the stop that follows cannot overtake it.
+        second.sendall(packets.frame(b"qC"))
+        assert second.recv(1) == b"+"
         hit = threading.Thread(target=debugger.debug_exit, args=(vcpus[1], DebugExit(0x32 << 26, 0)))
         hit.start()
-        assert exchange(second, b"") == b"T05thread:2;"  # (an empty packet: nothing to it but the wait)
+        assert read_reply(second) == b"T05thread:2;"
         assert exchange(second, b"QStartNoAckMode") == b"OK"
         second.sendall(b"-")  # no acks now: a '-' asks for nothing
         assert exchange(second, b"qC") == b"QC2"
