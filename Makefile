@@ -26,7 +26,7 @@ GUEST_ELFS := $(patsubst tests/guests/%.S,build/guests/%.elf,$(wildcard tests/gu
 BENCH_BINS := $(patsubst benchmarks/%.S,build/bench/%.bin,$(wildcard benchmarks/*.S))
 vpath %.S tests/guests examples/guests
 
-.PHONY: all test lint unit kvm fuzz demo bench dist guests payloads host-deps venv armhost fresh-check clean
+.PHONY: all test test-hosts lint unit kvm fuzz demo bench dist guests payloads host-deps venv armhost fresh-check clean
 all: guests
 
 host-deps: .cache/host-deps.stamp
@@ -116,6 +116,12 @@ else
 endif
 
 test: lint unit kvm
+
+# The KVM tier once in each emulated host shape (tools/armhost/shapes.py: GICv3 with 4K pages on
+# Linux 6.12, GICv2, 16K pages, Linux 6.1), one boot each, then one line per shape with its tally.
+# Emulated on every machine, native arm64 ones too: a real host is one shape, the matrix all four.
+test-hosts: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests payloads armhost
+	@$(ARMHOST) matrix --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs --color=no --capture=sys
 
 # The fuzz campaigns in full (`make test` runs a share of each): a hostile driver against every
 # virtio device, malformed CLI values, broken service modules, handler results and control-socket

@@ -1,8 +1,19 @@
-"""Emulated arm64 KVM host: `python3 tools/armhost {build|run} ...`.
+"""Emulated arm64 KVM host: `python3 tools/armhost [--shape NAME] {build|run|matrix} ...`.
 
   build                 fetch Debian's arm64 kernel, Python and wheels; pack the base initramfs
   run [opts] -- CMD...  boot the host once and run CMD in the checkout copy inside it; exit with
                         CMD's status (124 on time-out, 125 if the host died without reporting)
+  matrix [--shapes A,B] [opts] -- CMD...
+                        for each shape in turn (all by default): build it if needed, boot it
+                        once and run CMD as `run` does; then one line per shape with CMD's status
+                        and its last `kvm: ` line. Exits 0 only if CMD succeeded in every shape
+
+Shapes (--shape, default `default`), each a QEMU machine and a Debian kernel package that the
+host and its L2 guests both run:
+  default   GICv3, 4K pages, bookworm-backports' linux-image-arm64 (Linux 6.12)
+  gicv2     the same kernel on a GICv2 (so its KVM offers only a vGICv2)
+  16k       GICv3, bookworm-backports' linux-image-arm64-16k (16K pages)
+  linux6.1  GICv3, bookworm's own linux-image-arm64 (Linux 6.1)
 """
 
 from __future__ import annotations
@@ -16,38 +27,99 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from boot import run  # noqa: E402
 from image import HostImage  # noqa: E402
+from shapes import SHAPES, Shape  # noqa: E402
+from steps import log  # noqa: E402
 
 CHECKOUT = Path(__file__).resolve().parents[2]
+KVM_LINE = "kvm: "  # the KVM tier's tally (tests/conftest.py); matrix reports each shape's last one
+STATUS_WORDS = {124: "time limit", 125: "the host stopped without reporting a status"}
 
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="armhost", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=CHECKOUT / ".cache" / "armhost")
+    ap.add_argument("--shape", help="the host shape for build and run (default: default)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build")
-    r = sub.add_parser("run")
-    r.add_argument("--cpus", type=int, default=2)
-    r.add_argument("--mem", type=int, default=3072, help="MiB")
-    r.add_argument("--timeout", type=float, default=1200.0, help="seconds for the whole boot")
-    r.add_argument("command", nargs=argparse.REMAINDER)
+    boot_opts = argparse.ArgumentParser(add_help=False)
+    boot_opts.add_argument("--cpus", type=int, default=2)
+    boot_opts.add_argument("--mem", type=int, default=3072, help="MiB")
+    boot_opts.add_argument("--timeout", type=float, default=1200.0, help="seconds for each whole boot")
+    boot_opts.add_argument("command", nargs=argparse.REMAINDER)
+    sub.add_parser("run", parents=[boot_opts])
+    m = sub.add_parser("matrix", parents=[boot_opts])
+    m.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated (default: all, in this order: "
+                   + ", ".join(SHAPES) + ")")
     args = ap.parse_args(argv)
 
+    if args.cmd == "matrix" and args.shape is not None:
+        print("armhost: matrix takes --shapes A,B,..., not --shape", file=sys.stderr)
+        return 2
+    names = args.shapes.split(",") if args.cmd == "matrix" else [args.shape or "default"]
+    for name in names:
+        if name not in SHAPES:
+            print(f"armhost: unknown shape {name!r} (shapes: {', '.join(SHAPES)})", file=sys.stderr)
+            return 2
+    shapes = [SHAPES[name] for name in names]
     for tool in ("qemu-system-aarch64", "cpio", "dpkg-deb", "apt-get"):
         if shutil.which(tool) is None:
             print(f"armhost: {tool} not found (run `make host-deps`)", file=sys.stderr)
             return 2
     command = getattr(args, "command", [])
     command = command[1:] if command[:1] == ["--"] else command
-    if args.cmd == "run" and not command:
-        print("armhost: run needs a command after --", file=sys.stderr)
+    if args.cmd in ("run", "matrix") and not command:
+        print(f"armhost: {args.cmd} needs a command after --", file=sys.stderr)
         return 2
-    image = HostImage(args.cache)
+    if args.cmd == "matrix":
+        return matrix(shapes, args.cache, command, cpus=args.cpus, mem_mib=args.mem, timeout=args.timeout)
+    image = HostImage(args.cache, shapes[0])
     image.build()
     if args.cmd == "build":
         return 0
-    return run(image.kernel, image.base, CHECKOUT, command, cpus=args.cpus, mem_mib=args.mem,
+    return run(shapes[0], image.kernel, image.base, CHECKOUT, command, cpus=args.cpus, mem_mib=args.mem,
                timeout=args.timeout)
+
+
+class LastKvmLine:
+    """Keeps the last line of a run's output that is the KVM tier's tally."""
+
+    def __init__(self) -> None:
+        self.line: str | None = None
+
+    def see(self, line: str) -> None:
+        if line.startswith(KVM_LINE):
+            self.line = line
+
+
+def matrix(shapes: list[Shape], cache: Path, command: list[str], *, cpus: int, mem_mib: int,
+           timeout: float) -> int:
+    summary = []
+    for i, shape in enumerate(shapes, 1):
+        log(f"matrix: shape {shape.name} ({i} of {len(shapes)})")
+        image = HostImage(cache, shape)
+        tally = LastKvmLine()
+        why = None
+        try:
+            image.build()
+        except SystemExit as e:
+            # a failed build step (steps.run_step) has said what failed; it fails this shape
+            # only, and the other shapes still run
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr, flush=True)
+            status, why = 1, "build failed"
+        else:
+            status = run(shape, image.kernel, image.base, CHECKOUT, command, cpus=cpus, mem_mib=mem_mib,
+                         timeout=timeout, on_line=tally.see)
+            why = STATUS_WORDS.get(status)
+        kernel = image.kernel_package() or shape.kernel_choice()
+        outcome = (f"status {status}: {tally.line}" if tally.line is not None
+                   else f"no {KVM_LINE.strip()} line (status {status}{': ' + why if why else ''})")
+        summary.append((status, f"armhost: shape {shape.name} (QEMU gic-version={shape.gic}, kernel {kernel}): "
+                                f"{outcome}"))
+    for _, line in summary:
+        print(line, flush=True)
+    return 0 if all(status == 0 for status, _ in summary) else 1
 
 
 if __name__ == "__main__":

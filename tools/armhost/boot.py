@@ -16,9 +16,11 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from image import pack_cpio, precompile
+from shapes import Shape
 from steps import log
 
 # What of the checkout goes into the emulated host (build/ holds the assembled guests).
@@ -28,14 +30,15 @@ EXIT_RE = re.compile(r"@@ARMHOST-EXIT (\d+) @@")
 UP_RE = re.compile(r"@@ARMHOST-UP ([\d.]+) @@")
 
 
-def qemu_command(kernel: Path, initrd: Path, cpus: int, mem_mib: int) -> list[str]:
+def qemu_command(kernel: Path, initrd: Path, gic: int, cpus: int, mem_mib: int) -> list[str]:
     # virtualization=on gives the guest EL2, so its kernel brings up KVM (VHE); gic-version=3 lets
-    # it offer a vGICv3 to its own guests. pauth-impdef: QEMU's cheap pointer-auth algorithm,
+    # it offer a vGICv3 to its own guests, gic-version=2 (a GICv2 with the virtualization
+    # extensions, as GIC-400) only a vGICv2. pauth-impdef: QEMU's cheap pointer-auth algorithm,
     # much faster under TCG than the architected QARMA. -nic none: the host needs no network, and
     # the virt board's default NIC wants an option ROM (efi-virtio.rom, from ipxe-qemu) that a
     # QEMU installed without recommends does not have, so QEMU would refuse to start.
     return [
-        "qemu-system-aarch64", "-M", "virt,virtualization=on,gic-version=3",
+        "qemu-system-aarch64", "-M", f"virt,virtualization=on,gic-version={gic}",
         "-cpu", os.environ.get("ARMHOST_CPU", "max,pauth-impdef=on"), "-smp", str(cpus), "-m", str(mem_mib),
         "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio", "-nic", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),
@@ -43,7 +46,7 @@ def qemu_command(kernel: Path, initrd: Path, cpus: int, mem_mib: int) -> list[st
     ]
 
 
-def build_overlay(checkout: Path, command: list[str], out: Path) -> None:
+def build_overlay(checkout: Path, command: list[str], shape: Shape, out: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="armhost-overlay-") as tmp:
         root = Path(tmp)
         dest = root / "opt" / "pyvmm"
@@ -57,33 +60,38 @@ def build_overlay(checkout: Path, command: list[str], out: Path) -> None:
                 shutil.copy2(src, dest / rel)
         precompile(root, [dest])
         (root / "opt" / "run.sh").write_text(shlex.join(command) + "\n")
+        (root / "opt" / "shape").write_text(shape.name + "\n")  # image.INIT_SCRIPT exports it
         pack_cpio(root, out)
 
 
-def run(kernel: Path, base: Path, checkout: Path, command: list[str], *, cpus: int, mem_mib: int,
-        timeout: float) -> int:
+def run(shape: Shape, kernel: Path, base: Path, checkout: Path, command: list[str], *, cpus: int,
+        mem_mib: int, timeout: float, on_line: Callable[[str], None] | None = None) -> int:
+    """Boot the host and run `command`; its output is printed as it comes, each line also handed
+    to `on_line`. Returns the command's status (124: time-out, 125: no status reported)."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="armhost-") as tmp:
         overlay = Path(tmp) / "overlay.cpio"
-        build_overlay(checkout, command, overlay)
+        build_overlay(checkout, command, shape, overlay)
         initrd = Path(tmp) / "initrd.cpio"
         with open(initrd, "wb") as out:
             for part in (base, overlay):
                 with open(part, "rb") as f:
                     shutil.copyfileobj(f, out, 1 << 20)
-        argv = qemu_command(kernel, initrd, cpus, mem_mib)
-        log(f"booting emulated arm64 host ({cpus} vCPUs, {mem_mib} MiB), time limit {timeout:.0f} s")
+        argv = qemu_command(kernel, initrd, shape.gic, cpus, mem_mib)
+        log(f"booting emulated arm64 host ({cpus} vCPUs, {mem_mib} MiB, shape {shape.name}), "
+            f"time limit {timeout:.0f} s")
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT)
         try:
-            return _follow(proc, started, timeout)
+            return _follow(proc, started, timeout, on_line)
         finally:
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
 
 
-def _follow(proc: subprocess.Popen[bytes], started: float, timeout: float) -> int:
+def _follow(proc: subprocess.Popen[bytes], started: float, timeout: float,
+            on_line: Callable[[str], None] | None) -> int:
     assert isinstance(proc.stdout, io.BufferedReader)  # a pipe with the default buffering: it has read1()
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
@@ -112,6 +120,8 @@ def _follow(proc: subprocess.Popen[bytes], started: float, timeout: float) -> in
                 continue
             if status is None:  # after the sentinel only the kernel's power-down chatter follows
                 print(line, flush=True)
+                if on_line is not None:
+                    on_line(line)
     proc.wait()
     if status is None:
         log(f"emulated host stopped without reporting a status (QEMU exit {proc.returncode})")

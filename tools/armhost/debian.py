@@ -83,12 +83,13 @@ class Arm64Apt:
         stdout: str = out.stdout
         return stdout
 
-    def newest_kernel_package(self) -> str:
-        """The versioned image package that bookworm-backports' linux-image-arm64 depends on."""
-        text = self.show("linux-image-arm64/bookworm-backports")
-        m = re.search(r"^Depends:\s*(linux-image-[^\s,(]+-arm64)\b", text, re.M)
+    def newest_kernel_package(self, meta: str, suite: str) -> str:
+        """The versioned image package that `suite`'s metapackage `meta` depends on (its first
+        Depends:), e.g. linux-image-arm64-16k -> linux-image-6.12.95+deb12-arm64-16k."""
+        text = self.show(f"{meta}/{suite}")
+        m = re.search(r"^Depends:\s*(linux-image-[^\s,(]+)", text, re.M)
         if not m:
-            raise SystemExit("armhost: cannot resolve linux-image-arm64 in bookworm-backports")
+            raise SystemExit(f"armhost: cannot resolve {meta} in {suite}")
         return m.group(1)
 
     def download(self, packages: list[str]) -> list[Path]:

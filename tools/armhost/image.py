@@ -1,4 +1,5 @@
-"""Build the emulated arm64 host: Debian's arm64 kernel plus an initramfs with Python and pyvmm.
+"""Build the emulated arm64 host: Debian's arm64 kernel plus an initramfs with Python and pyvmm,
+one image per kernel package (shapes.py: the shapes that differ only in QEMU's command share one).
 
 Two cpio archives are concatenated at boot (the kernel unpacks each in turn, see
 Documentation/driver-api/early-userspace/buffer-format.rst):
@@ -9,15 +10,18 @@ Both are left uncompressed: under TCG the kernel's gunzip costs seconds, a memcp
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from debian import Arm64Apt, extract
+from shapes import Shape
 from steps import log, run_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: pyvmm's initramfs code
@@ -49,13 +53,17 @@ STDLIB_PRUNE = [
 ]
 DOC_PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian"]
 
-RECIPE_VERSION = "4"  # bump when the base layout changes
+RECIPE_VERSION = "5"  # bump when the base layout changes
+
+# An arm64 Image's header has the magic "ARM\x64" at byte 56 (Documentation/arch/arm64/booting.rst).
+IMAGE_MAGIC, IMAGE_MAGIC_AT = b"ARM\x64", 0x38
 
 # Kernel modules from the same package: the emulated host needs TUN for virtio-net's tap backend,
-# the L2 guest the virtio-mmio transport and drivers (Debian builds them as modules). Their
+# the L2 guest the virtio-mmio transport and drivers (Debian builds them as modules; the virtio
+# console too in 6.1, where 6.12 has it built in, and a built-in one is left out). Their
 # dependencies are added and ordered from each module's .modinfo "depends=".
 HOST_MODULES = ["tun"]
-GUEST_MODULES = ["virtio_mmio", "virtio_blk", "virtio_rng", "virtio_net", "9pnet_virtio", "9p"]
+GUEST_MODULES = ["virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng", "virtio_net", "9pnet_virtio", "9p"]
 
 # The L2 guest pyvmm boots in tests and the demo: Debian's arm64 kernel Image (the package the
 # emulated host runs) and a busybox initramfs whose /init loads the virtio drivers when the device
@@ -97,6 +105,9 @@ export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
 export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
 for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko; done
 export PYTHONPATH=/opt/pyvmm:/opt/site PYTHONDONTWRITEBYTECODE=1 PYVMM_IN_ARMHOST=1 PYVMM_GUEST_IMAGES=/opt/guest
+# the shape's name comes with each boot's overlay: shapes that differ only in QEMU's command
+# (default, gicv2) boot the same base
+export PYVMM_ARMHOST_SHAPE="$(cat /opt/shape)"
 echo "@@ARMHOST-UP $(cut -d' ' -f1 /proc/uptime) @@"
 if [ -f /opt/run.sh ]; then cd /opt/pyvmm && sh /opt/run.sh; rc=$?; else rc=127; fi
 echo "@@ARMHOST-EXIT $rc @@"
@@ -106,45 +117,61 @@ poweroff -f
 
 
 class HostImage:
-    """The cached kernel + base initramfs under `cache` (git-ignored)."""
+    """A shape's cached kernel + base initramfs under `cache` (git-ignored), in the shape's own
+    folder; the arm64 apt tree and the wheels are shared by all shapes."""
 
-    def __init__(self, cache: Path) -> None:
-        self.cache = cache
+    def __init__(self, cache: Path, shape: Shape) -> None:
+        self.shape = shape
         self.apt = Arm64Apt(cache / "apt")
-        self.kernel = cache / "Image"
-        self.modules = cache / "modules"  # the kernel package's /lib/modules tree
-        self.base = cache / "base.cpio"
         self.wheels = cache / "wheels"
-        self.stamp = cache / "base.stamp"
-        self.guest = cache / "guest"  # L2 guest: Image + initrd.cpio
+        self.files = cache / shape.files  # shape.files "" is the cache itself
+        self.kernel = self.files / "Image"
+        self.modules = self.files / "modules"  # the kernel package's /lib/modules tree
+        self.base = self.files / "base.cpio"
+        self.stamp = self.files / "base.stamp"  # the recipe's digest, then the kernel package's name
+        self.guest = self.files / "guest"  # L2 guest: Image + initrd.cpio
 
     def _recipe_digest(self) -> str:
-        text = "\n".join([RECIPE_VERSION, INIT_SCRIPT, GUEST_INIT, *USERSPACE_PACKAGES, *BINARY_WHEELS,
-                          *SDIST_WHEELS, *STDLIB_PRUNE, *HOST_MODULES, *GUEST_MODULES])
+        text = "\n".join([RECIPE_VERSION, self.shape.kernel_choice(), INIT_SCRIPT, GUEST_INIT,
+                          *USERSPACE_PACKAGES, *BINARY_WHEELS, *SDIST_WHEELS, *STDLIB_PRUNE, *HOST_MODULES,
+                          *GUEST_MODULES])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
+    def _stamp_lines(self) -> list[str]:
+        return self.stamp.read_text().split() if self.stamp.is_file() else []
+
     def ready(self) -> bool:
-        return (self.kernel.is_file() and self.base.is_file() and self.stamp.is_file()
-                and self.stamp.read_text().strip() == self._recipe_digest())
+        return (self.kernel.is_file() and self.base.is_file()
+                and self._stamp_lines()[:1] == [self._recipe_digest()])
+
+    def kernel_package(self) -> str | None:
+        """The versioned kernel package the image was built from (None before it is built)."""
+        lines = self._stamp_lines()
+        return lines[1] if self.ready() and len(lines) > 1 else None
 
     def build(self) -> None:
         if self.ready():
             return
-        self.cache.mkdir(parents=True, exist_ok=True)
+        started = time.monotonic()
+        shape = self.shape
+        log(f"building the {shape.name} shape's image ({shape.kernel_choice()}) in {self.files}")
+        self.files.mkdir(parents=True, exist_ok=True)
         self.apt.update()
-        kernel_pkg = self.apt.newest_kernel_package()
-        debs = self.apt.download([f"{kernel_pkg}/bookworm-backports", *USERSPACE_PACKAGES])
+        kernel_pkg = self.apt.newest_kernel_package(shape.kernel_meta, shape.suite)
+        debs = self.apt.download([f"{kernel_pkg}/{shape.suite}", *USERSPACE_PACKAGES])
         self._fetch_wheels()
-        staging = self.cache / "staging"
+        staging = self.files / "staging"
         shutil.rmtree(staging, ignore_errors=True)
         kroot, root = staging / "kernel", staging / "root"
         log(f"extracting kernel {kernel_pkg}")
         extract(debs[0], kroot)
         vmlinuz = sorted((kroot / "boot").glob("vmlinuz-*"))[0]
-        shutil.copyfile(vmlinuz, self.kernel)
+        kind = install_kernel(vmlinuz, self.kernel)
         shutil.rmtree(self.modules, ignore_errors=True)
         release_dir = next((kroot / "lib" / "modules").iterdir())
         shutil.move(str(release_dir), self.modules)
+        log(f"kernel {release_dir.name}: {kind}, {self.kernel.stat().st_size >> 20} MiB; modules "
+            f"{module_formats(self.modules)}")
         log(f"extracting {len(debs) - 1} userspace packages")
         for deb in debs[1:]:
             extract(deb, root)
@@ -160,11 +187,13 @@ class HostImage:
         log("packing base initramfs")
         pack_cpio(root, self.base)
         shutil.rmtree(staging, ignore_errors=True)
-        self.stamp.write_text(self._recipe_digest() + "\n")
-        log(f"base initramfs ready: {self.base.stat().st_size / 2**20:.0f} MiB")
+        self.stamp.write_text(f"{self._recipe_digest()}\n{kernel_pkg}\n")
+        log(f"base initramfs ready: {self.base.stat().st_size / 2**20:.0f} MiB, "
+            f"built in {time.monotonic() - started:.0f} s")
 
     def _build_guest(self, busybox: Path) -> None:
-        """The L2 guest images, under cache/guest (used natively on arm64, copied into the host)."""
+        """The L2 guest images, in the shape's guest/ (default's used natively on arm64; each copied into
+        its host)."""
         shutil.rmtree(self.guest, ignore_errors=True)
         self.guest.mkdir(parents=True)
         shutil.copyfile(self.kernel, self.guest / "Image")
@@ -216,6 +245,25 @@ class HostImage:
         for d in ("proc", "sys", "dev", "tmp", "root"):
             (root / d).mkdir(exist_ok=True)
         precompile(root, [stdlib, site])
+
+
+def install_kernel(vmlinuz: Path, dest: Path) -> str:
+    """Copy the package's kernel to `dest` as a plain arm64 Image, which QEMU's -kernel and pyvmm's
+    loader both take as it is (a gzip-compressed vmlinuz is unpacked here); returns what it was."""
+    data = vmlinuz.read_bytes()
+    kind = "plain Image"
+    if data[:2] == b"\x1f\x8b":
+        data, kind = gzip.decompress(data), "gzip-compressed Image, unpacked"
+    if data[IMAGE_MAGIC_AT:IMAGE_MAGIC_AT + len(IMAGE_MAGIC)] != IMAGE_MAGIC:
+        raise SystemExit(f"armhost: {vmlinuz.name} is not an arm64 Image, plain or gzip-compressed")
+    dest.write_bytes(data)
+    return kind
+
+
+def module_formats(tree: Path) -> str:
+    """How the package ships its modules (".ko", ".ko.xz", ...), for the build's log."""
+    found = {p.name[p.name.index(".ko"):] for p in tree.rglob("*.ko*")}
+    return ", ".join(sorted(found)) or "none"
 
 
 def install_modules(tree: Path, names: list[str], dest: Path) -> None:
