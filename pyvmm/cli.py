@@ -237,8 +237,14 @@ class SmcccOptions:
         self.trace = "smccc" in args.trace
 
     def apply(self, vm: Vm) -> None:
+        from pyvmm.smccc import filter as smccc_filter
         from pyvmm.smccc.trace import TracePrinter
 
+        if not vm.has_smccc_filter:
+            asked = [option for option, given in (("--service", self.added), ("--replace-service", self.replacing),
+                                                  ("--deny", self.denied), ("--trace smccc", self.trace)) if given]
+            if asked:
+                raise smccc_filter.unavailable(" and ".join(asked))
         for m in self.added:
             vm.smccc.register(m.base, m.size, m.handle, m.name)
         for m in self.replacing:
@@ -300,6 +306,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                 for rest in devices[i + 1:]:
                     rest.close()
                 raise
+        if args.sdei and not vm.has_smccc_filter:
+            from pyvmm.smccc import filter as smccc_filter
+
+            raise smccc_filter.unavailable("--sdei")
         services.apply(vm)
         if args.sdei:
             vm.enable_sdei(events)

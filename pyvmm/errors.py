@@ -32,6 +32,12 @@ class SmcccFilterError(VmmError):
     pass
 
 
+class SmcccFilterUnavailableError(SmcccFilterError, KvmUnavailableError):
+    """What was asked for needs KVM's SMCCC filter (Linux >= 6.4), which this host's KVM lacks:
+    pyvmm's PSCI, SDEI, custom SMCCC services, denied ranges and the SMCCC trace all service or
+    see calls KVM forwards. Guests still run there, with KVM's in-kernel PSCI (Vm.has_smccc_filter)."""
+
+
 class GuestError(VmmError):
     """The guest did something the VMM cannot service (and the run ends)."""
 

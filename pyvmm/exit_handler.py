@@ -82,9 +82,17 @@ class MachineExits:
             complete_mmio_read(vcpu.kvm_run, 0, ex.size)
 
     def system_event(self, vcpu: Vcpu, ex: SystemEventExit) -> bool:
-        """KVM's own PSCI (psci=False) or a guest crash: the run ends. False: this vCPU stops."""
-        reason = SYSTEM_EVENTS.get(ex.type, ex.name)  # IntEnum keys match the raw type number
-        self._lifecycle.finish(RunResult(reason, f"guest system event {ex.name}", vcpu.index, ex.data))
+        """KVM's own PSCI (psci=False) answered SYSTEM_OFF or SYSTEM_RESET, or the guest crashed
+        (api.rst, KVM_EXIT_SYSTEM_EVENT): the machine powers off, restarts as for pyvmm's own
+        SYSTEM_RESET, or the run ends. False: this vCPU's thread ends."""
+        message = f"guest system event {ex.name} (KVM's PSCI)"
+        if ex.type == SystemEvent.SHUTDOWN:
+            self._lifecycle.power_off_system(vcpu, message)
+        elif ex.type == SystemEvent.RESET:
+            self._lifecycle.request_reset(vcpu, message)
+        else:
+            reason = SYSTEM_EVENTS.get(ex.type, ex.name)  # IntEnum keys match the raw type number
+            self._lifecycle.finish(RunResult(reason, f"guest system event {ex.name}", vcpu.index, ex.data))
         return False
 
     def debug(self, vcpu: Vcpu, ex: DebugExit) -> None:

@@ -84,8 +84,9 @@ def probe(kvm_path: str = "/dev/kvm") -> HostShape:
 
 
 def runnable(shape: HostShape) -> bool:
-    """Whether pyvmm can run a guest here at all."""
-    return shape.gic is not None and shape.smccc_filter
+    """Whether pyvmm can run a guest here at all (without the SMCCC filter it runs with KVM's
+    in-kernel PSCI, as kvmtool does)."""
+    return shape.gic is not None
 
 
 def report(shape: HostShape) -> list[str]:
@@ -107,15 +108,19 @@ def report(shape: HostShape) -> list[str]:
     ]
     if shape.gic is None:
         lines.append("cannot: run guests: KVM offers no in-kernel vGIC here")
-    if not shape.smccc_filter:
-        lines.append(f"cannot: run guests: pyvmm needs the SMCCC filter of Linux >= {FILTER_KERNEL} "
-                     f"(this host runs {shape.kernel})")
     if runnable(shape):
         vcpus = shape.max_vcpus if shape.gic == 3 else min(GICV2_MAX_VCPUS, shape.max_vcpus)
         lines.append(f"can: run guests with up to {vcpus} vCPUs on a vGICv{shape.gic}"
                      + (f" (a vGICv2 serves {GICV2_MAX_VCPUS} at most)" if shape.gic == 2 else ""))
         lines.append(f"can: give a guest up to {ram_room} MiB of RAM (from {RAM_BASE:#x}, within {min(ipa, PYVMM_IPA_BITS)}-bit addresses)")
-        lines.append("can: service PSCI, SDEI and custom SMCCC services in Python, and trace SMCCC calls")
+        if shape.smccc_filter:
+            lines.append("can: service PSCI, SDEI and custom SMCCC services in Python, and trace SMCCC calls")
+        else:
+            lines.append("can: give guests KVM's in-kernel PSCI (over HVC), as kvmtool does")
+    if not shape.smccc_filter:
+        lines.append(f"cannot: service PSCI, SDEI or custom SMCCC services in Python, trace SMCCC calls "
+                     f"(--trace smccc), or use the SMC conduit: they need the SMCCC filter of Linux >= "
+                     f"{FILTER_KERNEL} (this host runs {shape.kernel})")
     if not shape.nisv_to_user:
         lines.append("note: MMIO that KVM cannot decode (no valid syndrome) fails KVM_RUN instead of "
                      "reaching pyvmm (no KVM_CAP_ARM_NISV_TO_USER)")

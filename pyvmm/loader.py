@@ -37,7 +37,9 @@ from pyvmm.errors import ImageError
 IMAGE_MAGIC = 0x644D_5241  # "ARM\x64"
 HEADER = struct.Struct("<II3Q3QII")  # code0, code1, text_offset, image_size, flags, res2-4, magic, res5
 SZ_2M = 2 << 20
-PAGE = 4096
+# The guest's smallest translation granule (booting.rst aligns to it), whatever the host's page
+# size: a 16K-page host boots 4K-page guests, and host alignment is pyvmm/memory.py's business.
+GUEST_PAGE = 4096
 DTB_MAX = SZ_2M
 LEGACY_TEXT_OFFSET = 0x80000
 ZIMAGE_MAGIC = 0x016F_2818  # u32 @0x24 of an arm zImage
@@ -143,7 +145,7 @@ def parse_image(data: bytes, name: str = "kernel", file_size: int | None = None)
         text_offset, image_size = LEGACY_TEXT_OFFSET, size
     if image_size < size:
         raise ImageError(f"{name} header says image_size {image_size:#x}, smaller than the file ({size:#x})")
-    if text_offset % PAGE:
+    if text_offset % GUEST_PAGE:
         raise ImageError(f"{name} has text_offset {text_offset:#x}, not page aligned")
     return KernelImage(text_offset, image_size, flags)
 
@@ -170,7 +172,7 @@ def place(ram_base: int, ram_size: int, image: KernelImage, initrd_size: int, wh
     kernel_end = kernel + image.image_size
     ram_end = ram_base + ram_size
     dtb = (ram_end - DTB_MAX) & ~(SZ_2M - 1)
-    initrd = (dtb - initrd_size) & ~(PAGE - 1)
+    initrd = (dtb - initrd_size) & ~(GUEST_PAGE - 1)
     if dtb < ram_base or initrd < kernel_end:
         need = (image.text_offset + image.image_size + initrd_size + DTB_MAX + SZ_2M - 1) >> 20
         raise ImageError(f"the {what} ({image.image_size >> 20} MiB), initrd ({initrd_size >> 20} MiB) and device tree "

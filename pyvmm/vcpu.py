@@ -5,6 +5,12 @@ transitions (request_on, power_off, suspend, reset) and never assign its fields.
 starts ON; the others wait, outside KVM_RUN, until a CPU_ON makes them ON_PENDING. The vCPU's own
 thread then boots it (KVM_ARM_VCPU_INIT, entry point, context ID), marks it ON and enters the guest.
 
+With KVM's in-kernel PSCI (`kvm_power`: pyvmm does not serve PSCI) the power state is KVM's
+instead, as in kvmtool: every thread enters KVM_RUN from the start, and a secondary initialised
+with KVM_ARM_VCPU_POWER_OFF waits inside it until the guest's CPU_ON, which KVM answers
+(arch/arm64/kvm/psci.c, kvm_psci_vcpu_on). Its PowerState then only ever says ON: a thread that
+runs the vCPU.
+
 Stopping a vCPU at any moment (Documentation/virt/kvm/api.rst, "immediate_exit"): the stopper
 sets kvm_run.immediate_exit and sends the vCPU thread a signal. A thread already inside KVM_RUN
 is interrupted by the signal (EINTR); one about to enter sees immediate_exit and returns EINTR at
@@ -80,8 +86,10 @@ class ExitHandler(Protocol):
 
 
 class Vcpu:
-    def __init__(self, index: int, fd: VcpuFd, target: int, exits: ExitHandler, *, aarch32: bool = False) -> None:
+    def __init__(self, index: int, fd: VcpuFd, target: int, exits: ExitHandler, *, aarch32: bool = False,
+                 kvm_power: bool = False) -> None:
         self.index = index
+        self.kvm_power = kvm_power  # KVM's in-kernel PSCI owns the power state (see above)
         self.fd = fd
         self._target = target
         self.aarch32 = aarch32  # EL1 (so every SMCCC caller) in AArch32 state: KVM_ARM_VCPU_EL1_32BIT
@@ -89,7 +97,7 @@ class Vcpu:
         self.thread: threading.Thread | None = None
         self._stop = False
         self._requests: deque[Callable[[Vcpu], None]] = deque()
-        self._power = PowerState(on=index == 0)
+        self._power = PowerState(on=self._thread_starts_on)
         self._resume_at: Entry | None = None  # power-down suspend: where the vCPU wakes
         self._suspended = False  # in KVM_MP_STATE_SUSPENDED (PSCI CPU_SUSPEND / SYSTEM_SUSPEND)
         # the exit path's register access, without an attribute lookup through fd
@@ -101,6 +109,11 @@ class Vcpu:
         self.kvm_run = fd.mmap  # where an MMIO load's result goes (exits.complete_mmio_read)
         self.init(powered_off=index > 0)
         self.mpidr = self.get_reg("mpidr_el1")  # fixed by KVM from the vCPU index
+
+    @property
+    def _thread_starts_on(self) -> bool:
+        """vCPU 0 runs from the start; so does every vCPU whose power KVM keeps (it waits in KVM_RUN)."""
+        return self.index == 0 or self.kvm_power
 
     # --- registers -------------------------------------------------------------------------
     def get_reg(self, name: str) -> int:
@@ -171,7 +184,7 @@ class Vcpu:
 
     def reset(self, entry: Entry | None) -> None:
         """The machine's reset (thread not running): vCPU 0 back at `entry`, the others off."""
-        self._power.reset(on=self.index == 0)
+        self._power.reset(on=self._thread_starts_on)
         self._resume_at, self._suspended = None, False
         self.init(powered_off=self.index > 0)
         if entry is not None and self.index == 0:

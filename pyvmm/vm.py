@@ -54,13 +54,30 @@ REQUIRED_CAPS = (Cap.ONE_REG, Cap.ARM_PSCI_0_2, Cap.IMMEDIATE_EXIT)
 __all__ = ["RAM_BASE", "RunResult", "Vm"]
 
 
+_noted_no_filter = False
+
+
+def _note_no_filter() -> None:
+    """Once per process: what a host without the SMCCC filter means for its guests."""
+    global _noted_no_filter
+    if not _noted_no_filter:
+        _noted_no_filter = True
+        log.warning("this kernel's KVM (Linux %s) has no SMCCC filter: guests run with KVM's in-kernel PSCI; "
+                    "pyvmm's own PSCI, SDEI, custom SMCCC services and --trace smccc need Linux >= %s",
+                    os.uname().release, smccc_filter.MIN_KERNEL_TEXT)
+
+
 class Vm:
     def __init__(self, *, cpus: int = 1, mem_mib: int = 64, ram_base: int = RAM_BASE,
                  kvm_path: str = "/dev/kvm", unhandled_mmio: str = "ignore", conduit: str = "hvc",
-                 psci: bool = True, console: Callable[[int], None] | None = None, aarch32: bool = False,
+                 psci: bool | None = None, console: Callable[[int], None] | None = None, aarch32: bool = False,
                  reboot: bool = True) -> None:
         """`conduit`: the SMCCC conduit every service answers on (the other gets NOT_SUPPORTED).
-        `psci`: service PSCI 1.1 in pyvmm (else KVM's in-kernel PSCI answers).
+        `psci`: True: service PSCI 1.1 in pyvmm; False: KVM's in-kernel PSCI answers, and owns
+        the vCPUs' power states; None (the default): pyvmm's where the host's KVM has the SMCCC
+        filter (has_smccc_filter), else KVM's. Without the filter (Linux < 6.4) whatever needs
+        forwarded calls (pyvmm's PSCI, SDEI, custom services, denied ranges, the SMCCC trace, the
+        SMC conduit) raises SmcccFilterUnavailableError when asked for.
         `aarch32`: the vCPUs' EL1 is AArch32 (KVM_ARM_VCPU_EL1_32BIT, kvmtool's --aarch32); their
         SMC64/HVC64 calls all get NOT_SUPPORTED (SMCCC 1.3 §5.2), so SDEI cannot be offered.
         `console`: where the serial port's output bytes go (default: stdout, a line at a time).
@@ -86,7 +103,7 @@ class Vm:
         self.lifecycle.reboot = reboot
 
     def _build(self, cpus: int, mem_size: int, ram_base: int, kvm_path: str, unhandled_mmio: str,
-               conduit: str, psci: bool, console: Callable[[int], None] | None, aarch32: bool) -> None:
+               conduit: str, psci: bool | None, console: Callable[[int], None] | None, aarch32: bool) -> None:
         keep = self._resources.callback
         self.kvm = Kvm(kvm_path)
         keep(self.kvm.close)
@@ -104,12 +121,23 @@ class Vm:
         ipa_bits = vm_ipa_bits(ram_base + mem_size, self.kvm.check_extension(Cap.ARM_VM_IPA_SIZE))
         self.fd = self.kvm.create_vm(ipa_bits)
         keep(self.fd.close)
+        self._has_filter = smccc_filter.supported(self.fd)
+        if psci is None:
+            psci = self._has_filter
+            if not psci:
+                _note_no_filter()
+        elif psci and not self._has_filter:
+            raise smccc_filter.unavailable("pyvmm's own PSCI (Vm(psci=True))")
+        if conduit == "smc" and not self._has_filter:
+            # before 6.4 KVM answers every SMC with NOT_SUPPORTED itself (handle_smc), PSCI's too
+            raise smccc_filter.unavailable("the SMC conduit")
         self.memory = GuestMemory()
         keep(self.memory.close)
         self.mmio = MmioBus()
         self.dt_parts: list[DtPart] = []  # devices that contribute a device-tree node
         self.smccc = Dispatcher(conduit)
         self.smccc.aarch32_callers = aarch32
+        self.smccc.filter_missing = not self._has_filter
         self.unhandled_mmio = UnhandledMmio(unhandled_mmio)
         self.ram_base = ram_base
         self.add_memory(ram_base, mem_size)
@@ -130,7 +158,7 @@ class Vm:
         for i in range(cpus):
             fd = self.fd.create_vcpu(i)
             keep(fd.close)
-            self.vcpus.append(Vcpu(i, fd, target, self._exits, aarch32=aarch32))
+            self.vcpus.append(Vcpu(i, fd, target, self._exits, aarch32=aarch32, kvm_power=not psci))
         self._exits.vcpus = self.lifecycle.vcpus = self.vcpus
         if self.vcpus[0].kvm_offers_trng():
             self.smccc.kernel_functions[Owner.STANDARD_SECURE] = TRNG_FUNCTIONS
@@ -202,6 +230,8 @@ class Vm:
         /firmware/sdei on the VM's conduit."""
         from pyvmm.services.sdei import Sdei
 
+        if not self._has_filter:
+            raise smccc_filter.unavailable("SDEI")
         if self._filter_installed:
             raise VmmError("enable SDEI before the VM first runs (the SMCCC filter is fixed then)")
         if self.sdei is not None:
@@ -291,11 +321,20 @@ class Vm:
                             gic=self.gic, devices=self.dt_parts, firmware=firmware, bootargs=bootargs,
                             initrd=initrd, stdout=stdout)
 
+    @property
+    def has_smccc_filter(self) -> bool:
+        """Whether this host's KVM forwards SMCCC calls to pyvmm (KVM_ARM_VM_SMCCC_FILTER, Linux
+        >= 6.4): pyvmm's PSCI, SDEI, custom services and the SMCCC trace need it. Without it the
+        guest runs with KVM's in-kernel PSCI (pyvmm.host.probe() says the same of the host)."""
+        return self._has_filter
+
     # --- running -------------------------------------------------------------------------
     def install_smccc_filter(self) -> None:
-        """Install the filter the dispatcher's routes call for (run() does this if not yet done)."""
+        """Install the filter the dispatcher's routes call for (run() does this if not yet done);
+        on a host without one, nothing is forwarded and registration just ends."""
         if not self._filter_installed:
-            smccc_filter.install(self.fd, self.smccc.filter_ranges())
+            if self._has_filter:
+                smccc_filter.install(self.fd, self.smccc.filter_ranges())
             self.smccc.freeze()
             self._filter_installed = True
 

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 from kvm_bindings.constants import HypercallExitFlag, SmcccFilterAction
 from pyvmm.errors import VmmError
+from pyvmm.smccc import filter as smccc_filter
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.context import ServiceVcpu, TraceEvent
 from pyvmm.smccc.filter import FilterRange
@@ -129,6 +130,9 @@ class Dispatcher:
         self._observed = False  # a trace or a watch is set: the hot path's one test
         self.conduit = conduit
         self._frozen = False
+        # Set by the VM on a host whose KVM has no SMCCC filter (Linux < 6.4): KVM forwards
+        # nothing, so whatever needs a forwarded call is refused when it is asked for.
+        self.filter_missing = False
         self.aarch32_callers = False  # set by the VM for KVM_ARM_VCPU_EL1_32BIT vCPUs
         # by owner, the function IDs KVM answers itself (its TRNG): counted by Call Count
         self.kernel_functions: dict[int, tuple[int, ...]] = {}
@@ -141,6 +145,8 @@ class Dispatcher:
 
     @trace.setter
     def trace(self, value: Callable[[TraceRecord | TraceEvent], None] | None) -> None:
+        if value is not None and self.filter_missing:
+            raise smccc_filter.unavailable("tracing SMCCC calls")
         self._trace = value
         self._observed = value is not None or self._watch is not None
 
@@ -153,6 +159,8 @@ class Dispatcher:
 
     @watch.setter
     def watch(self, value: Callable[[ServiceVcpu, int, int], None] | None) -> None:
+        if value is not None and self.filter_missing:
+            raise smccc_filter.unavailable("catching SMCCC calls")
         self._watch = value
         self._observed = value is not None or self._trace is not None
 
@@ -178,6 +186,8 @@ class Dispatcher:
 
     def add_service(self, service: Service) -> None:
         self._check_open(f"adding SMCCC service {service.name}")
+        if service.ranges and self.filter_missing:
+            raise smccc_filter.unavailable(f"the SMCCC service {service.name}")
         for base, count in service.ranges:
             self._check_range(base, count, service.name)
         self.services.append(service)
@@ -202,6 +212,8 @@ class Dispatcher:
         """Have KVM itself answer NOT_SUPPORTED for [base, base + count), with no exit at all;
         routes overlapping the range are removed."""
         self._check_open(f"denying {base:#x}+{count}")
+        if self.filter_missing:
+            raise smccc_filter.unavailable("denying SMCCC calls")
         self._check_bounds(base, count, name)
         self._remove_overlapping(base, count)
         self._denied.append(FilterRange(base, count, SmcccFilterAction.DENY, name))

@@ -13,12 +13,12 @@ import os
 from typing import NamedTuple, Protocol
 
 from kvm_bindings.constants import KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER, SmcccFilterAction
-from pyvmm.errors import KvmIoctlError, SmcccFilterError
+from pyvmm.errors import KvmIoctlError, SmcccFilterError, SmcccFilterUnavailableError
 
 # KVM keeps the Arm architecture calls (SMCCC_VERSION, ARCH_FEATURES, workarounds) to itself in
 # both calling conventions: arch/arm64/kvm/hypercalls.c, init_smccc_filter().
 RESERVED = ((0x8000_0000, 0x1_0000), (0xC000_0000, 0x1_0000))
-MIN_KERNEL = (6, 4)
+MIN_KERNEL_TEXT = "6.4"  # KVM_ARM_VM_SMCCC_FILTER appeared in Linux 6.4
 
 
 class FilterFd(Protocol):
@@ -72,12 +72,25 @@ def reserved_by_kvm(base: int, count: int) -> str | None:
     return None
 
 
+def supported(vm_fd: FilterFd) -> bool:
+    """Whether this KVM has the filter (KVM_HAS_DEVICE_ATTR on the VM fd)."""
+    return vm_fd.has_device_attr(KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER)
+
+
 def check_supported(vm_fd: FilterFd) -> None:
-    """Probe with KVM_HAS_DEVICE_ATTR on the VM fd; a clear error if this KVM has no filter."""
-    if not vm_fd.has_device_attr(KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER):
-        raise SmcccFilterError(
+    """A clear error if this KVM has no filter."""
+    if not supported(vm_fd):
+        raise SmcccFilterUnavailableError(
             f"this kernel's KVM has no SMCCC filter (KVM_ARM_VM_SMCCC_FILTER); it needs Linux >= "
-            f"{MIN_KERNEL[0]}.{MIN_KERNEL[1]}, this host runs {os.uname().release}")
+            f"{MIN_KERNEL_TEXT}, this host runs {os.uname().release}")
+
+
+def unavailable(what: str) -> SmcccFilterUnavailableError:
+    """The error for `what` (a feature, or the option that asks for it) on a host without the
+    filter: one line naming the kernel it needs."""
+    return SmcccFilterUnavailableError(
+        f"{what} needs KVM's SMCCC filter, which Linux >= {MIN_KERNEL_TEXT} has; this host runs "
+        f"{os.uname().release} (guests run there with KVM's in-kernel PSCI)")
 
 
 def install(vm_fd: FilterFd, ranges: list[FilterRange]) -> None:
@@ -99,6 +112,6 @@ def install_range(vm_fd: FilterFd, r: FilterRange) -> None:
             errno.EEXIST: "overlaps a range already installed or one KVM reserves",
             errno.EBUSY: "a vCPU has already run; KVM accepts filter ranges only before the first KVM_RUN",
             errno.EINVAL: "KVM rejects it as invalid (wrapping range or bad action)",
-            errno.ENXIO: f"this KVM has no SMCCC filter (needs Linux >= {MIN_KERNEL[0]}.{MIN_KERNEL[1]})",
+            errno.ENXIO: f"this KVM has no SMCCC filter (needs Linux >= {MIN_KERNEL_TEXT})",
         }.get(e.errno, str(e))
         raise SmcccFilterError(f"SMCCC filter range {r}: {reason} [{errno.errorcode.get(e.errno, e.errno)}]") from None

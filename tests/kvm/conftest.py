@@ -19,6 +19,16 @@ FN_REPORT32 = 0x8200_00F0  # AArch32 guests' report call (tests/guests/a32/commo
 HERE = Path(__file__).resolve().parent
 
 
+def needs_filter(what: str) -> pytest.MarkDecorator:
+    """The mark of a test that does not apply to a host without the SMCCC filter (Linux < 6.4)."""
+    return pytest.mark.host(smccc_filter=True, reason=f"{what}, which needs the SMCCC filter of Linux >= 6.4")
+
+
+# the commonest reason: pyvmm's test guests report their values with an SMC64 call to a forwarded
+# SiP function (FN_REPORT), and many tests answer calls with a handler of their own
+NEEDS_FILTER = needs_filter("its guest reports, or it answers calls, through forwarded SMCCC calls")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Everything under tests/kvm/ is KVM tier (the hook sees the whole session's items)."""
     for item in items:

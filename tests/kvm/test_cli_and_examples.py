@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from pyvmm import cli
-from tests.conftest import ROOT, guest_image
+from pyvmm.host import probe
+from tests.conftest import ROOT, errors, guest_image
+from tests.kvm.conftest import NEEDS_FILTER, needs_filter
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -23,7 +26,7 @@ def test_run_to_poweroff_exits_zero() -> None:
 def test_run_timeout_stops_a_spinning_guest() -> None:
     p = run_cli("run", "-f", str(guest_image("spin")), "-c", "2", "-m", "16", "--timeout", "1")
     assert p.returncode == cli.EXIT_TIMEOUT
-    assert p.stderr.strip().splitlines() == ["pyvmm: guest ended: timeout: the guest was still running after 1 s"]
+    assert errors(p.stderr) == ["pyvmm: guest ended: timeout: the guest was still running after 1 s"]
 
 
 def test_empty_firmware_is_one_line(tmp_path: Path) -> None:
@@ -31,7 +34,7 @@ def test_empty_firmware_is_one_line(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     p = run_cli("run", "-f", str(empty))
     assert p.returncode == cli.EXIT_ERROR
-    assert p.stderr.strip().splitlines() == [f"pyvmm: error: firmware {empty} is empty"]
+    assert errors(p.stderr) == [f"pyvmm: error: firmware {empty} is empty"]
 
 
 def test_firmware_too_big_for_ram_is_one_line(tmp_path: Path) -> None:
@@ -39,7 +42,7 @@ def test_firmware_too_big_for_ram_is_one_line(tmp_path: Path) -> None:
     big.write_bytes(b"\0" * (2 << 20))
     p = run_cli("run", "-f", str(big), "-m", "1")
     assert p.returncode == cli.EXIT_ERROR
-    assert p.stderr.strip().splitlines() == [
+    assert errors(p.stderr) == [
         "pyvmm: error: the firmware (2 MiB), initrd (0 MiB) and device tree do not fit in 1 MiB of RAM; "
         "give at least 6 MiB (-m)"]
 
@@ -47,11 +50,15 @@ def test_firmware_too_big_for_ram_is_one_line(tmp_path: Path) -> None:
 def test_check_reports_the_host_shape() -> None:
     p = run_cli("check")
     assert p.returncode == cli.EXIT_OK, p.stderr
-    for line in ("SMCCC filter    supported", "GIC             vGICv3", "page size       4 KiB", "IPA bits        "):
-        assert line in p.stdout, p.stdout
-    assert "can: service PSCI, SDEI and custom SMCCC services in Python" in p.stdout
+    shape = probe()
+    for line in (f"SMCCC filter    {'supported' if shape.smccc_filter else 'missing'}", f"GIC             vGICv{shape.gic}",
+                 f"page size       {shape.page_size >> 10} KiB", f"kernel          {os.uname().release}"):
+        assert line in p.stdout.splitlines(), p.stdout
+    assert ("can: service PSCI, SDEI and custom SMCCC services in Python" in p.stdout) == shape.smccc_filter
+    assert ("can: give guests KVM's in-kernel PSCI (over HVC), as kvmtool does" in p.stdout) != shape.smccc_filter
 
 
+@NEEDS_FILTER
 def test_smccc_demo_example() -> None:
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "smccc_demo.py")], capture_output=True,
                        text=True, timeout=120)
@@ -67,6 +74,7 @@ def test_smccc_demo_example() -> None:
     assert out.count("guest ended: poweroff (vcpu0): PSCI SYSTEM_OFF") == 2
 
 
+@needs_filter("the example shows pyvmm's PSCI and SDEI served in Python, traced")
 def test_sdei_demo_example() -> None:
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "sdei_demo.py")], capture_output=True,
                        text=True, timeout=120)
@@ -78,6 +86,7 @@ def test_sdei_demo_example() -> None:
     assert "2 SDEI events delivered" in out
 
 
+@NEEDS_FILTER
 def test_run_with_a_service_module_trace_and_smc_conduit() -> None:
     p = run_cli("run", "-f", str(guest_image("smccc_demo_smc")), "-c", "2", "-m", "16", "--psci-conduit", "smc",
                 "--service", str(ROOT / "examples" / "vendor_service.py"), "--trace", "smccc", "--timeout", "60")
@@ -87,6 +96,7 @@ def test_run_with_a_service_module_trace_and_smc_conduit() -> None:
     assert "[vcpu0 smc] SYSTEM_OFF() = ? (does not return)" in p.stderr
 
 
+@NEEDS_FILTER
 def test_replace_psci_version_and_deny_a_range(tmp_path: Path) -> None:
     mine = tmp_path / "my_psci_version.py"
     mine.write_text("RANGE = (0x84000000, 1)\nNAME = 'my PSCI_VERSION'\n\ndef handle(call):\n    return 0x20000\n")
@@ -98,6 +108,7 @@ def test_replace_psci_version_and_deny_a_range(tmp_path: Path) -> None:
     assert "CPU_ON(" in p.stderr  # the rest of PSCI is still pyvmm's
 
 
+@needs_filter("the example shows pyvmm's PSCI and SDEI served in Python, traced")
 def test_boot_linux_example() -> None:
     p = subprocess.run([sys.executable, str(ROOT / "examples" / "boot_linux.py")], capture_output=True, text=True,
                        timeout=300)

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import guest_image
+from tests.conftest import NO_FILTER_NOTE, guest_image
+from tests.kvm.conftest import needs_filter
 
 ROOT = Path(__file__).resolve().parents[2]
 GDB = shutil.which("gdb") or shutil.which("gdb-multiarch")
@@ -35,9 +36,11 @@ def start_vm(*args: str) -> subprocess.Popen[str]:
 
 
 def wait_listening(vm: subprocess.Popen[str]) -> str:
-    """The stub's address from pyvmm's first stderr line."""
+    """The stub's address from pyvmm's first stderr line (after the no-SMCCC-filter note, if any)."""
     assert vm.stderr is not None
     line = vm.stderr.readline()
+    while NO_FILTER_NOTE in line:
+        line = vm.stderr.readline()
     m = re.search(r"GDB stub listening on (\S+?)(;|$)", line)
     assert m, f"pyvmm did not start its GDB stub: {line!r}"
     return m.group(1)
@@ -87,6 +90,7 @@ def show(tag: str, expr: str) -> list[str]:
 ALIAS = "(0x40000000 + ((long)&magic - 0x80000000))"
 
 
+@needs_filter("GDB catches and traces the SMCCC calls pyvmm is forwarded")
 def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) -> None:
     sock = str(tmp_path / "gdb.sock")
     vm = start_vm("--gdb", f"unix:{sock}", "--gdb-wait")

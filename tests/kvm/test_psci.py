@@ -10,7 +10,9 @@ import pytest
 from pyvmm.smccc.context import ServiceVcpu
 from pyvmm.smccc.service import PYVMM_UID, Service
 from pyvmm.vm import Vm
-from tests.kvm.conftest import FN_REPORT, MakeVm, Reports, guest_for, s32, s64
+from tests.kvm.conftest import FN_REPORT, MakeVm, Reports, guest_for, needs_filter, s32, s64
+
+pytestmark = needs_filter("it tests pyvmm's own PSCI, served in Python")
 
 SUCCESS, NOT_SUPPORTED, INVALID_PARAMETERS, DENIED, ALREADY_ON, INVALID_ADDRESS = 0, -1, -2, -3, -4, -9
 ON, OFF = 0, 1

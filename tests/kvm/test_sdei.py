@@ -14,7 +14,9 @@ import pytest
 from pyvmm.services.sdei import EventSpec, Sdei
 from pyvmm.smccc.call import SmcccCall
 from tests.conftest import guest_image
-from tests.kvm.conftest import FN_REPORT, MakeVm, Reports, guest_for, s64
+from tests.kvm.conftest import FN_REPORT, MakeVm, Reports, guest_for, needs_filter, s64
+
+pytestmark = needs_filter("it tests pyvmm's SDEI, served in Python")
 
 SUCCESS, NOT_SUPPORTED, INVALID_PARAMETERS, DENIED, PENDING, OUT_OF_RESOURCE = 0, -1, -2, -3, -5, -10
 CONDUITS = ["hvc", "smc"]

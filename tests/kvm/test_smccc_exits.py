@@ -10,7 +10,9 @@ from pyvmm.smccc import filter as smccc_filter
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.filter import FilterRange
 from pyvmm.smccc.service import Results
-from tests.kvm.conftest import FN_REPORT, SIP32, SIP64, MakeVm, Reports, guest_for
+from tests.kvm.conftest import FN_REPORT, SIP32, SIP64, MakeVm, Reports, guest_for, needs_filter
+
+pytestmark = needs_filter("it tests forwarded SMCCC calls")
 
 U64 = 0xFFFF_FFFF_FFFF_FFFF
 

@@ -17,7 +17,9 @@ from pyvmm.smccc.service import PYVMM_UID
 from pyvmm.vm import Vm
 from tests import fuzzing
 from tests.conftest import guest_image
-from tests.kvm.conftest import FN_REPORT, SIP64, Reports, guest_for
+from tests.kvm.conftest import FN_REPORT, SIP64, Reports, guest_for, needs_filter
+
+pytestmark = needs_filter("it tests forwarded SMCCC calls")
 
 CALLS = fuzzing.size(2500, 12_500)  # per VM
 VMS = fuzzing.size(1, 8)  # per conduit: the campaign makes 100,000 calls over each

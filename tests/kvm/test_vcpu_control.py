@@ -9,7 +9,7 @@ import pytest
 
 from pyvmm.errors import GuestMemoryError
 from pyvmm.vcpu import Vcpu
-from tests.kvm.conftest import FN_REPORT, MakeVm, Reports
+from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports
 
 
 def test_spinning_guest_is_stopped_within_bounded_time(make_vm: MakeVm) -> None:
@@ -29,6 +29,7 @@ def test_stop_from_another_thread(make_vm: MakeVm) -> None:
     assert result.elapsed < 30
 
 
+@NEEDS_FILTER
 def test_unmapped_access_is_a_clean_mmio_exit(make_vm: MakeVm) -> None:
     vm = make_vm("mmio_unmapped")
     reports = Reports()
@@ -96,6 +97,7 @@ class RecordingDevice:
         self.log.append(("write", offset, size, value))
 
 
+@NEEDS_FILTER
 def test_mmio_exits_reach_the_device_on_the_bus(make_vm: MakeVm) -> None:
     vm = make_vm("mmio_unmapped")
     dev = RecordingDevice()

@@ -7,7 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyvmm.devices.virtio.blk import VirtioBlk
-from tests.kvm.conftest import FN_REPORT, MakeVm, Reports
+from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports
+
+pytestmark = NEEDS_FILTER
 
 ACK_DRIVER_FEATURES_OK = 1 | 2 | 8
 DRIVER_OK, NEEDS_RESET = 4, 0x40

@@ -25,7 +25,7 @@ from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.vm import Vm
-from tests.conftest import ROOT, linux_guest
+from tests.conftest import ROOT, errors, linux_guest
 
 GUEST_TIMEOUT = 120.0
 
@@ -156,7 +156,7 @@ def test_bad_device_flags_are_one_line(flag: str, value: str, message: str) -> N
     p = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-k", str(image), flag, value],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == cli.EXIT_ERROR
-    assert p.stderr.splitlines() == [f"pyvmm: error: {message}"]
+    assert errors(p.stderr) == [f"pyvmm: error: {message}"]
 
 
 def locked_by_another(path: Path) -> bool:
@@ -194,7 +194,7 @@ def test_a_second_pyvmm_on_the_same_image_is_refused(tmp_path: Path) -> None:
             time.sleep(0.2)
         p = second()
         assert p.returncode == cli.EXIT_ERROR
-        assert p.stderr.splitlines() == [f"pyvmm: error: disk {disk} is locked: another process, or another -d "
+        assert errors(p.stderr) == [f"pyvmm: error: disk {disk} is locked: another process, or another -d "
                                          "of this one, uses it (add ,nolock to use it anyway)"]
         assert second("nolock").returncode == cli.EXIT_TIMEOUT  # it ran: the user opted out
     finally:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -10,11 +13,13 @@ from hypothesis import strategies as st
 
 from kvm_bindings.constants import SmcccFilterAction
 from pyvmm import cli
-from pyvmm.errors import VmmError
+from pyvmm.errors import SmcccFilterUnavailableError, VmmError
+from pyvmm.services.psci import KvmPsci
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.context import TraceEvent
 from pyvmm.smccc.dispatcher import Dispatcher, HandlerError, TraceRecord
 from pyvmm.smccc.service import NO_RESULT, Results
+from pyvmm.vm import Vm
 from tests import fuzzing
 from tests.unit.fakes import FakeVcpu
 
@@ -280,3 +285,41 @@ def test_a_handler_that_raises_is_named() -> None:
         d.dispatch(v, SIP64, 0)
     assert cli.one_line("pyvmm: guest ended: error: first line\nsecond line") == \
         "pyvmm: guest ended: error: first line\\nsecond line"
+
+
+def test_without_the_smccc_filter_what_needs_a_forwarded_call_is_refused_in_one_line() -> None:
+    d = Dispatcher()
+    d.filter_missing = True  # a host whose KVM forwards nothing (Linux < 6.4)
+    release = os.uname().release
+
+    def catch(vcpu: object, function_id: int, flags: int) -> None:
+        pass
+
+    attempts: list[tuple[Callable[[], object], str]] = [
+        (lambda: d.register(SIP64, 16, lambda call: 0, "mine"), "the SMCCC service mine"),
+        (lambda: d.deny(SIP64, 16), "denying SMCCC calls"),
+        (lambda: setattr(d, "trace", print), "tracing SMCCC calls"),
+        (lambda: setattr(d, "watch", catch), "catching SMCCC calls")]
+    for attempt, what in attempts:
+        with pytest.raises(SmcccFilterUnavailableError) as e:
+            attempt()
+        assert str(e.value) == (f"{what} needs KVM's SMCCC filter, which Linux >= 6.4 has; this host runs {release} "
+                                "(guests run there with KVM's in-kernel PSCI)")
+    assert d.services == [] and d.filter_ranges() == [] and d.trace is None and d.watch is None
+    d.trace = None  # turning nothing off is fine
+    d.add_service(KvmPsci("hvc"))  # KVM's PSCI needs no forwarding: only its device-tree node
+    assert [s.name for s in d.services] == ["KVM PSCI"]
+
+
+def test_cli_service_options_name_themselves_when_the_host_has_no_filter(tmp_path: Path) -> None:
+    module = tmp_path / "svc.py"
+    module.write_text("RANGE = (0xC2000000, 16)\n\ndef handle(call):\n    return 0\n")
+    args = cli.build_parser().parse_args(["run", "--service", str(module), "--trace", "smccc", "-k", "x"])
+
+    class NoFilterVm:
+        has_smccc_filter = False
+        smccc = Dispatcher()
+
+    with pytest.raises(SmcccFilterUnavailableError, match=r"^--service and --trace smccc needs KVM's SMCCC filter, "
+                       r"which Linux >= 6\.4 has"):
+        cli.SmcccOptions(args).apply(cast(Vm, NoFilterVm()))

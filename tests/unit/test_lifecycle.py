@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import pytest
 
@@ -279,3 +280,33 @@ def test_the_worker_survives_an_unexpected_exception(vm: FakeVm, monkeypatch: py
     d.queues[0].add([b"y"], [])
     d.queues[0].kick()
     assert dev.busy.wait(5)
+
+
+@pytest.mark.parametrize("reboot", [True, False])
+def test_kvms_own_psci_system_events_power_off_or_reset_the_machine(reboot: bool) -> None:
+    """With KVM's in-kernel PSCI (a host without the SMCCC filter) SYSTEM_OFF and SYSTEM_RESET
+    come as KVM_EXIT_SYSTEM_EVENT: a power-off, and a reset within the run as for pyvmm's own."""
+    from kvm_bindings.constants import SystemEvent
+    from pyvmm.devices.bus import MmioBus
+    from pyvmm.exit_handler import MachineExits, UnhandledMmio
+    from pyvmm.exits import SystemEventExit
+    from pyvmm.vcpu import Vcpu
+
+    def machine() -> tuple[Lifecycle, MachineExits]:
+        life = Lifecycle(GuestMemory(), InterruptLines(FakeVmFd()), Dispatcher(), lambda: None)
+        life.reboot = reboot
+        return life, MachineExits(life._smccc, MmioBus(), UnhandledMmio("ignore"), life)
+
+    life, exits = machine()
+    vcpu = cast(Vcpu, FakeVcpu())
+    assert exits.system_event(vcpu, SystemEventExit(SystemEvent.RESET, ())) is False  # this thread ends
+    if reboot:
+        assert life._reset_pending == "guest system event reset (KVM's PSCI)" and life._result is None
+    else:
+        assert life._result is not None and life._result.reason == "reset"
+    life, exits = machine()
+    exits.system_event(vcpu, SystemEventExit(SystemEvent.SHUTDOWN, ()))
+    assert life._result is not None and life._result.reason == "poweroff" and life._result.ok
+    life, exits = machine()
+    exits.system_event(vcpu, SystemEventExit(SystemEvent.CRASH, ()))
+    assert life._result is not None and life._result.reason == "crash"

@@ -148,9 +148,12 @@ class FakeVm:
     made: ClassVar[list[FakeVm]] = []
     script: ClassVar[list[tuple[int, int, dict[int, int], int]]] = []
 
-    def __init__(self, *, cpus: int = 1, mem_mib: int = 64, conduit: str = "hvc", psci: bool = True,
+    has_smccc_filter = True  # a host of Linux >= 6.4: pyvmm's PSCI is the default
+
+    def __init__(self, *, cpus: int = 1, mem_mib: int = 64, conduit: str = "hvc", psci: bool | None = None,
                  console: Callable[[int], None] | None = None, unhandled_mmio: str = "ignore",
                  **more: object) -> None:
+        psci = self.has_smccc_filter if psci is None else psci
         self.options = dict(cpus=cpus, mem_mib=mem_mib, conduit=conduit, psci=psci, unhandled_mmio=unhandled_mmio)
         self.machine: FakeMachine = machine(cpus, conduit=conduit)
         self.smccc = Dispatcher(conduit)
