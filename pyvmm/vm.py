@@ -55,6 +55,7 @@ __all__ = ["RAM_BASE", "RunResult", "Vm"]
 
 
 _noted_no_filter = False
+HOST_NOTES = "pyvmm.host"  # the logger of what a host's shape means for its guests (pyvmm exec mutes it)
 
 
 def _note_no_filter() -> None:
@@ -62,7 +63,7 @@ def _note_no_filter() -> None:
     global _noted_no_filter
     if not _noted_no_filter:
         _noted_no_filter = True
-        log.warning("this kernel's KVM (Linux %s) has no SMCCC filter: guests run with KVM's in-kernel PSCI; "
+        logging.getLogger(HOST_NOTES).warning("this kernel's KVM (Linux %s) has no SMCCC filter: guests run with KVM's in-kernel PSCI; "
                     "pyvmm's own PSCI, SDEI, custom SMCCC services and --trace smccc need Linux >= %s",
                     os.uname().release, smccc_filter.MIN_KERNEL_TEXT)
 

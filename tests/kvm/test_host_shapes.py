@@ -75,6 +75,8 @@ def test_without_the_filter_linux_runs_with_kvms_psci_and_what_needs_it_is_one_l
     assert p.returncode == cli.EXIT_OK, p.stdout[-3000:] + p.stderr
     assert "smp: Brought up 1 node, 2 CPUs" in p.stdout and "PYVMM-DISK-OK" in p.stdout
     assert p.stderr.count("has no SMCCC filter: guests run with KVM's in-kernel PSCI") == 1, p.stderr
+    p = pyvmm("exec", "-c", "2", "--", "sh", "-c", "nproc; echo to-stderr >&2")
+    assert (p.returncode, p.stdout, p.stderr) == (0, "2\n", "to-stderr\n")  # exec's streams are the command's
     service = tmp_path / "svc.py"
     service.write_text("RANGE = (0xC2000000, 16)\n\ndef handle(call):\n    return 0\n")
     for option, args in (("--sdei", ["--sdei"]), ("--service", ["--service", str(service)]),
