@@ -89,7 +89,7 @@ class ControlServer:
             if cmd in ("sdei-signal", "sdei-status"):
                 sdei = self._sdei
                 if sdei is None:
-                    return {"ok": False, "error": "this VM runs without SDEI (start it with --sdei)"}
+                    return {"ok": False, "error": "this VM runs without SDEI (start it with --sdei, on Linux >= 6.4)"}
                 if cmd == "sdei-status":
                     return {"ok": True, "events": sdei.status(), "masked": sdei.pe_masks()}
                 event, cpu = request.get("event"), request.get("cpu")

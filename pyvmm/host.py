@@ -53,6 +53,13 @@ def vm_ipa_bits(ram_end: int, max_ipa_bits: int) -> int:
     return 0 if needed <= DEFAULT_IPA_BITS <= max_ipa_bits else needed
 
 
+def probe_ipa_bits(max_ipa_bits: int) -> int:
+    """The machine type of a throwaway VM that asks KVM questions: the default 40 bits where the
+    host offers them, else its largest size (KVM refuses type 0 on a host of fewer than 40 bits,
+    arch/arm64/kvm/mmu.c kvm_init_stage2_mmu)."""
+    return 0 if max_ipa_bits == 0 or max_ipa_bits >= DEFAULT_IPA_BITS else max_ipa_bits
+
+
 def probe(kvm_path: str = "/dev/kvm") -> HostShape:
     """Ask this host's KVM (a throwaway VM for the VM-level questions)."""
     from pyvmm.kvm import Kvm
@@ -60,7 +67,7 @@ def probe(kvm_path: str = "/dev/kvm") -> HostShape:
 
     kvm = Kvm(kvm_path)
     try:
-        vm = kvm.create_vm()
+        vm = kvm.create_vm(probe_ipa_bits(kvm.check_extension(Cap.ARM_VM_IPA_SIZE)))
         try:
             gic = 3 if vm.can_create_device(DeviceType.ARM_VGIC_V3) else \
                 2 if vm.can_create_device(DeviceType.ARM_VGIC_V2) else None
@@ -121,6 +128,8 @@ def report(shape: HostShape) -> list[str]:
         lines.append(f"cannot: service PSCI, SDEI or custom SMCCC services in Python, trace SMCCC calls "
                      f"(--trace smccc), or use the SMC conduit: they need the SMCCC filter of Linux >= "
                      f"{FILTER_KERNEL} (this host runs {shape.kernel})")
+        lines.append("cannot: --service, --replace-service, --deny, --sdei, --trace smccc, --psci-conduit smc, "
+                     "or GDB's monitor catch smccc / smccc trace here")
     if not shape.nisv_to_user:
         lines.append("note: MMIO that KVM cannot decode (no valid syndrome) fails KVM_RUN instead of "
                      "reaching pyvmm (no KVM_CAP_ARM_NISV_TO_USER)")

@@ -18,6 +18,9 @@
             5. the images are loaded into RAM again;
             6. every vCPU is re-initialised (vCPU 0 at the boot entry, the others off);
             7. devices resume, vCPU threads start.
+          With KVM's in-kernel PSCI (no SMCCC filter, or Vm(psci=False)) power is KVM's: its
+          SYSTEM_OFF and SYSTEM_RESET come as system events, secondaries wait inside KVM_RUN, and
+          a guest whose every vCPU is off runs until the time limit, as under kvmtool.
   stop    every vCPU thread is asked to end (kicked out of KVM_RUN) and joined within a bound.
   close   device workers end; then everything is freed in the reverse order of its making. A
           thread that does not end in time is reported, and nothing it may still touch (its

@@ -12,8 +12,16 @@ import mmap
 from kvm_bindings import ffi
 from pyvmm.errors import GuestMemoryError
 
-PAGE_SIZE = mmap.PAGESIZE
-HUGE_PAGE = 2 << 20  # arm64 with 4 KiB pages: a PMD block, which KVM's stage 2 can map whole
+PAGE_SIZE = mmap.PAGESIZE  # the host's: 4 KiB, or 16 KiB (Asahi Linux, Debian's -arm64-16k), or 64 KiB
+
+
+def block_size(page: int) -> int:
+    """A level-2 block with `page`-sized granules (a PMD: a whole table of page/8 descriptors,
+    Arm ARM D8.3): what a transparent huge page is, and what KVM's stage 2 can map whole."""
+    return page * (page // 8)
+
+
+HUGE_PAGE = block_size(PAGE_SIZE)  # 2 MiB with 4 KiB pages, 32 MiB with 16 KiB, 512 MiB with 64 KiB
 
 
 class Region:
@@ -55,9 +63,9 @@ class GuestMemory:
             if r.overlaps(gpa, size):
                 raise GuestMemoryError(
                     f"memory region {gpa:#x}-{gpa + size - 1:#x} overlaps {r.gpa:#x}-{r.end - 1:#x}")
-        # Transparent huge pages, as kvmtool does: with the host range 2 MiB aligned like the
-        # guest's, KVM maps guest RAM at stage 2 in 2 MiB blocks, so a booting kernel takes a
-        # fraction of the stage-2 faults. The mapping is over-allocated to align it.
+        # Transparent huge pages, as kvmtool does: with the host range aligned to a block like the
+        # guest's, KVM maps guest RAM at stage 2 in blocks (2 MiB with 4 KiB pages), so a booting
+        # kernel takes a fraction of the stage-2 faults. The mapping is over-allocated to align it.
         huge = size >= HUGE_PAGE and gpa % HUGE_PAGE == 0 and hasattr(mmap, "MADV_HUGEPAGE")
         extra = HUGE_PAGE if huge else 0
         try:

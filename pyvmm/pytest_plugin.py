@@ -130,7 +130,10 @@ def kvm_problem() -> str | None:
     except VmmError as e:
         return str(e)
     try:
-        kvm.create_vm().close()
+        from kvm_bindings.constants import Cap
+        from pyvmm.host import probe_ipa_bits
+
+        kvm.create_vm(probe_ipa_bits(kvm.check_extension(Cap.ARM_VM_IPA_SIZE))).close()
     except VmmError as e:
         return str(e)
     finally:
@@ -388,6 +391,14 @@ class SmcccTrace:
         self.started = time.monotonic()
         self._lock = threading.Lock()  # every vCPU thread reports here
         self._entries: list[TracedCall | TracedEvent] = []
+        self.unavailable = False  # the host has no SMCCC filter: nothing can be traced
+
+    def _check(self) -> None:
+        # an empty trace would pass a test's "no SYSTEM_RESET was called" without looking
+        if self.unavailable:
+            from pyvmm.smccc import filter as smccc_filter
+
+            raise smccc_filter.unavailable("the SMCCC trace (a PayloadRun's or the linux fixture's)")
 
     def __call__(self, record: TraceRecord | TraceEvent) -> None:
         from pyvmm.smccc.context import TraceEvent
@@ -414,11 +425,13 @@ class SmcccTrace:
 
     @property
     def calls(self) -> list[TracedCall]:
+        self._check()
         with self._lock:
             return [e for e in self._entries if isinstance(e, TracedCall)]
 
     @property
     def events(self) -> list[TracedEvent]:
+        self._check()
         with self._lock:
             return [e for e in self._entries if isinstance(e, TracedEvent)]
 
@@ -482,7 +495,7 @@ class RunPayload:
 
     def __call__(self, payload: str | os.PathLike[str] | bytes, *, services: Iterable[ServiceSpec] = (),
                  conduit: str = "hvc", cpus: int = 1, mem_mib: int = 16, defsyms: Mapping[str, int] | None = None,
-                 psci: bool | None = None, reports: bool = True, configure: Callable[[Vm], None] | None = None,
+                 psci: bool | None = None, reports: bool | None = None, configure: Callable[[Vm], None] | None = None,
                  timeout: float | None = None, unhandled_mmio: str = "ignore") -> PayloadRun:
         """Run `payload` until it powers off, fails, or `timeout` (default: the test's limit)
         passes. `payload`: a `.S`/`.s` file (assembled for `conduit`, with `defsyms`), a flat
@@ -490,7 +503,8 @@ class RunPayload:
         to PSCI (`psci=False`: KVM's own PSCI answers; the default: pyvmm's where the host has
         the SMCCC filter, see Vm) and, with `reports`, the FN_REPORT service; `configure(vm)`
         runs last, before the guest does (vm.enable_sdei(), ...). Without the SMCCC filter
-        (Linux < 6.4) services and reports cannot be had, and the trace stays empty."""
+        (Linux < 6.4) services cannot be had: `reports` (default: where the filter is) is then
+        off, and reading the trace raises SmcccFilterUnavailableError instead of finding it empty."""
         require_kvm(self._item)
         from pyvmm.errors import VmmError
         from pyvmm.vm import Vm
@@ -515,11 +529,13 @@ class RunPayload:
             vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, psci=psci, console=console.append,
                     unhandled_mmio=unhandled_mmio)
             self._vms.append(vm)
-            if reports:
+            if vm.has_smccc_filter if reports is None else reports:
                 vm.smccc.add_service(report_service(got))
             add_services(vm.smccc, vm.service_context, services, config.rootpath)
             if vm.has_smccc_filter:
                 vm.smccc.trace = trace
+            else:
+                trace.unavailable = True
             entry = vm.load(payload) if isinstance(payload, bytes) else vm.load_file(cast(Path, binary))
             vm.set_boot(entry)
         except VmmError as e:  # a service module that does not load, a payload too big for RAM, ...
@@ -574,6 +590,8 @@ class LinuxBoot:
             add_services(vm.smccc, vm.service_context, self.services, self.base)
             if vm.has_smccc_filter:
                 vm.smccc.trace = trace
+            else:
+                trace.unavailable = True
             if self.configure is not None:
                 self.configure(vm)
 

@@ -148,7 +148,7 @@ class Vcpu:
 
     def kvm_offers_trng(self) -> bool:
         """Whether KVM answers the TRNG calls itself (its KVM_REG_ARM_STD_BMAP firmware register,
-        Linux >= 6.0; pyvmm, whose filter needs 6.4, does not look further back)."""
+        Linux >= 6.0; older kernels have no such register: no TRNG of KVM's is counted)."""
         try:
             return bool(self.fd.get_one_reg(KVM_REG_ARM_STD_BMAP) & KVM_REG_ARM_STD_BIT_TRNG_V1_0)
         except KvmIoctlError:

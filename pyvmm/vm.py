@@ -123,15 +123,15 @@ class Vm:
         self.fd = self.kvm.create_vm(ipa_bits)
         keep(self.fd.close)
         self._has_filter = smccc_filter.supported(self.fd)
+        # said when the guest first runs, so that a refusal (--sdei, say) stays the one line
+        self._note_pending = psci is None and not self._has_filter
         if psci is None:
             psci = self._has_filter
-            if not psci:
-                _note_no_filter()
         elif psci and not self._has_filter:
             raise smccc_filter.unavailable("pyvmm's own PSCI (Vm(psci=True))")
         if conduit == "smc" and not self._has_filter:
             # before 6.4 KVM answers every SMC with NOT_SUPPORTED itself (handle_smc), PSCI's too
-            raise smccc_filter.unavailable("the SMC conduit")
+            raise smccc_filter.unavailable("the SMC conduit (--psci-conduit smc)")
         self.memory = GuestMemory()
         keep(self.memory.close)
         self.mmio = MmioBus()
@@ -233,6 +233,10 @@ class Vm:
 
         if not self._has_filter:
             raise smccc_filter.unavailable("SDEI")
+        if self.psci is None:
+            # SDEI follows the vCPUs' power states (a PE that CPU_ON boots is reset, one that is
+            # off gets no event, SDEI 1.1 §6.2), which only pyvmm's PSCI sees
+            raise VmmError("SDEI needs pyvmm's PSCI: this VM has KVM's (Vm(psci=False))")
         if self._filter_installed:
             raise VmmError("enable SDEI before the VM first runs (the SMCCC filter is fixed then)")
         if self.sdei is not None:
@@ -344,6 +348,9 @@ class Vm:
     def run(self, timeout: float | None = None) -> RunResult:
         """Run until the guest powers off or fails, stop() is called, or `timeout` seconds pass
         (resets included)."""
+        if self._note_pending:
+            self._note_pending = False
+            _note_no_filter()
         log.info("entering the guest: %d vCPUs, %d MiB", len(self.vcpus), self.memory.regions[0].size >> 20)
         return self.lifecycle.run(timeout)
 

@@ -266,8 +266,8 @@ class Debugger:
         MAX_CATCHES of them: ValueError)."""
         if len(ranges) > MAX_CATCHES:
             raise ValueError(f"at most {MAX_CATCHES} ranges are caught at once")
+        self._set_watch(self._smccc_call if ranges else None)  # first: a host without the filter refuses it
         self.catches = list(ranges)
-        self._set_watch(self._smccc_call if ranges else None)
 
     # --- memory and registers as GDB sees them (the commands.Target protocol) ----------------
     def vcpus(self) -> int:

@@ -112,7 +112,7 @@ class Monitor:
     def _signal(self, words: list[str]) -> str:
         sdei = self._sdei()
         if sdei is None:
-            raise VmmError("this VM runs without SDEI (start it with --sdei)")
+            raise VmmError("this VM runs without SDEI (start it with --sdei, on Linux >= 6.4)")
         try:
             event = int(words[0], 0)
             cpu = int(words[1], 0) if len(words) > 1 else None

@@ -178,7 +178,8 @@ class Psci(Service):
 class KvmPsci(Service):
     """KVM's own PSCI, when pyvmm does not serve PSCI (Vm(psci=False)): no function is forwarded,
     but the guest still finds PSCI, and so its CPUs' enable-method, through the device tree.
-    KVM answers HVC and SMC #0 alike (arch/arm64/kvm/hypercalls.c)."""
+    Since Linux 6.4 KVM answers HVC and SMC #0 alike (arch/arm64/kvm/hypercalls.c); before, it
+    answers every SMC NOT_SUPPORTED (handle_smc), so the VM refuses the SMC conduit there."""
 
     name = "KVM PSCI"
 

@@ -205,6 +205,8 @@ class Dispatcher:
     def replace(self, base: int, count: int, handler: Handler, name: str = "") -> None:
         """Like register(), after removing whatever routes overlap the range."""
         self._check_open(f"replacing {base:#x}+{count}")
+        if self.filter_missing:  # refused before anything is carved out
+            raise smccc_filter.unavailable(f"replacing SMCCC calls with {name or getattr(handler, '__name__', 'handler')}")
         self._remove_overlapping(base, count)
         self.register(base, count, handler, name)
 

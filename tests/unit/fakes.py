@@ -4,13 +4,17 @@ state is the real PowerState, so PSCI's transitions are the real ones."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from kvm_bindings import ffi
+from kvm_bindings.constants import DeviceType
 from kvm_bindings.regs import CORE_REGS, SYS_REGS
 from pyvmm.errors import KvmIoctlError
+from pyvmm.irqchip import Gic
+from pyvmm.kvm import VmFd
 from pyvmm.power import Entry, Power, PowerState
 from pyvmm.smccc.context import ServiceContext, ServiceVcpu, TraceEvent
 
@@ -184,14 +188,39 @@ class FakeVmFd:
         self.installed.append((base, nr_functions, action))
 
 
-class FakeGicLayout:
-    """What the device tree needs of a vGIC: its version and its regions at kvmtool's addresses."""
+class FakeGicDevice:
+    """A vGIC device fd: the attributes set on it, recorded."""
 
-    def __init__(self, cpus: int, version: int = 3) -> None:
+    def __init__(self, kind: int) -> None:
+        self.kind = kind
+        self.attrs: list[tuple[int, int, int]] = []
+        self.closed = False
+
+    def set_device_attr_u64(self, group: int, attr: int, value: int, context: str = "") -> None:
+        self.attrs.append((group, attr, value))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeGicVmFd:
+    """The VM fd's KVM_CREATE_DEVICE as a host of the given vGIC answers it: a GICv2-only host
+    (a GIC-400 board) refuses the vGICv3 with ENODEV (arch/arm64/kvm/vgic/vgic-kvm-device.c)."""
+
+    def __init__(self, version: int) -> None:
         self.version = version
-        self.regions = ([(0x3FFF_0000, 0x1_0000, "gic-dist"), (0x3FFF_0000 - cpus * 0x2_0000, cpus * 0x2_0000,
-                                                                "gic-redist")]
-                        if version == 3 else [(0x3FFF_0000, 0x1_0000, "gic-dist"), (0x3FFD_0000, 0x2_0000, "gic-cpu")])
+        self.devices: list[FakeGicDevice] = []
+
+    def create_device(self, kind: int) -> FakeGicDevice:
+        if kind == DeviceType.ARM_VGIC_V3 and self.version != 3:
+            raise KvmIoctlError("KVM_CREATE_DEVICE", errno.ENODEV)
+        self.devices.append(FakeGicDevice(kind))
+        return self.devices[-1]
+
+
+def gic_layout(cpus: int, version: int = 3) -> Gic:
+    """pyvmm's own Gic, made on a fake VM fd of a host with that vGIC (what the DT needs of it)."""
+    return Gic(cast(VmFd, FakeGicVmFd(version)), cpus)
 
 
 class FakeRam:

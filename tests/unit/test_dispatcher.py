@@ -298,6 +298,7 @@ def test_without_the_smccc_filter_what_needs_a_forwarded_call_is_refused_in_one_
     attempts: list[tuple[Callable[[], object], str]] = [
         (lambda: d.register(SIP64, 16, lambda call: 0, "mine"), "the SMCCC service mine"),
         (lambda: d.deny(SIP64, 16), "denying SMCCC calls"),
+        (lambda: d.replace(SIP64, 16, lambda call: 0, "v2"), "replacing SMCCC calls with v2"),
         (lambda: setattr(d, "trace", print), "tracing SMCCC calls"),
         (lambda: setattr(d, "watch", catch), "catching SMCCC calls")]
     for attempt, what in attempts:

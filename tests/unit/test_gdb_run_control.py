@@ -18,7 +18,7 @@ from kvm_bindings.constants import (
     KVM_GUESTDBG_USE_HW,
     KVM_GUESTDBG_USE_SW_BP,
 )
-from pyvmm.errors import VmmError
+from pyvmm.errors import SmcccFilterUnavailableError, VmmError
 from pyvmm.exits import DebugExit
 from pyvmm.gdb import hw, packets
 from pyvmm.gdb.debugger import BRK, ENOSPC, MAX_SW_BREAKPOINTS, SIGINT, SIGTRAP, Debugger, Stop
@@ -394,3 +394,26 @@ def test_a_client_vanishing_mid_packet_is_detached_and_the_next_one_is_served(
         v.thread.join(5)
         assert not v.thread.is_alive()  # detached: running again
     assert stopped == []
+
+
+def test_a_catch_the_host_cannot_have_is_not_recorded() -> None:
+    """Without the SMCCC filter the dispatcher refuses the watch: the catch list stays as it was,
+    so `monitor catch smccc` does not later claim calls it will never stop at."""
+    memory = GuestMemory()
+    memory.add(RAM, 1 << 16)
+    vcpus = [FakeVcpu(0)]
+    smccc = Dispatcher()
+    smccc.filter_missing = True
+
+    def set_watch(hook: Callable[..., None] | None) -> None:
+        smccc.watch = hook
+
+    debugger = Debugger(vcpus, MachineTarget(vcpus, memory), hw_breakpoints=2, hw_watchpoints=1, set_watch=set_watch)
+    try:
+        with pytest.raises(SmcccFilterUnavailableError, match="^catching SMCCC calls needs KVM's SMCCC filter"):
+            debugger.set_catches([(0x8400_0000, 0x8400_001F)])
+        assert debugger.catches == []
+        debugger.set_catches([])  # turning them off is fine
+    finally:
+        debugger.close()
+        memory.close()

@@ -11,7 +11,7 @@ from pyvmm.host import HostShape, report, runnable, vm_ipa_bits
 GIB = 1 << 30
 DEFAULT = HostShape(kernel="6.12.95+deb12-arm64", gic=3, page_size=4096, max_ipa_bits=44, smccc_filter=True,
                     max_vcpus=512, nisv_to_user=True, guest_debug=True, hw_breakpoints=6, hw_watchpoints=4)
-GICV2 = DEFAULT._replace(gic=2, max_ipa_bits=40, max_vcpus=4)  # a Raspberry Pi 4's GIC-400
+GICV2 = DEFAULT._replace(gic=2, max_ipa_bits=40, max_vcpus=8)  # a Raspberry Pi 4's GIC-400: VGIC_V2_MAX_CPUS
 PAGES_16K = DEFAULT._replace(kernel="6.12.95+deb12-arm64-16k", page_size=16384, max_ipa_bits=42)
 LINUX_61 = DEFAULT._replace(kernel="6.1.0-28-arm64", smccc_filter=False)
 
@@ -42,7 +42,7 @@ def test_each_shape_in_words() -> None:
     assert "up to 268433408 MiB of RAM (from 0x80000000, within 48-bit" in "\n".join(
         report(DEFAULT._replace(max_ipa_bits=52)))  # pyvmm's own limit
     v2 = "\n".join(report(GICV2))
-    assert "can: run guests with up to 4 vCPUs on a vGICv2 (a vGICv2 serves 8 at most)" in v2
+    assert "can: run guests with up to 8 vCPUs on a vGICv2 (a vGICv2 serves 8 at most)" in v2
     assert "up to 1046528 MiB" in v2  # 2**40 - 2 GiB
     assert "page size       16 KiB" in "\n".join(report(PAGES_16K))
     old = "\n".join(report(LINUX_61))

@@ -22,7 +22,7 @@ from pyvmm.memory import GuestMemory
 from pyvmm.services.psci import KvmPsci, Psci
 from pyvmm.services.sdei import Sdei
 from pyvmm.smccc.service import Service
-from tests.unit.fakes import FakeGicLayout, FakeVmFd, machine
+from tests.unit.fakes import FakeVmFd, gic_layout, machine
 
 
 class Board:
@@ -31,7 +31,7 @@ class Board:
 
     def __init__(self, cpus: int, gic_version: int = 3, conduit: str = "hvc", sdei: bool = False) -> None:
         self.fake = machine(cpus, all_on=True, conduit=conduit)
-        self.gic = FakeGicLayout(cpus, gic_version)
+        self.gic = gic_layout(cpus, gic_version)
         self.fd = FakeVmFd()
         self.lines = InterruptLines(self.fd)
         self.ram = GuestMemory()

@@ -654,3 +654,26 @@ def test_the_cache_directory_comes_from_the_environment_then_the_ini(run: Callab
     run("-s").stdout.fnmatch_lines([f"*BUILT {pytester.path / 'cache-here'}/guest-hvc-*.bin*"])
     monkeypatch.setenv(payload.CACHE_ENV, str(tmp_path / "from-env"))
     run("-s").stdout.fnmatch_lines([f"*BUILT {tmp_path / 'from-env'}/guest-hvc-*.bin*"])
+
+
+def test_without_the_smccc_filter_payloads_run_and_an_unavailable_trace_says_so(
+        run: Callable[..., pytest.RunResult], pytester: pytest.Pytester, fake_vm: type[FakeVm],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Linux < 6.4 (KVM forwards nothing) run_payload leaves the report service out by default
+    and the trace cannot be read: an empty one would let "no SYSTEM_RESET" pass unexamined."""
+    monkeypatch.setattr(FakeVm, "has_smccc_filter", False)
+    monkeypatch.setattr(FakeVm, "script", [(0, 0x8400_0008, {}, 0)])  # SYSTEM_OFF
+    pytester.makepyfile(test_old_kernel="""
+        import pytest
+        from pyvmm.errors import SmcccFilterUnavailableError
+
+        def test_a_payload_runs(run_payload):
+            run = run_payload(bytes.fromhex("00000014"))
+            assert run.vm.options["psci"] is False and run.vm.smccc.services == []
+            assert run.reports == []
+            with pytest.raises(SmcccFilterUnavailableError, match="the SMCCC trace .* needs KVM's SMCCC filter"):
+                run.trace.calls
+            with pytest.raises(SmcccFilterUnavailableError):
+                len(run.trace)
+    """)
+    run().assert_outcomes(passed=1)

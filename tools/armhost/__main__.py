@@ -31,6 +31,7 @@ from shapes import SHAPES, Shape  # noqa: E402
 from steps import log  # noqa: E402
 
 CHECKOUT = Path(__file__).resolve().parents[2]
+SHAPE_LINE = "KVM tier ran against real /dev/kvm"  # tests/conftest.py, with the shape it probed
 KVM_LINE = "kvm: "  # the KVM tier's tally (tests/conftest.py); matrix reports each shape's last one
 STATUS_WORDS = {124: "time limit", 125: "the host stopped without reporting a status"}
 
@@ -82,14 +83,18 @@ def main(argv: list[str]) -> int:
 
 
 class LastKvmLine:
-    """Keeps the last line of a run's output that is the KVM tier's tally."""
+    """Keeps the last line of a run's output that is the KVM tier's tally, and the host's shape
+    as the tier found it ("... real /dev/kvm (Linux ...; vGICv2, 4K pages, SMCCC filter present):")."""
 
     def __init__(self) -> None:
         self.line: str | None = None
+        self.found: str | None = None
 
     def see(self, line: str) -> None:
         if line.startswith(KVM_LINE):
             self.line = line
+        elif line.startswith(SHAPE_LINE) and "; " in line:
+            self.found = line.rsplit("; ", 1)[1].removesuffix("):")
 
 
 def matrix(shapes: list[Shape], cache: Path, command: list[str], *, cpus: int, mem_mib: int,
@@ -102,20 +107,27 @@ def matrix(shapes: list[Shape], cache: Path, command: list[str], *, cpus: int, m
         why = None
         try:
             image.build()
-        except SystemExit as e:
+        except (SystemExit, OSError) as e:
             # a failed build step (steps.run_step) has said what failed; it fails this shape
             # only, and the other shapes still run
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr, flush=True)
+            message = e.code if isinstance(e, SystemExit) else f"armhost: {e}"
+            if isinstance(message, str):
+                print(message, file=sys.stderr, flush=True)
             status, why = 1, "build failed"
         else:
             status = run(shape, image.kernel, image.base, CHECKOUT, command, cpus=cpus, mem_mib=mem_mib,
                          timeout=timeout, on_line=tally.see)
             why = STATUS_WORDS.get(status)
+            # a row counts only if its host was the shape it is named for (a QEMU that ignored
+            # gic-version, a kernel package that resolved to another page size, ...)
+            if tally.found is not None and tally.found != shape.expected():
+                status, why = 1, f"the host was {tally.found}, not {shape.expected()}"
+                tally.line = None
         kernel = image.kernel_package() or shape.kernel_choice()
         outcome = (f"status {status}: {tally.line}" if tally.line is not None
                    else f"no {KVM_LINE.strip()} line (status {status}{': ' + why if why else ''})")
-        summary.append((status, f"armhost: shape {shape.name} (QEMU gic-version={shape.gic}, kernel {kernel}): "
+        found = f"; found {tally.found}" if tally.found is not None else ""
+        summary.append((status, f"armhost: shape {shape.name} (QEMU gic-version={shape.gic}, kernel {kernel}{found}): "
                                 f"{outcome}"))
     for _, line in summary:
         print(line, flush=True)
