@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pyvmm.errors import VmmError
-from pyvmm.host import HostShape, report, runnable, vm_ipa_bits
+from pyvmm.host import HostShape, probe_ipa_bits, report, runnable, vm_ipa_bits
 
 GIB = 1 << 30
 DEFAULT = HostShape(kernel="6.12.95+deb12-arm64", gic=3, page_size=4096, max_ipa_bits=44, smccc_filter=True,
@@ -57,3 +57,9 @@ def test_each_shape_in_words() -> None:
     nothing = "\n".join(report(DEFAULT._replace(gic=None, guest_debug=False, nisv_to_user=False)))
     assert "cannot: run guests: KVM offers no in-kernel vGIC here" in nothing
     assert "cannot: debug guests with GDB" in nothing and "no KVM_CAP_ARM_NISV_TO_USER" in nothing
+
+
+@pytest.mark.parametrize(("host", "machine_type"), [(0, 0), (40, 0), (48, 0), (36, 36), (32, 32)])
+def test_the_probes_vm_asks_for_an_ipa_size_the_host_has(host: int, machine_type: int) -> None:
+    """KVM refuses machine type 0 (40 bits) on a host of fewer (kvm_init_stage2_mmu)."""
+    assert probe_ipa_bits(host) == machine_type
