@@ -16,11 +16,11 @@ from typing import NamedTuple
 
 from kvm_bindings.constants import Cap, DeviceType
 from pyvmm.errors import VmmError
+from pyvmm.smccc.filter import MIN_KERNEL_TEXT
 
 DEFAULT_IPA_BITS = 40  # what KVM_CREATE_VM's machine type 0 means (api.rst, KVM_CREATE_VM)
 MIN_IPA_BITS = 32  # the smallest size KVM accepts in the machine type (KVM_VM_TYPE_ARM_IPA_SIZE)
 PYVMM_IPA_BITS = 48  # pyvmm places RAM below 2**48 (no FEAT_LPA), whatever KVM offers (pyvmm/memory.py)
-FILTER_KERNEL = "6.4"  # KVM_ARM_VM_SMCCC_FILTER appeared in Linux 6.4
 
 
 class HostShape(NamedTuple):
@@ -71,11 +71,7 @@ def probe(kvm_path: str = "/dev/kvm") -> HostShape:
         try:
             gic = 3 if vm.can_create_device(DeviceType.ARM_VGIC_V3) else \
                 2 if vm.can_create_device(DeviceType.ARM_VGIC_V2) else None
-            try:
-                smccc_filter.check_supported(vm)
-                has_filter = True
-            except VmmError:
-                has_filter = False
+            has_filter = smccc_filter.supported(vm)
             nisv = bool(vm.check_extension(Cap.ARM_NISV_TO_USER))
         finally:
             vm.close()
@@ -127,7 +123,7 @@ def report(shape: HostShape) -> list[str]:
     if not shape.smccc_filter:
         lines.append(f"cannot: service PSCI, SDEI or custom SMCCC services in Python, trace SMCCC calls "
                      f"(--trace smccc), or use the SMC conduit: they need the SMCCC filter of Linux >= "
-                     f"{FILTER_KERNEL} (this host runs {shape.kernel})")
+                     f"{MIN_KERNEL_TEXT} (this host runs {shape.kernel})")
         lines.append("cannot: --service, --replace-service, --deny, --sdei, --trace smccc, --psci-conduit smc, "
                      "or GDB's monitor catch smccc / smccc trace here")
     if not shape.nisv_to_user:

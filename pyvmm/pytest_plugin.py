@@ -393,6 +393,13 @@ class SmcccTrace:
         self._entries: list[TracedCall | TracedEvent] = []
         self.unavailable = False  # the host has no SMCCC filter: nothing can be traced
 
+    def attach(self, vm: Vm) -> None:
+        """Record `vm`'s forwarded calls; without the SMCCC filter there are none to record."""
+        if vm.has_smccc_filter:
+            vm.smccc.trace = self
+        else:
+            self.unavailable = True
+
     def _check(self) -> None:
         # an empty trace would pass a test's "no SYSTEM_RESET was called" without looking
         if self.unavailable:
@@ -532,10 +539,7 @@ class RunPayload:
             if vm.has_smccc_filter if reports is None else reports:
                 vm.smccc.add_service(report_service(got))
             add_services(vm.smccc, vm.service_context, services, config.rootpath)
-            if vm.has_smccc_filter:
-                vm.smccc.trace = trace
-            else:
-                trace.unavailable = True
+            trace.attach(vm)
             entry = vm.load(payload) if isinstance(payload, bytes) else vm.load_file(cast(Path, binary))
             vm.set_boot(entry)
         except VmmError as e:  # a service module that does not load, a payload too big for RAM, ...
@@ -588,10 +592,7 @@ class LinuxBoot:
 
         def configure(vm: Vm) -> None:
             add_services(vm.smccc, vm.service_context, self.services, self.base)
-            if vm.has_smccc_filter:
-                vm.smccc.trace = trace
-            else:
-                trace.unavailable = True
+            trace.attach(vm)
             if self.configure is not None:
                 self.configure(vm)
 

@@ -63,9 +63,10 @@ def _note_no_filter() -> None:
     global _noted_no_filter
     if not _noted_no_filter:
         _noted_no_filter = True
-        logging.getLogger(HOST_NOTES).warning("this kernel's KVM (Linux %s) has no SMCCC filter: guests run with KVM's in-kernel PSCI; "
-                    "pyvmm's own PSCI, SDEI, custom SMCCC services and --trace smccc need Linux >= %s",
-                    os.uname().release, smccc_filter.MIN_KERNEL_TEXT)
+        logging.getLogger(HOST_NOTES).warning(
+            "this kernel's KVM (Linux %s) has no SMCCC filter: guests run with KVM's in-kernel PSCI; "
+            "pyvmm's own PSCI, SDEI, custom SMCCC services and --trace smccc need Linux >= %s",
+            os.uname().release, smccc_filter.MIN_KERNEL_TEXT)
 
 
 class Vm:

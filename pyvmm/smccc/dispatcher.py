@@ -145,8 +145,8 @@ class Dispatcher:
 
     @trace.setter
     def trace(self, value: Callable[[TraceRecord | TraceEvent], None] | None) -> None:
-        if value is not None and self.filter_missing:
-            raise smccc_filter.unavailable("tracing SMCCC calls")
+        if value is not None:
+            self._needs_forwarding("tracing SMCCC calls")
         self._trace = value
         self._observed = value is not None or self._watch is not None
 
@@ -159,8 +159,8 @@ class Dispatcher:
 
     @watch.setter
     def watch(self, value: Callable[[ServiceVcpu, int, int], None] | None) -> None:
-        if value is not None and self.filter_missing:
-            raise smccc_filter.unavailable("catching SMCCC calls")
+        if value is not None:
+            self._needs_forwarding("catching SMCCC calls")
         self._watch = value
         self._observed = value is not None or self._trace is not None
 
@@ -180,14 +180,19 @@ class Dispatcher:
         once a vCPU has run, so registration ends here."""
         self._frozen = True
 
+    def _needs_forwarding(self, what: str) -> None:
+        """Refuse `what` (before anything changes) on a host whose KVM forwards no call."""
+        if self.filter_missing:
+            raise smccc_filter.unavailable(what)
+
     def _check_open(self, what: str) -> None:
         if self._frozen:
             raise VmmError(f"{what}: the SMCCC filter is fixed once the VM runs; register services before run()")
 
     def add_service(self, service: Service) -> None:
         self._check_open(f"adding SMCCC service {service.name}")
-        if service.ranges and self.filter_missing:
-            raise smccc_filter.unavailable(f"the SMCCC service {service.name}")
+        if service.ranges:
+            self._needs_forwarding(f"the SMCCC service {service.name}")
         for base, count in service.ranges:
             self._check_range(base, count, service.name)
         self.services.append(service)
@@ -205,8 +210,7 @@ class Dispatcher:
     def replace(self, base: int, count: int, handler: Handler, name: str = "") -> None:
         """Like register(), after removing whatever routes overlap the range."""
         self._check_open(f"replacing {base:#x}+{count}")
-        if self.filter_missing:  # refused before anything is carved out
-            raise smccc_filter.unavailable(f"replacing SMCCC calls with {name or getattr(handler, '__name__', 'handler')}")
+        self._needs_forwarding(f"replacing SMCCC calls with {name or getattr(handler, '__name__', 'handler')}")
         self._remove_overlapping(base, count)
         self.register(base, count, handler, name)
 
@@ -214,8 +218,7 @@ class Dispatcher:
         """Have KVM itself answer NOT_SUPPORTED for [base, base + count), with no exit at all;
         routes overlapping the range are removed."""
         self._check_open(f"denying {base:#x}+{count}")
-        if self.filter_missing:
-            raise smccc_filter.unavailable("denying SMCCC calls")
+        self._needs_forwarding("denying SMCCC calls")
         self._check_bounds(base, count, name)
         self._remove_overlapping(base, count)
         self._denied.append(FilterRange(base, count, SmcccFilterAction.DENY, name))

@@ -5,8 +5,6 @@ what needs the filter is refused in one line, and the Python API says so too."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +16,9 @@ from pyvmm.errors import SmcccFilterUnavailableError
 from pyvmm.host import probe
 from pyvmm.vm import Vm
 from tests.conftest import linux_guest
+from tests.kvm.test_linux_boot import pyvmm
 
 NO_FILTER = pytest.mark.host(smccc_filter=False, reason="shows what a kernel without the SMCCC filter refuses")
-
-
-def pyvmm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def kernel_version() -> tuple[int, int]:

@@ -10,7 +10,6 @@ Both are left uncompressed: under TCG the kernel's gunzip costs seconds, a memcp
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import shutil
@@ -25,7 +24,9 @@ from shapes import Shape
 from steps import log, run_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: pyvmm's initramfs code
+from pyvmm.errors import ImageError  # noqa: E402
 from pyvmm.initramfs import ModuleTree, load_module  # noqa: E402
+from pyvmm.loader import parse_image, unpack_kernel  # noqa: E402
 
 # Userspace for the emulated host (Debian bookworm arm64), see ../shared notes on the recipe.
 USERSPACE_PACKAGES = [
@@ -55,8 +56,7 @@ DOC_PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/loca
 
 RECIPE_VERSION = "5"  # bump when the base layout changes
 
-# An arm64 Image's header has the magic "ARM\x64" at byte 56 (Documentation/arch/arm64/booting.rst).
-IMAGE_MAGIC, IMAGE_MAGIC_AT = b"ARM\x64", 0x38
+KERNEL_LIMIT = 512 << 20  # the most an unpacked kernel Image may be
 
 # Kernel modules from the same package: the emulated host needs TUN for virtio-net's tap backend,
 # the L2 guest the virtio-mmio transport and drivers (Debian builds them as modules; the virtio
@@ -249,15 +249,18 @@ class HostImage:
 
 def install_kernel(vmlinuz: Path, dest: Path) -> str:
     """Copy the package's kernel to `dest` as a plain arm64 Image, which QEMU's -kernel and pyvmm's
-    loader both take as it is (a gzip-compressed vmlinuz is unpacked here); returns what it was."""
-    data = vmlinuz.read_bytes()
-    kind = "plain Image"
-    if data[:2] == b"\x1f\x8b":
-        data, kind = gzip.decompress(data), "gzip-compressed Image, unpacked"
-    if data[IMAGE_MAGIC_AT:IMAGE_MAGIC_AT + len(IMAGE_MAGIC)] != IMAGE_MAGIC:
-        raise SystemExit(f"armhost: {vmlinuz.name} is not an arm64 Image, plain or gzip-compressed")
+    loader both take as it is; a compressed one is unpacked by pyvmm's own loader. Returns what
+    it was."""
+    try:
+        unpacked = unpack_kernel(str(vmlinuz), vmlinuz.name, KERNEL_LIMIT)
+        data = vmlinuz.read_bytes() if unpacked is None else unpacked
+        image = parse_image(data, vmlinuz.name)  # or one line saying what it is instead
+    except ImageError as e:
+        raise SystemExit(f"armhost: {e}") from None
+    if image.headerless:
+        raise SystemExit(f"armhost: {vmlinuz.name} has no arm64 Image header")
     dest.write_bytes(data)
-    return kind
+    return "plain Image" if unpacked is None else "compressed Image, unpacked"
 
 
 def module_formats(tree: Path) -> str:
