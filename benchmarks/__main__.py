@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import platform
 
-from benchmarks import boot, guest_exec, hypercall, sdei, startup, virtio
+from benchmarks import boot, guest_exec, hypercall, sdei, smp, startup, virtio
 
 
 def main() -> None:
     where = "emulated arm64 host" if os.environ.get("PYVMM_IN_ARMHOST") else "native"
     print(f"pyvmm benchmarks on Linux {platform.release()} {platform.machine()} ({where})")
     startup.main()
-    hypercall.main()
+    calls = hypercall.main()
+    smp.main()
     sdei.main()
     plain = boot.main()
-    virtio.main()
+    virtio.main(calls["floor_us"])
     guest_exec.main(plain["to_init_s"])
 
 

@@ -32,13 +32,14 @@ class LoopResult:
 
 def run_hvc_loop(function_id: int, calls: int, setup: Callable[[Vm], object] | None = None,
                  before_run: Callable[[Vm], None] | None = None, psci: bool = True,
-                 guest: str = "hvc_loop") -> LoopResult:
+                 guest: str = "hvc_loop", conduit: str = "hvc") -> LoopResult:
     """Run hvc_loop.S: `calls` HVCs of `function_id` (x1..x3 = 0), timed in the guest by
     CNTVCT_EL0. `psci`: pyvmm's PSCI (else KVM's in-kernel PSCI answers PSCI calls). Another
-    `guest` with the same contract (x9 rounds, report ticks, frequency, rounds, x0) may stand in."""
-    vm = Vm(cpus=1, mem_mib=16, psci=psci)
+    `guest` with the same contract (x9 rounds, report ticks, frequency, rounds, x0) may stand in.
+    `conduit` "smc": the guest's SMC build (NAME_smc.bin) on a VM whose services answer SMC."""
+    vm = Vm(cpus=1, mem_mib=16, psci=psci, conduit=conduit)
     try:
-        vm.set_boot(vm.load_file(GUESTS / f"{guest}.bin"))
+        vm.set_boot(vm.load_file(GUESTS / f"{guest}{'_smc' if conduit == 'smc' else ''}.bin"))
         report: list[tuple[int, ...]] = []
 
         def on_report(call: SmcccCall) -> int:

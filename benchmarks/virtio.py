@@ -1,22 +1,30 @@
-"""virtio inside the Linux guest: virtio-blk sequential throughput and virtio-net ping latency.
+"""Devices inside the Linux guest: virtio-blk throughput, the serial console, virtio-net latency.
 
 One boot of Debian's kernel (1 vCPU, 256 MiB) with a raw disk image in the host's /tmp and a
 virtio-net NIC on a tap whose host end is 192.168.77.1. The guest runs the commands printed
-below, so the same measurement can be repeated under kvmtool on the same image and host:
-  lkvm run -c 1 -m 256 -k Image -i initrd.cpio -d IMAGE -n mode=tap,tapif=TAP -p "..."
+below (the whole kvmtool command line is printed too), so the same measurement can be repeated
+under kvmtool on the same image and host. Floors, in the same run:
+  virtio-blk  the host's own sequential pwrite/pread of the same image file, 1 MiB at a time
+              with O_DIRECT where the file system takes it: the most any VMM's virtio-blk moves;
+  console     bytes the guest writes to ttyS0 (the 8250 UART, one MMIO exit per byte and more),
+              as microseconds per byte against one forwarded round trip at the native floor.
 Reference (the emulated host's notes): a kvmtool-style C VMM's virtio-blk reads ~140-170 MB/s
 and writes ~85-100 MB/s there with these dd commands. kvmtool itself is not built here (the
-project commits no build script for fetched code), so the ratio below is against that range.
+project commits no build script for fetched code), so that ratio is against the range.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
+import shlex
 import subprocess
 import tempfile
+import time
 
 from benchmarks.common import median
+from benchmarks.hypercall import native_floor_us
 from pyvmm.boot import boot
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
@@ -33,8 +41,10 @@ KVMTOOL_WRITE_MBS = (85.0, 100.0)
 WRITE = f"dd if=/dev/zero of=/dev/vda bs=1M count={DISK_MIB} oflag=direct"
 READ = f"dd if=/dev/vda of=/dev/null bs=1M count={DISK_MIB} iflag=direct"
 PING = f"ping -c 20 -i 0.2 {HOST_IP}"
+CONSOLE_BYTES = 4096
+CONSOLE = f"head -c {CONSOLE_BYTES} /dev/zero >/dev/ttyS0"
 NET_UP = f"ip addr add {GUEST_IP}/24 dev eth0; ip link set eth0 up"
-TIMED_RE = re.compile(r"BENCH-(WRITE|READ) ([\d.]+) ([\d.]+)")
+TIMED_RE = re.compile(r"BENCH-(WRITE|READ|CONSOLE) ([\d.]+) ([\d.]+)")
 RTT_RE = re.compile(r"round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms")
 
 
@@ -47,11 +57,41 @@ def guest_script() -> str:
     steps = [NET_UP]
     for _ in range(RUNS):
         steps += [timed("WRITE", WRITE), timed("READ", READ)]
+    steps += [timed("CONSOLE", CONSOLE) for _ in range(3)]
     steps.append(f"echo BENCH-PING; {PING}")
     return "; ".join(steps)
 
 
-def run_guest() -> str:
+def cmdline() -> str:
+    """The guest's command line: the bench initramfs runs pyvmm.run= (commas stand for spaces)."""
+    return "console=ttyS0 quiet pyvmm.run=" + guest_script().replace("; ", ";").replace(" ", ",")
+
+
+def host_file_floor(disk: str) -> tuple[float, float]:
+    """MB/s of the host writing then reading the whole image itself, 1 MiB per call, through
+    an aligned buffer; O_DIRECT where the file system takes it (tmpfs before Linux 6.6 does not)."""
+    buf = mmap.mmap(-1, 1 << 20)
+    try:
+        fd = os.open(disk, os.O_RDWR | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        fd = os.open(disk, os.O_RDWR)
+    try:
+        started = time.perf_counter()
+        for n in range(DISK_MIB):
+            os.pwritev(fd, [buf], n << 20)
+        os.fsync(fd)
+        write = (DISK_MIB << 20) / (time.perf_counter() - started) / 1e6
+        started = time.perf_counter()
+        for n in range(DISK_MIB):
+            os.preadv(fd, [buf], n << 20)
+        read = (DISK_MIB << 20) / (time.perf_counter() - started) / 1e6
+    finally:
+        os.close(fd)
+        buf.close()
+    return write, read
+
+
+def run_guest() -> tuple[str, list[tuple[float, float]]]:
     image, initrd = linux_guest()
     out = bytearray()
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-") as tmp:
@@ -59,49 +99,63 @@ def run_guest() -> str:
         with open(disk, "wb") as f:  # allocated, as an image made with dd or qemu-img is
             for _ in range(DISK_MIB):
                 f.write(bytes(1 << 20))
+        floors = [host_file_floor(disk) for _ in range(RUNS)]
         with Vm(cpus=1, mem_mib=256, console=out.append) as vm:
             vm.add_virtio(VirtioBlk(disk))
             vm.add_virtio(VirtioNet(parse_network(f"mode=tap,tapif={TAP}")))
             for args in (["addr", "add", f"{HOST_IP}/24", "dev", TAP], ["link", "set", TAP, "up"]):
                 subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-            cmd = guest_script().replace("; ", ";").replace(" ", ",")
-            boot(vm, kernel=str(image), initrd=str(initrd), cmdline=f"console=ttyS0 quiet pyvmm.run={cmd}")
+            boot(vm, kernel=str(image), initrd=str(initrd), cmdline=cmdline())
             result = vm.run(timeout=600)
     text = out.decode(errors="replace")
     if not result.ok:
         raise SystemExit(f"the benchmark guest failed: {result}\n{text[-2000:]}")
-    return text
+    return text, floors
+
+
+def durations(text: str, name: str, runs: int) -> list[float]:
+    """Seconds (the guest's clock) of each timed run called `name`."""
+    out = [float(t1) - float(t0) for kind, t0, t1 in TIMED_RE.findall(text) if kind == name]
+    if len(out) != runs:
+        raise SystemExit(f"expected {runs} {name} timings:\n{text[-1500:]}")
+    return out
 
 
 def throughputs(text: str, name: str) -> list[float]:
     """MB/s (10^6 bytes) of each timed dd run called `name`."""
-    out = [(DISK_MIB << 20) / (float(t1) - float(t0)) / 1e6
-           for kind, t0, t1 in TIMED_RE.findall(text) if kind == name]
-    if len(out) != RUNS:
-        raise SystemExit(f"expected {RUNS} {name} timings:\n{text[-1500:]}")
-    return out
+    return [(DISK_MIB << 20) / seconds / 1e6 for seconds in durations(text, name, RUNS)]
 
 
-def main() -> None:
-    text = run_guest()
+def main(floor_us: float) -> None:
+    text, floors = run_guest()
     writes, reads = throughputs(text, "WRITE"), throughputs(text, "READ")
+    host_write, host_read = median([f[0] for f in floors]), median([f[1] for f in floors])
+    console_s = median(durations(text, "CONSOLE", 3))
     rtt = RTT_RE.search(text.split("BENCH-PING")[-1])
     if rtt is None:
         raise SystemExit(f"no ping result:\n{text[-1500:]}")
     read, write = median(reads), median(writes)
-    print(f"\nvirtio in the Linux guest (1 vCPU, {DISK_MIB} MiB raw image in host /tmp, median of {RUNS}):")
-    print("  guest commands (each dd timed by reading /proc/uptime before and after):")
+    print(f"\ndevices in the Linux guest (1 vCPU, {DISK_MIB} MiB raw image in host /tmp, median of {RUNS}):")
+    print("  guest commands (each timed by reading /proc/uptime before and after):")
     print(f"    {WRITE}")
     print(f"    {READ}")
+    print(f"    {CONSOLE}")
     print(f"    {NET_UP}; {PING}   (host end {HOST_IP} on tap {TAP})")
+    print(f"  the same under kvmtool: lkvm run -c 1 -m 256 -k IMAGE -i INITRD -d DISK -n mode=tap,tapif={TAP} "
+          f"-p {shlex.quote(cmdline())}")
     lo, hi = KVMTOOL_READ_MBS
     print(f"  virtio-blk sequential read   {read:7.1f} MB/s  runs {', '.join(f'{v:.1f}' for v in reads)}"
-          f"  ({read / hi:.2f}x-{read / lo:.2f}x of kvmtool's {lo:.0f}-{hi:.0f} MB/s reference)")
+          f"  ({read / host_read:.2f}x the host's own {host_read:.0f} MB/s; {read / hi:.2f}x-{read / lo:.2f}x "
+          f"kvmtool's {lo:.0f}-{hi:.0f})")
     lo, hi = KVMTOOL_WRITE_MBS
     print(f"  virtio-blk sequential write  {write:7.1f} MB/s  runs {', '.join(f'{v:.1f}' for v in writes)}"
-          f"  ({write / hi:.2f}x-{write / lo:.2f}x of kvmtool's {lo:.0f}-{hi:.0f} MB/s reference)")
+          f"  ({write / host_write:.2f}x the host's own {host_write:.0f} MB/s; {write / hi:.2f}x-{write / lo:.2f}x "
+          f"kvmtool's {lo:.0f}-{hi:.0f})")
+    us_per_byte = console_s / CONSOLE_BYTES * 1e6
+    print(f"  serial console output        {CONSOLE_BYTES / console_s:7.0f} bytes/s ({us_per_byte:.0f} us per byte: "
+          f"{us_per_byte / floor_us:.2f}x one forwarded round trip at the native floor)")
     print(f"  virtio-net ping round trip   min/avg/max {rtt.group(1)}/{rtt.group(2)}/{rtt.group(3)} ms (20 pings)")
 
 
 if __name__ == "__main__":
-    main()
+    main(native_floor_us())

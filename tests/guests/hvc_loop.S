@@ -1,5 +1,5 @@
-// Benchmark loop: x9 calls of function x10 over HVC, timed with the virtual counter, then
-// report (ticks, counter frequency, calls, last x0). The loop counter lives in x9 (x4-x17 are
+// Benchmark loop: x9 calls of function x10 over HVC (SMC in its _smc build), timed with the
+// virtual counter, then report (ticks, counter frequency, calls, last x0). The loop counter lives in x9 (x4-x17 are
 // preserved by every SMCCC call; in-kernel handlers clobber x0-x3).
     .include "common.inc"
     .text
@@ -9,7 +9,7 @@ _start:
     isb
     mrs x13, cntvct_el0
 1:  mov x0, x10
-    hvc #0
+    firmware_call
     subs x9, x9, #1
     b.ne 1b
     isb
