@@ -111,18 +111,20 @@ _T16 = HypercallExitFlag.BIT16.value
 INTERRUPTED = InterruptedExit()
 
 
-def _head_struct() -> struct.Struct:
-    """exit_reason, hypercall.nr and hypercall.flags in one unpack, at the offsets cffi computes
-    from the kvm_run declaration (8, 32 and 96 on Linux 6.12)."""
-    reason = ffi.offsetof("struct kvm_run", "exit_reason")
-    nr = ffi.offsetof("struct kvm_run", "hypercall", "nr")
-    flags = ffi.offsetof("struct kvm_run", "hypercall", "flags")
-    return struct.Struct(f"<{reason}xI{nr - reason - 4}xQ{flags - nr - 8}xQ")
+def _index(offset: int, size: int) -> int:
+    if offset % size:
+        raise RuntimeError(f"kvm_run field at {offset} is not {size}-byte aligned")  # never on Linux's layout
+    return offset // size
 
 
-HEAD = _head_struct()
-"""`HEAD.unpack_from(kvm_run_mmap)` -> (exit_reason, hypercall.nr, hypercall.flags): the exit
-loop's fast path. The last two are meaningful only when exit_reason is KVM_EXIT_HYPERCALL."""
+# The exit loop's fast path reads these straight from VcpuFd.run_words (u32) and run_quads (u64),
+# at the offsets cffi computes from the kvm_run declaration (8, 32 and 96 on Linux 6.12):
+REASON = _index(ffi.offsetof("struct kvm_run", "exit_reason"), 4)
+"""run_words[REASON]: kvm_run.exit_reason."""
+HYPERCALL_NR = _index(ffi.offsetof("struct kvm_run", "hypercall", "nr"), 8)
+"""run_quads[HYPERCALL_NR]: the forwarded call's function ID (KVM_EXIT_HYPERCALL only)."""
+HYPERCALL_FLAGS = _index(ffi.offsetof("struct kvm_run", "hypercall", "flags"), 8)
+"""run_quads[HYPERCALL_FLAGS]: its KVM_HYPERCALL_EXIT_* flags (KVM_EXIT_HYPERCALL only)."""
 
 # kvm_run.mmio: phys_addr, data[8], len, is_write, unpacked in one go from the mmap (virtio
 # interrupt acknowledgements and UART traffic make MMIO the second most frequent exit)

@@ -212,10 +212,18 @@ class VcpuFd(DeviceAttrs):
         #   write_x0():  KVM_SET_ONE_REG(x0) from the buffer x0_value, the one register every
         #                forwarded SMCCC call writes
         self.run: Callable[[], int] = functools.partial(libc.ioctl, fd, _KVM_RUN, _NULL)
-        self.x0_value = ffi.new("uint64_t *")
-        self._x0_reg = ffi.new("struct kvm_one_reg *",
-                               {"id": CORE_REGS["x0"], "addr": int(ffi.cast("uintptr_t", self.x0_value))})
+        # x0's kvm_one_reg and the value it points at share one 24-byte allocation, so one page:
+        # under emulation every page touched after a world switch costs a soft-TLB refill.
+        x0_block = self._x0_block = ffi.new("uint64_t[3]")
+        self.x0_value = x0_block + 2
+        self._x0_reg = ffi.cast("struct kvm_one_reg *", x0_block)
+        self._x0_reg.id = CORE_REGS["x0"]
+        self._x0_reg.addr = int(ffi.cast("uintptr_t", self.x0_value))
         self.write_x0: Callable[[], int] = functools.partial(libc.ioctl, fd, _SET_ONE_REG, self._x0_reg)
+        # kvm_run as 32- and 64-bit words, for the exit loop's reads (pyvmm/exits.py has the
+        # indices): indexing a memoryview is the cheapest read Python has of the mapping
+        self.run_words = memoryview(self.mmap).cast("I")
+        self.run_quads = memoryview(self.mmap).cast("Q")
 
     def failed(self, name: str) -> bool:
         """After a prepared ioctl returned -1: True for a kick (EINTR/EAGAIN), else raise."""
@@ -280,6 +288,8 @@ class VcpuFd(DeviceAttrs):
         return list(lst.reg[0:lst.n])
 
     def close(self) -> None:
+        self.run_words.release()
+        self.run_quads.release()
         ffi.release(self.run_struct)
         self.mmap.close()
         os.close(self.fd)

@@ -40,7 +40,17 @@ from kvm_bindings.regs import (
     sysreg_id,
 )
 from pyvmm.errors import KvmIoctlError, VmmError
-from pyvmm.exits import HEAD, DebugExit, Exit, MmioExit, SystemEventExit, decode, decode_mmio
+from pyvmm.exits import (
+    HYPERCALL_FLAGS,
+    HYPERCALL_NR,
+    REASON,
+    DebugExit,
+    Exit,
+    MmioExit,
+    SystemEventExit,
+    decode,
+    decode_mmio,
+)
 from pyvmm.kvm import VcpuFd
 from pyvmm.power import Entry, Power, PowerState
 
@@ -332,9 +342,8 @@ class Vcpu:
         """KVM_RUN until told to stop or powered off. Hypercalls take the fast path straight
         from the exit header; every other exit is decoded into its typed value first."""
         fd = self.fd
-        run, buf = fd.run_struct, fd.mmap
+        run, buf, words, quads = fd.run_struct, fd.mmap, fd.run_words, fd.run_quads
         kvm_run, failed = fd.run, fd.failed
-        head = HEAD.unpack_from
         exits = self._exits
         dispatch, handle_mmio = exits.hypercall, exits.mmio
         requests = self._requests
@@ -347,9 +356,9 @@ class Vcpu:
                 if self._stop or power.state != Power.ON:
                     return
                 continue
-            reason, nr, flags = head(buf)
+            reason = words[REASON]
             if reason == _HYPERCALL:
-                dispatch(self, nr, flags)
+                dispatch(self, quads[HYPERCALL_NR], quads[HYPERCALL_FLAGS])
                 while requests:  # KVM has nothing left to complete for a hypercall
                     requests.popleft()(self)
                 continue

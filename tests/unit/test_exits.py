@@ -21,7 +21,9 @@ def test_hypercall_over_smc_and_header_fast_path() -> None:
     run.hypercall.nr = 0xC200_0001
     run.hypercall.flags = 1
     assert exits.decode(run) == HypercallExit(0xC200_0001, smc=True, thumb16=False)
-    assert exits.HEAD.unpack_from(ffi.buffer(run)) == (ExitReason.HYPERCALL, 0xC200_0001, 1)
+    words, quads = memoryview(ffi.buffer(run)).cast("I"), memoryview(ffi.buffer(run)).cast("Q")
+    assert words[exits.REASON] == ExitReason.HYPERCALL
+    assert (quads[exits.HYPERCALL_NR], quads[exits.HYPERCALL_FLAGS]) == (0xC200_0001, 1)
 
 
 def test_hypercall_over_hvc() -> None:
