@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import platform
 import struct
 from collections.abc import Callable
 
@@ -44,4 +43,4 @@ def _no_fence() -> None:
 
 
 _keep: list[object] = []
-fence: Callable[[], None] = _arm64_fence() if platform.machine() == "aarch64" else _no_fence
+fence: Callable[[], None] = _arm64_fence() if os.uname().machine == "aarch64" else _no_fence

@@ -256,13 +256,11 @@ class SmcccOptions:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # what only some options need (a control socket, SDEI, GDB) is imported only for them
     from pyvmm.boot import boot
     from pyvmm.console import ConsoleInput
-    from pyvmm.control import ControlServer
-    from pyvmm.control import claim as claim_control_path
     from pyvmm.devices.virtio import CLI_DEVICES
     from pyvmm.lifecycle import threads_left_running
-    from pyvmm.services.sdei import parse_event
     from pyvmm.vm import Vm
 
     for what, path in (("kernel", args.kernel), ("firmware", args.firmware), ("initrd", args.initrd)):
@@ -273,8 +271,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise VmmError("--sdei-event declares SDEI events: add --sdei")
     if args.sdei and args.aarch32:
         raise VmmError("--sdei needs an AArch64 guest: SDEI's calls are all SMC64, which AArch32 callers cannot make")
-    events = [parse_event(e) for e in args.sdei_event]
+    events = []
+    if args.sdei_event:
+        from pyvmm.services.sdei import parse_event
+
+        events = [parse_event(e) for e in args.sdei_event]
     if args.control:
+        from pyvmm.control import claim as claim_control_path
+
         claim_control_path(args.control)
     if args.gdb_wait and not args.gdb:
         raise VmmError("--gdb-wait waits for GDB: add --gdb tcp:[HOST:]PORT or --gdb unix:PATH")
@@ -283,6 +287,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         kind, where = parse_address(args.gdb)
         if kind == "unix":
+            from pyvmm.control import claim as claim_control_path
+
             claim_control_path(where, "--gdb")
     host = HostConsole()
     # the devices first, as kvmtool parses every option before touching KVM: a bad -d or -n is
@@ -330,8 +336,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"pyvmm: GDB stub listening on {stub.address}{held}", file=sys.stderr, flush=True)
         receive = host.receive or vm.serial.uart.receive
         console_in = ConsoleInput(receive, lambda: vm.stop("quit from the console (Ctrl-A x)"), host.output.flush)
-        control = ControlServer(args.control, vm.stop, vm.sdei) if args.control else None
-        if control is not None:
+        control = None
+        if args.control:
+            from pyvmm.control import ControlServer
+
+            control = ControlServer(args.control, vm.stop, vm.sdei)
             control.start()
         console_in.start()
         stopping = StopSignals(vm.stop)

@@ -13,12 +13,15 @@ import argparse
 import os
 import resource
 import struct
+from typing import TYPE_CHECKING
 
 from pyvmm.devices.virtio.chain import Chain
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.errors import VmmError
-from pyvmm.ninep.server import FileServer
+
+if TYPE_CHECKING:
+    from pyvmm.ninep.server import FileServer
 
 QUEUE_SIZE = 128
 VIRTIO_9P_MOUNT_TAG = 1 << 0  # the configuration space holds the tag
@@ -73,8 +76,12 @@ class Virtio9p(VirtioDevice):
             raise VmmError(f"9p tag {tag!r} must be 1 to {TAG_MAX} bytes without NUL")
         if not os.path.isdir(path):
             raise VmmError(f"9p share {path} is not a directory")
+        # the file server, imported with the first share: `pyvmm run` registers this device
+        # type whether or not it is used, and the server is a large module
+        from pyvmm.ninep.server import FileServer
+
         try:
-            self.server = FileServer(path, read_only=read_only, opaque=opaque)
+            self.server: FileServer = FileServer(path, read_only=read_only, opaque=opaque)
         except OSError as e:
             raise VmmError(f"9p share {path}: {e.strerror}") from None
         self.path, self.tag, self.read_only = path, tag, read_only
