@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvm_bindings import ffi
+from kvm_bindings import CData, ffi
 from kvm_bindings.regs import CORE_REGS
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.vm import Vm
@@ -16,6 +16,7 @@ from pyvmm.vm import Vm
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS = ROOT / "build" / "guests"
 NATIVE_FLOOR = ROOT / "build" / "bench" / "native_floor.bin"
+CALLBACK_LOOP = ROOT / "build" / "bench" / "callback_loop.bin"
 FN_REPORT = 0xC200_00F0
 
 
@@ -63,28 +64,57 @@ def run_hvc_loop(function_id: int, calls: int, setup: Callable[[Vm], object] | N
         vm.close()
 
 
-class NativeFloor:
-    """benchmarks/native_floor.S, mapped executable from its assembled file and called via cffi.
+def map_code(path: Path) -> tuple[mmap.mmap, int]:
+    """An assembled file mapped executable, and its address.
 
     Mapping the file (rather than copying code into anonymous memory) lets the kernel make the
     instruction cache coherent when the page is first mapped executable.
     """
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: run `make bench`")
+    with open(path, "rb") as f:
+        code = mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_EXEC)
+    return code, int(ffi.cast("uintptr_t", ffi.from_buffer(code)))
+
+
+def x0_reg(value: int = 0) -> tuple[CData, CData]:
+    """A kvm_one_reg for x0 and the u64 it points at."""
+    val = ffi.new("uint64_t *", value)
+    return ffi.new("struct kvm_one_reg *", {"id": CORE_REGS["x0"], "addr": int(ffi.cast("uintptr_t", val))}), val
+
+
+class NativeFloor:
+    """benchmarks/native_floor.S called via cffi."""
 
     def __init__(self, path: Path = NATIVE_FLOOR) -> None:
-        if not path.is_file():
-            raise SystemExit(f"{path} is missing: run `make bench`")
-        with open(path, "rb") as f:
-            self._map = mmap.mmap(f.fileno(), 0, mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_EXEC)
-        addr = ffi.cast("uintptr_t", ffi.from_buffer(self._map))
+        self._map, addr = map_code(path)
         self._fn = ffi.cast("long (*)(long, long, struct kvm_one_reg *)", addr)
 
     def forward(self, vm: Vm, calls: int, x0_value: int) -> None:
         """Answer the next `calls` forwarded calls on vCPU 0 with x0 = x0_value, natively."""
-        val = ffi.new("uint64_t *", x0_value)
-        reg = ffi.new("struct kvm_one_reg *", {"id": CORE_REGS["x0"], "addr": int(ffi.cast("uintptr_t", val))})
+        reg, _val = x0_reg(x0_value)
         ret = self._fn(vm.vcpus[0].fd.fd, calls, reg)
         if ret:
             raise SystemExit(f"native floor loop failed: errno {-ret}")
+
+
+class CallbackLoop:
+    """benchmarks/callback_loop.S called via cffi: native exit loop, Python answer per call."""
+
+    def __init__(self, path: Path = CALLBACK_LOOP) -> None:
+        if ffi.offsetof("struct kvm_run", "hypercall", "nr") != 32:
+            raise SystemExit("callback_loop.S reads hypercall.nr at offset 32: not this kvm_run's layout")
+        self._map, addr = map_code(path)
+        self._fn = ffi.cast("long (*)(long, long, struct kvm_one_reg *, void *, struct kvm_run *)", addr)
+
+    def forward(self, vm: Vm, calls: int, answer: Callable[[int], int]) -> None:
+        """Answer the next `calls` forwarded calls on vCPU 0 with x0 = answer(function ID)."""
+        callback = ffi.callback("uint64_t(uint64_t)", answer)
+        reg, _val = x0_reg()
+        fd = vm.vcpus[0].fd
+        ret = self._fn(fd.fd, calls, reg, callback, fd.run_struct)
+        if ret:
+            raise SystemExit(f"callback loop failed: errno {-ret}")
 
 
 def median(values: Sequence[float]) -> float:
