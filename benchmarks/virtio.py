@@ -27,6 +27,8 @@ from benchmarks.common import median
 from benchmarks.hypercall import native_floor_us
 from pyvmm.boot import boot
 from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.virtio.chain import Chain
+from pyvmm.devices.virtio.mmio import VirtioMmio
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
 from pyvmm.vm import Vm
 from tests.conftest import linux_guest
@@ -91,7 +93,37 @@ def host_file_floor(disk: str) -> tuple[float, float]:
     return write, read
 
 
-def run_guest() -> tuple[str, list[tuple[float, float]]]:
+class CountedBlk(VirtioBlk):
+    """virtio-blk counting the requests it serves."""
+
+    requests = 0
+
+    def _request(self, chain: Chain) -> int:
+        self.requests += 1
+        return super()._request(chain)
+
+
+class RegisterExits:
+    """Counts the MMIO exits to one transport's registers (wraps its read and write)."""
+
+    def __init__(self, transport: VirtioMmio) -> None:
+        self.count = 0
+        read, write = transport.read, transport.write
+
+        def counted_read(offset: int, size: int) -> int:
+            self.count += 1
+            return read(offset, size)
+
+        def counted_write(offset: int, size: int, value: int) -> None:
+            self.count += 1
+            write(offset, size, value)
+
+        # instance attributes shadow the methods the bus calls (benchmark instrumentation only)
+        setattr(transport, "read", counted_read)  # noqa: B010
+        setattr(transport, "write", counted_write)  # noqa: B010
+
+
+def run_guest() -> tuple[str, list[tuple[float, float]], tuple[int, int]]:
     image, initrd = linux_guest()
     out = bytearray()
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-") as tmp:
@@ -101,7 +133,8 @@ def run_guest() -> tuple[str, list[tuple[float, float]]]:
                 f.write(bytes(1 << 20))
         floors = [host_file_floor(disk) for _ in range(RUNS)]
         with Vm(cpus=1, mem_mib=256, console=out.append) as vm:
-            vm.add_virtio(VirtioBlk(disk))
+            blk = CountedBlk(disk)
+            exits = RegisterExits(vm.add_virtio(blk))
             vm.add_virtio(VirtioNet(parse_network(f"mode=tap,tapif={TAP}")))
             for args in (["addr", "add", f"{HOST_IP}/24", "dev", TAP], ["link", "set", TAP, "up"]):
                 subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
@@ -110,7 +143,7 @@ def run_guest() -> tuple[str, list[tuple[float, float]]]:
     text = out.decode(errors="replace")
     if not result.ok:
         raise SystemExit(f"the benchmark guest failed: {result}\n{text[-2000:]}")
-    return text, floors
+    return text, floors, (exits.count, blk.requests)
 
 
 def durations(text: str, name: str, runs: int) -> list[float]:
@@ -127,7 +160,7 @@ def throughputs(text: str, name: str) -> list[float]:
 
 
 def main(floor_us: float) -> None:
-    text, floors = run_guest()
+    text, floors, (register_exits, requests) = run_guest()
     writes, reads = throughputs(text, "WRITE"), throughputs(text, "READ")
     host_write, host_read = median([f[0] for f in floors]), median([f[1] for f in floors])
     console_s = median(durations(text, "CONSOLE", 3))
@@ -151,6 +184,9 @@ def main(floor_us: float) -> None:
     print(f"  virtio-blk sequential write  {write:7.1f} MB/s  runs {', '.join(f'{v:.1f}' for v in writes)}"
           f"  ({write / host_write:.2f}x the host's own {host_write:.0f} MB/s; {write / hi:.2f}x-{write / lo:.2f}x "
           f"kvmtool's {lo:.0f}-{hi:.0f})")
+    print(f"  virtio-blk register exits    {register_exits / requests:7.2f} per request ({register_exits} for {requests}"
+          f" requests, the whole run; notifications take an ioeventfd, so these are interrupt status and"
+          f" acknowledgement)")
     us_per_byte = console_s / CONSOLE_BYTES * 1e6
     print(f"  serial console output        {CONSOLE_BYTES / console_s:7.0f} bytes/s ({us_per_byte:.0f} us per byte: "
           f"{us_per_byte / floor_us:.2f}x one forwarded round trip at the native floor)")
