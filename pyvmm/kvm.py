@@ -212,10 +212,11 @@ class VcpuFd(DeviceAttrs):
         #   write_x0():  KVM_SET_ONE_REG(x0) from the buffer x0_value, the one register every
         #                forwarded SMCCC call writes
         self.run: Callable[[], int] = functools.partial(libc.ioctl, fd, _KVM_RUN, _NULL)
-        # x0's kvm_one_reg and the value it points at share one 24-byte allocation, so one page:
-        # under emulation every page touched after a world switch costs a soft-TLB refill.
-        x0_block = self._x0_block = ffi.new("uint64_t[3]")
-        self.x0_value = x0_block + 2
+        # x0's kvm_one_reg and the value it points at share one allocation, so (almost always)
+        # one page: under emulation every page touched after a world switch costs a soft-TLB refill.
+        reg_words = ffi.sizeof("struct kvm_one_reg") // ffi.sizeof("uint64_t")
+        x0_block = self._x0_block = ffi.new("uint64_t[]", reg_words + 1)
+        self.x0_value = x0_block + reg_words
         self._x0_reg = ffi.cast("struct kvm_one_reg *", x0_block)
         self._x0_reg.id = CORE_REGS["x0"]
         self._x0_reg.addr = int(ffi.cast("uintptr_t", self.x0_value))
