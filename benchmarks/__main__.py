@@ -6,6 +6,7 @@ import os
 import platform
 
 from benchmarks import boot, guest_exec, hypercall, sdei, smp, startup, virtio
+from pyvmm.errors import VmmError
 
 
 def main() -> None:
@@ -21,4 +22,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except VmmError as e:  # no KVM, a busy tap, a missing guest: one line, not a traceback
+        raise SystemExit(f"pyvmm benchmarks: {e}") from None

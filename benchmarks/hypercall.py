@@ -47,6 +47,11 @@ def native_floor_us(conduit: str = "hvc") -> float:
                                 conduit=conduit).us_per_call for _ in range(ROUNDS)])
 
 
+def expect(x0: int, wanted: int, what: str) -> None:
+    if x0 != wanted:
+        raise SystemExit(f"SMCCC benchmark: {what} answered {x0:#x}, not {wanted:#x}")
+
+
 def main() -> dict[str, float]:
     floor, callback = NativeFloor(), CallbackLoop()
 
@@ -71,12 +76,12 @@ def main() -> dict[str, float]:
                                               lambda vm: callback.forward(vm, CALLS, answer), psci=False,
                                               conduit=conduit).us_per_call)
             res = run_hvc_loop(PSCI_VERSION, CALLS, conduit=conduit)
-            assert res.last_x0 == PSCI_1_1, hex(res.last_x0)
+            expect(res.last_x0, PSCI_1_1, f"PSCI_VERSION over {conduit}")
             v["pyvmm"].append(res.us_per_call)
         a = rows["AFFINITY_INFO"]
         a["kernel"].append(run_hvc_loop(AFFINITY_INFO64, CALLS, psci=False).us_per_call)
         res = run_hvc_loop(AFFINITY_INFO64, CALLS)
-        assert res.last_x0 == 0, hex(res.last_x0)  # vCPU 0 is ON
+        expect(res.last_x0, 0, "AFFINITY_INFO of vCPU 0 (ON)")
         a["pyvmm"].append(res.us_per_call)
 
     print(f"SMCCC round trips over HVC (and SMC), {ROUNDS} rounds x {CALLS} calls (median us per call)")

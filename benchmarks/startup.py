@@ -1,4 +1,7 @@
-"""Start-up cost: importing pyvmm in a fresh interpreter, and what the out-of-line FFI saves.
+"""Start-up cost: the interpreter, importing pyvmm in a fresh one, and what the out-of-line FFI saves.
+
+The run path is what `pyvmm run` imports before it enters the guest (the CLI, the boot loader,
+the VM and the device models); the interpreter's own start-up is the floor of any Python VMM.
 
 kvm_bindings ships its declarations as an out-of-line ABI-mode module (see ffi_build.py), so
 no C declaration is parsed at start-up; the baseline parses the same cdefs in-line with cffi.
@@ -9,10 +12,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 
 from benchmarks.common import median
 
 RUNS = 5
+RUN_PATH = "import pyvmm.cli, pyvmm.boot, pyvmm.vm, pyvmm.devices.virtio"  # tests/unit/test_startup_imports.py
 
 
 def importtime(module: str) -> dict[str, int]:
@@ -27,6 +32,15 @@ def importtime(module: str) -> dict[str, int]:
     return times
 
 
+def wall_us(code: str) -> int:
+    """Microseconds from launching a fresh interpreter to the end of `code` in it (CLOCK_MONOTONIC
+    is system-wide, so the child reads the same clock the parent started)."""
+    started = time.monotonic()
+    probe = f"\nimport time; print(int((time.monotonic() - {started!r}) * 1e6))"
+    return int(subprocess.run([sys.executable, "-c", code + probe], capture_output=True, text=True,
+                              check=True).stdout)
+
+
 def inline_cdef_us() -> int:
     code = ("import time, cffi; from kvm_bindings import cdef_linux_kvm as a, cdef_asm_kvm as b, cdef_libc as c; "
             "t = time.perf_counter(); f = cffi.FFI(); [f.cdef(x.CDEF) for x in (a, b, c)]; "
@@ -35,18 +49,25 @@ def inline_cdef_us() -> int:
 
 
 def main() -> dict[str, float]:
-    vm_us, ffi_us, inline_us = [], [], []
+    vm_us, ffi_us, inline_us, bare_us, run_us = [], [], [], [], []
     for _ in range(RUNS):
         times = importtime("pyvmm.vm")
         vm_us.append(times["pyvmm.vm"])
         ffi_us.append(times["kvm_bindings._kvm_ffi"])
         inline_us.append(inline_cdef_us())
+        bare_us.append(wall_us("pass"))
+        run_us.append(wall_us(RUN_PATH))
+    bare, run = median(bare_us) / 1000, median(run_us) / 1000
     print(f"start-up: fresh interpreter, {RUNS} runs (median)")
+    print(f"  interpreter start-up alone (-c pass)         {bare:7.1f} ms  (the floor of any Python VMM)")
+    print(f"  interpreter + pyvmm run's imports            {run:7.1f} ms  ({run / bare:.2f}x the interpreter alone;"
+          f" {RUN_PATH.removeprefix('import ')})")
     print(f"  import pyvmm.vm (whole VMM core)             {median(vm_us) / 1000:7.1f} ms")
     print(f"  of which the out-of-line FFI module          {median(ffi_us) / 1000:7.1f} ms")
     print(f"  parsing the same cdefs in-line instead       {median(inline_us) / 1000:7.1f} ms"
           f"  ({median(inline_us) / median(ffi_us):.0f}x the out-of-line import)")
-    return {"import_ms": median(vm_us) / 1000, "ffi_ms": median(ffi_us) / 1000, "inline_ms": median(inline_us) / 1000}
+    return {"import_ms": median(vm_us) / 1000, "ffi_ms": median(ffi_us) / 1000, "inline_ms": median(inline_us) / 1000,
+            "interpreter_ms": bare, "run_path_ms": run}
 
 
 if __name__ == "__main__":
