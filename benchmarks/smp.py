@@ -3,11 +3,11 @@
 tests/guests/smp_call_loop.S runs the same PSCI_VERSION loop on every vCPU at once (all start
 together) and each vCPU times its own loop with the VM's virtual counter, then reports it. The
 VMM notes the host's CLOCK_MONOTONIC as each report arrives, which places the VM's counter, and
-so every loop, on one system-wide clock, so loops in different VMs and processes are comparable. Aggregate calls/s is every loop's calls
-over the span from the first start to the last end: loops that did not overlap in time add
-nothing. In-kernel: KVM's PSCI answers (no filter on PSCI). pyvmm: its PSCI, one vCPU thread
-each. Scaling is calls/s at N over calls/s at 1; the host's CPU count caps it (the emulated
-host has 2). What serializes pyvmm's vCPUs, if anything, shows in two more columns of N
+so every loop, on one system-wide clock: loops in different VMs and processes are comparable.
+Aggregate calls/s is every loop's calls over the span from the first start to the last end:
+loops that did not overlap in time add nothing. In-kernel: KVM's PSCI answers (no filter on
+PSCI). pyvmm: its PSCI, one vCPU thread each. Scaling is calls/s at N over calls/s at 1; the
+host's CPU count caps it (the emulated host has 2). What serializes pyvmm's vCPUs, if anything, shows in two more columns of N
 one-vCPU VMs released together:
   one process   N VMs, N vCPU threads, one interpreter: the GIL is shared, no pyvmm state is;
   N processes   one VM each: neither the GIL nor any pyvmm state is shared.

@@ -106,9 +106,9 @@ class CountedBlk(VirtioBlk):
 class RegisterExits:
     """Counts the MMIO exits to one device's registers (wraps its read and write)."""
 
-    def __init__(self, transport: MmioDevice) -> None:
+    def __init__(self, device: MmioDevice) -> None:
         self.count = 0
-        read, write = transport.read, transport.write
+        read, write = device.read, device.write
 
         def counted_read(offset: int, size: int) -> int:
             self.count += 1
@@ -119,8 +119,8 @@ class RegisterExits:
             write(offset, size, value)
 
         # instance attributes shadow the methods the bus calls (benchmark instrumentation only)
-        setattr(transport, "read", counted_read)  # noqa: B010
-        setattr(transport, "write", counted_write)  # noqa: B010
+        setattr(device, "read", counted_read)  # noqa: B010
+        setattr(device, "write", counted_write)  # noqa: B010
 
 
 def host_tap_setup() -> list[list[str]]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_PATH = ("pyvmm.cli", "pyvmm.boot", "pyvmm.vm", "pyvmm.devices.virtio")
+RUN_PATH = ("pyvmm.cli", "pyvmm.boot", "pyvmm.vm", "pyvmm.devices.virtio")  # as benchmarks/startup.py times it
 DEFERRED = ("pyvmm.ninep.server", "pyvmm.control", "pyvmm.services.sdei", "pyvmm.gdb", "socket",
             "socketserver", "platform")
 
