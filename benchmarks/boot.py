@@ -14,8 +14,8 @@ and its work before the clock starts): a VMM that started in no time would take 
 exits pyvmm services during the boot fall inside that part, so this ratio is pyvmm's start-up
 alone; what an exit costs is in the round-trip and console figures. No C VMM's RSS is measured
 here: the bare interpreter shows what a Python VMM cannot go below. The command line to repeat
-the run under kvmtool is printed. Reference (issue 4): kvmtool boots the same kernel and initramfs to
-init in about 5 s there.
+the run under kvmtool is printed. Reference (issue 4): kvmtool boots the same kernel and
+initramfs to init in about 5 s there.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ so every loop, on one system-wide clock: loops in different VMs and processes ar
 Aggregate calls/s is every loop's calls over the span from the first start to the last end:
 loops that did not overlap in time add nothing. In-kernel: KVM's PSCI answers (no filter on
 PSCI). pyvmm: its PSCI, one vCPU thread each. Scaling is calls/s at N over calls/s at 1; the
-host's CPU count caps it (the emulated host has 2). What serializes pyvmm's vCPUs, if anything, shows in two more columns of N
-one-vCPU VMs released together:
+host's CPU count caps it (the emulated host has 2). What serializes pyvmm's vCPUs, if anything,
+shows in two more columns of N one-vCPU VMs released together:
   one process   N VMs, N vCPU threads, one interpreter: the GIL is shared, no pyvmm state is;
   N processes   one VM each: neither the GIL nor any pyvmm state is shared.
 One VM scaling like one process, and N processes scaling better, puts it on the GIL; one VM

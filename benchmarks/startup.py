@@ -1,4 +1,4 @@
-"""Start-up cost: the interpreter, importing pyvmm in a fresh one, and what the out-of-line FFI saves.
+"""Start-up cost: the interpreter, pyvmm's imports in a fresh one, what the out-of-line FFI saves.
 
 The run path is what `pyvmm run` imports before it enters the guest (the CLI, the boot loader,
 the VM and the device models); the interpreter's own start-up is the floor of any Python VMM.
