@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm import cli
-from pyvmm.control import ControlServer, request
+from pyvmm.control import NOT_AN_OBJECT, ControlServer, request
 from pyvmm.errors import VmmError
 from pyvmm.services.sdei import EventSpec, Sdei
 from tests import fuzzing
@@ -109,8 +109,11 @@ def send_raw(path: str, data: bytes) -> bytes:
 
 def test_a_deeply_nested_request_gets_an_error_and_the_socket_goes_on(served: tuple[ControlledMachine, str]) -> None:
     vm, path = served
-    reply = json.loads(send_raw(path, b"[" * 3000 + b"\n"))
-    assert reply == {"ok": False, "error": "bad request: not one JSON object (RecursionError)"}
+    # Nested deeper than 3.11's parser goes (its recursion limit, 1000), but not 3.13's (which
+    # returns the list), well-formed or cut short: one reply on every Python, and the same as a
+    # request that is any other JSON value
+    for line in (b"[" * 2000 + b"]" * 2000, b"[" * 3000, b"[1]"):
+        assert json.loads(send_raw(path, line + b"\n")) == {"ok": False, "error": NOT_AN_OBJECT}
     assert json.loads(send_raw(path, b"x" * 10_000 + b"\n"))["error"] == "bad request: longer than 4096 bytes"
     request(path, {"cmd": "stop"})
     assert vm.stopped == ["stopped through the control socket"]
