@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pyvmm.errors import VmmError
 
@@ -58,6 +58,13 @@ def one_line(message: str) -> str:
 
 class Parser(argparse.ArgumentParser):
     usage_status = EXIT_USAGE  # `exec` keeps 2 for its command: its own usage errors are 125
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # Options are taken as spelled in full, never abbreviated: argparse's prefix matching
+        # differs between Pythons (3.11 matches "--=" against every option, 3.13 does not), and a
+        # script that works on one must work on all
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         print(one_line(f"{self.prog}: error: {message} (see {self.prog} --help)"), file=sys.stderr)

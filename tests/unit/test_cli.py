@@ -27,6 +27,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     (["run", "-f", "x", "--timeout", "-3"], "must be positive"),
     (["run", "-f", "x", "--timeout", "inf"], "must be positive and at most 1e+08 (seconds)"),
     (["run", "-f", "x", "--bogus"], "unrecognized arguments: --bogus"),
+    # options are spelled in full on every Python: argparse's abbreviations differ between them
+    (["run", "-f", "x", "--time", "5"], "unrecognized arguments: --time 5"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_flags_are_one_line_usage_errors(args: list[str], message: str) -> None:
