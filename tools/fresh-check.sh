@@ -1,25 +1,31 @@
 #!/usr/bin/env bash
 # make fresh-check: the README's two commands (`make demo`, then `make test`) on a truly fresh
-# Debian 12, to catch what our own long-lived machines hide (packages installed by hand, a newer
-# pip, pip configuration...). Run as root.
+# Debian of each release the README promises, to catch what our own long-lived machines hide
+# (packages installed by hand, a newer pip, pip configuration, another release's Python and
+# tools...). Run as root: tools/fresh-check.sh [RELEASE...], each 12 (bookworm) or 13 (trixie);
+# both, one after the other, by default.
 #
-#   1. a new Debian bookworm root, made by debootstrap --variant=minbase from a cached tarball of
-#      its packages (downloaded once into .cache/fresh-check; the root itself is new every run);
-#   2. what the machine, not the user, provides: its apt sources, DNS, and local CA certificates
-#      (apt and pip may reach the registries only through an egress proxy with its own CA). No pip
+# For each release:
+#   1. a new Debian root of that release, made by debootstrap --variant=minbase from a cached
+#      tarball of its packages (downloaded once into .cache/fresh-check; the root itself is new
+#      every run);
+#   2. what the machine, not the user, provides: its apt sources (for the root's release: the same
+#      entries with this machine's codename replaced), DNS, and local CA certificates (apt and pip
+#      may reach the registries only through an egress proxy with its own CA). No pip
 #      configuration is copied: a fresh machine has none;
 #   3. the user's first step: apt-get install git make (to clone the project and run make);
 #   4. a clean clone of this checkout's HEAD in /root/pyvmm;
 #   5. in it, as root in the chroot with a clean environment, `make demo` then `make test`.
 #
 # Each command's output goes to the terminal and to .cache/fresh-check/logs/, each line prefixed
-# with the minutes since the command started; the summary gives each command's result and time,
-# split into its phases. Exit status: 0 if both passed. KEEP=1 keeps the root afterwards.
+# with the minutes since the command started; the summary names each release and gives each
+# command's result and time, split into its phases. Exit status: 0 if both passed on every
+# release. KEEP=1 keeps the roots afterwards.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")/.." && pwd -P)
 cache=$here/.cache/fresh-check
-suite=bookworm
+declare -A codename=([12]=bookworm [13]=trixie)
 # minbase is Debian's smallest root (apt, dpkg, bash, coreutils...). A fresh Debian 12 server or
 # cloud image has more, but of what pyvmm might need only ca-certificates can be counted on;
 # python3, git, make, a compiler are all left out, so whatever the project needs must be
@@ -33,6 +39,12 @@ keep=${KEEP:-}
 say() { echo "fresh-check: $*" >&2; }
 die() { say "$*"; exit 1; }
 
+releases=("$@")
+[ ${#releases[@]} -gt 0 ] || releases=(12 13)
+for r in "${releases[@]}"; do
+    [ -n "${codename[$r]:-}" ] || die "unknown release '$r': give 12 (bookworm) or 13 (trixie)"
+done
+
 [ "$(id -u)" = 0 ] || die "run as root (it runs debootstrap and chroot)"
 grep -qs '^ID=debian' /etc/os-release || die "needs a Debian host (debootstrap, apt sources)"
 command -v git >/dev/null || die "git not found"
@@ -45,14 +57,25 @@ if ! command -v debootstrap >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends debootstrap >/dev/null \
         || die "cannot install debootstrap"
 fi
-# The mirror the machine's apt already uses for bookworm (no mirror is named in the project).
-mirror=$(python3 "$here/tools/armhost/debian.py" --mirror) || die "no bookworm mirror in the apt sources"
+# The mirror the machine's apt already uses for its own release (no mirror is named in the
+# project); it serves every release.
+mirror=$(python3 "$here/tools/armhost/debian.py" --mirror) || die "no Debian mirror in the apt sources"
+host_suite=$(. /etc/os-release && echo "$VERSION_CODENAME")
 
 mkdir -p "$cache/logs"
-logs=$cache/logs/$(date +%Y%m%d-%H%M%S)
+all_logs=$cache/logs/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$all_logs"
+debootstrap_opts=(--variant=minbase --include="$include")
+
+# One release's check, in a subshell of its own (its root, traps and cleanup are its own):
+# debootstrap, the first step, the clone, `make demo`, `make test`; its summary goes to the
+# terminal and to $logs/summary. The body runs, unindented, to the ')' after its summary.
+check_release() (
+release=$1
+suite=${codename[$release]}
+logs=$all_logs/debian$release
 mkdir -p "$logs"
 tarball=$cache/$suite-minbase-${include//,/+}.tgz
-debootstrap_opts=(--variant=minbase --include="$include")
 
 # --- cleanup: always, also on failure and Ctrl-C --------------------------------------------
 root=
@@ -160,20 +183,20 @@ if [ ! -f "$tarball" ]; then
 fi
 root=$(mktemp -d "$cache/root.XXXXXX")
 chmod 755 "$root"
-say "debootstrap $suite (${debootstrap_opts[*]}) into ${root#"$here"/}"
+say "Debian $release: debootstrap $suite (${debootstrap_opts[*]}) into ${root#"$here"/}"
 debootstrap "${debootstrap_opts[@]}" --unpack-tarball="$tarball" "$suite" "$root" "$mirror" \
     >"$logs/debootstrap.log" 2>&1 || die "debootstrap failed, see $logs/debootstrap.log"
 t_debootstrap=$((SECONDS - t0))
 
 # --- 2. what the machine provides ---------------------------------------------------------------
-# apt sources: the files apt itself reads (sources.list, *.list, *.sources). Not the one host-deps
-# writes (pyvmm-*): a fresh machine does not have it yet, host-deps must add it there too.
+# apt sources: the files apt itself reads (sources.list, *.list, *.sources), for the root's
+# release (bookworm-updates becomes trixie-updates...). Not the one host-deps writes (pyvmm-*): a
+# fresh machine does not have it yet, host-deps must add it there too.
 rm -f "$root/etc/apt/sources.list"
-[ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$root/etc/apt/"
-for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
     [ -f "$f" ] || continue
     case $(basename "$f") in pyvmm-*) continue ;; esac
-    cp "$f" "$root/etc/apt/sources.list.d/"
+    sed -E "s/\b$host_suite\b/$suite/g" "$f" >"$root$f"
     # a keyring the source names and the root lacks (third-party archives)
     for key in $(sed -nE 's/^Signed-By:[[:space:]]*(\/[^[:space:]]+)[[:space:]]*$/\1/p; s/.*signed-by=(\/[^] ]+).*/\1/p' "$f"); do
         [ -f "$key" ] && [ ! -e "$root$key" ] && install -D -m 644 "$key" "$root$key"
@@ -221,12 +244,32 @@ for target in demo test; do
     result[$target]=$([ "$rc" = 0 ] && echo passed || echo "FAILED (exit $rc)")
 done
 
-echo
-say "summary (HEAD ${head:0:12}; logs in ${logs#"$here"/})"
-say "  debootstrap   $(mmss "$t_debootstrap") ($fetched)"
-say "  first step    $(mmss "$t_first") (apt-get install git make)"
-say "  make demo     ${result[demo]} in $(mmss "${secs[demo]}"): $(phases "$logs/make-demo.log" "${secs[demo]}" \
-    host-deps 'venv: ' venv 'armhost: ' 'armhost build' 'armhost: booting' demo)"
-say "  make test     ${result[test]} in $(mmss "${secs[test]}"): $(phases "$logs/make-test.log" "${secs[test]}" \
-    'lint+unit' 'armhost: booting' 'KVM tier')"
+python=$(in_root "python3 --version" 2>&1 || echo "no python3")
+kvm=$(grep -Eo '^\[ *[0-9]+:[0-9]{2}\] kvm: .*' "$logs/make-test.log" | tail -1 | sed -E 's/^\[[^]]*\] //')
+{
+    echo "Debian $release ($suite, $python; HEAD ${head:0:12}; logs in ${logs#"$here"/})"
+    echo "  debootstrap   $(mmss "$t_debootstrap") ($fetched)"
+    echo "  first step    $(mmss "$t_first") (apt-get install git make)"
+    echo "  make demo     ${result[demo]} in $(mmss "${secs[demo]}"): $(phases "$logs/make-demo.log" "${secs[demo]}" \
+        host-deps 'venv: ' venv 'armhost: ' 'armhost build' 'armhost: booting' demo)"
+    echo "  make test     ${result[test]} in $(mmss "${secs[test]}"): $(phases "$logs/make-test.log" "${secs[test]}" \
+        'lint+unit' 'armhost: booting' 'KVM tier')${kvm:+; $kvm}"
+} >"$logs/summary"
 [ "${result[demo]}" = passed ] && [ "${result[test]}" = passed ]
+)
+
+status=0
+for release in "${releases[@]}"; do
+    check_release "$release" || status=1
+done
+echo
+say "summary (logs in ${all_logs#"$here"/})"
+for release in "${releases[@]}"; do
+    f=$all_logs/debian$release/summary
+    if [ -f "$f" ]; then
+        sed 's/^/fresh-check: /' "$f" >&2
+    else
+        say "Debian $release (${codename[$release]}): stopped before its two commands, see its logs"
+    fi
+done
+exit "$status"

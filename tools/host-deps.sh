@@ -36,6 +36,11 @@ need_qemu=no
 [ "$arch" != aarch64 ] && ! have qemu-system-aarch64 && need_qemu=yes
 [ ${#need[@]} -eq 0 ] && [ $need_qemu = no ] && exit 0
 
+if ! have apt-get; then
+    # another distribution: the names are Debian's, the README says what each is for
+    echo "host-deps: missing Debian packages: ${need[*]} $([ $need_qemu = yes ] && echo qemu-system-arm) (install their equivalents: this script installs with apt-get)" >&2
+    exit 1
+fi
 if [ "$(id -u)" != 0 ]; then
     echo "host-deps: missing packages: ${need[*]} $([ $need_qemu = yes ] && echo qemu-system-arm) (run as root, or install them)" >&2
     exit 1

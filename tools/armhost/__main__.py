@@ -8,8 +8,10 @@
                         once and run CMD as `run` does; then one line per shape with CMD's status
                         and its last `kvm: ` line. Exits 0 only if CMD succeeded in every shape
 
-Shapes (--shape, default `default`), each a QEMU machine and a Debian kernel package that the
-host and its L2 guests both run:
+The host's userspace (busybox, Python, GDB) is Debian's, of the release whose Python runs this
+(3.11: bookworm, 3.13: trixie; image.py), so that its bytecode is compiled here. Shapes (--shape,
+default `default`), each a QEMU machine and a Debian kernel package that the host and its L2
+guests both run, the same on every machine:
   default   GICv3, 4K pages, bookworm-backports' linux-image-arm64 (Linux 6.12)
   gicv2     the same kernel on a GICv2 (so its KVM offers only a vGICv2)
   16k       GICv3, bookworm-backports' linux-image-arm64-16k (16K pages)

@@ -3,7 +3,7 @@ one image per kernel package (shapes.py: the shapes that differ only in QEMU's c
 
 Two cpio archives are concatenated at boot (the kernel unpacks each in turn, see
 Documentation/driver-api/early-userspace/buffer-format.rst):
-  * base.cpio   - busybox, Python 3.11 and the wheels; cached, rebuilt only when its recipe changes;
+  * base.cpio   - busybox, Python and the wheels; cached, rebuilt only when its recipe changes;
   * the overlay - this checkout's files and the command to run; packed anew for every boot (~1 s).
 Both are left uncompressed: under TCG the kernel's gunzip costs seconds, a memcpy costs nothing.
 """
@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from debian import Arm64Apt, extract
-from shapes import Shape
+from debian import PROVIDED, Arm64Apt, extract, merge_usr
+from shapes import SHAPES, Shape
 from steps import log, run_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: pyvmm's initramfs code
@@ -28,22 +28,34 @@ from pyvmm.errors import ImageError  # noqa: E402
 from pyvmm.initramfs import ModuleTree, load_module  # noqa: E402
 from pyvmm.loader import parse_image, unpack_kernel  # noqa: E402
 
-# Userspace for the emulated host (Debian bookworm arm64), see ../shared notes on the recipe.
-USERSPACE_PACKAGES = [
-    "busybox-static",
-    "python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
-    "libc6", "libexpat1", "zlib1g", "libffi8", "libbz2-1.0", "liblzma5", "libcrypt1",
-    "libgcc-s1", "libuuid1", "libssl3", "libsqlite3-0", "libncursesw6", "libtinfo6",
-    "libreadline8", "libdb5.3", "libnsl2", "libtirpc3",
-    # GDB for the stub's tests (gdb-minimal: no Python, no source highlighting) and the
-    # libraries it loads (its debuginfod client links libcurl and, through it, TLS and Kerberos)
-    "gdb-minimal", "libstdc++6", "libgmp10", "libxxhash0", "libzstd1", "libdebuginfod1", "libelf1",
-    "libcurl3-gnutls", "libbrotli1", "libgnutls30", "libhogweed6", "libnettle8", "libidn2-0",
-    "libunistring2", "libp11-kit0", "libtasn1-6", "libpsl5", "libnghttp2-14", "librtmp1", "libssh2-1",
-    "libgssapi-krb5-2", "libkrb5-3", "libkrb5support0", "libk5crypto3", "libkeyutils1", "libcom-err2",
-    "libldap-2.5-0", "libsasl2-2",
-]
-# Wheels the project needs at run time and for its test tier, for CPython 3.11 on aarch64.
+# The emulated host's userspace is Debian's arm64 packages of the release whose CPython is the one
+# building it (3.11: Debian 12 bookworm, 3.13: Debian 13 trixie). So the bytecode compiled here
+# (precompile) is the host's own whatever the machine, and on each machine the KVM tier runs on
+# the Python its unit tier ran on. The kernels do not follow it (shapes.py): a shape is the same
+# host on every machine.
+DEBIAN_PYTHONS = {(3, 11): "bookworm", (3, 13): "trixie"}
+
+
+def userspace_release(python: tuple[int, int] = sys.version_info[:2]) -> tuple[str, str]:
+    """(Debian release, Python version) of the emulated host built by this Python."""
+    major, minor = python
+    if (major, minor) not in DEBIAN_PYTHONS:
+        have = " and ".join(f"{a}.{b}" for a, b in DEBIAN_PYTHONS)
+        raise SystemExit(
+            f"armhost: the emulated host runs the Python that builds it (for its bytecode), and Debian "
+            f"has {have}, not {major}.{minor}: run make with PYTHON=python3.11 or PYTHON=python3.13")
+    return DEBIAN_PYTHONS[major, minor], f"{major}.{minor}"
+
+
+def userspace_roots(python: str) -> list[str]:
+    """What the emulated host runs; apt adds what they depend on (debian.Arm64Apt.resolve)."""
+    return ["busybox-static", f"python{python}-minimal", f"libpython{python}-stdlib",
+            # GDB for the stub's tests: without Python in Debian 12; Debian 13's gdb-minimal is
+            # a transitional package to its gdb, which embeds the same Python
+            "gdb-minimal"]
+
+
+# Wheels the project needs at run time and for its test tier, for the host's CPython on aarch64.
 BINARY_WHEELS = ["cffi", "pycparser", "ioctl-opt", "pytest", "hypothesis"]
 SDIST_WHEELS = ["pyfdt"]  # published as an sdist only: built into a pure-Python wheel here
 
@@ -54,7 +66,7 @@ STDLIB_PRUNE = [
 ]
 DOC_PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian"]
 
-RECIPE_VERSION = "5"  # bump when the base layout changes
+RECIPE_VERSION = "6"  # bump when the base layout changes
 
 KERNEL_LIMIT = 512 << 20  # the most an unpacked kernel Image may be
 
@@ -122,8 +134,10 @@ class HostImage:
 
     def __init__(self, cache: Path, shape: Shape) -> None:
         self.shape = shape
-        self.apt = Arm64Apt(cache / "apt")
-        self.wheels = cache / "wheels"
+        self.release, self.python = userspace_release()
+        kernel_suites = {s.suite for s in SHAPES.values()}
+        self.apt = Arm64Apt(cache / "apt", sorted(kernel_suites | {self.release, f"{self.release}-updates"}))
+        self.wheels = cache / "wheels" / f"cp{self.python.replace('.', '')}"
         self.files = cache / shape.files  # shape.files "" is the cache itself
         self.kernel = self.files / "Image"
         self.modules = self.files / "modules"  # the kernel package's /lib/modules tree
@@ -132,9 +146,9 @@ class HostImage:
         self.guest = self.files / "guest"  # L2 guest: Image + initrd.cpio
 
     def _recipe_digest(self) -> str:
-        text = "\n".join([RECIPE_VERSION, self.shape.kernel_choice(), INIT_SCRIPT, GUEST_INIT,
-                          *USERSPACE_PACKAGES, *BINARY_WHEELS, *SDIST_WHEELS, *STDLIB_PRUNE, *HOST_MODULES,
-                          *GUEST_MODULES])
+        text = "\n".join([RECIPE_VERSION, self.shape.kernel_choice(), self.release, INIT_SCRIPT, GUEST_INIT,
+                          *userspace_roots(self.python), *PROVIDED, *BINARY_WHEELS, *SDIST_WHEELS,
+                          *STDLIB_PRUNE, *HOST_MODULES, *GUEST_MODULES])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _stamp_lines(self) -> list[str]:
@@ -154,11 +168,13 @@ class HostImage:
             return
         started = time.monotonic()
         shape = self.shape
-        log(f"building the {shape.name} shape's image ({shape.kernel_choice()}) in {self.files}")
+        log(f"building the {shape.name} shape's image ({shape.kernel_choice()}, userspace from "
+            f"{self.release}: Python {self.python}) in {self.files}")
         self.files.mkdir(parents=True, exist_ok=True)
         self.apt.update()
         kernel_pkg = self.apt.newest_kernel_package(shape.kernel_meta, shape.suite)
-        debs = self.apt.download([f"{kernel_pkg}/{shape.suite}", *USERSPACE_PACKAGES])
+        userspace = self.apt.resolve(userspace_roots(self.python), self.release)
+        debs = self.apt.download([(kernel_pkg, self.apt.version(kernel_pkg, shape.suite)), *userspace])
         self._fetch_wheels()
         staging = self.files / "staging"
         shutil.rmtree(staging, ignore_errors=True)
@@ -175,7 +191,8 @@ class HostImage:
         log(f"extracting {len(debs) - 1} userspace packages")
         for deb in debs[1:]:
             extract(deb, root)
-        self._build_guest(root / "bin" / "busybox")
+        merge_usr(root)
+        self._build_guest(root / "usr" / "bin" / "busybox")
         self._assemble_root(root)
         install_modules(self.modules, HOST_MODULES, root / "lib" / "modules")
         shutil.copytree(self.guest, root / "opt" / "guest")
@@ -218,7 +235,7 @@ class HostImage:
         pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
         run_step("pip download (aarch64 wheels)",
                  [*pip, "download", "--only-binary=:all:", "--platform", "manylinux2014_aarch64",
-                  "--python-version", "3.11", "--implementation", "cp", "-d", str(self.wheels),
+                  "--python-version", self.python, "--implementation", "cp", "-d", str(self.wheels),
                   *BINARY_WHEELS])
         # --use-pep517: build in an isolated environment with setuptools and wheel fetched for it.
         # Without it, a pip older than 23.1 (Debian 12's venvs have 23.0.1) builds a setup.py-only
@@ -231,14 +248,14 @@ class HostImage:
     def _assemble_root(self, root: Path) -> None:
         for rel in DOC_PRUNE:
             shutil.rmtree(root / rel, ignore_errors=True)
-        stdlib = root / "usr" / "lib" / "python3.11"
+        stdlib = root / "usr" / "lib" / f"python{self.python}"
         for rel in STDLIB_PRUNE:
             shutil.rmtree(stdlib / rel, ignore_errors=True)
         site = root / "opt" / "site"
         site.mkdir(parents=True)
         for whl in sorted(self.wheels.glob("*.whl")):
             shutil.unpack_archive(whl, site, format="zip")
-        (root / "usr" / "bin" / "python3").symlink_to("python3.11")
+        (root / "usr" / "bin" / "python3").symlink_to(f"python{self.python}")
         init = root / "init"
         init.write_text(INIT_SCRIPT)
         init.chmod(0o755)
@@ -295,14 +312,11 @@ def install_module_tree(tree: Path, release: str, root: Path) -> None:
 
 
 def precompile(root: Path, dirs: list[Path]) -> None:
-    """Write .pyc files with the host's CPython 3.11 (same bytecode as the target's 3.11).
+    """Write .pyc files with this CPython, the emulated host's own version (userspace_release).
 
     Under TCG, compiling the stdlib at every boot would cost many seconds. unchecked-hash pycs
     are used without comparing source timestamps (PEP 552).
     """
-    if sys.version_info[:2] != (3, 11):
-        log(f"host Python is {sys.version.split()[0]}, not 3.11: skipping precompiled bytecode")
-        return
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-j0", "--invalidation-mode",
                     "unchecked-hash", *map(str, dirs)], check=False, stdout=subprocess.DEVNULL)
 

@@ -1,0 +1,93 @@
+"""The emulated host's build (tools/armhost) on each Debian release: where its packages come from
+and how they are laid out. Its real build and boot are what every KVM tier run starts with."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "tools" / "armhost"))
+from debian import MIRROR_VARIABLE, merge_usr, system_mirror  # noqa: E402
+from image import userspace_release, userspace_roots  # noqa: E402
+
+MIRROR = "http://mirror.example/debian"
+
+TRIXIE_SOURCES = f"""Types: deb
+URIs: {MIRROR}-security
+Suites: trixie-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: {MIRROR}/
+Suites: trixie trixie-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+
+
+def etc_of(tmp_path: Path, codename: str, *, distro: str = "debian", sources: str = "", lists: str = "") -> Path:
+    etc = tmp_path / "etc"
+    (etc / "apt" / "sources.list.d").mkdir(parents=True)
+    (etc / "os-release").write_text(f'PRETTY_NAME="x"\nID={distro}\nVERSION_CODENAME={codename}\n')
+    if sources:
+        (etc / "apt" / "sources.list.d" / "debian.sources").write_text(sources)
+    if lists:
+        (etc / "apt" / "sources.list").write_text(lists)
+    return etc
+
+
+@pytest.fixture(autouse=True)
+def no_mirror_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(MIRROR_VARIABLE, raising=False)
+
+
+def test_the_mirror_is_the_one_for_the_hosts_own_release(tmp_path: Path) -> None:
+    # Debian 13's deb822 sources name no bookworm suite; the security archive is not the mirror
+    assert system_mirror(etc_of(tmp_path, "trixie", sources=TRIXIE_SOURCES)) == MIRROR
+    lists = f"deb {MIRROR}-security bookworm-security main\ndeb [arch=amd64] {MIRROR} bookworm main\n"
+    assert system_mirror(etc_of(tmp_path / "12", "bookworm", lists=lists)) == MIRROR
+
+
+def test_no_mirror_is_one_line_naming_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(SystemExit, match=f"no Debian trixie mirror found.*{MIRROR_VARIABLE}"):
+        system_mirror(etc_of(tmp_path, "trixie", lists=f"deb {MIRROR} bookworm main\n"))
+    ubuntu = etc_of(tmp_path / "u", "noble", distro="ubuntu")
+    with pytest.raises(SystemExit, match=f"not Debian: set {MIRROR_VARIABLE}"):
+        system_mirror(ubuntu)
+    monkeypatch.setenv(MIRROR_VARIABLE, MIRROR + "/")
+    assert system_mirror(ubuntu) == MIRROR
+
+
+def test_the_emulated_hosts_python_is_the_one_building_it() -> None:
+    assert userspace_release((3, 11)) == ("bookworm", "3.11")
+    assert userspace_release((3, 13)) == ("trixie", "3.13")
+    assert "python3.13-minimal" in userspace_roots("3.13")
+    with pytest.raises(SystemExit, match="Debian has 3.11 and 3.13, not 3.12: run make with PYTHON="):
+        userspace_release((3, 12))
+    assert userspace_release()[1] == "{}.{}".format(*sys.version_info[:2])  # this machine's Python
+
+
+def test_packages_of_either_layout_end_up_merged_under_usr(tmp_path: Path) -> None:
+    # Debian 12's libc6 and busybox-static ship /lib and /bin, Debian 13's only /usr/lib, /usr/bin
+    root = tmp_path / "root"
+    (root / "lib" / "aarch64-linux-gnu").mkdir(parents=True)
+    (root / "lib" / "aarch64-linux-gnu" / "libc.so.6").write_text("libc")
+    (root / "lib" / "ld-linux-aarch64.so.1").symlink_to("aarch64-linux-gnu/ld-linux-aarch64.so.1")
+    (root / "bin").mkdir()
+    (root / "bin" / "busybox").write_text("busybox")
+    (root / "usr" / "lib" / "aarch64-linux-gnu").mkdir(parents=True)
+    (root / "usr" / "lib" / "aarch64-linux-gnu" / "ld-linux-aarch64.so.1").write_text("ld")
+    (root / "usr" / "bin").mkdir()
+    (root / "usr" / "bin" / "python3.13").write_text("python")
+    merge_usr(root)
+    for name in ("bin", "sbin", "lib"):
+        assert (root / name).is_symlink() and str((root / name).readlink()) == f"usr/{name}"
+    assert (root / "lib" / "ld-linux-aarch64.so.1").read_text() == "ld"  # the ELF interpreter's path
+    assert (root / "usr" / "lib" / "aarch64-linux-gnu" / "libc.so.6").read_text() == "libc"
+    assert (root / "bin" / "busybox").read_text() == "busybox"  # image.INIT_SCRIPT's #!/bin/busybox
+    assert (root / "bin" / "python3.13").read_text() == "python"
