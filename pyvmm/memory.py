@@ -22,6 +22,11 @@ def block_size(page: int) -> int:
 
 
 HUGE_PAGE = block_size(PAGE_SIZE)  # 2 MiB with 4 KiB pages, 32 MiB with 16 KiB, 512 MiB with 64 KiB
+# Guest RAM is backed as the guest touches it, without reserving swap for all of it up front, as
+# kvmtool maps it. Python names the flag only from 3.13; its value is Linux's on every
+# architecture pyvmm runs on (include/uapi/asm-generic/mman.h).
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # the most pages in one memslot (include/linux/kvm_host.h)
 
 
 class Region:
@@ -59,6 +64,9 @@ class GuestMemory:
                 f"memory region {gpa:#x}+{size:#x} must be a non-empty multiple of the {PAGE_SIZE}-byte page")
         if gpa + size > 1 << 48:
             raise GuestMemoryError(f"memory region {gpa:#x}+{size:#x} is beyond the 48-bit IPA space")
+        if size // PAGE_SIZE > KVM_MEM_MAX_NR_PAGES:
+            raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest RAM: KVM takes at most "
+                                   f"{KVM_MEM_MAX_NR_PAGES * PAGE_SIZE >> 20} MiB in one memory slot")
         for r in self.regions:
             if r.overlaps(gpa, size):
                 raise GuestMemoryError(
@@ -69,7 +77,7 @@ class GuestMemory:
         huge = size >= HUGE_PAGE and gpa % HUGE_PAGE == 0 and hasattr(mmap, "MADV_HUGEPAGE")
         extra = HUGE_PAGE if huge else 0
         try:
-            m = mmap.mmap(-1, size + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0))
+            m = mmap.mmap(-1, size + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         except OSError as e:
             raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest RAM: {e.strerror}") from None
         region = Region(gpa, size, len(self.regions), readonly, m, HUGE_PAGE if huge else 1)

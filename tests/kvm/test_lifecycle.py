@@ -5,6 +5,7 @@ not stop (pyvmm/lifecycle.py)."""
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +23,7 @@ from pyvmm.errors import VmmError
 from pyvmm.host import probe
 from pyvmm.irqchip import Gic
 from pyvmm.lifecycle import STOP_GRACE
+from pyvmm.memory import GuestMemory, Region
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.service import Service
 from pyvmm.vcpu import Vcpu
@@ -40,20 +43,38 @@ def mapped_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
 
 
+def address_space_limited(add: Callable[..., Region], limit: int) -> Callable[..., Region]:
+    """GuestMemory.add under RLIMIT_AS = `limit` bytes, the process's own limit put back after."""
+    def limited(*args: Any, **kwargs: Any) -> Region:
+        saved = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, saved[1]))
+        try:
+            return add(*args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, saved)
+    return limited
+
+
 def vcpu_mappings() -> int:
     """kvm_run mappings in this process (anon_inode:kvm-vcpu:N in /proc/self/maps)."""
     with open("/proc/self/maps") as f:
         return sum("kvm-vcpu" in line for line in f)
 
 
-@pytest.mark.parametrize("failure", ["too many vCPUs", "more RAM than the host can map", "late in construction"])
+@pytest.mark.parametrize("failure", ["too many vCPUs", "more RAM than KVM takes in one memory slot",
+                                     "more RAM than the host can map", "late in construction"])
 def test_a_vm_whose_construction_fails_leaks_nothing(failure: str, monkeypatch: pytest.MonkeyPatch) -> None:
     Vm(cpus=1, mem_mib=16).close()  # the kick handler and lazily made objects exist from now on
     cpus, mem_mib = 2, 64
     if failure == "too many vCPUs":
         cpus = 4096
-    elif failure == "more RAM than the host can map":
+    elif failure == "more RAM than KVM takes in one memory slot":
         mem_mib = (1 << 28) - (1 << 12)  # 256 TiB less 4 GiB: all of a 48-bit address space
+    elif failure == "more RAM than the host can map":
+        # an address-space limit just above what the process maps now: guest RAM's mapping is
+        # the first thing that does not fit (mapped with MAP_NORESERVE, only a limit stops it)
+        limit = (mapped_kib() << 10) + (32 << 20)
+        monkeypatch.setattr(GuestMemory, "add", address_space_limited(GuestMemory.add, limit))
     else:
         def broken(self: Gic, mpidrs: list[int]) -> None:
             raise VmmError("injected failure after the vCPUs and the vGIC exist")
@@ -61,8 +82,8 @@ def test_a_vm_whose_construction_fails_leaks_nothing(failure: str, monkeypatch: 
     fds, mapped, vcpu_maps = open_fds(), mapped_kib(), vcpu_mappings()
     with pytest.raises(VmmError) as caught:
         Vm(cpus=cpus, mem_mib=mem_mib)
-    if failure == "more RAM than the host can map":
-        assert str(caught.value).startswith(f"cannot map {mem_mib} MiB of guest RAM")
+    if failure.startswith("more RAM"):
+        assert str(caught.value).startswith(f"cannot map {mem_mib} MiB of guest RAM"), caught.value
     assert open_fds() == fds
     assert vcpu_mappings() == vcpu_maps  # no vCPU's kvm_run is still mapped
     assert mapped_kib() - mapped < 16 << 10  # nor the 64 MiB of guest RAM

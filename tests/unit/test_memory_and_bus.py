@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import mmap
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pyvmm.devices.bus import MmioBus
 from pyvmm.errors import GuestMemoryError, VmmError
-from pyvmm.memory import PAGE_SIZE, GuestMemory
+from pyvmm.memory import KVM_MEM_MAX_NR_PAGES, PAGE_SIZE, GuestMemory
 
 BASE, SIZE = 0x8000_0000, 0x10_0000
 
@@ -54,6 +56,23 @@ def test_overlapping_and_misaligned_regions_are_refused() -> None:
     with pytest.raises(GuestMemoryError, match="multiple"):
         m.add(0x1000_0001, page)
     m.add(BASE + SIZE, page)  # adjacent is fine
+
+
+def test_ram_is_mapped_without_reserving_it_and_no_larger_than_a_memslot(monkeypatch: pytest.MonkeyPatch) -> None:
+    flags: list[int] = []
+    real_mmap = mmap.mmap
+
+    def spy(fd: int, size: int, flags_: int) -> mmap.mmap:
+        flags.append(flags_)
+        return real_mmap(fd, size, flags_)
+
+    monkeypatch.setattr(mmap, "mmap", spy)
+    memory().close()
+    assert flags and all(f & 0x4000 for f in flags)  # Linux's MAP_NORESERVE, on any Python
+    too_big = (KVM_MEM_MAX_NR_PAGES + 1) * PAGE_SIZE
+    with pytest.raises(GuestMemoryError, match=f"cannot map {too_big >> 20} MiB of guest RAM: KVM takes at most"):
+        GuestMemory().add(0, too_big)
+    assert len(flags) == 1  # refused before any mapping
 
 
 class Reg:
