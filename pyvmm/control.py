@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyvmm")
 MAX_REQUEST = 4096
 NOT_AN_OBJECT = "bad request: not one JSON object"
+# pyvmm's requests nest two levels. Deeper ones are refused before the JSON parser sees them,
+# whose own limit differs between Pythons (3.11 stops at its recursion limit, 3.13 goes far
+# deeper): the same bytes get the same reply on every Python.
+MAX_DEPTH = 32
 CLIENT_TIMEOUT = 5.0  # for a whole request line: a client trickling bytes is dropped as a silent one is
 MAX_CLIENTS = 16  # connections served at once; more are closed at once (each has a thread)
 
@@ -70,12 +74,11 @@ class ControlServer:
         """The answer to one request line, whatever its bytes."""
         if len(line) > MAX_REQUEST:
             return {"ok": False, "error": f"bad request: longer than {MAX_REQUEST} bytes"}
+        if nesting(line) > MAX_DEPTH:
+            return {"ok": False, "error": f"bad request: nested deeper than {MAX_DEPTH} levels"}
         try:
             request = json.loads(line)
-        except (ValueError, RecursionError):
-            # RecursionError: nesting deeper than this Python's parser goes (3.11 stops at its
-            # recursion limit, 3.13 goes deeper), so the reply names neither: the same bytes get
-            # the same reply on every Python
+        except ValueError:
             return {"ok": False, "error": NOT_AN_OBJECT}
         with self._lock:
             if self._closed:
@@ -103,6 +106,28 @@ class ControlServer:
         except VmmError as e:
             return {"ok": False, "error": str(e)}
         return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def nesting(line: bytes) -> int:
+    """How deep the JSON arrays and objects in `line` nest (brackets inside strings aside)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
 
 
 class _Connection(socketserver.BaseRequestHandler):

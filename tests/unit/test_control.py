@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm import cli
-from pyvmm.control import NOT_AN_OBJECT, ControlServer, request
+from pyvmm.control import MAX_DEPTH, NOT_AN_OBJECT, ControlServer, request
 from pyvmm.errors import VmmError
 from pyvmm.services.sdei import EventSpec, Sdei
 from tests import fuzzing
@@ -109,10 +109,15 @@ def send_raw(path: str, data: bytes) -> bytes:
 
 def test_a_deeply_nested_request_gets_an_error_and_the_socket_goes_on(served: tuple[ControlledMachine, str]) -> None:
     vm, path = served
-    # Nested deeper than 3.11's parser goes (its recursion limit, 1000), but not 3.13's (which
-    # returns the list), well-formed or cut short: one reply on every Python, and the same as a
-    # request that is any other JSON value
-    for line in (b"[" * 2000 + b"]" * 2000, b"[" * 3000, b"[1]"):
+    # Nested deeper than 3.11's parser goes (its recursion limit, 1000) but not 3.13's, as a
+    # whole request or as a value inside one, well-formed or cut short: one reply on every Python
+    deep = {"ok": False, "error": f"bad request: nested deeper than {MAX_DEPTH} levels"}
+    for line in (b"[" * 2000 + b"]" * 2000, b"[" * 3000, b'{"cmd": ' + b"[" * 1500 + b"]" * 1500 + b"}",
+                 b'{"cmd": "sdei-signal", "event": ' + b"[" * 40 + b"]" * 40 + b"}"):
+        assert json.loads(send_raw(path, line + b"\n")) == deep
+    # brackets in strings are not nesting; any JSON value but an object is refused as such
+    assert json.loads(send_raw(path, b'{"cmd": "' + b"[" * 100 + b'"}\n'))["error"].startswith("unknown command")
+    for line in (b"[1]", b'"stop"', b"{"):
         assert json.loads(send_raw(path, line + b"\n")) == {"ok": False, "error": NOT_AN_OBJECT}
     assert json.loads(send_raw(path, b"x" * 10_000 + b"\n"))["error"] == "bad request: longer than 4096 bytes"
     request(path, {"cmd": "stop"})
