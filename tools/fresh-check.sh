@@ -67,10 +67,10 @@ all_logs=$cache/logs/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$all_logs"
 debootstrap_opts=(--variant=minbase --include="$include")
 
-# One release's check, in a subshell of its own (its root, traps and cleanup are its own):
-# debootstrap, the first step, the clone, `make demo`, `make test`; its summary goes to the
-# terminal and to $logs/summary. The body runs, unindented, to the ')' after its summary.
-check_release() (
+# One release's check, run as a background job, so in a subshell of its own (its root, traps and
+# cleanup are its own): debootstrap, the first step, the clone, `make demo`, `make test`; its
+# summary goes to $logs/summary. The body runs, unindented, to the '}' after its summary.
+check_release() {
 release=$1
 suite=${codename[$release]}
 logs=$all_logs/debian$release
@@ -256,11 +256,28 @@ kvm=$(grep -Eo '^\[ *[0-9]+:[0-9]{2}\] kvm: .*' "$logs/make-test.log" | tail -1 
         'lint+unit' 'armhost: booting' 'KVM tier')${kvm:+; $kvm}"
 } >"$logs/summary"
 [ "${result[demo]}" = passed ] && [ "${result[test]}" = passed ]
-)
+}
 
+# Each release's check runs in the background and is waited for: errexit stays on inside it (a
+# function called as `f || ...` would run with it off), and a signal reaches this shell at once.
+# INT and TERM are passed on to the check (its own INT is ignored, as a background job's is)
+# and end the whole run, with no further release started.
 status=0
+child=
+stop() {
+    [ -n "$child" ] && kill -TERM "$child" 2>/dev/null && { wait "$child" || :; }
+    exit "$1"
+}
+trap 'stop 130' INT
+trap 'stop 143' TERM
 for release in "${releases[@]}"; do
-    check_release "$release" || status=1
+    check_release "$release" &
+    child=$!
+    rc=0
+    wait "$child" || rc=$?
+    child=
+    [ "$rc" -lt 128 ] || exit "$rc"
+    [ "$rc" = 0 ] || status=1
 done
 echo
 say "summary (logs in ${all_logs#"$here"/})"
@@ -269,7 +286,7 @@ for release in "${releases[@]}"; do
     if [ -f "$f" ]; then
         sed 's/^/fresh-check: /' "$f" >&2
     else
-        say "Debian $release (${codename[$release]}): stopped before its two commands, see its logs"
+        say "Debian $release (${codename[$release]}): stopped before its summary, see its logs"
     fi
 done
 exit "$status"
