@@ -31,7 +31,7 @@ all: guests
 
 host-deps: .cache/host-deps.stamp
 .cache/host-deps.stamp: tools/host-deps.sh
-	@bash tools/host-deps.sh
+	@PYTHON=$(PYTHON) bash tools/host-deps.sh
 	@mkdir -p $(@D) && touch $@
 
 # --use-pep517: Debian 12's venvs have pip 23.0.1, which would install a setup.py-only sdist (pyfdt)

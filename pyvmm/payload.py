@@ -235,7 +235,7 @@ def _defsym(text: str) -> tuple[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyvmm.payload",
+    ap = argparse.ArgumentParser(prog="python -m pyvmm.payload", allow_abbrev=False,
                                  description="Assemble guest payloads into pyvmm's payload cache, so that a host "
                                              "without an assembler (the emulated arm64 host) runs them from there.")
     sub = ap.add_subparsers(dest="command", required=True)

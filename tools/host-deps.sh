@@ -12,14 +12,15 @@
 set -euo pipefail
 
 arch=$(uname -m)
+python=${PYTHON:-python3}  # the one the venv is made from (make PYTHON=...)
 need=()
 have() { command -v "$1" >/dev/null 2>&1; }
-have python3 && python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3 python3-venv)
+have "$python" && "$python" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3 python3-venv)
 have dtc || need+=(device-tree-compiler)
 have cc || need+=(gcc)
 [ -e /usr/include/stdio.h ] || need+=(libc6-dev)   # gcc only recommends it
 # Python.h of the python3 the venv is made from (Debian's python3 gets it from python3-dev)
-have python3 && [ -e "$(python3 -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" ] \
+have "$python" && [ -e "$("$python" -c 'import sysconfig; print(sysconfig.get_path("include"))')/Python.h" ] \
     || need+=(python3-dev)
 have arm-linux-gnueabihf-as || need+=(binutils-arm-linux-gnueabihf)
 if [ "$arch" = aarch64 ]; then

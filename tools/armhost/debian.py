@@ -20,10 +20,10 @@ from steps import log, run_step
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
 MIRROR_VARIABLE = "PYVMM_DEBIAN_MIRROR"
 
-# Essential packages and the tools of dpkg's maintainer scripts: dependencies of what the emulated
-# host runs only because Debian installs packages with dpkg, which the host never does. The
-# private tree's status lists them as installed, so apt's resolver leaves them (and what they
-# pull in: perl, dpkg, tar) out of the host.
+# Essential packages and the tools of dpkg's maintainer scripts, there only because Debian installs
+# packages with dpkg, which the emulated host never does; and tzdata and procps, which nothing in
+# the host uses (busybox has its own ps). The private tree's status lists them as installed, so
+# apt's resolver leaves them (and what they pull in: perl, dpkg, tar) out of the host.
 PROVIDED = ["perl-base", "debconf", "dpkg", "tar", "init-system-helpers", "ucf", "sensible-utils",
             "procps", "tzdata"]
 
@@ -71,11 +71,13 @@ def system_mirror(etc: Path = Path("/etc")) -> str:
 
 
 class Arm64Apt:
-    """apt-get/apt-cache confined to a private arm64 tree under `root`, over `suites`."""
+    """apt-get/apt-cache confined to a private arm64 tree under `root`, over `suites`, preferring
+    `release` and its -updates (the emulated host's userspace) to every other suite."""
 
-    def __init__(self, root: Path, suites: list[str]) -> None:
+    def __init__(self, root: Path, suites: list[str], release: str) -> None:
         self.root = root
         self.suites = suites
+        self.release = release
         self.archives = root / "archives"
 
     def _opts(self) -> list[str]:
@@ -85,6 +87,8 @@ class Arm64Apt:
             "-o", "APT::Architectures=arm64",
             "-o", f"Dir::Etc::SourceList={r / 'sources.list'}",
             "-o", "Dir::Etc::SourceParts=/dev/null",
+            "-o", f"Dir::Etc::Preferences={r / 'preferences'}",  # the machine's own pins stay out
+            "-o", "Dir::Etc::PreferencesParts=/dev/null",
             "-o", f"Dir::State={r / 'state'}",
             "-o", f"Dir::State::status={r / 'state' / 'status'}",
             "-o", f"Dir::Cache={r / 'cache'}",
@@ -102,6 +106,10 @@ class Arm64Apt:
             f"Package: {name}\nStatus: install ok installed\nPriority: optional\nSection: admin\n"
             f"Maintainer: none\nArchitecture: all\nVersion: 9999\n"
             f"Description: not needed in the emulated host\n\n" for name in PROVIDED))
+        # both at one priority, so that the newer of the two wins (apt_preferences(5))
+        (self.root / "preferences").write_text("".join(
+            f"Package: *\nPin: release n={suite}\nPin-Priority: 990\n\n"
+            for suite in (self.release, f"{self.release}-updates")))
         mirror = system_mirror()
         lines = [f"deb [arch=arm64 signed-by={KEYRING}] {mirror} {s} main" for s in self.suites]
         (self.root / "sources.list").write_text("\n".join(lines) + "\n")
@@ -130,12 +138,12 @@ class Arm64Apt:
             raise SystemExit(f"armhost: {package} has no version in {suite}")
         return m.group(1)
 
-    def resolve(self, roots: list[str], release: str) -> list[tuple[str, str]]:
-        """`roots` and everything they depend on (no recommends), as (package, version) from
-        `release`, which apt prefers over the other suites (-t), in the order apt would unpack them."""
+    def resolve(self, roots: list[str]) -> list[tuple[str, str]]:
+        """`roots` and everything they depend on (no recommends), as (package, version), from the
+        preferred release, in the order apt would unpack them."""
         out = run_step("apt-get install --simulate (the emulated host's packages)",
-                       ["apt-get", *self._opts(), "-t", release, "install", "--simulate",
-                        "--no-install-recommends", *roots], capture_output=True, text=True)
+                       ["apt-get", *self._opts(), "install", "--simulate", "--no-install-recommends", *roots],
+                       capture_output=True, text=True)
         # "Inst libc6 (2.41-12 Debian:13.8/stable [arm64])"
         found = re.findall(r"^Inst (\S+) \((\S+) ", out.stdout, re.M)
         if not found:
@@ -176,7 +184,9 @@ def merge_usr(root: Path) -> None:
     for name in ("bin", "sbin", "lib"):
         top, usr = root / name, root / "usr" / name
         usr.mkdir(parents=True, exist_ok=True)
-        if top.is_dir() and not top.is_symlink():
+        if top.is_symlink():  # a package shipped the link itself
+            continue
+        if top.is_dir():
             for entry in sorted(top.rglob("*"), key=lambda p: len(p.parts)):
                 target = usr / entry.relative_to(top)
                 if entry.is_dir() and not entry.is_symlink():

@@ -37,14 +37,12 @@ DEBIAN_PYTHONS = {(3, 11): "bookworm", (3, 13): "trixie"}
 
 
 def userspace_release(python: tuple[int, int] = sys.version_info[:2]) -> tuple[str, str]:
-    """(Debian release, Python version) of the emulated host built by this Python."""
-    major, minor = python
-    if (major, minor) not in DEBIAN_PYTHONS:
-        have = " and ".join(f"{a}.{b}" for a, b in DEBIAN_PYTHONS)
-        raise SystemExit(
-            f"armhost: the emulated host runs the Python that builds it (for its bytecode), and Debian "
-            f"has {have}, not {major}.{minor}: run make with PYTHON=python3.11 or PYTHON=python3.13")
-    return DEBIAN_PYTHONS[major, minor], f"{major}.{minor}"
+    """(Debian release, Python version) of the emulated host built by this Python. Another
+    Python (3.12, 3.14...) gets the newest of them, without precompiled bytecode (precompile)."""
+    if python in DEBIAN_PYTHONS:
+        return DEBIAN_PYTHONS[python], "{}.{}".format(*python)
+    newest = max(DEBIAN_PYTHONS)
+    return DEBIAN_PYTHONS[newest], "{}.{}".format(*newest)
 
 
 def userspace_roots(python: str) -> list[str]:
@@ -136,7 +134,8 @@ class HostImage:
         self.shape = shape
         self.release, self.python = userspace_release()
         kernel_suites = {s.suite for s in SHAPES.values()}
-        self.apt = Arm64Apt(cache / "apt", sorted(kernel_suites | {self.release, f"{self.release}-updates"}))
+        self.apt = Arm64Apt(cache / "apt", sorted(kernel_suites | {self.release, f"{self.release}-updates"}),
+                            self.release)
         self.wheels = cache / "wheels" / f"cp{self.python.replace('.', '')}"
         self.files = cache / shape.files  # shape.files "" is the cache itself
         self.kernel = self.files / "Image"
@@ -173,7 +172,7 @@ class HostImage:
         self.files.mkdir(parents=True, exist_ok=True)
         self.apt.update()
         kernel_pkg = self.apt.newest_kernel_package(shape.kernel_meta, shape.suite)
-        userspace = self.apt.resolve(userspace_roots(self.python), self.release)
+        userspace = self.apt.resolve(userspace_roots(self.python))
         debs = self.apt.download([(kernel_pkg, self.apt.version(kernel_pkg, shape.suite)), *userspace])
         self._fetch_wheels()
         staging = self.files / "staging"
@@ -315,8 +314,14 @@ def precompile(root: Path, dirs: list[Path]) -> None:
     """Write .pyc files with this CPython, the emulated host's own version (userspace_release).
 
     Under TCG, compiling the stdlib at every boot would cost many seconds. unchecked-hash pycs
-    are used without comparing source timestamps (PEP 552).
+    are used without comparing source timestamps (PEP 552). A Python of another version than
+    the host's cannot write its bytecode: the host then compiles what it imports as it runs.
     """
+    host = userspace_release()[1]
+    if "{}.{}".format(*sys.version_info[:2]) != host:
+        log(f"this Python is {sys.version.split()[0]}, the emulated host's is {host}: no precompiled bytecode, "
+            f"so it starts slower (make PYTHON=python{host} gives it bytecode)")
+        return
     subprocess.run([sys.executable, "-m", "compileall", "-q", "-j0", "--invalidation-mode",
                     "unchecked-hash", *map(str, dirs)], check=False, stdout=subprocess.DEVNULL)
 
