@@ -63,6 +63,7 @@ KVM_GET_ONE_REG = _iow(0xAB, "struct kvm_one_reg")
 KVM_SET_ONE_REG = _iow(0xAC, "struct kvm_one_reg")
 KVM_ARM_VCPU_INIT = _iow(0xAE, "struct kvm_vcpu_init")
 KVM_GET_REG_LIST = _iowr(0xB0, "struct kvm_reg_list")
+KVM_ARM_VCPU_FINALIZE = _iow(0xC2, "int")  # its argument: the feature to finalize (KVM_ARM_VCPU_SVE)
 
 # tap devices, /dev/net/tun (include/uapi/linux/if_tun.h: declared with int, they take struct
 # ifreq * and int * respectively)

@@ -54,6 +54,23 @@ KVM_REG_ARM_PSCI_VERSION = fw_reg_id(0)
 KVM_REG_ARM_FW_FEAT_BMAP = 0x0016 << 16
 KVM_REG_ARM_STD_BMAP = KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_FW_FEAT_BMAP | 0
 KVM_REG_ARM_STD_BIT_TRNG_V1_0 = 1 << 0
+KVM_REG_ARM_STD_HYP_BMAP = KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_FW_FEAT_BMAP | 1
+KVM_REG_ARM_STD_HYP_BIT_PV_TIME = 1 << 0
+
+# SVE (api.rst, KVM_REG_ARM64_SVE): the vector lengths a vCPU may use, as a bitmap of VQs (the
+# length in 128-bit quadwords) in 8 64-bit words, bit VQ - 1; writable until KVM_ARM_VCPU_FINALIZE
+KVM_REG_ARM64_SVE = 0x0015 << 16
+KVM_REG_SIZE_U512 = 0x0060000000000000
+KVM_REG_ARM64_SVE_VLS = KVM_REG_ARM64 | KVM_REG_SIZE_U512 | KVM_REG_ARM64_SVE | 0xFFFF
+SVE_VLS_SIZE = 64  # bytes: KVM_REG_SIZE_U512
+KVM_REG_SIZE_U2048 = 0x0080000000000000
+SVE_ZREG_SIZE = 256  # bytes: each Z register slice is 2048 bits, those beyond the vector length zero
+
+
+def sve_zreg_id(n: int, slice_: int = 0) -> int:
+    """KVM_REG_ARM64_SVE_ZREG(n, i): slice i of Z register n."""
+    return KVM_REG_ARM64 | KVM_REG_ARM64_SVE | KVM_REG_SIZE_U2048 | n << 5 | slice_
+SVE_VQ_MAX = 512  # the architecture's limit is 16 (2048 bits); the bitmap has room for 512
 
 # Core registers by name: x0-x30, sp (SP_EL0), pc, pstate, sp_el1, elr_el1, spsr_el1.
 CORE_REGS: dict[str, int] = {f"x{n}": core_reg_id(f"regs.regs[{n}]") for n in range(31)}

@@ -277,6 +277,10 @@ class VcpuFd(DeviceAttrs):
         init = ffi.new("struct kvm_vcpu_init *", {"target": target, "features": features})
         _ioctl(self.fd, io.KVM_ARM_VCPU_INIT, init)
 
+    def finalize(self, feature: int) -> None:
+        """KVM_ARM_VCPU_FINALIZE: fix a feature's configuration (SVE's vector lengths), once."""
+        _ioctl(self.fd, io.KVM_ARM_VCPU_FINALIZE, ffi.new("int *", feature), f"feature {feature}")
+
     def set_mp_state(self, state: int) -> None:
         _ioctl(self.fd, io.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": state}))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvm_bindings import ffi
+from kvm_bindings import ffi, regs
 from kvm_bindings import ioctls as io
 from kvm_bindings.regs import CORE_REGS, KVM_REG_SIZE_U32, KVM_REG_SIZE_U128, SYS_REGS, core_reg_id, sysreg_id
 
@@ -95,6 +95,7 @@ IOCTLS = {
     "KVM_SET_ONE_REG": 0x4010AEAC,
     "KVM_ARM_VCPU_INIT": 0x4020AEAE,
     "KVM_GET_REG_LIST": 0xC008AEB0,
+    "KVM_ARM_VCPU_FINALIZE": 0x4004AEC2,
     "TUNSETIFF": 0x400454CA,
     "TUNSETOFFLOAD": 0x400454D0,
     "TUNSETVNETHDRSZ": 0x400454D8,
@@ -136,3 +137,9 @@ def test_system_register_ids() -> None:
     assert SYS_REGS["mpidr_el1"] == 0x6030_0000_0013_C005 == sysreg_id(3, 0, 0, 0, 5)
     assert SYS_REGS["vbar_el1"] == 0x6030_0000_0013_C600
     assert sysreg_id(3, 3, 14, 0, 2) == 0x6030_0000_0013_DF02  # CNTVCT_EL0 encoding
+
+
+def test_firmware_and_sve_register_ids() -> None:
+    # arch/arm64/include/uapi/asm/kvm.h: KVM_REG_ARM_STD_HYP_BMAP, KVM_REG_ARM64_SVE_VLS
+    assert regs.KVM_REG_ARM_STD_HYP_BMAP == 0x6030_0000_0016_0001
+    assert regs.KVM_REG_ARM64_SVE_VLS == 0x6060_0000_0015_FFFF
