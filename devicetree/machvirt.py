@@ -18,10 +18,12 @@ GIC_PPI, GIC_SPI = 1, 0
 IRQ_TYPE_LEVEL_HIGH = 4
 TIMER_PPIS = (13, 14, 11, 10)  # secure phys, non-secure phys, virt, hyp phys (arch_timer.yaml order)
 MPIDR_AFF_MASK = 0xFF_FFFF
+ITS_SIZE = 0x2_0000  # KVM_VGIC_V3_ITS_SIZE: the ITS's control and translation frames
 
 
 class GicLayout(Protocol):
     version: int
+    its_base: int | None  # a GICv3 ITS's 128 KiB (KVM_VGIC_V3_ITS_SIZE), or none
 
     @property
     def regions(self) -> list[tuple[int, int, str]]: ...
@@ -35,9 +37,11 @@ class DtPart(Protocol):
 
 def machine_tree(*, cpus: Sequence[int], memory: Sequence[tuple[int, int]], gic: GicLayout,
                  devices: Sequence[DtPart] = (), firmware: Sequence[tuple[str, Node]] = (),
-                 bootargs: str = "", initrd: tuple[int, int] | None = None, stdout: str | None = None) -> Node:
+                 bootargs: str = "", initrd: tuple[int, int] | None = None, stdout: str | None = None,
+                 kaslr_seed: int | None = None) -> Node:
     """`cpus`: each vCPU's MPIDR; `memory`: (base, size) of each RAM region; `firmware`: (parent
-    path, node) of each firmware service's node (/psci, /firmware/sdei)."""
+    path, node) of each firmware service's node (/psci, /firmware/sdei); `kaslr_seed`:
+    /chosen/kaslr-seed (None: a random one)."""
     ph = Phandles()
     root = Node("/", {"compatible": "linux,dummy-virt", "model": "pyvmm", "#address-cells": 2,
                       "#size-cells": 2, "interrupt-parent": ph["gic"]})
@@ -62,8 +66,9 @@ def machine_tree(*, cpus: Sequence[int], memory: Sequence[tuple[int, int]], gic:
         alias = getattr(dev, "alias", None)
         if alias:
             aliases.props[alias] = f"/{node.name}"
-    chosen = root.child("chosen", bootargs=bootargs, rng_seed=os.urandom(64),
-                        kaslr_seed=U64(int.from_bytes(os.urandom(8), "little")))
+    if kaslr_seed is None:
+        kaslr_seed = int.from_bytes(os.urandom(8), "little")
+    chosen = root.child("chosen", bootargs=bootargs, rng_seed=os.urandom(64), kaslr_seed=U64(kaslr_seed))
     if stdout:
         chosen.props["stdout-path"] = stdout
     if initrd is not None:
@@ -88,6 +93,13 @@ def _at(root: Node, path: str) -> Node:
 def gic_node(gic: GicLayout, ph: Phandles) -> Node:
     regs = [v for base, size, _ in gic.regions for v in (U64(base), U64(size))]
     compatible = "arm,gic-v3" if gic.version == 3 else "arm,cortex-a15-gic"
-    return Node(f"intc@{gic.regions[0][0]:x}", {
+    node = Node(f"intc@{gic.regions[0][0]:x}", {
         "compatible": compatible, "#interrupt-cells": 3, "interrupt-controller": True, "reg": regs,
         "phandle": ph["gic"]})
+    if gic.its_base is not None:
+        # the ITS is the GIC node's child (bindings/interrupt-controller/arm,gic-v3.yaml), where
+        # Linux and kvm-unit-tests look for it; MSI users name it by its phandle
+        node.props.update({"#address-cells": 2, "#size-cells": 2, "ranges": True})
+        node.child(f"msi-controller@{gic.its_base:x}", compatible="arm,gic-v3-its", msi_controller=True,
+                   reg=[U64(gic.its_base), U64(ITS_SIZE)], phandle=ph["its"], **{"#msi-cells": 1})
+    return node

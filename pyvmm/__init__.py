@@ -1,8 +1,25 @@
 """pyvmm: a kvmtool-style userspace VMM for arm64 KVM, with SMCCC services in Python."""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from pyvmm.errors import VmmError
-from pyvmm.smccc.call import SmcccCall
-from pyvmm.vm import RunResult, Vm
+
+if TYPE_CHECKING:
+    from pyvmm.smccc.call import SmcccCall
+    from pyvmm.vm import RunResult, Vm
 
 __all__ = ["RunResult", "SmcccCall", "Vm", "VmmError"]
 __version__ = "0.1.0"
+
+# The VM's modules (cffi, the bindings, the devices) load when first asked for (PEP 562), so that
+# `pyvmm`'s command line takes its stop signals before it imports them.
+_LAZY = {"Vm": "pyvmm.vm", "RunResult": "pyvmm.vm", "SmcccCall": "pyvmm.smccc.call"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pyvmm' has no attribute {name!r}")

@@ -30,8 +30,11 @@ def _header(path: str, size: int) -> bytes:
 
 
 def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, initrd: str | None = None,
-         cmdline: str = "") -> bytes:
-    """Load the guest and its DTB; returns the DTB. Exactly one of kernel/firmware is given."""
+         cmdline: str = "", console: str | None = None, kaslr_seed: int | None = None) -> bytes:
+    """Load the guest and its DTB; returns the DTB. Exactly one of kernel/firmware is given.
+    `console`: a Linux kernel (an Image or zImage, not a flat binary) whose `cmdline` names no
+    console gets console=CONSOLE first, as kvmtool gives it unless --nodefaults. `kaslr_seed`:
+    /chosen/kaslr-seed (default: a random one)."""
     unpacked: bytes | None = None
     if (kernel is None) == (firmware is None):
         raise VmmError("boot a kernel (-k) or a firmware (-f), one of them")
@@ -59,6 +62,8 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
                         "as kvmtool does", path, image.text_offset)
     else:
         image = KernelImage(0, size, 0)  # raw: at the start of RAM, entered at its first byte
+    if kernel is not None and not image.headerless and console is not None and "console=" not in cmdline:
+        cmdline = f"console={console} {cmdline}".strip()
     initrd_size = file_size(initrd, "initrd") if initrd is not None else 0
     layout = place(vm.ram_base, placement_size(ram.size, vm.aarch32), image, initrd_size,
                    "kernel" if kernel is not None else "firmware")
@@ -70,7 +75,8 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     if initrd is not None:
         vm.load_file(initrd, layout.initrd)
         initrd_range = (layout.initrd, layout.initrd + initrd_size)
-    dtb = build_dtb(vm.device_tree(bootargs=cmdline, initrd=initrd_range, stdout=f"/uart@{vm.serial.base:x}"))
+    dtb = build_dtb(vm.device_tree(bootargs=cmdline, initrd=initrd_range, stdout=f"/uart@{vm.serial.base:x}",
+                                   kaslr_seed=kaslr_seed))
     if len(dtb) > DTB_MAX:
         raise ImageError(f"the device tree is {len(dtb)} bytes, over the 2 MiB booting.rst allows")
     vm.load(dtb, layout.dtb)

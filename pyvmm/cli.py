@@ -35,11 +35,11 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from pyvmm.errors import VmmError
+from pyvmm.errors import KernelOpenError, VmmError
 
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.device import VirtioDevice
@@ -89,6 +89,40 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 positive_int, natural_int = int_at_least(1), int_at_least(0)
 
 
+def u64(text: str) -> int:
+    """An argparse type: an integer (decimal or 0x...) that fits in 64 bits."""
+    value = natural_int(text)
+    if value >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"{text!r} does not fit in 64 bits")
+    return value
+
+
+MEM_UNITS = {"": 20, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50}  # kvmtool's: no unit is MiB
+
+
+def mem_mib(text: str) -> int:
+    """An argparse type: a RAM size in whole MiB, as kvmtool's -m takes it (a number with an
+    optional unit B, K, M, G, T or P, either case; no unit means MiB)."""
+    number, unit = text.rstrip("bBkKmMgGtTpP"), text[len(text.rstrip("bBkKmMgGtTpP")):].lower()
+    if not number.isdigit() or unit not in MEM_UNITS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (a number of MiB, or with a unit: 512M, 2G)")
+    size = int(number) << MEM_UNITS[unit]
+    if size < 1 << 20 or size % (1 << 20):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of MiB")
+    return size >> 20
+
+
+def sve_vector_length(text: str) -> int:
+    """An argparse type: kvmtool's --sve-max-vl, in bits."""
+    from pyvmm.cpu_features import check_sve_max_vl
+
+    value = positive_int(text)
+    try:
+        return check_sve_max_vl(value)
+    except VmmError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -103,7 +137,10 @@ def build_parser() -> Parser:
     from pyvmm import __version__
     from pyvmm.devices.virtio import CLI_DEVICES
 
-    p = Parser(prog="pyvmm", description="A kvmtool-style arm64 VMM in Python.")
+    # kvm-unit-tests' runner takes a binary for a kvmtool when its --help says "The most commonly
+    # used" on stdout (scripts/arch-run.bash, search_kvmtool_binary), as kvmtool's help does
+    p = Parser(prog="pyvmm", formatter_class=argparse.RawDescriptionHelpFormatter,
+               description="A kvmtool-style arm64 VMM in Python.\n\nThe most commonly used pyvmm commands are:")
     p.add_argument("--version", action="version", version=f"pyvmm {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = sub.add_parser("run", help="run a guest")
@@ -113,10 +150,23 @@ def build_parser() -> Parser:
                        help="flat binary loaded at the start of RAM and entered at EL1h, x0 = DTB")
     run.add_argument("-i", "--initrd", metavar="FILE", help="initial ramdisk for the kernel")
     run.add_argument("-p", "--params", default="", metavar="PARAMS", help="kernel command line")
+    run.add_argument("--nodefaults", action="store_true",
+                     help="the kernel's command line is -p's alone: no console= added (kvmtool's option)")
+    run.add_argument("--kaslr-seed", type=u64, metavar="N",
+                     help="/chosen/kaslr-seed in the device tree (default: a random one each boot)")
     for device_type in CLI_DEVICES:  # each virtio device type declares its own options
         device_type.add_arguments(run)
     run.add_argument("--dump-dtb", metavar="FILE", help="write the generated device tree to FILE and exit")
     add_machine_options(run, cpus=1, mem=64)
+    # the CPU and the interrupt controller, in kvmtool's spelling (pyvmm/cpu_features.py)
+    run.add_argument("--irqchip", choices=["auto", "gicv2", "gicv3", "gicv3-its"], default="auto",
+                     help="the vGIC: gicv3 (else gicv2) by default; gicv3-its adds KVM's ITS")
+    run.add_argument("--pmu", action="store_true", help="give the guest the host's PMU (PMUv3, interrupt PPI 7)")
+    run.add_argument("--sve-max-vl", type=sve_vector_length, metavar="BITS",
+                     help="SVE's longest vector (a power of two, 128-2048; default: the host's longest)")
+    run.add_argument("--disable-mte", action="store_true", help="no MTE, which the guest gets where KVM offers it")
+    run.add_argument("--no-pvtime", action="store_true",
+                     help="no PV stolen time, which the guest gets where KVM offers it")
     run.add_argument("--aarch32", action="store_true",
                      help="run the guest in AArch32 state (an AArch32 kernel or firmware; no SDEI)")
     run.add_argument("--sdei", action="store_true",
@@ -165,7 +215,8 @@ def build_parser() -> Parser:
 def add_machine_options(p: argparse.ArgumentParser, *, cpus: int, mem: int) -> None:
     """The options `run` and `exec` share: the machine and its SMCCC services."""
     p.add_argument("-c", "--cpus", type=positive_int, default=cpus, help=f"number of vCPUs (default {cpus})")
-    p.add_argument("-m", "--mem", type=positive_int, default=mem, metavar="MiB", help=f"RAM in MiB (default {mem})")
+    p.add_argument("-m", "--mem", type=mem_mib, default=mem, metavar="SIZE",
+                   help=f"RAM, in MiB or with a unit as in 512M, 2G (default {mem} MiB)")
     p.add_argument("--psci-conduit", choices=["hvc", "smc"], default="hvc",
                    help="the SMCCC conduit of PSCI and every other service (default hvc)")
     p.add_argument("--service", action="append", default=[], metavar="FILE",
@@ -179,21 +230,53 @@ def add_machine_options(p: argparse.ArgumentParser, *, cpus: int, mem: int) -> N
     p.add_argument("--loglevel", choices=["debug", "info", "warning", "error"], default="warning")
 
 
+class Interrupted(BaseException):
+    """A stop signal that came before there was a machine to stop: it unwinds the set-up, as the
+    KeyboardInterrupt it stands in for would, so that what was made is closed on the way out."""
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(signo)
+        self.signo = signo
+
+
 class StopSignals:
-    """SIGTERM, SIGINT and SIGHUP stop the VM the way `pyvmm stop` does: every vCPU and device
-    ends, disk images are flushed and closed, and pyvmm exits with 128 + the signal's number.
-    A second SIGINT while it is stopping ends pyvmm at once (the user insists). A signal the user
-    had ignored (nohup, a background job) stays ignored; the old handlers come back at the end."""
+    """SIGTERM, SIGINT and SIGHUP from pyvmm's first instant: main() installs them before it does
+    anything else. Until a command hands over its machine (stop_with), a signal unwinds the
+    set-up (Interrupted). From then on it stops the machine the way `pyvmm stop` does: every
+    vCPU and device ends, disk images are flushed and closed. Either way pyvmm exits with 128 +
+    the signal's number. A second SIGINT while it is stopping ends pyvmm at once (the user
+    insists). A signal the user had ignored (nohup, a background job) stays ignored; the old
+    handlers come back at the end."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self, stop: Callable[[str], None]) -> None:
-        self._stop = stop
+    def __init__(self) -> None:
+        self._stop: Callable[[str], None] | None = None
         self.received: int | None = None
+        self._deferring = False
+        self._pending = False  # a signal that came while deferring, not acted on yet
         self._saved = {signo: signal.getsignal(signo) for signo in self.SIGNALS}
         for signo, old in self._saved.items():
             if old is not signal.SIG_IGN:
                 signal.signal(signo, self._handle)
+
+    def stop_with(self, stop: Callable[[str], None]) -> None:
+        """From now on a signal calls `stop`, on a thread of its own."""
+        self._stop = stop
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A signal waits until the block has ended, for a step that must not be cut in half (one
+        that writes files and removes them if it fails); the block may hand over its machine
+        (stop_with), which the signal then stops."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
+        if self._pending:
+            self._pending = False
+            self._act()
 
     def message(self) -> str | None:
         return None if self.received is None else f"stopped by {signal.Signals(self.received).name}"
@@ -201,12 +284,21 @@ class StopSignals:
     def _handle(self, signo: int, frame: object) -> None:
         if self.received is None:
             self.received = signo
-            # not here: the handler runs between two bytecodes of the main thread, which may hold
-            # the locks stop() takes
-            threading.Thread(target=self._stop, args=(self.message(),), name="stop", daemon=True).start()
+            if self._deferring:
+                self._pending = True
+            else:
+                self._act()
         elif signo == signal.SIGINT:
             sys.stderr.flush()
             os._exit(128 + signo)
+
+    def _act(self) -> None:
+        assert self.received is not None
+        if self._stop is None:
+            raise Interrupted(self.received)
+        # not here: the handler runs between two bytecodes of the main thread, which may hold the
+        # locks stop() takes
+        threading.Thread(target=self._stop, args=(self.message(),), name="stop", daemon=True).start()
 
     def restore(self) -> None:
         for signo, old in self._saved.items():
@@ -262,17 +354,15 @@ class SmcccOptions:
             vm.smccc.trace = TracePrinter(sys.stderr)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def cmd_run(args: argparse.Namespace, signals: StopSignals) -> int:
     # what only some options need (a control socket, SDEI, GDB) is imported only for them
     from pyvmm.boot import boot
     from pyvmm.console import ConsoleInput
+    from pyvmm.cpu_features import CpuOptions
     from pyvmm.devices.virtio import CLI_DEVICES
     from pyvmm.lifecycle import threads_left_running
     from pyvmm.vm import Vm
 
-    for what, path in (("kernel", args.kernel), ("firmware", args.firmware), ("initrd", args.initrd)):
-        if path is not None and not os.path.isfile(path):
-            raise VmmError(f"{what} {path} does not exist or is not a file")
     services = SmcccOptions(args)
     if args.sdei_event and not args.sdei:
         raise VmmError("--sdei-event declares SDEI events: add --sdei")
@@ -306,12 +396,25 @@ def cmd_run(args: argparse.Namespace) -> int:
             for device in device_type.from_args(args, host):
                 unowned.callback(device.close)
                 devices.append(device)
+        cpu = CpuOptions(sve_max_vl=args.sve_max_vl, pmu=args.pmu, mte=False if args.disable_mte else None,
+                         pvtime=False if args.no_pvtime else None)
         vm = Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output,
-                aarch32=args.aarch32)
+                aarch32=args.aarch32, cpu=cpu, irqchip=args.irqchip)
         unowned.pop_all()
-    # the signal handlers outlive the VM: a signal while it closes (disk images are fsynced
-    # then) is one more stop request, and a second SIGINT still ends pyvmm at once
+    # From here a signal stops the VM, as it would a running one, rather than unwinding its
+    # set-up: the rest of the set-up finishes (no file is left half-written, no socket unlisted)
+    # and the run that follows ends at once. The handlers outlive the VM: a signal while it closes
+    # (disk images are fsynced then) is one more stop request, and a second SIGINT still ends
+    # pyvmm at once.
+    signals.stop_with(vm.stop)
     with ExitStack() as after_close, vm:
+        # the images once the machine exists, as kvmtool loads them: an option this host cannot
+        # honour is said before a kernel that cannot be opened (see KernelOpenError)
+        if args.kernel is not None and not os.path.isfile(args.kernel):
+            raise KernelOpenError(f"Unable to open kernel {args.kernel}: it does not exist or is not a file")
+        for what, path in (("firmware", args.firmware), ("initrd", args.initrd)):
+            if path is not None and not os.path.isfile(path):
+                raise VmmError(f"{what} {path} does not exist or is not a file")
         for i, device in enumerate(devices):
             try:
                 vm.add_virtio(device)  # the VM closes it from here on, or at once if it cannot attach
@@ -326,16 +429,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         services.apply(vm)
         if args.sdei:
             vm.enable_sdei(events)
-        cmdline = args.params
-        if args.kernel and "console=" not in cmdline:
-            cmdline = f"console={host.kernel_name} {cmdline}".strip()
-        dtb = boot(vm, kernel=args.kernel, firmware=args.firmware, initrd=args.initrd, cmdline=cmdline)
+        dtb = boot(vm, kernel=args.kernel, firmware=args.firmware, initrd=args.initrd, cmdline=args.params,
+                   console=None if args.nodefaults else host.kernel_name, kaslr_seed=args.kaslr_seed)
         if args.dump_dtb:
             try:
                 with open(args.dump_dtb, "wb") as f:
                     f.write(dtb)
             except OSError as e:
                 raise VmmError(f"cannot write {args.dump_dtb}: {e.strerror}") from None
+            if signals.received is not None:
+                print(f"pyvmm: {signals.message()}", file=sys.stderr)
+                return 128 + signals.received
             return EXIT_OK
         if args.gdb:
             stub = vm.attach_gdb(args.gdb, wait=args.gdb_wait)
@@ -343,23 +447,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"pyvmm: GDB stub listening on {stub.address}{held}", file=sys.stderr, flush=True)
         receive = host.receive or vm.serial.uart.receive
         console_in = ConsoleInput(receive, lambda: vm.stop("quit from the console (Ctrl-A x)"), host.output.flush)
-        control = None
         if args.control:
             from pyvmm.control import ControlServer
 
             control = ControlServer(args.control, vm.stop, vm.sdei)
+            after_close.callback(control.close)  # before the VM's own close: no request reaches it then
             control.start()
         console_in.start()
-        stopping = StopSignals(vm.stop)
-        after_close.callback(stopping.restore)
         try:
             result = vm.run(timeout=args.timeout)
         finally:
             console_in.stop()
-            if control is not None:
-                control.close()
-    if stopping.received is not None and result.reason == "stopped" and result.message == stopping.message():
-        status = 128 + stopping.received
+    if signals.received is not None and result.reason == "stopped" and result.message == signals.message():
+        status = 128 + signals.received
     else:
         status = EXIT_OK if result.reason == "poweroff" else {"timeout": EXIT_TIMEOUT, "error": EXIT_ERROR}.get(
             result.reason, EXIT_GUEST)
@@ -374,7 +474,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     return status
 
 
-def cmd_exec(args: argparse.Namespace) -> int:
+def cmd_exec(args: argparse.Namespace, signals: StopSignals) -> int:
     """`pyvmm exec`: its statuses are the command's, or 123/124/125/128+N (see the module doc)."""
     from pyvmm.execute import (
         EXIT_BOOT_FAILED,
@@ -412,10 +512,14 @@ def cmd_exec(args: argparse.Namespace) -> int:
         if args.kernel is not None and not os.path.isfile(args.kernel):
             raise VmmError(f"kernel {args.kernel} does not exist or is not a file")
         started = time.monotonic()
-        session = LinuxSession(kernel=args.kernel, modules=args.modules, rwdirs=rwdirs, cpus=args.cpus,
-                               mem_mib=args.mem, params=args.params, console_log=args.console_log,
-                               conduit=args.psci_conduit, stdout=write_all(1), stderr=write_all(2),
-                               configure=services.apply)
+        # the session writes its initramfs and a folder of its own, and removes them if it fails:
+        # a signal meanwhile waits for it, then stops it
+        with signals.deferred():
+            session = LinuxSession(kernel=args.kernel, modules=args.modules, rwdirs=rwdirs, cpus=args.cpus,
+                                   mem_mib=args.mem, params=args.params, console_log=args.console_log,
+                                   conduit=args.psci_conduit, stdout=write_all(1), stderr=write_all(2),
+                                   configure=services.apply)
+            signals.stop_with(session.stop)
     except VmmError as e:
         print(one_line(f"pyvmm: error: {e}"), file=sys.stderr)
         return EXIT_PYVMM_FAILED
@@ -423,7 +527,6 @@ def cmd_exec(args: argparse.Namespace) -> int:
     def left() -> float | None:
         return None if args.timeout is None else max(0.0, started + args.timeout - time.monotonic())
 
-    stopping = StopSignals(session.stop)
     try:
         session.start(timeout=left())
         status = session.run(command, env=env, cwd=cwd, timeout=left()).status
@@ -432,8 +535,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         session.stop("--timeout")
         status = EXIT_TIMEOUT
     except GuestFailed as e:
-        if stopping.received is not None:
-            status = 128 + stopping.received
+        if signals.received is not None:
+            status = 128 + signals.received
         else:
             print(one_line(f"pyvmm: the guest did not run the command: {e}"), file=sys.stderr)
             status = EXIT_BOOT_FAILED
@@ -442,9 +545,8 @@ def cmd_exec(args: argparse.Namespace) -> int:
         status = EXIT_PYVMM_FAILED
     finally:
         session.close()
-        stopping.restore()
-    if stopping.received is not None:
-        status = 128 + stopping.received
+    if signals.received is not None:
+        status = 128 + signals.received
     return status
 
 
@@ -492,6 +594,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # the signal handlers first: a SIGTERM a moment after pyvmm started (while it imports, builds
+    # the VM, loads images) ends it with 128 + N and one line, having closed what it made
+    signals = StopSignals() if threading.current_thread() is threading.main_thread() else None
+    try:
+        return command(argv, signals)
+    except Interrupted as e:
+        print(f"pyvmm: stopped by {signal.Signals(e.signo).name} before the guest ran", file=sys.stderr)
+        return 128 + e.signo
+    finally:
+        if signals is not None:
+            signals.restore()
+
+
+def command(argv: list[str] | None, signals: StopSignals | None) -> int:
+    """main() with its signal handlers in place (None: called from a thread that cannot have them)."""
     parser = build_parser()
     given = sys.argv[1:] if argv is None else argv
     if given[:1] == ["exec"]:  # whichever parser finds the mistake, exec's usage errors are 125
@@ -506,10 +623,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, getattr(args, "loglevel", "warning").upper()),
                         format="pyvmm: %(message)s")
     try:
-        commands = {"run": cmd_run, "exec": cmd_exec, "sdei": cmd_sdei, "stop": cmd_stop, "check": cmd_check}
+        if args.command in ("run", "exec"):
+            if signals is None:
+                raise VmmError(f"pyvmm {args.command} runs a machine: call it from the main thread, "
+                               "which alone can take the stop signals")
+            return (cmd_run if args.command == "run" else cmd_exec)(args, signals)
+        commands = {"sdei": cmd_sdei, "stop": cmd_stop, "check": cmd_check}
         return commands[args.command](args)
     except VmmError as e:
-        print(one_line(f"pyvmm: error: {e}"), file=sys.stderr)
+        print(one_line(f"pyvmm: {e.label}: {e}"), file=sys.stderr)
         return EXIT_EXEC_PYVMM if args.command == "exec" else EXIT_ERROR
     except KeyboardInterrupt:
         return 130

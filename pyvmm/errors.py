@@ -9,6 +9,8 @@ import os
 class VmmError(Exception):
     """Base of every error pyvmm reports to a user (the CLI prints it as one line)."""
 
+    label = "error"  # the CLI's line: "pyvmm: LABEL: message"
+
 
 class KvmUnavailableError(VmmError):
     pass
@@ -44,3 +46,11 @@ class GuestError(VmmError):
 
 class ImageError(VmmError):
     pass
+
+
+class KernelOpenError(ImageError):
+    """`pyvmm run`'s kernel cannot be opened, said as kvmtool says it ("Fatal: Unable to open kernel
+    X", its die()): kvm-unit-tests' runner starts each test once with a kernel that does not exist
+    and takes that line to mean the VMM accepted every other option (scripts/runtime.bash)."""
+
+    label = "Fatal"

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import mmap
 import os
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from kvm_bindings.constants import Cap, DeviceType
+from kvm_bindings.constants import Cap, DeviceType, VcpuFeature
+from pyvmm.cpu_features import NEEDS, longest_vector
 from pyvmm.errors import VmmError
 from pyvmm.smccc.filter import MIN_KERNEL_TEXT
+
+if TYPE_CHECKING:
+    from pyvmm.kvm import VmFd
 
 DEFAULT_IPA_BITS = 40  # what KVM_CREATE_VM's machine type 0 means (api.rst, KVM_CREATE_VM)
 MIN_IPA_BITS = 32  # the smallest size KVM accepts in the machine type (KVM_VM_TYPE_ARM_IPA_SIZE)
@@ -34,6 +38,9 @@ class HostShape(NamedTuple):
     guest_debug: bool
     hw_breakpoints: int
     hw_watchpoints: int
+    its: bool = False  # a vGICv3 ITS (--irqchip=gicv3-its)
+    cpu: tuple[str, ...] = ()  # the optional CPU features KVM offers (pyvmm/cpu_features.py NEEDS)
+    sve_max_vl: int = 0  # bits: SVE's longest vector here, 0 without SVE
 
 
 def vm_ipa_bits(ram_end: int, max_ipa_bits: int) -> int:
@@ -73,6 +80,9 @@ def probe(kvm_path: str = "/dev/kvm") -> HostShape:
                 2 if vm.can_create_device(DeviceType.ARM_VGIC_V2) else None
             has_filter = smccc_filter.supported(vm)
             nisv = bool(vm.check_extension(Cap.ARM_NISV_TO_USER))
+            its = gic == 3 and vm.can_create_device(DeviceType.ARM_VGIC_ITS)
+            cpu = tuple(name for name, (caps, _) in NEEDS.items() if all(vm.check_extension(c) for c in caps))
+            sve_max_vl = probe_sve_max_vl(vm) if "sve" in cpu else 0
         finally:
             vm.close()
         return HostShape(
@@ -81,9 +91,22 @@ def probe(kvm_path: str = "/dev/kvm") -> HostShape:
             max_vcpus=kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS),
             nisv_to_user=nisv, guest_debug=bool(kvm.check_extension(Cap.SET_GUEST_DEBUG)),
             hw_breakpoints=kvm.check_extension(Cap.GUEST_DEBUG_HW_BPS),
-            hw_watchpoints=kvm.check_extension(Cap.GUEST_DEBUG_HW_WPS))
+            hw_watchpoints=kvm.check_extension(Cap.GUEST_DEBUG_HW_WPS), its=its, cpu=cpu, sve_max_vl=sve_max_vl)
     finally:
         kvm.close()
+
+
+def probe_sve_max_vl(vm: VmFd) -> int:
+    """SVE's longest vector on this host: a throwaway vCPU's KVM_REG_ARM64_SVE_VLS."""
+    from kvm_bindings.regs import KVM_REG_ARM64_SVE_VLS, SVE_VLS_SIZE
+
+    target, _ = vm.preferred_target()
+    vcpu = vm.create_vcpu(0)
+    try:
+        vcpu.vcpu_init(target, [1 << VcpuFeature.SVE, 0, 0, 0, 0, 0, 0])
+        return longest_vector(vcpu.get_one_reg_bytes(KVM_REG_ARM64_SVE_VLS, SVE_VLS_SIZE))
+    finally:
+        vcpu.close()
 
 
 def runnable(shape: HostShape) -> bool:
@@ -107,6 +130,8 @@ def report(shape: HostShape) -> list[str]:
         f"SMCCC filter    {'supported' if shape.smccc_filter else 'missing'}",
         f"vCPUs           at most {shape.max_vcpus}",
         f"guest debug     {f'{shape.hw_breakpoints} hardware breakpoints, {shape.hw_watchpoints} watchpoints' if shape.guest_debug else 'missing'}",
+        f"CPU features    {', '.join(cpu_names(shape)) or 'none of the optional ones'}",
+        f"ITS             {'supported' if shape.its else 'missing'}",
         "",
     ]
     if shape.gic is None:
@@ -131,4 +156,22 @@ def report(shape: HostShape) -> list[str]:
                      "reaching pyvmm (no KVM_CAP_ARM_NISV_TO_USER)")
     if not shape.guest_debug:
         lines.append("cannot: debug guests with GDB (no KVM_CAP_SET_GUEST_DEBUG)")
+    if runnable(shape):
+        on = [NEEDS[n][1] for n in NEEDS if n in shape.cpu and n != "pmu"]
+        if on:
+            lines.append(f"can: give guests the host's {', '.join(on)} (as kvmtool: --sve-max-vl, --disable-mte "
+                         "and --no-pvtime limit them)")
+        if "pmu" in shape.cpu:
+            lines.append("can: give guests the host's PMU (--pmu)")
+        missing = [f"{NEEDS[n][1]} ({flag})" for n, flag in (("pmu", "--pmu"), ("sve", "--sve-max-vl"))
+                   if n not in shape.cpu]
+        if not shape.its:
+            missing.append("an ITS (--irqchip=gicv3-its)")
+        if missing:
+            lines.append(f"cannot: give guests {', '.join(missing)}: KVM offers none here")
     return lines
+
+
+def cpu_names(shape: HostShape) -> list[str]:
+    return [f"SVE (vectors up to {shape.sve_max_vl} bits)" if n == "sve" else NEEDS[n][1]
+            for n in NEEDS if n in shape.cpu]

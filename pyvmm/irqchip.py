@@ -4,7 +4,9 @@ Addresses follow kvmtool's arm64 layout (arm/include/arm-common/kvm-arch.h), so 
 for kvmtool find the GIC where they expect it: the distributor in the 64 KiB below 0x40000000,
 GICv3 redistributors (128 KiB per vCPU) or the GICv2 CPU interface (128 KiB) right below it.
 Set-up order (Documentation/virt/kvm/devices/arm-vgic-v3.rst): create the device, place its
-regions, then KVM_DEV_ARM_VGIC_CTRL_INIT once every vCPU exists.
+regions, then KVM_DEV_ARM_VGIC_CTRL_INIT once every vCPU exists. An ITS (kvmtool's
+--irqchip=gicv3-its; devices/arm-vgic-its.rst) is its own device: its 128 KiB go right below the
+redistributors, and it is initialised as soon as it is placed, before the vGIC, as kvmtool does.
 
 Reset: KVM_ARM_VCPU_INIT resets a vCPU's registers, timer and PMU, but no vGIC state
 (arch/arm64/kvm/reset.c, kvm_reset_vcpu): enables, pending and active bits, priorities, groups
@@ -31,15 +33,17 @@ from kvm_bindings.constants import (
     KVM_DEV_ARM_VGIC_GRP_LEVEL_INFO,
     KVM_DEV_ARM_VGIC_GRP_NR_IRQS,
     KVM_DEV_ARM_VGIC_GRP_REDIST_REGS,
+    KVM_VGIC_ITS_ADDR_TYPE,
     KVM_VGIC_V2_ADDR_TYPE_CPU,
     KVM_VGIC_V2_ADDR_TYPE_DIST,
     KVM_VGIC_V3_ADDR_TYPE_DIST,
     KVM_VGIC_V3_ADDR_TYPE_REDIST,
+    KVM_VGIC_V3_ITS_SIZE,
     DeviceType,
 )
-from pyvmm.errors import KvmIoctlError, KvmUnavailableError
+from pyvmm.errors import KvmIoctlError, KvmUnavailableError, VmmError
 from pyvmm.irq import NR_IRQS, SPI_BASE
-from pyvmm.kvm import VmFd
+from pyvmm.kvm import DeviceFd, VmFd
 
 GIC_DIST_BASE = 0x4000_0000 - 0x1_0000
 GIC_DIST_SIZE = 0x1_0000
@@ -67,24 +71,21 @@ ICC_CTLR_CBPR_EOIMODE = 0b11
 GICC_REGS = (0x00, 0x04, 0x08, 0x1C, 0xD0)
 
 
+IRQCHIPS = ("auto", "gicv2", "gicv3", "gicv3-its")  # kvmtool's --irqchip, less its userspace GICv2m
+
+
 class Gic:
-    def __init__(self, vm_fd: VmFd, nr_vcpus: int) -> None:
+    def __init__(self, vm_fd: VmFd, nr_vcpus: int, irqchip: str = "auto") -> None:
+        """`irqchip`: "auto" (a vGICv3, else a vGICv2), or the one of IRQCHIPS asked for."""
+        if irqchip not in IRQCHIPS:
+            raise VmmError(f"the interrupt controller is one of {', '.join(IRQCHIPS)}, not {irqchip!r}")
         self.nr_vcpus = nr_vcpus
         self._mpidrs: list[int] = []
         self._cpu_regs: list[dict[int, int]] = []  # each CPU interface's registers after init
         self.dist_base = GIC_DIST_BASE
-        try:
-            self.dev = vm_fd.create_device(DeviceType.ARM_VGIC_V3)
-            self.version = 3
-        except KvmIoctlError as e:
-            if e.errno not in (errno.ENODEV, errno.ENXIO, errno.EINVAL):
-                raise
-            if nr_vcpus > GICV2_MAX_VCPUS:
-                raise KvmUnavailableError(
-                    f"this host's KVM offers only a GICv2, which serves at most {GICV2_MAX_VCPUS} vCPUs, "
-                    f"not {nr_vcpus}") from None
-            self.dev = vm_fd.create_device(DeviceType.ARM_VGIC_V2)
-            self.version = 2
+        self.its_base: int | None = None
+        self._its: DeviceFd | None = None
+        self.dev, self.version = self._create(vm_fd, nr_vcpus, irqchip)
         if self.version == 3:
             self.redist_size = GIC_REDIST_SIZE * nr_vcpus
             self.redist_base = self.dist_base - self.redist_size
@@ -95,13 +96,53 @@ class Gic:
         try:
             for kind, base in regions:
                 self.dev.set_device_attr_u64(KVM_DEV_ARM_VGIC_GRP_ADDR, kind, base, f"GIC region {kind} at {base:#x}")
+            if irqchip == "gicv3-its":
+                self._add_its(vm_fd)
         except BaseException:
-            self.dev.close()
+            self.close()
             raise
+
+    @staticmethod
+    def _create(vm_fd: VmFd, nr_vcpus: int, irqchip: str) -> tuple[DeviceFd, int]:
+        """The vGIC device and its version: the one asked for, or a v3 where KVM has one, else a v2."""
+        missing = (errno.ENODEV, errno.ENXIO, errno.EINVAL)  # what KVM_CREATE_DEVICE says of a type it lacks
+        if irqchip != "gicv2":
+            try:
+                return vm_fd.create_device(DeviceType.ARM_VGIC_V3), 3
+            except KvmIoctlError as e:
+                if e.errno not in missing:
+                    raise
+                if irqchip != "auto":
+                    raise KvmUnavailableError(f"--irqchip={irqchip}: this host's KVM offers no vGICv3") from None
+        if nr_vcpus > GICV2_MAX_VCPUS:
+            which = "a vGICv2 (--irqchip=gicv2)" if irqchip == "gicv2" else "this host's KVM offers only a GICv2, which"
+            raise KvmUnavailableError(f"{which} serves at most {GICV2_MAX_VCPUS} vCPUs, not {nr_vcpus}")
+        try:
+            return vm_fd.create_device(DeviceType.ARM_VGIC_V2), 2
+        except KvmIoctlError as e:
+            if irqchip == "gicv2" and e.errno in missing:
+                raise KvmUnavailableError("--irqchip=gicv2: this host's KVM offers no vGICv2 (its GIC has no "
+                                          "GICv2 compatibility)") from None
+            raise
+
+    def _add_its(self, vm_fd: VmFd) -> None:
+        if not vm_fd.can_create_device(DeviceType.ARM_VGIC_ITS):
+            raise KvmUnavailableError("--irqchip=gicv3-its: this host's KVM offers no ITS (KVM_DEV_TYPE_ARM_VGIC_ITS)")
+        self._its = vm_fd.create_device(DeviceType.ARM_VGIC_ITS)
+        self.its_base = self.redist_base - KVM_VGIC_V3_ITS_SIZE
+        self._its.set_device_attr_u64(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_ITS_ADDR_TYPE, self.its_base,
+                                      f"ITS at {self.its_base:#x}")
+        self._its.set_device_attr(KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_VGIC_CTRL_INIT, 0, "ITS CTRL_INIT")
+
+    @property
+    def mmio_regions(self) -> list[tuple[int, int, str]]:
+        """(base, size, name) of every MMIO region KVM emulates: the GIC's and its ITS's."""
+        its = [] if self.its_base is None else [(self.its_base, KVM_VGIC_V3_ITS_SIZE, "gic-its")]
+        return self.regions + its
 
     @property
     def regions(self) -> list[tuple[int, int, str]]:
-        """(base, size, name) of every MMIO region KVM emulates for this GIC."""
+        """(base, size, name) of the GIC's own regions (its DT node's reg)."""
         if self.version == 3:
             return [(self.dist_base, GIC_DIST_SIZE, "gic-dist"), (self.redist_base, self.redist_size, "gic-redist")]
         return [(self.dist_base, GIC_DIST_SIZE, "gic-dist"), (self.cpu_base, GIC_CPUI_SIZE, "gic-cpu")]
@@ -200,6 +241,8 @@ class Gic:
         return write
 
     def close(self) -> None:
+        if self._its is not None:
+            self._its.close()
         self.dev.close()
 
 

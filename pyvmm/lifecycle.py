@@ -192,10 +192,11 @@ class Lifecycle:
         started = time.monotonic()
         deadline = None if timeout is None else started + timeout
         try:
-            for d in self.devices:
-                d.start()
-            for v in self.vcpus:
-                v.start()
+            if self._result is None:  # a stop() before the run (a signal during set-up) starts nothing
+                for d in self.devices:
+                    d.start()
+                for v in self.vcpus:
+                    v.start()
             while True:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 if not self._done.wait(left):

@@ -32,10 +32,12 @@ KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # the most pages in one memslot (include/l
 class Region:
     """One memslot's worth of guest RAM and the host mapping behind it."""
 
-    __slots__ = ("gpa", "size", "slot", "readonly", "mapping", "offset", "host_addr", "_buffer", "view")
+    __slots__ = ("gpa", "size", "slot", "readonly", "ram", "mapping", "offset", "host_addr", "_buffer", "view")
 
-    def __init__(self, gpa: int, size: int, slot: int, readonly: bool, mapping: mmap.mmap, align: int = 1) -> None:
+    def __init__(self, gpa: int, size: int, slot: int, readonly: bool, mapping: mmap.mmap, align: int = 1,
+                 ram: bool = True) -> None:
         self.gpa, self.size, self.slot, self.readonly, self.mapping = gpa, size, slot, readonly, mapping
+        self.ram = ram  # the guest's RAM (the DT's /memory), not memory KVM uses for itself (PV time)
         self._buffer = ffi.from_buffer(mapping)  # keeps the host address valid
         base = int(ffi.cast("uintptr_t", self._buffer))
         self.offset = -base % align  # where the guest's bytes start inside `mapping`
@@ -57,7 +59,7 @@ class GuestMemory:
     def __init__(self) -> None:
         self.regions: list[Region] = []
 
-    def add(self, gpa: int, size: int, *, readonly: bool = False) -> Region:
+    def add(self, gpa: int, size: int, *, readonly: bool = False, ram: bool = True) -> Region:
         """Map `size` bytes of fresh zeroed host memory for guest-physical `gpa`."""
         if size <= 0 or gpa % PAGE_SIZE or size % PAGE_SIZE:
             raise GuestMemoryError(
@@ -80,7 +82,7 @@ class GuestMemory:
             m = mmap.mmap(-1, size + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         except OSError as e:
             raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest RAM: {e.strerror}") from None
-        region = Region(gpa, size, len(self.regions), readonly, m, HUGE_PAGE if huge else 1)
+        region = Region(gpa, size, len(self.regions), readonly, m, HUGE_PAGE if huge else 1, ram)
         if huge:
             try:
                 m.madvise(mmap.MADV_HUGEPAGE, region.offset, size)

@@ -28,16 +28,38 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
-from kvm_bindings.constants import ExitReason, MpState, SystemEvent, VcpuFeature
+from kvm_bindings.constants import (
+    KVM_ARM_VCPU_PMU_V3_CTRL,
+    KVM_ARM_VCPU_PMU_V3_INIT,
+    KVM_ARM_VCPU_PMU_V3_IRQ,
+    KVM_ARM_VCPU_PVTIME_CTRL,
+    KVM_ARM_VCPU_PVTIME_IPA,
+    ExitReason,
+    MpState,
+    SystemEvent,
+    VcpuFeature,
+)
 from kvm_bindings.regs import (
     CORE_REGS,
+    KVM_REG_ARM64_SVE_VLS,
     KVM_REG_ARM_STD_BIT_TRNG_V1_0,
     KVM_REG_ARM_STD_BMAP,
+    KVM_REG_ARM_STD_HYP_BIT_PV_TIME,
+    KVM_REG_ARM_STD_HYP_BMAP,
     PSTATE_AA32_T,
     PSTATE_BOOT,
     PSTATE_BOOT_AA32,
+    SVE_VLS_SIZE,
     SYS_REGS,
     sysreg_id,
+)
+from pyvmm.cpu_features import (
+    NO_FEATURES,
+    PMU_PPI,
+    PVTIME_BASE,
+    PVTIME_STRUCT_SIZE,
+    CpuFeatures,
+    limit_vector_lengths,
 )
 from pyvmm.errors import KvmIoctlError, VmmError
 from pyvmm.exits import (
@@ -97,8 +119,10 @@ class ExitHandler(Protocol):
 
 class Vcpu:
     def __init__(self, index: int, fd: VcpuFd, target: int, exits: ExitHandler, *, aarch32: bool = False,
-                 kvm_power: bool = False) -> None:
+                 kvm_power: bool = False, features: CpuFeatures = NO_FEATURES) -> None:
         self.index = index
+        self.features = features  # KVM_ARM_VCPU_INIT takes the same ones every time
+        self.sve = features.sve  # the FP/SIMD registers are then only reachable as SVE's
         self.kvm_power = kvm_power  # KVM's in-kernel PSCI owns the power state (see above)
         self.fd = fd
         self._target = target
@@ -118,6 +142,7 @@ class Vcpu:
         self.failed = fd.failed
         self.kvm_run = fd.mmap  # where an MMIO load's result goes (exits.complete_mmio_read)
         self.init(powered_off=index > 0)
+        self._configure_features()
         self.mpidr = self.get_reg("mpidr_el1")  # fixed by KVM from the vCPU index
 
     @property
@@ -168,12 +193,41 @@ class Vcpu:
     def init(self, *, powered_off: bool) -> None:
         """KVM_ARM_VCPU_INIT with the preferred target: PSCI 0.2+ (KVM's own PSCI, when it
         answers), secondaries powered off. Also a full reset of the vCPU's registers."""
-        features = 1 << VcpuFeature.PSCI_0_2
+        features = 1 << VcpuFeature.PSCI_0_2 | self.features.init_bits()
         if self.aarch32:
             features |= 1 << VcpuFeature.EL1_32BIT
         if powered_off:
             features |= 1 << VcpuFeature.POWER_OFF
         self.fd.vcpu_init(self._target, [features, 0, 0, 0, 0, 0, 0])
+
+    def _configure_features(self) -> None:
+        """What the first KVM_ARM_VCPU_INIT leaves to set, once, before the vCPU first runs (in
+        cpu_features.py's order); later inits keep it."""
+        if self.features.pvtime:
+            ipa = PVTIME_BASE + PVTIME_STRUCT_SIZE * self.index
+            self.fd.set_device_attr_u64(KVM_ARM_VCPU_PVTIME_CTRL, KVM_ARM_VCPU_PVTIME_IPA, ipa, f"PV time at {ipa:#x}")
+        if self.features.sve:
+            if self.features.sve_max_vl is not None:
+                vls = self.fd.get_one_reg_bytes(KVM_REG_ARM64_SVE_VLS, SVE_VLS_SIZE)
+                self.fd.set_one_reg_bytes(KVM_REG_ARM64_SVE_VLS, limit_vector_lengths(vls, self.features.sve_max_vl))
+            self.fd.finalize(VcpuFeature.SVE)
+
+    def offer_pv_time(self, on: bool) -> bool:
+        """Whether KVM answers the PV time calls (its KVM_REG_ARM_STD_HYP_BMAP, Linux >= 6.0):
+        without PV time it is told to refuse them all, ARCH_FEATURES included, so that the guest
+        looks for no stolen-time structure (before the first run: the bitmap is fixed then)."""
+        try:
+            bitmap = self.fd.get_one_reg(KVM_REG_ARM_STD_HYP_BMAP)
+        except KvmIoctlError:  # an older KVM: it answers them as PV time is set up, or not
+            return on
+        if not on and bitmap & KVM_REG_ARM_STD_HYP_BIT_PV_TIME:
+            self.fd.set_one_reg(KVM_REG_ARM_STD_HYP_BMAP, bitmap & ~KVM_REG_ARM_STD_HYP_BIT_PV_TIME)
+        return on and bool(bitmap & KVM_REG_ARM_STD_HYP_BIT_PV_TIME)
+
+    def init_pmu(self) -> None:
+        """The PMU's overflow interrupt, then the PMU itself: once the vGIC is initialised."""
+        self.fd.set_device_attr_u32(KVM_ARM_VCPU_PMU_V3_CTRL, KVM_ARM_VCPU_PMU_V3_IRQ, 16 + PMU_PPI, "PMU interrupt")
+        self.fd.set_device_attr(KVM_ARM_VCPU_PMU_V3_CTRL, KVM_ARM_VCPU_PMU_V3_INIT, 0, "PMU init")
 
     def boot(self, entry: Entry) -> None:
         """Reset to the power-on state and point the vCPU at `entry`: EL1h, DAIF masked, MMU off,

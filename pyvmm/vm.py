@@ -17,7 +17,9 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from kvm_bindings.constants import KVM_MEM_READONLY, Cap
+from pyvmm import cpu_features
 from pyvmm.console import ConsoleOutput
+from pyvmm.cpu_features import AS_THE_HOST_OFFERS, CpuOptions
 from pyvmm.devices.bus import MmioBus, MmioDevice
 from pyvmm.devices.serial import SerialPort
 from pyvmm.errors import GuestMemoryError, KvmUnavailableError, VmmError
@@ -34,7 +36,7 @@ from pyvmm.power import Entry
 from pyvmm.smccc import filter as smccc_filter
 from pyvmm.smccc.context import ServiceContext
 from pyvmm.smccc.dispatcher import Dispatcher
-from pyvmm.smccc.function_id import TRNG_FUNCTIONS, Owner
+from pyvmm.smccc.function_id import PV_TIME_FUNCTIONS, TRNG_FUNCTIONS, Owner
 from pyvmm.vcpu import Vcpu, install_kick_handler
 
 if TYPE_CHECKING:
@@ -73,7 +75,7 @@ class Vm:
     def __init__(self, *, cpus: int = 1, mem_mib: int = 64, ram_base: int = RAM_BASE,
                  kvm_path: str = "/dev/kvm", unhandled_mmio: str = "ignore", conduit: str = "hvc",
                  psci: bool | None = None, console: Callable[[int], None] | None = None, aarch32: bool = False,
-                 reboot: bool = True) -> None:
+                 reboot: bool = True, cpu: CpuOptions = AS_THE_HOST_OFFERS, irqchip: str = "auto") -> None:
         """`conduit`: the SMCCC conduit every service answers on (the other gets NOT_SUPPORTED).
         `psci`: True: service PSCI 1.1 in pyvmm; False: KVM's in-kernel PSCI answers, and owns
         the vCPUs' power states; None (the default): pyvmm's where the host's KVM has the SMCCC
@@ -85,6 +87,10 @@ class Vm:
         `console`: where the serial port's output bytes go (default: stdout, a line at a time).
         `reboot`: a guest's SYSTEM_RESET restarts it within the run; False ends the run instead
         (reason "reset"), as QEMU's -no-reboot does.
+        `cpu`: the optional CPU features (pyvmm/cpu_features.py): by default what the host's KVM
+        offers of pointer authentication, SVE, MTE and PV stolen time, as under kvmtool; `features`
+        says what the vCPUs got. `irqchip`: "auto" (a vGICv3, else a vGICv2), "gicv2", "gicv3" or
+        "gicv3-its" (a vGICv3 with KVM's ITS), kvmtool's --irqchip.
         A failure here leaves nothing behind: every fd and mapping made so far is closed."""
         if cpus < 1:
             raise VmmError(f"a VM needs at least one vCPU, not {cpus}")
@@ -98,14 +104,16 @@ class Vm:
         install_kick_handler()
         self._resources = ExitStack()  # what close() frees, last made first
         try:
-            self._build(cpus, mem_mib << 20, ram_base, kvm_path, unhandled_mmio, conduit, psci, console, aarch32)
+            self._build(cpus, mem_mib << 20, ram_base, kvm_path, unhandled_mmio, conduit, psci, console, aarch32,
+                        cpu, irqchip)
         except BaseException:
             self._resources.close()
             raise
         self.lifecycle.reboot = reboot
 
     def _build(self, cpus: int, mem_size: int, ram_base: int, kvm_path: str, unhandled_mmio: str,
-               conduit: str, psci: bool | None, console: Callable[[int], None] | None, aarch32: bool) -> None:
+               conduit: str, psci: bool | None, console: Callable[[int], None] | None, aarch32: bool,
+               cpu: CpuOptions, irqchip: str) -> None:
         keep = self._resources.callback
         self.kvm = Kvm(kvm_path)
         keep(self.kvm.close)
@@ -123,6 +131,9 @@ class Vm:
         ipa_bits = vm_ipa_bits(ram_base + mem_size, self.kvm.check_extension(Cap.ARM_VM_IPA_SIZE))
         self.fd = self.kvm.create_vm(ipa_bits)
         keep(self.fd.close)
+        self.features = cpu_features.choose(cpu, self.fd.check_extension, aarch32=aarch32)
+        if self.features.mte:  # before any vCPU exists (api.rst, KVM_CAP_ARM_MTE)
+            self.fd.enable_cap(Cap.ARM_MTE)
         self._has_filter = smccc_filter.supported(self.fd)
         # said when the guest first runs, so that a refusal (--sdei, say) stays the one line
         self._note_pending = psci is None and not self._has_filter
@@ -143,15 +154,17 @@ class Vm:
         self.unhandled_mmio = UnhandledMmio(unhandled_mmio)
         self.ram_base = ram_base
         self.add_memory(ram_base, mem_size)
+        if self.features.pvtime:  # guest memory, but not RAM: the DT's /memory leaves it out
+            self.add_memory(cpu_features.PVTIME_BASE, cpu_features.PVTIME_SIZE, ram=False)
         if self.fd.check_extension(Cap.ARM_NISV_TO_USER):
             # report MMIO accesses KVM cannot decode as KVM_EXIT_ARM_NISV instead of failing KVM_RUN
             self.fd.enable_cap(Cap.ARM_NISV_TO_USER)
         target, _ = self.fd.preferred_target()
         self.lines = InterruptLines(self.fd)
         keep(self.lines.close)
-        self.gic = Gic(self.fd, cpus)
+        self.gic = Gic(self.fd, cpus, irqchip)
         keep(self.gic.close)
-        for base, size, name in self.gic.regions:
+        for base, size, name in self.gic.mmio_regions:
             self.add_device(base, size, InKernelRegion(), name)
         self.lifecycle = Lifecycle(self.memory, self.lines, self.smccc, self.install_smccc_filter)
         self.lifecycle.gic = self.gic
@@ -160,11 +173,18 @@ class Vm:
         for i in range(cpus):
             fd = self.fd.create_vcpu(i)
             keep(fd.close)
-            self.vcpus.append(Vcpu(i, fd, target, self._exits, aarch32=aarch32, kvm_power=not psci))
+            self.vcpus.append(Vcpu(i, fd, target, self._exits, aarch32=aarch32, kvm_power=not psci,
+                                   features=self.features))
         self._exits.vcpus = self.lifecycle.vcpus = self.vcpus
         if self.vcpus[0].kvm_offers_trng():
             self.smccc.kernel_functions[Owner.STANDARD_SECURE] = TRNG_FUNCTIONS
+        if self.vcpus[0].offer_pv_time(self.features.pvtime):
+            self.smccc.kernel_functions[Owner.STANDARD_HYP] = PV_TIME_FUNCTIONS
         self.gic.finalize([v.mpidr for v in self.vcpus])
+        if self.features.pmu:
+            for v in self.vcpus:
+                v.init_pmu()
+            self.dt_parts.append(cpu_features.PmuNode())
         out = ConsoleOutput() if console is None else console
         self.console = out
         if isinstance(out, ConsoleOutput):
@@ -189,10 +209,12 @@ class Vm:
             self.smccc.add_service(KvmPsci(conduit))
 
     # --- building ------------------------------------------------------------------------
-    def add_memory(self, gpa: int, size: int, *, readonly: bool = False) -> None:
+    def add_memory(self, gpa: int, size: int, *, readonly: bool = False, ram: bool = True) -> None:
+        """Guest memory at `gpa`; `ram`: the guest's RAM, in the DT's /memory (else memory KVM or a
+        device uses, such as PV time's)."""
         if (m := self.mmio.overlaps(gpa, size)) is not None:
             raise GuestMemoryError(f"memory {gpa:#x}+{size:#x} overlaps device {m.name} at {m.base:#x}")
-        region = self.memory.add(gpa, size, readonly=readonly)
+        region = self.memory.add(gpa, size, readonly=readonly, ram=ram)
         self.fd.set_user_memory_region(region.slot, gpa, size, region.host_addr,
                                        KVM_MEM_READONLY if readonly else 0)
 
@@ -318,14 +340,15 @@ class Vm:
         self.vcpus[0].set_entry(self.lifecycle.boot)
 
     def device_tree(self, *, bootargs: str = "", initrd: tuple[int, int] | None = None,
-                    stdout: str | None = None) -> Node:
+                    stdout: str | None = None, kaslr_seed: int | None = None) -> Node:
         """The machine's device tree, assembled from its parts (see devicetree/machvirt.py)."""
         from devicetree.machvirt import machine_tree
 
         firmware = [node for s in self.smccc.services if (node := s.dt_node()) is not None]
-        return machine_tree(cpus=[v.mpidr for v in self.vcpus], memory=[(r.gpa, r.size) for r in self.memory.regions],
+        return machine_tree(cpus=[v.mpidr for v in self.vcpus],
+                            memory=[(r.gpa, r.size) for r in self.memory.regions if r.ram],
                             gic=self.gic, devices=self.dt_parts, firmware=firmware, bootargs=bootargs,
-                            initrd=initrd, stdout=stdout)
+                            initrd=initrd, stdout=stdout, kaslr_seed=kaslr_seed)
 
     @property
     def has_smccc_filter(self) -> bool:

@@ -10,13 +10,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from kvm_bindings.regs import KVM_REG_SIZE_U32, KVM_REG_SIZE_U128, core_reg_id
+from kvm_bindings.regs import KVM_REG_SIZE_U32, KVM_REG_SIZE_U128, SVE_ZREG_SIZE, core_reg_id, sve_zreg_id
 from pyvmm.errors import GuestMemoryError
 from pyvmm.gdb import registers as regs
 from pyvmm.gdb.commands import MemoryFault
 from pyvmm.gdb.stage1 import Regs, TranslationFault, translate
 
 V_IDS = [core_reg_id(f"fp_regs.vregs[{2 * n}]", KVM_REG_SIZE_U128) for n in range(32)]
+# With SVE, KVM keeps V0-V31 only as the low 128 bits of Z0-Z31 (api.rst, KVM_REG_ARM64_SVE)
+Z_IDS = [sve_zreg_id(n) for n in range(32)]
 FPSR_ID = core_reg_id("fp_regs.fpsr", KVM_REG_SIZE_U32)
 FPCR_ID = core_reg_id("fp_regs.fpcr", KVM_REG_SIZE_U32)
 FIRST_V, FPSR, FPCR = regs.NUMBER["v0"], regs.NUMBER["fpsr"], regs.NUMBER["fpcr"]
@@ -28,6 +30,7 @@ class DebugVcpu(Protocol):
     """A vCPU's registers as the debugger reads them (pyvmm.vcpu.Vcpu is one)."""
 
     index: int
+    sve: bool  # KVM gives its FP/SIMD registers only as SVE's Z registers
 
     def get_reg(self, name: str) -> int: ...
 
@@ -55,6 +58,19 @@ def _sp_name(pstate: int) -> str:
     return "sp_el1" if pstate & 0xF == M_EL1H else "sp"
 
 
+def _read_v(v: DebugVcpu, n: int) -> int:
+    if v.sve:
+        return int.from_bytes(v.get_wide(Z_IDS[n], SVE_ZREG_SIZE)[:16], "little")
+    return int.from_bytes(v.get_wide(V_IDS[n], 16), "little")
+
+
+def _write_v(v: DebugVcpu, n: int, value: int) -> None:
+    if v.sve:  # as a write of Vn does, it zeroes the Z register's bits above 128 (Arm ARM B1.2.2)
+        v.set_wide(Z_IDS[n], value.to_bytes(16, "little") + bytes(SVE_ZREG_SIZE - 16))
+    else:
+        v.set_wide(V_IDS[n], value.to_bytes(16, "little"))
+
+
 class MachineTarget:
     def __init__(self, vcpus: Sequence[DebugVcpu], memory: GuestRam) -> None:
         self._vcpus, self.memory = vcpus, memory
@@ -68,7 +84,7 @@ class MachineTarget:
         pstate = v.get_reg("pstate")
         values = [v.get_x(n) for n in range(31)]
         values += [v.get_reg(_sp_name(pstate)), v.get_reg("pc"), pstate & 0xFFFF_FFFF]
-        values += [int.from_bytes(v.get_wide(reg_id, 16), "little") for reg_id in V_IDS]
+        values += [_read_v(v, n) for n in range(32)]
         values += [int.from_bytes(v.get_wide(FPSR_ID, 4), "little"), int.from_bytes(v.get_wide(FPCR_ID, 4), "little")]
         return values
 
@@ -83,7 +99,7 @@ class MachineTarget:
         elif number == regs.CPSR:
             v.set_reg("pstate", value & 0xFFFF_FFFF)
         elif FIRST_V <= number < FIRST_V + 32:
-            v.set_wide(V_IDS[number - FIRST_V], value.to_bytes(16, "little"))
+            _write_v(v, number - FIRST_V, value)
         elif number in (FPSR, FPCR):
             v.set_wide(FPSR_ID if number == FPSR else FPCR_ID, value.to_bytes(4, "little"))
         else:

@@ -41,3 +41,5 @@ def is_id_range(base: int, count: int) -> bool:
 
 
 TRNG_FUNCTIONS = (0x8400_0050, 0x8400_0051, 0x8400_0052, 0x8400_0053, 0xC400_0053)
+# PV_TIME_FEATURES and PV_TIME_ST (Arm DEN0057A, owner 5), which KVM answers itself
+PV_TIME_FUNCTIONS = (0xC500_0020, 0xC500_0021)

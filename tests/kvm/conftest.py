@@ -6,6 +6,7 @@ from typing import Protocol
 
 import pytest
 
+from pyvmm.cpu_features import AS_THE_HOST_OFFERS, CpuOptions
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.vm import Vm
 from tests.conftest import guest_image
@@ -38,7 +39,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 class MakeVm(Protocol):
     def __call__(self, guest: str, *, cpus: int = 1, mem_mib: int = 16, conduit: str = "hvc",
-                 unhandled_mmio: str = "ignore", aarch32: bool = False) -> Vm: ...
+                 unhandled_mmio: str = "ignore", aarch32: bool = False, cpu: CpuOptions = AS_THE_HOST_OFFERS,
+                 irqchip: str = "auto") -> Vm: ...
 
 
 @pytest.fixture
@@ -47,8 +49,10 @@ def make_vm() -> Iterator[MakeVm]:
     vms: list[Vm] = []
 
     def make(guest: str, *, cpus: int = 1, mem_mib: int = 16, conduit: str = "hvc",
-             unhandled_mmio: str = "ignore", aarch32: bool = False) -> Vm:
-        vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, unhandled_mmio=unhandled_mmio, aarch32=aarch32)
+             unhandled_mmio: str = "ignore", aarch32: bool = False, cpu: CpuOptions = AS_THE_HOST_OFFERS,
+             irqchip: str = "auto") -> Vm:
+        vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, unhandled_mmio=unhandled_mmio, aarch32=aarch32,
+                cpu=cpu, irqchip=irqchip)
         vms.append(vm)
         entry = vm.load_file(guest_image(guest))
         vm.set_boot(entry)

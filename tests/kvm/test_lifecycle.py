@@ -4,6 +4,8 @@ not stop (pyvmm/lifecycle.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import resource
 import select
@@ -196,13 +198,27 @@ def test_a_vcpu_that_will_not_stop_keeps_its_fds_and_mappings(make_vm: MakeVm) -
     assert not thread.is_alive()
 
 
+STUCK_AT = "handle() at never.py:9"
+
+
 def stuck_guest(tmp_path: Path, timeout: int) -> list[str]:
-    """A `pyvmm run` whose guest calls a --service handler that never returns (never.py:8)."""
+    """A `pyvmm run` whose guest calls a --service handler that never returns (STUCK_AT); the
+    handler makes tmp_path/stuck as it starts (wait_until_stuck)."""
     service = tmp_path / "never.py"
-    service.write_text("import time\n\nRANGE = (0xC6000000, 0x100)\n\n\ndef handle(call):\n"
-                       "    while True:\n        time.sleep(0.1)\n")
+    service.write_text(f"import time\n\nRANGE = (0xC6000000, 0x100)\n\n\ndef handle(call):\n"
+                       f"    open({str(tmp_path / 'stuck')!r}, 'w').close()\n"
+                       f"    while True:\n        time.sleep(0.1)\n")
     return [sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("smccc_demo")), "-c", "2", "-m", "16",
             "--service", str(service), "--timeout", str(timeout)]
+
+
+def wait_until_stuck(p: subprocess.Popen[str], tmp_path: Path) -> None:
+    """Until the guest's call is in the handler that never returns (a signal before then finds
+    pyvmm still setting up, which ends it otherwise)."""
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "stuck").exists():
+        assert p.poll() is None and time.monotonic() < deadline, "the guest never reached the stuck service"
+        time.sleep(0.05)
 
 
 @NEEDS_FILTER
@@ -213,7 +229,7 @@ def test_a_service_that_never_returns_is_stopped_by_the_timeout(tmp_path: Path) 
     assert p.returncode == cli.EXIT_TIMEOUT, p.stderr
     line, = errors(p.stderr)
     assert line.startswith("pyvmm: guest ended: timeout: the guest was still running after 2 s; vcpu0 did not stop")
-    assert "handle() at never.py:8" in line
+    assert STUCK_AT in line
     assert took < 30
 
 
@@ -239,10 +255,59 @@ def test_sigterm_during_a_linux_boot_stops_cleanly(tmp_path: Path) -> None:
     assert errors(err) == ["pyvmm: guest ended: stopped: stopped by SIGTERM"]
 
 
+def holds_open(pid: int, path: Path) -> bool:
+    """Whether process `pid` has `path` open (it is reading it)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except FileNotFoundError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == str(path):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("moment", ["one second after start", "while it loads the images",
+                                    "while the control socket comes up"])
+def test_sigterm_during_set_up_ends_pyvmm_with_143_and_one_line(tmp_path: Path, moment: str) -> None:
+    """From its first instant: a signal before the guest runs ends pyvmm as one while it runs does,
+    and leaves nothing behind (the control socket, the disk's lock)."""
+    image, initrd = linux_guest()
+    disk, control = tmp_path / "disk.img", tmp_path / "vm.sock"
+    disk.write_bytes(bytes(1 << 20))
+    if moment == "while it loads the images":
+        initrd = tmp_path / "big-initrd"  # long enough to read that the test sees it open
+        with open(initrd, "wb") as f:
+            f.truncate(384 << 20)
+    argv = [sys.executable, "-m", "pyvmm", "run", "-c", "1", "-m", "512", "-k", str(image), "-i", str(initrd),
+            "-d", str(disk), "--control", str(control), "-p", "pyvmm.run=sleep,600", "--timeout", "300"]
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    started = time.monotonic()
+    reached: dict[str, Callable[[], bool]] = {
+        "one second after start": lambda: time.monotonic() - started >= 1,
+        "while it loads the images": lambda: holds_open(p.pid, initrd),
+        "while the control socket comes up": control.exists,
+    }
+    while not reached[moment]():
+        assert p.poll() is None and time.monotonic() - started < 120, f"pyvmm went past the moment: {p.returncode}"
+        time.sleep(0.001)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM, err
+    line, = errors(err)
+    # before the VM is made the set-up unwinds; after, the VM is stopped as a running one is
+    assert line in ("pyvmm: stopped by SIGTERM before the guest ran",
+                    "pyvmm: guest ended: stopped: stopped by SIGTERM"), line
+    assert not control.exists()
+    with open(disk, "rb+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no pyvmm holds it
+
+
 @NEEDS_FILTER
 def test_a_second_sigint_while_stopping_ends_pyvmm_at_once(tmp_path: Path) -> None:
     p = subprocess.Popen(stuck_guest(tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(5)  # the guest is stuck in the service by now
+    wait_until_stuck(p, tmp_path)
     p.send_signal(signal.SIGINT)  # stopping: its vCPU will not stop for a while
     time.sleep(1)
     started = time.monotonic()
@@ -258,7 +323,7 @@ def test_one_signal_stops_a_stuck_guest_with_its_status(tmp_path: Path, signo: s
     """A vCPU stuck in a service handler cannot stop, yet one signal still ends pyvmm with
     128 + N once the grace period is over, the line naming where the vCPU is stuck."""
     p = subprocess.Popen(stuck_guest(tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)  # the guest is stuck in the service by now
+    wait_until_stuck(p, tmp_path)
     p.send_signal(signo)
     started = time.monotonic()
     _, err = p.communicate(timeout=60)
@@ -266,4 +331,4 @@ def test_one_signal_stops_a_stuck_guest_with_its_status(tmp_path: Path, signo: s
     assert time.monotonic() - started < STOP_GRACE + 10
     line, = err.strip().splitlines()
     assert line.startswith(f"pyvmm: guest ended: stopped: stopped by {signo.name}; vcpu0 did not stop") and \
-        "handle() at never.py:8" in line, line
+        STUCK_AT in line, line

@@ -88,7 +88,15 @@ def test_bad_or_missing_kernel_is_one_line(tmp_path: Path) -> None:
     line, = errors(p.stderr)
     assert line.startswith("pyvmm: error: vmlinuz: its gzip data is corrupt")
     p = pyvmm("run", "-k", str(tmp_path / "nope"), timeout=60)
-    assert errors(p.stderr) == [f"pyvmm: error: kernel {tmp_path / 'nope'} does not exist or is not a file"]
+    # in kvmtool's words, which kvm-unit-tests' runner looks for (pyvmm.errors.KernelOpenError)
+    assert errors(p.stderr) == [f"pyvmm: Fatal: Unable to open kernel {tmp_path / 'nope'}: "
+                                "it does not exist or is not a file"]
+    assert p.returncode == cli.EXIT_ERROR
+    for option in ("-f", "-i"):
+        p = pyvmm("run", *(["-k", str(linux_guest()[0])] if option == "-i" else []), option, str(tmp_path / "nope"),
+                  timeout=60)
+        what = "firmware" if option == "-f" else "initrd"
+        assert errors(p.stderr) == [f"pyvmm: error: {what} {tmp_path / 'nope'} does not exist or is not a file"]
     image, initrd = linux_guest()
     p = pyvmm("run", "-k", str(image), "-i", str(initrd), "-m", "32", timeout=60)
     assert p.returncode == cli.EXIT_ERROR and "do not fit in 32 MiB of RAM" in p.stderr

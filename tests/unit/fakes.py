@@ -199,6 +199,9 @@ class FakeGicDevice:
     def set_device_attr_u64(self, group: int, attr: int, value: int, context: str = "") -> None:
         self.attrs.append((group, attr, value))
 
+    def set_device_attr(self, group: int, attr: int, addr: int = 0, context: str = "") -> None:
+        self.attrs.append((group, attr, addr))
+
     def close(self) -> None:
         self.closed = True
 
@@ -207,20 +210,25 @@ class FakeGicVmFd:
     """The VM fd's KVM_CREATE_DEVICE as a host of the given vGIC answers it: a GICv2-only host
     (a GIC-400 board) refuses the vGICv3 with ENODEV (arch/arm64/kvm/vgic/vgic-kvm-device.c)."""
 
-    def __init__(self, version: int) -> None:
+    def __init__(self, version: int, *, its: bool = True, v2_compatible: bool = True) -> None:
         self.version = version
+        self.offered = {DeviceType.ARM_VGIC_V3: version == 3, DeviceType.ARM_VGIC_ITS: version == 3 and its,
+                        DeviceType.ARM_VGIC_V2: version == 2 or v2_compatible}
         self.devices: list[FakeGicDevice] = []
 
+    def can_create_device(self, kind: int) -> bool:
+        return self.offered[DeviceType(kind)]
+
     def create_device(self, kind: int) -> FakeGicDevice:
-        if kind == DeviceType.ARM_VGIC_V3 and self.version != 3:
+        if not self.can_create_device(kind):
             raise KvmIoctlError("KVM_CREATE_DEVICE", errno.ENODEV)
         self.devices.append(FakeGicDevice(kind))
         return self.devices[-1]
 
 
-def gic_layout(cpus: int, version: int = 3) -> Gic:
+def gic_layout(cpus: int, version: int = 3, irqchip: str = "auto") -> Gic:
     """pyvmm's own Gic, made on a fake VM fd of a host with that vGIC (what the DT needs of it)."""
-    return Gic(cast(VmFd, FakeGicVmFd(version)), cpus)
+    return Gic(cast(VmFd, FakeGicVmFd(version)), cpus, irqchip)
 
 
 class FakeRam:

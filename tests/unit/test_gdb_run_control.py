@@ -4,6 +4,7 @@ GDB and KVM, is tests/kvm/test_gdb.py."""
 
 from __future__ import annotations
 
+import errno
 import socket
 import threading
 import time
@@ -18,13 +19,14 @@ from kvm_bindings.constants import (
     KVM_GUESTDBG_USE_HW,
     KVM_GUESTDBG_USE_SW_BP,
 )
-from pyvmm.errors import SmcccFilterUnavailableError, VmmError
+from kvm_bindings.regs import sve_zreg_id
+from pyvmm.errors import KvmIoctlError, SmcccFilterUnavailableError, VmmError
 from pyvmm.exits import DebugExit
 from pyvmm.gdb import hw, packets
 from pyvmm.gdb.debugger import BRK, ENOSPC, MAX_SW_BREAKPOINTS, SIGINT, SIGTRAP, Debugger, Stop
 from pyvmm.gdb.monitor import Monitor, parse_fid_range
 from pyvmm.gdb.server import GdbServer, exit_reply, parse_address, stop_reply
-from pyvmm.gdb.target import MachineTarget
+from pyvmm.gdb.target import FIRST_V, V_IDS, MachineTarget
 from pyvmm.memory import GuestMemory
 from pyvmm.power import Power
 from pyvmm.smccc.dispatcher import Dispatcher
@@ -65,6 +67,8 @@ def test_larger_watchpoints_are_aligned_powers_of_two_with_a_mask() -> None:
 class FakeVcpu:
     """Registers in a dict; request() runs the function on a thread of its own, as a vCPU's
     thread would at its next exit."""
+
+    sve = False
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -417,3 +421,32 @@ def test_a_catch_the_host_cannot_have_is_not_recorded() -> None:
     finally:
         debugger.close()
         memory.close()
+
+
+class SveVcpu(FakeVcpu):
+    """A vCPU with SVE: KVM has its V registers only as the low 128 bits of Z0-Z31."""
+
+    sve = True
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index)
+        self.wide: dict[int, bytes] = {sve_zreg_id(3): bytes(range(1, 33)) + bytes(224)}
+
+    def get_wide(self, reg_id: int, size: int) -> bytes:
+        if reg_id in V_IDS:
+            raise KvmIoctlError("KVM_GET_ONE_REG", errno.ENOENT)  # what KVM says with SVE on
+        return self.wide.get(reg_id, bytes(size))
+
+    def set_wide(self, reg_id: int, data: bytes) -> None:
+        if reg_id in V_IDS:
+            raise KvmIoctlError("KVM_SET_ONE_REG", errno.ENOENT)
+        self.wide[reg_id] = data
+
+
+def test_with_sve_the_v_registers_are_the_low_bits_of_z() -> None:
+    vcpu = SveVcpu(0)
+    target = MachineTarget([vcpu], GuestMemory())
+    v3 = target.read_registers(0)[FIRST_V + 3]
+    assert v3 == int.from_bytes(bytes(range(1, 17)), "little")
+    target.write_register(0, FIRST_V + 3, 0xAB)
+    assert vcpu.wide[sve_zreg_id(3)] == b"\xab" + bytes(255)  # as a write of V3 does: the rest zeroed

@@ -63,3 +63,15 @@ def test_each_shape_in_words() -> None:
 def test_the_probes_vm_asks_for_an_ipa_size_the_host_has(host: int, machine_type: int) -> None:
     """KVM refuses machine type 0 (40 bits) on a host of fewer (kvm_init_stage2_mmu)."""
     assert probe_ipa_bits(host) == machine_type
+
+
+def test_the_cpu_features_and_the_its_in_words() -> None:
+    emulated = DEFAULT._replace(cpu=("ptrauth", "sve", "pmu", "pvtime"), sve_max_vl=2048, its=True)
+    lines = report(emulated)
+    assert "CPU features    pointer authentication, SVE (vectors up to 2048 bits), PMU, PV stolen time" in lines
+    assert "ITS             supported" in lines and not any(line.startswith("cannot: give") for line in lines)
+    assert "can: give guests the host's PMU (--pmu)" in lines
+    bare = report(DEFAULT._replace(cpu=(), its=False))
+    assert "CPU features    none of the optional ones" in bare
+    assert ("cannot: give guests PMU (--pmu), SVE (--sve-max-vl), an ITS (--irqchip=gicv3-its): KVM offers none "
+            "here") in bare

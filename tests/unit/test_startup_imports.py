@@ -38,3 +38,15 @@ def test_the_run_path_defers_what_options_ask_for() -> None:
 @pytest.mark.parametrize("module", ["pyvmm.ninep.server", "pyvmm.control", "pyvmm.services.sdei", "pyvmm.gdb"])
 def test_a_deferred_module_still_imports(module: str) -> None:
     assert module in loaded_after(module)
+
+
+def test_the_command_line_takes_its_signals_before_it_imports_the_vm() -> None:
+    """`pyvmm` installs its stop handlers first thing in main() (cli.StopSignals): everything
+    imported before main runs delays them, so the package and its command line load nothing of
+    the VM (pyvmm/__init__.py loads Vm when first asked for)."""
+    loaded = loaded_after("pyvmm.cli")
+    assert sorted(m for m in loaded if m.startswith(("pyvmm", "cffi", "kvm_bindings", "devicetree"))) == [
+        "pyvmm", "pyvmm.cli", "pyvmm.errors"]
+    import pyvmm
+
+    assert pyvmm.Vm.__module__ == "pyvmm.vm"  # the API still offers it, loaded on first use

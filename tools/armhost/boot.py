@@ -34,12 +34,14 @@ UP_RE = re.compile(r"@@ARMHOST-UP ([\d.]+) @@")
 def qemu_command(kernel: Path, initrd: Path, gic: int, cpus: int, mem_mib: int) -> list[str]:
     # virtualization=on gives the guest EL2, so its kernel brings up KVM (VHE); gic-version=3 lets
     # it offer a vGICv3 to its own guests, gic-version=2 (a GICv2 with the virtualization
-    # extensions, as GIC-400) only a vGICv2. pauth-impdef: QEMU's cheap pointer-auth algorithm,
-    # much faster under TCG than the architected QARMA. -nic none: the host needs no network, and
-    # the virt board's default NIC wants an option ROM (efi-virtio.rom, from ipxe-qemu) that a
-    # QEMU installed without recommends does not have, so QEMU would refuse to start.
+    # extensions, as GIC-400) only a vGICv2. mte=on: the CPU has MTE and the board tag memory, so
+    # the host's KVM offers MTE to its guests as a real MTE host's does. pauth-impdef: QEMU's
+    # cheap pointer-auth algorithm, much faster under TCG than the architected QARMA. -nic none:
+    # the host needs no network, and the virt board's default NIC wants an option ROM
+    # (efi-virtio.rom, from ipxe-qemu) that a QEMU installed without recommends does not have,
+    # so QEMU would refuse to start.
     return [
-        "qemu-system-aarch64", "-M", f"virt,virtualization=on,gic-version={gic}",
+        "qemu-system-aarch64", "-M", f"virt,virtualization=on,mte=on,gic-version={gic}",
         "-cpu", os.environ.get("ARMHOST_CPU", "max,pauth-impdef=on"), "-smp", str(cpus), "-m", str(mem_mib),
         "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio", "-nic", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),

@@ -1,0 +1,166 @@
+"""The guest sees the host's CPU (pyvmm/cpu_features.py), on real KVM: assembled guests read the
+ID registers and execute an SVE, a pointer-authentication and an MTE-tagged instruction, count
+cycles and take the PMU's overflow interrupt, and find PV stolen time and watch it advance; a
+Linux guest lists the features in /proc/cpuinfo. What the host's KVM does not offer is checked
+to be absent (pyvmm check lists it: host_shape().cpu), and every flag takes its feature away."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from pyvmm import cli
+from pyvmm.cpu_features import PVTIME_BASE, CpuOptions
+from pyvmm.errors import KvmUnavailableError
+from pyvmm.vm import Vm
+from tests.conftest import host_shape, linux_guest
+from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports, s64
+
+NOT_SUPPORTED = -1
+ESR_EC_TAG_CHECK = 0x25  # a data abort from the same EL
+DFSC_TAG_CHECK = 0x11  # synchronous tag check fault
+
+
+def run(vm: Vm) -> Reports:
+    reports = Reports()
+    vm.smccc.register(FN_REPORT, 1, reports, "report")
+    result = vm.run(timeout=120)
+    assert result.reason == "poweroff", result
+    return reports
+
+
+def field(value: int, lsb: int, width: int = 4) -> int:
+    return value >> lsb & ((1 << width) - 1)
+
+
+def index_sum(vl_bytes: int) -> int:
+    """UADDV of INDEX Z0.B, #1, #1: the bytes 1, 2, ... wrapping at 256."""
+    return sum((i + 1) % 256 for i in range(vl_bytes))
+
+
+@NEEDS_FILTER  # the guest reports through a forwarded call
+def test_the_guest_gets_the_hosts_sve_pac_and_mte(make_vm: MakeVm) -> None:
+    have = host_shape().cpu
+    reports = run(make_vm("cpu_features"))
+    (pfr0, pfr1, isar1, _), = [r[:4] for r in reports.tagged(1)]
+    assert bool(field(pfr0, 32)) == ("sve" in have)
+    assert bool(field(isar1, 4, 8)) == ("ptrauth" in have)  # APA/API
+    assert (field(pfr1, 8) >= 2) == ("mte" in have)
+    if "sve" in have:
+        (vl, total, fault), = [r[:3] for r in reports.tagged(2)]
+        assert (vl * 8, total, fault) == (host_shape().sve_max_vl, index_sum(vl), 0)
+    if "ptrauth" in have:
+        (pointer, signed, authenticated, pacga, fault), = reports.tagged(3)
+        assert signed != pointer and authenticated == pointer and pacga and fault == 0
+    if "mte" in have:
+        (tag, value, wrong_tag, fault), = [r[:4] for r in reports.tagged(4)]
+        assert (tag, value, fault) == (5, 0x7A6, 0)
+        assert field(wrong_tag, 26, 6) == ESR_EC_TAG_CHECK and field(wrong_tag, 0, 6) == DFSC_TAG_CHECK
+
+
+@NEEDS_FILTER
+@pytest.mark.parametrize("bits", [128, 256])
+def test_sve_max_vl_caps_the_vector_length(make_vm: MakeVm, bits: int) -> None:
+    if "sve" not in host_shape().cpu:
+        with pytest.raises(KvmUnavailableError, match="offers no SVE"):
+            make_vm("cpu_features", cpu=CpuOptions(sve_max_vl=bits))
+        return
+    (vl, total, fault), = [r[:3] for r in run(make_vm("cpu_features", cpu=CpuOptions(sve_max_vl=bits))).tagged(2)]
+    assert (vl, total, fault) == (bits // 8, index_sum(bits // 8), 0)
+
+
+@NEEDS_FILTER  # the guest reports through a forwarded call
+def test_each_feature_turned_off_is_gone_from_the_guest(make_vm: MakeVm) -> None:
+    reports = run(make_vm("cpu_features", cpu=CpuOptions(sve=False, ptrauth=False, mte=False)))
+    (pfr0, pfr1, isar1, _), = [r[:4] for r in reports.tagged(1)]
+    assert (field(pfr0, 32), field(isar1, 4, 8), field(pfr1, 8)) == (0, 0, 0)
+    assert not reports.tagged(2) and not reports.tagged(3) and not reports.tagged(4)
+
+
+@NEEDS_FILTER  # the guest reports through a forwarded call
+def test_the_pmu_counts_cycles_and_raises_its_overflow_interrupt(make_vm: MakeVm) -> None:
+    if "pmu" not in host_shape().cpu:
+        with pytest.raises(KvmUnavailableError, match="offers no PMU"):
+            make_vm("pmu", cpu=CpuOptions(pmu=True))
+        return
+    reports = run(make_vm("pmu", cpu=CpuOptions(pmu=True)))
+    (version, counters), = [r[:2] for r in reports.tagged(1)]
+    assert version and counters  # PMUv3 and its event counters
+    (before, after), = [r[:2] for r in reports.tagged(2)]
+    assert after > before
+    (intid, overflow), = [r[:2] for r in reports.tagged(3)]
+    assert intid == 23 and overflow >> 31 & 1  # PPI 7, the cycle counter's overflow
+    # without --pmu the guest has none (ID_AA64DFR0_EL1.PMUVer 0): it says so and stops
+    reports = run(make_vm("pmu"))
+    assert [r[0] for r in reports.tagged(1)] == [0] and not reports.tagged(2)
+
+
+@contextmanager
+def one_busy_cpu() -> Iterator[None]:
+    """This process's threads (the vCPU's too, made later) on one CPU, with a busy process there
+    as well: the vCPU waits for its CPU, which is stolen time."""
+    cpu = min(os.sched_getaffinity(0))
+    saved = os.sched_getaffinity(0)
+    hog = subprocess.Popen([sys.executable, "-c", f"import os; os.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+        hog.kill()
+        hog.wait()
+
+
+@NEEDS_FILTER  # the guest reports through a forwarded call
+def test_pv_time_is_found_through_smccc_and_stolen_time_advances(make_vm: MakeVm) -> None:
+    if "pvtime" not in host_shape().cpu:
+        with pytest.raises(KvmUnavailableError, match="offers no PV stolen time"):
+            make_vm("pv_time", cpu=CpuOptions(pvtime=True))
+        return
+    with one_busy_cpu():
+        reports = run(make_vm("pv_time"))
+    (arch_features, features, structure, call_count), = [r[:4] for r in reports.tagged(1)]
+    # owner 5's Call Count counts the two calls KVM answers itself
+    assert (s64(arch_features), s64(features), structure, call_count) == (0, 0, PVTIME_BASE, 2)
+    (header, before, after), = [r[:3] for r in reports.tagged(2)]
+    assert header == 0 and after > before
+
+
+@NEEDS_FILTER  # the guest reports through a forwarded call
+def test_no_pvtime_has_kvm_refuse_every_pv_time_call(make_vm: MakeVm) -> None:
+    reports = run(make_vm("pv_time", cpu=CpuOptions(pvtime=False)))
+    (arch_features, features, structure, call_count), = [r[:4] for r in reports.tagged(1)]
+    assert [s64(arch_features), s64(features), s64(structure), call_count] == [NOT_SUPPORTED] * 3 + [0]
+    assert not reports.tagged(2)
+
+
+def test_a_linux_guest_lists_the_features_and_the_flags_take_them_away() -> None:
+    image, initrd = linux_guest()
+    have = host_shape().cpu
+    show = "pyvmm.run=grep,-m1,Features,/proc/cpuinfo;dmesg|grep,-i,-e,sve:,-e,arm-pv,-e,perfevents"
+
+    def boot(*flags: str) -> str:
+        p = subprocess.run([sys.executable, "-m", "pyvmm", "run", "-c", "1", "-m", "256", "-k", str(image), "-i",
+                            str(initrd), "-p", show, "--timeout", "240", *flags], capture_output=True, text=True,
+                           timeout=300)
+        assert p.returncode == cli.EXIT_OK, p.stdout[-2000:] + p.stderr
+        return p.stdout
+
+    out = boot(*(["--pmu"] if "pmu" in have else []))
+    features = next(line for line in out.splitlines() if line.startswith("Features")).split()
+    assert ("sve" in features) == ("sve" in have) and ("paca" in features) == ("ptrauth" in have)
+    assert ("mte" in features) == ("mte" in have)
+    assert ("using stolen time PV" in out) == ("pvtime" in have)
+    assert ("PMU driver" in out) == ("pmu" in have)
+    if "sve" in have:
+        assert f"SVE: maximum available vector length {host_shape().sve_max_vl // 8} bytes per vector" in out
+    out = boot("--disable-mte", "--no-pvtime", *(["--sve-max-vl", "128"] if "sve" in have else []))
+    features = next(line for line in out.splitlines() if line.startswith("Features")).split()
+    assert "mte" not in features and "using stolen time PV" not in out and "PMU driver" not in out
+    if "sve" in have:
+        assert "SVE: maximum available vector length 16 bytes per vector" in out
