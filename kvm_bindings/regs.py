@@ -70,6 +70,18 @@ SVE_ZREG_SIZE = 256  # bytes: each Z register slice is 2048 bits, those beyond t
 def sve_zreg_id(n: int, slice_: int = 0) -> int:
     """KVM_REG_ARM64_SVE_ZREG(n, i): slice i of Z register n."""
     return KVM_REG_ARM64 | KVM_REG_ARM64_SVE | KVM_REG_SIZE_U2048 | n << 5 | slice_
+KVM_REG_SIZE_U256 = 0x0050000000000000
+SVE_PREG_SIZE = 32  # bytes: P0-P15 and FFR, one bit per byte of a Z register
+KVM_REG_ARM64_SVE_PREG_BASE = 0x400
+KVM_REG_ARM64_SVE_FFR_BASE = 0x600
+
+
+def sve_preg_id(n: int, slice_: int = 0) -> int:
+    """KVM_REG_ARM64_SVE_PREG(n, i): slice i of predicate register n."""
+    return KVM_REG_ARM64 | KVM_REG_ARM64_SVE | KVM_REG_ARM64_SVE_PREG_BASE | KVM_REG_SIZE_U256 | n << 5 | slice_
+
+
+KVM_REG_ARM64_SVE_FFR = KVM_REG_ARM64 | KVM_REG_ARM64_SVE | KVM_REG_ARM64_SVE_FFR_BASE | KVM_REG_SIZE_U256
 SVE_VQ_MAX = 512  # the architecture's limit is 16 (2048 bits); the bitmap has room for 512
 
 # Core registers by name: x0-x30, sp (SP_EL0), pc, pstate, sp_el1, elr_el1, spsr_el1.

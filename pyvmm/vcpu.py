@@ -60,6 +60,7 @@ from pyvmm.cpu_features import (
     PVTIME_STRUCT_SIZE,
     CpuFeatures,
     limit_vector_lengths,
+    longest_vector,
 )
 from pyvmm.errors import KvmIoctlError, VmmError
 from pyvmm.exits import (
@@ -122,7 +123,7 @@ class Vcpu:
                  kvm_power: bool = False, features: CpuFeatures = NO_FEATURES) -> None:
         self.index = index
         self.features = features  # KVM_ARM_VCPU_INIT takes the same ones every time
-        self.sve = features.sve  # the FP/SIMD registers are then only reachable as SVE's
+        self.sve_vl = 0  # bits: the longest SVE vector this vCPU has (set once SVE is finalized)
         self.kvm_power = kvm_power  # KVM's in-kernel PSCI owns the power state (see above)
         self.fd = fd
         self._target = target
@@ -207,10 +208,13 @@ class Vcpu:
             ipa = PVTIME_BASE + PVTIME_STRUCT_SIZE * self.index
             self.fd.set_device_attr_u64(KVM_ARM_VCPU_PVTIME_CTRL, KVM_ARM_VCPU_PVTIME_IPA, ipa, f"PV time at {ipa:#x}")
         if self.features.sve:
+            vls = self.fd.get_one_reg_bytes(KVM_REG_ARM64_SVE_VLS, SVE_VLS_SIZE)
             if self.features.sve_max_vl is not None:
-                vls = self.fd.get_one_reg_bytes(KVM_REG_ARM64_SVE_VLS, SVE_VLS_SIZE)
-                self.fd.set_one_reg_bytes(KVM_REG_ARM64_SVE_VLS, limit_vector_lengths(vls, self.features.sve_max_vl))
+                vls = limit_vector_lengths(vls, self.features.sve_max_vl)
+                self.fd.set_one_reg_bytes(KVM_REG_ARM64_SVE_VLS, vls)
             self.fd.finalize(VcpuFeature.SVE)
+            # KVM's Z and P registers are as long as the longest length (api.rst, KVM_REG_ARM64_SVE)
+            self.sve_vl = longest_vector(vls)
 
     def offer_pv_time(self, on: bool) -> bool:
         """Whether KVM answers the PV time calls (its KVM_REG_ARM_STD_HYP_BMAP, Linux >= 6.0):

@@ -24,10 +24,12 @@ class MemoryFault(Exception):
 
 
 class Target(Protocol):
+    layout: regs.Layout  # the vCPUs' registers, the same for every vCPU of a VM
+
     def vcpus(self) -> int: ...
 
     def read_registers(self, cpu: int) -> list[int]:
-        """Every register in registers.REGISTERS order."""
+        """Every register in `layout` order."""
 
     def write_register(self, cpu: int, number: int, value: int) -> None: ...
 
@@ -78,8 +80,9 @@ class Inspector:
             return b"OK"
         if name == b"qXfer" and args.startswith(b"features:read:target.xml:"):
             offset, length = (int(x, 16) for x in args.rsplit(b":", 1)[1].split(b","))
-            chunk = regs.TARGET_XML[offset:offset + length]
-            return (b"l" if offset + len(chunk) >= len(regs.TARGET_XML) else b"m") + chunk
+            xml = self.target.layout.target_xml
+            chunk = xml[offset:offset + length]
+            return (b"l" if offset + len(chunk) >= len(xml) else b"m") + chunk
         if name == b"qfThreadInfo":
             return b"m" + b",".join(f"{cpu + 1:x}".encode() for cpu in range(self.target.vcpus()))
         if name == b"qsThreadInfo":
@@ -95,26 +98,26 @@ class Inspector:
 
     # --- registers ---------------------------------------------------------------------------
     def _read_all(self, _: bytes) -> bytes:
-        return regs.encode_all(self.target.read_registers(self.selected))
+        return self.target.layout.encode_all(self.target.read_registers(self.selected))
 
     def _write_all(self, text: bytes) -> bytes:
-        values = regs.decode_all(text)
+        values = self.target.layout.decode_all(text)
         for number, value in enumerate(values):
             self.target.write_register(self.selected, number, value)
         return b"OK"
 
     def _read_one(self, text: bytes) -> bytes:
-        number = int(text, 16)
-        if not 0 <= number < len(regs.REGISTERS):
+        number, layout = int(text, 16), self.target.layout
+        if not 0 <= number < len(layout.registers):
             return error(EINVAL)
-        return regs.encode(number, self.target.read_registers(self.selected)[number])
+        return layout.encode(number, self.target.read_registers(self.selected)[number])
 
     def _write_one(self, text: bytes) -> bytes:
         number_text, _, value = text.partition(b"=")
-        number = int(number_text, 16)
-        if not 0 <= number < len(regs.REGISTERS):
+        number, layout = int(number_text, 16), self.target.layout
+        if not 0 <= number < len(layout.registers):
             return error(EINVAL)
-        self.target.write_register(self.selected, number, regs.decode(number, value))
+        self.target.write_register(self.selected, number, layout.decode(number, value))
         return b"OK"
 
     # --- memory ------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ class Debugger:
                  set_watch: Callable[[Callable[[DebugVcpu, int, int], None] | None], None] = lambda hook: None,
                  result: Callable[[], RunResult | None] = lambda: None) -> None:
         self._vcpus, self.target = vcpus, target
+        self.layout = target.layout
         self.hw_breakpoints, self.hw_watchpoints = min(hw_breakpoints, HW_SLOTS), min(hw_watchpoints, HW_SLOTS)
         self._describe_call, self._set_watch, self._result = describe_call, set_watch, result
         self._cond = threading.Condition()

@@ -10,18 +10,31 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from kvm_bindings.regs import KVM_REG_SIZE_U32, KVM_REG_SIZE_U128, SVE_ZREG_SIZE, core_reg_id, sve_zreg_id
+from kvm_bindings.regs import (
+    KVM_REG_ARM64_SVE_FFR,
+    KVM_REG_SIZE_U32,
+    KVM_REG_SIZE_U128,
+    SVE_PREG_SIZE,
+    SVE_ZREG_SIZE,
+    core_reg_id,
+    sve_preg_id,
+    sve_zreg_id,
+)
 from pyvmm.errors import GuestMemoryError
 from pyvmm.gdb import registers as regs
 from pyvmm.gdb.commands import MemoryFault
 from pyvmm.gdb.stage1 import Regs, TranslationFault, translate
 
 V_IDS = [core_reg_id(f"fp_regs.vregs[{2 * n}]", KVM_REG_SIZE_U128) for n in range(32)]
-# With SVE, KVM keeps V0-V31 only as the low 128 bits of Z0-Z31 (api.rst, KVM_REG_ARM64_SVE)
+# With SVE, KVM has no V0-V31: they are the low 128 bits of Z0-Z31 (api.rst, KVM_REG_ARM64_SVE)
 Z_IDS = [sve_zreg_id(n) for n in range(32)]
+P_IDS = [sve_preg_id(n) for n in range(16)] + [KVM_REG_ARM64_SVE_FFR]  # P0-P15, then FFR
 FPSR_ID = core_reg_id("fp_regs.fpsr", KVM_REG_SIZE_U32)
 FPCR_ID = core_reg_id("fp_regs.fpcr", KVM_REG_SIZE_U32)
-FIRST_V, FPSR, FPCR = regs.NUMBER["v0"], regs.NUMBER["fpsr"], regs.NUMBER["fpcr"]
+FIRST_VECTOR = regs.FIRST_VECTOR
+FPSR, FPCR = FIRST_VECTOR + 32, FIRST_VECTOR + 33  # in both layouts
+FIRST_P = FPCR + 1  # with SVE: p0..p15, ffr, then vg
+VG = FIRST_P + len(P_IDS)
 # PSTATE.M[3:0] (Arm ARM C5.2.19 SPSR_EL2): EL1h runs on SP_EL1; EL1t and EL0t on SP_EL0
 M_EL1H = 0b0101
 
@@ -30,7 +43,7 @@ class DebugVcpu(Protocol):
     """A vCPU's registers as the debugger reads them (pyvmm.vcpu.Vcpu is one)."""
 
     index: int
-    sve: bool  # KVM gives its FP/SIMD registers only as SVE's Z registers
+    sve_vl: int  # bits; non-zero: KVM gives its FP/SIMD registers only as SVE's Z registers
 
     def get_reg(self, name: str) -> int: ...
 
@@ -53,27 +66,24 @@ class GuestRam(Protocol):
     def contains(self, gpa: int, size: int = 1) -> bool: ...
 
 
+def _read(v: DebugVcpu, reg_id: int, size: int, keep: int) -> int:
+    """The first `keep` bytes of a `size`-byte register, as an integer (little-endian)."""
+    return int.from_bytes(v.get_wide(reg_id, size)[:keep], "little")
+
+
 def _sp_name(pstate: int) -> str:
     """The KVM register behind GDB's sp: the stack pointer the vCPU is using now."""
     return "sp_el1" if pstate & 0xF == M_EL1H else "sp"
 
 
-def _read_v(v: DebugVcpu, n: int) -> int:
-    if v.sve:
-        return int.from_bytes(v.get_wide(Z_IDS[n], SVE_ZREG_SIZE)[:16], "little")
-    return int.from_bytes(v.get_wide(V_IDS[n], 16), "little")
-
-
-def _write_v(v: DebugVcpu, n: int, value: int) -> None:
-    if v.sve:  # as a write of Vn does, it zeroes the Z register's bits above 128 (Arm ARM B1.2.2)
-        v.set_wide(Z_IDS[n], value.to_bytes(16, "little") + bytes(SVE_ZREG_SIZE - 16))
-    else:
-        v.set_wide(V_IDS[n], value.to_bytes(16, "little"))
+def layout_of(vcpu: DebugVcpu) -> regs.Layout:
+    return regs.sve(vcpu.sve_vl // 128) if vcpu.sve_vl else regs.FPSIMD
 
 
 class MachineTarget:
     def __init__(self, vcpus: Sequence[DebugVcpu], memory: GuestRam) -> None:
         self._vcpus, self.memory = vcpus, memory
+        self.layout = layout_of(vcpus[0])  # every vCPU of a VM has the same features
 
     def vcpus(self) -> int:
         return len(self._vcpus)
@@ -84,12 +94,18 @@ class MachineTarget:
         pstate = v.get_reg("pstate")
         values = [v.get_x(n) for n in range(31)]
         values += [v.get_reg(_sp_name(pstate)), v.get_reg("pc"), pstate & 0xFFFF_FFFF]
-        values += [_read_v(v, n) for n in range(32)]
-        values += [int.from_bytes(v.get_wide(FPSR_ID, 4), "little"), int.from_bytes(v.get_wide(FPCR_ID, 4), "little")]
+        vq = self.layout.vq
+        if vq:  # KVM's registers are the architecture's longest; the bytes past the VL are zero
+            values += [_read(v, Z_IDS[n], SVE_ZREG_SIZE, 16 * vq) for n in range(32)]
+        else:
+            values += [_read(v, V_IDS[n], 16, 16) for n in range(32)]
+        values += [_read(v, FPSR_ID, 4, 4), _read(v, FPCR_ID, 4, 4)]
+        if vq:
+            values += [_read(v, reg_id, SVE_PREG_SIZE, 2 * vq) for reg_id in P_IDS] + [2 * vq]
         return values
 
     def write_register(self, cpu: int, number: int, value: int) -> None:
-        v = self._vcpus[cpu]
+        v, vq = self._vcpus[cpu], self.layout.vq
         if number < 31:
             v.set_x(number, value)
         elif number == regs.SP:
@@ -98,10 +114,19 @@ class MachineTarget:
             v.set_reg("pc", value)
         elif number == regs.CPSR:
             v.set_reg("pstate", value & 0xFFFF_FFFF)
-        elif FIRST_V <= number < FIRST_V + 32:
-            _write_v(v, number - FIRST_V, value)
+        elif FIRST_VECTOR <= number < FPSR:
+            n = number - FIRST_VECTOR
+            if vq:
+                v.set_wide(Z_IDS[n], value.to_bytes(SVE_ZREG_SIZE, "little"))
+            else:
+                v.set_wide(V_IDS[n], value.to_bytes(16, "little"))
         elif number in (FPSR, FPCR):
             v.set_wide(FPSR_ID if number == FPSR else FPCR_ID, value.to_bytes(4, "little"))
+        elif vq and FIRST_P <= number < VG:
+            v.set_wide(P_IDS[number - FIRST_P], value.to_bytes(SVE_PREG_SIZE, "little"))
+        elif vq and number == VG:
+            if value != 2 * vq:  # fixed when the vCPU was made (KVM_ARM_VCPU_FINALIZE)
+                raise ValueError(f"vg is {2 * vq}: the vector length cannot change")
         else:
             raise IndexError(number)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NO_FILTER_NOTE, guest_image
+from tests.conftest import NO_FILTER_NOTE, guest_image, host_shape
 from tests.kvm.conftest import needs_filter
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,14 +23,14 @@ GDB = shutil.which("gdb") or shutil.which("gdb-multiarch")
 GUEST_TIMEOUT = 240  # the --timeout of every guest run here
 
 
-def elf() -> str:
-    path = ROOT / "build" / "guests" / "gdb_target.elf"
+def elf(guest: str = "gdb_target") -> str:
+    path = ROOT / "build" / "guests" / f"{guest}.elf"
     assert path.is_file(), f"{path} is missing: `make guests` builds it"
     return str(path)
 
 
-def start_vm(*args: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("gdb_target")), "-c", "2",
+def start_vm(*args: str, guest: str = "gdb_target") -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image(guest)), "-c", "2",
            "--timeout", str(GUEST_TIMEOUT), *args]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -52,10 +52,10 @@ def remote(address: str) -> str:
     return rest if kind == "tcp" else address.removeprefix("unix:")
 
 
-def gdb(address: str, *commands: str, timeout: float = 90) -> str:
+def gdb(address: str, *commands: str, timeout: float = 90, guest: str = "gdb_target") -> str:
     assert GDB is not None, "no gdb on this host (tools/host-deps.sh installs it)"
     argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off",
-            "-ex", f"target remote {remote(address)}", elf()]
+            "-ex", f"target remote {remote(address)}", elf(guest)]
     for c in commands:
         argv += ["-ex", c]
     try:
@@ -153,6 +153,37 @@ def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) 
     assert value(out, "PC5") == value(out, "SECONDARY2")
     assert value(out, "GUEST_X2") == 0x5555  # the guest read what GDB wrote
     assert status == 0, err  # detached, the guest went on to power off
+
+
+def test_sve_registers_read_and_written_at_the_vector_length(tmp_path: Path) -> None:
+    """With SVE (on wherever KVM offers it), GDB gets org.gnu.gdb.aarch64.sve: Z registers as
+    long as the vCPU's vectors, P0-P15, FFR and VG, and V0-V31 derived from Z; what it writes
+    past the low 128 bits of a Z register and into a P register is what the guest then reads."""
+    have_sve = "sve" in host_shape().cpu
+    vm = start_vm("--gdb", f"unix:{tmp_path / 'gdb.sock'}", "--gdb-wait", guest="gdb_sve")
+    out = ""
+    try:
+        address = wait_listening(vm)
+        sve = ["break *sve_set", "continue",
+               *show("VG", "$vg"), *show("Z0_1", "$z0.d.u[1]"), *show("Z0_LAST", "$z0.d.u[$vg - 1]"),
+               *show("Z1_LAST_BYTE", "$z1.b.u[$vg * 8 - 1]"), *show("V0_1", "$v0.d.u[1]"),
+               *show("P0_LAST", "$p0[$vg - 1]"), *show("FFR_0", "$ffr[0]"), *show("VL", "$x19"),
+               "set var $z2.d.u[$vg - 1] = 0x0123456789abcdef", "set var $p3[0] = 0x11",
+               "break *sve_checked", "continue", *show("LANE", "$x1"), *show("P3_BITS", "$x2")]
+        first = "info registers vg" if have_sve else "info registers fpcr"
+        out = gdb(address, first, *(sve if have_sve else []), "delete", "detach", guest="gdb_sve")
+    finally:
+        status, _, err = finish(vm, out)
+    assert status == 0, err
+    if not have_sve:  # the FP/SIMD registers, as ever (pyvmm check says the host has no SVE)
+        assert "fpcr" in out and "vg" not in out, out
+        return
+    vg = value(out, "VG")
+    assert vg * 64 == host_shape().sve_max_vl and value(out, "VL") == vg * 8, out  # the longest vectors
+    assert value(out, "Z0_1") == 2 and value(out, "Z0_LAST") == vg and value(out, "V0_1") == 2
+    assert value(out, "Z1_LAST_BYTE") == 0x5A and value(out, "P0_LAST") == 0x01 and value(out, "FFR_0") == 0xFF
+    assert value(out, "LANE") == 0x0123_4567_89AB_CDEF  # the guest's LASTB read what GDB wrote
+    assert value(out, "P3_BITS") == 2  # and its CNTP the two bits of 0x11
 
 
 def test_interrupt_spinning_guest_then_kill() -> None:

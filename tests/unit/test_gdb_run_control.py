@@ -19,14 +19,15 @@ from kvm_bindings.constants import (
     KVM_GUESTDBG_USE_HW,
     KVM_GUESTDBG_USE_SW_BP,
 )
-from kvm_bindings.regs import sve_zreg_id
+from kvm_bindings.regs import KVM_REG_ARM64_SVE_FFR, sve_preg_id, sve_zreg_id
 from pyvmm.errors import KvmIoctlError, SmcccFilterUnavailableError, VmmError
 from pyvmm.exits import DebugExit
 from pyvmm.gdb import hw, packets
+from pyvmm.gdb import registers as regs
 from pyvmm.gdb.debugger import BRK, ENOSPC, MAX_SW_BREAKPOINTS, SIGINT, SIGTRAP, Debugger, Stop
 from pyvmm.gdb.monitor import Monitor, parse_fid_range
 from pyvmm.gdb.server import GdbServer, exit_reply, parse_address, stop_reply
-from pyvmm.gdb.target import FIRST_V, V_IDS, MachineTarget
+from pyvmm.gdb.target import V_IDS, MachineTarget
 from pyvmm.memory import GuestMemory
 from pyvmm.power import Power
 from pyvmm.smccc.dispatcher import Dispatcher
@@ -68,7 +69,7 @@ class FakeVcpu:
     """Registers in a dict; request() runs the function on a thread of its own, as a vCPU's
     thread would at its next exit."""
 
-    sve = False
+    sve_vl = 0  # no SVE
 
     def __init__(self, index: int) -> None:
         self.index = index
@@ -424,13 +425,16 @@ def test_a_catch_the_host_cannot_have_is_not_recorded() -> None:
 
 
 class SveVcpu(FakeVcpu):
-    """A vCPU with SVE: KVM has its V registers only as the low 128 bits of Z0-Z31."""
+    """A vCPU with 256-bit SVE vectors: KVM has no V registers then, only Z0-Z31 (2048 bits
+    each, the bits past the vector length zero), P0-P15 and FFR (256 bits each)."""
 
-    sve = True
+    sve_vl = 256
 
     def __init__(self, index: int) -> None:
         super().__init__(index)
-        self.wide: dict[int, bytes] = {sve_zreg_id(3): bytes(range(1, 33)) + bytes(224)}
+        self.wide: dict[int, bytes] = {sve_zreg_id(3): bytes(range(1, 33)) + bytes(224),
+                                       sve_preg_id(2): b"\x11\x01\x10\x00" + bytes(28),
+                                       KVM_REG_ARM64_SVE_FFR: b"\xff" * 4 + bytes(28)}
 
     def get_wide(self, reg_id: int, size: int) -> bytes:
         if reg_id in V_IDS:
@@ -443,10 +447,29 @@ class SveVcpu(FakeVcpu):
         self.wide[reg_id] = data
 
 
-def test_with_sve_the_v_registers_are_the_low_bits_of_z() -> None:
+def test_with_sve_gdb_gets_z_p_ffr_and_vg_as_long_as_the_vector() -> None:
+    """GDB's SVE numbering (gdb/aarch64-tdep.h): z0-z31 follow cpsr, then fpsr, fpcr, p0-p15,
+    ffr, vg; each Z register as long as the vector length, each P register an eighth of that."""
     vcpu = SveVcpu(0)
     target = MachineTarget([vcpu], GuestMemory())
-    v3 = target.read_registers(0)[FIRST_V + 3]
-    assert v3 == int.from_bytes(bytes(range(1, 17)), "little")
-    target.write_register(0, FIRST_V + 3, 0xAB)
-    assert vcpu.wide[sve_zreg_id(3)] == b"\xab" + bytes(255)  # as a write of V3 does: the rest zeroed
+    layout = target.layout
+    assert [layout.number[n] for n in ("z0", "z31", "fpsr", "fpcr", "p0", "ffr", "vg")] == [34, 65, 66, 67, 68, 84, 85]
+    assert layout.registers[layout.number["z3"]].bits == 256 and layout.registers[layout.number["p2"]].bits == 32
+    values = target.read_registers(0)
+    assert values[layout.number["z3"]] == int.from_bytes(bytes(range(1, 33)), "little")
+    assert values[layout.number["p2"]] == 0x0010_0111 and values[layout.number["ffr"]] == 0xFFFF_FFFF
+    assert values[layout.number["vg"]] == 4  # 256 bits: four 64-bit granules
+    target.write_register(0, layout.number["z3"], 0xAB)
+    assert vcpu.wide[sve_zreg_id(3)] == b"\xab" + bytes(255)
+    target.write_register(0, layout.number["p15"], 0x8001)
+    assert vcpu.wide[sve_preg_id(15)] == b"\x01\x80" + bytes(30)
+    target.write_register(0, layout.number["vg"], 4)  # GDB's G writes every register back, vg too
+    with pytest.raises(ValueError, match="vector length cannot change"):
+        target.write_register(0, layout.number["vg"], 2)
+
+
+def test_without_sve_gdb_gets_the_v_registers() -> None:
+    vcpu = FakeVcpu(0)
+    target = MachineTarget([vcpu], GuestMemory())
+    assert target.layout is regs.FPSIMD and len(target.read_registers(0)) == 68
+    assert target.layout.number["v0"] == 34 and target.layout.number["fpcr"] == 67

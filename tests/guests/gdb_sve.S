@@ -1,0 +1,39 @@
+// A guest for the GDB stub's SVE test (tests/kvm/test_gdb.py), also built as
+// build/guests/gdb_sve.elf for its symbols. vCPU 0 turns SVE on at the longest vector length,
+// gives Z0, Z1, P0 and FFR known values and reaches `sve_set`, where GDB reads them and writes
+// the last 64-bit lane of Z2 and the first byte of P3; at `sve_checked` x1 holds that lane as
+// the guest reads it (LASTB) and x2 the number of P3's bits set (CNTP). Without SVE it goes
+// straight to `no_sve`. Then it powers off.
+    .include "common.inc"
+    .arch armv8.2-a+sve
+
+    .text
+    .global _start
+_start:
+    mrs x9, id_aa64pfr0_el1
+    ubfx x9, x9, #32, #4                // ID_AA64PFR0_EL1.SVE
+    cbz x9, no_sve
+    mrs x10, cpacr_el1
+    orr x10, x10, #(3 << 16)            // ZEN: no SVE trap at EL1
+    orr x10, x10, #(3 << 20)            // FPEN: no FP/SIMD trap
+    msr cpacr_el1, x10
+    isb
+    mov x10, #0xf
+    msr S3_0_C1_C2_0, x10               // ZCR_EL1.LEN: the longest length the hypervisor allows
+    isb
+    index z0.d, #1, #1                  // z0.d = 1, 2, 3, ... up to VG
+    dup z1.b, #0x5a
+    dup z2.b, #0
+    ptrue p0.d                          // bit 0 of each 8: the byte 0x01 throughout
+    pfalse p3.b
+    setffr                              // every FFR bit
+    rdvl x19, #1                        // the vector length in bytes
+sve_set:
+    nop
+    lastb x1, p0, z2.d                  // the last 64-bit lane, past V2's 128 bits when VL > 128
+    ptrue p4.b
+    cntp x2, p4, p3.b
+sve_checked:
+    nop
+no_sve:
+    system_off
