@@ -18,12 +18,14 @@ GIC_PPI, GIC_SPI = 1, 0
 IRQ_TYPE_LEVEL_HIGH = 4
 TIMER_PPIS = (13, 14, 11, 10)  # secure phys, non-secure phys, virt, hyp phys (arch_timer.yaml order)
 MPIDR_AFF_MASK = 0xFF_FFFF
-ITS_SIZE = 0x2_0000  # KVM_VGIC_V3_ITS_SIZE: the ITS's control and translation frames
 
 
 class GicLayout(Protocol):
     version: int
-    its_base: int | None  # a GICv3 ITS's 128 KiB (KVM_VGIC_V3_ITS_SIZE), or none
+
+    @property
+    def its_region(self) -> tuple[int, int] | None:
+        """(base, size) of a GICv3 ITS, or None."""
 
     @property
     def regions(self) -> list[tuple[int, int, str]]: ...
@@ -96,10 +98,11 @@ def gic_node(gic: GicLayout, ph: Phandles) -> Node:
     node = Node(f"intc@{gic.regions[0][0]:x}", {
         "compatible": compatible, "#interrupt-cells": 3, "interrupt-controller": True, "reg": regs,
         "phandle": ph["gic"]})
-    if gic.its_base is not None:
+    if gic.its_region is not None:
+        its_base, its_size = gic.its_region
         # the ITS is the GIC node's child (bindings/interrupt-controller/arm,gic-v3.yaml), where
         # Linux and kvm-unit-tests look for it; MSI users name it by its phandle
         node.props.update({"#address-cells": 2, "#size-cells": 2, "ranges": True})
-        node.child(f"msi-controller@{gic.its_base:x}", compatible="arm,gic-v3-its", msi_controller=True,
-                   reg=[U64(gic.its_base), U64(ITS_SIZE)], phandle=ph["its"], **{"#msi-cells": 1})
+        node.child(f"msi-controller@{its_base:x}", compatible="arm,gic-v3-its", msi_controller=True,
+                   reg=[U64(its_base), U64(its_size)], phandle=ph["its"], **{"#msi-cells": 1})
     return node

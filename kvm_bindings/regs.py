@@ -82,6 +82,7 @@ def sve_preg_id(n: int, slice_: int = 0) -> int:
 
 
 KVM_REG_ARM64_SVE_FFR = KVM_REG_ARM64 | KVM_REG_ARM64_SVE | KVM_REG_ARM64_SVE_FFR_BASE | KVM_REG_SIZE_U256
+
 SVE_VQ_MAX = 512  # the architecture's limit is 16 (2048 bits); the bitmap has room for 512
 
 # Core registers by name: x0-x30, sp (SP_EL0), pc, pstate, sp_el1, elr_el1, spsr_el1.

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pyvmm.errors import KernelOpenError, VmmError
 
 if TYPE_CHECKING:
+    from pyvmm.cpu_features import CpuOptions
     from pyvmm.devices.virtio.device import VirtioDevice
     from pyvmm.vm import Vm
 
@@ -159,6 +160,7 @@ def build_parser() -> Parser:
     run.add_argument("--dump-dtb", metavar="FILE", help="write the generated device tree to FILE and exit")
     add_machine_options(run, cpus=1, mem=64)
     # the CPU and the interrupt controller, in kvmtool's spelling (pyvmm/cpu_features.py)
+    # irqchip.IRQCHIPS, spelled out: parsing loads no KVM module (tests/unit/test_cli.py checks)
     run.add_argument("--irqchip", choices=["auto", "gicv2", "gicv3", "gicv3-its"], default="auto",
                      help="the vGIC: gicv3 (else gicv2) by default; gicv3-its adds KVM's ITS")
     run.add_argument("--pmu", action="store_true", help="give the guest the host's PMU (PMUv3, interrupt PPI 7)")
@@ -274,9 +276,9 @@ class StopSignals:
             yield
         finally:
             self._deferring = False
-        if self._pending:
-            self._pending = False
-            self._act()
+            if self._pending:  # also when the block failed: the signal came first, it decides
+                self._pending = False
+                self._act()
 
     def message(self) -> str | None:
         return None if self.received is None else f"stopped by {signal.Signals(self.received).name}"
@@ -354,11 +356,18 @@ class SmcccOptions:
             vm.smccc.trace = TracePrinter(sys.stderr)
 
 
+def cpu_options(args: argparse.Namespace) -> CpuOptions:
+    """kvmtool's CPU flags as the Python API's CpuOptions: None is "as the host offers"."""
+    from pyvmm.cpu_features import CpuOptions
+
+    return CpuOptions(sve_max_vl=args.sve_max_vl, pmu=args.pmu, mte=False if args.disable_mte else None,
+                      pvtime=False if args.no_pvtime else None)
+
+
 def cmd_run(args: argparse.Namespace, signals: StopSignals) -> int:
     # what only some options need (a control socket, SDEI, GDB) is imported only for them
     from pyvmm.boot import boot
     from pyvmm.console import ConsoleInput
-    from pyvmm.cpu_features import CpuOptions
     from pyvmm.devices.virtio import CLI_DEVICES
     from pyvmm.lifecycle import threads_left_running
     from pyvmm.vm import Vm
@@ -396,10 +405,8 @@ def cmd_run(args: argparse.Namespace, signals: StopSignals) -> int:
             for device in device_type.from_args(args, host):
                 unowned.callback(device.close)
                 devices.append(device)
-        cpu = CpuOptions(sve_max_vl=args.sve_max_vl, pmu=args.pmu, mte=False if args.disable_mte else None,
-                         pvtime=False if args.no_pvtime else None)
         vm = Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output,
-                aarch32=args.aarch32, cpu=cpu, irqchip=args.irqchip)
+                aarch32=args.aarch32, cpu=cpu_options(args), irqchip=args.irqchip)
         unowned.pop_all()
     # From here a signal stops the VM, as it would a running one, rather than unwinding its
     # set-up: the rest of the set-up finishes (no file is left half-written, no socket unlisted)
@@ -408,13 +415,6 @@ def cmd_run(args: argparse.Namespace, signals: StopSignals) -> int:
     # pyvmm at once.
     signals.stop_with(vm.stop)
     with ExitStack() as after_close, vm:
-        # the images once the machine exists, as kvmtool loads them: an option this host cannot
-        # honour is said before a kernel that cannot be opened (see KernelOpenError)
-        if args.kernel is not None and not os.path.isfile(args.kernel):
-            raise KernelOpenError(f"Unable to open kernel {args.kernel}: it does not exist or is not a file")
-        for what, path in (("firmware", args.firmware), ("initrd", args.initrd)):
-            if path is not None and not os.path.isfile(path):
-                raise VmmError(f"{what} {path} does not exist or is not a file")
         for i, device in enumerate(devices):
             try:
                 vm.add_virtio(device)  # the VM closes it from here on, or at once if it cannot attach
@@ -422,6 +422,13 @@ def cmd_run(args: argparse.Namespace, signals: StopSignals) -> int:
                 for rest in devices[i + 1:]:
                     rest.close()
                 raise
+        # the images once the machine exists, as kvmtool loads them: an option this host cannot
+        # honour is said before a kernel that cannot be opened (see KernelOpenError)
+        if args.kernel is not None and not os.path.isfile(args.kernel):
+            raise KernelOpenError(f"Unable to open kernel {args.kernel}: it does not exist or is not a file")
+        for what, path in (("firmware", args.firmware), ("initrd", args.initrd)):
+            if path is not None and not os.path.isfile(path):
+                raise VmmError(f"{what} {path} does not exist or is not a file")
         if args.sdei and not vm.has_smccc_filter:
             from pyvmm.smccc import filter as smccc_filter
 

@@ -15,6 +15,8 @@ what KVM_DEV_ARM_VGIC_CTRL_INIT leaves (arch/arm64/kvm/vgic/vgic-init.c: every p
 SGIs enabled and edge, PPIs and SPIs disabled, SPIs edge and routed to vCPU 0, group 1 on a
 GICv3 and 0 on a GICv2, distributor off), through the register groups of arm-vgic-v3.rst and
 arm-vgic.rst. The CPU interface registers are read once after initialisation and written back.
+With an ITS, the ITS is reset too (KVM_DEV_ARM_ITS_CTRL_RESET) and every redistributor's LPIs are
+turned off and their tables forgotten (GICR_CTLR.EnableLPIs, GICR_PROPBASER, GICR_PENDBASER).
 Every vCPU must be out of KVM_RUN (else EBUSY).
 """
 
@@ -24,6 +26,7 @@ import errno
 from collections.abc import Callable
 
 from kvm_bindings.constants import (
+    KVM_DEV_ARM_ITS_CTRL_RESET,
     KVM_DEV_ARM_VGIC_CTRL_INIT,
     KVM_DEV_ARM_VGIC_GRP_ADDR,
     KVM_DEV_ARM_VGIC_GRP_CPU_REGS,
@@ -58,6 +61,7 @@ GICD_ISPENDR, GICD_ICPENDR, GICD_ICACTIVER = 0x200, 0x280, 0x380
 GICD_IPRIORITYR, GICD_ITARGETSR, GICD_ICFGR = 0x400, 0x800, 0xC00
 GICD_CPENDSGIR = 0xF10  # GICv2
 GICD_IROUTER = 0x6000  # GICv3, 8 bytes per INTID
+GICR_CTLR, GICR_PROPBASER, GICR_PENDBASER = 0x000, 0x070, 0x078  # a redistributor's LPI set-up
 GICR_SGI_BASE = 0x1_0000  # a GICv3 redistributor's SGI frame, where its SGI/PPI registers live
 ALL = 0xFFFF_FFFF
 SGIS = 0xFFFF  # INTIDs 0-15
@@ -137,8 +141,13 @@ class Gic:
     @property
     def mmio_regions(self) -> list[tuple[int, int, str]]:
         """(base, size, name) of every MMIO region KVM emulates: the GIC's and its ITS's."""
-        its = [] if self.its_base is None else [(self.its_base, KVM_VGIC_V3_ITS_SIZE, "gic-its")]
+        its = [] if self.its_region is None else [(*self.its_region, "gic-its")]
         return self.regions + its
+
+    @property
+    def its_region(self) -> tuple[int, int] | None:
+        """(base, size) of the ITS, if there is one (its DT node's reg)."""
+        return None if self.its_base is None else (self.its_base, KVM_VGIC_V3_ITS_SIZE)
 
     @property
     def regions(self) -> list[tuple[int, int, str]]:
@@ -180,6 +189,11 @@ class Gic:
             self._reset_v2()
 
     def _reset_v3(self) -> None:
+        if self._its is not None:
+            # the ITS first, so that it translates nothing more: disabled, its command queue and
+            # tables forgotten (arm-vgic-its.rst, KVM_DEV_ARM_ITS_CTRL_RESET); then each
+            # redistributor's LPIs below
+            self._its.set_device_attr(KVM_DEV_ARM_VGIC_GRP_CTRL, KVM_DEV_ARM_ITS_CTRL_RESET, 0, "ITS reset")
         dist = self._writer(KVM_DEV_ARM_VGIC_GRP_DIST_REGS, 0)
         dist(GICD_CTLR, 0)
         for word in range(SPI_BASE // 32, NR_IRQS // 32):  # distributor: the SPIs
@@ -198,6 +212,10 @@ class Gic:
         for mpidr, icc in zip(self._mpidrs, self._cpu_regs, strict=True):
             aff = _v3_affinity(mpidr)
             redist = self._writer(KVM_DEV_ARM_VGIC_GRP_REDIST_REGS, aff)
+            if self._its is not None:  # LPIs off, then their tables (writable only with LPIs off)
+                redist(GICR_CTLR, 0)
+                for half in (GICR_PROPBASER, GICR_PROPBASER + 4, GICR_PENDBASER, GICR_PENDBASER + 4):
+                    redist(half, 0)
             redist(GICR_SGI_BASE + GICD_ICENABLER, ALL)
             redist(GICR_SGI_BASE + GICD_ISENABLER, SGIS)
             redist(GICR_SGI_BASE + GICD_ICACTIVER, ALL)

@@ -39,7 +39,8 @@ def _sve(vq: int) -> list[Register]:
 
 def _sve_types(vq: int) -> list[str]:
     """The union type GDB shows a Z register as (z0.d.u[1], z0.b.s[3], ...): each element size's
-    vectors, then the predicate type, as GDB's own SVE description names them."""
+    vectors, then the predicate type, named as GDB names them when it describes an SVE target
+    itself (gdb/features/aarch64-sve.c)."""
     elements = {"q": [("u", "uint128"), ("s", "int128")],
                 "d": [("f", "ieee_double"), ("u", "uint64"), ("s", "int64")],
                 "s": [("f", "ieee_single"), ("u", "uint32"), ("s", "int32")],

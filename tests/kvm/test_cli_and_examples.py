@@ -8,7 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from pyvmm import cli
+from pyvmm.devices.virtio.blk import lock_image
 from pyvmm.host import probe
 from tests.conftest import ROOT, errors, guest_image
 from tests.kvm.conftest import NEEDS_FILTER, needs_filter
@@ -35,6 +38,21 @@ def test_empty_firmware_is_one_line(tmp_path: Path) -> None:
     p = run_cli("run", "-f", str(empty))
     assert p.returncode == cli.EXIT_ERROR
     assert errors(p.stderr) == [f"pyvmm: error: firmware {empty} is empty"]
+
+
+def test_a_missing_kernel_leaves_no_device_open(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The machine is built before the kernel is looked for (kvmtool's order); the disk made from
+    -d is the VM's by then, and closed with it: its lock is gone when pyvmm returns."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    assert cli.main(["run", "-d", str(disk), "-k", str(tmp_path / "missing")]) == cli.EXIT_ERROR
+    assert errors(capsys.readouterr().err) == [f"pyvmm: Fatal: Unable to open kernel {tmp_path / 'missing'}: "
+                                               "it does not exist or is not a file"]
+    fd = os.open(disk, os.O_RDWR)
+    try:
+        lock_image(fd, str(disk), shared=False)  # a disk left open would still hold its write lock
+    finally:
+        os.close(fd)
 
 
 def test_firmware_too_big_for_ram_is_one_line(tmp_path: Path) -> None:

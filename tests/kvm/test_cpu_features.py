@@ -6,7 +6,9 @@ to be absent (pyvmm check lists it: host_shape().cpu), and every flag takes its 
 
 from __future__ import annotations
 
+import glob
 import os
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ import pytest
 from pyvmm import cli
 from pyvmm.cpu_features import PVTIME_BASE, CpuOptions
 from pyvmm.errors import KvmUnavailableError
-from pyvmm.vm import Vm
+from pyvmm.vm import RAM_BASE, Vm
 from tests.conftest import host_shape, linux_guest
 from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports, s64
 
@@ -41,6 +43,26 @@ def field(value: int, lsb: int, width: int = 4) -> int:
 def index_sum(vl_bytes: int) -> int:
     """UADDV of INDEX Z0.B, #1, #1: the bytes 1, 2, ... wrapping at 256."""
     return sum((i + 1) % 256 for i in range(vl_bytes))
+
+
+def host_cpu_features() -> set[str]:
+    """What the host kernel says its own CPU has (/proc/cpuinfo's Features, arch/arm64/kernel/cpuinfo.c)."""
+    with open("/proc/cpuinfo") as f:
+        return next(set(line.split(":", 1)[1].split()) for line in f if line.startswith("Features"))
+
+
+def test_pyvmm_finds_what_the_hosts_own_cpu_has() -> None:
+    """The tests here branch on what `pyvmm check` finds (KVM_CHECK_EXTENSION); witnesses that
+    do not ask KVM keep that finding honest: the host kernel's view of its own CPU and PMU, its
+    version, and its GIC. In the emulated host (QEMU's `max` CPU with MTE) every one is there."""
+    have, cpu = host_shape().cpu, host_cpu_features()
+    assert ("sve" in have) == ("sve" in cpu)
+    assert ("ptrauth" in have) == ({"paca", "pacg"} <= cpu)
+    assert ("mte" in have) == ("mte" in cpu)
+    assert ("pmu" in have) == bool(glob.glob("/sys/bus/event_source/devices/armv8_pmuv3*"))
+    major, minor = (int(n) for n in os.uname().release.split(".")[:2])
+    assert ("pvtime" in have) == ((major, minor) >= (5, 10))  # KVM_CAP_STEAL_TIME on arm64
+    assert host_shape().its == (host_shape().gic == 3)  # KVM emulates an ITS for any vGICv3
 
 
 @NEEDS_FILTER  # the guest reports through a forwarded call
@@ -98,6 +120,20 @@ def test_the_pmu_counts_cycles_and_raises_its_overflow_interrupt(make_vm: MakeVm
     # without --pmu the guest has none (ID_AA64DFR0_EL1.PMUVer 0): it says so and stops
     reports = run(make_vm("pmu"))
     assert [r[0] for r in reports.tagged(1)] == [0] and not reports.tagged(2)
+
+
+def test_an_aarch32_guest_counts_cycles_with_the_pmu(make_vm: MakeVm) -> None:
+    """--aarch32 --pmu: the guest's CP15 PMCR shows PMUv3's event counters and its cycle counter
+    runs (the guest records what it read in RAM: no forwarded call, so every shape runs it)."""
+    if "pmu" not in host_shape().cpu:
+        with pytest.raises(KvmUnavailableError, match="offers no PMU"):
+            make_vm("a32/pmu32", aarch32=True, cpu=CpuOptions(pmu=True))
+        return
+    vm = make_vm("a32/pmu32", aarch32=True, cpu=CpuOptions(pmu=True))
+    result = vm.run(timeout=60)
+    assert result.reason == "poweroff", result
+    pmcr, first, second = struct.unpack("<3I", vm.memory.read(RAM_BASE + 0x10000, 12))
+    assert pmcr >> 11 & 0x1F and second > first, (hex(pmcr), first, second)  # PMCR.N counters; cycles
 
 
 @contextmanager

@@ -29,7 +29,7 @@ from pyvmm.memory import GuestMemory, Region
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.service import Service
 from pyvmm.vcpu import Vcpu
-from pyvmm.vm import Vm
+from pyvmm.vm import RAM_BASE, Vm
 from tests.conftest import errors, guest_image, linux_guest
 from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports
 
@@ -156,6 +156,24 @@ def test_a_reset_returns_the_vgic_to_its_initial_state(make_vm: MakeVm) -> None:
     assert after_dist[:4] == (0, 0, 0, 0) and not after_dist[4] & enabled
     assert after_private[:4] == (0xFFFF, 0, 0, 0)
     assert after_cpu[:4] == (0, 0, 0xAAAA_AAAA, 0 if v2 else 0xFFFF_FFFF)
+
+
+@pytest.mark.host(gic=3, its=True, reason="an ITS (--irqchip=gicv3-its) needs KVM's vGICv3 ITS")
+def test_a_reset_turns_the_its_and_the_lpis_off(make_vm: MakeVm) -> None:
+    """A guest that enabled the ITS and its LPIs reboots into an ITS with no command queue, off,
+    and a redistributor with LPIs off and no LPI table, as KVM_DEV_ARM_VGIC_CTRL_INIT left them."""
+    vm = make_vm("its_reset", irqchip="gicv3-its")
+    result = vm.run(timeout=60)
+    assert result.reason == "poweroff" and vm.resets == 1, result
+    records = vm.memory.read(RAM_BASE + 0x11000, 64)
+    (its_on, cbaser, lpis_on, propbaser), after = (
+        [int.from_bytes(records[at + 8 * n:at + 8 * n + 8], "little") for n in range(4)] for at in (0, 32))
+    # boot 1's set-up took: the queue 128 KiB and the table 192 KiB above the image
+    assert its_on & 1 and cbaser >> 63 and cbaser & 0xF_FFFF_FFFF_F000 == RAM_BASE + 0x20000, hex(cbaser)
+    assert lpis_on & 1 and propbaser & 0xF_FFFF_FFFF_F000 == RAM_BASE + 0x30000, hex(propbaser)
+    its_on, cbaser, lpis_on, propbaser = after
+    # KVM reports its own cacheability attributes in an empty PROPBASER; no table, no INTID bits
+    assert (its_on & 1, cbaser, lpis_on & 1, propbaser & 0xF_FFFF_FFFF_F01F) == (0, 0, 0, 0), [hex(v) for v in after]
 
 
 class Stuck:

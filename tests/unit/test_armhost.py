@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "tools" / "armhost"))
+import boot  # noqa: E402
 from debian import MIRROR_VARIABLE, merge_usr, system_mirror  # noqa: E402
 from image import userspace_release, userspace_roots  # noqa: E402
 
@@ -122,3 +123,13 @@ def test_apts_plan_is_read_and_each_version_downloaded_once(tmp_path: Path, monk
     debs = apt.download(packages)
     assert [d.name for d in debs] == ["libc6_2.41-12+deb13u5_arm64.deb", "busybox-static_1%3a1.37.0-6+b9_arm64.deb"]
     assert apt.download(packages) == debs and len(downloads) == 1  # cached: not downloaded again
+
+
+def test_the_hosts_cpu_has_mte_unless_another_cpu_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    """QEMU refuses mte=on for a CPU without MTE: only the default `max` CPU gets it."""
+    monkeypatch.delenv("ARMHOST_CPU", raising=False)
+    default = boot.qemu_command(Path("Image"), Path("initrd"), 3, 2, 3072)
+    assert "virt,virtualization=on,mte=on,gic-version=3" in default and "max,pauth-impdef=on" in default
+    monkeypatch.setenv("ARMHOST_CPU", "cortex-a72")
+    other = boot.qemu_command(Path("Image"), Path("initrd"), 2, 2, 3072)
+    assert "virt,virtualization=on,gic-version=2" in other and "cortex-a72" in other

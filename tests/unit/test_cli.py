@@ -10,13 +10,32 @@ from pathlib import Path
 import pytest
 
 from pyvmm import cli
+from pyvmm.cpu_features import AS_THE_HOST_OFFERS, CpuOptions
 from pyvmm.errors import KvmUnavailableError
+from pyvmm.irqchip import IRQCHIPS
 from pyvmm.kvm import Kvm
 from tests.conftest import ROOT
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_kvmtools_flags_as_its_users_spell_them() -> None:
+    """kvm-unit-tests' runner's spelling (scripts/vmm.bash, arm/run) and kvmtool's CPU flags."""
+    args = cli.build_parser().parse_args([
+        "run", "--kernel", "t.flat", "--cpus", "2", "--params", "a b", "--nodefaults", "--network", "mode=none",
+        "--loglevel=warning", "--mem", "256", "--pmu", "--irqchip=gicv3-its", "--initrd", "env",
+        "--sve-max-vl", "256", "--disable-mte", "--no-pvtime", "--kaslr-seed", "0x10"])
+    assert (args.kernel, args.cpus, args.params, args.nodefaults, args.network, args.loglevel, args.mem,
+            args.irqchip, args.initrd, args.kaslr_seed) == (
+        "t.flat", 2, "a b", True, ["mode=none"], "warning", 256, "gicv3-its", "env", 0x10)
+    assert cli.cpu_options(args) == CpuOptions(sve_max_vl=256, pmu=True, mte=False, pvtime=False)
+    defaults = cli.build_parser().parse_args(["run", "--kernel", "t.flat"])
+    assert cli.cpu_options(defaults) == AS_THE_HOST_OFFERS and not defaults.nodefaults
+    assert defaults.irqchip == "auto"
+    for irqchip in IRQCHIPS:  # every one the GIC knows (the parser spells them out)
+        assert cli.build_parser().parse_args(["run", "-k", "t", f"--irqchip={irqchip}"]).irqchip == irqchip
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -32,6 +51,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     # options are spelled in full on every Python: argparse's abbreviations differ between them
     (["run", "-f", "x", "--time", "5"], "unrecognized arguments: --time 5"),
     (["frobnicate"], "invalid choice"),
+    (["run", "-f", "x", "--irqchip=gicv4"], "argument --irqchip: invalid choice: 'gicv4'"),
+    (["run", "-f", "x", "--sve-max-vl", "384"], "power of two from 128 to 2048 bits, not 384"),
+    (["run", "-f", "x", "--sve-max-vl", "4096"], "power of two from 128 to 2048 bits, not 4096"),
+    (["run", "-f", "x", "--loglevel=loud"], "argument --loglevel: invalid choice: 'loud'"),
 ])
 def test_bad_flags_are_one_line_usage_errors(args: list[str], message: str) -> None:
     p = run_cli(*args)

@@ -5,7 +5,7 @@ for, the order of set-up, and the device-tree nodes."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import pytest
 
@@ -69,10 +69,12 @@ def test_sve_max_vl_follows_kvmtools_rule(bits: int) -> None:
         choose(CpuOptions(sve_max_vl=bits), offers(EVERYTHING), aarch32=False)
 
 
-def test_aarch32_guests_get_none_and_asking_is_one_line() -> None:
+def test_aarch32_guests_get_none_but_the_pmu_and_asking_is_one_line() -> None:
     assert choose(AS_THE_HOST_OFFERS, offers(EVERYTHING), aarch32=True) == CpuFeatures()
-    with pytest.raises(VmmError, match="^PMU is for AArch64 guests"):
-        choose(CpuOptions(pmu=True), offers(EVERYTHING), aarch32=True)
+    assert choose(CpuOptions(pmu=True), offers(EVERYTHING), aarch32=True) == CpuFeatures(pmu=True)
+    for asked in (CpuOptions(sve=True), CpuOptions(sve_max_vl=256), CpuOptions(ptrauth=True), CpuOptions(mte=True)):
+        with pytest.raises(VmmError, match="is for AArch64 guests: this VM's vCPUs run AArch32"):
+            choose(asked, offers(EVERYTHING), aarch32=True)
 
 
 def test_vector_lengths_are_cut_above_the_maximum() -> None:
@@ -123,3 +125,80 @@ def test_an_irqchip_the_host_lacks_is_one_line(host_version: int, its: bool, irq
 def test_irqchip_gicv2_on_a_gicv3_host_with_v2_compatibility() -> None:
     gic = gic_layout(2, 3, "gicv2")
     assert gic.version == 2 and gic.its_base is None
+
+
+class RecordingVcpuFd:
+    """A vCPU fd that records the set-up calls Vcpu makes, in order (api.rst: KVM_ARM_VCPU_INIT,
+    then the vCPU's device attributes and SVE's vector lengths, then KVM_ARM_VCPU_FINALIZE)."""
+
+    mmap = None
+
+    def __init__(self, vls: int) -> None:
+        self.calls: list[str] = []
+        self.vls = vls.to_bytes(64, "little")
+
+    def vcpu_init(self, target: int, features: list[int]) -> None:
+        self.calls.append(f"init {features[0]:#x}")
+
+    def set_device_attr_u64(self, group: int, attr: int, value: int, what: str) -> None:
+        self.calls.append(f"attr {group}.{attr} = {value:#x}")
+
+    def set_device_attr_u32(self, group: int, attr: int, value: int, what: str) -> None:
+        self.calls.append(f"attr {group}.{attr} = {value}")
+
+    def set_device_attr(self, group: int, attr: int, value: int, what: str) -> None:
+        self.calls.append(f"attr {group}.{attr}")
+
+    def get_one_reg_bytes(self, reg_id: int, size: int) -> bytes:
+        self.calls.append("get VLS")
+        return self.vls
+
+    def set_one_reg_bytes(self, reg_id: int, data: bytes) -> None:
+        self.calls.append(f"set VLS {int.from_bytes(data, 'little'):#b}")
+
+    def finalize(self, feature: int) -> None:
+        self.calls.append(f"finalize {feature}")
+
+    def get_one_reg(self, reg_id: int) -> int:
+        return 0
+
+    def set_one_reg(self, reg_id: int, value: int) -> None:
+        pass
+
+    def x0_value(self) -> int:
+        return 0
+
+    def write_x0(self, value: int) -> None:
+        pass
+
+    def failed(self) -> bool:
+        return False
+
+
+def test_a_vcpus_features_are_set_up_in_kvms_order() -> None:
+    """INIT with the feature bits, PV time's IPA, the vector lengths cut to --sve-max-vl, FINALIZE
+    last (KVM refuses VLS after it and runs no vCPU before it); the PMU's interrupt before its
+    INIT, once the vGIC exists (devices/vcpu.rst)."""
+    from kvm_bindings.constants import (
+        KVM_ARM_VCPU_PMU_V3_CTRL,
+        KVM_ARM_VCPU_PMU_V3_INIT,
+        KVM_ARM_VCPU_PMU_V3_IRQ,
+        KVM_ARM_VCPU_PVTIME_CTRL,
+        KVM_ARM_VCPU_PVTIME_IPA,
+    )
+    from pyvmm.cpu_features import PVTIME_BASE
+    from pyvmm.vcpu import Vcpu
+
+    fd = RecordingVcpuFd(vls=0b1011)  # 128, 256 and 512-bit vectors
+    features = CpuFeatures(ptrauth=True, sve=True, sve_max_vl=256, pmu=True, pvtime=True)
+    vcpu = Vcpu(1, cast(Any, fd), 0, cast(Any, None), features=features)
+    bits = (1 << VcpuFeature.PSCI_0_2 | 1 << VcpuFeature.POWER_OFF | 1 << VcpuFeature.PTRAUTH_ADDRESS
+            | 1 << VcpuFeature.PTRAUTH_GENERIC | 1 << VcpuFeature.SVE | 1 << VcpuFeature.PMU_V3)
+    assert fd.calls == [f"init {bits:#x}",
+                        f"attr {KVM_ARM_VCPU_PVTIME_CTRL}.{KVM_ARM_VCPU_PVTIME_IPA} = {PVTIME_BASE + 64:#x}",
+                        "get VLS", "set VLS 0b11", f"finalize {VcpuFeature.SVE}"]
+    assert vcpu.sve_vl == 256
+    fd.calls.clear()
+    vcpu.init_pmu()
+    assert fd.calls == [f"attr {KVM_ARM_VCPU_PMU_V3_CTRL}.{KVM_ARM_VCPU_PMU_V3_IRQ} = 23",
+                        f"attr {KVM_ARM_VCPU_PMU_V3_CTRL}.{KVM_ARM_VCPU_PMU_V3_INIT}"]

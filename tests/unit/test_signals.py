@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvmm import cli
+from pyvmm.errors import VmmError
 
 
 @pytest.fixture
@@ -49,6 +50,15 @@ def test_a_deferred_step_finishes_before_the_signal_counts(signals: cli.StopSign
             steps.append("written")  # still run: the signal waits for the block
             steps.append("removed if it failed")
     assert steps == ["written", "removed if it failed"]
+
+
+def test_a_deferred_step_that_fails_still_ends_with_the_signal(signals: cli.StopSignals) -> None:
+    """`pyvmm exec` whose session fails to start after a SIGTERM came: 143, not the set-up's error."""
+    with pytest.raises(cli.Interrupted) as caught:
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise VmmError("the session could not start")
+    assert caught.value.signo == signal.SIGTERM
 
 
 def test_a_deferred_step_that_hands_over_its_machine_has_it_stopped(signals: cli.StopSignals) -> None:

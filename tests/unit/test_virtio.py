@@ -3,10 +3,11 @@ rings by a test driver (no KVM: guest RAM is anonymous memory, the worker thread
 
 from __future__ import annotations
 
+import argparse
 import os
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,7 +33,7 @@ from pyvmm.devices.virtio.chain import Chain, QueueError, split
 from pyvmm.devices.virtio.console import VirtioConsole
 from pyvmm.devices.virtio.device import VIRTIO_F_VERSION_1
 from pyvmm.devices.virtio.layout import DESC, IOVEC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from pyvmm.devices.virtio.net import parse_network
+from pyvmm.devices.virtio.net import VirtioNet, parse_network
 from pyvmm.devices.virtio.queue import Virtqueue
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.errors import VmmError
@@ -265,6 +266,25 @@ def test_console_input_waits_for_buffers_and_a_connected_port(vm: FakeVm) -> Non
     rx.add([], [64])
     rx.kick()
     assert rx.wait_used() == [(2, 4)]
+
+
+class NoHost:
+    """The host side of a device that needs none (DeviceHost)."""
+
+    def console_output(self, data: bytes) -> None:
+        raise AssertionError("no console here")
+
+    def use_console(self, receive: Callable[[bytes], None], kernel_name: str) -> None:
+        raise AssertionError("no console here")
+
+
+NO_HOST = NoHost()
+
+
+def test_network_mode_none_is_no_nic_as_in_kvmtool() -> None:
+    """kvm-unit-tests' runner passes `--network mode=none` to say the test wants no NIC."""
+    for options in (["mode=none"], ["mode=none", "mode=none,guest_mac=02:00:00:00:00:01"]):
+        assert VirtioNet.from_args(argparse.Namespace(network=options), NO_HOST) == []
 
 
 def test_network_options() -> None:

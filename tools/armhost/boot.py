@@ -40,9 +40,12 @@ def qemu_command(kernel: Path, initrd: Path, gic: int, cpus: int, mem_mib: int) 
     # the host needs no network, and the virt board's default NIC wants an option ROM
     # (efi-virtio.rom, from ipxe-qemu) that a QEMU installed without recommends does not have,
     # so QEMU would refuse to start.
+    # A CPU given in ARMHOST_CPU may have no MTE, which QEMU refuses with mte=on: it goes without.
+    cpu = os.environ.get("ARMHOST_CPU", "")
+    mte = "" if cpu else "mte=on,"
     return [
-        "qemu-system-aarch64", "-M", f"virt,virtualization=on,mte=on,gic-version={gic}",
-        "-cpu", os.environ.get("ARMHOST_CPU", "max,pauth-impdef=on"), "-smp", str(cpus), "-m", str(mem_mib),
+        "qemu-system-aarch64", "-M", f"virt,virtualization=on,{mte}gic-version={gic}",
+        "-cpu", cpu or "max,pauth-impdef=on", "-smp", str(cpus), "-m", str(mem_mib),
         "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio", "-nic", "none",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "console=ttyAMA0 rdinit=/init panic=-1 quiet loglevel=3",

@@ -2,7 +2,9 @@
 
   -n mode=tap,tapif=NAME[,guest_mac=MAC]   frames go to and come from tap NAME (created if it
                                             does not exist; the host side configures it)
-  -n mode=none[,guest_mac=MAC]              a NIC with its link up and nothing behind it
+  -n mode=none                              no NIC, as in kvmtool (its runners pass it to say so)
+
+In the Python API a NetworkSpec of mode "none" is a NIC with its link up and nothing behind it.
 
 The tap is opened with IFF_VNET_HDR and a 12-byte header, the size of struct virtio_net_hdr_v1
 (§5.1.6), so a frame's descriptors go to writev/readv as they are: no copy, no header rewrite.
@@ -87,11 +89,13 @@ class VirtioNet(VirtioDevice):
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("-n", "--network", action="append", default=[],
                             metavar="mode=tap,tapif=NAME[,guest_mac=MAC]|mode=none",
-                            help="a virtio-net NIC on a host tap device, or with no backend; repeatable")
+                            help="a virtio-net NIC on a host tap device (repeatable); mode=none: no NIC")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, host: DeviceHost) -> list[VirtioDevice]:
-        return [cls(spec) for spec in [parse_network(n) for n in args.network]]
+        # kvmtool's mode=none is no NIC at all (virtio/net.c, no_net), whatever else -n says
+        specs = [parse_network(n) for n in args.network]
+        return [] if any(spec.mode == "none" for spec in specs) else [cls(spec) for spec in specs]
 
     def __init__(self, spec: NetworkSpec) -> None:
         super().__init__()
