@@ -80,7 +80,8 @@ IRQCHIPS = ("auto", "gicv2", "gicv3", "gicv3-its")  # kvmtool's --irqchip, less 
 
 class Gic:
     def __init__(self, vm_fd: VmFd, nr_vcpus: int, irqchip: str = "auto") -> None:
-        """`irqchip`: "auto" (a vGICv3, else a vGICv2), or the one of IRQCHIPS asked for."""
+        """`irqchip`: "auto" (as kvmtool's: a vGICv3 with an ITS, else a vGICv3, else a vGICv2;
+        arm/gic.c, gic__create), or the one of IRQCHIPS asked for."""
         if irqchip not in IRQCHIPS:
             raise VmmError(f"the interrupt controller is one of {', '.join(IRQCHIPS)}, not {irqchip!r}")
         self.nr_vcpus = nr_vcpus
@@ -100,7 +101,8 @@ class Gic:
         try:
             for kind, base in regions:
                 self.dev.set_device_attr_u64(KVM_DEV_ARM_VGIC_GRP_ADDR, kind, base, f"GIC region {kind} at {base:#x}")
-            if irqchip == "gicv3-its":
+            if irqchip == "gicv3-its" or (irqchip == "auto" and self.version == 3
+                                          and vm_fd.can_create_device(DeviceType.ARM_VGIC_ITS)):
                 self._add_its(vm_fd)
         except BaseException:
             self.close()

@@ -92,6 +92,7 @@ def test_kaslr_seed_mem_units_and_no_network(tmp_path: Path) -> None:
     dts = FdtBlobParse(io.BytesIO(out.read_bytes())).to_fdt().to_dts()
     assert "reg = <0x00000000 0x80000000 0x00000000 0x40000000>;" in dts  # 1 GiB of RAM at 2 GiB
     assert "virtio" not in dts  # mode=none: no NIC, as in kvmtool
+    assert ("msi-controller@" in dts) == host_shape().its  # --irqchip auto: an ITS where KVM has one
 
 
 def test_irqchip_gicv3_its_gives_linux_an_its_it_finds_and_commands(tmp_path: Path) -> None:

@@ -122,6 +122,16 @@ def test_an_irqchip_the_host_lacks_is_one_line(host_version: int, its: bool, irq
     assert all(d.closed for d in vm.devices)  # nothing is left open
 
 
+@pytest.mark.parametrize(("host_version", "its", "version", "has_its"), [
+    (3, True, 3, True), (3, False, 3, False), (2, False, 2, False)])
+def test_auto_is_kvmtools_choice(host_version: int, its: bool, version: int, has_its: bool) -> None:
+    """kvmtool's IRQCHIP_AUTO (arm/gic.c): a vGICv3 with an ITS, else a vGICv3, else a vGICv2."""
+    vm = FakeGicVmFd(host_version, its=its)
+    gic = Gic(cast(VmFd, vm), 2)
+    assert (gic.version, gic.its_region is not None) == (version, has_its)
+    gic.close()
+
+
 def test_irqchip_gicv2_on_a_gicv3_host_with_v2_compatibility() -> None:
     gic = gic_layout(2, 3, "gicv2")
     assert gic.version == 2 and gic.its_base is None

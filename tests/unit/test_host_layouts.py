@@ -37,8 +37,8 @@ def test_a_vgicv3_has_a_redistributor_per_vcpu_right_below_the_distributor(cpus:
     gic, fd = make_gic(3, cpus)
     redist = DIST - cpus * 0x2_0000  # 128 KiB each: RD_base and SGI_base frames
     assert gic.version == 3 and gic.regions == [(DIST, 0x1_0000, "gic-dist"), (redist, cpus * 0x2_0000, "gic-redist")]
-    dev, = fd.devices
-    assert dev.kind == DeviceType.ARM_VGIC_V3
+    dev, its = fd.devices  # and an ITS, as kvmtool's --irqchip auto gives
+    assert (dev.kind, its.kind) == (DeviceType.ARM_VGIC_V3, DeviceType.ARM_VGIC_ITS)
     assert dev.attrs == [(KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_DIST, DIST),
                          (KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_VGIC_V3_ADDR_TYPE_REDIST, redist)]
 
