@@ -110,9 +110,9 @@ unit: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests
 # --capture=sys leaves fd 2 alone, so a stuck test's watchdog dump (faulthandler) is seen.
 kvm: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests payloads armhost
 ifeq ($(NATIVE_KVM),yes)
-	@PYVMM_KVM_TIER=1 $(VPY) -m pytest -m kvm -q -rfEs --capture=sys
+	@PYVMM_KVM_TIER=1 $(VPY) -m pytest -m kvm -q -rfEs --capture=sys --durations=12
 else
-	@$(ARMHOST) run --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs --color=no --capture=sys
+	@$(ARMHOST) run --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs --color=no --capture=sys --durations=12
 endif
 
 test: lint unit kvm
@@ -121,7 +121,7 @@ test: lint unit kvm
 # Linux 6.12, GICv2, 16K pages, Linux 6.1), one boot each, then one line per shape with its tally.
 # Emulated on every machine, native arm64 ones too: a real host is one shape, the matrix all four.
 test-hosts: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests payloads armhost
-	@$(ARMHOST) matrix --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs --color=no --capture=sys
+	@$(ARMHOST) matrix --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs --color=no --capture=sys --durations=12
 
 # The fuzz campaigns in full (`make test` runs a share of each): a hostile driver against every
 # virtio device, malformed CLI values, broken service modules, handler results and control-socket
