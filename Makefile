@@ -70,7 +70,7 @@ build/guests/%.bin: %.S tests/guests/common.inc | .cache/host-deps.stamp
 # in the emulated arm64 host, which has no assembler, so they are assembled here first.
 USER_PROJECT := examples/user_project
 payloads: $(VENV)/.stamp
-	@$(VPY) -m pyvmm.payload build --cache $(USER_PROJECT)/build/pyvmm-payloads $(wildcard $(USER_PROJECT)/guests/*.S) >/dev/null
+	@$(VPY) -m pyvmm.testing.payload build --cache $(USER_PROJECT)/build/pyvmm-payloads $(wildcard $(USER_PROJECT)/guests/*.S) >/dev/null
 
 # AArch32 guests (for --aarch32 VMs), assembled by binutils' arm-linux-gnueabihf cross assembler.
 build/guests/a32/%_smc.bin: tests/guests/a32/%.S tests/guests/a32/common32.inc | .cache/host-deps.stamp

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from kvm_bindings import CData, ffi
 from kvm_bindings.regs import CORE_REGS
+from pyvmm.machine.vm import Vm
 from pyvmm.smccc.call import SmcccCall
-from pyvmm.vm import Vm
 
 ROOT = Path(__file__).resolve().parents[1]
 GUESTS = ROOT / "build" / "guests"

@@ -20,7 +20,7 @@ import sys
 import time
 
 from benchmarks.common import ROOT, median
-from pyvmm.execute import LinuxSession
+from pyvmm.exec.session import LinuxSession
 
 RUNS = 3
 # 256 MiB, as the figure is defined; the emulated host answers a 9p request in ~10 ms and Linux

@@ -16,7 +16,7 @@ figures are medians, the ratios medians of per-round ratios. Target: pyvmm <= 1.
 from __future__ import annotations
 
 from benchmarks.common import CallbackLoop, NativeFloor, median, run_hvc_loop
-from pyvmm.vm import Vm
+from pyvmm.machine.vm import Vm
 
 PSCI_VERSION = 0x8400_0000
 AFFINITY_INFO64 = 0xC400_0004

@@ -16,9 +16,9 @@ import time
 
 from benchmarks.common import FN_REPORT, GUESTS, median, run_hvc_loop
 from kvm_bindings.regs import CORE_REGS
+from pyvmm.machine.vm import Vm
 from pyvmm.services.sdei import EventSpec
 from pyvmm.smccc.call import SmcccCall
-from pyvmm.vm import Vm
 
 PSCI_VERSION = 0x8400_0000
 ROUNDS = 5

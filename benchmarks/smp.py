@@ -26,8 +26,8 @@ import threading
 import time
 
 from benchmarks.common import FN_REPORT, GUESTS, median
+from pyvmm.machine.vm import Vm
 from pyvmm.smccc.call import SmcccCall
-from pyvmm.vm import Vm
 
 PSCI_VERSION = 0x8400_0000
 PSCI_1_1 = 0x0001_0001

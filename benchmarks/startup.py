@@ -17,7 +17,7 @@ import time
 from benchmarks.common import median
 
 RUNS = 5
-RUN_PATH = "import pyvmm.cli, pyvmm.boot, pyvmm.vm, pyvmm.devices.virtio"  # tests/unit/test_startup_imports.py
+RUN_PATH = "import pyvmm.cli, pyvmm.boot.load, pyvmm.machine.vm, pyvmm.devices.virtio"  # tests/unit/test_startup_imports.py
 
 
 def importtime(module: str) -> dict[str, int]:
@@ -51,8 +51,8 @@ def inline_cdef_us() -> int:
 def main() -> dict[str, float]:
     vm_us, ffi_us, inline_us, bare_us, run_us = [], [], [], [], []
     for _ in range(RUNS):
-        times = importtime("pyvmm.vm")
-        vm_us.append(times["pyvmm.vm"])
+        times = importtime("pyvmm.machine.vm")
+        vm_us.append(times["pyvmm.machine.vm"])
         ffi_us.append(times["kvm_bindings._kvm_ffi"])
         inline_us.append(inline_cdef_us())
         bare_us.append(wall_us("pass"))
@@ -62,7 +62,7 @@ def main() -> dict[str, float]:
     print(f"  interpreter start-up alone (-c pass)         {bare:7.1f} ms  (the floor of any Python VMM)")
     print(f"  interpreter + pyvmm run's imports            {run:7.1f} ms  ({run / bare:.2f}x the interpreter alone;"
           f" {RUN_PATH.removeprefix('import ')})")
-    print(f"  import pyvmm.vm (whole VMM core)             {median(vm_us) / 1000:7.1f} ms")
+    print(f"  import pyvmm.machine.vm (whole VMM core)             {median(vm_us) / 1000:7.1f} ms")
     print(f"  of which the out-of-line FFI module          {median(ffi_us) / 1000:7.1f} ms")
     print(f"  parsing the same cdefs in-line instead       {median(inline_us) / 1000:7.1f} ms"
           f"  ({median(inline_us) / median(ffi_us):.0f}x the out-of-line import)")

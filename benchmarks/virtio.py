@@ -28,12 +28,12 @@ import time
 
 from benchmarks.common import median
 from benchmarks.hypercall import native_floor_us
-from pyvmm.boot import boot
+from pyvmm.boot.load import boot
 from pyvmm.devices.bus import MmioDevice
 from pyvmm.devices.virtio.blk import VirtioBlk
-from pyvmm.devices.virtio.chain import Chain
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
-from pyvmm.vm import Vm
+from pyvmm.devices.virtio.rings.chain import Chain
+from pyvmm.machine.vm import Vm
 from tests.conftest import linux_guest
 
 DISK_MIB = 64

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from pyvmm import Vm, VmmError
-from pyvmm.boot import boot
+from pyvmm.boot.load import boot
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.smccc.trace import TracePrinter

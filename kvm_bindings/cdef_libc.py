@@ -3,7 +3,7 @@
 ioctl is declared with a pointer third argument rather than as variadic: calling a variadic
 function in ABI mode is not portable, and every KVM ioctl takes either a pointer or an integer
 that fits one (integers are passed as `ffi.cast("void *", n)`). preadv/pwritev take an iovec
-array built as bytes (virtio-blk's fast path, see pyvmm/devices/virtio/linear_table.py);
+array built as bytes (virtio-blk's fast path, see pyvmm/devices/virtio/rings/linear_table.py);
 struct flock is what fcntl(2) locks a disk image with.
 """
 

@@ -8,15 +8,15 @@ from typing import TYPE_CHECKING, Any
 from pyvmm.errors import VmmError
 
 if TYPE_CHECKING:
+    from pyvmm.machine.vm import RunResult, Vm
     from pyvmm.smccc.call import SmcccCall
-    from pyvmm.vm import RunResult, Vm
 
 __all__ = ["RunResult", "SmcccCall", "Vm", "VmmError"]
 __version__ = "0.1.0"
 
 # The VM's modules (cffi, the bindings, the devices) load when first asked for (PEP 562), so that
 # `pyvmm`'s command line takes its stop signals before it imports them.
-_LAZY = {"Vm": "pyvmm.vm", "RunResult": "pyvmm.vm", "SmcccCall": "pyvmm.smccc.call"}
+_LAZY = {"Vm": "pyvmm.machine.vm", "RunResult": "pyvmm.machine.vm", "SmcccCall": "pyvmm.smccc.call"}
 
 
 def __getattr__(name: str) -> Any:

@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from pyvmm.errors import KernelOpenError, VmmError
 
 if TYPE_CHECKING:
-    from pyvmm.cpu_features import CpuOptions
     from pyvmm.devices.virtio.device import VirtioDevice
-    from pyvmm.vm import Vm
+    from pyvmm.machine.cpu_features import CpuOptions
+    from pyvmm.machine.vm import Vm
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GUEST, EXIT_TIMEOUT = 0, 1, 2, 3, 124
 EXIT_EXEC_PYVMM = 125  # exec: pyvmm could not start the guest (execute.EXIT_PYVMM_FAILED)
@@ -115,7 +115,7 @@ def mem_mib(text: str) -> int:
 
 def sve_vector_length(text: str) -> int:
     """An argparse type: kvmtool's --sve-max-vl, in bits."""
-    from pyvmm.cpu_features import check_sve_max_vl
+    from pyvmm.machine.cpu_features import check_sve_max_vl
 
     value = positive_int(text)
     try:
@@ -159,7 +159,7 @@ def build_parser() -> Parser:
         device_type.add_arguments(run)
     run.add_argument("--dump-dtb", metavar="FILE", help="write the generated device tree to FILE and exit")
     add_machine_options(run, cpus=1, mem=64)
-    # the CPU and the interrupt controller, in kvmtool's spelling (pyvmm/cpu_features.py)
+    # the CPU and the interrupt controller, in kvmtool's spelling (pyvmm/machine/cpu_features.py)
     # irqchip.IRQCHIPS, spelled out: parsing loads no KVM module (tests/unit/test_cli.py checks)
     run.add_argument("--irqchip", choices=["auto", "gicv2", "gicv3", "gicv3-its"], default="auto",
                      help="the vGIC: gicv3 (else gicv2) by default; gicv3-its adds KVM's ITS")
@@ -312,7 +312,7 @@ class HostConsole:
     unless a device takes it (--console virtio)."""
 
     def __init__(self) -> None:
-        from pyvmm.console import ConsoleOutput
+        from pyvmm.machine.host_console import ConsoleOutput
 
         self.output = ConsoleOutput()
         self.receive: Callable[[bytes], None] | None = None  # None: the UART's
@@ -330,7 +330,7 @@ class SmcccOptions:
     made, applied to one once it is."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from pyvmm.services.loader import load_service_module, parse_range
+        from pyvmm.services.modules import load_service_module, parse_range
 
         self.added = [load_service_module(f) for f in args.service]
         self.replacing = [load_service_module(f) for f in args.replace_service]
@@ -358,7 +358,7 @@ class SmcccOptions:
 
 def cpu_options(args: argparse.Namespace) -> CpuOptions:
     """kvmtool's CPU flags as the Python API's CpuOptions: None is "as the host offers"."""
-    from pyvmm.cpu_features import CpuOptions
+    from pyvmm.machine.cpu_features import CpuOptions
 
     return CpuOptions(sve_max_vl=args.sve_max_vl, pmu=args.pmu, mte=False if args.disable_mte else None,
                       pvtime=False if args.no_pvtime else None)
@@ -366,11 +366,11 @@ def cpu_options(args: argparse.Namespace) -> CpuOptions:
 
 def cmd_run(args: argparse.Namespace, signals: StopSignals) -> int:
     # what only some options need (a control socket, SDEI, GDB) is imported only for them
-    from pyvmm.boot import boot
-    from pyvmm.console import ConsoleInput
+    from pyvmm.boot.load import boot
     from pyvmm.devices.virtio import CLI_DEVICES
-    from pyvmm.lifecycle import threads_left_running
-    from pyvmm.vm import Vm
+    from pyvmm.machine.host_console import ConsoleInput
+    from pyvmm.machine.lifecycle import threads_left_running
+    from pyvmm.machine.vm import Vm
 
     services = SmcccOptions(args)
     if args.sdei_event and not args.sdei:
@@ -483,7 +483,7 @@ def cmd_run(args: argparse.Namespace, signals: StopSignals) -> int:
 
 def cmd_exec(args: argparse.Namespace, signals: StopSignals) -> int:
     """`pyvmm exec`: its statuses are the command's, or 123/124/125/128+N (see the module doc)."""
-    from pyvmm.execute import (
+    from pyvmm.exec.session import (
         EXIT_BOOT_FAILED,
         EXIT_PYVMM_FAILED,
         GuestFailed,
@@ -498,7 +498,7 @@ def cmd_exec(args: argparse.Namespace, signals: StopSignals) -> int:
     if args.loglevel == "warning":
         # exec's stderr is the command's: what the host's shape means (no SMCCC filter) is left to
         # `pyvmm check`, and what it refuses is still one line (a --service there, say)
-        from pyvmm.vm import HOST_NOTES
+        from pyvmm.machine.vm import HOST_NOTES
 
         logging.getLogger(HOST_NOTES).setLevel(logging.ERROR)
     if not command:
@@ -585,8 +585,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """The host's shape and, in words, what pyvmm can and cannot do on it (pyvmm/host.py)."""
-    from pyvmm.host import probe, report, runnable
+    """The host's shape and, in words, what pyvmm can and cannot do on it (pyvmm/machine/host.py)."""
+    from pyvmm.machine.host import probe, report, runnable
 
     uname = os.uname()
     if uname.machine != "aarch64":

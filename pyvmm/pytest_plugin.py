@@ -21,7 +21,7 @@ and each command, pyvmm_boot_timeout (default 180) for a Linux boot; @pytest.mar
 sets a test's, and each call takes timeout=.
 
 Guests report values by the convention of pyvmm's own test guests: an SMC64 call FN_REPORT
-(0xC20000F0) with x1..x6, x1 a tag; `.include "pyvmm.inc"` (pyvmm/include/) has the macros.
+(0xC20000F0) with x1..x6, x1 a tag; `.include "pyvmm.inc"` (pyvmm/testing/include/) has the macros.
 
 This module imports nothing of pyvmm's machinery and touches no KVM until a fixture is used:
 loading it must never break a pytest run, on any host.
@@ -41,14 +41,14 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 import pytest
 
 if TYPE_CHECKING:
-    from pyvmm.execute import Completed, LinuxSession
-    from pyvmm.lifecycle import RunResult
-    from pyvmm.payload import PayloadCache
-    from pyvmm.services.loader import ServiceModule
+    from pyvmm.exec.session import Completed, LinuxSession
+    from pyvmm.machine.lifecycle import RunResult
+    from pyvmm.machine.vm import Vm
+    from pyvmm.services.modules import ServiceModule
     from pyvmm.smccc.context import ServiceContext, TraceEvent
     from pyvmm.smccc.dispatcher import Dispatcher, TraceRecord
     from pyvmm.smccc.service import Service
-    from pyvmm.vm import Vm
+    from pyvmm.testing.payload import PayloadCache
 
     # A service for a guest: a service module file (RANGE, handle, NAME: what `pyvmm run
     # --service` loads), a loaded ServiceModule, a Service, or a callable that makes one from
@@ -122,7 +122,7 @@ def kvm_problem() -> str | None:
         return f"this host is {machine}, not arm64 (aarch64)"
     try:
         from pyvmm.errors import VmmError
-        from pyvmm.kvm import Kvm
+        from pyvmm.kvm.fds import Kvm
     except ImportError as e:
         return f"pyvmm's KVM bindings do not load: {e}"
     try:
@@ -131,7 +131,7 @@ def kvm_problem() -> str | None:
         return str(e)
     try:
         from kvm_bindings.constants import Cap
-        from pyvmm.host import probe_ipa_bits
+        from pyvmm.machine.host import probe_ipa_bits
 
         kvm.create_vm(probe_ipa_bits(kvm.check_extension(Cap.ARM_VM_IPA_SIZE))).close()
     except VmmError as e:
@@ -222,7 +222,7 @@ def _in_project(config: pytest.Config, path: str | os.PathLike[str]) -> Path:
 
 
 def payload_cache(config: pytest.Config) -> PayloadCache:
-    from pyvmm.payload import CACHE_ENV, PayloadCache
+    from pyvmm.testing.payload import CACHE_ENV, PayloadCache
 
     env = os.environ.get(CACHE_ENV)
     ini = str(config.getini("pyvmm_payload_cache")).strip()
@@ -247,7 +247,7 @@ class Payloads:
         """The flat binary of `source` (relative: to the rootdir) whose firmware calls use `conduit`.
         A source that cannot be assembled fails the test with the reason (the assembler's
         messages, or the command that pre-builds it where binutils are)."""
-        from pyvmm.payload import PayloadError
+        from pyvmm.testing.payload import PayloadError
 
         try:
             path, _ = self.cache.build(_in_project(self._config, source), conduit=conduit, defsyms=defsyms)
@@ -262,7 +262,7 @@ def add_services(smccc: Dispatcher, context: ServiceContext, services: Iterable[
     relative to `base`. A handler-only service is traced with its first six arguments, x1..x6,
     since it names none."""
     from pyvmm.errors import VmmError
-    from pyvmm.services.loader import ServiceModule, load_service_module
+    from pyvmm.services.modules import ServiceModule, load_service_module
     from pyvmm.smccc.service import Service
 
     for spec in services:
@@ -514,7 +514,7 @@ class RunPayload:
         off, and reading the trace raises SmcccFilterUnavailableError instead of finding it empty."""
         require_kvm(self._item)
         from pyvmm.errors import VmmError
-        from pyvmm.vm import Vm
+        from pyvmm.machine.vm import Vm
 
         config = self._item.config
         binary: Path | None = None
@@ -568,7 +568,7 @@ class RunPayload:
 
 # --- Linux guests ------------------------------------------------------------------------------
 class LinuxBoot:
-    """One Linux guest (pyvmm.execute.LinuxSession), booted at its first command. A guest that
+    """One Linux guest (pyvmm.exec.session.LinuxSession), booted at its first command. A guest that
     dies, or whose command runs out of time, is let go: the next command boots a new one. A
     boot that fails is not tried again for the tests that share it."""
 
@@ -586,7 +586,7 @@ class LinuxBoot:
         if self.boot_error is not None:
             pytest.fail(f"pyvmm: the Linux guest failed to boot for an earlier test: {self.boot_error}", pytrace=False)
         from pyvmm.errors import VmmError
-        from pyvmm.execute import GuestTimedOut, LinuxSession
+        from pyvmm.exec.session import GuestTimedOut, LinuxSession
 
         trace = SmcccTrace()
 
@@ -650,7 +650,7 @@ class LinuxGuest:
         """Run `command` (argv, or a string for sh -c) in the guest: Completed(status, stdout,
         stderr). A status is the command's; GuestTimedOut after `timeout` (default: the test's
         limit), GuestFailed if the guest ends first (the next command boots a new guest)."""
-        from pyvmm.execute import GuestFailed, GuestTimedOut
+        from pyvmm.exec.session import GuestFailed, GuestTimedOut
 
         limit = _seconds(timeout, "timeout=") if timeout is not None else time_limit(self._item)
         session = self.session

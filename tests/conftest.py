@@ -5,7 +5,7 @@ natively there, or inside the emulated arm64 host elsewhere, with PYVMM_KVM_TIER
 a KVM test that cannot run fails (it is never skipped), a skipped or missing test fails the
 session, and the summary states how many ran against which kernel's KVM.
 
-Host shapes (pyvmm/host.py): a KVM test marked `@pytest.mark.host(smccc_filter=True, reason=...)`
+Host shapes (pyvmm/machine/host.py): a KVM test marked `@pytest.mark.host(smccc_filter=True, reason=...)`
 (or gic=2|3, page_size=N) applies only where the host is so. Elsewhere it is not run and not
 called passing: the summary lists it by name as not applicable, with the reason. Only a shape
 KVM reports decides that; any other skip still fails the KVM tier.
@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from pyvmm.host import HostShape, probe
+from pyvmm.machine.host import HostShape, probe
 from tests import fuzzing
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def have_kvm() -> bool:
     return platform.machine() == "aarch64" and os.access("/dev/kvm", os.R_OK | os.W_OK)
 
 
-# What `pyvmm` says once on stderr where the host has no SMCCC filter (pyvmm/vm.py)
+# What `pyvmm` says once on stderr where the host has no SMCCC filter (pyvmm/machine/vm.py)
 NO_FILTER_NOTE = "has no SMCCC filter: guests run with KVM's in-kernel PSCI"
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from devicetree.builder import U64, Node, Phandles
 from pyvmm.devices.uart import Uart16550
-from pyvmm.irq import IrqLine
+from pyvmm.machine.irq_lines import IrqLine
 
 UART_BASE = 0x100_0000  # kvmtool's arm64 ARM_UART_MMIO_BASE
 UART_SIZE = 8

@@ -41,11 +41,11 @@ from kvm_bindings.constants import (
 from pyvmm.gdb import hw
 from pyvmm.gdb.commands import EINVAL
 from pyvmm.gdb.target import MachineTarget
-from pyvmm.power import Power
+from pyvmm.machine.power import Power
 
 if TYPE_CHECKING:
-    from pyvmm.exits import DebugExit
-    from pyvmm.lifecycle import RunResult
+    from pyvmm.kvm.exits import DebugExit
+    from pyvmm.machine.lifecycle import RunResult
 
 SIGINT, SIGTRAP = 2, 5
 ENOSPC = 28
@@ -76,7 +76,7 @@ class Watchpoint(NamedTuple):
 
 
 class DebugVcpu(Protocol):
-    """A vCPU as the debugger controls it (pyvmm.vcpu.Vcpu is one)."""
+    """A vCPU as the debugger controls it (pyvmm.machine.vcpu.Vcpu is one)."""
 
     index: int
     thread: threading.Thread | None

@@ -40,7 +40,7 @@ M_EL1H = 0b0101
 
 
 class DebugVcpu(Protocol):
-    """A vCPU's registers as the debugger reads them (pyvmm.vcpu.Vcpu is one)."""
+    """A vCPU's registers as the debugger reads them (pyvmm.machine.vcpu.Vcpu is one)."""
 
     index: int
     sve_vl: int  # bits; non-zero: KVM gives its FP/SIMD registers only as SVE's Z registers

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kvm_bindings import ffi
-from pyvmm.buffers import fill, gather, limit, split
+from pyvmm.devices.virtio.rings.buffers import fill, gather, limit, split
 from pyvmm.ninep import protocol as p
 from pyvmm.ninep.protocol import ProtocolError, Reader, Writer
 

@@ -15,7 +15,7 @@ and PSCI_FEATURES, which may only report what is implemented (§5.15), says so.
 from __future__ import annotations
 
 from devicetree.builder import Node
-from pyvmm.power import Entry, Power
+from pyvmm.machine.power import Entry, Power
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.context import ServiceContext, ServiceVcpu
 from pyvmm.smccc.function_id import SMC64, Owner

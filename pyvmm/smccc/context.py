@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
 
-from pyvmm.power import Entry, Power
+from pyvmm.machine.power import Entry, Power
 
 
 class TraceEvent(NamedTuple):
@@ -23,7 +23,7 @@ class TraceEvent(NamedTuple):
 
 
 class ServiceVcpu(Protocol):
-    """A vCPU as services see it (pyvmm.vcpu.Vcpu is one)."""
+    """A vCPU as services see it (pyvmm.machine.vcpu.Vcpu is one)."""
 
     index: int
     mpidr: int
@@ -79,7 +79,7 @@ class SystemControl(Protocol):
 
 
 class BindableLines(Protocol):
-    """The interrupt lines an SDEI client may bind (pyvmm.irq.InterruptLines is one)."""
+    """The interrupt lines an SDEI client may bind (pyvmm.machine.irq_lines.InterruptLines is one)."""
 
     def intercept(self, interceptor: Callable[[int, bool], bool]) -> None: ...
 

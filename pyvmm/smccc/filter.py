@@ -22,7 +22,7 @@ MIN_KERNEL_TEXT = "6.4"  # KVM_ARM_VM_SMCCC_FILTER appeared in Linux 6.4
 
 
 class FilterFd(Protocol):
-    """The VM fd's two filter operations (pyvmm.kvm.VmFd)."""
+    """The VM fd's two filter operations (pyvmm.kvm.fds.VmFd)."""
 
     def has_device_attr(self, group: int, attr: int) -> bool: ...
 

@@ -1,4 +1,4 @@
-// The CPU the guest sees (pyvmm/cpu_features.py): its ID registers, then an SVE, a pointer
+// The CPU the guest sees (pyvmm/machine/cpu_features.py): its ID registers, then an SVE, a pointer
 // authentication and an MTE-tagged access, each only where the ID registers say the feature is
 // there. Every exception comes back here (the vector table records ESR_EL1 in x20 and skips the
 // instruction), so a fault is reported as a value, not a hang.

@@ -1,5 +1,5 @@
 // The ITS and the LPIs across a SYSTEM_RESET (1-vCPU VM, --irqchip=gicv3-its: the ITS's 128 KiB
-// right below vCPU 0's redistributor, pyvmm/irqchip.py). Boot 1 gives the ITS a command queue
+// right below vCPU 0's redistributor, pyvmm/machine/gic.py). Boot 1 gives the ITS a command queue
 // and its device and collection tables (KVM enables an ITS only with all three) and enables it,
 // gives the redistributor an LPI configuration table and enables its LPIs, and
 // resets; boot 2 powers off. Each boot records what it reads back (GITS_CTLR, GITS_CBASER,

@@ -6,9 +6,9 @@ from typing import Protocol
 
 import pytest
 
-from pyvmm.cpu_features import AS_THE_HOST_OFFERS, CpuOptions
+from pyvmm.machine.cpu_features import AS_THE_HOST_OFFERS, CpuOptions
+from pyvmm.machine.vm import Vm
 from pyvmm.smccc.call import SmcccCall
-from pyvmm.vm import Vm
 from tests.conftest import guest_image
 
 SIP64 = 0xC200_0000

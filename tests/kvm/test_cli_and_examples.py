@@ -12,7 +12,7 @@ import pytest
 
 from pyvmm import cli
 from pyvmm.devices.virtio.blk import lock_image
-from pyvmm.host import probe
+from pyvmm.machine.host import probe
 from tests.conftest import ROOT, errors, guest_image
 from tests.kvm.conftest import NEEDS_FILTER, needs_filter
 

@@ -1,4 +1,4 @@
-"""The guest sees the host's CPU (pyvmm/cpu_features.py), on real KVM: assembled guests read the
+"""The guest sees the host's CPU (pyvmm/machine/cpu_features.py), on real KVM: assembled guests read the
 ID registers and execute an SVE, a pointer-authentication and an MTE-tagged instruction, count
 cycles and take the PMU's overflow interrupt, and find PV stolen time and watch it advance; a
 Linux guest lists the features in /proc/cpuinfo. What the host's KVM does not offer is checked
@@ -17,9 +17,9 @@ from contextlib import contextmanager
 import pytest
 
 from pyvmm import cli
-from pyvmm.cpu_features import PVTIME_BASE, CpuOptions
 from pyvmm.errors import KvmUnavailableError
-from pyvmm.vm import RAM_BASE, Vm
+from pyvmm.machine.cpu_features import PVTIME_BASE, CpuOptions
+from pyvmm.machine.vm import RAM_BASE, Vm
 from tests.conftest import host_shape, linux_guest
 from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports, s64
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pyvmm.errors import VmmError
-from pyvmm.execute import LinuxSession, default_kernel
+from pyvmm.exec.session import LinuxSession, default_kernel
 from tests.conftest import ROOT, errors, linux_guest
 
 BOOT_LIMIT = 150  # seconds for one boot to the command, in the emulated host (about 20 s there)

@@ -1,4 +1,4 @@
-"""pyvmm on each host shape (pyvmm/host.py). KVM's in-kernel PSCI, which is what a kernel
+"""pyvmm on each host shape (pyvmm/machine/host.py). KVM's in-kernel PSCI, which is what a kernel
 without the SMCCC filter (Linux < 6.4) gives every guest, runs Linux on every shape; there,
 what needs the filter is refused in one line, and the Python API says so too."""
 
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from pyvmm import cli
-from pyvmm.boot import boot
+from pyvmm.boot.load import boot
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.errors import SmcccFilterUnavailableError
-from pyvmm.host import probe
-from pyvmm.vm import Vm
+from pyvmm.machine.host import probe
+from pyvmm.machine.vm import Vm
 from tests.conftest import linux_guest
 from tests.kvm.test_linux_boot import pyvmm
 

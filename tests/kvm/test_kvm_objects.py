@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from kvm_bindings.regs import CORE_REGS, SYS_REGS
-from pyvmm.host import probe
+from pyvmm.machine.host import probe
 from tests.kvm.conftest import MakeVm
 
 

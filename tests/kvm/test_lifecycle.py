@@ -1,6 +1,6 @@
 """The machine's life cycle on real KVM: construction that fails part-way, requests queued while
 a vCPU is stopped, a reset that returns the vGIC to its initial state, and threads that will
-not stop (pyvmm/lifecycle.py)."""
+not stop (pyvmm/machine/lifecycle.py)."""
 
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ import pytest
 
 from pyvmm import cli
 from pyvmm.errors import VmmError
-from pyvmm.host import probe
-from pyvmm.irqchip import Gic
-from pyvmm.lifecycle import STOP_GRACE
-from pyvmm.memory import GuestMemory, Region
+from pyvmm.machine.gic import Gic
+from pyvmm.machine.host import probe
+from pyvmm.machine.lifecycle import STOP_GRACE
+from pyvmm.machine.memory import GuestMemory, Region
+from pyvmm.machine.vcpu import Vcpu
+from pyvmm.machine.vm import RAM_BASE, Vm
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.service import Service
-from pyvmm.vcpu import Vcpu
-from pyvmm.vm import RAM_BASE, Vm
 from tests.conftest import errors, guest_image, linux_guest
 from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports
 

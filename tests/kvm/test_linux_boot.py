@@ -13,7 +13,7 @@ import pytest
 from pyfdt.pyfdt import FdtBlobParse
 
 from pyvmm import cli
-from pyvmm.host import probe
+from pyvmm.machine.host import probe
 from tests.conftest import errors, guest_image, linux_guest
 from tests.kvm.conftest import needs_filter
 

@@ -11,10 +11,10 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from pyvmm.boot import boot
+from pyvmm.boot.load import boot
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
-from pyvmm.vm import Vm
+from pyvmm.machine.vm import Vm
 from tests.conftest import linux_guest
 
 TAP = "pyvmmtap1"

@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
+from pyvmm.machine.vm import Vm
 from pyvmm.smccc.context import ServiceVcpu
 from pyvmm.smccc.service import PYVMM_UID, Service
-from pyvmm.vm import Vm
 from tests.kvm.conftest import FN_REPORT, MakeVm, Reports, guest_for, needs_filter, s32, s64
 
 pytestmark = needs_filter("it tests pyvmm's own PSCI, served in Python")

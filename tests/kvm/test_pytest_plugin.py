@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 from pyvmm.errors import VmmError
-from pyvmm.execute import default_kernel
+from pyvmm.exec.session import default_kernel
 from pyvmm.pytest_plugin import kvm_problem
 from tests.conftest import ROOT, linux_guest
 from tests.kvm.conftest import needs_filter

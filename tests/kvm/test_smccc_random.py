@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyvmm.machine.vm import Vm
 from pyvmm.smccc.context import TraceEvent
 from pyvmm.smccc.dispatcher import TraceRecord
 from pyvmm.smccc.service import PYVMM_UID
-from pyvmm.vm import Vm
 from tests import fuzzing
 from tests.conftest import guest_image
 from tests.kvm.conftest import FN_REPORT, SIP64, Reports, guest_for, needs_filter

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from pyvmm.errors import GuestMemoryError
-from pyvmm.vcpu import Vcpu
+from pyvmm.machine.vcpu import Vcpu
 from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports
 
 

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 
 from pyvmm import cli
-from pyvmm.boot import boot
+from pyvmm.boot.load import boot
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
 from pyvmm.devices.virtio.rng import VirtioRng
-from pyvmm.vm import Vm
+from pyvmm.machine.vm import Vm
 from tests.conftest import ROOT, errors, linux_guest
 
 GUEST_TIMEOUT = 120.0

@@ -13,9 +13,9 @@ from kvm_bindings import ffi
 from kvm_bindings.constants import DeviceType
 from kvm_bindings.regs import CORE_REGS, SYS_REGS
 from pyvmm.errors import KvmIoctlError
-from pyvmm.irqchip import Gic
-from pyvmm.kvm import VmFd
-from pyvmm.power import Entry, Power, PowerState
+from pyvmm.kvm.fds import VmFd
+from pyvmm.machine.gic import Gic
+from pyvmm.machine.power import Entry, Power, PowerState
 from pyvmm.smccc.context import ServiceContext, ServiceVcpu, TraceEvent
 
 _X_BY_ID = {CORE_REGS[f"x{n}"]: n for n in range(31)}
@@ -36,7 +36,7 @@ class FakeVcpu:
         self.writes: list[tuple[int, int]] = []
         self.reg_reads = self.reg_writes = 0
         self.x0_value: Any = ffi.new("uint64_t *")
-        self.write_x0: Callable[[], int] = self._write_x0  # an attribute, as on pyvmm.vcpu.Vcpu
+        self.write_x0: Callable[[], int] = self._write_x0  # an attribute, as on pyvmm.machine.vcpu.Vcpu
         self._power = PowerState(on)
         self.suspends: list[Entry | None] = []
         self.suspended = False

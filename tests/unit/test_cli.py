@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from pyvmm import cli
-from pyvmm.cpu_features import AS_THE_HOST_OFFERS, CpuOptions
 from pyvmm.errors import KvmUnavailableError
-from pyvmm.irqchip import IRQCHIPS
-from pyvmm.kvm import Kvm
+from pyvmm.kvm.fds import Kvm
+from pyvmm.machine.cpu_features import AS_THE_HOST_OFFERS, CpuOptions
+from pyvmm.machine.gic import IRQCHIPS
 from tests.conftest import ROOT
 
 
@@ -90,7 +90,7 @@ def test_non_arm64_host_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
                                          capsys: pytest.CaptureFixture[str]) -> None:
     fw = tmp_path / "fw.bin"
     fw.write_bytes(b"\x00\x00\x00\x14")
-    monkeypatch.setattr("pyvmm.vm.os.uname", lambda: os.uname_result(("Linux", "h", "6", "1", "x86_64")))
+    monkeypatch.setattr("pyvmm.machine.vm.os.uname", lambda: os.uname_result(("Linux", "h", "6", "1", "x86_64")))
     assert cli.main(["run", "-f", str(fw)]) == cli.EXIT_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["pyvmm: error: pyvmm needs an arm64 host's KVM, this host is x86_64 "
@@ -99,7 +99,7 @@ def test_non_arm64_host_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def test_service_module_errors_are_one_line(tmp_path: Path) -> None:
     from pyvmm.errors import VmmError
-    from pyvmm.services.loader import load_service_module, parse_range
+    from pyvmm.services.modules import load_service_module, parse_range
 
     bad = tmp_path / "bad.py"
     bad.write_text("RANGE = 5\n")

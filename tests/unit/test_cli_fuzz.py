@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm import cli
-from pyvmm.services import loader
+from pyvmm.services import modules as loader
 from tests import fuzzing
 
 

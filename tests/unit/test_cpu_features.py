@@ -1,5 +1,5 @@
-"""The CPU a guest sees (pyvmm/cpu_features.py), and the interrupt controller kvmtool's --irqchip
-asks for (pyvmm/irqchip.py), decided against a fake KVM: what each host offers, what is asked
+"""The CPU a guest sees (pyvmm/machine/cpu_features.py), and the interrupt controller kvmtool's --irqchip
+asks for (pyvmm/machine/gic.py), decided against a fake KVM: what each host offers, what is asked
 for, the order of set-up, and the device-tree nodes."""
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from kvm_bindings.constants import (
     DeviceType,
     VcpuFeature,
 )
-from pyvmm.cpu_features import (
+from pyvmm.errors import KvmUnavailableError, VmmError
+from pyvmm.kvm.fds import VmFd
+from pyvmm.machine.cpu_features import (
     AS_THE_HOST_OFFERS,
     CpuFeatures,
     CpuOptions,
@@ -29,9 +31,7 @@ from pyvmm.cpu_features import (
     limit_vector_lengths,
     longest_vector,
 )
-from pyvmm.errors import KvmUnavailableError, VmmError
-from pyvmm.irqchip import Gic
-from pyvmm.kvm import VmFd
+from pyvmm.machine.gic import Gic
 from tests.dts import decompile, string_lists
 from tests.unit.fakes import FakeGicVmFd, gic_layout
 
@@ -196,8 +196,8 @@ def test_a_vcpus_features_are_set_up_in_kvms_order() -> None:
         KVM_ARM_VCPU_PVTIME_CTRL,
         KVM_ARM_VCPU_PVTIME_IPA,
     )
-    from pyvmm.cpu_features import PVTIME_BASE
-    from pyvmm.vcpu import Vcpu
+    from pyvmm.machine.cpu_features import PVTIME_BASE
+    from pyvmm.machine.vcpu import Vcpu
 
     fd = RecordingVcpuFd(vls=0b1011)  # 128, 256 and 512-bit vectors
     features = CpuFeatures(ptrauth=True, sve=True, sve_max_vl=256, pmu=True, pvtime=True)

@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 from kvm_bindings.constants import SmcccFilterAction
 from pyvmm import cli
 from pyvmm.errors import SmcccFilterUnavailableError, VmmError
+from pyvmm.machine.vm import Vm
 from pyvmm.services.psci import KvmPsci
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.context import TraceEvent
 from pyvmm.smccc.dispatcher import Dispatcher, HandlerError, TraceRecord
 from pyvmm.smccc.service import NO_RESULT, Results
-from pyvmm.vm import Vm
 from tests import fuzzing
 from tests.unit.fakes import FakeVcpu
 

@@ -77,7 +77,7 @@ def check_the_pytest_plugin(venv: Path, wheels: Path, home: Path) -> None:
                  "--find-links", str(wheels), "pyvmm[pytest]"], home)
     assert p.returncode == 0, p.stderr
     (home / "test_plugin.py").write_text(
-        "from pyvmm.payload import INCLUDE_DIR\n\n"
+        "from pyvmm.testing.payload import INCLUDE_DIR\n\n"
         "def test_the_fixtures_are_there(pytestconfig, pyvmm_payloads):\n"
         "    assert pyvmm_payloads.cache.directory == pytestconfig.rootpath / 'build' / 'pyvmm-payloads'\n"
         "    assert (INCLUDE_DIR / 'pyvmm.inc').is_file()  # package data: payloads include it\n")

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm import cli, execute, initramfs
+from pyvmm import cli
 from pyvmm.errors import VmmError
+from pyvmm.exec import initramfs
+from pyvmm.exec import session as execute
 
 
 def read_newc(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:

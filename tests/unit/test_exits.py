@@ -6,8 +6,8 @@ import pytest
 
 from kvm_bindings import CData, ffi
 from kvm_bindings.constants import ExitReason, SystemEvent
-from pyvmm import exits
-from pyvmm.exits import DebugExit, HypercallExit, MmioExit, NisvExit, SystemEventExit, UnknownExit
+from pyvmm.kvm import exits
+from pyvmm.kvm.exits import DebugExit, HypercallExit, MmioExit, NisvExit, SystemEventExit, UnknownExit
 
 
 def new_run(reason: int) -> CData:

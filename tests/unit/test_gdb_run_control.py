@@ -21,15 +21,15 @@ from kvm_bindings.constants import (
 )
 from kvm_bindings.regs import KVM_REG_ARM64_SVE_FFR, sve_preg_id, sve_zreg_id
 from pyvmm.errors import KvmIoctlError, SmcccFilterUnavailableError, VmmError
-from pyvmm.exits import DebugExit
 from pyvmm.gdb import hw, packets
 from pyvmm.gdb import registers as regs
 from pyvmm.gdb.debugger import BRK, ENOSPC, MAX_SW_BREAKPOINTS, SIGINT, SIGTRAP, Debugger, Stop
 from pyvmm.gdb.monitor import Monitor, parse_fid_range
 from pyvmm.gdb.server import GdbServer, exit_reply, parse_address, stop_reply
 from pyvmm.gdb.target import V_IDS, MachineTarget
-from pyvmm.memory import GuestMemory
-from pyvmm.power import Power
+from pyvmm.kvm.exits import DebugExit
+from pyvmm.machine.memory import GuestMemory
+from pyvmm.machine.power import Power
 from pyvmm.smccc.dispatcher import Dispatcher
 
 RAM = 0x8000_0000

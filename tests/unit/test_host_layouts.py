@@ -1,6 +1,6 @@
 """What depends on the host's shape, with the values each shape gives: the vGIC's layout per
-version (pyvmm/irqchip.py, the device tree's node of it) and guest memory's alignment to the
-host's page (pyvmm/memory.py: 4K, 16K as on Asahi Linux, 64K)."""
+version (pyvmm/machine/gic.py, the device tree's node of it) and guest memory's alignment to the
+host's page (pyvmm/machine/memory.py: 4K, 16K as on Asahi Linux, 64K)."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from kvm_bindings.constants import (
     KVM_VGIC_V3_ADDR_TYPE_REDIST,
     DeviceType,
 )
-from pyvmm import memory
 from pyvmm.errors import GuestMemoryError, KvmUnavailableError
-from pyvmm.irqchip import Gic
-from pyvmm.kvm import VmFd
+from pyvmm.kvm.fds import VmFd
+from pyvmm.machine import memory
+from pyvmm.machine.gic import Gic
 from tests.unit.fakes import FakeGicVmFd
 
 DIST = 0x3FFF_0000

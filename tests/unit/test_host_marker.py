@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pyvmm.host import HostShape
+from pyvmm.machine.host import HostShape
 from tests.conftest import not_applicable
 
 LINUX_61 = HostShape(kernel="6.1.0-28-arm64", gic=3, page_size=4096, max_ipa_bits=48, smccc_filter=False,

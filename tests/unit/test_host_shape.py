@@ -1,4 +1,4 @@
-"""The host-shape logic with the values each shape gives (pyvmm/host.py): IPA sizing and what
+"""The host-shape logic with the values each shape gives (pyvmm/machine/host.py): IPA sizing and what
 `pyvmm check` says on GICv3 / 4K / 6.12, GICv2, 16K pages and Linux 6.1."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pyvmm.errors import VmmError
-from pyvmm.host import HostShape, probe_ipa_bits, report, runnable, vm_ipa_bits
+from pyvmm.machine.host import HostShape, probe_ipa_bits, report, runnable, vm_ipa_bits
 
 GIB = 1 << 30
 DEFAULT = HostShape(kernel="6.12.95+deb12-arm64", gic=3, page_size=4096, max_ipa_bits=44, smccc_filter=True,

@@ -1,4 +1,4 @@
-"""The life cycle's ordering (pyvmm/lifecycle.py), and the virtio transport's part in it: a
+"""The life cycle's ordering (pyvmm/machine/lifecycle.py), and the virtio transport's part in it: a
 reset quiesces every device before the vGIC is reset and the images are loaded again; a
 register access never waits behind device I/O; a worker survives what it does not expect; a
 worker that will not stop is reported, not waited for forever. Real transports, threads and
@@ -14,15 +14,15 @@ from typing import cast
 
 import pytest
 
-from pyvmm.devices.virtio import mmio as reg
+from pyvmm.devices.virtio import transport as reg
 from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.mmio import VirtioMmio
-from pyvmm.devices.virtio.queue import Virtqueue
-from pyvmm.images import BlobImage
-from pyvmm.irq import InterruptLines
-from pyvmm.lifecycle import Lifecycle, RunResult
-from pyvmm.memory import GuestMemory
-from pyvmm.power import Entry
+from pyvmm.devices.virtio.rings.queue import Virtqueue
+from pyvmm.devices.virtio.transport import VirtioMmio
+from pyvmm.machine.images import BlobImage
+from pyvmm.machine.irq_lines import InterruptLines
+from pyvmm.machine.lifecycle import Lifecycle, RunResult
+from pyvmm.machine.memory import GuestMemory
+from pyvmm.machine.power import Entry
 from pyvmm.smccc.dispatcher import Dispatcher
 from pyvmm.smccc.service import Service
 from tests.unit.fakes import FakeVcpu, FakeVmFd
@@ -288,9 +288,9 @@ def test_kvms_own_psci_system_events_power_off_or_reset_the_machine(reboot: bool
     come as KVM_EXIT_SYSTEM_EVENT: a power-off, and a reset within the run as for pyvmm's own."""
     from kvm_bindings.constants import SystemEvent
     from pyvmm.devices.bus import MmioBus
-    from pyvmm.exit_handler import MachineExits, UnhandledMmio
-    from pyvmm.exits import SystemEventExit
-    from pyvmm.vcpu import Vcpu
+    from pyvmm.kvm.exits import SystemEventExit
+    from pyvmm.machine.exit_dispatch import MachineExits, UnhandledMmio
+    from pyvmm.machine.vcpu import Vcpu
 
     def machine() -> tuple[Lifecycle, MachineExits]:
         life = Lifecycle(GuestMemory(), InterruptLines(FakeVmFd()), Dispatcher(), lambda: None)

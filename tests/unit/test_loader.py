@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvmm.errors import ImageError
-from pyvmm.loader import (
+from pyvmm.boot.kernel import (
     DTB_MAX,
     IMAGE_MAGIC,
     KernelImage,
@@ -20,6 +19,7 @@ from pyvmm.loader import (
     placement_size,
     unpack_kernel,
 )
+from pyvmm.errors import ImageError
 
 RAM = 0x8000_0000
 

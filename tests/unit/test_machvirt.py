@@ -15,10 +15,10 @@ from devicetree.builder import Node, build_dtb
 from devicetree.machvirt import machine_tree
 from pyvmm.devices.serial import SerialPort
 from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.mmio import VIRTIO_MMIO_BASE, VirtioMmio
 from pyvmm.devices.virtio.rng import VirtioRng
-from pyvmm.irq import InterruptLines
-from pyvmm.memory import GuestMemory
+from pyvmm.devices.virtio.transport import VIRTIO_MMIO_BASE, VirtioMmio
+from pyvmm.machine.irq_lines import InterruptLines
+from pyvmm.machine.memory import GuestMemory
 from pyvmm.services.psci import KvmPsci, Psci
 from pyvmm.services.sdei import Sdei
 from pyvmm.smccc.service import Service

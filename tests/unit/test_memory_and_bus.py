@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from pyvmm.devices.bus import MmioBus
 from pyvmm.errors import GuestMemoryError, VmmError
-from pyvmm.memory import KVM_MEM_MAX_NR_PAGES, PAGE_SIZE, GuestMemory
+from pyvmm.machine.memory import KVM_MEM_MAX_NR_PAGES, PAGE_SIZE, GuestMemory
 
 BASE, SIZE = 0x8000_0000, 0x10_0000
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvmm.power import Entry, Power, PowerState
+from pyvmm.machine.power import Entry, Power, PowerState
 from pyvmm.services import psci as p
 from pyvmm.services.psci import Psci
 from pyvmm.services.std_hyp import StandardHypervisor

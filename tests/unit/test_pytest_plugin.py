@@ -20,17 +20,17 @@ from typing import Any, ClassVar, cast
 
 import pytest
 
-import pyvmm.execute
+import pyvmm.exec.session
+import pyvmm.machine.vm
 import pyvmm.pytest_plugin as plugin
-import pyvmm.vm
 from kvm_bindings.constants import HypercallExitFlag
-from pyvmm import payload
-from pyvmm.execute import Completed, GuestFailed, GuestTimedOut
-from pyvmm.lifecycle import RunResult
+from pyvmm.exec.session import Completed, GuestFailed, GuestTimedOut
+from pyvmm.machine.lifecycle import RunResult
 from pyvmm.services.psci import Psci
 from pyvmm.smccc.context import TraceEvent
 from pyvmm.smccc.dispatcher import Dispatcher
 from pyvmm.smccc.trace import format_record
+from pyvmm.testing import payload
 from tests.conftest import ROOT
 from tests.unit.fakes import FakeMachine, machine
 
@@ -142,7 +142,7 @@ def test_the_plugin_imports_nothing_that_pyvmm_itself_does_not() -> None:
 
 # --- run_payload against a fake Vm -----------------------------------------------------------------
 class FakeVm:
-    """What the fixtures use of pyvmm.vm.Vm (its dispatcher, service context, loading, run and
+    """What the fixtures use of pyvmm.machine.vm.Vm (its dispatcher, service context, loading, run and
     close), on fake vCPUs. run() plays `script`: (vCPU, function ID, registers it sets, flags)."""
 
     made: ClassVar[list[FakeVm]] = []
@@ -195,7 +195,7 @@ class FakeVm:
 @pytest.fixture
 def fake_vm(monkeypatch: pytest.MonkeyPatch) -> type[FakeVm]:
     monkeypatch.setattr(plugin, "kvm_problem", lambda: None)
-    monkeypatch.setattr(pyvmm.vm, "Vm", FakeVm)
+    monkeypatch.setattr(pyvmm.machine.vm, "Vm", FakeVm)
     monkeypatch.setattr(FakeVm, "made", [])
     return FakeVm
 
@@ -262,7 +262,7 @@ def test_run_payload_builds_runs_and_gives_reports_and_the_trace(run: Callable[.
 
 def test_services_come_as_module_files_modules_services_or_factories(fake_vm: type[FakeVm]) -> None:
     from pyvmm.errors import VmmError
-    from pyvmm.services.loader import ServiceModule, load_service_module
+    from pyvmm.services.modules import ServiceModule, load_service_module
     from pyvmm.services.std_hyp import StandardHypervisor
 
     vm = FakeVm(cpus=1)
@@ -362,7 +362,7 @@ def test_the_trace_line_is_the_dispatchers_own() -> None:
 
 # --- linux and make_linux against a fake LinuxSession ------------------------------------------------
 class FakeSession:
-    """pyvmm.execute.LinuxSession's API: the options and configure(vm) when made, start() boots
+    """pyvmm.exec.session.LinuxSession's API: the options and configure(vm) when made, start() boots
     (Linux's PSCI_VERSION call at boot), run() answers `sleep 1000` with GuestTimedOut and any
     other command with status 3, b"out\\n", b"err\\n"."""
 
@@ -406,7 +406,7 @@ class FakeSession:
 
 @pytest.fixture
 def fake_linux(monkeypatch: pytest.MonkeyPatch, fake_vm: type[FakeVm]) -> Iterator[type[FakeSession]]:
-    monkeypatch.setattr(pyvmm.execute, "LinuxSession", FakeSession)
+    monkeypatch.setattr(pyvmm.exec.session, "LinuxSession", FakeSession)
     monkeypatch.setattr(FakeSession, "made", [])
     monkeypatch.setattr(FakeSession, "fail_start", None)
     yield FakeSession
@@ -458,7 +458,7 @@ def test_a_command_out_of_time_lets_its_guest_go_and_the_next_boots_anew(run: Ca
                                                                          fake_linux: type[FakeSession]) -> None:
     pytester.makepyfile(test_linux="""
         import pytest
-        from pyvmm.execute import GuestTimedOut
+        from pyvmm.exec.session import GuestTimedOut
 
         @pytest.mark.pyvmm_timeout(2.5)
         def test_stuck(linux):
@@ -481,7 +481,7 @@ def test_a_failed_boot_fails_the_tests_sharing_it_without_booting_again(run: Cal
     result = run()
     result.assert_outcomes(failed=2)
     assert len(FakeSession.made) == 1 and FakeSession.made[0].closed
-    result.stdout.fnmatch_lines(["E*pyvmm.execute.GuestFailed: the kernel panicked",
+    result.stdout.fnmatch_lines(["E*pyvmm.exec.session.GuestFailed: the kernel panicked",
                                  "pyvmm: the Linux guest failed to boot for an earlier test: the kernel panicked"])
 
 
@@ -591,7 +591,7 @@ def test_without_an_assembler_the_error_gives_the_command_that_builds_it(sources
     assert f"cannot assemble {sources / 'guest.S'}: {tmp_path}/no-such-as and {tmp_path}/no-such-objcopy not found " \
            f"on this host, and the payload cache {tmp_path / 'cache'} has no build of it for smc" in message
     command = message.split(" with: ", 1)[1]
-    assert command == (f"python3 -m pyvmm.payload build --cache {tmp_path / 'cache'} --conduit smc "
+    assert command == (f"python3 -m pyvmm.testing.payload build --cache {tmp_path / 'cache'} --conduit smc "
                        f"--defsym ROUNDS=3 {sources / 'guest.S'}")
     # that command, where the assembler is, makes exactly the build that was missing
     monkeypatch.delenv(payload.CROSS_ENV)
@@ -628,7 +628,7 @@ def test_the_plugin_s_cache_without_an_assembler_as_a_user_sees_it(run: Callable
     result.stdout.fnmatch_lines(["pyvmm: cannot assemble guest.S: /nonexistent/as and "
                                  "/nonexistent/objcopy not found on this host, and the payload cache "
                                  "build/pyvmm-payloads has no build of it for smc (guest-smc-*.bin); *"
-                                 "with: python3 -m pyvmm.payload build --cache build/pyvmm-payloads --conduit smc "
+                                 "with: python3 -m pyvmm.testing.payload build --cache build/pyvmm-payloads --conduit smc "
                                  "guest.S"])
     # pre-built, as `make kvm` does for the emulated host: the run finds it in the cache
     monkeypatch.delenv(payload.CROSS_ENV)

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyvmm.errors import VmmError
-from pyvmm.power import Entry
+from pyvmm.machine.power import Entry
 from pyvmm.services.sdei import EventSpec, Sdei, exception_pstate, parse_event
 from pyvmm.services.sdei import events as s
 from pyvmm.smccc.context import TraceEvent
@@ -366,9 +366,9 @@ def test_a_cpu_on_heard_before_the_cpu_off_still_ends_its_handlers() -> None:
 def test_the_exit_loop_tells_services_of_a_cpu_off() -> None:
     """MachineExits.turned_off, which the vCPU thread calls after a CPU_OFF, reaches SDEI."""
     from pyvmm.devices.bus import MmioBus
-    from pyvmm.exit_handler import MachineExits, UnhandledMmio
-    from pyvmm.lifecycle import Lifecycle
-    from pyvmm.vcpu import Vcpu
+    from pyvmm.machine.exit_dispatch import MachineExits, UnhandledMmio
+    from pyvmm.machine.lifecycle import Lifecycle
+    from pyvmm.machine.vcpu import Vcpu
 
     m, d, sdei = shared_handler_running_on_cpu1()
     v0, v1 = m.vcpus

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-RUN_PATH = ("pyvmm.cli", "pyvmm.boot", "pyvmm.vm", "pyvmm.devices.virtio")  # as benchmarks/startup.py times it
+RUN_PATH = ("pyvmm.cli", "pyvmm.boot.load", "pyvmm.machine.vm", "pyvmm.devices.virtio")  # as benchmarks/startup.py times it
 DEFERRED = ("pyvmm.ninep.server", "pyvmm.control", "pyvmm.services.sdei", "pyvmm.gdb", "socket",
             "socketserver", "platform")
 
@@ -49,4 +49,4 @@ def test_the_command_line_takes_its_signals_before_it_imports_the_vm() -> None:
         "pyvmm", "pyvmm.cli", "pyvmm.errors"]
     import pyvmm
 
-    assert pyvmm.Vm.__module__ == "pyvmm.vm"  # the API still offers it, loaded on first use
+    assert pyvmm.Vm.__module__ == "pyvmm.machine.vm"  # the API still offers it, loaded on first use

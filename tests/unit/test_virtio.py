@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from devicetree.builder import Phandles
 from kvm_bindings import ffi
-from pyvmm.devices.virtio import mmio as reg
+from pyvmm.devices.virtio import transport as reg
 from pyvmm.devices.virtio.blk import (
     SECTOR,
     VIRTIO_BLK_S_IOERR,
@@ -29,16 +29,16 @@ from pyvmm.devices.virtio.blk import (
     VirtioBlk,
     parse_disk,
 )
-from pyvmm.devices.virtio.chain import Chain, QueueError, split
 from pyvmm.devices.virtio.console import VirtioConsole
 from pyvmm.devices.virtio.device import VIRTIO_F_VERSION_1
-from pyvmm.devices.virtio.layout import DESC, IOVEC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
-from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.devices.virtio.rings.chain import Chain, QueueError, split
+from pyvmm.devices.virtio.rings.layout import DESC, IOVEC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.errors import VmmError
-from pyvmm.irq import IrqFd
-from pyvmm.memory import GuestMemory
+from pyvmm.machine.irq_lines import IrqFd
+from pyvmm.machine.memory import GuestMemory
 from tests import fuzzing
 from tests.unit.virtio_driver import RAM, RAM_SIZE, Driver, FakeVm
 
@@ -539,7 +539,7 @@ def test_indirect_tables_of_every_shape_do_not_grow_the_vmm(memory: GuestMemory)
     number of writable entries, leaves the VMM holding no more than a bounded cache of them."""
     import tracemalloc
 
-    from pyvmm.devices.virtio.linear_table import linear_chain
+    from pyvmm.devices.virtio.rings.linear_table import linear_chain
 
     ram = memory.regions[0]
     tracemalloc.start()

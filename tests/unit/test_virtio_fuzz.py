@@ -24,16 +24,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvmm.devices.virtio import mmio as reg
 from pyvmm.devices.virtio import net as virtio_net
+from pyvmm.devices.virtio import transport as reg
 from pyvmm.devices.virtio.blk import SECTOR, VIRTIO_BLK_T_GET_ID, VirtioBlk
-from pyvmm.devices.virtio.chain import Chain, QueueError
 from pyvmm.devices.virtio.console import VirtioConsole
 from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.devices.virtio.net import parse_network
 from pyvmm.devices.virtio.p9 import Virtio9p
-from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.devices.virtio.rings.chain import Chain, QueueError
+from pyvmm.devices.virtio.rings.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.devices.virtio.rng import VirtioRng
 from tests import fuzzing
 from tests.unit.virtio_driver import RAM, RAM_SIZE, Driver, FakeVm

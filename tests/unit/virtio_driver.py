@@ -10,12 +10,12 @@ import struct
 import time
 
 from pyvmm.devices.bus import MmioBus
-from pyvmm.devices.virtio import mmio as reg
+from pyvmm.devices.virtio import transport as reg
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice
-from pyvmm.devices.virtio.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from pyvmm.devices.virtio.mmio import VirtioMmio
-from pyvmm.irq import InterruptLines, IrqFd
-from pyvmm.memory import GuestMemory
+from pyvmm.devices.virtio.rings.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pyvmm.devices.virtio.transport import VirtioMmio
+from pyvmm.machine.irq_lines import InterruptLines, IrqFd
+from pyvmm.machine.memory import GuestMemory
 from tests.unit.fakes import FakeVmFd
 
 RAM = 0x8000_0000

@@ -24,9 +24,9 @@ from shapes import SHAPES, Shape
 from steps import log, run_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the checkout: pyvmm's initramfs code
+from pyvmm.boot.kernel import parse_image, unpack_kernel  # noqa: E402
 from pyvmm.errors import ImageError  # noqa: E402
-from pyvmm.initramfs import ModuleTree, load_module  # noqa: E402
-from pyvmm.loader import parse_image, unpack_kernel  # noqa: E402
+from pyvmm.exec.initramfs import ModuleTree, load_module  # noqa: E402
 
 # The emulated host's userspace is Debian's arm64 packages of the release whose CPython is the one
 # building it (3.11: Debian 12 bookworm, 3.13: Debian 13 trixie). So the bytecode compiled here

@@ -1,5 +1,5 @@
-"""virtio-mmio devices: the transport (mmio.py), split virtqueues (queue.py, chain.py, layout.py,
-linear_table.py), the device model base (device.py) and one module per device type."""
+"""virtio-mmio devices: the transport (transport.py), split virtqueues (rings/), the device model
+base (device.py) and one module per device type."""
 
 from __future__ import annotations
 

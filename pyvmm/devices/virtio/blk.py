@@ -18,10 +18,10 @@ import struct
 from collections.abc import Callable
 
 from kvm_bindings import ffi, libc
-from pyvmm.devices.virtio.chain import Chain, QueueError, fill, split, split_tail
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
-from pyvmm.devices.virtio.layout import IOVEC
-from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.devices.virtio.rings.chain import Chain, QueueError, fill, split, split_tail
+from pyvmm.devices.virtio.rings.layout import IOVEC
+from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.errors import VmmError
 
 log = logging.getLogger("pyvmm")

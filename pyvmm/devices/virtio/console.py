@@ -15,9 +15,9 @@ import os
 import threading
 from collections.abc import Callable
 
-from pyvmm.devices.virtio.chain import Chain, fill
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
-from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.devices.virtio.rings.chain import Chain, fill
+from pyvmm.devices.virtio.rings.queue import Virtqueue
 
 RECEIVEQ, TRANSMITQ = 0, 1  # port 0's queues (§5.3.2)
 QUEUE_SIZE = 64
@@ -90,8 +90,8 @@ class VirtioConsole(VirtioDevice):
         except BlockingIOError:
             pass
         assert self.transport is not None
-        receiveq = self.transport.queues[RECEIVEQ]
-        if self.transport.running and receiveq.ready:
+        receiveq = self.transport.live_queue(RECEIVEQ)
+        if receiveq is not None:
             self._deliver(receiveq)
 
     def _deliver(self, queue: Virtqueue) -> None:

@@ -3,20 +3,17 @@
 A device declares its ID, feature bits, queue sizes and configuration space, and handles queue
 notifications on its transport's worker thread (never a vCPU thread). It also declares its own
 command-line options (add_arguments, from_args). Adding a device type is one new module with one
-subclass, plus its line in CLI_DEVICES (__init__.py); the transport (mmio.py) does the rest.
+subclass, plus its line in CLI_DEVICES (__init__.py); the transport (transport.py) does the rest.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from pyvmm.devices.virtio.chain import Chain
-from pyvmm.devices.virtio.queue import Virtqueue
-
-if TYPE_CHECKING:
-    from pyvmm.devices.virtio.mmio import VirtioMmio
+from pyvmm.devices.virtio.rings.chain import Chain
+from pyvmm.devices.virtio.rings.queue import Virtqueue
 
 # Reserved feature bits (§6)
 VIRTIO_F_INDIRECT_DESC = 1 << 28
@@ -36,6 +33,20 @@ class DeviceHost(Protocol):
         console is `kernel_name` (its console= default)."""
 
 
+class Transport(Protocol):
+    """What a device asks of its transport (transport.py's VirtioMmio is one), from its worker
+    thread."""
+
+    def publish(self, queue: Virtqueue) -> None:
+        """Make what was pushed on `queue` visible to the driver, interrupting it if it asked."""
+
+    def watch(self, fd: int, enabled: bool) -> None:
+        """Watch, or stop watching, one of the device's poll_fds()."""
+
+    def live_queue(self, index: int) -> Virtqueue | None:
+        """Queue `index` if the driver has it running (DRIVER_OK, the queue ready), else None."""
+
+
 class VirtioDevice:
     """Base of device models. Subclasses set the class attributes and override the hooks."""
 
@@ -45,7 +56,7 @@ class VirtioDevice:
     features: int = 0  # device-specific feature bits (the transport adds TRANSPORT_FEATURES)
 
     def __init__(self) -> None:
-        self.transport: VirtioMmio | None = None
+        self.transport: Transport | None = None
         self.config = bytearray()  # the device configuration space, little-endian fields
         self.driver_features = 0  # valid once the device is activated
 
@@ -60,7 +71,7 @@ class VirtioDevice:
         return []
 
     # --- called by the transport ---------------------------------------------------------
-    def attach(self, transport: VirtioMmio) -> None:
+    def attach(self, transport: Transport) -> None:
         self.transport = transport
 
     def activate(self, driver_features: int) -> None:

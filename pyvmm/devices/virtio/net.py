@@ -19,11 +19,11 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
-from pyvmm.devices.virtio.chain import Chain, fill, split
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
-from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.devices.virtio.rings.chain import Chain, fill, split
+from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.errors import VmmError
-from pyvmm.kvm import open_tap
+from pyvmm.kvm.fds import open_tap
 
 RECEIVEQ, TRANSMITQ = 0, 1  # receiveq1, transmitq1 (§5.1.2)
 QUEUE_SIZE = 256
@@ -136,8 +136,8 @@ class VirtioNet(VirtioDevice):
 
     def _tap_readable(self) -> None:
         assert self.transport is not None and self.tap is not None
-        receiveq = self.transport.queues[RECEIVEQ]
-        if self.transport.running and receiveq.ready:
+        receiveq = self.transport.live_queue(RECEIVEQ)
+        if receiveq is not None:
             self._receive(receiveq)
         else:
             self.watch(self.tap, False)  # until the driver is ready and posts buffers

@@ -15,9 +15,9 @@ import resource
 import struct
 from typing import TYPE_CHECKING
 
-from pyvmm.devices.virtio.chain import Chain
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
-from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.devices.virtio.rings.chain import Chain
+from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.errors import VmmError
 
 if TYPE_CHECKING:

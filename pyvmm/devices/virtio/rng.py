@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from pyvmm.devices.virtio.chain import Chain
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
-from pyvmm.devices.virtio.queue import Virtqueue
+from pyvmm.devices.virtio.rings.chain import Chain
+from pyvmm.devices.virtio.rings.queue import Virtqueue
 
 QUEUE_SIZE = 64
 MAX_REQUEST = 64 << 10

@@ -13,8 +13,8 @@ from collections.abc import Iterable
 
 from devicetree.builder import Node
 from pyvmm.errors import VmmError
-from pyvmm.irq import NR_IRQS, SPI_BASE
-from pyvmm.power import Power
+from pyvmm.machine.irq_lines import NR_IRQS, SPI_BASE
+from pyvmm.machine.power import Power
 from pyvmm.services.sdei.delivery import Frame, Pe, enter_handler, leave_handler
 from pyvmm.services.sdei.events import (
     BIND_EVENT_BASE,

@@ -45,8 +45,8 @@ from kvm_bindings.constants import (
     DeviceType,
 )
 from pyvmm.errors import KvmIoctlError, KvmUnavailableError, VmmError
-from pyvmm.irq import NR_IRQS, SPI_BASE
-from pyvmm.kvm import DeviceFd, VmFd
+from pyvmm.kvm.fds import DeviceFd, VmFd
+from pyvmm.machine.irq_lines import NR_IRQS, SPI_BASE
 
 GIC_DIST_BASE = 0x4000_0000 - 0x1_0000
 GIC_DIST_SIZE = 0x1_0000

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from pyvmm.devices.virtio.chain import Chain
-from pyvmm.devices.virtio.layout import DESC_SIZE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from pyvmm.memory import Region
+from pyvmm.devices.virtio.rings.chain import Chain
+from pyvmm.devices.virtio.rings.layout import DESC_SIZE, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pyvmm.machine.memory import Region
 
 DESC_BITS = DESC_SIZE * 8
 MAX_TABLE = 256  # the longest indirect table any pyvmm queue accepts (its size: virtio-blk, virtio-net)

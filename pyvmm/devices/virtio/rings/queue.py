@@ -14,9 +14,9 @@ one-syscall requests.
 
 from __future__ import annotations
 
-from pyvmm.barrier import fence
-from pyvmm.devices.virtio.chain import Chain, QueueError
-from pyvmm.devices.virtio.layout import (
+from pyvmm.devices.virtio.rings.barrier import fence
+from pyvmm.devices.virtio.rings.chain import Chain, QueueError
+from pyvmm.devices.virtio.rings.layout import (
     DESC,
     DESC_SIZE,
     MAX_QUEUE_SIZE,
@@ -26,9 +26,9 @@ from pyvmm.devices.virtio.layout import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
-from pyvmm.devices.virtio.linear_table import linear_chain
+from pyvmm.devices.virtio.rings.linear_table import linear_chain
 from pyvmm.errors import GuestMemoryError
-from pyvmm.memory import GuestMemory
+from pyvmm.machine.memory import GuestMemory
 
 __all__ = ["Chain", "QueueError", "Virtqueue"]
 

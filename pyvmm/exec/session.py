@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyvmm import initramfs
 from pyvmm.errors import VmmError
-from pyvmm.lifecycle import RunResult
+from pyvmm.exec import initramfs
+from pyvmm.machine.lifecycle import RunResult
 
 if TYPE_CHECKING:
-    from pyvmm.vm import Vm
+    from pyvmm.machine.vm import Vm
 
 log = logging.getLogger("pyvmm")
 
@@ -92,7 +92,7 @@ def default_kernel() -> tuple[str, Path | None]:
 
 def modules_of(kernel: str) -> Path | None:
     """/lib/modules/RELEASE for a kernel image, RELEASE read from its "Linux version" banner."""
-    from pyvmm.loader import unpack_kernel
+    from pyvmm.boot.kernel import unpack_kernel
 
     try:
         data = unpack_kernel(kernel, os.path.basename(kernel), 1 << 30)
@@ -151,7 +151,7 @@ class ConsoleTail:
     """The kernel console (the UART's bytes): the last few KiB in memory, all of it in a file."""
 
     def __init__(self, log_path: str | None) -> None:
-        from pyvmm.console import ConsoleOutput
+        from pyvmm.machine.host_console import ConsoleOutput
 
         self.tail: collections.deque[int] = collections.deque(maxlen=CONSOLE_TAIL)
         self.file: ConsoleOutput | None = None
@@ -226,9 +226,9 @@ class LinuxSession:
 
     def _build(self, cpus: int, mem_mib: int, params: str, conduit: str, verbose: bool,
                configure: Callable[[Vm], None] | None) -> None:
-        from pyvmm.boot import boot
+        from pyvmm.boot.load import boot
         from pyvmm.devices.virtio import Virtio9p, VirtioConsole, VirtioRng
-        from pyvmm.vm import Vm  # noqa: F811 - the class itself, at run time
+        from pyvmm.machine.vm import Vm  # noqa: F811 - the class itself, at run time
 
         Path(self._ctl, "setup.sh").write_bytes(setup_script(self.rwdirs))
         self.vm = vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, console=self.console, reboot=False)

@@ -12,7 +12,7 @@ from typing import Protocol
 from kvm_bindings.constants import SystemEvent
 from pyvmm.devices.bus import MmioBus
 from pyvmm.errors import GuestError, VmmError
-from pyvmm.exits import (
+from pyvmm.kvm.exits import (
     DebugExit,
     Exit,
     FailEntryExit,
@@ -23,10 +23,10 @@ from pyvmm.exits import (
     SystemEventExit,
     complete_mmio_read,
 )
-from pyvmm.lifecycle import Lifecycle, RunResult
-from pyvmm.power import Power
+from pyvmm.machine.lifecycle import Lifecycle, RunResult
+from pyvmm.machine.power import Power
+from pyvmm.machine.vcpu import Vcpu
 from pyvmm.smccc.dispatcher import Dispatcher
-from pyvmm.vcpu import Vcpu
 
 log = logging.getLogger("pyvmm")
 

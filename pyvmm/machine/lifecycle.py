@@ -39,10 +39,10 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING, Protocol
 
 from pyvmm.errors import VmmError
-from pyvmm.images import Image
-from pyvmm.irq import InterruptLines
-from pyvmm.memory import GuestMemory
-from pyvmm.power import Entry
+from pyvmm.machine.images import Image
+from pyvmm.machine.irq_lines import InterruptLines
+from pyvmm.machine.memory import GuestMemory
+from pyvmm.machine.power import Entry
 
 if TYPE_CHECKING:
     from pyvmm.smccc.context import ServiceVcpu
@@ -114,7 +114,7 @@ class MachineDevice(Protocol):
 
 
 class MachineVcpu(Protocol):
-    """A vCPU's part in the life cycle (pyvmm.vcpu.Vcpu is one)."""
+    """A vCPU's part in the life cycle (pyvmm.machine.vcpu.Vcpu is one)."""
 
     index: int
     thread: threading.Thread | None

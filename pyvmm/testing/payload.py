@@ -12,7 +12,7 @@ checkout copied elsewhere (the emulated arm64 host, which has Python but no asse
 the builds made on the machine that has binutils. Where the assembler is missing and the cache
 has no build, the error says how to make one:
 
-    python -m pyvmm.payload build --cache DIR [--conduit smc] FILE.S...
+    python -m pyvmm.testing.payload build --cache DIR [--conduit smc] FILE.S...
 
 The cross prefix is `aarch64-linux-gnu-` off arm64 and none on it; PYVMM_CROSS_COMPILE
 overrides it (e.g. `aarch64-none-elf-`).
@@ -134,7 +134,7 @@ def payload_key(source: Path, *, conduit: str = "hvc", defsyms: Mapping[str, int
 def build_command(source: Path, cache: Path, conduit: str, defsyms: Mapping[str, int],
                   include_dirs: Sequence[Path]) -> str:
     """The command line that pre-builds exactly this build of `source` into `cache`."""
-    argv = ["python3", "-m", "pyvmm.payload", "build", "--cache", _shown(cache)]
+    argv = ["python3", "-m", "pyvmm.testing.payload", "build", "--cache", _shown(cache)]
     if conduit != "hvc":
         argv += ["--conduit", conduit]
     for d in include_dirs:
@@ -235,7 +235,7 @@ def _defsym(text: str) -> tuple[str, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyvmm.payload", allow_abbrev=False,
+    ap = argparse.ArgumentParser(prog="python -m pyvmm.testing.payload", allow_abbrev=False,
                                  description="Assemble guest payloads into pyvmm's payload cache, so that a host "
                                              "without an assembler (the emulated arm64 host) runs them from there.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -258,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 path, made = cache.build(src, conduit=conduit, defsyms=dict(args.defsym))
                 print(f"{src} ({conduit}): {path}{'' if made else ' (cached)'}")
     except PayloadError as e:
-        print(f"pyvmm.payload: error: {e}", file=sys.stderr)
+        print(f"pyvmm.testing.payload: error: {e}", file=sys.stderr)
         return 1
     return 0
 

@@ -6,7 +6,7 @@ import os
 from typing import NamedTuple
 
 from pyvmm.errors import VmmError
-from pyvmm.memory import GuestMemory
+from pyvmm.machine.memory import GuestMemory
 
 
 class BlobImage(NamedTuple):

@@ -221,7 +221,7 @@ class VcpuFd(DeviceAttrs):
         self._x0_reg.id = CORE_REGS["x0"]
         self._x0_reg.addr = int(ffi.cast("uintptr_t", self.x0_value))
         self.write_x0: Callable[[], int] = functools.partial(libc.ioctl, fd, _SET_ONE_REG, self._x0_reg)
-        # kvm_run as 32- and 64-bit words, for the exit loop's reads (pyvmm/exits.py has the
+        # kvm_run as 32- and 64-bit words, for the exit loop's reads (pyvmm/kvm/exits.py has the
         # indices): indexing a memoryview is the cheapest read Python has of the mapping
         self.run_words = memoryview(self.mmap).cast("I")
         self.run_quads = memoryview(self.mmap).cast("Q")

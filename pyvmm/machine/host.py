@@ -15,16 +15,16 @@ import os
 from typing import TYPE_CHECKING, NamedTuple
 
 from kvm_bindings.constants import Cap, DeviceType, VcpuFeature
-from pyvmm.cpu_features import NEEDS, longest_vector
 from pyvmm.errors import VmmError
+from pyvmm.machine.cpu_features import NEEDS, longest_vector
 from pyvmm.smccc.filter import MIN_KERNEL_TEXT
 
 if TYPE_CHECKING:
-    from pyvmm.kvm import VmFd
+    from pyvmm.kvm.fds import VmFd
 
 DEFAULT_IPA_BITS = 40  # what KVM_CREATE_VM's machine type 0 means (api.rst, KVM_CREATE_VM)
 MIN_IPA_BITS = 32  # the smallest size KVM accepts in the machine type (KVM_VM_TYPE_ARM_IPA_SIZE)
-PYVMM_IPA_BITS = 48  # pyvmm places RAM below 2**48 (no FEAT_LPA), whatever KVM offers (pyvmm/memory.py)
+PYVMM_IPA_BITS = 48  # pyvmm places RAM below 2**48 (no FEAT_LPA), whatever KVM offers (pyvmm/machine/memory.py)
 
 
 class HostShape(NamedTuple):
@@ -39,7 +39,7 @@ class HostShape(NamedTuple):
     hw_breakpoints: int
     hw_watchpoints: int
     its: bool = False  # a vGICv3 ITS (--irqchip=gicv3-its)
-    cpu: tuple[str, ...] = ()  # the optional CPU features KVM offers (pyvmm/cpu_features.py NEEDS)
+    cpu: tuple[str, ...] = ()  # the optional CPU features KVM offers (pyvmm/machine/cpu_features.py NEEDS)
     sve_max_vl: int = 0  # bits: SVE's longest vector here, 0 without SVE
 
 
@@ -69,7 +69,7 @@ def probe_ipa_bits(max_ipa_bits: int) -> int:
 
 def probe(kvm_path: str = "/dev/kvm") -> HostShape:
     """Ask this host's KVM (a throwaway VM for the VM-level questions)."""
-    from pyvmm.kvm import Kvm
+    from pyvmm.kvm.fds import Kvm
     from pyvmm.smccc import filter as smccc_filter
 
     kvm = Kvm(kvm_path)
@@ -117,8 +117,8 @@ def runnable(shape: HostShape) -> bool:
 
 def report(shape: HostShape) -> list[str]:
     """The shape, then what pyvmm can and cannot do on it, a line each."""
-    from pyvmm.irqchip import GICV2_MAX_VCPUS
-    from pyvmm.vm import RAM_BASE
+    from pyvmm.machine.gic import GICV2_MAX_VCPUS
+    from pyvmm.machine.memory import RAM_BASE
 
     ipa = shape.max_ipa_bits or DEFAULT_IPA_BITS
     ram_room = ((1 << min(ipa, PYVMM_IPA_BITS)) - RAM_BASE) >> 20

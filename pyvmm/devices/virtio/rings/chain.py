@@ -3,9 +3,9 @@ as zero-copy views of guest RAM (or, from a linear indirect table, a host struct
 
 from __future__ import annotations
 
-from pyvmm.buffers import fill, split, split_tail
-from pyvmm.devices.virtio.layout import IOVEC
-from pyvmm.memory import Region
+from pyvmm.devices.virtio.rings.buffers import fill, split, split_tail
+from pyvmm.devices.virtio.rings.layout import IOVEC
+from pyvmm.machine.memory import Region
 
 __all__ = ["Chain", "QueueError", "fill", "split", "split_tail"]
 

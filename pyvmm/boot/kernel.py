@@ -38,7 +38,7 @@ IMAGE_MAGIC = 0x644D_5241  # "ARM\x64"
 HEADER = struct.Struct("<II3Q3QII")  # code0, code1, text_offset, image_size, flags, res2-4, magic, res5
 SZ_2M = 2 << 20
 # The guest's smallest translation granule (booting.rst aligns to it), whatever the host's page
-# size: a 16K-page host boots 4K-page guests, and host alignment is pyvmm/memory.py's business.
+# size: a 16K-page host boots 4K-page guests, and host alignment is pyvmm/machine/memory.py's business.
 GUEST_PAGE = 4096
 DTB_MAX = SZ_2M
 LEGACY_TEXT_OFFSET = 0x80000

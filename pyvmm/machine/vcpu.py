@@ -53,17 +53,8 @@ from kvm_bindings.regs import (
     SYS_REGS,
     sysreg_id,
 )
-from pyvmm.cpu_features import (
-    NO_FEATURES,
-    PMU_PPI,
-    PVTIME_BASE,
-    PVTIME_STRUCT_SIZE,
-    CpuFeatures,
-    limit_vector_lengths,
-    longest_vector,
-)
 from pyvmm.errors import KvmIoctlError, VmmError
-from pyvmm.exits import (
+from pyvmm.kvm.exits import (
     HYPERCALL_FLAGS,
     HYPERCALL_NR,
     REASON,
@@ -74,8 +65,17 @@ from pyvmm.exits import (
     decode,
     decode_mmio,
 )
-from pyvmm.kvm import VcpuFd
-from pyvmm.power import Entry, Power, PowerState
+from pyvmm.kvm.fds import VcpuFd
+from pyvmm.machine.cpu_features import (
+    NO_FEATURES,
+    PMU_PPI,
+    PVTIME_BASE,
+    PVTIME_STRUCT_SIZE,
+    CpuFeatures,
+    limit_vector_lengths,
+    longest_vector,
+)
+from pyvmm.machine.power import Entry, Power, PowerState
 
 KICK_SIGNAL = signal.SIGRTMIN + 2
 _X = tuple(CORE_REGS[f"x{n}"] for n in range(31))
@@ -265,7 +265,7 @@ class Vcpu:
 
     @property
     def guest_power(self) -> Power:
-        """The power state as the guest sees it (PSCI AFFINITY_INFO): see pyvmm/power.py."""
+        """The power state as the guest sees it (PSCI AFFINITY_INFO): see pyvmm/machine/power.py."""
         return self._power.guest_power
 
     def request_on(self, entry: Entry) -> Power | None:

@@ -34,14 +34,14 @@ from typing import Protocol
 
 from devicetree.builder import U64, Node, Phandles
 from kvm_bindings.constants import KVM_IOEVENTFD_FLAG_DATAMATCH
-from pyvmm.devices.virtio.chain import QueueError
 from pyvmm.devices.virtio.device import TRANSPORT_FEATURES, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice
-from pyvmm.devices.virtio.queue import Virtqueue
-from pyvmm.memory import GuestMemory
+from pyvmm.devices.virtio.rings.chain import QueueError
+from pyvmm.devices.virtio.rings.queue import Virtqueue
+from pyvmm.machine.memory import GuestMemory
 
 
 class Interrupt(Protocol):
-    """The transport's interrupt line (pyvmm.irq.IrqFd is one)."""
+    """The transport's interrupt line (pyvmm.machine.irq_lines.IrqFd is one)."""
 
     spi: int
 
@@ -301,7 +301,7 @@ class VirtioMmio:
         self.config_generation += 1
         self._interrupt(INT_CONFIG_CHANGE)
 
-    # --- the life cycle (pyvmm/lifecycle.py) ------------------------------------------------
+    # --- the life cycle (pyvmm/machine/lifecycle.py) ------------------------------------------------
     def release_waiters(self) -> None:
         """The machine is about to stop its vCPUs: none may wait for this device any more."""
         with self._state:
@@ -408,6 +408,10 @@ class VirtioMmio:
                     q.release()
             self._release_pending.clear()
             self._state.notify_all()
+
+    def live_queue(self, index: int) -> Virtqueue | None:
+        queue = self.queues[index]
+        return queue if self.running and queue.ready else None
 
     def watch(self, fd: int, enabled: bool) -> None:
         """Worker thread: start or stop polling a backend fd."""

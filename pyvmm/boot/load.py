@@ -7,8 +7,7 @@ import logging
 import os
 
 from devicetree.builder import build_dtb
-from pyvmm.errors import ImageError, VmmError
-from pyvmm.loader import (
+from pyvmm.boot.kernel import (
     DTB_MAX,
     HEADER,
     KernelImage,
@@ -19,7 +18,8 @@ from pyvmm.loader import (
     placement_size,
     unpack_kernel,
 )
-from pyvmm.vm import Vm
+from pyvmm.errors import ImageError, VmmError
+from pyvmm.machine.vm import Vm
 
 log = logging.getLogger("pyvmm")
 

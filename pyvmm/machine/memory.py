@@ -12,6 +12,7 @@ import mmap
 from kvm_bindings import ffi
 from pyvmm.errors import GuestMemoryError
 
+RAM_BASE = 0x8000_0000  # kvmtool's arm64 layout (arm/include/arm-common/kvm-arch.h): RAM from 2 GiB
 PAGE_SIZE = mmap.PAGESIZE  # the host's: 4 KiB, or 16 KiB (Asahi Linux, Debian's -arm64-16k), or 64 KiB
 
 

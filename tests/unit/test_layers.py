@@ -1,0 +1,55 @@
+"""pyvmm's shape (README, "Where things live"): its modules import one another without a cycle,
+so that each layer can be read, and tested, before the ones that build on it."""
+
+from __future__ import annotations
+
+import ast
+
+from tests.conftest import ROOT
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Each pyvmm module and the pyvmm modules it imports anywhere in it (at the top, inside
+    functions, or only for the type checker)."""
+    files = {}
+    for path in (ROOT / "pyvmm").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    edges: dict[str, set[str]] = {name: set() for name in files}
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            else:
+                continue
+            edges[name] |= {t for t in targets if t in files and t != name}
+    return edges
+
+
+def cycle_through(start: str, edges: dict[str, set[str]]) -> list[str] | None:
+    """A path of imports from `start` back to itself, if there is one."""
+    paths = [[start]]
+    seen = {start}
+    while paths:
+        path = paths.pop()
+        for after in sorted(edges[path[-1]]):
+            if after == start:
+                return [*path, start]
+            if after not in seen:
+                seen.add(after)
+                paths.append([*path, after])
+    return None
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    edges = module_imports()
+    assert "pyvmm.machine.vm" in edges and "pyvmm.kvm.fds" in edges["pyvmm.machine.vm"]
+    cycles = [c for name in sorted(edges) if (c := cycle_through(name, edges))]
+    assert cycles == [], " -> ".join(cycles[0])
+
+
+def test_the_cycle_finder_finds_one() -> None:
+    assert cycle_through("a", {"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle_through("a", {"a": {"b"}, "b": set()}) is None
