@@ -27,7 +27,6 @@ of RAM rather than of all of it (kvmtool's limit too).
 from __future__ import annotations
 
 import io
-import os
 import struct
 import zlib
 from typing import NamedTuple
@@ -107,17 +106,6 @@ def _gunzip(f: io.BufferedIOBase | io.BytesIO, name: str, limit: int) -> bytes:
     if not d.eof:
         raise ImageError(f"{name}: its gzip data is cut short")
     return bytes(out)
-
-
-def file_size(path: str | os.PathLike[str], what: str) -> int:
-    """The size of a file about to be loaded; a one-line error if it is unreadable or empty."""
-    try:
-        size = os.stat(path).st_size
-    except OSError as e:
-        raise ImageError(f"cannot read {what} {os.fspath(path)}: {e.strerror}") from None
-    if not size:
-        raise ImageError(f"{what} {os.fspath(path)} is empty")
-    return size
 
 
 def parse_image(data: bytes, name: str = "kernel", file_size: int | None = None) -> KernelImage:

@@ -11,7 +11,6 @@ from pyvmm.boot.kernel import (
     DTB_MAX,
     HEADER,
     KernelImage,
-    file_size,
     parse_aarch32_image,
     parse_image,
     place,
@@ -19,6 +18,7 @@ from pyvmm.boot.kernel import (
     unpack_kernel,
 )
 from pyvmm.errors import ImageError, VmmError
+from pyvmm.machine.images import file_size
 from pyvmm.machine.vm import Vm
 
 log = logging.getLogger("pyvmm")

@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyvmm")
 
-# Exit statuses of `pyvmm exec` that are pyvmm's own, not the command's (documented in cli.py).
+# Exit statuses of `pyvmm exec` that are pyvmm's own, not the command's (documented in pyvmm/cli/__init__.py).
 EXIT_BOOT_FAILED = 123  # the guest never ran the command: kernel, modules, shares, directory
 EXIT_TIMEOUT = 124  # --timeout expired (as timeout(1))
 EXIT_PYVMM_FAILED = 125  # pyvmm could not start the guest: bad options, no KVM, a bad kernel
@@ -227,7 +227,9 @@ class LinuxSession:
     def _build(self, cpus: int, mem_mib: int, params: str, conduit: str, verbose: bool,
                configure: Callable[[Vm], None] | None) -> None:
         from pyvmm.boot.load import boot
-        from pyvmm.devices.virtio import Virtio9p, VirtioConsole, VirtioRng
+        from pyvmm.devices.virtio.console import VirtioConsole
+        from pyvmm.devices.virtio.p9 import Virtio9p
+        from pyvmm.devices.virtio.rng import VirtioRng
         from pyvmm.machine.vm import Vm  # noqa: F811 - the class itself, at run time
 
         Path(self._ctl, "setup.sh").write_bytes(setup_script(self.rwdirs))

@@ -21,12 +21,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from pyvmm.control import claim
 from pyvmm.errors import VmmError
 from pyvmm.gdb import packets
 from pyvmm.gdb.commands import EFAULT, EINVAL, Inspector, MemoryFault, error
 from pyvmm.gdb.debugger import SIGTRAP, Debugger, Stop
 from pyvmm.gdb.monitor import Monitor
+from pyvmm.sockets import claim
 
 log = logging.getLogger("pyvmm")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import NamedTuple
 
-from pyvmm.errors import VmmError
+from pyvmm.errors import ImageError, VmmError
 from pyvmm.machine.memory import GuestMemory
 
 
@@ -40,6 +40,17 @@ class FileImage(NamedTuple):
 
 
 Image = BlobImage | FileImage
+
+
+def file_size(path: str | os.PathLike[str], what: str) -> int:
+    """The size of a file about to be loaded; a one-line error if it is unreadable or empty."""
+    try:
+        size = os.stat(path).st_size
+    except OSError as e:
+        raise ImageError(f"cannot read {what} {os.fspath(path)}: {e.strerror}") from None
+    if not size:
+        raise ImageError(f"{what} {os.fspath(path)} is empty")
+    return size
 
 
 def file_image(path: str | os.PathLike[str], gpa: int, size: int) -> FileImage:

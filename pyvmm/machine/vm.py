@@ -17,7 +17,6 @@ from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
 from kvm_bindings.constants import KVM_MEM_READONLY, Cap
-from pyvmm.boot.kernel import file_size
 from pyvmm.devices.bus import MmioBus, MmioDevice
 from pyvmm.devices.serial import SerialPort
 from pyvmm.errors import GuestMemoryError, KvmUnavailableError, VmmError
@@ -28,7 +27,7 @@ from pyvmm.machine.exit_dispatch import MachineExits, UnhandledMmio
 from pyvmm.machine.gic import Gic, InKernelRegion
 from pyvmm.machine.host import vm_ipa_bits
 from pyvmm.machine.host_console import ConsoleOutput
-from pyvmm.machine.images import BlobImage, Image, file_image
+from pyvmm.machine.images import BlobImage, Image, file_image, file_size
 from pyvmm.machine.irq_lines import InterruptLines
 from pyvmm.machine.lifecycle import Lifecycle, RunResult
 from pyvmm.machine.memory import RAM_BASE, GuestMemory

@@ -133,7 +133,7 @@ def test_version() -> None:
 
 def test_check_off_arm64_says_the_host_is_not_arm64(monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr("pyvmm.cli.os.uname", lambda: os.uname_result(("Linux", "h", "6.18.0", "1", "x86_64")))
+    monkeypatch.setattr("pyvmm.cli.cmd_check.os.uname", lambda: os.uname_result(("Linux", "h", "6.18.0", "1", "x86_64")))
     assert cli.main(["check"]) == cli.EXIT_ERROR
     out = capsys.readouterr().out
     assert "this host is x86_64" in out and "`make demo`" in out
@@ -142,7 +142,12 @@ def test_check_off_arm64_says_the_host_is_not_arm64(monkeypatch: pytest.MonkeyPa
 
 def test_virtio_devices_bring_their_own_options() -> None:
     """Each device type in CLI_DEVICES adds its options to `pyvmm run`, in kvmtool's order."""
-    from pyvmm.devices.virtio import CLI_DEVICES, Virtio9p, VirtioBlk, VirtioConsole, VirtioNet, VirtioRng
+    from pyvmm.devices.virtio.blk import VirtioBlk
+    from pyvmm.devices.virtio.console import VirtioConsole
+    from pyvmm.devices.virtio.net import VirtioNet
+    from pyvmm.devices.virtio.p9 import Virtio9p
+    from pyvmm.devices.virtio.registry import CLI_DEVICES
+    from pyvmm.devices.virtio.rng import VirtioRng
 
     assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet, Virtio9p)
     help_text = run_cli("run", "--help").stdout

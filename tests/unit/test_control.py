@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvmm import cli
-from pyvmm.control import MAX_DEPTH, NOT_AN_OBJECT, ControlServer, request
+from pyvmm.cli.control import MAX_DEPTH, NOT_AN_OBJECT, ControlServer, request
 from pyvmm.errors import VmmError
 from pyvmm.services.sdei import EventSpec, Sdei
 from tests import fuzzing
@@ -168,7 +168,7 @@ def test_a_trickling_client_is_dropped_and_clients_are_bounded(served: tuple[Con
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """CLIENT_TIMEOUT bounds a whole request line, however slowly its bytes come; at most
     MAX_CLIENTS connections hold a thread, the ones beyond are closed at once."""
-    from pyvmm import control
+    from pyvmm.cli import control
 
     monkeypatch.setattr(control, "CLIENT_TIMEOUT", 1.0)
     vm, path = served

@@ -24,7 +24,9 @@ def module_imports() -> dict[str, set[str]]:
                 targets = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
             else:
                 continue
-            edges[name] |= {t for t in targets if t in files and t != name}
+            # importing a.b.c runs a/__init__ and a/b/__init__ first
+            wanted = {".".join(t.split(".")[:n]) for t in targets for n in range(2, t.count(".") + 2)}
+            edges[name] |= {t for t in wanted if t in files and t != name and not name.startswith(t + ".")}
     return edges
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from pyvmm import cli
+from pyvmm.cli import app
 from pyvmm.errors import VmmError
 
 
@@ -75,7 +76,7 @@ def test_main_ends_with_128_plus_n_and_one_line(monkeypatch: pytest.MonkeyPatch,
         os.kill(os.getpid(), signal.SIGTERM)  # a moment after start, before any VM
         return 0
 
-    monkeypatch.setattr(cli, "command", set_up)
+    monkeypatch.setattr(app, "command", set_up)
     assert cli.main(["run", "-f", "x"]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err == "pyvmm: stopped by SIGTERM before the guest ran\n"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are gone again

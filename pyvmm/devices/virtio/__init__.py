@@ -1,17 +1,2 @@
 """virtio-mmio devices: the transport (transport.py), split virtqueues (rings/), the device model
-base (device.py) and one module per device type."""
-
-from __future__ import annotations
-
-from pyvmm.devices.virtio.blk import VirtioBlk
-from pyvmm.devices.virtio.console import VirtioConsole
-from pyvmm.devices.virtio.device import VirtioDevice
-from pyvmm.devices.virtio.net import VirtioNet
-from pyvmm.devices.virtio.p9 import Virtio9p
-from pyvmm.devices.virtio.rng import VirtioRng
-
-# The device types `pyvmm run` offers, in kvmtool's order of attachment: disks, console, entropy,
-# network, shared directories. A new device type: its module, and one line here.
-CLI_DEVICES: tuple[type[VirtioDevice], ...] = (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet, Virtio9p)
-
-__all__ = ["CLI_DEVICES", "VirtioBlk", "VirtioConsole", "VirtioDevice", "VirtioNet", "VirtioRng", "Virtio9p"]
+base (device.py), one module per device type, and the types `pyvmm run` offers (registry.py)."""

@@ -3,7 +3,7 @@
 A device declares its ID, feature bits, queue sizes and configuration space, and handles queue
 notifications on its transport's worker thread (never a vCPU thread). It also declares its own
 command-line options (add_arguments, from_args). Adding a device type is one new module with one
-subclass, plus its line in CLI_DEVICES (__init__.py); the transport (transport.py) does the rest.
+subclass, plus its line in CLI_DEVICES (registry.py); the transport (transport.py) does the rest.
 """
 
 from __future__ import annotations

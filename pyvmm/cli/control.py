@@ -12,19 +12,18 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import os
 import socket
 import socketserver
-import stat
 import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pyvmm.errors import VmmError
+from pyvmm.sockets import claim
 
 if TYPE_CHECKING:
     from pyvmm.services.sdei import Sdei
@@ -190,6 +189,18 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         log.warning("control socket: a request failed")  # one line, not socketserver's traceback
 
 
+def _read_line(sock: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(MAX_REQUEST)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > MAX_REQUEST:
+            raise ValueError("request too long")
+    return data.decode()
+
+
 def request(path: str, message: dict[str, Any]) -> dict[str, Any]:
     """Send one request to the VM listening on `path`; its reply, or a VmmError."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -211,46 +222,3 @@ def request(path: str, message: dict[str, Any]) -> dict[str, Any]:
     return reply
 
 
-SUN_PATH_MAX = 108  # sizeof(struct sockaddr_un.sun_path) on Linux
-
-
-def _read_line(sock: socket.socket) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(MAX_REQUEST)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST:
-            raise ValueError("request too long")
-    return data.decode()
-
-
-def claim(path: str, option: str = "--control") -> None:
-    """Make room for the socket: a stale socket (nobody listening) is removed; anything else
-    at `path`, or a path a Unix socket cannot have (sun_path: 108 bytes with its NUL, unix(7)),
-    is an error. The CLI calls this before it builds the VM, so a bad --control costs nothing."""
-    if len(os.fsencode(path)) >= SUN_PATH_MAX:
-        raise VmmError(f"{option} {path}: a Unix socket path is at most {SUN_PATH_MAX - 1} bytes")
-    parent = os.path.dirname(path) or "."
-    if not os.path.lexists(parent):  # bind() would fail only once the VM is built
-        raise VmmError(f"{option} {path}: there is no directory {parent}")
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    except OSError as e:  # a name too long, a file used as a directory, no permission
-        raise VmmError(f"{option} {path}: {e.strerror}") from None
-    if not stat.S_ISSOCK(st.st_mode):
-        raise VmmError(f"{option} {path}: a file that is not a socket is in the way")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError as e:
-        if e.errno != errno.ECONNREFUSED:
-            raise VmmError(f"{option} {path}: {e.strerror or e}") from None
-        os.unlink(path)  # stale: its VM is gone
-        return
-    finally:
-        probe.close()
-    raise VmmError(f"{option} {path}: another VM is listening there")

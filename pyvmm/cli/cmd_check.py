@@ -1,0 +1,32 @@
+"""`pyvmm check`: what this host's KVM offers pyvmm."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from pyvmm.cli.options import EXIT_ERROR, EXIT_OK
+
+
+def add_parser(sub: Any) -> None:
+    """This subcommand's parser, on `pyvmm`'s subparsers."""
+    check = sub.add_parser("check", help="report what this host's KVM offers pyvmm")
+    check.set_defaults(handler=cmd_check)
+
+
+
+def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
+    """The host's shape and, in words, what pyvmm can and cannot do on it (pyvmm/machine/host.py)."""
+    from pyvmm.machine.host import probe, report, runnable
+
+    uname = os.uname()
+    if uname.machine != "aarch64":
+        print(f"kernel          {uname.release} {uname.machine}")
+        print(f"pyvmm runs guests on arm64 hosts with KVM; this host is {uname.machine}. "
+              "`make demo` and `make test` run pyvmm inside an emulated arm64 host here.")
+        return EXIT_ERROR
+    shape = probe()
+    for line in report(shape):
+        print(line)
+    return EXIT_OK if runnable(shape) else EXIT_ERROR
