@@ -14,6 +14,10 @@ CROSS := $(if $(filter aarch64,$(ARCH)),,aarch64-linux-gnu-)
 ARMHOST := $(VPY) tools/armhost
 ARMHOST_TIMEOUT ?= 1500
 export PYTHONDONTWRITEBYTECODE := 1
+# $(call on_kvm,SECONDS,COMMAND): COMMAND against real /dev/kvm, here on an arm64 host with KVM, else
+# in the emulated arm64 host (one boot, at most SECONDS), where pyvmm's Python is python3
+KVM_PY = $(if $(NATIVE_KVM),$(VPY),python3)
+on_kvm = $(if $(NATIVE_KVM),,$(ARMHOST) run --timeout $(1) --) $(2)
 
 GUEST_SRCS := $(wildcard tests/guests/*.S examples/guests/*.S)
 A32_SRCS := $(wildcard tests/guests/a32/*.S)
@@ -109,11 +113,7 @@ unit: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests
 # The KVM tier: every test marked `kvm`, against real /dev/kvm; a skipped one fails the tier.
 # --capture=sys leaves fd 2 alone, so a stuck test's watchdog dump (faulthandler) is seen.
 kvm: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests payloads armhost
-ifeq ($(NATIVE_KVM),yes)
-	@PYVMM_KVM_TIER=1 $(VPY) -m pytest -m kvm -q -rfEs --capture=sys --durations=12
-else
-	@$(ARMHOST) run --timeout $(ARMHOST_TIMEOUT) -- env PYVMM_KVM_TIER=1 python3 -m pytest -m kvm -q -rfEs --color=no --capture=sys --durations=12
-endif
+	@$(call on_kvm,$(ARMHOST_TIMEOUT),env PYVMM_KVM_TIER=1 $(KVM_PY) -m pytest -m kvm -q -rfEs --color=no --capture=sys --durations=12)
 
 test: lint unit kvm
 
@@ -129,28 +129,16 @@ test-hosts: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests payloads armhost
 # Each prints its tallies (counts, RSS). About 17 minutes on a 2-core x86 machine.
 fuzz: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
 	@PYVMM_FUZZ=1 $(VPY) -m pytest -m "fuzz and not kvm" -q
-ifeq ($(NATIVE_KVM),yes)
-	@PYVMM_FUZZ=1 PYVMM_KVM_TIER=1 $(VPY) -m pytest -m "fuzz and kvm" -q -rfEs --capture=sys
-else
-	@$(ARMHOST) run --timeout 2400 -- env PYVMM_FUZZ=1 PYVMM_KVM_TIER=1 python3 -m pytest -m "fuzz and kvm" -q -rfEs --color=no --capture=sys
-endif
+	@$(call on_kvm,2400,env PYVMM_FUZZ=1 PYVMM_KVM_TIER=1 $(KVM_PY) -m pytest -m "fuzz and kvm" -q -rfEs --color=no --capture=sys)
 
 # The demo: Linux boots with PSCI and SDEI serviced (and traced) in Python and reads a virtio disk
 # and virtio entropy, an assembled guest calls a Python SMCCC service over HVC and over SMC, and
 # another receives SDEI events; `pyvmm exec` runs host commands in a Linux guest on the host's root.
 demo: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests armhost
-ifeq ($(NATIVE_KVM),yes)
-	@$(VPY) examples/boot_linux.py && $(VPY) examples/smccc_demo.py && $(VPY) examples/sdei_demo.py && $(VPY) examples/exec_demo.py
-else
-	@$(ARMHOST) run --timeout 500 -- sh -c "python3 examples/boot_linux.py && python3 examples/smccc_demo.py && python3 examples/sdei_demo.py && python3 examples/exec_demo.py"
-endif
+	@$(call on_kvm,500,sh -c "$(KVM_PY) examples/boot_linux.py && $(KVM_PY) examples/smccc_demo.py && $(KVM_PY) examples/sdei_demo.py && $(KVM_PY) examples/exec_demo.py")
 
 bench: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py guests $(BENCH_BINS) armhost
-ifeq ($(NATIVE_KVM),yes)
-	@$(VPY) -m benchmarks
-else
-	@$(ARMHOST) run --timeout 900 -- python3 -m benchmarks
-endif
+	@$(call on_kvm,900,$(KVM_PY) -m benchmarks)
 
 # The two commands above on a truly fresh Debian of each release the README promises: a new
 # debootstrap'd root with a clean clone of HEAD, `make demo` and `make test` run in it (as root,

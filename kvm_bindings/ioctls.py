@@ -53,11 +53,7 @@ KVM_GET_DEVICE_ATTR = _iow(0xE2, "struct kvm_device_attr")
 KVM_HAS_DEVICE_ATTR = _iow(0xE3, "struct kvm_device_attr")
 # vCPU fd
 KVM_RUN = _io(0x80)
-KVM_SET_SIGNAL_MASK = _iow(0x8B, "struct kvm_signal_mask")
-KVM_GET_MP_STATE = _ior(0x98, "struct kvm_mp_state")
 KVM_SET_MP_STATE = _iow(0x99, "struct kvm_mp_state")
-KVM_GET_VCPU_EVENTS = _ior(0x9F, "struct kvm_vcpu_events")
-KVM_SET_VCPU_EVENTS = _iow(0xA0, "struct kvm_vcpu_events")
 KVM_SET_GUEST_DEBUG = _iow(0x9B, "struct kvm_guest_debug")
 KVM_GET_ONE_REG = _iow(0xAB, "struct kvm_one_reg")
 KVM_SET_ONE_REG = _iow(0xAC, "struct kvm_one_reg")
@@ -68,7 +64,6 @@ KVM_ARM_VCPU_FINALIZE = _iow(0xC2, "int")  # its argument: the feature to finali
 # tap devices, /dev/net/tun (include/uapi/linux/if_tun.h: declared with int, they take struct
 # ifreq * and int * respectively)
 TUNSETIFF = IOC(IOC_WRITE, ord("T"), 202, ffi.sizeof("int"))
-TUNSETOFFLOAD = IOC(IOC_WRITE, ord("T"), 208, ffi.sizeof("unsigned int"))
 TUNSETVNETHDRSZ = IOC(IOC_WRITE, ord("T"), 216, ffi.sizeof("int"))
 
 # name of every request, for error messages

@@ -374,11 +374,6 @@ class LinuxSession:
             truncated = any(self._truncated)
         return Completed(status, out, err, times, truncated)
 
-    @property
-    def alive(self) -> bool:
-        """Whether the guest is still running (a failed or timed-out command may leave it so)."""
-        return not self._ended.is_set()
-
     def stop(self, message: str) -> None:
         self.vm.stop(message)
 

@@ -179,9 +179,6 @@ class Vcpu:
     def get_sysreg(self, op0: int, op1: int, crn: int, crm: int, op2: int) -> int:
         return self.fd.get_one_reg(sysreg_id(op0, op1, crn, crm, op2))
 
-    def set_sysreg(self, op0: int, op1: int, crn: int, crm: int, op2: int, value: int) -> None:
-        self.fd.set_one_reg(sysreg_id(op0, op1, crn, crm, op2), value)
-
     def kvm_offers_trng(self) -> bool:
         """Whether KVM answers the TRNG calls itself (its KVM_REG_ARM_STD_BMAP firmware register,
         Linux >= 6.0; older kernels have no such register: no TRNG of KVM's is counted)."""
