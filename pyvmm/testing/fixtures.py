@@ -1,0 +1,81 @@
+"""The plugin's fixtures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Literal
+
+import pytest
+
+from pyvmm.testing.linux import LinuxBoot, LinuxGuest, MakeLinux
+from pyvmm.testing.options import linux_options, linux_scope, seconds
+from pyvmm.testing.payloads import Payloads, RunPayload
+
+if TYPE_CHECKING:
+    from pyvmm.services.modules import ServiceModule
+    from pyvmm.smccc.context import ServiceContext
+    from pyvmm.smccc.service import Service
+
+    # A service for a guest: a service module file (RANGE, handle, NAME: what `pyvmm run
+    # --service` loads), a loaded ServiceModule, a Service, or a callable that makes one from
+    # the VM's ServiceContext (a Service class such as pyvmm.services.sdei.Sdei is one).
+    ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
+
+
+FN_REPORT = 0xC200_00F0  # pyvmm.inc's FN_REPORT: x1..x6 are the guest's report
+REPORT_ARGS = ("x1", "x2", "x3", "x4", "x5", "x6")
+KVM_FIXTURES = frozenset({"run_payload", "linux", "make_linux"})
+SKIP_OPTION = "--pyvmm-skip-without-kvm"
+NEEDS_KVM = "pyvmm: this test needs arm64 KVM: "
+REPORT_SECTION_LINES = 200  # of a run's trace, shown with a failing test
+SCOPES = ("function", "class", "module", "package", "session")
+Scope = Literal["function", "class", "module", "package", "session"]
+
+
+
+
+# --- the fixtures --------------------------------------------------------------------------------
+def _item(request: pytest.FixtureRequest) -> pytest.Item:
+    node = request.node
+    assert isinstance(node, pytest.Item), node  # the function-scoped fixtures below
+    return node
+
+
+@pytest.fixture(scope="session")
+def pyvmm_payloads(pytestconfig: pytest.Config) -> Payloads:
+    """Assemble `.S` payloads through the payload cache: pyvmm_payloads.build(path, conduit=,
+    defsyms=) -> the binary's Path. Needs no KVM."""
+    return Payloads(pytestconfig)
+
+
+@pytest.fixture
+def run_payload(request: pytest.FixtureRequest) -> Iterator[RunPayload]:
+    """run_payload(payload, services=, conduit=, cpus=, ...) -> PayloadRun, each on a fresh VM
+    (closed after the test)."""
+    runner = RunPayload(_item(request))
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope=linux_scope)
+def _pyvmm_linux_shared(pytestconfig: pytest.Config) -> Iterator[LinuxBoot]:
+    boot = LinuxBoot(linux_options(pytestconfig), base=pytestconfig.rootpath,
+                     boot_timeout=seconds(pytestconfig.getini("pyvmm_boot_timeout"), "ini option pyvmm_boot_timeout"))
+    yield boot
+    boot.close()
+
+
+@pytest.fixture
+def linux(_pyvmm_linux_shared: LinuxBoot, request: pytest.FixtureRequest) -> LinuxGuest:
+    """A Linux guest on the host's root, shared by the module's tests (pyvmm_linux_scope), booted
+    at the first command: linux.run(command) -> Completed(status, stdout, stderr)."""
+    return LinuxGuest(_pyvmm_linux_shared, _item(request))
+
+
+@pytest.fixture
+def make_linux(request: pytest.FixtureRequest) -> Iterator[MakeLinux]:
+    """make_linux(kernel=, cpus=, services=, configure=, ...) -> a LinuxGuest of this test's own."""
+    maker = MakeLinux(_item(request))
+    yield maker
+    maker.close()

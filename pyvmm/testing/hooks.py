@@ -1,0 +1,165 @@
+"""The plugin's options and markers, the KVM requirement (fail, or skip when asked, with one line) and each test's time limit."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import pytest
+
+from pyvmm.testing.options import ini_int, linux_scope, seconds
+
+if TYPE_CHECKING:
+    from pyvmm.services.modules import ServiceModule
+    from pyvmm.smccc.context import ServiceContext
+    from pyvmm.smccc.service import Service
+
+    # A service for a guest: a service module file (RANGE, handle, NAME: what `pyvmm run
+    # --service` loads), a loaded ServiceModule, a Service, or a callable that makes one from
+    # the VM's ServiceContext (a Service class such as pyvmm.services.sdei.Sdei is one).
+    ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
+
+
+FN_REPORT = 0xC200_00F0  # pyvmm.inc's FN_REPORT: x1..x6 are the guest's report
+REPORT_ARGS = ("x1", "x2", "x3", "x4", "x5", "x6")
+KVM_FIXTURES = frozenset({"run_payload", "linux", "make_linux"})
+SKIP_OPTION = "--pyvmm-skip-without-kvm"
+NEEDS_KVM = "pyvmm: this test needs arm64 KVM: "
+REPORT_SECTION_LINES = 200  # of a run's trace, shown with a failing test
+SCOPES = ("function", "class", "module", "package", "session")
+Scope = Literal["function", "class", "module", "package", "session"]
+
+
+
+
+# --- options, markers, the KVM requirement ---------------------------------------------------
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("pyvmm", "pyvmm guests on arm64 KVM")
+    group.addoption(SKIP_OPTION, action="store_true", dest="pyvmm_skip_without_kvm",
+                    help="skip, instead of failing, the tests that need arm64 KVM where there is none")
+    parser.addini("pyvmm_timeout", "seconds each payload run and each Linux command may take (default 60)",
+                  default="60")
+    parser.addini("pyvmm_boot_timeout", "seconds a Linux guest may take to boot (default 180)", default="180")
+    parser.addini("pyvmm_payload_cache", "directory of assembled payloads, relative to the ini file "
+                  "(default: build/pyvmm-payloads under the rootdir; $PYVMM_PAYLOAD_CACHE overrides both)",
+                  default="")
+    parser.addini("pyvmm_include_dirs", "more directories .include looks in, relative to the ini file",
+                  type="paths", default=[])
+    parser.addini("pyvmm_linux_scope", "scope of the Linux guest the `linux` fixture shares (default module)",
+                  default="module")
+    parser.addini("pyvmm_linux_kernel", "kernel Image of `linux` guests (default: the running kernel's)", default="")
+    parser.addini("pyvmm_linux_modules", "its /lib/modules/RELEASE (default: found from the kernel)", default="")
+    parser.addini("pyvmm_linux_cpus", "vCPUs of `linux` guests (default 1)", default="1")
+    parser.addini("pyvmm_linux_mem", "MiB of RAM of `linux` guests (default 512)", default="512")
+    parser.addini("pyvmm_linux_params", "more kernel command line for `linux` guests", default="")
+    parser.addini("pyvmm_linux_rwdirs", "host directories `linux` guests may write to, relative to the ini file",
+                  type="paths", default=[])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "pyvmm_kvm: the test needs arm64 KVM (fails without it, or is skipped "
+                                       f"with {SKIP_OPTION})")
+    config.addinivalue_line("markers", "pyvmm_timeout(seconds): the time limit of each guest run in the test")
+    config.stash[_STATE] = _State()
+    # a mistyped ini option is said once, at start-up, not by each test that meets it
+    for name in ("pyvmm_timeout", "pyvmm_boot_timeout"):
+        seconds(config.getini(name), f"ini option {name}")
+    for name in ("pyvmm_linux_cpus", "pyvmm_linux_mem"):
+        ini_int(config, name)
+    linux_scope("linux", config)
+
+
+@dataclass
+class _State:
+    checked: bool = False
+    problem: str | None = None  # why this host cannot run the tests that need KVM; None: it can
+    skipped: set[str] = field(default_factory=set)  # node IDs
+    failed: set[str] = field(default_factory=set)
+
+
+_STATE = pytest.StashKey[_State]()
+
+
+def kvm_problem() -> str | None:
+    """Why this host cannot run pyvmm's guests (one line), or None when it can: an arm64
+    Linux whose /dev/kvm opens and makes VMs. (Without the SMCCC filter, Linux < 6.4, guests
+    run with KVM's PSCI; what needs the filter fails on its own with a line saying so.)"""
+    machine = os.uname().machine
+    if machine != "aarch64":
+        return f"this host is {machine}, not arm64 (aarch64)"
+    try:
+        from pyvmm.errors import VmmError
+        from pyvmm.kvm.fds import Kvm
+    except ImportError as e:
+        return f"pyvmm's KVM bindings do not load: {e}"
+    try:
+        kvm = Kvm()
+    except VmmError as e:
+        return str(e)
+    try:
+        from kvm_bindings.constants import Cap
+        from pyvmm.machine.host import probe_ipa_bits
+
+        kvm.create_vm(probe_ipa_bits(kvm.check_extension(Cap.ARM_VM_IPA_SIZE))).close()
+    except VmmError as e:
+        return str(e)
+    finally:
+        kvm.close()
+    return None
+
+
+def _state(config: pytest.Config) -> _State:
+    state = config.stash.get(_STATE, None)
+    if state is None:  # a Config this plugin was not configured for (a nested run): start one
+        state = config.stash[_STATE] = _State()
+    return state
+
+
+def require_kvm(item: pytest.Item) -> None:
+    """Fail `item` (skip it, with --pyvmm-skip-without-kvm) unless this host has arm64 KVM."""
+    state = _state(item.config)
+    if not state.checked:
+        state.problem, state.checked = kvm_problem(), True
+    if state.problem is None:
+        return
+    message = NEEDS_KVM + " ".join(state.problem.split())  # one line, whatever the cause said
+    if item.config.getoption("pyvmm_skip_without_kvm", False):
+        state.skipped.add(item.nodeid)
+        pytest.skip(message)
+    state.failed.add(item.nodeid)
+    pytest.fail(message, pytrace=False)
+
+
+def needs_kvm(item: pytest.Item) -> bool:
+    return item.get_closest_marker("pyvmm_kvm") is not None or not KVM_FIXTURES.isdisjoint(
+        getattr(item, "fixturenames", ()))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item: pytest.Item) -> None:
+    # Before the test body, and after fixture setup, which touches no KVM: the test is reported
+    # as failed (or skipped), with the reason as its one line.
+    if needs_kvm(item):
+        require_kvm(item)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
+                            config: pytest.Config) -> None:
+    state = config.stash.get(_STATE, None)
+    if state is None or state.problem is None:
+        return
+    if state.skipped:
+        n = len(state.skipped)
+        terminalreporter.write_line(f"pyvmm: {n} {'test' if n == 1 else 'tests'} skipped for want of arm64 KVM "
+                                    f"({SKIP_OPTION}): {state.problem}")
+    if state.failed:
+        n = len(state.failed)
+        terminalreporter.write_line(f"pyvmm: {n} {'test' if n == 1 else 'tests'} failed for want of arm64 KVM "
+                                    f"({SKIP_OPTION} would skip {'it' if n == 1 else 'them'}): {state.problem}")
+
+
+
+
+# --- time limits and paths -------------------------------------------------------------------
