@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pyvmm.cli.options import (
     EXIT_EXEC_PYVMM,
@@ -19,6 +19,9 @@ from pyvmm.cli.options import (
 )
 from pyvmm.cli.signals import StopSignals
 from pyvmm.errors import VmmError
+
+if TYPE_CHECKING:
+    from pyvmm.exec.session import LinuxSession
 
 
 def add_parser(sub: Any) -> None:
@@ -48,13 +51,9 @@ def add_parser(sub: Any) -> None:
 def cmd_exec(args: argparse.Namespace, signals: StopSignals) -> int:
     """`pyvmm exec`: its statuses are the command's, or 123/124/125/128+N (see the module doc)."""
     from pyvmm.exec.session import (
-        EXIT_BOOT_FAILED,
         EXIT_PYVMM_FAILED,
-        GuestFailed,
-        GuestTimedOut,
         LinuxSession,
         chosen_env,
-        visible_in_guest,
         write_all,
     )
 
@@ -72,14 +71,7 @@ def cmd_exec(args: argparse.Namespace, signals: StopSignals) -> int:
         services = SmcccOptions(args)
         env = chosen_env(args.env)
         rwdirs = [os.path.realpath(d) for d in args.rwdir]
-        if args.cwd is not None:
-            cwd = os.path.realpath(args.cwd)
-            if not os.path.isdir(cwd) or not visible_in_guest(cwd, rwdirs):
-                raise VmmError(f"--cwd {args.cwd} is not a directory the guest sees (the guest has its own "
-                               "/tmp, /run, /var/tmp: share it with --rwdir)")
-        else:  # the current directory, unless the guest's tmpfs hides it: then /
-            here = os.path.realpath(os.getcwd())
-            cwd = here if visible_in_guest(here, rwdirs) else "/"
+        cwd = _working_directory(args.cwd, rwdirs)
         if args.kernel is not None and not os.path.isfile(args.kernel):
             raise VmmError(f"kernel {args.kernel} does not exist or is not a file")
         started = time.monotonic()
@@ -95,14 +87,22 @@ def cmd_exec(args: argparse.Namespace, signals: StopSignals) -> int:
         print(one_line(f"pyvmm: error: {e}"), file=sys.stderr)
         return EXIT_PYVMM_FAILED
 
+    return _run(session, command, env, cwd, args.timeout, started, signals)
+
+
+def _run(session: LinuxSession, command: list[str], env: dict[str, str], cwd: str, timeout: float | None,
+         started: float, signals: StopSignals) -> int:
+    """The command in the session's guest, within what is left of --timeout; its status."""
+    from pyvmm.exec.session import EXIT_BOOT_FAILED, EXIT_PYVMM_FAILED, GuestFailed, GuestTimedOut
+
     def left() -> float | None:
-        return None if args.timeout is None else max(0.0, started + args.timeout - time.monotonic())
+        return None if timeout is None else max(0.0, started + timeout - time.monotonic())
 
     try:
         session.start(timeout=left())
         status = session.run(command, env=env, cwd=cwd, timeout=left()).status
     except GuestTimedOut:
-        print(f"pyvmm: timed out after {args.timeout:g} s", file=sys.stderr)
+        print(f"pyvmm: timed out after {timeout:g} s", file=sys.stderr)
         session.stop("--timeout")
         status = EXIT_TIMEOUT
     except GuestFailed as e:
@@ -119,3 +119,18 @@ def cmd_exec(args: argparse.Namespace, signals: StopSignals) -> int:
     if signals.received is not None:
         status = 128 + signals.received
     return status
+
+
+def _working_directory(asked: str | None, rwdirs: list[str]) -> str:
+    """The command's directory: --cwd, which the guest must see; else the current one, unless the
+    guest's own tmpfs hides it (then /)."""
+    from pyvmm.exec.session import visible_in_guest
+
+    if asked is not None:
+        cwd = os.path.realpath(asked)
+        if not os.path.isdir(cwd) or not visible_in_guest(cwd, rwdirs):
+            raise VmmError(f"--cwd {asked} is not a directory the guest sees (the guest has its own "
+                           "/tmp, /run, /var/tmp: share it with --rwdir)")
+        return cwd
+    here = os.path.realpath(os.getcwd())
+    return here if visible_in_guest(here, rwdirs) else "/"

@@ -27,6 +27,9 @@ from pyvmm.errors import KernelOpenError, VmmError
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.device import VirtioDevice
     from pyvmm.machine.cpu_features import CpuOptions
+    from pyvmm.machine.lifecycle import RunResult
+    from pyvmm.machine.vm import Vm
+    from pyvmm.services.sdei import EventSpec
 
 
 def add_parser(sub: Any) -> None:
@@ -102,27 +105,43 @@ def cpu_options(args: argparse.Namespace) -> CpuOptions:
 
 
 def cmd_run(args: argparse.Namespace, signals: StopSignals) -> int:
-    # what only some options need (a control socket, SDEI, GDB) is imported only for them
-    from pyvmm.boot.load import boot
-    from pyvmm.devices.virtio.registry import CLI_DEVICES
-    from pyvmm.machine.host_console import ConsoleInput
-    from pyvmm.machine.lifecycle import threads_left_running
-    from pyvmm.machine.vm import Vm
-
     services = SmcccOptions(args)
+    events = _check_options(args)
+    host = HostConsole()
+    vm, devices = _make_vm(args, host)
+    # From here a signal stops the VM, as it would a running one, rather than unwinding its
+    # set-up: the rest of the set-up finishes (no file is left half-written, no socket unlisted)
+    # and the run that follows ends at once. The handlers outlive the VM: a signal while it closes
+    # (disk images are fsynced then) is one more stop request, and a second SIGINT still ends
+    # pyvmm at once.
+    signals.stop_with(vm.stop)
+    with ExitStack() as after_close, vm:
+        dtb = _set_up(vm, args, devices, services, events, host)
+        if args.dump_dtb:
+            _write(args.dump_dtb, dtb)
+            if signals.received is not None:
+                print(f"pyvmm: {signals.message()}", file=sys.stderr)
+                return 128 + signals.received
+            return EXIT_OK
+        result = _serve_and_run(vm, args, host, after_close)
+    return _exit(result, signals)
+
+
+def _check_options(args: argparse.Namespace) -> list[EventSpec]:
+    """What the options say wrong of themselves, before any VM is made; the SDEI events."""
     if args.sdei_event and not args.sdei:
         raise VmmError("--sdei-event declares SDEI events: add --sdei")
     if args.sdei and args.aarch32:
         raise VmmError("--sdei needs an AArch64 guest: SDEI's calls are all SMC64, which AArch32 callers cannot make")
     events = []
-    if args.sdei_event:
+    if args.sdei_event:  # what only some options need (SDEI, GDB) is imported only for them
         from pyvmm.services.sdei import parse_event
 
         events = [parse_event(e) for e in args.sdei_event]
     if args.control:
-        from pyvmm.sockets import claim as claim_control_path
+        from pyvmm.sockets import claim
 
-        claim_control_path(args.control)
+        claim(args.control)
     if args.gdb_wait and not args.gdb:
         raise VmmError("--gdb-wait waits for GDB: add --gdb tcp:[HOST:]PORT or --gdb unix:PATH")
     if args.gdb:
@@ -130,12 +149,18 @@ def cmd_run(args: argparse.Namespace, signals: StopSignals) -> int:
 
         kind, where = parse_address(args.gdb)
         if kind == "unix":
-            from pyvmm.sockets import claim as claim_control_path
+            from pyvmm.sockets import claim
 
-            claim_control_path(where, "--gdb")
-    host = HostConsole()
-    # the devices first, as kvmtool parses every option before touching KVM: a bad -d or -n is
-    # reported as such on any host; until the VM owns them they are closed here on any failure
+            claim(where, "--gdb")
+    return events
+
+
+def _make_vm(args: argparse.Namespace, host: HostConsole) -> tuple[Vm, list[VirtioDevice]]:
+    """The devices first, as kvmtool parses every option before touching KVM: a bad -d or -n is
+    reported as such on any host; until the VM owns them they are closed here on any failure."""
+    from pyvmm.devices.virtio.registry import CLI_DEVICES
+    from pyvmm.machine.vm import Vm
+
     with ExitStack() as unowned:
         devices: list[VirtioDevice] = []
         for device_type in CLI_DEVICES:
@@ -145,63 +170,74 @@ def cmd_run(args: argparse.Namespace, signals: StopSignals) -> int:
         vm = Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output,
                 aarch32=args.aarch32, cpu=cpu_options(args), irqchip=args.irqchip)
         unowned.pop_all()
-    # From here a signal stops the VM, as it would a running one, rather than unwinding its
-    # set-up: the rest of the set-up finishes (no file is left half-written, no socket unlisted)
-    # and the run that follows ends at once. The handlers outlive the VM: a signal while it closes
-    # (disk images are fsynced then) is one more stop request, and a second SIGINT still ends
-    # pyvmm at once.
-    signals.stop_with(vm.stop)
-    with ExitStack() as after_close, vm:
-        for i, device in enumerate(devices):
-            try:
-                vm.add_virtio(device)  # the VM closes it from here on, or at once if it cannot attach
-            except BaseException:
-                for rest in devices[i + 1:]:
-                    rest.close()
-                raise
-        # the images once the machine exists, as kvmtool loads them: an option this host cannot
-        # honour is said before a kernel that cannot be opened (see KernelOpenError)
-        if args.kernel is not None and not os.path.isfile(args.kernel):
-            raise KernelOpenError(f"Unable to open kernel {args.kernel}: it does not exist or is not a file")
-        for what, path in (("firmware", args.firmware), ("initrd", args.initrd)):
-            if path is not None and not os.path.isfile(path):
-                raise VmmError(f"{what} {path} does not exist or is not a file")
-        if args.sdei and not vm.has_smccc_filter:
-            from pyvmm.smccc import filter as smccc_filter
+    return vm, devices
 
-            raise smccc_filter.unavailable("--sdei")
-        services.apply(vm)
-        if args.sdei:
-            vm.enable_sdei(events)
-        dtb = boot(vm, kernel=args.kernel, firmware=args.firmware, initrd=args.initrd, cmdline=args.params,
-                   console=None if args.nodefaults else host.kernel_name, kaslr_seed=args.kaslr_seed)
-        if args.dump_dtb:
-            try:
-                with open(args.dump_dtb, "wb") as f:
-                    f.write(dtb)
-            except OSError as e:
-                raise VmmError(f"cannot write {args.dump_dtb}: {e.strerror}") from None
-            if signals.received is not None:
-                print(f"pyvmm: {signals.message()}", file=sys.stderr)
-                return 128 + signals.received
-            return EXIT_OK
-        if args.gdb:
-            stub = vm.attach_gdb(args.gdb, wait=args.gdb_wait)
-            held = "; vCPU 0 waits for it" if args.gdb_wait else ""
-            print(f"pyvmm: GDB stub listening on {stub.address}{held}", file=sys.stderr, flush=True)
-        receive = host.receive or vm.serial.uart.receive
-        console_in = ConsoleInput(receive, lambda: vm.stop("quit from the console (Ctrl-A x)"), host.output.flush)
-        if args.control:
-            from pyvmm.cli.control import ControlServer
 
-            control = ControlServer(args.control, vm.stop, vm.sdei)
-            after_close.callback(control.close)  # before the VM's own close: no request reaches it then
-            control.start()
-        console_in.start()
+def _set_up(vm: Vm, args: argparse.Namespace, devices: list[VirtioDevice], services: SmcccOptions,
+            events: list[EventSpec], host: HostConsole) -> bytes:
+    """Devices, SMCCC services, SDEI and the images into the VM; the device tree it boots with."""
+    from pyvmm.boot.load import boot
+
+    for i, device in enumerate(devices):
         try:
-            result = vm.run(timeout=args.timeout)
-        finally:
-            console_in.stop()
+            vm.add_virtio(device)  # the VM closes it from here on, or at once if it cannot attach
+        except BaseException:
+            for rest in devices[i + 1:]:
+                rest.close()
+            raise
+    # the images once the machine exists, as kvmtool loads them: an option this host cannot
+    # honour is said before a kernel that cannot be opened (see KernelOpenError)
+    if args.kernel is not None and not os.path.isfile(args.kernel):
+        raise KernelOpenError(f"Unable to open kernel {args.kernel}: it does not exist or is not a file")
+    for what, path in (("firmware", args.firmware), ("initrd", args.initrd)):
+        if path is not None and not os.path.isfile(path):
+            raise VmmError(f"{what} {path} does not exist or is not a file")
+    if args.sdei and not vm.has_smccc_filter:
+        from pyvmm.smccc import filter as smccc_filter
+
+        raise smccc_filter.unavailable("--sdei")
+    services.apply(vm)
+    if args.sdei:
+        vm.enable_sdei(events)
+    return boot(vm, kernel=args.kernel, firmware=args.firmware, initrd=args.initrd, cmdline=args.params,
+                console=None if args.nodefaults else host.kernel_name, kaslr_seed=args.kaslr_seed)
+
+
+def _write(path: str, dtb: bytes) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(dtb)
+    except OSError as e:
+        raise VmmError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _serve_and_run(vm: Vm, args: argparse.Namespace, host: HostConsole, after_close: ExitStack) -> RunResult:
+    """The GDB stub, the console's input and the control socket, then the run."""
+    from pyvmm.machine.host_console import ConsoleInput
+
+    if args.gdb:
+        stub = vm.attach_gdb(args.gdb, wait=args.gdb_wait)
+        held = "; vCPU 0 waits for it" if args.gdb_wait else ""
+        print(f"pyvmm: GDB stub listening on {stub.address}{held}", file=sys.stderr, flush=True)
+    receive = host.receive or vm.serial.uart.receive
+    console_in = ConsoleInput(receive, lambda: vm.stop("quit from the console (Ctrl-A x)"), host.output.flush)
+    if args.control:
+        from pyvmm.cli.control import ControlServer
+
+        control = ControlServer(args.control, vm.stop, vm.sdei)
+        after_close.callback(control.close)  # before the VM's own close: no request reaches it then
+        control.start()
+    console_in.start()
+    try:
+        return vm.run(timeout=args.timeout)
+    finally:
+        console_in.stop()
+
+
+def _exit(result: RunResult, signals: StopSignals) -> int:
+    """The run's exit status (see pyvmm/cli/__init__.py), said in one line unless 0."""
+    from pyvmm.machine.lifecycle import threads_left_running
+
     if signals.received is not None and result.reason == "stopped" and result.message == signals.message():
         status = 128 + signals.received
     else:

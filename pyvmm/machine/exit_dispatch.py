@@ -57,10 +57,11 @@ class DebugEvents(Protocol):
 
 
 class MachineExits:
-    def __init__(self, smccc: Dispatcher, bus: MmioBus, unhandled: UnhandledMmio, lifecycle: Lifecycle) -> None:
+    def __init__(self, smccc: Dispatcher, bus: MmioBus, unhandled: UnhandledMmio, lifecycle: Lifecycle,
+                 vcpus: Sequence[Vcpu] = ()) -> None:
         self._smccc, self._bus, self._unhandled, self._lifecycle = smccc, bus, unhandled, lifecycle
         self.hypercall = smccc.dispatch  # the hot path: no frame of our own
-        self.vcpus: Sequence[Vcpu] = ()
+        self.vcpus = vcpus
         self.debugger: DebugEvents | None = None
 
     def mmio(self, vcpu: Vcpu, ex: MmioExit) -> None:

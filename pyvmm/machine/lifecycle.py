@@ -151,17 +151,20 @@ def where(thread: threading.Thread) -> str:
 
 class Lifecycle:
     def __init__(self, memory: GuestMemory, lines: InterruptLines, smccc: Dispatcher,
-                 install_filter: Callable[[], None]) -> None:
+                 install_filter: Callable[[], None], *, vcpus: Sequence[MachineVcpu] = (), gic: IrqChip | None = None,
+                 reboot: bool = True) -> None:
+        """`vcpus`: the machine's, a sequence filled as they are made (each vCPU's exits come back
+        here, so the sequence exists first); `reboot`: False ends a run at the guest's reset."""
         self._memory, self._lines, self._smccc = memory, lines, smccc
         self._install_filter = install_filter
-        self.vcpus: Sequence[MachineVcpu] = ()
-        self.gic: IrqChip | None = None
+        self.vcpus = vcpus
+        self.gic = gic
         self.devices: list[MachineDevice] = []
         self.images: list[Image] = []
         self.boot: Entry | None = None  # where vCPU 0 starts
         self.on_run_end: list[Callable[[], None]] = []  # e.g. flush the console
         self.resets = 0
-        self.reboot = True  # False: a guest's reset ends the run (QEMU's -no-reboot)
+        self.reboot = reboot  # False: a guest's reset ends the run (QEMU's -no-reboot)
         self._done = threading.Event()
         self._lock = threading.Lock()
         self._result: RunResult | None = None

@@ -103,18 +103,52 @@ class Vm:
         self._resources = ExitStack()  # what close() frees, last made first
         try:
             self._build(cpus, mem_mib << 20, ram_base, kvm_path, unhandled_mmio, conduit, psci, console, aarch32,
-                        cpu, irqchip)
+                        cpu, irqchip, reboot)
         except BaseException:
             self._resources.close()
             raise
-        self.lifecycle.reboot = reboot
 
     def _build(self, cpus: int, mem_size: int, ram_base: int, kvm_path: str, unhandled_mmio: str,
                conduit: str, psci: bool | None, console: Callable[[int], None] | None, aarch32: bool,
-               cpu: CpuOptions, irqchip: str) -> None:
-        keep = self._resources.callback
+               cpu: CpuOptions, irqchip: str, reboot: bool) -> None:
+        """The parts in the order each needs the ones before it (arm-vgic-v3.rst, api.rst): KVM,
+        the VM and its CPU features, memory, the GIC, the SMCCC dispatcher and the life cycle, the
+        vCPUs, then what needs them all (the GIC's final init, the PMU, the UART, PSCI)."""
+        self.aarch32, self.ram_base = aarch32, ram_base
+        self._open_vm(cpus, ram_base + mem_size, kvm_path, cpu, aarch32)
+        psci = self._choose_psci(psci, conduit)
+        self.memory = GuestMemory()
+        self._resources.callback(self.memory.close)
+        self.mmio = MmioBus()
+        self.dt_parts: list[DtPart] = []  # devices that contribute a device-tree node
+        self.add_memory(ram_base, mem_size)
+        if self.features.pvtime:  # guest memory, but not RAM: the DT's /memory leaves it out
+            self.add_memory(cpu_features.PVTIME_BASE, cpu_features.PVTIME_SIZE, ram=False)
+        self.lines = InterruptLines(self.fd)
+        self._resources.callback(self.lines.close)
+        self.gic = Gic(self.fd, cpus, irqchip)
+        self._resources.callback(self.gic.close)
+        for base, size, name in self.gic.mmio_regions:
+            self.add_device(base, size, InKernelRegion(), name)
+        self.smccc = Dispatcher(conduit, aarch32_callers=aarch32, filter_missing=not self._has_filter)
+        self.vcpus: list[Vcpu] = []  # filled below; the life cycle and the exits see them as they come
+        self.lifecycle = Lifecycle(self.memory, self.lines, self.smccc, self.install_smccc_filter,
+                                   vcpus=self.vcpus, gic=self.gic, reboot=reboot)
+        self.unhandled_mmio = UnhandledMmio(unhandled_mmio)
+        self._exits = MachineExits(self.smccc, self.mmio, self.unhandled_mmio, self.lifecycle, self.vcpus)
+        self._create_vcpus(cpus, kvm_power=not psci)
+        self._add_uart(console)
+        self.virtio: list[VirtioMmio] = []
+        self.service_context = ServiceContext(self.vcpus, self.memory, self.lifecycle, conduit, self.smccc.emit,
+                                              self.lines)
+        self.sdei: Sdei | None = None  # enable_sdei()
+        self.psci: Psci | None = None
+        self._add_psci(psci, conduit)
+
+    def _open_vm(self, cpus: int, ram_end: int, kvm_path: str, cpu: CpuOptions, aarch32: bool) -> None:
+        """/dev/kvm, what pyvmm needs of it, and the VM with the CPU features it offers."""
         self.kvm = Kvm(kvm_path)
-        keep(self.kvm.close)
+        self._resources.callback(self.kvm.close)
         for cap in REQUIRED_CAPS:
             if not self.kvm.check_extension(cap):
                 raise KvmUnavailableError(f"this KVM lacks KVM_CAP_{cap.name}, which pyvmm needs")
@@ -124,15 +158,19 @@ class Vm:
         if aarch32 and not self.kvm.check_extension(Cap.ARM_EL1_32BIT):
             raise KvmUnavailableError("this host's CPUs cannot run EL1 in AArch32 state (no KVM_CAP_ARM_EL1_32BIT), "
                                       "which an AArch32 guest needs")
-        self.aarch32 = aarch32
         # the guest-physical address size that holds the RAM (many boards offer fewer than 40 bits)
-        ipa_bits = vm_ipa_bits(ram_base + mem_size, self.kvm.check_extension(Cap.ARM_VM_IPA_SIZE))
-        self.fd = self.kvm.create_vm(ipa_bits)
-        keep(self.fd.close)
+        self.fd = self.kvm.create_vm(vm_ipa_bits(ram_end, self.kvm.check_extension(Cap.ARM_VM_IPA_SIZE)))
+        self._resources.callback(self.fd.close)
         self.features = cpu_features.choose(cpu, self.fd.check_extension, aarch32=aarch32)
         if self.features.mte:  # before any vCPU exists (api.rst, KVM_CAP_ARM_MTE)
             self.fd.enable_cap(Cap.ARM_MTE)
+        if self.fd.check_extension(Cap.ARM_NISV_TO_USER):
+            # report MMIO accesses KVM cannot decode as KVM_EXIT_ARM_NISV instead of failing KVM_RUN
+            self.fd.enable_cap(Cap.ARM_NISV_TO_USER)
         self._has_filter = smccc_filter.supported(self.fd)
+
+    def _choose_psci(self, psci: bool | None, conduit: str) -> bool:
+        """Whose PSCI: pyvmm's where KVM forwards calls (the SMCCC filter), else KVM's own."""
         # said when the guest first runs, so that a refusal (--sdei, say) stays the one line
         self._note_pending = psci is None and not self._has_filter
         if psci is None:
@@ -142,38 +180,16 @@ class Vm:
         if conduit == "smc" and not self._has_filter:
             # before 6.4 KVM answers every SMC with NOT_SUPPORTED itself (handle_smc), PSCI's too
             raise smccc_filter.unavailable("the SMC conduit (--psci-conduit smc)")
-        self.memory = GuestMemory()
-        keep(self.memory.close)
-        self.mmio = MmioBus()
-        self.dt_parts: list[DtPart] = []  # devices that contribute a device-tree node
-        self.smccc = Dispatcher(conduit)
-        self.smccc.aarch32_callers = aarch32
-        self.smccc.filter_missing = not self._has_filter
-        self.unhandled_mmio = UnhandledMmio(unhandled_mmio)
-        self.ram_base = ram_base
-        self.add_memory(ram_base, mem_size)
-        if self.features.pvtime:  # guest memory, but not RAM: the DT's /memory leaves it out
-            self.add_memory(cpu_features.PVTIME_BASE, cpu_features.PVTIME_SIZE, ram=False)
-        if self.fd.check_extension(Cap.ARM_NISV_TO_USER):
-            # report MMIO accesses KVM cannot decode as KVM_EXIT_ARM_NISV instead of failing KVM_RUN
-            self.fd.enable_cap(Cap.ARM_NISV_TO_USER)
+        return psci
+
+    def _create_vcpus(self, cpus: int, *, kvm_power: bool) -> None:
+        """The vCPUs, then what needs every one of them: the GIC's final init and the PMU."""
         target, _ = self.fd.preferred_target()
-        self.lines = InterruptLines(self.fd)
-        keep(self.lines.close)
-        self.gic = Gic(self.fd, cpus, irqchip)
-        keep(self.gic.close)
-        for base, size, name in self.gic.mmio_regions:
-            self.add_device(base, size, InKernelRegion(), name)
-        self.lifecycle = Lifecycle(self.memory, self.lines, self.smccc, self.install_smccc_filter)
-        self.lifecycle.gic = self.gic
-        self._exits = MachineExits(self.smccc, self.mmio, self.unhandled_mmio, self.lifecycle)
-        self.vcpus: list[Vcpu] = []
         for i in range(cpus):
             fd = self.fd.create_vcpu(i)
-            keep(fd.close)
-            self.vcpus.append(Vcpu(i, fd, target, self._exits, aarch32=aarch32, kvm_power=not psci,
+            self._resources.callback(fd.close)
+            self.vcpus.append(Vcpu(i, fd, target, self._exits, aarch32=self.aarch32, kvm_power=kvm_power,
                                    features=self.features))
-        self._exits.vcpus = self.lifecycle.vcpus = self.vcpus
         if self.vcpus[0].kvm_offers_trng():
             self.smccc.kernel_functions[Owner.STANDARD_SECURE] = TRNG_FUNCTIONS
         if self.vcpus[0].offer_pv_time(self.features.pvtime):
@@ -183,6 +199,8 @@ class Vm:
             for v in self.vcpus:
                 v.init_pmu()
             self.dt_parts.append(cpu_features.PmuNode())
+
+    def _add_uart(self, console: Callable[[int], None] | None) -> None:
         out = ConsoleOutput() if console is None else console
         self.console = out
         if isinstance(out, ConsoleOutput):
@@ -190,11 +208,8 @@ class Vm:
         self.serial = SerialPort(out, self.lines.line())
         self.add_device(self.serial.base, self.serial.size, self.serial.uart, "uart", dt=self.serial)
         self.lifecycle.add_device(self.serial)
-        self.virtio: list[VirtioMmio] = []
-        self.service_context = ServiceContext(self.vcpus, self.memory, self.lifecycle, conduit, self.smccc.emit,
-                                              self.lines)
-        self.sdei: Sdei | None = None  # enable_sdei()
-        self.psci: Psci | None = None
+
+    def _add_psci(self, psci: bool, conduit: str) -> None:
         from pyvmm.services.psci import KvmPsci, Psci
 
         if psci:

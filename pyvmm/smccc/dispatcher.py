@@ -119,7 +119,10 @@ class GeneralQueries(Service):
 
 
 class Dispatcher:
-    def __init__(self, conduit: str = "hvc") -> None:
+    def __init__(self, conduit: str = "hvc", *, aarch32_callers: bool = False, filter_missing: bool = False) -> None:
+        """`aarch32_callers`: the vCPUs are KVM_ARM_VCPU_EL1_32BIT ones (every SMC64 call is refused);
+        `filter_missing`: the host's KVM has no SMCCC filter (Linux < 6.4) and forwards nothing, so
+        whatever needs a forwarded call is refused when it is asked for."""
         self._routes: list[Route] = []  # sorted by base, non-overlapping
         self._denied: list[FilterRange] = []
         self._cache: dict[int, Handler | None] = {}
@@ -130,10 +133,8 @@ class Dispatcher:
         self._observed = False  # a trace or a watch is set: the hot path's one test
         self.conduit = conduit
         self._frozen = False
-        # Set by the VM on a host whose KVM has no SMCCC filter (Linux < 6.4): KVM forwards
-        # nothing, so whatever needs a forwarded call is refused when it is asked for.
-        self.filter_missing = False
-        self.aarch32_callers = False  # set by the VM for KVM_ARM_VCPU_EL1_32BIT vCPUs
+        self.filter_missing = filter_missing
+        self.aarch32_callers = aarch32_callers
         # by owner, the function IDs KVM answers itself (its TRNG): counted by Call Count
         self.kernel_functions: dict[int, tuple[int, ...]] = {}
 
