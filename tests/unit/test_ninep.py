@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from pyvmm.devices.virtio.p9 import Virtio9p, parse_share
 from pyvmm.errors import VmmError
 from pyvmm.ninep import protocol as p
-from pyvmm.ninep.server import MAX_OPEN, FileServer
+from pyvmm.ninep.server import FileServer
+from pyvmm.ninep.share import MAX_OPEN
 from tests import fuzzing
 from tests.unit.ninep_client import Client, NinepError
 
@@ -494,12 +495,12 @@ def test_opaque_directories_are_served_empty(tree: Path) -> None:
 
 def test_readdir_listings_are_bounded_per_share(rw: tuple[Client, int], tree: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from pyvmm.ninep import server as server_module
+    from pyvmm.ninep import files as files_module
 
     c, root = rw
     for i in range(50):
         (tree / "sub" / f"f{i}").touch()
-    monkeypatch.setattr(server_module, "MAX_LISTED", 120)
+    monkeypatch.setattr(files_module, "MAX_LISTED", 120)
     fids = []
     for _ in range(5):
         d = c.walk_all(root, "sub")
