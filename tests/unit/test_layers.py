@@ -55,3 +55,20 @@ def test_no_module_imports_itself_through_others() -> None:
 def test_the_cycle_finder_finds_one() -> None:
     assert cycle_through("a", {"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert cycle_through("a", {"a": {"b"}, "b": set()}) is None
+
+
+MODULE_LINES, FUNCTION_LINES = 480, 60  # about what one reading takes in
+
+
+def test_modules_and_functions_stay_readable_at_one_sitting() -> None:
+    long_modules, long_functions = [], []
+    for path in sorted((ROOT / "pyvmm").rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > MODULE_LINES:
+            long_modules.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > FUNCTION_LINES:
+                    long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines")
+    assert long_modules == [] and long_functions == [], long_modules + long_functions
