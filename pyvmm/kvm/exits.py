@@ -1,6 +1,10 @@
-"""kvm_run decoded into small immutable values; the vCPU loop matches on their types.
+"""kvm_run decoded, in one place: the vCPU loop's fast accessors and small immutable values.
 
-`decode` is a pure function of the kvm_run contents (tests feed it a struct built with cffi).
+The two exits a guest causes most are read without building anything: a forwarded SMCCC call
+(KVM_EXIT_HYPERCALL) as its function ID and flags at HYPERCALL_NR and HYPERCALL_FLAGS, which the
+SMCCC dispatcher takes as they are (smccc/call.py reads the flags), and an MMIO access with
+decode_mmio straight from the mmap. Every other exit is `decode`d into its typed value, a pure
+function of the kvm_run contents (tests feed it a struct built with cffi).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import struct
 from typing import NamedTuple
 
 from kvm_bindings import CData, ffi
-from kvm_bindings.constants import ExitReason, HypercallExitFlag, SystemEvent
+from kvm_bindings.constants import ExitReason, SystemEvent
 
 
 class MmioExit(NamedTuple):
@@ -20,18 +24,6 @@ class MmioExit(NamedTuple):
     size: int
     is_write: bool
     data: int  # the value stored (little-endian, `size` bytes); 0 for a load
-
-
-class HypercallExit(NamedTuple):
-    """KVM_EXIT_HYPERCALL on arm64: an SMCCC call forwarded by the SMCCC filter.
-
-    Only the function ID comes in kvm_run; the arguments stay in x1.. (read on demand).
-    The PC already points past the HVC/SMC instruction.
-    """
-
-    function_id: int
-    smc: bool  # conduit: SMC instruction (else HVC)
-    thumb16: bool  # the call was a 16-bit T32 instruction (AArch32 guests)
 
 
 class SystemEventExit(NamedTuple):
@@ -101,13 +93,11 @@ class UnknownExit(NamedTuple):
     reason: int
 
 
-Exit = (MmioExit | HypercallExit | SystemEventExit | InterruptedExit | NisvExit | DebugExit | FailEntryExit
+Exit = (MmioExit | SystemEventExit | InterruptedExit | NisvExit | DebugExit | FailEntryExit
         | InternalErrorExit | UnknownExit)
 
 _MMIO_EXIT = ExitReason.MMIO.value
 _HYPERCALL = ExitReason.HYPERCALL.value
-_SMC = HypercallExitFlag.SMC.value
-_T16 = HypercallExitFlag.BIT16.value
 INTERRUPTED = InterruptedExit()
 
 
@@ -151,10 +141,6 @@ def complete_mmio_read(buf: Buffer, value: int, size: int) -> None:
 def decode(run: CData) -> Exit:
     """Decode a `struct kvm_run *` (cffi cdata) after KVM_RUN returned 0."""
     reason = run.exit_reason
-    if reason == _HYPERCALL:
-        hc = run.hypercall
-        flags = hc.flags
-        return HypercallExit(hc.nr, bool(flags & _SMC), bool(flags & _T16))
     if reason == _MMIO_EXIT:
         return decode_mmio(ffi.buffer(run))
     if reason == ExitReason.SYSTEM_EVENT:

@@ -99,7 +99,10 @@ def install_kick_handler() -> None:
 class ExitHandler(Protocol):
     """What a vCPU's exit loop hands exits to (the machine's devices, services and life cycle)."""
 
-    def hypercall(self, vcpu: Vcpu, function_id: int, flags: int) -> None: ...
+    @property
+    def hypercall(self) -> Callable[[Vcpu, int, int], None]:
+        """The hot path: what the exit loop calls with (vCPU, function ID, KVM_HYPERCALL_EXIT_*
+        flags), fetched once, so that the SMCCC dispatcher runs with no frame in between."""
 
     def mmio(self, vcpu: Vcpu, ex: MmioExit) -> None: ...
 
