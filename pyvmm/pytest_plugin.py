@@ -39,7 +39,6 @@ from pyvmm.testing.hooks import (
     pytest_addoption,
     pytest_configure,
     pytest_runtest_call,
-    pytest_terminal_summary,
 )
 from pyvmm.testing.linux import LinuxGuest, MakeLinux
 from pyvmm.testing.payloads import PayloadRun, Payloads, RunPayload
@@ -48,5 +47,5 @@ from pyvmm.testing.trace import SmcccTrace, TracedCall, TracedEvent
 
 __all__ = ["FN_REPORT", "REPORT_ARGS", "LinuxGuest", "MakeLinux", "PayloadRun", "Payloads", "Report", "RunPayload",
            "SmcccTrace", "TracedCall", "TracedEvent", "_pyvmm_linux_shared", "add_services", "kvm_problem", "linux",
-           "make_linux", "pytest_addoption", "pytest_configure", "pytest_runtest_call", "pytest_terminal_summary",
+           "make_linux", "pytest_addoption", "pytest_configure", "pytest_runtest_call",
            "pyvmm_payloads", "report_service", "run_payload"]

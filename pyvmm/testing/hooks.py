@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -22,14 +22,10 @@ if TYPE_CHECKING:
     ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
 
 
-FN_REPORT = 0xC200_00F0  # pyvmm.inc's FN_REPORT: x1..x6 are the guest's report
-REPORT_ARGS = ("x1", "x2", "x3", "x4", "x5", "x6")
 KVM_FIXTURES = frozenset({"run_payload", "linux", "make_linux"})
 SKIP_OPTION = "--pyvmm-skip-without-kvm"
 NEEDS_KVM = "pyvmm: this test needs arm64 KVM: "
-REPORT_SECTION_LINES = 200  # of a run's trace, shown with a failing test
-SCOPES = ("function", "class", "module", "package", "session")
-Scope = Literal["function", "class", "module", "package", "session"]
+WANT_OF_KVM = "pyvmm_want_of_kvm"  # a report property: the test ended for want of KVM, and why
 
 
 
@@ -63,6 +59,7 @@ def pytest_configure(config: pytest.Config) -> None:
                                        f"with {SKIP_OPTION})")
     config.addinivalue_line("markers", "pyvmm_timeout(seconds): the time limit of each guest run in the test")
     config.stash[_STATE] = _State()
+    config.pluginmanager.register(KvmSummary(), "pyvmm-kvm-summary")
     # a mistyped ini option is said once, at start-up, not by each test that meets it
     for name in ("pyvmm_timeout", "pyvmm_boot_timeout"):
         seconds(config.getini(name), f"ini option {name}")
@@ -75,8 +72,6 @@ def pytest_configure(config: pytest.Config) -> None:
 class _State:
     checked: bool = False
     problem: str | None = None  # why this host cannot run the tests that need KVM; None: it can
-    skipped: set[str] = field(default_factory=set)  # node IDs
-    failed: set[str] = field(default_factory=set)
 
 
 _STATE = pytest.StashKey[_State]()
@@ -125,10 +120,12 @@ def require_kvm(item: pytest.Item) -> None:
     if state.problem is None:
         return
     message = NEEDS_KVM + " ".join(state.problem.split())  # one line, whatever the cause said
-    if item.config.getoption("pyvmm_skip_without_kvm", False):
-        state.skipped.add(item.nodeid)
+    # said on the test's report, which reaches the process that writes the summary: this one, or
+    # pytest-xdist's controller when workers run the tests
+    skipping = bool(item.config.getoption("pyvmm_skip_without_kvm", False))
+    item.user_properties.append((WANT_OF_KVM, state.problem))
+    if skipping:
         pytest.skip(message)
-    state.failed.add(item.nodeid)
     pytest.fail(message, pytrace=False)
 
 
@@ -145,21 +142,37 @@ def pytest_runtest_call(item: pytest.Item) -> None:
         require_kvm(item)
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int,
-                            config: pytest.Config) -> None:
-    state = config.stash.get(_STATE, None)
-    if state is None or state.problem is None:
-        return
-    if state.skipped:
-        n = len(state.skipped)
-        terminalreporter.write_line(f"pyvmm: {n} {'test' if n == 1 else 'tests'} skipped for want of arm64 KVM "
-                                    f"({SKIP_OPTION}): {state.problem}")
-    if state.failed:
-        n = len(state.failed)
-        terminalreporter.write_line(f"pyvmm: {n} {'test' if n == 1 else 'tests'} failed for want of arm64 KVM "
-                                    f"({SKIP_OPTION} would skip {'it' if n == 1 else 'them'}): {state.problem}")
-
-
 
 
 # --- time limits and paths -------------------------------------------------------------------
+
+
+class KvmSummary:
+    """How many tests ended for want of KVM, counted from their reports (see require_kvm): the
+    process that writes the summary sees every report, pytest-xdist's controller included."""
+
+    def __init__(self) -> None:
+        self.problem: str | None = None  # why, as the last such test said
+        self.skipped: set[str] = set()  # node IDs
+        self.failed: set[str] = set()
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if report.when != "call":
+            return
+        for name, problem in report.user_properties:
+            if name == WANT_OF_KVM:
+                self.problem = str(problem)
+                (self.skipped if report.skipped else self.failed).add(report.nodeid)
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        state = self
+        if state.problem is None:
+            return
+        if state.skipped:
+            n = len(state.skipped)
+            terminalreporter.write_line(f"pyvmm: {n} {'test' if n == 1 else 'tests'} skipped for want of arm64 KVM "
+                                        f"({SKIP_OPTION}): {state.problem}")
+        if state.failed:
+            n = len(state.failed)
+            terminalreporter.write_line(f"pyvmm: {n} {'test' if n == 1 else 'tests'} failed for want of arm64 KVM "
+                                        f"({SKIP_OPTION} would skip {'it' if n == 1 else 'them'}): {state.problem}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -27,14 +27,6 @@ if TYPE_CHECKING:
     ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
 
 
-FN_REPORT = 0xC200_00F0  # pyvmm.inc's FN_REPORT: x1..x6 are the guest's report
-REPORT_ARGS = ("x1", "x2", "x3", "x4", "x5", "x6")
-KVM_FIXTURES = frozenset({"run_payload", "linux", "make_linux"})
-SKIP_OPTION = "--pyvmm-skip-without-kvm"
-NEEDS_KVM = "pyvmm: this test needs arm64 KVM: "
-REPORT_SECTION_LINES = 200  # of a run's trace, shown with a failing test
-SCOPES = ("function", "class", "module", "package", "session")
-Scope = Literal["function", "class", "module", "package", "session"]
 
 
 

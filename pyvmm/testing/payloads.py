@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, cast
 
 import pytest
 
@@ -29,14 +29,7 @@ if TYPE_CHECKING:
     ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
 
 
-FN_REPORT = 0xC200_00F0  # pyvmm.inc's FN_REPORT: x1..x6 are the guest's report
-REPORT_ARGS = ("x1", "x2", "x3", "x4", "x5", "x6")
-KVM_FIXTURES = frozenset({"run_payload", "linux", "make_linux"})
-SKIP_OPTION = "--pyvmm-skip-without-kvm"
-NEEDS_KVM = "pyvmm: this test needs arm64 KVM: "
 REPORT_SECTION_LINES = 200  # of a run's trace, shown with a failing test
-SCOPES = ("function", "class", "module", "package", "session")
-Scope = Literal["function", "class", "module", "package", "session"]
 
 
 

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pyvmm.services.modules import ServiceModule
@@ -23,12 +23,6 @@ if TYPE_CHECKING:
 
 FN_REPORT = 0xC200_00F0  # pyvmm.inc's FN_REPORT: x1..x6 are the guest's report
 REPORT_ARGS = ("x1", "x2", "x3", "x4", "x5", "x6")
-KVM_FIXTURES = frozenset({"run_payload", "linux", "make_linux"})
-SKIP_OPTION = "--pyvmm-skip-without-kvm"
-NEEDS_KVM = "pyvmm: this test needs arm64 KVM: "
-REPORT_SECTION_LINES = 200  # of a run's trace, shown with a failing test
-SCOPES = ("function", "class", "module", "package", "session")
-Scope = Literal["function", "class", "module", "package", "session"]
 
 
 

@@ -14,6 +14,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from pyvmm.errors import VmmError
 from pyvmm.exec.session import default_kernel
 from pyvmm.pytest_plugin import kvm_problem
@@ -44,15 +46,21 @@ def test_this_host_passes_the_plugin_s_kvm_check() -> None:
 
 
 @needs_filter("the example project's tests use its own SMCCC service and guest reports")
-def test_the_example_project_passes_under_the_plugin() -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_example_project_passes_under_the_plugin(workers: int) -> None:
+    """In one process, and under pytest-xdist with two workers (`-n 2`), where each worker makes
+    its own VMs and boots its own Linux guest: the same tests pass, within the same limits."""
     env = dict(os.environ, PYTEST_DISABLE_PLUGIN_AUTOLOAD="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     env.pop("PYVMM_PAYLOAD_CACHE", None)
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "pyvmm.pytest_plugin", "-p", "no:cacheprovider",
-                        "-q", "-rA", "--color=no", *kernel_options()], cwd=EXAMPLE, env=env, capture_output=True, text=True,
+                        "-q", "-rA", "--color=no", *kernel_options(),
+                        *(["-p", "xdist", "-n", str(workers)] if workers else [])], cwd=EXAMPLE, env=env, capture_output=True, text=True,
                        timeout=TIME_LIMIT)
     shown = f"status {p.returncode}\n{p.stdout}\n{p.stderr}"
     assert p.returncode == 0, shown
     assert re.search(rf"^=* ?{EXAMPLE_TESTS} passed in [\d.]+s", p.stdout, re.MULTILINE), shown
     assert len(re.findall(r"^PASSED ", p.stdout, re.MULTILINE)) == EXAMPLE_TESTS, shown
     assert "for want of arm64 KVM" not in p.stdout, shown
+    if workers:
+        assert f"created: {workers}/{workers} workers" in p.stdout, shown

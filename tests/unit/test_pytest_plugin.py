@@ -95,6 +95,29 @@ def failure_lines(result: pytest.RunResult) -> list[str]:
 
 
 # --- the KVM requirement ---------------------------------------------------------------------------
+@pytest.mark.parametrize("skip", [False, True])
+def test_under_xdist_the_summary_counts_what_the_workers_ran(pytester: pytest.Pytester,
+                                                            monkeypatch: pytest.MonkeyPatch, skip: bool) -> None:
+    """pytest-xdist's workers run the tests, its controller writes the summary: the tests that
+    ended for want of KVM reach it on their reports, and the line is the same as in one process."""
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # this checkout's pyvmm, in every process
+    pytester.makepyfile(test_uses=USES_KVM)
+    # each worker is a process of its own: each is told this host has no KVM
+    pytester.makeconftest("import pyvmm.testing.hooks as hooks\nhooks.kvm_problem = lambda: 'no KVM in this test'\n")
+    result = pytester.runpytest_subprocess("-p", "pyvmm.pytest_plugin", "-p", "xdist", "-p", "no:cacheprovider",
+                                           "-n", "2", *(["--pyvmm-skip-without-kvm"] if skip else []))
+    if skip:
+        result.assert_outcomes(skipped=4, passed=1)
+        line = "pyvmm: 4 tests skipped for want of arm64 KVM (--pyvmm-skip-without-kvm): no KVM in this test"
+    else:
+        result.assert_outcomes(failed=4, passed=1)
+        line = ("pyvmm: 4 tests failed for want of arm64 KVM (--pyvmm-skip-without-kvm would skip them): "
+                "no KVM in this test")
+    assert line in result.stdout.lines, result.stdout.str()
+    assert any("created: 2/2 workers" in x for x in result.stdout.lines), result.stdout.str()
+
+
 def test_without_kvm_each_test_that_needs_it_fails_with_one_line(run: Callable[..., pytest.RunResult],
                                                                  pytester: pytest.Pytester, no_kvm: str) -> None:
     pytester.makepyfile(test_uses=USES_KVM)

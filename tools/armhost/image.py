@@ -54,7 +54,7 @@ def userspace_roots(python: str) -> list[str]:
 
 
 # Wheels the project needs at run time and for its test tier, for the host's CPython on aarch64.
-BINARY_WHEELS = ["cffi", "pycparser", "ioctl-opt", "pytest", "hypothesis"]
+BINARY_WHEELS = ["cffi", "pycparser", "ioctl-opt", "pytest", "pytest-xdist", "hypothesis"]
 SDIST_WHEELS = ["pyfdt"]  # published as an sdist only: built into a pure-Python wheel here
 
 # Parts of the stdlib no test or VMM run needs; dropping them keeps the initramfs small.
