@@ -17,9 +17,7 @@
     .text
     .global _start
 _start:
-    adr x0, vectors
-    msr vbar_el1, x0
-    isb
+    set_vectors vectors
 
     mrs x2, id_aa64pfr0_el1
     mrs x3, id_aa64pfr1_el1
@@ -33,14 +31,7 @@ _start:
     ubfx x9, x9, #32, #4                // SVE
     cbz x9, no_sve
     mov x20, #0
-    mrs x10, cpacr_el1
-    orr x10, x10, #(3 << 16)            // ZEN: no SVE trap at EL1
-    orr x10, x10, #(3 << 20)            // FPEN: no FP/SIMD trap
-    msr cpacr_el1, x10
-    isb
-    mov x10, #0xf
-    msr S3_0_C1_C2_0, x10               // ZCR_EL1.LEN: the longest length the hypervisor allows
-    isb
+    sve_on
     rdvl x2, #1
     ptrue p0.b
     index z0.b, #1, #1

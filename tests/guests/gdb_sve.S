@@ -13,14 +13,7 @@ _start:
     mrs x9, id_aa64pfr0_el1
     ubfx x9, x9, #32, #4                // ID_AA64PFR0_EL1.SVE
     cbz x9, no_sve
-    mrs x10, cpacr_el1
-    orr x10, x10, #(3 << 16)            // ZEN: no SVE trap at EL1
-    orr x10, x10, #(3 << 20)            // FPEN: no FP/SIMD trap
-    msr cpacr_el1, x10
-    isb
-    mov x10, #0xf
-    msr S3_0_C1_C2_0, x10               // ZCR_EL1.LEN: the longest length the hypervisor allows
-    isb
+    sve_on
     index z0.d, #1, #1                  // z0.d = 1, 2, 3, ... up to VG
     dup z1.b, #0x5a
     dup z2.b, #0

@@ -12,9 +12,7 @@
     .text
     .global _start
 _start:
-    adr x0, vectors
-    msr vbar_el1, x0
-    isb
+    set_vectors vectors
     mrs x2, id_aa64dfr0_el1
     ubfx x2, x2, #8, #4                 // PMUVer: 0 none, 0xf IMPLEMENTATION DEFINED, else PMUv3
     mov x3, #0
