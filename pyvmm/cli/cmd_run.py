@@ -54,7 +54,7 @@ def add_parser(sub: Any) -> None:
     # the CPU and the interrupt controller, in kvmtool's spelling (pyvmm/machine/cpu_features.py)
     # irqchip.IRQCHIPS, spelled out: parsing loads no KVM module (tests/unit/test_cli.py checks)
     run.add_argument("--irqchip", choices=["auto", "gicv2", "gicv3", "gicv3-its"], default="auto",
-                     help="the vGIC: gicv3 (else gicv2) by default; gicv3-its adds KVM's ITS")
+                     help="the vGIC; auto (as kvmtool): gicv3-its where KVM has an ITS, else gicv3, else gicv2")
     run.add_argument("--pmu", action="store_true", help="give the guest the host's PMU (PMUv3, interrupt PPI 7)")
     run.add_argument("--sve-max-vl", type=sve_vector_length, metavar="BITS",
                      help="SVE's longest vector (a power of two, 128-2048; default: the host's longest)")

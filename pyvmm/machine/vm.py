@@ -87,7 +87,8 @@ class Vm:
         (reason "reset"), as QEMU's -no-reboot does.
         `cpu`: the optional CPU features (pyvmm/machine/cpu_features.py): by default what the host's KVM
         offers of pointer authentication, SVE, MTE and PV stolen time, as under kvmtool; `features`
-        says what the vCPUs got. `irqchip`: "auto" (a vGICv3, else a vGICv2), "gicv2", "gicv3" or
+        says what the vCPUs got. `irqchip`: "auto" (as kvmtool's: a vGICv3 with an ITS, else a vGICv3, else a
+        vGICv2), "gicv2", "gicv3" or
         "gicv3-its" (a vGICv3 with KVM's ITS), kvmtool's --irqchip.
         A failure here leaves nothing behind: every fd and mapping made so far is closed."""
         if cpus < 1:
