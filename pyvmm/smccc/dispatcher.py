@@ -329,8 +329,7 @@ class Dispatcher:
             try:
                 results = handler(call)
             except Exception as e:
-                raise HandlerError(f"SMCCC handler {handler_name(handler)} for {function_id:#010x} raised "
-                                   f"{type(e).__name__}: {e}") from e
+                raise handler_failed(handler, function_id, e) from e
         self.calls += 1
         wide = function_id & SMC64
         if type(results) is int and (_MIN <= results <= _U64 if wide else _MIN32 <= results <= _U32):
@@ -363,8 +362,7 @@ class Dispatcher:
             try:
                 results = fn.handler(call)
             except Exception as e:
-                raise HandlerError(f"SMCCC handler {handler_name(fn.handler)} for {function_id:#010x} raised "
-                                   f"{type(e).__name__}: {e}") from e
+                raise handler_failed(fn.handler, function_id, e) from e
         self.calls += 1
         shown = None
         if results is not NO_RESULT:
@@ -389,6 +387,12 @@ def _outside(base: int, count: int, cut_base: int, cut_end: int) -> list[tuple[i
     if cut_end < end:
         parts.append((cut_end, end - cut_end))
     return parts
+
+
+def handler_failed(handler: object, function_id: int, error: Exception) -> HandlerError:
+    """What a handler's exception becomes: one line naming the handler and the call."""
+    return HandlerError(f"SMCCC handler {handler_name(handler)} for {function_id:#010x} raised "
+                        f"{type(error).__name__}: {error}")
 
 
 def handler_name(handler: object) -> str:
