@@ -26,20 +26,62 @@ start the guest (bad options, no KVM, a bad kernel), 128 + N when signal N stopp
 Every failure is one line on stderr, never a traceback.
 """
 
-from pyvmm.cli.app import build_parser, command, main
-from pyvmm.cli.cmd_run import cpu_options
-from pyvmm.cli.options import (
-    EXIT_ERROR,
-    EXIT_EXEC_PYVMM,
-    EXIT_GUEST,
-    EXIT_OK,
-    EXIT_TIMEOUT,
-    EXIT_USAGE,
-    SmcccOptions,
-    mem_mib,
-    one_line,
-)
+from __future__ import annotations
+
+import importlib
+import signal
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
 from pyvmm.cli.signals import Interrupted, StopSignals
+
+if TYPE_CHECKING:
+    from pyvmm.cli.app import build_parser, command
+    from pyvmm.cli.cmd_run import cpu_options
+    from pyvmm.cli.options import (
+        EXIT_ERROR,
+        EXIT_EXEC_PYVMM,
+        EXIT_GUEST,
+        EXIT_OK,
+        EXIT_TIMEOUT,
+        EXIT_USAGE,
+        SmcccOptions,
+        mem_mib,
+        one_line,
+    )
 
 __all__ = ["EXIT_ERROR", "EXIT_EXEC_PYVMM", "EXIT_GUEST", "EXIT_OK", "EXIT_TIMEOUT", "EXIT_USAGE", "Interrupted",
            "SmcccOptions", "StopSignals", "build_parser", "command", "cpu_options", "main", "mem_mib", "one_line"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `pyvmm` command. Its stop signals are taken before anything else is imported (only the
+    standard library's signal and threading are loaded by then): a SIGTERM a moment after pyvmm
+    started (while it imports, builds the VM, loads images) ends it with 128 + N and one line,
+    having closed what it made."""
+    signals = StopSignals() if threading.current_thread() is threading.main_thread() else None
+    try:
+        from pyvmm.cli import app
+
+        return app.command(argv, signals)
+    except Interrupted as e:
+        print(f"pyvmm: stopped by {signal.Signals(e.signo).name} before the guest ran", file=sys.stderr)
+        return 128 + e.signo
+    finally:
+        if signals is not None:
+            signals.restore()
+
+
+# what scripts and tests use of the command line, from the modules that have it, loaded when
+# first asked for (PEP 562) so that main() takes its signals first
+_LAZY = {"build_parser": "pyvmm.cli.app", "command": "pyvmm.cli.app", "cpu_options": "pyvmm.cli.cmd_run",
+         **{name: "pyvmm.cli.options" for name in ("EXIT_ERROR", "EXIT_EXEC_PYVMM", "EXIT_GUEST", "EXIT_OK",
+                                                  "EXIT_TIMEOUT", "EXIT_USAGE", "SmcccOptions", "mem_mib",
+                                                  "one_line")}}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'pyvmm.cli' has no attribute {name!r}")

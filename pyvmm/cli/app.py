@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
 from collections.abc import Callable
 
 import pyvmm.cli.cmd_check as cmd_check
@@ -21,7 +19,7 @@ from pyvmm.cli.options import (
     Parser,
     one_line,
 )
-from pyvmm.cli.signals import Interrupted, StopSignals
+from pyvmm.cli.signals import StopSignals
 from pyvmm.errors import VmmError
 
 # Each subcommand is a module of its own: its parser and options (add_parser), and the
@@ -41,20 +39,6 @@ def build_parser() -> Parser:
     for subcommand in SUBCOMMANDS:  # each adds its own parser and options
         subcommand.add_parser(sub)
     return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    # the signal handlers first: a SIGTERM a moment after pyvmm started (while it imports, builds
-    # the VM, loads images) ends it with 128 + N and one line, having closed what it made
-    signals = StopSignals() if threading.current_thread() is threading.main_thread() else None
-    try:
-        return command(argv, signals)
-    except Interrupted as e:
-        print(f"pyvmm: stopped by {signal.Signals(e.signo).name} before the guest ran", file=sys.stderr)
-        return 128 + e.signo
-    finally:
-        if signals is not None:
-            signals.restore()
 
 
 def command(argv: list[str] | None, signals: StopSignals | None) -> int:
@@ -90,6 +74,3 @@ def command(argv: list[str] | None, signals: StopSignals | None) -> int:
         print(one_line(f"pyvmm: internal error: {type(e).__name__}: {e} (PYVMM_DEBUG=1 shows where)"), file=sys.stderr)
         return EXIT_EXEC_PYVMM if args.command == "exec" else EXIT_ERROR
 
-
-if __name__ == "__main__":
-    sys.exit(main())
