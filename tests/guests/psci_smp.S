@@ -5,6 +5,9 @@
 //   3 CPU_ON(n)                          9 ON_PENDING: CPU_ON, CPU_ON again, AFFINITY_INFO
 //   4 a secondary checks in (MPIDR, context ID, its boot count, its index)
 //   5 AFFINITY_INFO(n) after CPU_ON      10 error codes and queries
+// cpu0 commands a secondary through its `command` slot, which the secondary clears when it takes
+// the command: cpu0 posts a command only into an empty slot (post), or a command not yet taken
+// would be overwritten and lost, and cpu0 would wait for ever for what it asked.
     .include "common.inc"
     .text
     .global _start
@@ -73,10 +76,11 @@ _start:
     // concurrent CPU_ON(cpu1) from cpu0, cpu2 and cpu3
     bl turn_off
     mov w21, #2
-    mov x22, #2
-    str_slot w21, command, x22
-    mov x22, #3
-    str_slot w21, command, x22
+    mov x20, #2
+    bl post
+    mov x20, #3
+    bl post
+    mov x20, #1
     adr x21, secondary
     mov x22, #0x300
     psci PSCI_CPU_ON64, x20, x21, x22
@@ -86,6 +90,10 @@ _start:
     report
     mov x22, #3
     bl wait_boots
+    mov x20, #2                         // until cpu2 and cpu3 have made theirs
+    bl wait_done
+    mov x20, #3
+    bl wait_done
 
     // ON_PENDING: the test holds cpu2's next power-on for a while
     mov x20, #2
@@ -166,12 +174,19 @@ report_error:
     add x20, x20, #1
     ret
 
+// Post command w21 to cpu<x20> once it has taken the one before (its slot is empty again).
+post:
+1:  ldr_slot w10, command, x20
+    cbnz w10, 1b
+    str_slot w21, command, x20
+    ret
+
 // Tell cpu<x20> to CPU_OFF and poll AFFINITY_INFO until it reports OFF.
 // Returns x0 = the final AFFINITY_INFO result, x21 = polls made.
 turn_off:
     mov x25, x30
     mov w21, #1
-    str_slot w21, command, x20
+    bl post
     mov x21, #0
 1:  add x21, x21, #1
     psci PSCI_AFFINITY_INFO64, x20
@@ -188,6 +203,12 @@ wait_boots:
 1:  ldr_slot w23, boots, x20
     cmp x23, x22
     b.lo 1b
+    ret
+
+// Wait until cpu<x20> has carried out a CPU_ON command and reported its result.
+wait_done:
+1:  ldr_slot w23, done, x20
+    cbz w23, 1b
     ret
 
 // Secondaries enter here with x0 = context ID: count the boot, report, then obey commands.
@@ -218,6 +239,9 @@ secondary:
     mov x3, x19
     mov x1, #7
     report
+    ldr_slot w23, done, x19
+    add w23, w23, #1
+    str_slot w23, done, x19
     b 1b
 2:  psci PSCI_CPU_OFF
     movz x1, #0xbad                      // CPU_OFF returned: the test fails on this tag
@@ -227,3 +251,4 @@ secondary:
     .balign 8
 boots:   .word 0, 0, 0, 0
 command: .word 0, 0, 0, 0
+done:    .word 0, 0, 0, 0               // CPU_ON commands each has carried out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 
@@ -16,6 +17,7 @@ pytestmark = needs_filter("it tests pyvmm's own PSCI, served in Python")
 
 SUCCESS, NOT_SUPPORTED, INVALID_PARAMETERS, DENIED, ALREADY_ON, INVALID_ADDRESS = 0, -1, -2, -3, -4, -9
 ON, OFF = 0, 1
+CPU_ON64, AFFINITY_INFO64 = 0xC400_0003, 0xC400_0004
 UID_WORDS = tuple(int.from_bytes(PYVMM_UID[i:i + 4], "little") for i in range(0, 16, 4))
 CONDUITS = ["hvc", "smc"]
 
@@ -90,6 +92,51 @@ def test_smp_bring_up_affinity_off_on_and_concurrent_cpu_on(make_vm: MakeVm, con
     assert tuple(errors[13][:4]) == UID_WORDS  # Standard Secure Service Call UID
     assert tuple(errors[14][:2]) == (1, 1)  # its Revision: PSCI 1.1
     assert tuple(errors[15][:4]) == UID_WORDS  # Standard Hypervisor Service Call UID
+
+
+class ParkCpu2WhileItIsCommanded:
+    """Holds cpu2 out of the guest (a request on its own thread) from cpu0's second CPU_ON of cpu1
+    until cpu0 asks AFFINITY_INFO about cpu2, or PARK_SECONDS pass: a secondary slow to take its
+    command, as a loaded host makes one. Meanwhile cpu0 posts cpu2 the concurrent step's CPU_ON
+    command; it must not post the ON_PENDING step's CPU_OFF before cpu2 has taken that one."""
+
+    PARK_SECONDS = 2.0
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.parked, self.released = threading.Event(), threading.Event()
+        self.unparked = False
+        self.asked_while_parked = False
+
+    def watch(self, vcpu: ServiceVcpu, function_id: int, flags: int) -> None:
+        if vcpu.index != 0:
+            return
+        if function_id == CPU_ON64 and vcpu.get_x(1) == 1 and vcpu.get_x(3) == 0x201:
+            self.vm.vcpus[2].request(self.park)
+            assert self.parked.wait(30), "cpu2 did not leave the guest"
+        elif function_id == AFFINITY_INFO64 and vcpu.get_x(1) == 2 and self.parked.is_set() and not self.unparked:
+            self.asked_while_parked = True  # cpu0 is turning cpu2 off: its CPU_OFF command is posted
+            self.released.set()
+
+    def park(self, vcpu: ServiceVcpu) -> None:
+        self.parked.set()
+        self.released.wait(self.PARK_SECONDS)
+        self.unparked = True
+
+
+def test_a_secondary_slow_to_take_its_command_loses_none(make_vm: MakeVm) -> None:
+    """psci_smp on a loaded host: a command posted before the last was taken overwrote it (cpu2
+    skipped its CPU_ON) or, posted between cpu2's read and its clear, was lost (cpu0 polled
+    AFFINITY_INFO(cpu2) for ever and the run hit its time limit)."""
+    vm, reports = psci_vm(make_vm, "psci_smp", "hvc", cpus=4)
+    vm.smccc.add_service(HoldCpu2SecondBoot())
+    park = ParkCpu2WhileItIsCommanded(vm)
+    vm.smccc.watch = park.watch
+    result = vm.run(timeout=150)
+    assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
+    assert park.parked.is_set() and not park.asked_while_parked
+    assert sorted(s64(r) for r, *_ in reports.tagged(7)) == sorted([SUCCESS, ALREADY_ON, ALREADY_ON])
+    assert [(ctx, n) for _, ctx, n, index, _ in reports.tagged(4) if index == 2] == [(0x102, 1), (0x402, 2)]
 
 
 RACE_ROUNDS = 150
