@@ -72,3 +72,27 @@ def test_modules_and_functions_stay_readable_at_one_sitting() -> None:
                 if length > FUNCTION_LINES:
                     long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {length} lines")
     assert long_modules == [] and long_functions == [], long_modules + long_functions
+
+
+def test_the_names_users_import_still_work() -> None:
+    """pyvmm.vm.Vm, pyvmm.boot.boot and pyvmm.cli's names stay where users found them; the payload
+    builder's old module says it moved."""
+    import warnings
+
+    import pyvmm.boot
+    import pyvmm.cli
+    import pyvmm.machine.vm
+    import pyvmm.vm
+    from pyvmm.boot.load import boot
+    from pyvmm.testing import payload
+
+    assert pyvmm.vm.Vm is pyvmm.machine.vm.Vm and pyvmm.boot.boot is boot
+    assert pyvmm.cli.EXIT_OK == 0 and callable(pyvmm.cli.main) and callable(pyvmm.cli.build_parser)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        import importlib
+        import sys
+
+        sys.modules.pop("pyvmm.payload", None)
+        old = importlib.import_module("pyvmm.payload")
+    assert old.main is payload.main and any(issubclass(w.category, DeprecationWarning) for w in said)
