@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
 
 import pytest
 
 from pyvmm.testing.linux import LinuxBoot, LinuxGuest, MakeLinux
 from pyvmm.testing.options import linux_options, linux_scope, seconds
-from pyvmm.testing.payloads import Payloads, RunPayload
-
-if TYPE_CHECKING:
-    from pyvmm.services.modules import ServiceModule
-    from pyvmm.smccc.context import ServiceContext
-    from pyvmm.smccc.service import Service
-
-    # A service for a guest: a service module file (RANGE, handle, NAME: what `pyvmm run
-    # --service` loads), a loaded ServiceModule, a Service, or a callable that makes one from
-    # the VM's ServiceContext (a Service class such as pyvmm.services.sdei.Sdei is one).
-    ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
-
-
-
-
+from pyvmm.testing.payloads import MakePayloadVm, Payloads, PayloadVms, RunPayload
 
 
 # --- the fixtures --------------------------------------------------------------------------------
@@ -37,17 +21,26 @@ def _item(request: pytest.FixtureRequest) -> pytest.Item:
 @pytest.fixture(scope="session")
 def pyvmm_payloads(pytestconfig: pytest.Config) -> Payloads:
     """Assemble `.S` payloads through the payload cache: pyvmm_payloads.build(path, conduit=,
-    defsyms=) -> the binary's Path. Needs no KVM."""
+    defsyms=, arch=) -> the binary's Path (its ELF file beside it). Needs no KVM."""
     return Payloads(pytestconfig)
 
 
 @pytest.fixture
 def run_payload(request: pytest.FixtureRequest) -> Iterator[RunPayload]:
     """run_payload(payload, services=, conduit=, cpus=, ...) -> PayloadRun, each on a fresh VM
-    (closed after the test)."""
-    runner = RunPayload(_item(request))
-    yield runner
-    runner.close()
+    run to its end (closed after the test)."""
+    vms = PayloadVms(_item(request))
+    yield RunPayload(vms)
+    vms.close()
+
+
+@pytest.fixture
+def payload_vm(request: pytest.FixtureRequest) -> Iterator[MakePayloadVm]:
+    """payload_vm(payload, ...) -> PayloadRun on a fresh VM, loaded but not started: set the VM
+    up through .vm, then .run() (closed after the test)."""
+    vms = PayloadVms(_item(request))
+    yield MakePayloadVm(vms)
+    vms.close()
 
 
 @pytest.fixture(scope=linux_scope)

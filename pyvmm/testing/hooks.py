@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
 
 
-KVM_FIXTURES = frozenset({"run_payload", "linux", "make_linux"})
+KVM_FIXTURES = frozenset({"run_payload", "payload_vm", "linux", "make_linux"})
 SKIP_OPTION = "--pyvmm-skip-without-kvm"
 NEEDS_KVM = "pyvmm: this test needs arm64 KVM: "
 WANT_OF_KVM = "pyvmm_want_of_kvm"  # a report property: the test ended for want of KVM, and why
@@ -140,11 +140,6 @@ def pytest_runtest_call(item: pytest.Item) -> None:
     # as failed (or skipped), with the reason as its one line.
     if needs_kvm(item):
         require_kvm(item)
-
-
-
-
-# --- time limits and paths -------------------------------------------------------------------
 
 
 class KvmSummary:

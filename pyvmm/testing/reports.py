@@ -22,9 +22,8 @@ if TYPE_CHECKING:
 
 
 FN_REPORT = 0xC200_00F0  # pyvmm.inc's FN_REPORT: x1..x6 are the guest's report
+FN_REPORT32 = 0x8200_00F0  # pyvmm32.inc's, for AArch32 guests (they have no SMC64): r1..r6
 REPORT_ARGS = ("x1", "x2", "x3", "x4", "x5", "x6")
-
-
 
 
 # --- services and the SMCCC trace ------------------------------------------------------------
@@ -77,8 +76,13 @@ class Report:
         return self.values[0]
 
 
-def report_service(reports: list[Report]) -> Service:
-    """The service answering FN_REPORT: each call's x1..x6 appended to `reports`, x0 = 0."""
+def report_service(reports: list[Report], listeners: Iterable[Callable[[Report], None]] = (),
+                   aarch32: bool = False) -> Service:
+    """The service answering FN_REPORT (FN_REPORT32 for `aarch32` guests, which have no SMC64):
+    each call's x1..x6 appended to `reports`, then given to each of `listeners` (read as each
+    call comes: a list may grow), on the reporting vCPU's thread before the guest goes on;
+    x0 = 0. An AArch64 guest's SiP SMC32 range stays its services' own."""
+    fid, name = (FN_REPORT32, "REPORT32") if aarch32 else (FN_REPORT, "REPORT")
     from pyvmm.smccc.call import SmcccCall
     from pyvmm.smccc.service import Function, Results, Service
 
@@ -86,15 +90,17 @@ def report_service(reports: list[Report]) -> Service:
 
     class ReportService(Service):
         name = "pyvmm test reports"
-        ranges = ((FN_REPORT, 1),)
+        ranges = ((fid, 1),)
 
         def functions(self) -> dict[int, Function]:
-            return {FN_REPORT: Function("REPORT", self.report, REPORT_ARGS)}
+            return {fid: Function(name, self.report, REPORT_ARGS)}
 
         def report(self, call: SmcccCall) -> Results:
-            values = call.args(6)
+            report = Report(call.vcpu.index, call.args(6))
             with lock:
-                reports.append(Report(call.vcpu.index, values))
+                reports.append(report)
+            for listener in listeners:
+                listener(report)
             return 0
 
     return ReportService()

@@ -182,6 +182,7 @@ class FakeVm:
                  **more: object) -> None:
         psci = self.has_smccc_filter if psci is None else psci
         self.options = dict(cpus=cpus, mem_mib=mem_mib, conduit=conduit, psci=psci, unhandled_mmio=unhandled_mmio)
+        self.more = more
         self.machine: FakeMachine = machine(cpus, conduit=conduit)
         self.smccc = Dispatcher(conduit)
         self.service_context = self.machine.context(self.smccc.emit)
@@ -287,6 +288,36 @@ def test_run_payload_builds_runs_and_gives_reports_and_the_trace(run: Callable[.
                                  "*console (its end):", "hi"])
 
 
+def test_payload_vm_gives_the_run_before_it_starts(run: Callable[..., pytest.RunResult], pytester: pytest.Pytester,
+                                                  fake_vm: type[FakeVm], monkeypatch: pytest.MonkeyPatch) -> None:
+    """payload_vm: the VM set up as run_payload's, not run; the test reaches it through .vm, hears
+    each report as it comes (on_report), runs it with .run(), and the run's section is shown."""
+    monkeypatch.setattr(FakeVm, "script", [(1, plugin.FN_REPORT, {1: 8, 2: 7}, 0), (0, 0x8400_0008, {}, 0)])
+    project(pytester)
+    pytester.makepyfile(test_guest="""
+        import pytest
+
+        def test_set_up_then_run(payload_vm):
+            guest = payload_vm(bytes(4), cpus=2, aarch32=True, irqchip="gicv2")
+            assert guest.vm.loaded and guest.vm.timeout is None and guest.reports == []
+            with pytest.raises(RuntimeError, match="has not run yet"):
+                guest.result
+            assert guest.vm.more == dict(aarch32=True, cpu=pytest.importorskip("pyvmm.machine.cpu_features")
+                                         .AS_THE_HOST_OFFERS, irqchip="gicv2")
+            heard = []
+            guest.on_report(lambda report: heard.append((report, list(guest.reports))))
+            assert guest.run(5) is guest and guest.reason == "poweroff" and guest.vm.timeout == 5
+            report = guest.reports[0]
+            assert heard == [(report, [report])] and guest.tagged(8) == [(7, 0, 0, 0, 0)]
+            assert False, "to see the run's section"
+    """)
+    result = run()
+    result.assert_outcomes(failed=1)
+    assert len(FakeVm.made) == 1 and FakeVm.made[0].closed
+    result.stdout.fnmatch_lines(["*assert False*", "*Captured pyvmm run 1 (4 bytes, hvc, 2 vCPUs) call*",
+                                 "ended: poweroff (vcpu0): SYSTEM_OFF"])
+
+
 def test_services_come_as_module_files_modules_services_or_factories(fake_vm: type[FakeVm]) -> None:
     from pyvmm.errors import VmmError
     from pyvmm.services.modules import ServiceModule, load_service_module
@@ -315,6 +346,26 @@ def test_services_come_as_module_files_modules_services_or_factories(fake_vm: ty
         plugin.add_services(vm.smccc, vm.service_context, cast(Any, [lambda ctx: None]), EXAMPLE)
     with pytest.raises(VmmError, match="no-such.py does not exist"):
         plugin.add_services(vm.smccc, vm.service_context, ["no-such.py"], EXAMPLE)
+
+
+@pytest.mark.parametrize("aarch32", [False, True])
+def test_the_report_service_takes_its_guests_report_call_and_tells_its_listeners(aarch32: bool) -> None:
+    """FN_REPORT (SMC64), or pyvmm32.inc's FN_REPORT32 for an AArch32 guest (which has no SMC64),
+    and not the other; listeners hear each report on the reporting vCPU's thread, as it comes."""
+    m = machine(2)
+    d = Dispatcher("hvc", aarch32_callers=aarch32)
+    reports: list[plugin.Report] = []
+    heard: list[plugin.Report] = []
+    d.add_service(plugin.report_service(reports, [heard.append], aarch32))
+    ours, other = (plugin.FN_REPORT32, plugin.FN_REPORT) if aarch32 else (plugin.FN_REPORT, plugin.FN_REPORT32)
+    v0, v1 = m.vcpus
+    v0.x.update({n: 0x1_0000_0000 + n for n in range(1, 7)})
+    d.dispatch(v0, ours, 0)
+    v1.x.update({n: n for n in range(1, 7)})
+    d.dispatch(v1, other, 0)
+    values = tuple(range(1, 7)) if aarch32 else tuple(0x1_0000_0000 + n for n in range(1, 7))  # SMC32: w1..w6
+    assert reports == heard == [plugin.Report(0, values)]
+    assert (v0.x[0], v1.x[0]) == (0, (1 << 64) - 1 if other & 1 << 30 else (1 << 32) - 1)  # the other: NOT_SUPPORTED
 
 
 # --- the SMCCC trace recorder on a real dispatcher --------------------------------------------------
@@ -615,8 +666,9 @@ def test_without_an_assembler_the_error_gives_the_command_that_builds_it(sources
         cache.build(sources / "guest.S", conduit="smc", defsyms={"ROUNDS": 3})
     message = str(e.value)
     assert "\n" not in message
-    assert f"cannot assemble {sources / 'guest.S'}: {tmp_path}/no-such-as and {tmp_path}/no-such-objcopy not found " \
-           f"on this host, and the payload cache {tmp_path / 'cache'} has no build of it for smc" in message
+    tools = f"{tmp_path}/no-such-as, {tmp_path}/no-such-ld and {tmp_path}/no-such-objcopy"
+    assert f"cannot assemble {sources / 'guest.S'}: {tools} not found on this host, and the payload cache " \
+           f"{tmp_path / 'cache'} has no build of it for smc" in message
     command = message.split(" with: ", 1)[1]
     assert command == (f"python3 -m pyvmm.testing.payload build --cache {tmp_path / 'cache'} --conduit smc "
                        f"--defsym ROUNDS=3 {sources / 'guest.S'}")
@@ -638,6 +690,54 @@ def test_an_assembler_error_is_the_assembler_s_message(sources: Path, tmp_path: 
         payload.PayloadCache(tmp_path / "cache").build(sources / "guest.S", defsyms={"SMC": 1})
 
 
+def test_an_assembler_s_many_messages_are_cut_to_the_first_few(sources: Path, tmp_path: Path) -> None:
+    """A source for the wrong architecture fails on every line: the message stays readable."""
+    (sources / "wrong.S").write_text("".join(f"    no_such_instruction_{n} x0\n" for n in range(30)))
+    with pytest.raises(payload.PayloadError) as e:
+        payload.PayloadCache(tmp_path / "cache").build(sources / "wrong.S")
+    message = str(e.value)
+    assert "\n" not in message and message.count(": Error: ") == payload.TOOL_LINES_SHOWN - 1  # after "Assembler messages:"
+    assert re.search(r"\.\.\. and \d+ more lines$", message), message
+
+
+def test_each_build_has_an_elf_file_with_symbols_at_the_load_address(sources: Path, tmp_path: Path) -> None:
+    """For GDB: the ELF beside the flat binary is linked where pyvmm loads the payload."""
+    path, _ = payload.PayloadCache(tmp_path / "cache").build(sources / "guest.S")
+    elf = path.with_suffix(".elf")
+    assert elf.read_bytes()[:4] == b"\x7fELF"
+    nm = subprocess.run([f"{payload.cross_prefix()}nm", str(elf)], capture_output=True, text=True, check=True)
+    assert f"{payload.LOAD_ADDRESS:016x} T _start" in nm.stdout.splitlines()
+
+
+def test_an_aarch32_payload_is_built_by_binutils_for_arm_on_pyvmm32_inc(tmp_path: Path) -> None:
+    source = tmp_path / "a32.S"
+    source.write_text('    .include "pyvmm32.inc"\n    .text\n    .global _start\n_start:\n    report\n')
+    cache = payload.PayloadCache(tmp_path / "cache")
+    path, made = cache.build(source, conduit="smc", arch="aarch32")
+    assert made and path.name.startswith("a32-aarch32-smc-")
+    code = path.read_bytes()
+    assert (0xE160_0070).to_bytes(4, "little") == code[-4:]  # A32 smc #0, after movw/movt r0
+    assert cache.path_for(source, conduit="smc") != path  # the architecture is part of the key
+    with pytest.raises(payload.PayloadError, match="the architecture is 'aarch64' or 'aarch32', not 'x86'"):
+        cache.build(source, arch="x86")
+
+
+def test_the_command_line_copies_a_build_and_its_elf_out(sources: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out" / "guest.bin"
+    argv = ["build", "--cache", str(tmp_path / "cache"), "--conduit", "hvc", "-o", str(out), str(sources / "guest.S")]
+    assert payload.main(argv) == 0
+    built, _ = payload.PayloadCache(tmp_path / "cache").build(sources / "guest.S")
+    assert out.read_bytes() == built.read_bytes()
+    assert out.with_suffix(".elf").read_bytes() == built.with_suffix(".elf").read_bytes()
+
+
+def test_the_command_line_takes_minus_o_for_one_build_only(sources: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        payload.main(["build", "--cache", str(tmp_path), "-o", str(tmp_path / "x.bin"), str(sources / "guest.S")])
+    assert e.value.code == 2 and "-o takes one FILE and one --conduit" in capsys.readouterr().err
+
+
 def test_the_plugin_s_cache_without_an_assembler_as_a_user_sees_it(run: Callable[..., pytest.RunResult],
                                                                    pytester: pytest.Pytester,
                                                                    monkeypatch: pytest.MonkeyPatch,
@@ -652,7 +752,7 @@ def test_the_plugin_s_cache_without_an_assembler_as_a_user_sees_it(run: Callable
     monkeypatch.setenv(payload.CROSS_ENV, "/nonexistent/")
     result = run()
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["pyvmm: cannot assemble guest.S: /nonexistent/as and "
+    result.stdout.fnmatch_lines(["pyvmm: cannot assemble guest.S: /nonexistent/as, /nonexistent/ld and "
                                  "/nonexistent/objcopy not found on this host, and the payload cache "
                                  "build/pyvmm-payloads has no build of it for smc (guest-smc-*.bin); *"
                                  "with: python3 -m pyvmm.testing.payload build --cache build/pyvmm-payloads --conduit smc "
