@@ -12,12 +12,21 @@ from kvm_bindings import CData, ffi
 from kvm_bindings.regs import CORE_REGS
 from pyvmm.machine.vm import Vm
 from pyvmm.smccc.call import SmcccCall
+from pyvmm.testing.payload import PayloadCache
+from pyvmm.testing.reports import FN_REPORT
 
 ROOT = Path(__file__).resolve().parents[1]
-GUESTS = ROOT / "build" / "guests"
-NATIVE_FLOOR = ROOT / "build" / "bench" / "native_floor.bin"
-CALLBACK_LOOP = ROOT / "build" / "bench" / "callback_loop.bin"
-FN_REPORT = 0xC200_00F0
+PAYLOADS = PayloadCache(ROOT / "build" / "pyvmm-payloads")  # `make payloads` assembles them there
+
+
+def guest_binary(name: str, conduit: str = "hvc") -> Path:
+    """Test guest `name` (tests/guests/NAME.S), assembled for `conduit`."""
+    return PAYLOADS.build(ROOT / "tests" / "guests" / f"{name}.S", conduit=conduit)[0]
+
+
+def host_code(name: str) -> Path:
+    """benchmarks/NAME.S: AArch64 code the benchmarks run on the host itself."""
+    return PAYLOADS.build(ROOT / "benchmarks" / f"{name}.S")[0]
 
 
 @dataclass
@@ -40,7 +49,7 @@ def run_hvc_loop(function_id: int, calls: int, setup: Callable[[Vm], object] | N
     `conduit` "smc": the guest's SMC build (NAME_smc.bin) on a VM whose services answer SMC."""
     vm = Vm(cpus=1, mem_mib=16, psci=psci, conduit=conduit)
     try:
-        vm.set_boot(vm.load_file(GUESTS / f"{guest}{'_smc' if conduit == 'smc' else ''}.bin"))
+        vm.set_boot(vm.load_file(guest_binary(guest, conduit)))
         report: list[tuple[int, ...]] = []
 
         def on_report(call: SmcccCall) -> int:
@@ -86,7 +95,8 @@ def x0_reg(value: int = 0) -> tuple[CData, CData]:
 class NativeFloor:
     """benchmarks/native_floor.S called via cffi."""
 
-    def __init__(self, path: Path = NATIVE_FLOOR) -> None:
+    def __init__(self, path: Path | None = None) -> None:
+        path = path or host_code("native_floor")
         self._map, addr = map_code(path)
         self._fn = ffi.cast("long (*)(long, long, struct kvm_one_reg *)", addr)
 
@@ -101,7 +111,8 @@ class NativeFloor:
 class CallbackLoop:
     """benchmarks/callback_loop.S called via cffi: native exit loop, Python answer per call."""
 
-    def __init__(self, path: Path = CALLBACK_LOOP) -> None:
+    def __init__(self, path: Path | None = None) -> None:
+        path = path or host_code("callback_loop")
         if ffi.offsetof("struct kvm_run", "hypercall", "nr") != 32:
             raise SystemExit("callback_loop.S reads hypercall.nr at offset 32: not this kvm_run's layout")
         self._map, addr = map_code(path)

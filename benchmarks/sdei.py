@@ -14,11 +14,12 @@ from __future__ import annotations
 import threading
 import time
 
-from benchmarks.common import FN_REPORT, GUESTS, median, run_hvc_loop
+from benchmarks.common import guest_binary, median, run_hvc_loop
 from kvm_bindings.regs import CORE_REGS
 from pyvmm.machine.vm import Vm
 from pyvmm.services.sdei import EventSpec
 from pyvmm.smccc.call import SmcccCall
+from pyvmm.testing.reports import FN_REPORT
 
 PSCI_VERSION = 0x8400_0000
 ROUNDS = 5
@@ -38,7 +39,7 @@ def host_latencies(count: int) -> list[float]:
     """us from Sdei.trigger() on a host thread to the handler's first call reaching pyvmm."""
     vm = Vm(cpus=1, mem_mib=16)
     try:
-        vm.set_boot(vm.load_file(GUESTS / "sdei_wait.bin"))
+        vm.set_boot(vm.load_file(guest_binary("sdei_wait")))
         sdei = vm.enable_sdei([EventSpec(101)])
         ready = threading.Semaphore(0)
         arrived = threading.Semaphore(0)

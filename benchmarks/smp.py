@@ -25,9 +25,10 @@ import sys
 import threading
 import time
 
-from benchmarks.common import FN_REPORT, GUESTS, median
+from benchmarks.common import guest_binary, median
 from pyvmm.machine.vm import Vm
 from pyvmm.smccc.call import SmcccCall
+from pyvmm.testing.reports import FN_REPORT
 
 PSCI_VERSION = 0x8400_0000
 PSCI_1_1 = 0x0001_0001
@@ -55,7 +56,7 @@ class Loop:
             return 0
 
         vm = self.vm
-        vm.set_boot(vm.load_file(GUESTS / "smp_call_loop.bin"))
+        vm.set_boot(vm.load_file(guest_binary("smp_call_loop")))
         vm.smccc.register(FN_REPORT, 1, on_report, "report")
         vm.vcpus[0].set_x(9, CALLS)
         vm.vcpus[0].set_x(10, PSCI_VERSION)

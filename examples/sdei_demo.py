@@ -16,9 +16,11 @@ from pathlib import Path
 from pyvmm import SmcccCall, Vm, VmmError
 from pyvmm.services.sdei import EventSpec
 from pyvmm.smccc.trace import TracePrinter
+from pyvmm.testing.payload import PayloadCache
+from pyvmm.testing.reports import FN_REPORT
 
-GUESTS = Path(__file__).resolve().parents[1] / "build" / "guests"
-FN_REPORT = 0xC200_00F0
+ROOT = Path(__file__).resolve().parents[1]
+PAYLOADS = PayloadCache(ROOT / "build" / "pyvmm-payloads")  # `make payloads` assembles the guest there
 STEPS = {0: ("SDEI_VERSION", 1), 1: ("in the handler: event, argument, interrupted PC", 3),
          2: ("EVENT_SIGNAL returned, after the handler ran", 1), 3: ("spinning, interrupts masked", 0),
          4: ("event 100 got through; powering off", 0)}
@@ -27,8 +29,9 @@ STEPS = {0: ("SDEI_VERSION", 1), 1: ("in the handler: event, argument, interrupt
 def main() -> int:
     print("\n== SDEI: events delivered to a guest by pyvmm, in Python ==", flush=True)
     try:
+        binary, _ = PAYLOADS.build(ROOT / "examples" / "guests" / "sdei_demo.S")
         with Vm(cpus=1, mem_mib=16) as vm:
-            vm.set_boot(vm.load_file(GUESTS / "sdei_demo.bin"))
+            vm.set_boot(vm.load_file(binary))
             sdei = vm.enable_sdei([EventSpec(100)])
 
             def raise_event_100() -> None:

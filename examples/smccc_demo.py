@@ -15,9 +15,11 @@ import vendor_service
 from pyvmm import SmcccCall, Vm, VmmError
 from pyvmm.smccc.dispatcher import TraceRecord
 from pyvmm.smccc.trace import TracePrinter
+from pyvmm.testing.payload import PayloadCache
+from pyvmm.testing.reports import FN_REPORT
 
-GUESTS = Path(__file__).resolve().parents[1] / "build" / "guests"
-FN_REPORT = 0xC200_00F0
+ROOT = Path(__file__).resolve().parents[1]
+PAYLOADS = PayloadCache(ROOT / "build" / "pyvmm-payloads")  # `make payloads` assembles the guest there
 STEPS = ["DEMO_VERSION", "DEMO_ADD(40, 2)", "DEMO_SWAP(0x1111, 0x2222, 0x3333)", "unknown function 0xc6000042",
          "DEMO_VERSION on the other conduit", "PSCI_VERSION", "CPU_ON(cpu1), AFFINITY_INFO(cpu1) once off",
          "cpu1: DEMO_ADD(context ID 7, 35), MPIDR"]
@@ -26,10 +28,10 @@ VALUES_SHOWN = {2: 4, 6: 2, 7: 2}
 
 def run(conduit: str) -> bool:
     print(f"\n== a 2-vCPU guest on a VM whose SMCCC conduit is {conduit.upper()} ==")
+    binary, _ = PAYLOADS.build(ROOT / "examples" / "guests" / "smccc_demo.S", conduit=conduit)
     vm = Vm(cpus=2, mem_mib=16, conduit=conduit)
     with vm:
-        name = "smccc_demo" if conduit == "hvc" else "smccc_demo_smc"
-        vm.set_boot(vm.load_file(GUESTS / f"{name}.bin"))
+        vm.set_boot(vm.load_file(binary))
         base, count = vendor_service.RANGE
         vm.smccc.register(base, count, vendor_service.handle, vendor_service.NAME)
 

@@ -14,6 +14,7 @@ KVM reports decides that; any other skip still fails the KVM tier.
 from __future__ import annotations
 
 import faulthandler
+import importlib.metadata
 import os
 import platform
 import sys
@@ -26,8 +27,14 @@ import pytest
 from pyvmm.machine.host import HostShape, probe
 from tests import fuzzing
 
+# pyvmm tests itself through its pytest plugin, as a user's project does: loaded here unless
+# pytest already loaded it as an installed distribution's plugin (entry point `pyvmm`), which a
+# second registration would clash with. The emulated arm64 host runs the checkout uninstalled.
+PLUGIN_AUTOLOADED = not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") and any(
+    ep.name == "pyvmm" and ep.value == "pyvmm.pytest_plugin" for ep in importlib.metadata.entry_points(group="pytest11"))
+pytest_plugins = [] if PLUGIN_AUTOLOADED else ["pyvmm.pytest_plugin"]
+
 ROOT = Path(__file__).resolve().parents[1]
-GUESTS = ROOT / "build" / "guests"
 KVM_TIER = os.environ.get("PYVMM_KVM_TIER") == "1"
 # seconds; a stuck test dumps its threads and ends the session (a fuzz campaign's tests run longer)
 KVM_TEST_TIME_LIMIT = 1800 if fuzzing.CAMPAIGN else 180
@@ -45,13 +52,6 @@ def errors(stderr: str | bytes) -> list[str]:
     """pyvmm's stderr, a line each, without the no-SMCCC-filter note (the host shape's, not the test's)."""
     text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
     return [line for line in text.strip().splitlines() if NO_FILTER_NOTE not in line]
-
-
-def guest_image(name: str) -> Path:
-    path = GUESTS / f"{name}.bin"
-    if not path.is_file():
-        pytest.fail(f"guest payload {path} is missing: run `make guests`")
-    return path
 
 
 def linux_guest() -> tuple[Path, Path]:

@@ -1,7 +1,7 @@
 // `make demo`, SDEI part: the guest registers a handler for event 0 and for platform event 100,
 // signals event 0 to itself, then spins with every interrupt masked until the host raises event
 // 100. Each step is reported to the demo (x1 = step, x2.. = values).
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

@@ -2,7 +2,7 @@
 // the conduit the VM does not offer being refused, and does PSCI work: it brings up cpu1 with
 // CPU_ON (cpu1 calls the service, then CPU_OFF), watches it with AFFINITY_INFO, powers off.
 // Each observation goes to the demo as FN_REPORT (x1 = step, x2.. = values).
-    .include "common.inc"
+    .include "pyvmm.inc"
     .equ DEMO, 0xC6000000
     .text
     .global _start

@@ -7,7 +7,7 @@
 //   report 3 (PAC): pointer, signed (PACIA), authenticated (AUTIA), PACGA's top half, fault ESR
 //   report 4 (MTE): tag read back (LDG), value loaded through the right tag, ESR of a load through
 //                   a wrong tag (a tag check fault: EC 0x25, DFSC 0x11), fault ESR of the rest
-    .include "common.inc"
+    .include "pyvmm.inc"
     .arch armv8.5-a+sve+memtag
 
     .equ SCTLR_ENIA, 1 << 31

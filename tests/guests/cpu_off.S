@@ -1,5 +1,5 @@
 // The only vCPU turns itself off: nothing can ever run again.
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

@@ -4,7 +4,7 @@
 // the last 64-bit lane of Z2 and the first byte of P3; at `sve_checked` x1 holds that lane as
 // the guest reads it (LASTB) and x2 the number of P3's bits set (CNTP). Without SVE it goes
 // straight to `no_sve`. Then it powers off.
-    .include "common.inc"
+    .include "pyvmm.inc"
     .arch armv8.2-a+sve
 
     .text

@@ -12,7 +12,7 @@
 // Reports: (2, GICD ISENABLER1, ISPENDR1, ISACTIVER1, IPRIORITYR8, GICD_CTLR), (3, private
 // ISENABLER0, ISPENDR0, ISACTIVER0, IPRIORITYR5), (4, PMR, the CPU interface's group enable,
 // GICD_ICFGR2, GICD_IGROUPR1).
-    .include "common.inc"
+    .include "pyvmm.inc"
     .equ GICR_SGI, GICD_BASE - 0x20000 + 0x10000    // vCPU 0's redistributor, its SGI frame
     .text
     .global _start

@@ -1,7 +1,7 @@
 // Benchmark loop: x9 calls of function x10 over HVC (SMC in its _smc build), timed with the
 // virtual counter, then report (ticks, counter frequency, calls, last x0). The loop counter lives in x9 (x4-x17 are
 // preserved by every SMCCC call; in-kernel handlers clobber x0-x3).
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

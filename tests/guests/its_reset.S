@@ -5,7 +5,7 @@
 // resets; boot 2 powers off. Each boot records what it reads back (GITS_CTLR, GITS_CBASER,
 // GICR_CTLR, GICR_PROPBASER; IHI 0069 §12.11, §12.19) in RAM 68 KiB above the image, boot 2's
 // 32 bytes after boot 1's, for the test to read after the run: no SMCCC call is forwarded.
-    .include "common.inc"
+    .include "pyvmm.inc"
     .equ GICR_BASE, GICD_BASE - 0x20000
     .equ GITS_BASE, GICR_BASE - 0x20000
     .equ GITS_CTLR, 0x00

@@ -1,6 +1,6 @@
 // Load from and store to a guest-physical address with no RAM or device (0x10000000), then
 // report what the load returned; with the "stop" policy the run ends at the load instead.
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

@@ -3,7 +3,7 @@
 //   report 1: ID_AA64DFR0_EL1.PMUVer, PMCR_EL0.N (event counters)
 //   report 2: the cycle counter before and after a loop
 //   report 3: the interrupt taken (its INTID, 0 if none came), PMOVSSET_EL0 when it came
-    .include "common.inc"
+    .include "pyvmm.inc"
 
     .equ GICC_IAR, 0x0C                 // a GICv2 CPU interface's acknowledge and end registers
     .equ GICC_EOIR, 0x10

@@ -6,7 +6,7 @@
 // Reports:  1 (rounds, SUCCESS answers, ALREADY_ON answers, other answers, rounds without
 //              exactly one SUCCESS, AFFINITY_INFO answers other than ON)
 //           2 (round, caller, CPU_ON answer, AFFINITY_INFO answer): each answer breaking the rule
-    .include "common.inc"
+    .include "pyvmm.inc"
     .equ BOOTED, 0x10000                // booted[i] = BOOTED | the context ID of i's last boot
     .text
     .global _start

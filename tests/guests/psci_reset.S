@@ -2,7 +2,7 @@
 // (RAM survives a reset; the image is loaded again) and reports (1, boot count) each time:
 //   boot 1: SYSTEM_RESET   boot 2: SYSTEM_RESET2 vendor type (2, INVALID_PARAMETERS), then warm
 //   boot 3: SYSTEM_OFF
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

@@ -8,7 +8,7 @@
 // cpu0 commands a secondary through its `command` slot, which the secondary clears when it takes
 // the command: cpu0 posts a command only into an empty slot (post), or a command not yet taken
 // would be overwritten and lost, and cpu0 would wait for ever for what it asked.
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

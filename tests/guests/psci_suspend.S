@@ -4,7 +4,7 @@
 //   2 standby returned: result      3 bad power_state / entry point: three results
 //   4 SYSTEM_SUSPEND with cpu1 on: result       5 SYSTEM_SUSPEND resumed: context ID
 //   6 SYSTEM_SUSPEND with an entry point outside RAM: result
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

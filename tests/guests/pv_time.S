@@ -5,7 +5,7 @@
 //   report 1: ARCH_FEATURES's answer, PV_TIME_FEATURES's, PV_TIME_ST's (the structure's IPA or
 //             NOT_SUPPORTED), the Standard Hypervisor owner's Call Count
 //   report 2: revision and attributes (both 0), stolen time before, stolen time after (ns)
-    .include "common.inc"
+    .include "pyvmm.inc"
 
     .equ SMCCC_ARCH_FEATURES, 0x80000001
     .equ PV_TIME_FEATURES, 0xC5000020

@@ -1,7 +1,7 @@
 // Boot 1 resets the machine (PSCI SYSTEM_RESET); every later boot spins with every exception
 // masked and never exits to the VMM. The boot counter lives in RAM outside the image, which a
 // reset loads again.
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

@@ -15,7 +15,7 @@
 //  15 bound UART interrupt: BIND, REGISTER, handler runs, UNREGISTER, RELEASE
 //  16 bound event handler: x0, interrupted PC, the PC after the UART write
 //  17 shared event states: ROUTING_SET enabled, REGISTER twice, GET_INFO routing, PRIVATE_RESET, SHARED_RESET
-    .include "common.inc"
+    .include "pyvmm.inc"
     .equ UART_BASE, 0x1000000
     .equ UART_INTID, 32                 // the UART's SPI 0
     .text

@@ -1,7 +1,7 @@
 // Benchmark loop: x9 rounds of SDEI_EVENT_SIGNAL to this PE, each entering the event 0 handler
 // and leaving it with SDEI_EVENT_COMPLETE, timed with the virtual counter; then report (ticks,
 // counter frequency, rounds, handler entries): the contract of hvc_loop.S.
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

@@ -3,7 +3,7 @@
 //   1 cpu1's event 0 handler: x0, its MPIDR; SIGNAL's result on cpu0
 //   2 REGISTER(200, routed to cpu1) result (the test raises event 200 now)
 //   3 the shared handler: x0, the MPIDR it ran on
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

@@ -1,6 +1,6 @@
 // Benchmark guest: x9 times, report "ready" (x1 = 1) and spin with interrupts masked until the
 // host-raised event 101's handler, whose first instruction is a report (x1 = 2), sets the flag.
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

@@ -3,7 +3,7 @@
 // range, SDEI and the whole 32-bit space. PSCI calls that would change power state (CPU_SUSPEND,
 // CPU_OFF, CPU_ON, SYSTEM_*) are replaced by PSCI_VERSION, so the guest survives to report.
 // x4..x17 are checked after every call. Report: (1, calls made, mask of clobbered x4..x17).
-    .include "common.inc"
+    .include "pyvmm.inc"
     .equ DESTRUCTIVE, (1 << 1) | (1 << 2) | (1 << 3) | (1 << 8) | (1 << 9) | (1 << 14) | (1 << 18)
     .text
     .global _start

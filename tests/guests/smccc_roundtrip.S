@@ -1,7 +1,7 @@
 // Forwarded SMCCC calls over HVC, then SMC (one of them is not the VM's conduit and must get
 // NOT_SUPPORTED), then an SMC32 call over the VM's conduit: for each, report the four results
 // the guest received and whether x4..x17 survived the call.
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

@@ -5,7 +5,7 @@
 // index, start, end, calls, last x0, counter frequency). vCPU 0 waits for every report, then powers the machine off.
 // Loop state lives in x9-x15, which every SMCCC call preserves (x4-x17). With the MMU off data
 // accesses are Device memory, where exclusives need not work: each vCPU has its own flag words.
-    .include "common.inc"
+    .include "pyvmm.inc"
     .text
     .global _start
 _start:

@@ -9,7 +9,7 @@
 //   3: status after the reset, 0, 0
 //   4: status, InterruptStatus, polls left (buffer outside RAM)
 //   5: used index, used length, the request's status byte (FLUSH after a reset)
-    .include "common.inc"
+    .include "pyvmm.inc"
 
     .equ VIRTIO, 0x3000000
     .equ STATUS, 0x70

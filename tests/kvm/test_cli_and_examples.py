@@ -13,21 +13,22 @@ import pytest
 from pyvmm import cli
 from pyvmm.devices.virtio.blk import lock_image
 from pyvmm.machine.host import probe
-from tests.conftest import ROOT, errors, guest_image
-from tests.kvm.conftest import NEEDS_FILTER, needs_filter
+from pyvmm.testing.payloads import Payloads
+from tests.conftest import ROOT, errors
+from tests.kvm.conftest import NEEDS_FILTER, guest, needs_filter
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True, timeout=120)
 
 
-def test_run_to_poweroff_exits_zero() -> None:
-    p = run_cli("run", "-f", str(guest_image("mmio_unmapped")), "-m", "16")
+def test_run_to_poweroff_exits_zero(pyvmm_payloads: Payloads) -> None:
+    p = run_cli("run", "-f", str(pyvmm_payloads.build(guest("mmio_unmapped"))), "-m", "16")
     assert p.returncode == cli.EXIT_OK, p.stderr
 
 
-def test_run_timeout_stops_a_spinning_guest() -> None:
-    p = run_cli("run", "-f", str(guest_image("spin")), "-c", "2", "-m", "16", "--timeout", "1")
+def test_run_timeout_stops_a_spinning_guest(pyvmm_payloads: Payloads) -> None:
+    p = run_cli("run", "-f", str(pyvmm_payloads.build(guest("spin"))), "-c", "2", "-m", "16", "--timeout", "1")
     assert p.returncode == cli.EXIT_TIMEOUT
     assert errors(p.stderr) == ["pyvmm: guest ended: timeout: the guest was still running after 1 s"]
 
@@ -105,8 +106,9 @@ def test_sdei_demo_example() -> None:
 
 
 @NEEDS_FILTER
-def test_run_with_a_service_module_trace_and_smc_conduit() -> None:
-    p = run_cli("run", "-f", str(guest_image("smccc_demo_smc")), "-c", "2", "-m", "16", "--psci-conduit", "smc",
+def test_run_with_a_service_module_trace_and_smc_conduit(pyvmm_payloads: Payloads) -> None:
+    demo = pyvmm_payloads.build("examples/guests/smccc_demo.S", conduit="smc")
+    p = run_cli("run", "-f", str(demo), "-c", "2", "-m", "16", "--psci-conduit", "smc",
                 "--service", str(ROOT / "examples" / "vendor_service.py"), "--trace", "smccc", "--timeout", "60")
     assert p.returncode == cli.EXIT_OK, p.stderr
     assert "[vcpu0 smc] demo vendor service[0x1]() = 0x2a" in p.stderr
@@ -115,10 +117,11 @@ def test_run_with_a_service_module_trace_and_smc_conduit() -> None:
 
 
 @NEEDS_FILTER
-def test_replace_psci_version_and_deny_a_range(tmp_path: Path) -> None:
+def test_replace_psci_version_and_deny_a_range(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
     mine = tmp_path / "my_psci_version.py"
     mine.write_text("RANGE = (0x84000000, 1)\nNAME = 'my PSCI_VERSION'\n\ndef handle(call):\n    return 0x20000\n")
-    p = run_cli("run", "-f", str(guest_image("smccc_demo")), "-c", "2", "-m", "16", "--replace-service", str(mine),
+    demo = pyvmm_payloads.build("examples/guests/smccc_demo.S")
+    p = run_cli("run", "-f", str(demo), "-c", "2", "-m", "16", "--replace-service", str(mine),
                 "--deny", "0xC6000000+0x100", "--trace", "smccc", "--timeout", "60")
     assert p.returncode == cli.EXIT_OK, p.stderr
     assert "my PSCI_VERSION[0x0]() = 0x20000" in p.stderr

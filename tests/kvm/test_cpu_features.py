@@ -11,7 +11,7 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -20,29 +20,27 @@ from pyvmm import cli
 from pyvmm.errors import KvmUnavailableError
 from pyvmm.machine.cpu_features import PVTIME_BASE, CpuOptions
 from pyvmm.machine.vm import RAM_BASE, Vm
+from pyvmm.testing.payloads import MakePayloadVm, PayloadRun
 from tests.conftest import host_shape, linux_guest
-from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports, s64
+from tests.kvm.conftest import NEEDS_FILTER, guest, s64
 
 NOT_SUPPORTED = -1
 ESR_EC_TAG_CHECK = 0x25  # a data abort from the same EL
 DFSC_TAG_CHECK = 0x11  # synchronous tag check fault
 
 
-def run(vm: Vm) -> Reports:
-    reports = Reports()
-    vm.smccc.register(FN_REPORT, 1, reports, "report")
-    result = vm.run(timeout=120)
-    assert result.reason == "poweroff", result
-    return reports
+def finished(run: PayloadRun) -> PayloadRun:
+    assert run.run(120).reason == "poweroff", run.result
+    return run
 
 
-def refused_without(feature: str, named: str, make: Callable[[], object]) -> bool:
+def refused_without(feature: str, named: str, cpu: CpuOptions, aarch32: bool = False) -> bool:
     """Where the host's KVM lacks `feature` (pyvmm check: host_shape().cpu), asking for it is one
     line naming it: checked, and True (the test has nothing more to run here)."""
     if feature in host_shape().cpu:
         return False
     with pytest.raises(KvmUnavailableError, match=f"offers no {named}"):
-        make()
+        Vm(cpu=cpu, aarch32=aarch32).close()
     return True
 
 
@@ -76,66 +74,64 @@ def test_pyvmm_finds_what_the_hosts_own_cpu_has() -> None:
 
 
 @NEEDS_FILTER  # the guest reports through a forwarded call
-def test_the_guest_gets_the_hosts_sve_pac_and_mte(make_vm: MakeVm) -> None:
+def test_the_guest_gets_the_hosts_sve_pac_and_mte(payload_vm: MakePayloadVm) -> None:
     have = host_shape().cpu
-    reports = run(make_vm("cpu_features"))
-    (pfr0, pfr1, isar1, _), = [r[:4] for r in reports.tagged(1)]
+    run = finished(payload_vm(guest("cpu_features")))
+    (pfr0, pfr1, isar1, _), = [r[:4] for r in run.tagged(1)]
     assert bool(field(pfr0, 32)) == ("sve" in have)
     assert bool(field(isar1, 4, 8)) == ("ptrauth" in have)  # APA/API
     assert (field(pfr1, 8) >= 2) == ("mte" in have)
     if "sve" in have:
-        (vl, total, fault), = [r[:3] for r in reports.tagged(2)]
+        (vl, total, fault), = [r[:3] for r in run.tagged(2)]
         assert (vl * 8, total, fault) == (host_shape().sve_max_vl, index_sum(vl), 0)
     if "ptrauth" in have:
-        (pointer, signed, authenticated, pacga, fault), = reports.tagged(3)
+        (pointer, signed, authenticated, pacga, fault), = run.tagged(3)
         assert signed != pointer and authenticated == pointer and pacga and fault == 0
     if "mte" in have:
-        (tag, value, wrong_tag, fault), = [r[:4] for r in reports.tagged(4)]
+        (tag, value, wrong_tag, fault), = [r[:4] for r in run.tagged(4)]
         assert (tag, value, fault) == (5, 0x7A6, 0)
         assert field(wrong_tag, 26, 6) == ESR_EC_TAG_CHECK and field(wrong_tag, 0, 6) == DFSC_TAG_CHECK
 
 
 @NEEDS_FILTER
 @pytest.mark.parametrize("bits", [128, 256])
-def test_sve_max_vl_caps_the_vector_length(make_vm: MakeVm, bits: int) -> None:
-    if refused_without("sve", "SVE", lambda: make_vm("cpu_features", cpu=CpuOptions(sve_max_vl=bits))):
+def test_sve_max_vl_caps_the_vector_length(payload_vm: MakePayloadVm, bits: int) -> None:
+    if refused_without("sve", "SVE", CpuOptions(sve_max_vl=bits)):
         return
-    (vl, total, fault), = [r[:3] for r in run(make_vm("cpu_features", cpu=CpuOptions(sve_max_vl=bits))).tagged(2)]
+    (vl, total, fault), = [r[:3] for r in finished(payload_vm(guest("cpu_features"), cpu=CpuOptions(sve_max_vl=bits))).tagged(2)]
     assert (vl, total, fault) == (bits // 8, index_sum(bits // 8), 0)
 
 
 @NEEDS_FILTER  # the guest reports through a forwarded call
-def test_each_feature_turned_off_is_gone_from_the_guest(make_vm: MakeVm) -> None:
-    reports = run(make_vm("cpu_features", cpu=CpuOptions(sve=False, ptrauth=False, mte=False)))
-    (pfr0, pfr1, isar1, _), = [r[:4] for r in reports.tagged(1)]
+def test_each_feature_turned_off_is_gone_from_the_guest(payload_vm: MakePayloadVm) -> None:
+    run = finished(payload_vm(guest("cpu_features"), cpu=CpuOptions(sve=False, ptrauth=False, mte=False)))
+    (pfr0, pfr1, isar1, _), = [r[:4] for r in run.tagged(1)]
     assert (field(pfr0, 32), field(isar1, 4, 8), field(pfr1, 8)) == (0, 0, 0)
-    assert not reports.tagged(2) and not reports.tagged(3) and not reports.tagged(4)
+    assert not run.tagged(2) and not run.tagged(3) and not run.tagged(4)
 
 
 @NEEDS_FILTER  # the guest reports through a forwarded call
-def test_the_pmu_counts_cycles_and_raises_its_overflow_interrupt(make_vm: MakeVm) -> None:
-    if refused_without("pmu", "PMU", lambda: make_vm("pmu", cpu=CpuOptions(pmu=True))):
+def test_the_pmu_counts_cycles_and_raises_its_overflow_interrupt(payload_vm: MakePayloadVm) -> None:
+    if refused_without("pmu", "PMU", CpuOptions(pmu=True)):
         return
-    reports = run(make_vm("pmu", cpu=CpuOptions(pmu=True)))
-    (version, counters), = [r[:2] for r in reports.tagged(1)]
+    run = finished(payload_vm(guest("pmu"), cpu=CpuOptions(pmu=True)))
+    (version, counters), = [r[:2] for r in run.tagged(1)]
     assert version and counters  # PMUv3 and its event counters
-    (before, after), = [r[:2] for r in reports.tagged(2)]
+    (before, after), = [r[:2] for r in run.tagged(2)]
     assert after > before
-    (intid, overflow), = [r[:2] for r in reports.tagged(3)]
+    (intid, overflow), = [r[:2] for r in run.tagged(3)]
     assert intid == 23 and overflow >> 31 & 1  # PPI 7, the cycle counter's overflow
     # without --pmu the guest has none (ID_AA64DFR0_EL1.PMUVer 0): it says so and stops
-    reports = run(make_vm("pmu"))
-    assert [r[0] for r in reports.tagged(1)] == [0] and not reports.tagged(2)
+    run = finished(payload_vm(guest("pmu")))
+    assert [r[0] for r in run.tagged(1)] == [0] and not run.tagged(2)
 
 
-def test_an_aarch32_guest_counts_cycles_with_the_pmu(make_vm: MakeVm) -> None:
+def test_an_aarch32_guest_counts_cycles_with_the_pmu(payload_vm: MakePayloadVm) -> None:
     """--aarch32 --pmu: the guest's CP15 PMCR shows PMUv3's event counters and its cycle counter
     runs (the guest records what it read in RAM: no forwarded call, so every shape runs it)."""
-    if refused_without("pmu", "PMU", lambda: make_vm("a32/pmu32", aarch32=True, cpu=CpuOptions(pmu=True))):
+    if refused_without("pmu", "PMU", CpuOptions(pmu=True), aarch32=True):
         return
-    vm = make_vm("a32/pmu32", aarch32=True, cpu=CpuOptions(pmu=True))
-    result = vm.run(timeout=60)
-    assert result.reason == "poweroff", result
+    vm = finished(payload_vm(guest("a32/pmu32"), aarch32=True, cpu=CpuOptions(pmu=True))).vm
     pmcr, first, second = struct.unpack("<3I", vm.memory.read(RAM_BASE + 0x10000, 12))
     assert pmcr >> 11 & 0x1F and second > first, (hex(pmcr), first, second)  # PMCR.N counters; cycles
 
@@ -157,24 +153,24 @@ def one_busy_cpu() -> Iterator[None]:
 
 
 @NEEDS_FILTER  # the guest reports through a forwarded call
-def test_pv_time_is_found_through_smccc_and_stolen_time_advances(make_vm: MakeVm) -> None:
-    if refused_without("pvtime", "PV stolen time", lambda: make_vm("pv_time", cpu=CpuOptions(pvtime=True))):
+def test_pv_time_is_found_through_smccc_and_stolen_time_advances(payload_vm: MakePayloadVm) -> None:
+    if refused_without("pvtime", "PV stolen time", CpuOptions(pvtime=True)):
         return
     with one_busy_cpu():
-        reports = run(make_vm("pv_time"))
-    (arch_features, features, structure, call_count), = [r[:4] for r in reports.tagged(1)]
+        run = finished(payload_vm(guest("pv_time")))
+    (arch_features, features, structure, call_count), = [r[:4] for r in run.tagged(1)]
     # owner 5's Call Count counts the two calls KVM answers itself
     assert (s64(arch_features), s64(features), structure, call_count) == (0, 0, PVTIME_BASE, 2)
-    (header, before, after), = [r[:3] for r in reports.tagged(2)]
+    (header, before, after), = [r[:3] for r in run.tagged(2)]
     assert header == 0 and after > before
 
 
 @NEEDS_FILTER  # the guest reports through a forwarded call
-def test_no_pvtime_has_kvm_refuse_every_pv_time_call(make_vm: MakeVm) -> None:
-    reports = run(make_vm("pv_time", cpu=CpuOptions(pvtime=False)))
-    (arch_features, features, structure, call_count), = [r[:4] for r in reports.tagged(1)]
+def test_no_pvtime_has_kvm_refuse_every_pv_time_call(payload_vm: MakePayloadVm) -> None:
+    run = finished(payload_vm(guest("pv_time"), cpu=CpuOptions(pvtime=False)))
+    (arch_features, features, structure, call_count), = [r[:4] for r in run.tagged(1)]
     assert [s64(arch_features), s64(features), s64(structure), call_count] == [NOT_SUPPORTED] * 3 + [0]
-    assert not reports.tagged(2)
+    assert not run.tagged(2)
 
 
 def test_a_linux_guest_lists_the_features_and_the_flags_take_them_away() -> None:

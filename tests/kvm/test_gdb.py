@@ -15,22 +15,27 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import NO_FILTER_NOTE, guest_image, host_shape
-from tests.kvm.conftest import needs_filter
+from pyvmm.testing.payloads import Payloads
+from tests.conftest import NO_FILTER_NOTE, host_shape
+from tests.kvm.conftest import guest, needs_filter
 
 ROOT = Path(__file__).resolve().parents[2]
 GDB = shutil.which("gdb") or shutil.which("gdb-multiarch")
 GUEST_TIMEOUT = 240  # the --timeout of every guest run here
 
 
-def elf(guest: str = "gdb_target") -> str:
-    path = ROOT / "build" / "guests" / f"{guest}.elf"
-    assert path.is_file(), f"{path} is missing: `make guests` builds it"
-    return str(path)
+@pytest.fixture
+def target(pyvmm_payloads: Payloads) -> Path:
+    """gdb_target's flat binary, with its ELF file (symbols, linked where pyvmm loads it) beside it."""
+    return pyvmm_payloads.build(guest("gdb_target"))
 
 
-def start_vm(*args: str, guest: str = "gdb_target") -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image(guest)), "-c", "2",
+def elf(binary: Path) -> str:
+    return str(binary.with_suffix(".elf"))
+
+
+def start_vm(binary: Path, *args: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "pyvmm", "run", "-f", str(binary), "-c", "2",
            "--timeout", str(GUEST_TIMEOUT), *args]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -52,10 +57,10 @@ def remote(address: str) -> str:
     return rest if kind == "tcp" else address.removeprefix("unix:")
 
 
-def gdb(address: str, *commands: str, timeout: float = 90, guest: str = "gdb_target") -> str:
+def gdb(address: str, binary: Path, *commands: str, timeout: float = 90) -> str:
     assert GDB is not None, "no gdb on this host (tools/host-deps.sh installs it)"
     argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off",
-            "-ex", f"target remote {remote(address)}", elf(guest)]
+            "-ex", f"target remote {remote(address)}", elf(binary)]
     for c in commands:
         argv += ["-ex", c]
     try:
@@ -91,13 +96,13 @@ ALIAS = "(0x40000000 + ((long)&magic - 0x80000000))"
 
 
 @needs_filter("GDB catches and traces the SMCCC calls pyvmm is forwarded")
-def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) -> None:
+def test_break_registers_step_memory_watch_catch_threads_detach(target: Path, tmp_path: Path) -> None:
     sock = str(tmp_path / "gdb.sock")
-    vm = start_vm("--gdb", f"unix:{sock}", "--gdb-wait")
+    vm = start_vm(target, "--gdb", f"unix:{sock}", "--gdb-wait")
     out = ""
     try:
         address = wait_listening(vm)
-        out = gdb(address,
+        out = gdb(address, target,
                   "info threads",
                   "break *regs_set", "continue",
                   "info registers x19 x20 x21",
@@ -155,12 +160,13 @@ def test_break_registers_step_memory_watch_catch_threads_detach(tmp_path: Path) 
     assert status == 0, err  # detached, the guest went on to power off
 
 
-def test_sve_registers_read_and_written_at_the_vector_length(tmp_path: Path) -> None:
+def test_sve_registers_read_and_written_at_the_vector_length(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
     """With SVE (on wherever KVM offers it), GDB gets org.gnu.gdb.aarch64.sve: Z registers as
     long as the vCPU's vectors, P0-P15, FFR and VG, and V0-V31 derived from Z; what it writes
     past the low 128 bits of a Z register and into a P register is what the guest then reads."""
     have_sve = "sve" in host_shape().cpu
-    vm = start_vm("--gdb", f"unix:{tmp_path / 'gdb.sock'}", "--gdb-wait", guest="gdb_sve")
+    binary = pyvmm_payloads.build(guest("gdb_sve"))
+    vm = start_vm(binary, "--gdb", f"unix:{tmp_path / 'gdb.sock'}", "--gdb-wait")
     out = ""
     try:
         address = wait_listening(vm)
@@ -171,7 +177,7 @@ def test_sve_registers_read_and_written_at_the_vector_length(tmp_path: Path) -> 
                "set var $z2.d.u[$vg - 1] = 0x0123456789abcdef", "set var $p3[0] = 0x11",
                "break *sve_checked", "continue", *show("LANE", "$x1"), *show("P3_BITS", "$x2")]
         first = "info registers vg" if have_sve else "info registers fpcr"
-        out = gdb(address, first, *(sve if have_sve else []), "delete", "detach", guest="gdb_sve")
+        out = gdb(address, binary, first, *(sve if have_sve else []), "delete", "detach")
     finally:
         status, _, err = finish(vm, out)
     assert status == 0, err
@@ -186,15 +192,15 @@ def test_sve_registers_read_and_written_at_the_vector_length(tmp_path: Path) -> 
     assert value(out, "P3_BITS") == 2  # and its CNTP the two bits of 0x11
 
 
-def test_interrupt_spinning_guest_then_kill() -> None:
-    vm = start_vm("--gdb", "tcp:127.0.0.1:0")
+def test_interrupt_spinning_guest_then_kill(target: Path) -> None:
+    vm = start_vm(target, "--gdb", "tcp:127.0.0.1:0")
     out = ""
     try:
         address = wait_listening(vm)
         assert GDB is not None
         argv = [GDB, "-nx", "-batch", "-ex", "set pagination off", "-ex", "set confirm off",
                 "-ex", f"target remote {remote(address)}", "-ex", "continue", "-ex", "info threads",
-                "-ex", "echo PC\\n", "-ex", "print/x $pc", "-ex", "kill", elf()]
+                "-ex", "echo PC\\n", "-ex", "print/x $pc", "-ex", "kill", elf(target)]
         # GDB forwards a SIGINT to the target as Ctrl-C (0x03) when its input is a terminal, as
         # a user's is: a pseudo-terminal stands in for one
         master, slave = pty.openpty()

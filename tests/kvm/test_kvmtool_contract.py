@@ -14,7 +14,9 @@ from pathlib import Path
 from pyfdt.pyfdt import FdtBlobParse
 
 from pyvmm import cli
-from tests.conftest import errors, guest_image, host_shape, linux_guest
+from pyvmm.testing.payloads import Payloads
+from tests.conftest import errors, host_shape, linux_guest
+from tests.kvm.conftest import guest
 
 # what the runner passes every test (scripts/vmm.bash, KVMTOOL_DEFAULT_OPTS)
 KUT_DEFAULTS = ["--nodefaults", "--network", "mode=none", "--loglevel=warning"]
@@ -62,9 +64,10 @@ def probe(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
                  *extra, "--initrd", str(env_file(tmp_path)), timeout=60)
 
 
-def test_defaults_are_added_only_to_a_linux_kernel_and_only_without_nodefaults(tmp_path: Path) -> None:
+def test_defaults_are_added_only_to_a_linux_kernel_and_only_without_nodefaults(pyvmm_payloads: Payloads,
+                                                                              tmp_path: Path) -> None:
     image, _ = linux_guest()
-    flat = guest_image("smccc_roundtrip")  # no Image header: a test binary, as kvm-unit-tests' are
+    flat = pyvmm_payloads.build(guest("smccc_roundtrip"))  # no Image header: a test binary, as kvm-unit-tests' are
     out = tmp_path / "guest.dtb"
     for kernel, options, bootargs in ((image, [], "console=ttyS0 a b"), (image, ["--nodefaults"], "a b"),
                                       (flat, [], "a b"), (image, ["-p", "console=hvc0 a"], "console=hvc0 a")):
@@ -73,9 +76,10 @@ def test_defaults_are_added_only_to_a_linux_kernel_and_only_without_nodefaults(t
         assert f'bootargs = "{bootargs}";' in chosen(out), (kernel.name, options)
 
 
-def test_kaslr_seed_mem_units_and_no_network(tmp_path: Path) -> None:
+def test_kaslr_seed_mem_units_and_no_network(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
     out = tmp_path / "guest.dtb"
-    p = pyvmm("run", "-f", str(guest_image("smccc_roundtrip")), "--kaslr-seed", "0x123456789abcdef0", "--mem", "1G",
+    flat = pyvmm_payloads.build(guest("smccc_roundtrip"))
+    p = pyvmm("run", "-f", str(flat), "--kaslr-seed", "0x123456789abcdef0", "--mem", "1G",
               "--network", "mode=none", "--dump-dtb", str(out), timeout=60)
     assert p.returncode == cli.EXIT_OK, p.stderr
     assert "kaslr-seed = <0x12345678 0x9abcdef0>;" in chosen(out)

@@ -30,8 +30,9 @@ from pyvmm.machine.vcpu import Vcpu
 from pyvmm.machine.vm import RAM_BASE, Vm
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.service import Service
-from tests.conftest import errors, guest_image, linux_guest
-from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports
+from pyvmm.testing.payloads import MakePayloadVm, Payloads
+from tests.conftest import errors, linux_guest
+from tests.kvm.conftest import NEEDS_FILTER, guest
 
 SIP64 = 0xC200_0000
 
@@ -98,8 +99,8 @@ def stop_from(vm: Vm, seen: list[str]) -> Callable[[Vcpu], None]:
     return look
 
 
-def test_a_request_queued_before_run_runs_although_the_guest_never_exits(make_vm: MakeVm) -> None:
-    vm = make_vm("spin")
+def test_a_request_queued_before_run_runs_although_the_guest_never_exits(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("spin")).vm
     seen: list[str] = []
     vm.vcpus[0].request(stop_from(vm, seen))
     result = vm.run(timeout=30)
@@ -119,8 +120,8 @@ class QueuesOnReset(Service):
         self.vm.vcpus[0].request(stop_from(self.vm, self.seen))
 
 
-def test_a_request_queued_during_a_reset_runs_although_the_guest_never_exits(make_vm: MakeVm) -> None:
-    vm = make_vm("reset_spin")
+def test_a_request_queued_during_a_reset_runs_although_the_guest_never_exits(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("reset_spin")).vm
     seen: list[str] = []
     vm.smccc.add_service(QueuesOnReset(vm, seen))
     result = vm.run(timeout=30)
@@ -129,20 +130,19 @@ def test_a_request_queued_during_a_reset_runs_although_the_guest_never_exits(mak
 
 
 @NEEDS_FILTER
-def test_a_reset_returns_the_vgic_to_its_initial_state(make_vm: MakeVm) -> None:
+def test_a_reset_returns_the_vgic_to_its_initial_state(payload_vm: MakePayloadVm) -> None:
     """On a vGICv3, or a vGICv2 where that is all the host has (the guest finds which: banked
     SGI/PPI registers in the distributor, a memory-mapped CPU interface)."""
     v2 = probe().gic == 2
-    vm = make_vm("gic_reset")
+    run = payload_vm(guest("gic_reset"))
+    vm = run.vm
     assert vm.gic.version == (2 if v2 else 3)
-    reports = Reports()
-    vm.smccc.register(FN_REPORT, 1, reports, "report")
-    result = vm.run(timeout=60)
+    result = run.run(60).result
     assert result.ok, result
     assert vm.resets == 1
-    assert [v[0] for v in reports.tagged(1)] == [1, 2]
+    assert [v[0] for v in run.tagged(1)] == [1, 2]
     (set_dist, after_dist), (set_private, after_private), (set_cpu, after_cpu) = (
-        [v[:5] for v in reports.tagged(tag)] for tag in (2, 3, 4))
+        [v[:5] for v in run.tagged(tag)] for tag in (2, 3, 4))
     ppi20 = 1 << 20
     enabled = 1 if v2 else 2  # GICD_CTLR: a GICv2's Enable, a GICv3's EnableGrp1A
     # boot 1 set them (SPIs 32-63 enabled, pending, active; priorities; the distributor on)
@@ -159,10 +159,10 @@ def test_a_reset_returns_the_vgic_to_its_initial_state(make_vm: MakeVm) -> None:
 
 
 @pytest.mark.host(gic=3, its=True, reason="an ITS (--irqchip=gicv3-its) needs KVM's vGICv3 ITS")
-def test_a_reset_turns_the_its_and_the_lpis_off(make_vm: MakeVm) -> None:
+def test_a_reset_turns_the_its_and_the_lpis_off(payload_vm: MakePayloadVm) -> None:
     """A guest that enabled the ITS and its LPIs reboots into an ITS with no command queue, off,
     and a redistributor with LPIs off and no LPI table, as KVM_DEV_ARM_VGIC_CTRL_INIT left them."""
-    vm = make_vm("its_reset", irqchip="gicv3-its")
+    vm = payload_vm(guest("its_reset"), irqchip="gicv3-its").vm
     result = vm.run(timeout=60)
     assert result.reason == "poweroff" and vm.resets == 1, result
     records = vm.memory.read(RAM_BASE + 0x11000, 64)
@@ -190,8 +190,8 @@ class Stuck:
 
 
 @NEEDS_FILTER
-def test_a_vcpu_that_will_not_stop_keeps_its_fds_and_mappings(make_vm: MakeVm) -> None:
-    vm = make_vm("hvc_loop")
+def test_a_vcpu_that_will_not_stop_keeps_its_fds_and_mappings(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("hvc_loop")).vm
     stuck = Stuck()
     vm.smccc.register(SIP64, 1, stuck, "stuck")
     vm.vcpus[0].set_x(9, 1)
@@ -219,14 +219,14 @@ def test_a_vcpu_that_will_not_stop_keeps_its_fds_and_mappings(make_vm: MakeVm) -
 STUCK_AT = "handle() at never.py:9"
 
 
-def stuck_guest(tmp_path: Path, timeout: int) -> list[str]:
+def stuck_guest(demo: Path, tmp_path: Path, timeout: int) -> list[str]:
     """A `pyvmm run` whose guest calls a --service handler that never returns (STUCK_AT); the
     handler makes tmp_path/stuck as it starts (wait_until_stuck)."""
     service = tmp_path / "never.py"
     service.write_text(f"import time\n\nRANGE = (0xC6000000, 0x100)\n\n\ndef handle(call):\n"
                        f"    open({str(tmp_path / 'stuck')!r}, 'w').close()\n"
                        f"    while True:\n        time.sleep(0.1)\n")
-    return [sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("smccc_demo")), "-c", "2", "-m", "16",
+    return [sys.executable, "-m", "pyvmm", "run", "-f", str(demo), "-c", "2", "-m", "16",
             "--service", str(service), "--timeout", str(timeout)]
 
 
@@ -240,9 +240,9 @@ def wait_until_stuck(p: subprocess.Popen[str], tmp_path: Path) -> None:
 
 
 @NEEDS_FILTER
-def test_a_service_that_never_returns_is_stopped_by_the_timeout(tmp_path: Path) -> None:
+def test_a_service_that_never_returns_is_stopped_by_the_timeout(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
     started = time.monotonic()
-    p = subprocess.run(stuck_guest(tmp_path, 2), capture_output=True, text=True, timeout=60)
+    p = subprocess.run(stuck_guest(pyvmm_payloads.build("examples/guests/smccc_demo.S"), tmp_path, 2), capture_output=True, text=True, timeout=60)
     took = time.monotonic() - started
     assert p.returncode == cli.EXIT_TIMEOUT, p.stderr
     line, = errors(p.stderr)
@@ -336,8 +336,8 @@ def test_sigterm_during_set_up_ends_pyvmm_with_143_and_one_line(tmp_path: Path, 
 
 
 @NEEDS_FILTER
-def test_a_second_sigint_while_stopping_ends_pyvmm_at_once(tmp_path: Path) -> None:
-    p = subprocess.Popen(stuck_guest(tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_a_second_sigint_while_stopping_ends_pyvmm_at_once(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
+    p = subprocess.Popen(stuck_guest(pyvmm_payloads.build("examples/guests/smccc_demo.S"), tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until_stuck(p, tmp_path)
     p.send_signal(signal.SIGINT)  # stopping: its vCPU will not stop for a while
     time.sleep(1)
@@ -350,10 +350,11 @@ def test_a_second_sigint_while_stopping_ends_pyvmm_at_once(tmp_path: Path) -> No
 
 @NEEDS_FILTER
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
-def test_one_signal_stops_a_stuck_guest_with_its_status(tmp_path: Path, signo: signal.Signals) -> None:
+def test_one_signal_stops_a_stuck_guest_with_its_status(pyvmm_payloads: Payloads, tmp_path: Path,
+                                                        signo: signal.Signals) -> None:
     """A vCPU stuck in a service handler cannot stop, yet one signal still ends pyvmm with
     128 + N once the grace period is over, the line naming where the vCPU is stuck."""
-    p = subprocess.Popen(stuck_guest(tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(stuck_guest(pyvmm_payloads.build("examples/guests/smccc_demo.S"), tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until_stuck(p, tmp_path)
     p.send_signal(signo)
     started = time.monotonic()

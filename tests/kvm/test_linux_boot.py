@@ -14,8 +14,9 @@ from pyfdt.pyfdt import FdtBlobParse
 
 from pyvmm import cli
 from pyvmm.machine.host import probe
-from tests.conftest import errors, guest_image, linux_guest
-from tests.kvm.conftest import needs_filter
+from pyvmm.testing.payloads import Payloads
+from tests.conftest import errors, linux_guest
+from tests.kvm.conftest import guest, needs_filter
 
 # before Linux 6.4 KVM answers every SMC NOT_SUPPORTED itself (arch/arm64/kvm/handle_exit.c, handle_smc)
 SMC_NEEDS_FILTER = needs_filter("the SMC conduit reaches PSCI only through the filter's forwarding")
@@ -113,13 +114,14 @@ def test_a_gzip_compressed_debian_kernel_boots(tmp_path: Path) -> None:
     assert "PYVMM-GUEST: init reached after" in p.stdout
 
 
-def test_a_kernel_without_an_image_header_runs_as_under_kvmtool() -> None:
+def test_a_kernel_without_an_image_header_runs_as_under_kvmtool(pyvmm_payloads: Payloads) -> None:
     """kvmtool's command line for a flat binary (kvm-unit-tests' .flat): `-k` with no Image header
     loads it at RAM + 0x80000, with a note. This guest resets itself twice, then powers off."""
-    p = pyvmm("run", "-k", str(guest_image("psci_reset")), "-m", "16", "--timeout", "60", timeout=120)
+    kernel = pyvmm_payloads.build(guest("psci_reset"))
+    p = pyvmm("run", "-k", str(kernel), "-m", "16", "--timeout", "60", timeout=120)
     assert p.returncode == cli.EXIT_OK, p.stderr
     assert errors(p.stderr) == [
-        f"pyvmm: kernel {guest_image('psci_reset')} has no arm64 Image header: loaded as a flat binary at "
+        f"pyvmm: kernel {kernel} has no arm64 Image header: loaded as a flat binary at "
         "RAM + 0x80000, as kvmtool does"]
 
 

@@ -11,7 +11,8 @@ import pytest
 from pyvmm.machine.vm import Vm
 from pyvmm.smccc.context import ServiceVcpu
 from pyvmm.smccc.service import PYVMM_UID, Service
-from tests.kvm.conftest import FN_REPORT, MakeVm, Reports, guest_for, needs_filter, s32, s64
+from pyvmm.testing.payloads import MakePayloadVm, PayloadRun
+from tests.kvm.conftest import guest, needs_filter, s32, s64
 
 pytestmark = needs_filter("it tests pyvmm's own PSCI, served in Python")
 
@@ -22,11 +23,9 @@ UID_WORDS = tuple(int.from_bytes(PYVMM_UID[i:i + 4], "little") for i in range(0,
 CONDUITS = ["hvc", "smc"]
 
 
-def psci_vm(make_vm: MakeVm, guest: str, conduit: str, cpus: int) -> tuple[Vm, Reports]:
-    vm = make_vm(guest_for(guest, conduit), cpus=cpus, conduit=conduit)
-    reports = Reports()
-    vm.smccc.register(FN_REPORT, 1, reports, "report")
-    return vm, reports
+def psci_guest(payload_vm: MakePayloadVm, name: str, conduit: str, cpus: int) -> tuple[Vm, PayloadRun]:
+    run = payload_vm(guest(name), cpus=cpus, conduit=conduit)
+    return run.vm, run
 
 
 class HoldCpu2SecondBoot(Service):
@@ -46,20 +45,20 @@ class HoldCpu2SecondBoot(Service):
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_smp_bring_up_affinity_off_on_and_concurrent_cpu_on(make_vm: MakeVm, conduit: str) -> None:
-    vm, reports = psci_vm(make_vm, "psci_smp", conduit, cpus=4)
+def test_smp_bring_up_affinity_off_on_and_concurrent_cpu_on(payload_vm: MakePayloadVm, conduit: str) -> None:
+    vm, run = psci_guest(payload_vm, "psci_smp", conduit, cpus=4)
     vm.smccc.add_service(HoldCpu2SecondBoot())
-    result = vm.run(timeout=150)
+    result = run.run(150).result
     assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
-    assert not reports.tagged(0xBAD)
+    assert not run.tagged(0xBAD)
 
-    assert reports.tagged(1) == [(0x1_0001, 0, 0, 0, 0)]  # PSCI 1.1
-    assert [(cpu, s64(r)) for cpu, r, *_ in reports.tagged(2)] == [(1, OFF), (2, OFF), (3, OFF)]
-    assert [(cpu, s64(r)) for cpu, r, *_ in reports.tagged(3)] == [(1, SUCCESS), (2, SUCCESS), (3, SUCCESS), (1, SUCCESS)]
-    assert [(cpu, s64(r)) for cpu, r, *_ in reports.tagged(5)] == [(1, ON), (2, ON), (3, ON)]
+    assert run.tagged(1) == [(0x1_0001, 0, 0, 0, 0)]  # PSCI 1.1
+    assert [(cpu, s64(r)) for cpu, r, *_ in run.tagged(2)] == [(1, OFF), (2, OFF), (3, OFF)]
+    assert [(cpu, s64(r)) for cpu, r, *_ in run.tagged(3)] == [(1, SUCCESS), (2, SUCCESS), (3, SUCCESS), (1, SUCCESS)]
+    assert [(cpu, s64(r)) for cpu, r, *_ in run.tagged(5)] == [(1, ON), (2, ON), (3, ON)]
 
     # every boot of a secondary: its MPIDR, the context ID its CPU_ON passed, its boot count
-    checkins = [(index, mpidr, context, count) for mpidr, context, count, index, _ in reports.tagged(4)]
+    checkins = [(index, mpidr, context, count) for mpidr, context, count, index, _ in run.tagged(4)]
     for index, mpidr, _, _ in checkins:
         assert mpidr == vm.vcpus[index].mpidr and mpidr & 0xFF == index
     first = sorted((i, ctx) for i, _, ctx, n in checkins if n == 1)
@@ -68,16 +67,16 @@ def test_smp_bring_up_affinity_off_on_and_concurrent_cpu_on(make_vm: MakeVm, con
     assert [n for i, _, _, n in checkins if i == 1] == [1, 2, 3]
     assert [(ctx, n) for i, _, ctx, n in checkins if i == 2 and n == 2] == [(0x402, 2)]
 
-    (state, polls, *_), = reports.tagged(6)
+    (state, polls, *_), = run.tagged(6)
     assert s64(state) == OFF and polls >= 1
 
-    concurrent = sorted(s64(r) for r, *_ in reports.tagged(7))
+    concurrent = sorted(s64(r) for r, *_ in run.tagged(7))
     assert concurrent == sorted([SUCCESS, ALREADY_ON, ALREADY_ON])
 
-    (first_on, second_on, affinity, *_), = reports.tagged(9)  # while the boot is held
+    (first_on, second_on, affinity, *_), = run.tagged(9)  # while the boot is held
     assert (s64(first_on), s64(second_on), s64(affinity)) == (SUCCESS, ALREADY_ON, ON)
 
-    errors = {index: rest for index, *rest in reports.tagged(10)}
+    errors = {index: rest for index, *rest in run.tagged(10)}
     assert s64(errors[0][0]) == INVALID_PARAMETERS  # CPU_ON of an MPIDR no vCPU has
     assert s64(errors[1][0]) == ALREADY_ON
     assert s64(errors[2][0]) == INVALID_ADDRESS  # entry point outside RAM
@@ -124,62 +123,61 @@ class ParkCpu2WhileItIsCommanded:
         self.unparked = True
 
 
-def test_a_secondary_slow_to_take_its_command_loses_none(make_vm: MakeVm) -> None:
+def test_a_secondary_slow_to_take_its_command_loses_none(payload_vm: MakePayloadVm) -> None:
     """psci_smp on a loaded host: a command posted before the last was taken overwrote it (cpu2
     skipped its CPU_ON) or, posted between cpu2's read and its clear, was lost (cpu0 polled
     AFFINITY_INFO(cpu2) for ever and the run hit its time limit)."""
-    vm, reports = psci_vm(make_vm, "psci_smp", "hvc", cpus=4)
+    vm, run = psci_guest(payload_vm, "psci_smp", "hvc", cpus=4)
     vm.smccc.add_service(HoldCpu2SecondBoot())
     park = ParkCpu2WhileItIsCommanded(vm)
     vm.smccc.watch = park.watch
-    result = vm.run(timeout=150)
+    result = run.run(150).result
     assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
     assert park.parked.is_set() and not park.asked_while_parked
-    assert sorted(s64(r) for r, *_ in reports.tagged(7)) == sorted([SUCCESS, ALREADY_ON, ALREADY_ON])
-    assert [(ctx, n) for _, ctx, n, index, _ in reports.tagged(4) if index == 2] == [(0x102, 1), (0x402, 2)]
+    assert sorted(s64(r) for r, *_ in run.tagged(7)) == sorted([SUCCESS, ALREADY_ON, ALREADY_ON])
+    assert [(ctx, n) for _, ctx, n, index, _ in run.tagged(4) if index == 2] == [(0x102, 1), (0x402, 2)]
 
 
 RACE_ROUNDS = 150
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_concurrent_cpu_on_gives_one_success_and_already_on(make_vm: MakeVm, conduit: str) -> None:
+def test_concurrent_cpu_on_gives_one_success_and_already_on(payload_vm: MakePayloadVm, conduit: str) -> None:
     """kvm-unit-tests' psci race rule, round after round: three vCPUs CPU_ON a fourth at once."""
-    vm, reports = psci_vm(make_vm, "psci_cpu_on_race", conduit, cpus=4)
+    vm, run = psci_guest(payload_vm, "psci_cpu_on_race", conduit, cpus=4)
     vm.vcpus[0].set_x(9, RACE_ROUNDS)
-    result = vm.run(timeout=300)
+    result = run.run(300).result
     assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
-    assert reports.tagged(2) == []  # (round, caller, CPU_ON, AFFINITY_INFO) of each broken answer
-    assert reports.tagged(1) == [(RACE_ROUNDS, RACE_ROUNDS, 2 * RACE_ROUNDS, 0, 0)]
-    assert reports.tagged(3)[0][0] == 0
+    assert run.tagged(2) == []  # (round, caller, CPU_ON, AFFINITY_INFO) of each broken answer
+    assert run.tagged(1) == [(RACE_ROUNDS, RACE_ROUNDS, 2 * RACE_ROUNDS, 0, 0)]
+    assert run.tagged(3)[0][0] == 0
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_cpu_suspend_and_system_suspend_wake_up(make_vm: MakeVm, conduit: str) -> None:
-    vm, reports = psci_vm(make_vm, "psci_suspend", conduit, cpus=2)
-    result = vm.run(timeout=120)
+def test_cpu_suspend_and_system_suspend_wake_up(payload_vm: MakePayloadVm, conduit: str) -> None:
+    vm, run = psci_guest(payload_vm, "psci_suspend", conduit, cpus=2)
+    result = run.run(120).result
     assert result.reason == "poweroff", result
-    assert not reports.tagged(0xBAD)
-    (context, current_el, daif, *_), = reports.tagged(1)
+    assert not run.tagged(0xBAD)
+    (context, current_el, daif, *_), = run.tagged(1)
     assert (context, current_el, daif) == (0x5EED, 1 << 2, 0xF << 6)  # at the entry point: EL1h, DAIF masked
-    assert s64(reports.tagged(2)[0][0]) == SUCCESS  # standby returned after the wake-up
-    assert [s64(v) for v in reports.tagged(3)[0][:3]] == [INVALID_PARAMETERS, INVALID_PARAMETERS, INVALID_ADDRESS]
-    assert s64(reports.tagged(4)[0][0]) == DENIED
-    assert reports.tagged(5)[0][0] == 0xCAFE  # SYSTEM_SUSPEND resumed at its entry point
-    assert s64(reports.tagged(6)[0][0]) == INVALID_ADDRESS
+    assert s64(run.tagged(2)[0][0]) == SUCCESS  # standby returned after the wake-up
+    assert [s64(v) for v in run.tagged(3)[0][:3]] == [INVALID_PARAMETERS, INVALID_PARAMETERS, INVALID_ADDRESS]
+    assert s64(run.tagged(4)[0][0]) == DENIED
+    assert run.tagged(5)[0][0] == 0xCAFE  # SYSTEM_SUSPEND resumed at its entry point
+    assert s64(run.tagged(6)[0][0]) == INVALID_ADDRESS
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_system_reset_restarts_the_guest(make_vm: MakeVm, conduit: str) -> None:
-    vm, reports = psci_vm(make_vm, "psci_reset", conduit, cpus=2)
-    result = vm.run(timeout=120)
+def test_system_reset_restarts_the_guest(payload_vm: MakePayloadVm, conduit: str) -> None:
+    vm, run = psci_guest(payload_vm, "psci_reset", conduit, cpus=2)
+    result = run.run(120).result
     assert result.reason == "poweroff", result
     assert vm.resets == 2
-    assert [v[:2] for v in reports.values] == [(1, 1), (1, 2), (2, (1 << 64) + INVALID_PARAMETERS), (1, 3)]
+    assert [v[:2] for v in run.values] == [(1, 1), (1, 2), (2, (1 << 64) + INVALID_PARAMETERS), (1, 3)]
 
 
-def test_last_cpu_off_ends_the_run(make_vm: MakeVm) -> None:
-    vm = make_vm("cpu_off")
-    result = vm.run(timeout=30)
+def test_last_cpu_off_ends_the_run(payload_vm: MakePayloadVm) -> None:
+    result = payload_vm(guest("cpu_off")).run(30).result
     assert result.reason == "halted"
     assert "every vCPU is off" in result.message

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from pyvmm.services.sdei import EventSpec, Sdei
-from pyvmm.smccc.call import SmcccCall
-from tests.conftest import guest_image
-from tests.kvm.conftest import FN_REPORT, MakeVm, Reports, guest_for, needs_filter, s64
+from pyvmm.testing.payloads import MakePayloadVm, Payloads
+from pyvmm.testing.reports import Report
+from tests.kvm.conftest import guest, needs_filter, s64
 
 pytestmark = needs_filter("it tests pyvmm's SDEI, served in Python")
 
@@ -25,18 +25,16 @@ FILL = [0xA5A5_0000_0000_0000 | n << 32 | n for n in range(18)]  # fill_x4_x17's
 DAIF, EL1, EL1H_DAIF = 0x3C0, 1 << 2, 0x3C5
 
 
-class SdeiReports(Reports):
-    """Reports, and the host's part: raise critical event 100 from inside the normal handler
-    (tag 10) and event 101 from another thread while the guest spins (tag 13)."""
+class RaiseOnCue:
+    """The host's part, on the guest's reports: raise critical event 100 from inside the normal
+    handler (tag 10) and event 101 from another thread while the guest spins (tag 13)."""
 
     def __init__(self, sdei: Sdei) -> None:
-        super().__init__()
         self.sdei = sdei
         self.raised: list[bool] = []
 
-    def __call__(self, call: SmcccCall) -> int:
-        super().__call__(call)
-        tag = self.values[-1][0]
+    def __call__(self, report: Report) -> None:
+        tag = report.tag
         if tag == 10:
             self.raised.append(self.sdei.trigger(100, cpu=0))
         elif tag == 13:
@@ -44,20 +42,20 @@ class SdeiReports(Reports):
                 time.sleep(0.2)  # the guest is spinning in its loop by then
                 self.raised.append(self.sdei.trigger(101, cpu=0))
             threading.Thread(target=later, daemon=True).start()
-        return 0
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_sdei_calls_dispatch_and_completion(make_vm: MakeVm, conduit: str) -> None:
-    vm = make_vm(guest_for("sdei_basic", conduit), conduit=conduit)
+def test_sdei_calls_dispatch_and_completion(payload_vm: MakePayloadVm, conduit: str) -> None:
+    run = payload_vm(guest("sdei_basic"), conduit=conduit)
+    vm = run.vm
     assert vm.serial.spi == 0  # the guest binds INTID 32
     sdei = vm.enable_sdei(EVENTS)
-    reports = SdeiReports(sdei)
-    vm.smccc.register(FN_REPORT, 1, reports, "report")
-    result = vm.run(timeout=120)
+    host = RaiseOnCue(sdei)
+    run.on_report(host)
+    result = run.run(120).result
     assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
-    assert not reports.tagged(0xBAD)
-    t = {tag: tuple(s64(v) for v in reports.tagged(tag)[0]) for tag in range(1, 18) if tag not in (10, 13)}
+    assert not run.tagged(0xBAD)
+    t = {tag: tuple(s64(v) for v in run.tagged(tag)[0]) for tag in range(1, 18) if tag not in (10, 13)}
 
     assert t[1][:3] == (1 << 48 | 1 << 32, 16 << 16, 0)  # SDEI 1.1; 16 shared bind slots; no relative mode
     assert t[2] == (INVALID_PARAMETERS, INVALID_PARAMETERS, DENIED, DENIED, DENIED)
@@ -83,13 +81,13 @@ def test_sdei_calls_dispatch_and_completion(make_vm: MakeVm, conduit: str) -> No
     unregister, mask1, ran_masked, mask2, ran_unmasked = t[9]
     assert (unregister, mask1, ran_masked, mask2, ran_unmasked) == (SUCCESS, 1, 0, 0, 1)
 
-    assert reports.raised[:1] == [True]
+    assert host.raised[:1] == [True]
     crit_event, crit_pc, in_normal, status0, status100 = t[11]
     assert (crit_event, crit_pc, status0, status100) == (100, in_normal, 0b111, 0b111)
     crit_first, unregister_running, status_pending, status_final = t[12][:4]
     assert (crit_first, unregister_running, status_pending, status_final) == (1, PENDING, 0b100, 0)
 
-    assert reports.raised[1:] == [True]
+    assert host.raised[1:] == [True]
     host_event, host_pc, host_pstate, spin_start, spin_end = t[14]
     assert host_event == 101 and spin_start <= host_pc < spin_end
     assert host_pstate & DAIF == DAIF  # delivered although the guest had every interrupt masked
@@ -104,34 +102,33 @@ def test_sdei_calls_dispatch_and_completion(make_vm: MakeVm, conduit: str) -> No
 
 
 @pytest.mark.parametrize("conduit", CONDUITS)
-def test_sdei_signal_to_another_pe_and_shared_routing(make_vm: MakeVm, conduit: str) -> None:
-    vm = make_vm(guest_for("sdei_smp", conduit), cpus=2, conduit=conduit)
+def test_sdei_signal_to_another_pe_and_shared_routing(payload_vm: MakePayloadVm, conduit: str) -> None:
+    run = payload_vm(guest("sdei_smp"), cpus=2, conduit=conduit)
+    vm = run.vm
     sdei = vm.enable_sdei([EventSpec(200, shared=True)])
-    reports = Reports()
     raised: list[bool] = []
 
-    def report(call: SmcccCall) -> int:
-        reports(call)
-        if reports.values[-1][0] == 2:
+    def raise_on_cue(report: Report) -> None:
+        if report.tag == 2:
             raised.append(sdei.trigger(200))
-        return 0
 
-    vm.smccc.register(FN_REPORT, 1, report, "report")
-    result = vm.run(timeout=120)
+    run.on_report(raise_on_cue)
+    result = run.run(120).result
     assert (result.reason, result.message) == ("poweroff", "PSCI SYSTEM_OFF"), result
-    (event, mpidr, signalled, *_), = reports.tagged(1)
+    (event, mpidr, signalled, *_), = run.tagged(1)
     assert (event, mpidr, signalled) == (0, vm.vcpus[1].mpidr, SUCCESS)
-    assert [s64(r[0]) for r in reports.tagged(2)] == [SUCCESS] and raised == [True]
-    (event, mpidr, *_), = reports.tagged(3)
+    assert [s64(r[0]) for r in run.tagged(2)] == [SUCCESS] and raised == [True]
+    (event, mpidr, *_), = run.tagged(3)
     assert (event, mpidr) == (200, vm.vcpus[1].mpidr)  # routed to cpu1, although cpu0 was unmasked
 
 
-def test_cli_control_socket_and_trace(tmp_path: Path) -> None:
+def test_cli_control_socket_and_trace(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
     """`pyvmm run --sdei --control` runs sdei_basic, which at one point spins with interrupts
     masked until event 101 arrives; a second process raises it with `pyvmm sdei signal` once
     `pyvmm sdei status` shows the guest has registered and enabled it."""
     sock = str(tmp_path / "vm.sock")
-    run = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-f", str(guest_image("sdei_basic")),
+    binary = pyvmm_payloads.build(guest("sdei_basic"))
+    run = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-f", str(binary),
                             "-m", "16", "--sdei", "--sdei-event", "100,critical", "--sdei-event", "101",
                             "--sdei-event", "200,shared", "--control", sock, "--trace", "smccc",
                             "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

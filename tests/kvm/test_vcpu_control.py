@@ -9,11 +9,12 @@ import pytest
 
 from pyvmm.errors import GuestMemoryError
 from pyvmm.machine.vcpu import Vcpu
-from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports
+from pyvmm.testing.payloads import MakePayloadVm
+from tests.kvm.conftest import NEEDS_FILTER, guest
 
 
-def test_spinning_guest_is_stopped_within_bounded_time(make_vm: MakeVm) -> None:
-    vm = make_vm("spin", cpus=2)
+def test_spinning_guest_is_stopped_within_bounded_time(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("spin"), cpus=2).vm
     started = time.monotonic()
     result = vm.run(timeout=1.0)
     assert result.reason == "timeout"
@@ -21,8 +22,8 @@ def test_spinning_guest_is_stopped_within_bounded_time(make_vm: MakeVm) -> None:
     assert all(v.thread is not None and not v.thread.is_alive() for v in vm.vcpus)
 
 
-def test_stop_from_another_thread(make_vm: MakeVm) -> None:
-    vm = make_vm("spin")
+def test_stop_from_another_thread(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("spin")).vm
     threading.Timer(0.5, vm.stop, args=("test asked",)).start()
     result = vm.run(timeout=60)
     assert (result.reason, result.message) == ("stopped", "test asked")
@@ -30,33 +31,32 @@ def test_stop_from_another_thread(make_vm: MakeVm) -> None:
 
 
 @NEEDS_FILTER
-def test_unmapped_access_is_a_clean_mmio_exit(make_vm: MakeVm) -> None:
-    vm = make_vm("mmio_unmapped")
-    reports = Reports()
-    vm.smccc.register(FN_REPORT, 1, reports, "report")
-    result = vm.run(timeout=30)
+def test_unmapped_access_is_a_clean_mmio_exit(payload_vm: MakePayloadVm) -> None:
+    run = payload_vm(guest("mmio_unmapped"))
+    vm = run.vm
+    result = run.run(30).result
     assert result.reason == "poweroff", result
-    assert reports.values[0][:2] == (0, 1)  # the load read zero, and the guest went on
+    assert run.values[0][:2] == (0, 1)  # the load read zero, and the guest went on
     accesses = [(a.addr, a.size, a.is_write, a.data) for a in vm.unhandled_mmio.accesses]
     assert accesses == [(0x1000_0000, 4, True, 0xDEADBEEF), (0x1000_0000, 8, False, 0)]
 
 
-def test_unmapped_access_with_stop_policy_is_a_clear_error(make_vm: MakeVm) -> None:
-    vm = make_vm("mmio_unmapped", unhandled_mmio="stop")
+def test_unmapped_access_with_stop_policy_is_a_clear_error(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("mmio_unmapped"), unhandled_mmio="stop").vm
     result = vm.run(timeout=30)
     assert result.reason == "error"
     assert result.message == "guest write of 4 bytes at 0x10000000: no RAM or device there"
 
 
-def test_undecodable_unmapped_access_is_a_clear_error(make_vm: MakeVm) -> None:
-    vm = make_vm("mmio_nisv")
+def test_undecodable_unmapped_access_is_a_clear_error(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("mmio_nisv")).vm
     result = vm.run(timeout=30)
     assert result.reason == "error"
     assert "0x10000000" in result.message and "cannot decode" in result.message
 
 
-def test_registers_by_name_and_encoding(make_vm: MakeVm) -> None:
-    vm = make_vm("spin", cpus=2)
+def test_registers_by_name_and_encoding(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("spin"), cpus=2).vm
     v0, v1 = vm.vcpus
     assert v0.get_reg("pc") == vm.ram_base
     assert v0.get_reg("pstate") == 0x3C5
@@ -72,8 +72,8 @@ def test_registers_by_name_and_encoding(make_vm: MakeVm) -> None:
         v0.get_reg("x31")
 
 
-def test_overlapping_and_out_of_range_memory_is_refused(make_vm: MakeVm) -> None:
-    vm = make_vm("spin")
+def test_overlapping_and_out_of_range_memory_is_refused(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("spin")).vm
     with pytest.raises(GuestMemoryError, match="overlaps 0x80000000-0x80ffffff"):
         vm.add_memory(0x80F0_0000, 0x20_0000)
     with pytest.raises(GuestMemoryError, match="not inside guest RAM"):
@@ -98,26 +98,25 @@ class RecordingDevice:
 
 
 @NEEDS_FILTER
-def test_mmio_exits_reach_the_device_on_the_bus(make_vm: MakeVm) -> None:
-    vm = make_vm("mmio_unmapped")
+def test_mmio_exits_reach_the_device_on_the_bus(payload_vm: MakePayloadVm) -> None:
+    run = payload_vm(guest("mmio_unmapped"))
+    vm = run.vm
     dev = RecordingDevice()
     vm.add_device(0x1000_0000, 0x1000, dev, "recorder")
-    reports = Reports()
-    vm.smccc.register(FN_REPORT, 1, reports, "report")
-    assert vm.run(timeout=30).reason == "poweroff"
+    assert run.run(30).reason == "poweroff"
     assert dev.log == [("write", 0, 4, 0xDEADBEEF), ("read", 0, 8, 0)]
-    assert reports.values[0][0] == 0x1234_5678_9ABC_DEF0  # the guest's load got the device's value
+    assert run.values[0][0] == 0x1234_5678_9ABC_DEF0  # the guest's load got the device's value
     assert vm.unhandled_mmio.accesses == []
 
 
-def test_device_overlapping_ram_is_refused(make_vm: MakeVm) -> None:
-    vm = make_vm("spin")
+def test_device_overlapping_ram_is_refused(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("spin")).vm
     with pytest.raises(Exception, match="overlaps guest RAM"):
         vm.add_device(vm.ram_base + 0x1000, 0x1000, RecordingDevice(), "bad")
 
 
-def test_request_runs_on_the_vcpu_thread_while_the_guest_spins(make_vm: MakeVm) -> None:
-    vm = make_vm("spin")
+def test_request_runs_on_the_vcpu_thread_while_the_guest_spins(payload_vm: MakePayloadVm) -> None:
+    vm = payload_vm(guest("spin")).vm
     seen: list[tuple[str, int]] = []
 
     def look(vcpu: Vcpu) -> None:

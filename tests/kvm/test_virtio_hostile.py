@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyvmm.devices.virtio.blk import VirtioBlk
-from tests.kvm.conftest import FN_REPORT, NEEDS_FILTER, MakeVm, Reports
+from pyvmm.testing.payloads import MakePayloadVm
+from tests.kvm.conftest import NEEDS_FILTER, guest
 
 pytestmark = NEEDS_FILTER
 
@@ -16,17 +17,16 @@ DRIVER_OK, NEEDS_RESET = 4, 0x40
 INT_CONFIG_CHANGE = 2
 
 
-def test_malformed_chains_break_the_device_not_the_vmm(make_vm: MakeVm, tmp_path: Path) -> None:
+def test_malformed_chains_break_the_device_not_the_vmm(payload_vm: MakePayloadVm, tmp_path: Path) -> None:
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
-    vm = make_vm("virtio_hostile")
+    run = payload_vm(guest("virtio_hostile"))
+    vm = run.vm
     blk = VirtioBlk(str(disk))
     vm.add_virtio(blk)
-    reports = Reports()
-    vm.smccc.register(FN_REPORT, 1, reports, "report")
-    result = vm.run(timeout=90)
+    result = run.run(90).result
     assert result.ok, result
-    (features_ok, loop, after_reset, outside, flush) = [v[:3] for v in reports.values]
+    (features_ok, loop, after_reset, outside, flush) = [v[:3] for v in run.values]
     assert features_ok == (ACK_DRIVER_FEATURES_OK | DRIVER_OK, 0, 0)  # features accepted, device live
     for status, isr, polls_left in (loop, outside):
         assert status == ACK_DRIVER_FEATURES_OK | DRIVER_OK | NEEDS_RESET

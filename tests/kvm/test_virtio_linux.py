@@ -25,7 +25,9 @@ from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
 from pyvmm.devices.virtio.rng import VirtioRng
 from pyvmm.machine.vm import Vm
-from tests.conftest import ROOT, errors, linux_guest
+from pyvmm.testing.payloads import Payloads
+from tests.conftest import errors, linux_guest
+from tests.kvm.conftest import guest
 
 GUEST_TIMEOUT = 120.0
 
@@ -174,12 +176,12 @@ def locked_by_another(path: Path) -> bool:
         os.close(fd)
 
 
-def test_a_second_pyvmm_on_the_same_image_is_refused(tmp_path: Path) -> None:
+def test_a_second_pyvmm_on_the_same_image_is_refused(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
     """The first VM holds its disk's lock while it runs; a second one on the same image gets one
     line and status 1, and takes it with ,nolock (or once the first has gone)."""
     disk = tmp_path / "disk.img"
     disk.write_bytes(bytes(1 << 20))
-    spin = str(ROOT / "build" / "guests" / "spin.bin")
+    spin = str(pyvmm_payloads.build(guest("spin")))
     first = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-f", spin, "-m", "16", "-d", str(disk),
                               "--timeout", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

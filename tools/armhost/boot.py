@@ -23,10 +23,11 @@ from image import pack_cpio, precompile
 from shapes import Shape
 from steps import log
 
-# What of the checkout goes into the emulated host: build/ holds the assembled guests, and
-# tools/armhost is there for its unit tests, which the KVM tier collects before deselecting them.
+# What of the checkout goes into the emulated host: build/pyvmm-payloads holds the assembled
+# guests (the host has no assembler), and tools/armhost is there for its unit tests, which the
+# KVM tier collects before deselecting them.
 OVERLAY_PATHS = ["pyproject.toml", "pyvmm", "kvm_bindings", "devicetree", "tests", "examples", "benchmarks",
-                 "tools/armhost", "build/guests", "build/bench"]
+                 "tools/armhost", "build/pyvmm-payloads"]
 EXIT_RE = re.compile(r"@@ARMHOST-EXIT (\d+) @@")
 UP_RE = re.compile(r"@@ARMHOST-UP ([\d.]+) @@")
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from pyvmm.pytest_plugin import Payloads, RunPayload
+from pyvmm.pytest_plugin import FN_REPORT, Payloads, RunPayload
 
 SERVICE = "counter_service.py"  # paths are relative to the project (pytest's rootdir)
 GUEST = "guests/counter.S"
 VERSION, ADD, READ, TOTAL, UNKNOWN = 0xC300_0000, 0xC300_0001, 0xC300_0002, 0xC300_0003, 0xC300_000F
-FN_REPORT = 0xC200_00F0
 HVC, SMC = 0xD400_0002, 0xD400_0003  # `hvc #0`, `smc #0`
 
 

@@ -3,7 +3,7 @@
 // cycle counter and reads it twice with work between, and records (PMCR, first count, second
 // count) as three words 64 KiB above the image, where the test reads them after the run; then
 // it powers off. No SMCCC call is forwarded.
-    .include "common32.inc"
+    .include "pyvmm32.inc"
     .equ PSCI_SYSTEM_OFF, 0x84000008
     .text
     .global _start

@@ -4,7 +4,7 @@
 //   2 (PSCI CPU_ON SMC64, SDEI_VERSION, SiP SMC64 0xC2000001, TRNG_RND64): each NOT_SUPPORTED
 //   3 (CPU_ON SMC32 of cpu1 at a T32 entry point)
 //   4 from cpu1 (its context ID, its CPSR): it runs T32 code in Supervisor mode
-    .include "common32.inc"
+    .include "pyvmm32.inc"
     .text
     .arm
     .global _start
