@@ -133,3 +133,21 @@ def test_the_hosts_cpu_has_mte_unless_another_cpu_is_asked_for(monkeypatch: pyte
     monkeypatch.setenv("ARMHOST_CPU", "cortex-a72")
     other = boot.qemu_command(Path("Image"), Path("initrd"), 2, 2, 3072)
     assert "virt,virtualization=on,gic-version=2" in other and "cortex-a72" in other
+
+
+def test_wheels_fetched_for_another_list_are_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wheel folder is shared by every checkout using the cache: one whose list lacks a wheel
+    this checkout needs (another branch's) is not taken as complete."""
+    import image
+    from shapes import SHAPES
+
+    host = image.HostImage(tmp_path, SHAPES["default"])
+    fetched: list[str] = []
+    monkeypatch.setattr(image, "run_step", lambda what, argv: fetched.append(what))
+    host.wheels.mkdir(parents=True)
+    (host.wheels / ".complete").write_text("cffi pycparser ioctl-opt pytest hypothesis pyfdt")  # no pytest-xdist
+    host._fetch_wheels()
+    assert fetched == ["pip download (aarch64 wheels)", "pip wheel pyfdt"]
+    fetched.clear()
+    host._fetch_wheels()  # now complete for this list
+    assert fetched == []

@@ -226,7 +226,10 @@ class HostImage:
             f"initrd {(self.guest / 'initrd.cpio').stat().st_size >> 10} KiB")
 
     def _fetch_wheels(self) -> None:
-        if (self.wheels / ".complete").is_file():
+        # the marker names what was fetched: a checkout that wants other wheels (another
+        # branch's list) fetches them again rather than reusing a folder without them
+        marker, wanted = self.wheels / ".complete", " ".join(BINARY_WHEELS + SDIST_WHEELS)
+        if marker.is_file() and marker.read_text() == wanted:
             return
         shutil.rmtree(self.wheels, ignore_errors=True)
         self.wheels.mkdir(parents=True)
@@ -242,7 +245,7 @@ class HostImage:
         # unless the `wheel` package happens to be installed.
         run_step("pip wheel " + " ".join(SDIST_WHEELS),
                  [*pip, "wheel", "--no-deps", "--use-pep517", "-w", str(self.wheels), *SDIST_WHEELS])
-        (self.wheels / ".complete").touch()
+        marker.write_text(wanted)
 
     def _assemble_root(self, root: Path) -> None:
         for rel in DOC_PRUNE:
