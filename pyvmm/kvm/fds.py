@@ -226,6 +226,13 @@ class VcpuFd(DeviceAttrs):
         self.run_words = memoryview(self.mmap).cast("I")
         self.run_quads = memoryview(self.mmap).cast("Q")
 
+    def set_x0(self, value: int) -> None:
+        """x0 <- value (a 64-bit pattern) through the prepared KVM_SET_ONE_REG: how a forwarded
+        SMCCC call's result goes back, one ioctl and no allocation."""
+        self.x0_value[0] = value
+        if self.write_x0() < 0:
+            raise KvmIoctlError("KVM_SET_ONE_REG", ffi.errno)
+
     def failed(self, name: str) -> bool:
         """After a prepared ioctl returned -1: True for a kick (EINTR/EAGAIN), else raise."""
         err = ffi.errno

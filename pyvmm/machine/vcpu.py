@@ -141,9 +141,7 @@ class Vcpu:
         # the exit path's register access, without an attribute lookup through fd
         self.get_one_reg = fd.get_one_reg
         self.set_one_reg = fd.set_one_reg
-        self.x0_value = fd.x0_value
-        self.write_x0 = fd.write_x0
-        self.failed = fd.failed
+        self.set_x0 = fd.set_x0
         self.kvm_run = fd.mmap  # where an MMIO load's result goes (exits.complete_mmio_read)
         self.init(powered_off=index > 0)
         self._configure_features()

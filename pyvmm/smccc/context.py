@@ -27,10 +27,8 @@ class ServiceVcpu(Protocol):
 
     index: int
     mpidr: int
-    x0_value: Any  # uint64_t * the prepared KVM_SET_ONE_REG(x0) reads
-    write_x0: Callable[[], int]  # that ioctl; -1 on failure (then failed() raises)
-
-    def failed(self, name: str) -> bool: ...
+    def set_x0(self, value: int) -> None:
+        """x0 <- a call's result (64 bits), in one ioctl: the hot path of every forwarded call."""
 
     def get_x(self, n: int) -> int: ...
 

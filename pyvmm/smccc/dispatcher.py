@@ -333,9 +333,7 @@ class Dispatcher:
         self.calls += 1
         wide = function_id & SMC64
         if type(results) is int and (_MIN <= results <= _U64 if wide else _MIN32 <= results <= _U32):
-            vcpu.x0_value[0] = results & (_U64 if wide else _U32)  # the common case: one ioctl
-            if vcpu.write_x0() < 0:
-                vcpu.failed("KVM_SET_ONE_REG")
+            vcpu.set_x0(results & (_U64 if wide else _U32))  # the common case: one ioctl
         elif results is not NO_RESULT:
             write_results(vcpu, call, checked(results, function_id, handler))
 

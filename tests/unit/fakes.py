@@ -9,7 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from kvm_bindings import ffi
 from kvm_bindings.constants import DeviceType
 from kvm_bindings.regs import CORE_REGS, SYS_REGS
 from pyvmm.errors import KvmIoctlError
@@ -35,8 +34,6 @@ class FakeVcpu:
         self.reads: list[int] = []
         self.writes: list[tuple[int, int]] = []
         self.reg_reads = self.reg_writes = 0
-        self.x0_value: Any = ffi.new("uint64_t *")
-        self.write_x0: Callable[[], int] = self._write_x0  # an attribute, as on pyvmm.machine.vcpu.Vcpu
         self._power = PowerState(on)
         self.suspends: list[Entry | None] = []
         self.suspended = False
@@ -44,12 +41,8 @@ class FakeVcpu:
         self.queued: list[Callable[[Any], None]] = []
 
     # --- registers -------------------------------------------------------------------------
-    def _write_x0(self) -> int:
-        self.set_x(0, self.x0_value[0])
-        return 0
-
-    def failed(self, name: str) -> bool:
-        raise AssertionError(name)
+    def set_x0(self, value: int) -> None:
+        self.set_x(0, value)
 
     def get_x(self, n: int) -> int:
         self.reads.append(n)

@@ -175,14 +175,9 @@ class RecordingVcpuFd:
     def set_one_reg(self, reg_id: int, value: int) -> None:
         pass
 
-    def x0_value(self) -> int:
-        return 0
-
-    def write_x0(self, value: int) -> None:
+    def set_x0(self, value: int) -> None:
         pass
 
-    def failed(self) -> bool:
-        return False
 
 
 def test_a_vcpus_features_are_set_up_in_kvms_order() -> None:

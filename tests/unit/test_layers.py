@@ -96,3 +96,16 @@ def test_the_names_users_import_still_work() -> None:
         sys.modules.pop("pyvmm.payload", None)
         old = importlib.import_module("pyvmm.payload")
     assert old.main is payload.main and any(issubclass(w.category, DeprecationWarning) for w in said)
+
+
+def test_a_service_sees_a_vcpu_through_methods_not_raw_buffers() -> None:
+    """The service context's vCPU carries no cffi pointer or prepared ioctl: a call's result
+    goes back through set_x0 (its fake needs no cffi memory), as crosvm's HypercallAbi returns
+    results through a method."""
+    from typing import get_type_hints
+
+    from pyvmm.smccc.context import ServiceVcpu
+
+    assert get_type_hints(ServiceVcpu) == {"index": int, "mpidr": int}
+    assert callable(ServiceVcpu.set_x0)
+
