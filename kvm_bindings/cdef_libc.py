@@ -2,15 +2,17 @@
 
 ioctl is declared with a pointer third argument rather than as variadic: calling a variadic
 function in ABI mode is not portable, and every KVM ioctl takes either a pointer or an integer
-that fits one (integers are passed as `ffi.cast("void *", n)`). preadv/pwritev take an iovec
-array built as bytes (virtio-blk's fast path, see pyvmm/devices/virtio/rings/linear_table.py);
-struct flock is what fcntl(2) locks a disk image with.
+that fits one (integers are passed as `ffi.cast("void *", n)`). preadv/pwritev and readv/writev
+take an iovec array built as bytes: a virtqueue chain's buffers (pyvmm/devices/virtio/rings/
+chain.py), moved in one system call; struct flock is what fcntl(2) locks a disk image with.
 """
 
 CDEF = """
 int ioctl(int fd, unsigned long request, void *arg);
 ssize_t preadv(int fd, const void *iov, int iovcnt, int64_t offset);   /* iov: struct iovec[] */
 ssize_t pwritev(int fd, const void *iov, int iovcnt, int64_t offset);
+ssize_t readv(int fd, const void *iov, int iovcnt);
+ssize_t writev(int fd, const void *iov, int iovcnt);
 
 /* fcntl(2) record locks (F_OFD_SETLK), for disk images: <asm-generic/fcntl.h> on LP64 */
 struct flock {

@@ -109,3 +109,12 @@ def test_a_service_sees_a_vcpu_through_methods_not_raw_buffers() -> None:
     assert get_type_hints(ServiceVcpu) == {"index": int, "mpidr": int}
     assert callable(ServiceVcpu.set_x0)
 
+
+def test_a_chain_has_one_form_the_host_iovec() -> None:
+    """Every chain a queue gives a device is a host struct iovec (the general walk and the
+    linear-table road alike), so a device serves a request one way."""
+    import inspect
+
+    from pyvmm.devices.virtio.rings.chain import Chain
+
+    assert list(inspect.signature(Chain).parameters) == ["head", "iov", "nr_readable", "readable_len", "total", "ram"]

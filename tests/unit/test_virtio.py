@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from devicetree.builder import Phandles
@@ -32,7 +32,8 @@ from pyvmm.devices.virtio.blk import (
 from pyvmm.devices.virtio.console import VirtioConsole
 from pyvmm.devices.virtio.device import VIRTIO_F_VERSION_1
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
-from pyvmm.devices.virtio.rings.chain import Chain, QueueError, split
+from pyvmm.devices.virtio.rings.buffers import split
+from pyvmm.devices.virtio.rings.chain import Chain, QueueError
 from pyvmm.devices.virtio.rings.layout import DESC, IOVEC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.devices.virtio.rng import VirtioRng
@@ -398,10 +399,8 @@ def test_split_handles_any_framing() -> None:
 
 def host_ranges(chain: Chain) -> list[tuple[int, int]]:
     """The host memory a device would read or write for `chain`: the struct iovec entries that
-    preadv/pwritev get for a linear indirect table, else the host address of each buffer view."""
-    if chain.iov is not None:
-        return [IOVEC.unpack_from(chain.iov, k) for k in range(0, len(chain.iov), IOVEC.size)]
-    return [(int(ffi.cast("uintptr_t", ffi.from_buffer(b))), len(b)) for b in chain.readable + chain.writable]
+    preadv/pwritev/readv/writev get (its memoryviews are made of them, in Chain.view)."""
+    return [IOVEC.unpack_from(chain.iov, k) for k in range(0, len(chain.iov), IOVEC.size)]
 
 
 def in_guest_ram(memory: GuestMemory, host_addr: int, length: int) -> bool:
@@ -412,10 +411,11 @@ def in_guest_ram(memory: GuestMemory, host_addr: int, length: int) -> bool:
 def test_host_ranges_see_a_buffer_outside_guest_ram(memory: GuestMemory) -> None:
     """The check above can fail: a view of the mapping's slack before guest RAM is outside it."""
     ram = memory.regions[0]
-    inside = Chain(0, [ram.view[0:16]], [])
+    inside = Chain(0, IOVEC.pack(ram.host_addr, 16), 1, 16, 16, [ram])
     assert all(in_guest_ram(memory, a, n) for a, n in host_ranges(inside))
-    outside = Chain(0, [memoryview(ram.mapping)[:16]], []) if ram.offset else Chain(0, [memoryview(bytearray(16))], [])
-    assert not all(in_guest_ram(memory, a, n) for a, n in host_ranges(outside))
+    slack = memoryview(ram.mapping)[:16] if ram.offset else memoryview(bytearray(16))
+    outside = Chain(0, IOVEC.pack(int(ffi.cast("uintptr_t", ffi.from_buffer(slack))), 16), 1, 16, 16, [ram])
+    assert not all(in_guest_ram(memory, a, n) for a, n in [IOVEC.unpack(outside.iov)])
 
 
 TABLE = RAM + 0x3000  # where the fuzzed indirect table lives
@@ -524,8 +524,49 @@ def test_linear_indirect_tables_give_what_the_general_walk_gives(memory: GuestMe
     got = [bytes(b) for b in chain.readable + chain.writable if len(b)]
     assert got == expected
     assert len([b for b in chain.readable if len(b)]) == len([1 for a, ln in buffers[:nr_readable] if ln])
-    if chain.iov is not None:
-        assert chain.total == sum(length for _, length in buffers)
+    assert chain.total == sum(length for _, length in buffers)
+    assert chain.readable_len == sum(length for _, length in buffers[:nr_readable])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=8), data=st.data())
+def test_a_chain_reads_writes_and_cuts_its_iovec_by_byte_offset(memory: GuestMemory, lengths: list[int],
+                                                                 data: st.DataObject) -> None:
+    """Chain positions are byte offsets across its buffers, whatever their framing: read, write
+    and iov_range agree with the buffers laid end to end (zero-length ones among them)."""
+    ram = memory.regions[0]
+    assume(sum(lengths) > 0)
+    addrs = [RAM + 0x4000 + 0x100 * k for k in range(len(lengths))]
+    for a in addrs:
+        memory.write(a, bytes(range(a & 0x7F, (a & 0x7F) + 64)))
+    iov = b"".join(IOVEC.pack(ram.host_addr + a - RAM, n) for a, n in zip(addrs, lengths, strict=True))
+    nr_readable = data.draw(st.integers(0, len(lengths)))
+    total = sum(lengths)
+    chain = Chain(1, iov, nr_readable, sum(lengths[:nr_readable]), total, [ram])
+
+    def flat() -> bytes:
+        return b"".join(memory.read(a, n) for a, n in zip(addrs, lengths, strict=True))
+
+    start = data.draw(st.integers(0, total - 1))
+    end = data.draw(st.integers(start, total))
+    assert chain.read(start, end - start) == flat()[start:end]
+    cut, count = chain.iov_range(start, end)
+    entries = [IOVEC.unpack_from(cut, k * IOVEC.size) for k in range(count)]
+    assert b"".join(memory.read(host - ram.host_addr + RAM, n) for host, n in entries) == flat()[start:end]
+    before, new = flat(), bytes([0xEE]) * data.draw(st.integers(0, 50))
+    assert chain.write(start, new) == min(len(new), total - start)
+    assert flat() == before[:start] + new[:total - start] + before[start + len(new):]
+
+
+def test_a_range_ending_at_the_writable_part_leaves_an_empty_buffer_empty(memory: GuestMemory) -> None:
+    """Byte 5 is the first writable one, and a zero-length writable buffer comes first: the range
+    [0, 6) ends in the 3-byte buffer, not in the empty one made one byte long."""
+    ram = memory.regions[0]
+    lengths, addrs = [5, 0, 3, 4], [RAM + 0x4000, RAM + 0x5000, RAM + 0x6000, RAM + 0x7000]
+    iov = b"".join(IOVEC.pack(ram.host_addr + a - RAM, n) for a, n in zip(addrs, lengths, strict=True))
+    chain = Chain(1, iov, 1, 5, 12, [ram])
+    cut, count = chain.iov_range(0, 6)
+    assert [IOVEC.unpack_from(cut, 16 * k)[1] for k in range(count)] == [5, 0, 1]
 
 
 def linear_table(n: int, writable: int, addr: int) -> memoryview:
@@ -546,7 +587,7 @@ def test_indirect_tables_of_every_shape_do_not_grow_the_vmm(memory: GuestMemory)
     before = tracemalloc.take_snapshot()
     for n in range(1, 257):
         for writable in range(0, n + 1):
-            chain = linear_chain(0, linear_table(n, writable, RAM + 0x4000), ram)
+            chain = linear_chain(0, linear_table(n, writable, RAM + 0x4000), [ram])
             assert chain is not None and chain.nr_readable == n - writable
     held = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
     tracemalloc.stop()
@@ -557,7 +598,7 @@ def test_an_iov_buffer_outside_guest_ram_is_refused(memory: GuestMemory) -> None
     """Chain.view checks the range itself: a negative offset would otherwise wrap around RAM."""
     ram = memory.regions[0]
     for host, length in ((ram.host_addr - 16, 32), (ram.host_addr + ram.size - 8, 16)):
-        chain = Chain(3, None, None, IOVEC.pack(host, length), 0, length, ram)
+        chain = Chain(3, IOVEC.pack(host, length), 0, 0, length, [ram])
         with pytest.raises(QueueError, match="buffer 0 of chain 3 is outside guest RAM"):
             chain.view(0)
 

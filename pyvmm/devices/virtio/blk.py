@@ -19,8 +19,7 @@ from collections.abc import Callable
 
 from kvm_bindings import ffi, libc
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
-from pyvmm.devices.virtio.rings.chain import Chain, QueueError, fill, split, split_tail
-from pyvmm.devices.virtio.rings.layout import IOVEC
+from pyvmm.devices.virtio.rings.chain import Chain, QueueError
 from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.errors import VmmError
 
@@ -124,77 +123,42 @@ class VirtioBlk(VirtioDevice):
         self.serve(queue, self._request)
 
     def _request(self, chain: Chain) -> int:
-        """Serve one request; returns the bytes written to the driver's buffers."""
-        if chain.iov is not None and (written := self._vectored_request(chain)) is not None:
-            return written
-        header, data_out = split(chain.readable, HEADER.size)
-        data_in, status = split_tail(chain.writable, 1)
-        if sum(map(len, header)) < HEADER.size or not status:
+        """Serve one request (§5.2.6: a header, data, a status byte at the very end); returns
+        the bytes written to the driver's buffers. The data moves in one preadv/pwritev
+        straight between the image and the chain's iovec."""
+        data_end = chain.total - 1  # the status byte is the chain's last
+        if chain.readable_len < HEADER.size or chain.writable_len < 1:
             raise QueueError(f"block request {chain.head} lacks its header or status byte")
-        kind, _, sector = HEADER.unpack(b"".join(header))
+        kind, _, sector = HEADER.unpack(chain.read(0, HEADER.size))
         written = 0
-        if kind == VIRTIO_BLK_T_IN:
-            result, written = self._io(os.preadv, data_in, sector)
-        elif kind == VIRTIO_BLK_T_OUT:
-            result = VIRTIO_BLK_S_IOERR if self.read_only else self._io(os.pwritev, data_out, sector)[0]
+        if kind == VIRTIO_BLK_T_IN:  # into the writable bytes before the status
+            status, written = self._io(libc.preadv, chain, chain.readable_len, data_end, sector)
+        elif kind == VIRTIO_BLK_T_OUT:  # from the readable bytes after the header
+            status = VIRTIO_BLK_S_IOERR if self.read_only else \
+                self._io(libc.pwritev, chain, HEADER.size, chain.readable_len, sector)[0]
         elif kind == VIRTIO_BLK_T_FLUSH:
-            result = self._flush()
+            status = self._flush()
         elif kind == VIRTIO_BLK_T_GET_ID:
-            result, written = VIRTIO_BLK_S_OK, fill(data_in, self.serial.ljust(ID_BYTES, b"\0"))
+            room = data_end - chain.readable_len
+            status, written = VIRTIO_BLK_S_OK, chain.write(chain.readable_len, self.serial.ljust(ID_BYTES, b"\0")[:room])
         else:
-            result = VIRTIO_BLK_S_UNSUPP
-        status[0][0] = result
-        return written + 1
-
-    def _vectored_request(self, chain: Chain) -> int | None:
-        """A read or write in Linux's layout (header alone first, status alone last, the data
-        in between, one direction) straight from the chain's host iovec: one preadv/pwritev
-        with no per-buffer Python objects. None: another layout, served the general way."""
-        assert chain.iov is not None
-        n = len(chain.iov) // IOVEC.size
-        if n < 2 or chain.length(0) != HEADER.size or chain.length(n - 1) != 1 or chain.nr_readable == n:
-            return None
-        kind, _, sector = HEADER.unpack(chain.view(0))
-        data, count, length = chain.iov[IOVEC.size:-IOVEC.size], n - 2, chain.total - HEADER.size - 1
-        if kind == VIRTIO_BLK_T_IN and chain.nr_readable == 1:
-            status, written = self._vectored(libc.preadv, data, count, length, sector)
-        elif kind == VIRTIO_BLK_T_OUT and chain.nr_readable == n - 1:
-            written = 0
-            status = VIRTIO_BLK_S_IOERR if self.read_only else self._vectored(libc.pwritev, data, count, length,
-                                                                               sector)[0]
-        else:
-            return None
-        chain.view(n - 1)[0] = status
+            status = VIRTIO_BLK_S_UNSUPP
+        chain.write(data_end, bytes((status,)))
         return written + 1
 
     def _fits(self, sector: int, length: int) -> bool:
         """Whole sectors, all inside the disk."""
         return not length % SECTOR and sector + length // SECTOR <= self.sectors
 
-    def _vectored(self, call: Callable[..., int], iov: bytes, count: int, length: int,
-                  sector: int) -> tuple[int, int]:
+    def _io(self, call: Callable[..., int], chain: Chain, start: int, end: int, sector: int) -> tuple[int, int]:
+        """preadv or pwritev of chain bytes [start, end) at `sector`: (status, bytes moved)."""
+        length = end - start
         if not self._fits(sector, length):
             return VIRTIO_BLK_S_IOERR, 0
-        done = call(self.fd, ffi.from_buffer(iov), count, sector * SECTOR)
+        iov, count = chain.iov_range(start, end)
+        done = call(self.fd, ffi.from_buffer(iov), count, sector * SECTOR) if count else 0
         # a regular file transfers all or fails; less means it shrank under us or a device error
         return (VIRTIO_BLK_S_OK, done) if done == length else (VIRTIO_BLK_S_IOERR, max(done, 0))
-
-    def _io(self, call: Callable[[int, list[memoryview], int], int], buffers: list[memoryview],
-            sector: int) -> tuple[int, int]:
-        """preadv or pwritev of whole sectors inside the disk; (status, bytes moved)."""
-        if not self._fits(sector, sum(map(len, buffers))):
-            return VIRTIO_BLK_S_IOERR, 0
-        offset, done = sector * SECTOR, 0
-        try:
-            while buffers:
-                n = call(self.fd, buffers, offset + done)
-                if n <= 0:
-                    return VIRTIO_BLK_S_IOERR, done
-                done += n
-                buffers = split(buffers, n)[1]
-        except OSError:
-            return VIRTIO_BLK_S_IOERR, done
-        return VIRTIO_BLK_S_OK, done
 
     def _flush(self) -> int:
         self.flushes += 1

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
-from pyvmm.devices.virtio.rings.chain import Chain, fill
+from pyvmm.devices.virtio.rings.chain import Chain
 from pyvmm.devices.virtio.rings.queue import Virtqueue
 
 RECEIVEQ, TRANSMITQ = 0, 1  # port 0's queues (§5.3.2)
@@ -106,7 +106,7 @@ class VirtioConsole(VirtioDevice):
                     if queue.want_notifications():
                         continue
                     break
-                n = fill(chain.writable, bytes(self._input))
+                n = chain.write(chain.readable_len, bytes(self._input))
                 del self._input[:n]
             queue.push(chain.head, n)
         self.used(queue)

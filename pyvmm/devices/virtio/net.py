@@ -19,8 +19,10 @@ import struct
 from collections.abc import Callable
 from typing import NamedTuple
 
+from kvm_bindings import ffi, libc
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
-from pyvmm.devices.virtio.rings.chain import Chain, fill, split
+from pyvmm.devices.virtio.rings.chain import Chain
+from pyvmm.devices.virtio.rings.layout import IOVEC
 from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.errors import VmmError
 from pyvmm.kvm.fds import open_tap
@@ -126,11 +128,10 @@ class VirtioNet(VirtioDevice):
     def _transmit(self, chain: Chain) -> int:
         if self.tap is None or chain.readable_len < HEADER_SIZE:  # no backend, or no frame: dropped
             return 0
-        try:
-            os.writev(self.tap, chain.readable)
+        # one writev from the chain's iovec; a full tap queue or a link that is down makes it
+        # fail, and a NIC drops the frame then
+        if libc.writev(self.tap, ffi.from_buffer(chain.iov), chain.nr_readable) >= 0:
             self.tx_frames += 1
-        except OSError:  # the tap's queue is full or the link is down: a NIC drops the frame
-            pass
         return 0
 
     def _tap_readable(self) -> None:
@@ -150,13 +151,13 @@ class VirtioNet(VirtioDevice):
                     continue
                 self.watch(self.tap, False)  # no buffers: leave frames in the tap until some come
                 break
-            try:
-                n = os.readv(self.tap, chain.writable)
-            except OSError:  # nothing more to read (EAGAIN) or the tap is gone
+            writable = ffi.from_buffer(chain.iov[IOVEC.size * chain.nr_readable:])
+            n = libc.readv(self.tap, writable, chain.count - chain.nr_readable)
+            if n < 0:  # nothing more to read (EAGAIN) or the tap is gone
                 queue.unpop()
                 break
             if n >= HEADER_SIZE:  # the tap leaves num_buffers alone: the frame is in 1 buffer
-                fill(split(chain.writable, NUM_BUFFERS)[1], b"\x01\x00")
+                chain.write(chain.readable_len + NUM_BUFFERS, b"\x01\x00")
             queue.push(chain.head, n)
             self.rx_frames += 1
         self.used(queue)

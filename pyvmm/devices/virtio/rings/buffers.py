@@ -33,12 +33,6 @@ def fill(buffers: list[memoryview], data: bytes) -> int:
     return done
 
 
-def split_tail(buffers: list[memoryview], size: int) -> tuple[list[memoryview], list[memoryview]]:
-    """Buffers for all but the last `size` bytes, and for those last bytes."""
-    total = sum(len(b) for b in buffers)
-    return split(buffers, max(0, total - size))
-
-
 def gather(buffers: list[memoryview], n: int) -> bytes:
     """The first `n` bytes of the buffers (fewer if they hold less)."""
     out = bytearray()

@@ -1,64 +1,152 @@
-"""A descriptor chain as a device sees it: device-readable buffers, then device-writable ones,
-as zero-copy views of guest RAM (or, from a linear indirect table, a host struct iovec)."""
+"""A descriptor chain as a device sees it (virtio 1.2 §2.7.5): device-readable buffers, then
+device-writable ones, as one host struct iovec array over guest RAM.
+
+The iovec is the one form: a device hands it (or a byte range of it) straight to preadv,
+pwritev, readv or writev, so a request moves with one system call and no Python object per
+buffer. Zero-copy memoryviews of the same buffers are made only when a device asks for them
+(`readable`, `writable`, `view`). Chain positions are byte offsets into the chain: the readable
+bytes are [0, readable_len), the writable ones [readable_len, total). Framing is the driver's
+choice (§2.6.4): a header may span buffers or share one with data, so a device reads and writes
+by offset and never assumes a buffer per field.
+
+Every buffer was checked against guest RAM when the chain was taken (queue.py,
+linear_table.py); nothing here trusts the guest again.
+"""
 
 from __future__ import annotations
 
-from pyvmm.devices.virtio.rings.buffers import fill, split, split_tail
-from pyvmm.devices.virtio.rings.layout import IOVEC
-from pyvmm.machine.memory import Region
+import struct
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Protocol
 
-__all__ = ["Chain", "QueueError", "fill", "split", "split_tail"]
+from pyvmm.devices.virtio.rings.layout import IOVEC
+
+__all__ = ["Chain", "QueueError", "iovec_array"]
+
+ENTRY = IOVEC.size
 
 
 class QueueError(Exception):
     """The driver broke the split-ring rules: the device must be reset."""
 
 
+class HostRam(Protocol):
+    """What a chain needs of guest RAM's regions to turn a host address into a view."""
+
+    host_addr: int
+    size: int
+    view: memoryview
+
+
+@lru_cache(maxsize=64)
+def iovec_array(count: int) -> struct.Struct:
+    """`count` struct iovec, packed from base0, len0, base1, len1, ..."""
+    return struct.Struct(f"<{2 * count}Q")
+
+
 class Chain:
-    """One available descriptor chain: device-readable buffers, then device-writable ones.
+    """One available descriptor chain: `head` (its id for the used ring), `iov` (host struct
+    iovec array, readable buffers first), `nr_readable` buffers readable, `readable_len` and
+    `total` bytes."""
 
-    A chain from a linear indirect table (linear_table.py) also carries `iov`, its
-    buffers as a host struct iovec array, and builds the memoryviews only if asked for them."""
+    __slots__ = ("head", "iov", "nr_readable", "readable_len", "total", "_ram", "_readable", "_writable")
 
-    __slots__ = ("head", "_readable", "_writable", "iov", "nr_readable", "total", "_ram")
+    def __init__(self, head: int, iov: bytes, nr_readable: int, readable_len: int, total: int,
+                 ram: Sequence[HostRam]) -> None:
+        self.head, self.iov, self.nr_readable = head, iov, nr_readable
+        self.readable_len, self.total, self._ram = readable_len, total, ram
+        self._readable: list[memoryview] | None = None
+        self._writable: list[memoryview] | None = None
 
-    def __init__(self, head: int, readable: list[memoryview] | None, writable: list[memoryview] | None,
-                 iov: bytes | None = None, nr_readable: int = 0, total: int = 0, ram: Region | None = None) -> None:
-        self.head, self._readable, self._writable = head, readable, writable
-        self.iov, self.nr_readable, self.total, self._ram = iov, nr_readable, total, ram
+    @property
+    def count(self) -> int:
+        """How many buffers (zero-length ones left out)."""
+        return len(self.iov) // ENTRY
+
+    @property
+    def writable_len(self) -> int:
+        return self.total - self.readable_len
+
+    def length(self, k: int) -> int:
+        """The length of buffer `k`."""
+        length: int = IOVEC.unpack_from(self.iov, k * ENTRY)[1]
+        return length
+
+    def view(self, k: int) -> memoryview:
+        """Buffer `k` as a zero-copy memoryview of guest RAM."""
+        host, length = IOVEC.unpack_from(self.iov, k * ENTRY)
+        for r in self._ram:
+            off = host - r.host_addr
+            if 0 <= off and off + length <= r.size:
+                return r.view[off:off + length]
+        raise QueueError(f"buffer {k} of chain {self.head} is outside guest RAM")  # cannot happen: checked when taken
 
     @property
     def readable(self) -> list[memoryview]:
         if self._readable is None:
-            self._readable, self._writable = self._views()
+            self._readable = [self.view(k) for k in range(self.nr_readable)]
         return self._readable
 
     @property
     def writable(self) -> list[memoryview]:
         if self._writable is None:
-            self._readable, self._writable = self._views()
+            self._writable = [self.view(k) for k in range(self.nr_readable, self.count)]
         return self._writable
 
-    def _views(self) -> tuple[list[memoryview], list[memoryview]]:
-        assert self.iov is not None
-        views = [self.view(k) for k in range(len(self.iov) // IOVEC.size)]
-        return views[:self.nr_readable], views[self.nr_readable:]
+    # --- by byte offset --------------------------------------------------------------------
+    def locate(self, offset: int) -> tuple[int, int]:
+        """(buffer, offset inside it) of chain byte `offset` (< total). The buffers that
+        start or end the chain or its writable part are found without a walk: Linux puts a
+        request's header and status there, each in a buffer of its own."""
+        if offset < self.length(0):
+            return 0, offset
+        last = self.count - 1
+        start_of_last = self.total - self.length(last)
+        if offset >= start_of_last:
+            return last, offset - start_of_last
+        if offset == self.readable_len and self.length(self.nr_readable):
+            return self.nr_readable, 0
+        at = 0
+        for k, (_, length) in enumerate(IOVEC.iter_unpack(self.iov)):
+            if offset < at + length:
+                return k, offset - at
+            at += length
+        raise IndexError(f"byte {offset} is beyond chain {self.head}'s {self.total}")
 
-    def view(self, k: int) -> memoryview:
-        """Buffer `k` of an iov chain as a memoryview."""
-        assert self.iov is not None and self._ram is not None
-        host, length = IOVEC.unpack_from(self.iov, k * IOVEC.size)
-        off = host - self._ram.host_addr
-        if not 0 <= off <= off + length <= self._ram.size:  # a slice would wrap or clip, not fail
-            raise QueueError(f"buffer {k} of chain {self.head} is outside guest RAM")
-        return self._ram.view[off:off + length]
+    def iov_range(self, start: int, end: int) -> tuple[bytes, int]:
+        """The iovec (and its entry count) for chain bytes [start, end): whole buffers as they
+        are, the first and last cut to the range."""
+        if start >= end:
+            return b"", 0
+        first, skip = self.locate(start)
+        last, upto = self.locate(end - 1)
+        iov = bytearray(self.iov[first * ENTRY:(last + 1) * ENTRY])
+        if upto + 1 != self.length(last):
+            IOVEC.pack_into(iov, len(iov) - ENTRY, IOVEC.unpack_from(iov, len(iov) - ENTRY)[0], upto + 1)
+        if skip:
+            host, length = IOVEC.unpack_from(iov, 0)
+            IOVEC.pack_into(iov, 0, host + skip, length - skip)
+        return bytes(iov), last - first + 1
 
-    def length(self, k: int) -> int:
-        """The length of buffer `k` of an iov chain."""
-        assert self.iov is not None
-        length: int = IOVEC.unpack_from(self.iov, k * IOVEC.size)[1]
-        return length
+    def read(self, start: int, size: int) -> bytes:
+        """Chain bytes [start, start + size), fewer where the chain ends first."""
+        k, off = self.locate(start)
+        out = bytes(self.view(k)[off:off + size])
+        while len(out) < size and (k := k + 1) < self.count:
+            out += self.view(k)[:size - len(out)]
+        return out
 
-    @property
-    def readable_len(self) -> int:
-        return sum(len(b) for b in self.readable)
+    def write(self, start: int, data: bytes) -> int:
+        """Copy `data` to chain bytes from `start` (writable ones) as far as the chain reaches;
+        returns the bytes copied."""
+        if not data or start >= self.total:
+            return 0
+        k, off = self.locate(start)
+        done = 0
+        while done < len(data) and k < self.count:
+            buf = self.view(k)[off:]
+            n = min(len(buf), len(data) - done)
+            buf[:n] = data[done:done + n]
+            done, k, off = done + n, k + 1, 0
+        return done

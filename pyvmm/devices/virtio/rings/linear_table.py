@@ -59,9 +59,11 @@ def _table_constants(n: int, gpa: int, size: int, host_addr: int) -> TableConsta
     return TableConstants(n, gpa, size, host_addr)
 
 
-def linear_chain(head: int, raw: memoryview, region: Region) -> Chain | None:
-    """Chain `head` from the indirect table `raw` as a host iovec into `region`; None if the
-    table is not in the linear layout (the general walk then follows it)."""
+def linear_chain(head: int, raw: memoryview, regions: list[Region]) -> Chain | None:
+    """Chain `head` from the indirect table `raw` as a host iovec into the first of guest
+    RAM's `regions`; None if the table is not in the linear layout (the general walk then
+    follows it)."""
+    region = regions[0]
     n = len(raw) // DESC_SIZE
     if n > MAX_TABLE:
         return None  # a device with a larger queue: the general walk, and nothing kept
@@ -83,6 +85,9 @@ def linear_chain(head: int, raw: memoryview, region: Region) -> Chain | None:
     if (k.ends - (addrs + lengths)) & k.guards != k.guards:
         return None  # a buffer past its end
     iov = (addrs + k.to_host | lengths << 64).to_bytes(len(raw), "little")
-    # the sum of the lengths: 2**128 = 1 (mod 2**128 - 1), so the entries add up mod that
+    # the sums of the lengths: 2**128 = 1 (mod 2**128 - 1), so the entries add up mod that
+    # (exactly: 256 lengths of 32 bits come nowhere near it)
+    nr_readable = n - nr_writable
+    readable_len = (lengths & (1 << DESC_BITS * nr_readable) - 1) % ENTRY_MODULUS
     total = lengths % ENTRY_MODULUS
-    return Chain(head, None, None, iov, n - nr_writable, total, region)
+    return Chain(head, iov, nr_readable, readable_len, total, regions)

@@ -7,15 +7,15 @@ longer than the queue (which also ends descriptor loops), indirect tables must b
 descriptors and may not nest. Any violation raises QueueError; the transport then marks the
 device NEEDS_RESET (§2.1.2) and stops using its queues until the driver resets it.
 
-Buffers come back as zero-copy memoryviews of guest RAM, ready for preadv/pwritev/readv/writev.
-Indirect tables in the layout drivers use take a faster road (linear_table.py), for virtio-blk's
-one-syscall requests.
+A chain comes back as one host struct iovec array over guest RAM (chain.py), ready for
+preadv/pwritev/readv/writev, with zero-copy memoryviews when a device asks. Indirect tables in
+the layout drivers use take a faster road to the same Chain (linear_table.py).
 """
 
 from __future__ import annotations
 
 from pyvmm.devices.virtio.rings.barrier import fence
-from pyvmm.devices.virtio.rings.chain import Chain, QueueError
+from pyvmm.devices.virtio.rings.chain import Chain, QueueError, iovec_array
 from pyvmm.devices.virtio.rings.layout import (
     DESC,
     DESC_SIZE,
@@ -124,20 +124,20 @@ class Virtqueue:
         self.last_avail = (self.last_avail - 1) & 0xFFFF
 
     def _walk(self, head: int) -> Chain:
-        """Follow the chain from `head` (§2.7.5, §2.7.5.3). The per-descriptor loop is the
-        device's hot path (a 1 MiB block request is up to 256 descriptors), so it works on
-        unpacked tuples and slices the first RAM region's view directly; anything else goes
-        through the bounds-checked GuestMemory.view."""
+        """Follow the chain from `head` (§2.7.5, §2.7.5.3) into a host iovec. The
+        per-descriptor loop is the device's hot path (a 1 MiB block request is up to 256
+        descriptors), so it works on unpacked tuples and checks buffers against the first RAM
+        region with plain arithmetic; anything else goes through GuestMemory's check."""
         size = self.size
         if head >= size:
             raise QueueError(f"queue {self.index}: chain head {head} is beyond the queue size {size}")
         table = self._desc
         assert table is not None
         unpack = DESC.unpack_from
-        region = self.memory.regions[0]
-        base, span, ram = region.gpa, region.size, region.view
-        readable: list[memoryview] = []
-        writable: list[memoryview] = []
+        regions = self.memory.regions
+        base, span, host_base = regions[0].gpa, regions[0].size, regions[0].host_addr
+        iov: list[int] = []  # base0, len0, base1, len1, ...: struct iovec's fields
+        nr_readable = readable_len = total = 0
         entries: list[tuple[int, int, int, int]] | None = None  # an indirect table, once taken
         limit = size  # descriptors this table may still yield: a longer walk is a loop
         i = head
@@ -153,22 +153,23 @@ class Virtqueue:
                 if length == 0 or length % DESC_SIZE or length // DESC_SIZE > size:
                     raise QueueError(f"queue {self.index}: indirect table of {length} bytes in chain {head}")
                 raw = self._view(addr, length, head)
-                if not readable and not writable and (chain := linear_chain(head, raw, self.memory.regions[0])) is not None:
+                if not iov and (chain := linear_chain(head, raw, regions)) is not None:
                     return chain
                 entries = list(DESC.iter_unpack(raw))  # one copy: the driver cannot change it under us
                 limit, i = len(entries), 0
                 continue
             if length:
                 off = addr - base
-                buf = ram[off:off + length] if 0 <= off and off + length <= span else self._view(addr, length, head)
-                if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append(buf)
-                elif writable:
-                    raise QueueError(f"queue {self.index}: chain {head} has a readable buffer after a writable one")
-                else:
-                    readable.append(buf)
+                host = host_base + off if 0 <= off and off + length <= span else self._host(addr, length, head)
+                if not flags & VIRTQ_DESC_F_WRITE:
+                    if total != readable_len:
+                        raise QueueError(f"queue {self.index}: chain {head} has a readable buffer after a writable one")
+                    nr_readable += 1
+                    readable_len += length
+                iov += (host, length)
+                total += length
             if not flags & VIRTQ_DESC_F_NEXT:
-                return Chain(head, readable, writable)
+                return Chain(head, iovec_array(len(iov) // 2).pack(*iov), nr_readable, readable_len, total, regions)
             i = nxt
             if i >= (size if entries is None else len(entries)):
                 raise QueueError(f"queue {self.index}: descriptor {i} in chain {head} is beyond its table")
@@ -179,6 +180,15 @@ class Virtqueue:
         except GuestMemoryError:
             raise QueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} in chain {head} "
                              "is not in guest RAM") from None
+
+    def _host(self, addr: int, length: int, head: int) -> int:
+        """The host address of a buffer outside the first RAM region."""
+        try:
+            region = self.memory.find(addr, length)
+        except GuestMemoryError:
+            raise QueueError(f"queue {self.index}: buffer {addr:#x}+{length:#x} in chain {head} "
+                             "is not in guest RAM") from None
+        return region.host_addr + addr - region.gpa
 
     # --- the used side ---------------------------------------------------------------------
     def push(self, head: int, written: int) -> None:
