@@ -17,11 +17,9 @@ so the vCPU meets it again.
 
 Guest debug (KVM_SET_GUEST_DEBUG, api.rst 4.56) is set by each vCPU on its own thread as it
 leaves the park (so it is in force before it next enters the guest), after a CPU_ON boots it,
-and for every vCPU after a reset. Software breakpoints are BRK #0 written over the instruction
-(KVM_GUESTDBG_USE_SW_BP sends every BRK to userspace, ESR class 0x3C); the original is kept,
-shown in memory reads and written back when the breakpoint goes. Hardware breakpoints and
-watchpoints are debug registers (pyvmm/gdb/hw.py), up to the number KVM reports. GDB steps over
-a breakpoint itself (it removes it, steps, puts it back), as it does with every remote target.
+and for every vCPU after a reset, with the breakpoints and watchpoints (breakpoints.py). GDB
+steps over a breakpoint itself (it removes it, steps, puts it back), as it does with every
+remote target.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ from kvm_bindings.constants import (
     KVM_GUESTDBG_USE_HW,
     KVM_GUESTDBG_USE_SW_BP,
 )
-from pyvmm.gdb import hw
-from pyvmm.gdb.commands import EINVAL
+from pyvmm.gdb.breakpoints import Breakpoints
 from pyvmm.gdb.target import MachineTarget
 from pyvmm.machine.power import Power
 
@@ -48,13 +45,8 @@ if TYPE_CHECKING:
     from pyvmm.machine.lifecycle import RunResult
 
 SIGINT, SIGTRAP = 2, 5
-ENOSPC = 28
-BRK = (0xD420_0000).to_bytes(4, "little")  # BRK #0 (Arm ARM C6.2.38)
 STOP_WAIT = 5.0  # seconds every vCPU gets to park before a stop is reported anyway
-HW_SLOTS = 16  # kvm_guest_debug_arch holds 16 of each
-MAX_SW_BREAKPOINTS = 4096  # a client cannot grow the VMM without bound
 MAX_CATCHES = 256
-WATCH_KINDS = {2: "write", 3: "read", 4: "access"}  # Z2, Z3, Z4
 WATCH_REASONS = {"write": "watch", "read": "rwatch", "access": "awatch"}
 
 
@@ -66,13 +58,6 @@ class Stop(NamedTuple):
     reason: str  # swbreak, hwbreak, watch, rwatch, awatch, step, smccc, interrupt, attach, trap
     address: int = 0  # a watchpoint's
     note: str = ""  # a line for the user, sent before the stop reply
-
-
-class Watchpoint(NamedTuple):
-    address: int
-    length: int
-    kind: str
-    slot: hw.Slot
 
 
 class DebugVcpu(Protocol):
@@ -101,7 +86,8 @@ class Debugger:
                  result: Callable[[], RunResult | None] = lambda: None) -> None:
         self._vcpus, self.target = vcpus, target
         self.layout = target.layout
-        self.hw_breakpoints, self.hw_watchpoints = min(hw_breakpoints, HW_SLOTS), min(hw_watchpoints, HW_SLOTS)
+        self.points = Breakpoints(target, hw_breakpoints, hw_watchpoints)
+        self.hw_breakpoints, self.hw_watchpoints = self.points.hw_breakpoints, self.points.hw_watchpoints
         self._describe_call, self._set_watch, self._result = describe_call, set_watch, result
         self._cond = threading.Condition()
         self._running = True
@@ -112,9 +98,6 @@ class Debugger:
         self._events: list[Stop] = []
         self._released = False  # the run is ending or resetting: nothing parks
         self.attached = False
-        self.sw: dict[int, tuple[int, bytes]] = {}  # virtual address -> (physical address, original)
-        self.hw: list[int] = []
-        self.watchpoints: list[Watchpoint] = []
         self.catches: list[tuple[int, int]] = []  # SMCCC function ID ranges, inclusive
         self.ended: RunResult | None = None
         self.wakeup = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # readable: a stop or the end
@@ -194,10 +177,7 @@ class Debugger:
             for v in self._vcpus:
                 if v.index not in self._parked and v.power != Power.OFF:  # an off one applies it as it boots
                     v.request(self.booted)
-            for address in list(self.sw):
-                self._remove_sw(address)
-            self.hw.clear()
-            self.watchpoints.clear()
+            self.points.clear()
             self.set_catches([])
             self.attached = False
             self._events.clear()
@@ -207,60 +187,16 @@ class Debugger:
             self._cond.notify_all()
 
     # --- breakpoints and watchpoints (Z and z packets; the guest is stopped) -----------------
+    # --- breakpoints and watchpoints (Z and z packets; the guest is stopped) -----------------
     def insert(self, kind: int, address: int, length: int, cpu: int) -> int:
         """Z<kind>: 0 on success, else an errno for the reply."""
         with self._cond:
-            if kind == 0:
-                if address not in self.sw and len(self.sw) >= MAX_SW_BREAKPOINTS:
-                    return ENOSPC
-                if address not in self.sw:
-                    pa, _ = self.target.translate(cpu, address)
-                    if address & 3:
-                        return EINVAL
-                    original = self.target.read_memory(cpu, address, 4)
-                    self.target.write_memory(cpu, address, BRK)
-                    self.sw[address] = (pa, original)
-                return 0
-            if kind == 1:
-                if address in self.hw:
-                    return 0
-                if len(self.hw) >= self.hw_breakpoints:
-                    return ENOSPC
-                try:
-                    hw.breakpoint_slot(address)
-                except ValueError:
-                    return EINVAL
-                self.hw.append(address)
-                return 0
-            watch_kind = WATCH_KINDS[kind]
-            if any(w.address == address and w.length == length and w.kind == watch_kind for w in self.watchpoints):
-                return 0
-            if len(self.watchpoints) >= self.hw_watchpoints:
-                return ENOSPC
-            try:
-                slot = hw.watchpoint_slot(address, length, watch_kind)
-            except ValueError:
-                return EINVAL
-            self.watchpoints.append(Watchpoint(address, length, watch_kind, slot))
-            return 0
+            return self.points.insert(kind, address, length, cpu)
 
     def remove(self, kind: int, address: int, length: int) -> int:
         with self._cond:
-            if kind == 0:
-                self._remove_sw(address)
-            elif kind == 1:
-                if address in self.hw:
-                    self.hw.remove(address)
-            else:
-                self.watchpoints = [w for w in self.watchpoints
-                                    if (w.address, w.length, w.kind) != (address, length, WATCH_KINDS[kind])]
+            self.points.remove(kind, address, length)
             return 0
-
-    def _remove_sw(self, address: int) -> None:
-        pa, original = self.sw.pop(address)
-        mem = self.target.memory
-        if mem.contains(pa, 4) and mem.read(pa, 4) == BRK:  # unless the guest rewrote it since
-            mem.write(pa, original)
 
     def set_catches(self, ranges: list[tuple[int, int]]) -> None:
         """Stop a vCPU at each forwarded SMCCC call whose function ID is in `ranges` (at most
@@ -281,26 +217,11 @@ class Debugger:
         self.target.write_register(cpu, number, value)
 
     def read_memory(self, cpu: int, address: int, length: int) -> bytes:
-        """Guest memory with the instructions breakpoints replaced shown, not the BRKs."""
-        data = bytearray(self.target.read_memory(cpu, address, length))
-        for bp, (_, original) in self.sw.items():
-            for i in range(4):
-                if address <= bp + i < address + length:
-                    data[bp + i - address] = original[i]
-        return bytes(data)
+        return self.points.shown(address, self.target.read_memory(cpu, address, length))
 
     def write_memory(self, cpu: int, address: int, data: bytes) -> None:
-        """A write over a breakpoint changes the instruction it will restore; the BRK stays."""
         self.target.write_memory(cpu, address, data)
-        for bp, (pa, original) in list(self.sw.items()):
-            if bp + 4 <= address or address + len(data) <= bp:
-                continue
-            changed = bytearray(original)
-            for i in range(4):
-                if address <= bp + i < address + len(data):
-                    changed[i] = data[bp + i - address]
-            self.sw[bp] = (pa, bytes(changed))
-            self.target.memory.write(pa, BRK)
+        self.points.written(address, data)
 
     # --- what the vCPUs report (their own threads) -------------------------------------------
     def debug_exit(self, vcpu: DebugVcpu, ex: DebugExit) -> None:
@@ -323,15 +244,13 @@ class Debugger:
         if kind == "hw-breakpoint":
             return Stop(cpu, SIGTRAP, "hwbreak")
         if kind == "watchpoint":
-            hit = next((w for w in self.watchpoints if hw.covers(w.slot, ex.far)), None)
-            if hit is None:  # an access that starts below the watched bytes: the nearest one
-                hit = min(self.watchpoints, key=lambda w: abs(w.address - ex.far), default=None)
+            hit = self.points.watchpoint_at(ex.far)
             if hit is None:
                 return Stop(cpu, SIGTRAP, "trap", note=f"vCPU {cpu}: a watchpoint at {ex.far:#x} that GDB did not set")
             return Stop(cpu, SIGTRAP, WATCH_REASONS[hit.kind], hit.address)
         if kind == "breakpoint":
             pc = self.target.read_pc(cpu)
-            if pc in self.sw:
+            if pc in self.points.sw:
                 return Stop(cpu, SIGTRAP, "swbreak")
             return Stop(cpu, SIGTRAP, "trap", note=f"vCPU {cpu} ran a BRK of its own at {pc:#x}")
         return Stop(cpu, SIGTRAP, "trap", note=f"vCPU {cpu}: a debug event KVM reports as ESR {ex.esr:#x}")
@@ -404,9 +323,9 @@ class Debugger:
         if not self.attached and not self._stepping:
             return 0
         control = KVM_GUESTDBG_ENABLE
-        if self.sw:
+        if self.points.sw:
             control |= KVM_GUESTDBG_USE_SW_BP
-        if self.hw or self.watchpoints:
+        if self.points.hw or self.points.watchpoints:
             control |= KVM_GUESTDBG_USE_HW
         if cpu in self._stepping:
             control |= KVM_GUESTDBG_SINGLESTEP
@@ -414,12 +333,7 @@ class Debugger:
 
     def _apply(self, vcpu: DebugVcpu) -> None:
         """(Lock held.) KVM_SET_GUEST_DEBUG for one vCPU that is not in the guest."""
-        bps = [hw.breakpoint_slot(a) for a in self.hw]
-        wps = [w.slot for w in self.watchpoints]
-        pad = [hw.Slot(0, 0)] * HW_SLOTS
-        bps, wps = (bps + pad)[:HW_SLOTS], (wps + pad)[:HW_SLOTS]
-        vcpu.set_guest_debug(self._control(vcpu.index), [s.control for s in bps], [s.value for s in bps],
-                             [s.control for s in wps], [s.value for s in wps])
+        vcpu.set_guest_debug(self._control(vcpu.index), *self.points.registers())
 
     # --- the machine's life cycle (MachineDevice) --------------------------------------------
     def start(self) -> None:
@@ -443,11 +357,7 @@ class Debugger:
         stopped stays stopped."""
         with self._cond:
             self._released = False
-            mem = self.target.memory
-            for address, (pa, _) in list(self.sw.items()):
-                if mem.contains(pa, 4) and (current := mem.read(pa, 4)) != BRK:  # an image loaded over it
-                    self.sw[address] = (pa, current)
-                    mem.write(pa, BRK)
+            self.points.reinsert()
             self._park_requested.clear()  # the vCPU threads ended: their requests ran
             for v in self._vcpus:
                 self._apply(v)

@@ -23,7 +23,8 @@ from kvm_bindings.regs import KVM_REG_ARM64_SVE_FFR, sve_preg_id, sve_zreg_id
 from pyvmm.errors import KvmIoctlError, SmcccFilterUnavailableError, VmmError
 from pyvmm.gdb import hw, packets
 from pyvmm.gdb import registers as regs
-from pyvmm.gdb.debugger import BRK, ENOSPC, MAX_SW_BREAKPOINTS, SIGINT, SIGTRAP, Debugger, Stop
+from pyvmm.gdb.breakpoints import BRK, ENOSPC, MAX_SW_BREAKPOINTS
+from pyvmm.gdb.debugger import SIGINT, SIGTRAP, Debugger, Stop
 from pyvmm.gdb.monitor import Monitor, parse_fid_range
 from pyvmm.gdb.server import GdbServer, exit_reply, parse_address, stop_reply
 from pyvmm.gdb.target import V_IDS, MachineTarget
@@ -363,7 +364,7 @@ def test_a_client_vanishing_mid_packet_is_detached_and_the_next_one_is_served(
         second.settimeout(10)
         second.connect(str(tmp_path / "gdb.sock"))
         assert exchange(second, b"?") == b"T05thread:1;"
-        assert debugger.sw == {}  # the first client's breakpoint went with it
+        assert debugger.points.sw == {}  # the first client's breakpoint went with it
         assert exchange(second, b"qfThreadInfo") == b"m1,2"
         assert exchange(second, b"$#}") == b""  # an unknown packet: the empty reply
         assert exchange(second, b"qRcmd," + b"catch smccc 84000000".hex().encode()) \
