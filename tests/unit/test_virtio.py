@@ -4,6 +4,7 @@ rings by a test driver (no KVM: guest RAM is anonymous memory, the worker thread
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import struct
 import time
@@ -569,6 +570,20 @@ def test_a_range_ending_at_the_writable_part_leaves_an_empty_buffer_empty(memory
     assert [IOVEC.unpack_from(cut, 16 * k)[1] for k in range(count)] == [5, 0, 1]
 
 
+def test_a_range_past_the_chain_is_refused_not_handed_to_the_kernel(memory: GuestMemory) -> None:
+    """A device that asked for more than the driver gave would get host memory past the buffers."""
+    ram = memory.regions[0]
+    chain = Chain(2, IOVEC.pack(ram.host_addr, 16) + IOVEC.pack(ram.host_addr + 0x100, 8), 1, 16, 24, [ram])
+    for start, end in ((16, 40), (30, 40), (-1, 4), (8, 4)):
+        with pytest.raises(IndexError, match="outside chain 2's 24"):
+            chain.iov_range(start, end)
+    with pytest.raises(IndexError):
+        chain.locate(24)
+    assert chain.read(24, 4) == b"" and chain.write(24, b"x") == 0
+    empty = Chain(3, b"", 0, 0, 0, [ram])
+    assert empty.read(0, 4) == b"" and empty.iov_range(0, 0) == (b"", 0)
+
+
 def linear_table(n: int, writable: int, addr: int) -> memoryview:
     flags = [VIRTQ_DESC_F_WRITE if k >= n - writable else 0 for k in range(n)]
     return memoryview(b"".join(DESC.pack(addr, 16, f | (VIRTQ_DESC_F_NEXT if k + 1 < n else 0), k + 1)
@@ -601,6 +616,57 @@ def test_an_iov_buffer_outside_guest_ram_is_refused(memory: GuestMemory) -> None
         chain = Chain(3, IOVEC.pack(host, length), 0, 0, length, [ram])
         with pytest.raises(QueueError, match="buffer 0 of chain 3 is outside guest RAM"):
             chain.view(0)
+
+
+def test_a_receive_buffer_too_small_for_the_header_is_given_back_empty(vm: FakeVm,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tap refuses a read smaller than its 12-byte header (EINVAL): such a buffer used to be put
+    back and tried for ever, and no frame got through again. It is returned empty, and the frame
+    goes into the next buffer."""
+    import socket
+
+    from pyvmm.devices.virtio import net as virtio_net
+
+    host, guest_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    guest_side.setblocking(False)
+    monkeypatch.setattr(virtio_net, "open_tap", lambda name, hdr: guest_side.detach())
+    dev = virtio_net.VirtioNet(parse_network("mode=tap,tapif=fake0"))
+    d = Driver(vm.attach(dev), vm.memory)
+    d.init()
+    d.queues[0].add([], [8])
+    d.queues[0].add([b"readable only"], [])
+    d.queues[0].add([], [1514])
+    host.send(bytes(12) + b"frame")
+    d.queues[0].kick()
+    assert d.queues[0].wait_used(3) == [(0, 0), (1, 0), (2, 17)]
+    assert dev.rx_frames == 1
+    host.close()
+
+
+def test_a_tap_that_fails_is_no_longer_polled_and_says_so_once(vm: FakeVm, monkeypatch: pytest.MonkeyPatch,
+                                                             caplog: pytest.LogCaptureFixture,
+                                                             tmp_path: Path) -> None:
+    """Any error but EAGAIN (the tap's interface deleted, ...) stops the polling, with one warning,
+    rather than a worker spinning on a descriptor that is always ready and always fails."""
+    from pyvmm.devices.virtio import net as virtio_net
+
+    broken = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # readv gives EISDIR
+    monkeypatch.setattr(virtio_net, "open_tap", lambda name, hdr: broken)
+    dev = virtio_net.VirtioNet(parse_network("mode=tap,tapif=fake0"))
+    watched: list[bool] = []
+    monkeypatch.setattr(dev, "watch", lambda fd, enabled: watched.append(enabled))
+    d = Driver(vm.attach(dev), vm.memory)
+    d.init()
+    for _ in range(2):
+        d.queues[0].add([], [1514])
+        d.queues[0].kick()
+        deadline = time.monotonic() + 10
+        while watched[-1:] != [False] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        watched.clear()
+    assert dev.tap_error == os.strerror(errno.EISDIR) and dev.rx_frames == 0
+    assert [r.getMessage() for r in caplog.records if "tap" in r.getMessage()] == [
+        f"virtio-net: reading the tap failed: {os.strerror(errno.EISDIR)}; receiving stops"]
 
 
 def test_received_frames_say_they_are_in_one_buffer(vm: FakeVm, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -140,7 +140,8 @@ class VirtioBlk(VirtioDevice):
             status = self._flush()
         elif kind == VIRTIO_BLK_T_GET_ID:
             room = data_end - chain.readable_len
-            status, written = VIRTIO_BLK_S_OK, chain.write(chain.readable_len, self.serial.ljust(ID_BYTES, b"\0")[:room])
+            serial = self.serial.ljust(ID_BYTES, b"\0")[:room]
+            status, written = VIRTIO_BLK_S_OK, chain.write(chain.readable_len, serial)
         else:
             status = VIRTIO_BLK_S_UNSUPP
         chain.write(data_end, bytes((status,)))

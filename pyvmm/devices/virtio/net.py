@@ -14,6 +14,8 @@ No offloads are offered; the guest checksums and segments itself.
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
 import struct
 from collections.abc import Callable
@@ -26,6 +28,8 @@ from pyvmm.devices.virtio.rings.layout import IOVEC
 from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.errors import VmmError
 from pyvmm.kvm.fds import open_tap
+
+log = logging.getLogger("pyvmm")
 
 RECEIVEQ, TRANSMITQ = 0, 1  # receiveq1, transmitq1 (§5.1.2)
 QUEUE_SIZE = 256
@@ -114,6 +118,7 @@ class VirtioNet(VirtioDevice):
             except PermissionError:
                 raise VmmError(f"no permission to open tap {spec.tapif} (CAP_NET_ADMIN is needed)") from None
         self.tx_frames = self.rx_frames = 0
+        self.tap_error = ""  # why reading the tap failed, once it has
 
     def poll_fds(self) -> dict[int, Callable[[], None]]:
         return {} if self.tap is None else {self.tap: self._tap_readable}
@@ -151,16 +156,30 @@ class VirtioNet(VirtioDevice):
                     continue
                 self.watch(self.tap, False)  # no buffers: leave frames in the tap until some come
                 break
+            if chain.writable_len < HEADER_SIZE:
+                queue.push(chain.head, 0)  # no room for even the header: given back empty, no frame lost
+                continue
             writable = ffi.from_buffer(chain.iov[IOVEC.size * chain.nr_readable:])
             n = libc.readv(self.tap, writable, chain.count - chain.nr_readable)
-            if n < 0:  # nothing more to read (EAGAIN) or the tap is gone
+            if n < 0:
                 queue.unpop()
+                if ffi.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):  # the tap is gone or broken
+                    self._tap_failed(ffi.errno)
                 break
             if n >= HEADER_SIZE:  # the tap leaves num_buffers alone: the frame is in 1 buffer
                 chain.write(chain.readable_len + NUM_BUFFERS, b"\x01\x00")
             queue.push(chain.head, n)
             self.rx_frames += 1
         self.used(queue)
+
+    def _tap_failed(self, err: int) -> None:
+        """Stop polling a tap that fails (its interface was deleted, ...): said once; the
+        driver's next receive buffers try it again."""
+        assert self.tap is not None
+        self.watch(self.tap, False)
+        if not self.tap_error:
+            self.tap_error = os.strerror(err)
+            log.warning("virtio-net: reading the tap failed: %s; receiving stops", self.tap_error)
 
     def close(self) -> None:
         if self.tap is not None:

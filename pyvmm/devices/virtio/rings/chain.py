@@ -61,7 +61,7 @@ class Chain:
 
     @property
     def count(self) -> int:
-        """How many buffers (zero-length ones left out)."""
+        """How many buffers (a linear indirect table's zero-length ones among them)."""
         return len(self.iov) // ENTRY
 
     @property
@@ -96,28 +96,41 @@ class Chain:
 
     # --- by byte offset --------------------------------------------------------------------
     def locate(self, offset: int) -> tuple[int, int]:
-        """(buffer, offset inside it) of chain byte `offset` (< total). The buffers that
-        start or end the chain or its writable part are found without a walk: Linux puts a
-        request's header and status there, each in a buffer of its own."""
-        if offset < self.length(0):
-            return 0, offset
-        last = self.count - 1
-        start_of_last = self.total - self.length(last)
-        if offset >= start_of_last:
-            return last, offset - start_of_last
-        if offset == self.readable_len and self.length(self.nr_readable):
-            return self.nr_readable, 0
+        """(buffer, offset inside it) of chain byte `offset`, 0 <= offset < total. The first
+        and last buffers of the chain and of its readable and writable parts, and the one
+        before the last, are found without a walk: Linux's requests have their header, data
+        and status there (a block request's data ends right before its status buffer)."""
+        if not 0 <= offset < self.total:
+            raise IndexError(f"byte {offset} is outside chain {self.head}'s {self.total}")
+        for k, start in self._ends():
+            if start <= offset < start + self.length(k):
+                return k, offset - start
         at = 0
         for k, (_, length) in enumerate(IOVEC.iter_unpack(self.iov)):
             if offset < at + length:
                 return k, offset - at
             at += length
-        raise IndexError(f"byte {offset} is beyond chain {self.head}'s {self.total}")
+        raise AssertionError("the lengths add up to total")  # checked above
+
+    def _ends(self) -> tuple[tuple[int, int], ...]:
+        """(buffer, its first chain byte) of the buffers locate() finds without a walk."""
+        last = self.count - 1
+        start_of_last = self.total - self.length(last)
+        ends = [(0, 0), (last, start_of_last)]
+        if last >= 1:
+            ends.append((last - 1, start_of_last - self.length(last - 1)))
+        if 0 < self.nr_readable <= last:
+            ends += [(self.nr_readable, self.readable_len),
+                     (self.nr_readable - 1, self.readable_len - self.length(self.nr_readable - 1))]
+        return tuple(ends)
 
     def iov_range(self, start: int, end: int) -> tuple[bytes, int]:
         """The iovec (and its entry count) for chain bytes [start, end): whole buffers as they
-        are, the first and last cut to the range."""
-        if start >= end:
+        are, the first and last cut to the range. A range past the chain is an IndexError:
+        a device must never hand the kernel more than the driver gave."""
+        if not 0 <= start <= end <= self.total:
+            raise IndexError(f"bytes [{start}, {end}) are outside chain {self.head}'s {self.total}")
+        if start == end:
             return b"", 0
         first, skip = self.locate(start)
         last, upto = self.locate(end - 1)
@@ -131,6 +144,8 @@ class Chain:
 
     def read(self, start: int, size: int) -> bytes:
         """Chain bytes [start, start + size), fewer where the chain ends first."""
+        if start >= self.total or size <= 0:
+            return b""
         k, off = self.locate(start)
         out = bytes(self.view(k)[off:off + size])
         while len(out) < size and (k := k + 1) < self.count:
