@@ -49,7 +49,8 @@ from pyvmm.testing.payloads import MakePayloadVm, PayloadRun, Payloads, RunPaylo
 from pyvmm.testing.reports import FN_REPORT, FN_REPORT32, REPORT_ARGS, Report, add_services, report_service
 from pyvmm.testing.trace import SmcccTrace, TracedCall, TracedEvent
 
-__all__ = ["FN_REPORT", "FN_REPORT32", "REPORT_ARGS", "LinuxGuest", "MakeLinux", "MakePayloadVm", "PayloadRun", "Payloads", "Report", "RunPayload",
+__all__ = ["FN_REPORT", "FN_REPORT32", "REPORT_ARGS", "LinuxGuest", "MakeLinux", "MakePayloadVm", "PayloadRun",
+           "Payloads", "Report", "RunPayload",
            "SmcccTrace", "TracedCall", "TracedEvent", "_pyvmm_linux_shared", "add_services", "kvm_problem", "linux",
            "make_linux", "payload_vm", "pytest_addoption", "pytest_configure", "pytest_runtest_call",
            "pyvmm_payloads", "report_service", "run_payload"]

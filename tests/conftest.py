@@ -31,7 +31,8 @@ from tests import fuzzing
 # pytest already loaded it as an installed distribution's plugin (entry point `pyvmm`), which a
 # second registration would clash with. The emulated arm64 host runs the checkout uninstalled.
 PLUGIN_AUTOLOADED = not os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD") and any(
-    ep.name == "pyvmm" and ep.value == "pyvmm.pytest_plugin" for ep in importlib.metadata.entry_points(group="pytest11"))
+    ep.name == "pyvmm" and ep.value == "pyvmm.pytest_plugin"
+    for ep in importlib.metadata.entry_points(group="pytest11"))
 pytest_plugins = [] if PLUGIN_AUTOLOADED else ["pyvmm.pytest_plugin"]
 
 ROOT = Path(__file__).resolve().parents[1]

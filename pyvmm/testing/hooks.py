@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import pytest
 
 from pyvmm.testing.options import ini_int, linux_scope, seconds
 
-if TYPE_CHECKING:
-    from pyvmm.services.modules import ServiceModule
-    from pyvmm.smccc.context import ServiceContext
-    from pyvmm.smccc.service import Service
-
-    # A service for a guest: a service module file (RANGE, handle, NAME: what `pyvmm run
-    # --service` loads), a loaded ServiceModule, a Service, or a callable that makes one from
-    # the VM's ServiceContext (a Service class such as pyvmm.services.sdei.Sdei is one).
-    ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
-
-
 KVM_FIXTURES = frozenset({"run_payload", "payload_vm", "linux", "make_linux"})
 SKIP_OPTION = "--pyvmm-skip-without-kvm"
 NEEDS_KVM = "pyvmm: this test needs arm64 KVM: "
 WANT_OF_KVM = "pyvmm_want_of_kvm"  # a report property: the test ended for want of KVM, and why
-
-
 
 
 # --- options, markers, the KVM requirement ---------------------------------------------------

@@ -17,18 +17,7 @@ from pyvmm.testing.trace import SmcccTrace
 if TYPE_CHECKING:
     from pyvmm.exec.session import Completed, LinuxSession
     from pyvmm.machine.vm import Vm
-    from pyvmm.services.modules import ServiceModule
-    from pyvmm.smccc.context import ServiceContext
-    from pyvmm.smccc.service import Service
-
-    # A service for a guest: a service module file (RANGE, handle, NAME: what `pyvmm run
-    # --service` loads), a loaded ServiceModule, a Service, or a callable that makes one from
-    # the VM's ServiceContext (a Service class such as pyvmm.services.sdei.Sdei is one).
-    ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
-
-
-
-
+    from pyvmm.testing.reports import ServiceSpec
 
 
 # --- Linux guests ------------------------------------------------------------------------------

@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
 import pytest
 
-if TYPE_CHECKING:
-    from pyvmm.services.modules import ServiceModule
-    from pyvmm.smccc.context import ServiceContext
-    from pyvmm.smccc.service import Service
-
-    # A service for a guest: a service module file (RANGE, handle, NAME: what `pyvmm run
-    # --service` loads), a loaded ServiceModule, a Service, or a callable that makes one from
-    # the VM's ServiceContext (a Service class such as pyvmm.services.sdei.Sdei is one).
-    ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
-
-
 SCOPES = ("function", "class", "module", "package", "session")
 Scope = Literal["function", "class", "module", "package", "session"]
-
-
 
 
 # --- options, markers, the KVM requirement ---------------------------------------------------
@@ -55,8 +41,6 @@ def in_project(config: pytest.Config, path: str | os.PathLike[str]) -> Path:
     """A path a test names: as given when absolute, else under pytest's rootdir."""
     p = Path(path)
     return p if p.is_absolute() else config.rootpath / p
-
-
 
 
 def linux_scope(fixture_name: str, config: pytest.Config) -> Scope:

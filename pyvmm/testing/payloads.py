@@ -84,7 +84,7 @@ class PayloadRun:
         passes; the run's trace and console are shown with the test's failure."""
         limit = seconds(timeout, "timeout=") if timeout is not None else time_limit(self._item)
         self._result = result = self.vm.run(limit)
-        lines = self.trace.text().splitlines()
+        lines = [] if self.trace.off else self.trace.text().splitlines()
         if len(lines) > REPORT_SECTION_LINES:
             lines = [f"... the first {len(lines) - REPORT_SECTION_LINES} of {len(lines)} lines left out",
                      *lines[-REPORT_SECTION_LINES:]]
@@ -134,8 +134,9 @@ class PayloadVms:
 
     def make(self, payload: str | os.PathLike[str] | bytes, *, services: Iterable[ServiceSpec] = (),
              conduit: str = "hvc", cpus: int = 1, mem_mib: int = 16, defsyms: Mapping[str, int] | None = None,
-             psci: bool | None = None, reports: bool | None = None, unhandled_mmio: str = "ignore",
-             aarch32: bool = False, cpu: CpuOptions | None = None, irqchip: str = "auto") -> PayloadRun:
+             psci: bool | None = None, reports: bool | None = None, trace: bool = True,
+             unhandled_mmio: str = "ignore", aarch32: bool = False, cpu: CpuOptions | None = None,
+             irqchip: str = "auto") -> PayloadRun:
         """A VM with `payload` loaded and entered at the start of RAM, not yet started (see
         the `payload_vm` fixture)."""
         require_kvm(self._item)
@@ -147,22 +148,27 @@ class PayloadVms:
         console = bytearray()
         got: list[Report] = []
         listeners: list[Callable[[Report], None]] = []
-        trace = SmcccTrace()
+        calls = SmcccTrace()
         try:
             vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, psci=psci, console=console.append,
                     unhandled_mmio=unhandled_mmio, aarch32=aarch32, cpu=cpu or AS_THE_HOST_OFFERS, irqchip=irqchip)
             self._vms.append(vm)
-            if vm.has_smccc_filter if reports is None else reports:
+            if reports is None:
+                reports = vm.has_smccc_filter  # without the filter nothing can be forwarded
+            if reports:
                 vm.smccc.add_service(report_service(got, listeners, aarch32))
             add_services(vm.smccc, vm.service_context, services, self._item.config.rootpath)
-            trace.attach(vm)
+            if trace:
+                calls.attach(vm)
+            else:
+                calls.off = True  # the dispatcher's fast path, as `pyvmm run` without --trace
             entry = vm.load(payload) if isinstance(payload, bytes) else vm.load_file(cast(Path, binary))
             vm.set_boot(entry)
         except VmmError as e:  # a service module that does not load, a payload too big for RAM, ...
             pytest.fail(f"pyvmm: {e}", pytrace=False)
         what = f"{len(payload)} bytes" if isinstance(payload, bytes) else cast(Path, binary).name
         label = f"pyvmm run {len(self._vms)} ({what}, {conduit}, {cpus} vCPUs)"
-        return PayloadRun(vm, binary, trace, got, listeners, console, self._item, label)
+        return PayloadRun(vm, binary, calls, got, listeners, console, self._item, label)
 
     def _binary(self, payload: str | os.PathLike[str], conduit: str, defsyms: Mapping[str, int] | None,
                 aarch32: bool) -> Path:
@@ -190,15 +196,17 @@ class MakePayloadVm:
 
     def __call__(self, payload: str | os.PathLike[str] | bytes, *, services: Iterable[ServiceSpec] = (),
                  conduit: str = "hvc", cpus: int = 1, mem_mib: int = 16, defsyms: Mapping[str, int] | None = None,
-                 psci: bool | None = None, reports: bool | None = None, unhandled_mmio: str = "ignore",
-                 aarch32: bool = False, cpu: CpuOptions | None = None, irqchip: str = "auto") -> PayloadRun:
+                 psci: bool | None = None, reports: bool | None = None, trace: bool = True,
+                 unhandled_mmio: str = "ignore", aarch32: bool = False, cpu: CpuOptions | None = None,
+                 irqchip: str = "auto") -> PayloadRun:
         """`payload` on a fresh VM, loaded but not started: the test sets the VM up through
         .vm (services, registers, devices, threads of its own), then calls .run() or vm.run().
-        The arguments are run_payload's, and the VM's: `aarch32` (an AArch32 payload: built
-        with binutils for arm, pyvmm32.inc), `cpu` (CpuOptions), `irqchip`."""
+        The arguments are run_payload's but configure= and timeout= (.run() takes that), and
+        the VM's: `aarch32` (an AArch32 payload: built with binutils for arm, pyvmm32.inc),
+        `cpu` (CpuOptions), `irqchip`."""
         return self._vms.make(payload, services=services, conduit=conduit, cpus=cpus, mem_mib=mem_mib,
-                              defsyms=defsyms, psci=psci, reports=reports, unhandled_mmio=unhandled_mmio,
-                              aarch32=aarch32, cpu=cpu, irqchip=irqchip)
+                              defsyms=defsyms, psci=psci, reports=reports, trace=trace,
+                              unhandled_mmio=unhandled_mmio, aarch32=aarch32, cpu=cpu, irqchip=irqchip)
 
 
 class RunPayload:
@@ -209,8 +217,9 @@ class RunPayload:
 
     def __call__(self, payload: str | os.PathLike[str] | bytes, *, services: Iterable[ServiceSpec] = (),
                  conduit: str = "hvc", cpus: int = 1, mem_mib: int = 16, defsyms: Mapping[str, int] | None = None,
-                 psci: bool | None = None, reports: bool | None = None, configure: Callable[[Vm], None] | None = None,
-                 timeout: float | None = None, unhandled_mmio: str = "ignore") -> PayloadRun:
+                 psci: bool | None = None, reports: bool | None = None, trace: bool = True,
+                 configure: Callable[[Vm], None] | None = None, timeout: float | None = None,
+                 unhandled_mmio: str = "ignore") -> PayloadRun:
         """Run `payload` until it powers off, fails, or `timeout` (default: the test's limit)
         passes. `payload`: a `.S`/`.s` file (assembled for `conduit`, with `defsyms`), a flat
         binary file, or its bytes, loaded and entered at the start of RAM. `services` are added
@@ -218,9 +227,12 @@ class RunPayload:
         the SMCCC filter, see Vm) and, with `reports`, the FN_REPORT service; `configure(vm)`
         runs last, before the guest does (vm.enable_sdei(), ...). Without the SMCCC filter
         (Linux < 6.4) services cannot be had: `reports` (default: where the filter is) is then
-        off, and reading the trace raises SmcccFilterUnavailableError instead of finding it empty."""
+        off, and reading the trace raises SmcccFilterUnavailableError instead of finding it empty.
+        `trace=False` leaves the SMCCC trace off: calls take the dispatcher's fast path, as under
+        `pyvmm run` without --trace, and reading the trace raises."""
         run = self._vms.make(payload, services=services, conduit=conduit, cpus=cpus, mem_mib=mem_mib,
-                             defsyms=defsyms, psci=psci, reports=reports, unhandled_mmio=unhandled_mmio)
+                             defsyms=defsyms, psci=psci, reports=reports, trace=trace,
+                             unhandled_mmio=unhandled_mmio)
         if configure is not None:
             configure(run.vm)  # the test's own code: its errors keep their tracebacks
         return run.run(timeout)

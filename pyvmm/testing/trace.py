@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pyvmm.machine.vm import Vm
-    from pyvmm.services.modules import ServiceModule
-    from pyvmm.smccc.context import ServiceContext, TraceEvent
+    from pyvmm.smccc.context import TraceEvent
     from pyvmm.smccc.dispatcher import TraceRecord
-    from pyvmm.smccc.service import Service
-
-    # A service for a guest: a service module file (RANGE, handle, NAME: what `pyvmm run
-    # --service` loads), a loaded ServiceModule, a Service, or a callable that makes one from
-    # the VM's ServiceContext (a Service class such as pyvmm.services.sdei.Sdei is one).
-    ServiceSpec = str | os.PathLike[str] | ServiceModule | Service | Callable[[ServiceContext], Service]
-
-
-
-
 
 
 @dataclass(frozen=True)
@@ -89,6 +76,7 @@ class SmcccTrace:
         self._lock = threading.Lock()  # every vCPU thread reports here
         self._entries: list[TracedCall | TracedEvent] = []
         self.unavailable = False  # the host has no SMCCC filter: nothing can be traced
+        self.off = False  # the run was made with trace=False: nothing was
 
     def attach(self, vm: Vm) -> None:
         """Record `vm`'s forwarded calls; without the SMCCC filter there are none to record."""
@@ -99,6 +87,8 @@ class SmcccTrace:
 
     def _check(self) -> None:
         # an empty trace would pass a test's "no SYSTEM_RESET was called" without looking
+        if self.off:
+            raise RuntimeError("this payload ran with trace=False: there is no SMCCC trace to read")
         if self.unavailable:
             from pyvmm.smccc import filter as smccc_filter
 

@@ -1,5 +1,5 @@
-// A guest for the GDB stub's SVE test (tests/kvm/test_gdb.py), also built as
-// build/guests/gdb_sve.elf for its symbols. vCPU 0 turns SVE on at the longest vector length,
+// A guest for the GDB stub's SVE test (tests/kvm/test_gdb.py), with an ELF file beside its
+// build in the payload cache for its symbols. vCPU 0 turns SVE on at the longest vector length,
 // gives Z0, Z1, P0 and FFR known values and reaches `sve_set`, where GDB reads them and writes
 // the last 64-bit lane of Z2 and the first byte of P3; at `sve_checked` x1 holds that lane as
 // the guest reads it (LASTB) and x2 the number of P3's bits set (CNTP). Without SVE it goes

@@ -1,6 +1,7 @@
-// A guest for the GDB stub's tests (tests/kvm/test_gdb.py), also built as build/guests/gdb_target.elf
-// (linked at the start of RAM, 0x80000000) so that GDB knows its symbols. Two vCPUs: vCPU 0 walks
-// through the labelled steps below; vCPU 1, started with PSCI CPU_ON, spins.
+// A guest for the GDB stub's tests (tests/kvm/test_gdb.py); the payload cache also links it as
+// an ELF file at the start of RAM, 0x80000000, beside the flat binary, so that GDB knows its
+// symbols. Two vCPUs: vCPU 0 walks through the labelled steps below; vCPU 1, started with PSCI
+// CPU_ON, spins.
     .include "pyvmm.inc"
     .equ PSCI_CPU_ON, 0xC4000003
     .equ ALIAS_VA, 0x40000000           // a second virtual address of the first GiB of RAM

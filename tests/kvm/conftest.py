@@ -1,6 +1,7 @@
 """The KVM tier: every test here runs on real arm64 KVM through the plugin's fixtures
 (run_payload, payload_vm, linux, make_linux, pyvmm_payloads: pyvmm/testing/), with guests
-written on pyvmm.inc, as a user's tests are."""
+written on pyvmm.inc, as a user's tests are. A few build pyvmm.vm.Vm themselves (a Linux guest
+with devices attached, two VMs at once): those test the Python API that scripts use."""
 
 from __future__ import annotations
 

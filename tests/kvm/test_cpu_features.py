@@ -98,7 +98,8 @@ def test_the_guest_gets_the_hosts_sve_pac_and_mte(payload_vm: MakePayloadVm) -> 
 def test_sve_max_vl_caps_the_vector_length(payload_vm: MakePayloadVm, bits: int) -> None:
     if refused_without("sve", "SVE", CpuOptions(sve_max_vl=bits)):
         return
-    (vl, total, fault), = [r[:3] for r in finished(payload_vm(guest("cpu_features"), cpu=CpuOptions(sve_max_vl=bits))).tagged(2)]
+    run = finished(payload_vm(guest("cpu_features"), cpu=CpuOptions(sve_max_vl=bits)))
+    (vl, total, fault), = [r[:3] for r in run.tagged(2)]
     assert (vl, total, fault) == (bits // 8, index_sum(bits // 8), 0)
 
 

@@ -219,14 +219,15 @@ def test_a_vcpu_that_will_not_stop_keeps_its_fds_and_mappings(payload_vm: MakePa
 STUCK_AT = "handle() at never.py:9"
 
 
-def stuck_guest(demo: Path, tmp_path: Path, timeout: int) -> list[str]:
+def stuck_guest(payloads: Payloads, tmp_path: Path, timeout: int) -> list[str]:
     """A `pyvmm run` whose guest calls a --service handler that never returns (STUCK_AT); the
     handler makes tmp_path/stuck as it starts (wait_until_stuck)."""
     service = tmp_path / "never.py"
     service.write_text(f"import time\n\nRANGE = (0xC6000000, 0x100)\n\n\ndef handle(call):\n"
                        f"    open({str(tmp_path / 'stuck')!r}, 'w').close()\n"
                        f"    while True:\n        time.sleep(0.1)\n")
-    return [sys.executable, "-m", "pyvmm", "run", "-f", str(demo), "-c", "2", "-m", "16",
+    return [sys.executable, "-m", "pyvmm", "run", "-f", str(payloads.build("examples/guests/smccc_demo.S")), "-c", "2",
+            "-m", "16",
             "--service", str(service), "--timeout", str(timeout)]
 
 
@@ -242,7 +243,7 @@ def wait_until_stuck(p: subprocess.Popen[str], tmp_path: Path) -> None:
 @NEEDS_FILTER
 def test_a_service_that_never_returns_is_stopped_by_the_timeout(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
     started = time.monotonic()
-    p = subprocess.run(stuck_guest(pyvmm_payloads.build("examples/guests/smccc_demo.S"), tmp_path, 2), capture_output=True, text=True, timeout=60)
+    p = subprocess.run(stuck_guest(pyvmm_payloads, tmp_path, 2), capture_output=True, text=True, timeout=60)
     took = time.monotonic() - started
     assert p.returncode == cli.EXIT_TIMEOUT, p.stderr
     line, = errors(p.stderr)
@@ -337,7 +338,8 @@ def test_sigterm_during_set_up_ends_pyvmm_with_143_and_one_line(tmp_path: Path, 
 
 @NEEDS_FILTER
 def test_a_second_sigint_while_stopping_ends_pyvmm_at_once(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
-    p = subprocess.Popen(stuck_guest(pyvmm_payloads.build("examples/guests/smccc_demo.S"), tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(stuck_guest(pyvmm_payloads, tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     wait_until_stuck(p, tmp_path)
     p.send_signal(signal.SIGINT)  # stopping: its vCPU will not stop for a while
     time.sleep(1)
@@ -354,7 +356,8 @@ def test_one_signal_stops_a_stuck_guest_with_its_status(pyvmm_payloads: Payloads
                                                         signo: signal.Signals) -> None:
     """A vCPU stuck in a service handler cannot stop, yet one signal still ends pyvmm with
     128 + N once the grace period is over, the line naming where the vCPU is stuck."""
-    p = subprocess.Popen(stuck_guest(pyvmm_payloads.build("examples/guests/smccc_demo.S"), tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(stuck_guest(pyvmm_payloads, tmp_path, 100), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
     wait_until_stuck(p, tmp_path)
     p.send_signal(signo)
     started = time.monotonic()

@@ -19,8 +19,10 @@ U64 = 0xFFFF_FFFF_FFFF_FFFF
 
 
 @pytest.mark.parametrize("conduit", ["hvc", "smc"])
-def test_forwarded_calls_return_four_values_on_the_vms_conduit(payload_vm: MakePayloadVm, conduit: str) -> None:
-    run = payload_vm(guest("smccc_roundtrip"), conduit=conduit)
+@pytest.mark.parametrize("trace", [False, True], ids=["fast", "traced"])  # the dispatcher's two paths
+def test_forwarded_calls_return_four_values_on_the_vms_conduit(payload_vm: MakePayloadVm, conduit: str,
+                                                               trace: bool) -> None:
+    run = payload_vm(guest("smccc_roundtrip"), conduit=conduit, trace=trace)
     seen: list[tuple[int, str, tuple[int, ...]]] = []
 
     def sip64(call: SmcccCall) -> Results:
@@ -71,7 +73,7 @@ def test_filter_after_a_vcpu_ran_fails_clearly(payload_vm: MakePayloadVm) -> Non
 
 def test_deny_range_is_answered_by_kvm(payload_vm: MakePayloadVm) -> None:
     """A denied range never exits to userspace: the guest gets NOT_SUPPORTED from KVM itself."""
-    run = payload_vm(guest("hvc_loop"))
+    run = payload_vm(guest("hvc_loop"), trace=False)
     vm = run.vm
     vm.smccc.deny(SIP64, 0x10, "denied")
     vm.vcpus[0].set_x(9, 3)  # calls to make
@@ -86,7 +88,7 @@ def test_deny_range_is_answered_by_kvm(payload_vm: MakePayloadVm) -> None:
 def test_owner_4_call_count_counts_kvms_trng_too(payload_vm: MakePayloadVm) -> None:
     """Call Count for owner 4 from a guest: PSCI's 16 function IDs, and the 5 of the TRNG that
     this KVM answers itself (it offers TRNG: its KVM_REG_ARM_STD_BMAP says so)."""
-    run = payload_vm(guest("hvc_loop"))
+    run = payload_vm(guest("hvc_loop"), trace=False)
     vm = run.vm
     assert vm.vcpus[0].kvm_offers_trng()
     vm.vcpus[0].set_x(9, 1)
@@ -96,7 +98,7 @@ def test_owner_4_call_count_counts_kvms_trng_too(payload_vm: MakePayloadVm) -> N
 
 
 def test_unrouted_id_in_forwarded_range_gets_not_supported(payload_vm: MakePayloadVm) -> None:
-    run = payload_vm(guest("hvc_loop"))
+    run = payload_vm(guest("hvc_loop"), trace=False)
     vm = run.vm
     vm.smccc.register(SIP64, 0x10, lambda call: -1 if call.function_id != SIP64 else 0, "partial")
     vm.vcpus[0].set_x(9, 2)
@@ -106,8 +108,9 @@ def test_unrouted_id_in_forwarded_range_gets_not_supported(payload_vm: MakePaylo
     assert vm.smccc.calls == 4  # two calls, the report, SYSTEM_OFF
 
 
-def test_handler_exception_ends_the_run_with_its_message(payload_vm: MakePayloadVm) -> None:
-    vm = payload_vm(guest("hvc_loop")).vm
+@pytest.mark.parametrize("trace", [False, True], ids=["fast", "traced"])
+def test_handler_exception_ends_the_run_with_its_message(payload_vm: MakePayloadVm, trace: bool) -> None:
+    vm = payload_vm(guest("hvc_loop"), trace=trace).vm
 
     def broken(call: SmcccCall) -> Results:
         raise RuntimeError("bug in the service")

@@ -292,7 +292,7 @@ def test_payload_vm_gives_the_run_before_it_starts(run: Callable[..., pytest.Run
                                                   fake_vm: type[FakeVm], monkeypatch: pytest.MonkeyPatch) -> None:
     """payload_vm: the VM set up as run_payload's, not run; the test reaches it through .vm, hears
     each report as it comes (on_report), runs it with .run(), and the run's section is shown."""
-    monkeypatch.setattr(FakeVm, "script", [(1, plugin.FN_REPORT, {1: 8, 2: 7}, 0), (0, 0x8400_0008, {}, 0)])
+    monkeypatch.setattr(FakeVm, "script", [(1, plugin.FN_REPORT32, {1: 8, 2: 7}, 0), (0, 0x8400_0008, {}, 0)])
     project(pytester)
     pytester.makepyfile(test_guest="""
         import pytest
@@ -309,11 +309,15 @@ def test_payload_vm_gives_the_run_before_it_starts(run: Callable[..., pytest.Run
             assert guest.run(5) is guest and guest.reason == "poweroff" and guest.vm.timeout == 5
             report = guest.reports[0]
             assert heard == [(report, [report])] and guest.tagged(8) == [(7, 0, 0, 0, 0)]
+            fast = payload_vm(bytes(4), cpus=2, trace=False)
+            assert fast.vm.smccc.trace is None and fast.run().reason == "poweroff"  # the fast path
+            with pytest.raises(RuntimeError, match="ran with trace=False"):
+                fast.trace.calls
             assert False, "to see the run's section"
     """)
     result = run()
     result.assert_outcomes(failed=1)
-    assert len(FakeVm.made) == 1 and FakeVm.made[0].closed
+    assert len(FakeVm.made) == 2 and all(vm.closed for vm in FakeVm.made)
     result.stdout.fnmatch_lines(["*assert False*", "*Captured pyvmm run 1 (4 bytes, hvc, 2 vCPUs) call*",
                                  "ended: poweroff (vcpu0): SYSTEM_OFF"])
 
@@ -696,7 +700,8 @@ def test_an_assembler_s_many_messages_are_cut_to_the_first_few(sources: Path, tm
     with pytest.raises(payload.PayloadError) as e:
         payload.PayloadCache(tmp_path / "cache").build(sources / "wrong.S")
     message = str(e.value)
-    assert "\n" not in message and message.count(": Error: ") == payload.TOOL_LINES_SHOWN - 1  # after "Assembler messages:"
+    # the first line is "Assembler messages:", then errors
+    assert "\n" not in message and message.count(": Error: ") == payload.TOOL_LINES_SHOWN - 1
     assert re.search(r"\.\.\. and \d+ more lines$", message), message
 
 
