@@ -135,18 +135,23 @@ def test_the_hosts_cpu_has_mte_unless_another_cpu_is_asked_for(monkeypatch: pyte
     assert "virt,virtualization=on,gic-version=2" in other and "cortex-a72" in other
 
 
-def test_wheels_fetched_for_another_list_are_fetched_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The wheel folder is shared by every checkout using the cache: one whose list lacks a wheel
-    this checkout needs (another branch's) is not taken as complete."""
+def test_wheels_fetched_for_another_list_are_not_taken_for_this_one(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wheel cache is shared by every checkout using it: the folder another branch's list
+    (without pytest-xdist) completed is not this list's, and stays as it is."""
     import image
     from shapes import SHAPES
 
+    monkeypatch.setattr(image, "BINARY_WHEELS", ["cffi", "pycparser", "ioctl-opt", "pytest", "hypothesis"])
+    other = image.HostImage(tmp_path, SHAPES["default"])
+    other.wheels.mkdir(parents=True)
+    (other.wheels / ".complete").touch()
+    monkeypatch.undo()
     host = image.HostImage(tmp_path, SHAPES["default"])
     fetched: list[str] = []
     monkeypatch.setattr(image, "run_step", lambda what, argv: fetched.append(what))
-    host.wheels.mkdir(parents=True)
-    (host.wheels / ".complete").write_text("cffi pycparser ioctl-opt pytest hypothesis pyfdt")  # no pytest-xdist
     host._fetch_wheels()
+    assert host.wheels != other.wheels and (other.wheels / ".complete").is_file()
     assert fetched == ["pip download (aarch64 wheels)", "pip wheel pyfdt"]
     fetched.clear()
     host._fetch_wheels()  # now complete for this list

@@ -136,7 +136,10 @@ class HostImage:
         kernel_suites = {s.suite for s in SHAPES.values()}
         self.apt = Arm64Apt(cache / "apt", sorted(kernel_suites | {self.release, f"{self.release}-updates"}),
                             self.release)
-        self.wheels = cache / "wheels" / f"cp{self.python.replace('.', '')}"
+        # one folder per Python and wheel list: checkouts of other branches sharing the cache
+        # (another list) neither take this one for complete nor fetch into it at the same time
+        wheel_list = hashlib.sha256(" ".join(BINARY_WHEELS + SDIST_WHEELS).encode()).hexdigest()[:12]
+        self.wheels = cache / "wheels" / f"cp{self.python.replace('.', '')}-{wheel_list}"
         self.files = cache / shape.files  # shape.files "" is the cache itself
         self.kernel = self.files / "Image"
         self.modules = self.files / "modules"  # the kernel package's /lib/modules tree
@@ -226,10 +229,7 @@ class HostImage:
             f"initrd {(self.guest / 'initrd.cpio').stat().st_size >> 10} KiB")
 
     def _fetch_wheels(self) -> None:
-        # the marker names what was fetched: a checkout that wants other wheels (another
-        # branch's list) fetches them again rather than reusing a folder without them
-        marker, wanted = self.wheels / ".complete", " ".join(BINARY_WHEELS + SDIST_WHEELS)
-        if marker.is_file() and marker.read_text() == wanted:
+        if (self.wheels / ".complete").is_file():
             return
         shutil.rmtree(self.wheels, ignore_errors=True)
         self.wheels.mkdir(parents=True)
@@ -245,7 +245,7 @@ class HostImage:
         # unless the `wheel` package happens to be installed.
         run_step("pip wheel " + " ".join(SDIST_WHEELS),
                  [*pip, "wheel", "--no-deps", "--use-pep517", "-w", str(self.wheels), *SDIST_WHEELS])
-        marker.write_text(wanted)
+        (self.wheels / ".complete").touch()
 
     def _assemble_root(self, root: Path) -> None:
         for rel in DOC_PRUNE:
