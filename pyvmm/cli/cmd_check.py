@@ -15,7 +15,6 @@ def add_parser(sub: Any) -> None:
     check.set_defaults(handler=cmd_check)
 
 
-
 def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
     """The host's shape and, in words, what pyvmm can and cannot do on it (pyvmm/machine/host.py)."""
     from pyvmm.machine.host import probe, report, runnable

@@ -47,7 +47,6 @@ def add_parser(sub: Any) -> None:
     ex.set_defaults(handler=cmd_exec)
 
 
-
 def cmd_exec(args: argparse.Namespace, signals: StopSignals) -> int:
     """`pyvmm exec`: its statuses are the command's, or 123/124/125/128+N (see the module doc)."""
     from pyvmm.exec.session import (

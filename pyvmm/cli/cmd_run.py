@@ -77,7 +77,6 @@ def add_parser(sub: Any) -> None:
     run.set_defaults(handler=cmd_run)
 
 
-
 class HostConsole:
     """The host side of the guest's console for devices made from the command line: the UART
     unless a device takes it (--console virtio)."""

@@ -22,7 +22,6 @@ def add_parser(sub: Any) -> None:
     sdei.set_defaults(handler=cmd_sdei)
 
 
-
 def cmd_sdei(args: argparse.Namespace, signals: object = None) -> int:
     from pyvmm.cli.control import request
 

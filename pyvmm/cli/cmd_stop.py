@@ -15,7 +15,6 @@ def add_parser(sub: Any) -> None:
     stop.set_defaults(handler=cmd_stop)
 
 
-
 def cmd_stop(args: argparse.Namespace, signals: object = None) -> int:
     from pyvmm.cli.control import request
 

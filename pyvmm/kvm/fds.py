@@ -207,10 +207,10 @@ class VcpuFd(DeviceAttrs):
 
         # The exit path's two ioctls, prepared as C-level callables (no Python frame per call;
         # under emulation each Python-level step costs microseconds). Both return the raw ioctl
-        # result; on -1 the caller asks failed() what happened.
+        # result: the exit loop asks failed() what a -1 from run() was; set_x0() raises itself.
         #   run():       KVM_RUN
         #   write_x0():  KVM_SET_ONE_REG(x0) from the buffer x0_value, the one register every
-        #                forwarded SMCCC call writes
+        #                forwarded SMCCC call writes (set_x0, and the benchmarks' floors)
         self.run: Callable[[], int] = functools.partial(libc.ioctl, fd, _KVM_RUN, _NULL)
         # x0's kvm_one_reg and the value it points at share one allocation, so (almost always)
         # one page: under emulation every page touched after a world switch costs a soft-TLB refill.

@@ -436,7 +436,6 @@ class Vcpu:
                 run.immediate_exit = 1  # KVM completes the exit, returns EINTR, then they run
 
 
-
 def _reg_id(name: str) -> int:
     key = name.lower()
     reg = CORE_REGS.get(key)

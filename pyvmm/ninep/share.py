@@ -176,7 +176,6 @@ class Share:
             fid.entries = None
 
 
-
 def _safe_mode(mode: int, directory: bool) -> int:
     """Permission bits a guest may set on the host: no set-user-ID, and set-group-ID only on
     directories (where it means "inherit the group"), so that a guest running as root cannot

@@ -179,7 +179,6 @@ class RecordingVcpuFd:
         pass
 
 
-
 def test_a_vcpus_features_are_set_up_in_kvms_order() -> None:
     """INIT with the feature bits, PV time's IPA, the vector lengths cut to --sve-max-vl, FINALIZE
     last (KVM refuses VLS after it and runs no vCPU before it); the PMU's interrupt before its

@@ -346,9 +346,6 @@ def _umask() -> int:
     return mask
 
 
-
-
-
 MESSAGE_TYPES = [p.TVERSION, p.TATTACH, p.TWALK, p.TCLUNK, p.TGETATTR, p.TSETATTR, p.TLOPEN, p.TLCREATE,
                  p.TREAD, p.TWRITE, p.TREADDIR, p.TSTATFS, p.TREADLINK, p.TMKDIR, p.TSYMLINK, p.TMKNOD,
                  p.TLINK, p.TRENAME, p.TRENAMEAT, p.TUNLINKAT, p.TREMOVE, p.TFSYNC, p.TLOCK, p.TGETLOCK,
