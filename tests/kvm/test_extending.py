@@ -31,13 +31,13 @@ class Thermal(Service):
         return "/firmware", Node("thermal", {"compatible": "example,smccc-thermal", "method": "hvc"})
 
 
-@needs_filter("a service of pyvmm's is served through the SMCCC filter")
 def dts(vm: Vm) -> str:
     """The VM's device tree as the guest gets it, read back by pyfdt (the emulated host has no dtc)."""
     text: str = FdtBlobParse(io.BytesIO(build_dtb(vm.device_tree()))).to_fdt().to_dts()
     return text
 
 
+@needs_filter("a service of pyvmm's is served through the SMCCC filter")
 def test_a_service_brings_its_own_node() -> None:
     with Vm() as vm:
         assert "example,smccc-thermal" not in dts(vm)
