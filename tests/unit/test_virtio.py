@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -618,13 +619,9 @@ def test_an_iov_buffer_outside_guest_ram_is_refused(memory: GuestMemory) -> None
             chain.view(0)
 
 
-def test_a_receive_buffer_too_small_for_the_header_is_given_back_empty(vm: FakeVm,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tap refuses a read smaller than its 12-byte header (EINVAL): such a buffer used to be put
-    back and tried for ever, and no frame got through again. It is returned empty, and the frame
-    goes into the next buffer."""
-    import socket
-
+def net_on_a_socket(vm: FakeVm, monkeypatch: pytest.MonkeyPatch) -> tuple[socket.socket, VirtioNet, Driver]:
+    """A virtio-net whose tap is one end of a datagram socket pair: (the host's end, the device,
+    its driver, initialised)."""
     from pyvmm.devices.virtio import net as virtio_net
 
     host, guest_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -633,6 +630,15 @@ def test_a_receive_buffer_too_small_for_the_header_is_given_back_empty(vm: FakeV
     dev = virtio_net.VirtioNet(parse_network("mode=tap,tapif=fake0"))
     d = Driver(vm.attach(dev), vm.memory)
     d.init()
+    return host, dev, d
+
+
+def test_a_receive_buffer_too_small_for_the_header_is_given_back_empty(vm: FakeVm,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tap refuses a read smaller than its 12-byte header (EINVAL): such a buffer used to be put
+    back and tried for ever, and no frame got through again. It is returned empty, and the frame
+    goes into the next buffer."""
+    host, dev, d = net_on_a_socket(vm, monkeypatch)
     d.queues[0].add([], [8])
     d.queues[0].add([b"readable only"], [])
     d.queues[0].add([], [1514])
@@ -672,16 +678,7 @@ def test_a_tap_that_fails_is_no_longer_polled_and_says_so_once(vm: FakeVm, monke
 def test_received_frames_say_they_are_in_one_buffer(vm: FakeVm, monkeypatch: pytest.MonkeyPatch) -> None:
     """virtio 1.2 §5.1.6.4: without VIRTIO_NET_F_MRG_RXBUF the device sets num_buffers to 1; the
     tap writes the 10-byte header before it and leaves those two bytes as they were."""
-    import socket
-
-    from pyvmm.devices.virtio import net as virtio_net
-
-    host, guest_side = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    guest_side.setblocking(False)
-    monkeypatch.setattr(virtio_net, "open_tap", lambda name, hdr: guest_side.detach())
-    dev = virtio_net.VirtioNet(parse_network("mode=tap,tapif=fake0"))
-    d = Driver(vm.attach(dev), vm.memory)
-    d.init()
+    host, dev, d = net_on_a_socket(vm, monkeypatch)
     for header_first in (True, False):  # the header in its own buffer, or split across two
         addr = d.heap
         d.queues[0].add([], [12, 1514] if header_first else [7, 1519])
