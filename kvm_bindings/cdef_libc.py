@@ -5,6 +5,8 @@ function in ABI mode is not portable, and every KVM ioctl takes either a pointer
 that fits one (integers are passed as `ffi.cast("void *", n)`). preadv/pwritev and readv/writev
 take an iovec array built as bytes: a virtqueue chain's buffers (pyvmm/devices/virtio/rings/
 chain.py), moved in one system call; struct flock is what fcntl(2) locks a disk image with.
+openat2(2) has no libc wrapper: it goes through syscall(2), declared with the fixed arguments
+openat2 takes (on arm64 and x86-64 Linux a variadic call passes them in the same registers).
 """
 
 CDEF = """
@@ -22,4 +24,12 @@ struct flock {
     int64_t l_len;
     int l_pid;
 };
+
+/* openat2(2), for the 9p server's confined lookups: <linux/openat2.h> */
+struct open_how {
+    uint64_t flags;
+    uint64_t mode;
+    uint64_t resolve;
+};
+long syscall(long number, int dirfd, const char *path, struct open_how *how, size_t size);
 """

@@ -134,6 +134,13 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 
+# openat2(2): its number is the same on every architecture (include/uapi/asm-generic/unistd.h),
+# and the resolve flags (include/uapi/linux/openat2.h)
+SYS_OPENAT2 = 437
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+
 # KVM_IRQ_LINE irq field layout on arm64 (Documentation/virt/kvm/api.rst, KVM_IRQ_LINE)
 KVM_ARM_IRQ_TYPE_SHIFT = 24
 KVM_ARM_IRQ_VCPU_SHIFT = 16

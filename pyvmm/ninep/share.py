@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from kvm_bindings import ffi
+from kvm_bindings import CData, ffi, libc
+from kvm_bindings.constants import RESOLVE_BENEATH, RESOLVE_NO_MAGICLINKS, RESOLVE_NO_SYMLINKS, SYS_OPENAT2
 from pyvmm.ninep import protocol as p
 from pyvmm.ninep.protocol import Reader
 
@@ -28,6 +29,8 @@ WRITE_HEADER = 23  # Twrite: size[4] type[1] tag[2] fid[4] offset[8] count[4]
 
 O_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 O_PATH_ANY = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS
+OPEN_HOW_SIZE = ffi.sizeof("struct open_how")
 
 
 class Fail(Exception):
@@ -80,6 +83,7 @@ class Share:
         self.listed = 0  # directory entries held in readdir snapshots
         self.root_fd = os.open(root, O_PATH_DIR)
         self.root_dev = os.fstat(self.root_fd).st_dev
+        self._how = self._probe_openat2()
         self.msize = 8192
         self.fids: dict[int, Fid] = {}
         self.open_files = 0
@@ -109,12 +113,8 @@ class Share:
     @contextmanager
     def _dir(self, names: tuple[str, ...]) -> Iterator[int]:
         """An O_PATH descriptor of the directory `names`, reached without following symlinks."""
-        fd = os.open(".", O_PATH_DIR, dir_fd=self.root_fd)
+        fd = self._open(names, O_PATH_DIR)
         try:
-            for name in names:
-                nxt = os.open(name, O_PATH_DIR, dir_fd=fd)
-                os.close(fd)
-                fd = nxt
             yield fd
         finally:
             os.close(fd)
@@ -122,12 +122,7 @@ class Share:
     @contextmanager
     def _object(self, names: tuple[str, ...]) -> Iterator[int]:
         """An O_PATH descriptor of the object `names` itself (a symlink is not followed)."""
-        if not names:
-            with self._dir(()) as fd:
-                yield fd
-            return
-        with self._dir(names[:-1]) as parent:
-            fd = os.open(names[-1], O_PATH_ANY, dir_fd=parent)
+        fd = self._open(names, O_PATH_ANY)
         try:
             yield fd
         finally:
@@ -143,8 +138,42 @@ class Share:
     def _lstat(self, names: tuple[str, ...]) -> os.stat_result:
         if not names:
             return os.stat(self.root_fd)
-        with self._dir(names[:-1]) as parent:
-            return os.stat(names[-1], dir_fd=parent, follow_symlinks=False)
+        with self._object(names) as fd:
+            return os.fstat(fd)
+
+    def _open(self, names: tuple[str, ...], flags: int) -> int:
+        """openat(2) of `names` below the share with `flags` (O_NOFOLLOW: a last name that is a
+        symlink is opened as the link). One openat2(2) call where the kernel has it: with
+        RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS it refuses, atomically, every symlink and every
+        way out of the share, which is what the walk below does one component at a time."""
+        if self._how is not None:
+            self._how.flags = flags
+            path = os.fsencode("/".join(names)) if names else b"."
+            fd = libc.syscall(SYS_OPENAT2, self.root_fd, path, self._how, OPEN_HOW_SIZE)
+            if fd < 0:
+                err = ffi.errno
+                raise OSError(err, os.strerror(err))
+            return int(fd)
+        fd = os.open(".", O_PATH_DIR, dir_fd=self.root_fd)
+        try:
+            for i, name in enumerate(names):
+                nxt = os.open(name, O_PATH_DIR if i < len(names) - 1 else flags, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _probe_openat2(self) -> CData | None:
+        """openat2's request block if this kernel has the call (Linux 5.6; a container's seccomp
+        policy may still refuse it), else None: the server then walks one name at a time."""
+        how = ffi.new("struct open_how *", {"flags": O_PATH_DIR, "resolve": RESOLVE})
+        fd = libc.syscall(SYS_OPENAT2, self.root_fd, b".", how, OPEN_HOW_SIZE)
+        if fd < 0:
+            return None
+        os.close(fd)
+        return how
 
     def _qid(self, st: os.stat_result) -> bytes:
         if stat.S_ISDIR(st.st_mode):
@@ -153,7 +182,7 @@ class Share:
             kind = p.QTSYMLINK
         else:
             kind = p.QTFILE
-        return p.QID.pack(kind, 0, self._qid_path(st.st_dev, st.st_ino))
+        return p.QID.pack(kind, qid_version(st), self._qid_path(st.st_dev, st.st_ino))
 
     def _qid_path(self, dev: int, ino: int) -> int:
         # unique within the share's own file system; a mount below it mixes its device in
@@ -174,6 +203,15 @@ class Share:
         if fid.entries is not None:
             self.listed -= len(fid.entries)
             fid.entries = None
+
+
+def qid_version(st: os.stat_result) -> int:
+    """A qid's version: it changes when the file does, from its modification time and size, as
+    QEMU's 9p server makes it. Never 0: Linux >= 6.4 reads and writes a file whose version is 0
+    around its page cache (fs/9p/fid.h, v9fs_fid_add_modes), one small request after another,
+    and a cache=loose client keeps an inode only while the version it saw stays the same."""
+    mtime = st.st_mtime_ns
+    return ((mtime ^ (mtime >> 32) ^ (st.st_size << 8)) & 0xFFFF_FFFF) or 1
 
 
 def _safe_mode(mode: int, directory: bool) -> int:

@@ -18,11 +18,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kvm_bindings import libc as kvm_libc
 from pyvmm.devices.virtio.p9 import Virtio9p, parse_share
 from pyvmm.errors import VmmError
 from pyvmm.ninep import protocol as p
+from pyvmm.ninep import share as share_module
 from pyvmm.ninep.server import FileServer
-from pyvmm.ninep.share import MAX_OPEN
+from pyvmm.ninep.share import MAX_OPEN, Share
 from tests import fuzzing
 from tests.unit.ninep_client import Client, NinepError
 
@@ -42,6 +44,15 @@ def tree(tmp_path: Path) -> Path:
     (tmp_path / "secret.txt").write_text("outside\n")
     os.mkfifo(share / "fifo")
     return share
+
+
+@pytest.fixture(autouse=True, params=["openat2", "one name at a time"])
+def lookup(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with both ways of reaching a name: the kernel's openat2(2), and the walk
+    the server falls back to where openat2 is missing or refused."""
+    if request.param != "openat2":
+        monkeypatch.setattr(Share, "_probe_openat2", lambda self: None)
+    return str(request.param)
 
 
 def connect(root: Path, read_only: bool = False, **kw: int) -> Iterator[tuple[Client, int]]:
@@ -89,6 +100,54 @@ def test_walk_getattr_open_read(ro: tuple[Client, int], tree: Path) -> None:
     with pytest.raises(NinepError) as e:
         c.getattr(fid)
     assert err(e) == errno.EBADF
+
+
+def qid_of(c: Client, root: int, *names: str) -> bytes:
+    fid, qids = c.walk(root, *names)
+    c.clunk(fid)
+    return qids[-1]
+
+
+def test_a_qid_version_changes_with_its_file_and_is_never_zero(ro: tuple[Client, int], tree: Path) -> None:
+    """Linux caches a 9p file only while its qid's version is not 0 and stays what it was: a
+    version that does not change when the file does leaves the guest its old pages."""
+    c, root = ro
+    first = qid_of(c, root, "hello.txt")
+    assert first == qid_of(c, root, "hello.txt")  # nothing changed: the same qid
+    version = struct.unpack_from("<I", first, 1)[0]
+    assert version != 0
+    path = tree / "hello.txt"
+    path.write_bytes(b"HELLO, 9p\n")  # same size, a new modification time
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1_000))
+    second = qid_of(c, root, "hello.txt")
+    assert second[0] == first[0] and second[5:] == first[5:]  # the same file
+    assert second[1:5] != first[1:5]
+    path.write_bytes(b"HELLO, 9p, longer\n")  # a new size, even where the clock is coarse
+    os.utime(path, ns=(0, os.stat(tree / "hello.txt").st_mtime_ns - 1_000))
+    assert qid_of(c, root, "hello.txt")[1:5] not in (first[1:5], second[1:5])
+
+
+@pytest.mark.parametrize("lookup", ["openat2"])  # not the fallback: it walks one name at a time
+def test_a_name_is_reached_in_one_openat2_call(ro: tuple[Client, int], lookup: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel has openat2, a lookup at any depth is one system call, not one per
+    name (the server's cost per request would grow with the depth)."""
+    c, root = ro
+    assert c.server._how is not None  # Linux >= 5.6, and nothing refuses it here
+    calls: list[bytes] = []
+    real = kvm_libc
+
+    class Counting:
+        def syscall(self, number: int, dirfd: int, path: bytes, how: object, size: int) -> int:
+            calls.append(path)
+            return int(real.syscall(number, dirfd, path, how, size))
+
+    monkeypatch.setattr(share_module, "libc", Counting())
+    fid, qids = c.walk(root, "sub", "deep.bin")
+    assert len(qids) == 2
+    c.getattr(fid)
+    assert calls and all(path in (b"sub", b"sub/deep.bin") for path in calls), calls
+    assert len(calls) <= 3, calls
 
 
 def test_a_read_reply_may_span_buffers_and_never_exceeds_them(tree: Path) -> None:
