@@ -1,4 +1,8 @@
-"""Guest RAM: anonymous host mappings registered as KVM memslots, with bounds-checked access.
+"""Guest RAM: host mappings registered as KVM memslots, with bounds-checked access.
+
+RAM is anonymous memory, or, when a vhost-user device's daemon must reach it (`shared`), a memfd
+mapped MAP_SHARED whose descriptor goes to the daemon (the vhost-user spec's memory table), as
+QEMU's memory-backend-memfd and Firecracker's vhost-user support back it.
 
 Every guest-physical access from the VMM goes through `GuestMemory`, which refuses any range that
 is not wholly inside one RAM region, so a hostile guest address can never reach host memory
@@ -8,6 +12,7 @@ outside the guest's own RAM. `view()` hands out zero-copy memoryviews for device
 from __future__ import annotations
 
 import mmap
+import os
 
 from kvm_bindings import ffi
 from pyvmm.errors import GuestMemoryError
@@ -33,15 +38,17 @@ KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1  # the most pages in one memslot (include/l
 class Region:
     """One memslot's worth of guest RAM and the host mapping behind it."""
 
-    __slots__ = ("gpa", "size", "slot", "readonly", "ram", "mapping", "offset", "host_addr", "_buffer", "view")
+    __slots__ = ("gpa", "size", "slot", "readonly", "ram", "mapping", "fd", "offset", "host_addr", "_buffer",
+                 "view")
 
     def __init__(self, gpa: int, size: int, slot: int, readonly: bool, mapping: mmap.mmap, align: int = 1,
-                 ram: bool = True) -> None:
+                 ram: bool = True, fd: int = -1) -> None:
         self.gpa, self.size, self.slot, self.readonly, self.mapping = gpa, size, slot, readonly, mapping
         self.ram = ram  # the guest's RAM (the DT's /memory), not memory KVM uses for itself (PV time)
+        self.fd = fd  # the memfd `mapping` maps from its start, or -1 (anonymous memory)
         self._buffer = ffi.from_buffer(mapping)  # keeps the host address valid
         base = int(ffi.cast("uintptr_t", self._buffer))
-        self.offset = -base % align  # where the guest's bytes start inside `mapping`
+        self.offset = -base % align  # where the guest's bytes start inside `mapping` (and the memfd)
         self.host_addr = base + self.offset
         self.view = memoryview(mapping)[self.offset:self.offset + size]  # the guest's bytes, zero-copy
 
@@ -57,8 +64,10 @@ class Region:
 
 
 class GuestMemory:
-    def __init__(self) -> None:
+    def __init__(self, *, shared: bool = False) -> None:
+        """`shared`: RAM regions are memfds mapped MAP_SHARED, for vhost-user daemons."""
         self.regions: list[Region] = []
+        self.shared = shared
 
     def add(self, gpa: int, size: int, *, readonly: bool = False, ram: bool = True) -> Region:
         """Map `size` bytes of fresh zeroed host memory for guest-physical `gpa`."""
@@ -79,16 +88,25 @@ class GuestMemory:
         # kernel takes a fraction of the stage-2 faults. The mapping is over-allocated to align it.
         huge = size >= HUGE_PAGE and gpa % HUGE_PAGE == 0 and hasattr(mmap, "MADV_HUGEPAGE")
         extra = HUGE_PAGE if huge else 0
+        fd = -1
         try:
-            m = mmap.mmap(-1, size + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
+            if self.shared and ram:
+                # shmem pages are allocated as the guest touches them, as anonymous ones are
+                fd = os.memfd_create(f"pyvmm-ram@{gpa:#x}", os.MFD_CLOEXEC)
+                os.ftruncate(fd, size + extra)
+                m = mmap.mmap(fd, size + extra, mmap.MAP_SHARED)
+            else:
+                m = mmap.mmap(-1, size + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)
         except OSError as e:
+            if fd >= 0:
+                os.close(fd)
             raise GuestMemoryError(f"cannot map {size >> 20} MiB of guest RAM: {e.strerror}") from None
-        region = Region(gpa, size, len(self.regions), readonly, m, HUGE_PAGE if huge else 1, ram)
+        region = Region(gpa, size, len(self.regions), readonly, m, HUGE_PAGE if huge else 1, ram, fd)
         if huge:
             try:
                 m.madvise(mmap.MADV_HUGEPAGE, region.offset, size)
             except OSError:
-                pass  # THP disabled on this host: 4 KiB pages still work
+                pass  # THP disabled on this host (for shmem: shmem_enabled is "never"): small pages work
         self.regions.append(region)
         return region
 
@@ -111,6 +129,12 @@ class GuestMemory:
                 return r.view[off:off + size]
         raise GuestMemoryError(f"guest range {gpa:#x}+{size:#x} is not inside guest RAM")
 
+    def host_address(self, gpa: int, size: int) -> int:
+        """Where [gpa, gpa+size) is in this process (it must lie in one region): what a
+        vhost-user back-end is told, as it translates through the memory table."""
+        r = self.find(gpa, size)
+        return r.host_addr + gpa - r.gpa
+
     def read(self, gpa: int, size: int) -> bytes:
         return bytes(self.view(gpa, size))
 
@@ -122,4 +146,6 @@ class GuestMemory:
             r.view.release()
             ffi.release(r._buffer)
             r.mapping.close()
+            if r.fd >= 0:
+                os.close(r.fd)
         self.regions.clear()
