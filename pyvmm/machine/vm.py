@@ -73,7 +73,8 @@ class Vm:
     def __init__(self, *, cpus: int = 1, mem_mib: int = 64, ram_base: int = RAM_BASE,
                  kvm_path: str = "/dev/kvm", unhandled_mmio: str = "ignore", conduit: str = "hvc",
                  psci: bool | None = None, console: Callable[[int], None] | None = None, aarch32: bool = False,
-                 reboot: bool = True, cpu: CpuOptions = AS_THE_HOST_OFFERS, irqchip: str = "auto") -> None:
+                 reboot: bool = True, cpu: CpuOptions = AS_THE_HOST_OFFERS, irqchip: str = "auto",
+                 shared_memory: bool = False) -> None:
         """`conduit`: the SMCCC conduit every service answers on (the other gets NOT_SUPPORTED).
         `psci`: True: service PSCI 1.1 in pyvmm; False: KVM's in-kernel PSCI answers, and owns
         the vCPUs' power states; None (the default): pyvmm's where the host's KVM has the SMCCC
@@ -90,6 +91,7 @@ class Vm:
         says what the vCPUs got. `irqchip`: "auto" (as kvmtool's: a vGICv3 with an ITS, else a vGICv3, else a
         vGICv2), "gicv2", "gicv3" or
         "gicv3-its" (a vGICv3 with KVM's ITS), kvmtool's --irqchip.
+        `shared_memory`: guest RAM is memfds a vhost-user daemon can map (virtio-fs needs it).
         A failure here leaves nothing behind: every fd and mapping made so far is closed."""
         if cpus < 1:
             raise VmmError(f"a VM needs at least one vCPU, not {cpus}")
@@ -104,21 +106,21 @@ class Vm:
         self._resources = ExitStack()  # what close() frees, last made first
         try:
             self._build(cpus, mem_mib << 20, ram_base, kvm_path, unhandled_mmio, conduit, psci, console, aarch32,
-                        cpu, irqchip, reboot)
+                        cpu, irqchip, reboot, shared_memory)
         except BaseException:
             self._resources.close()
             raise
 
     def _build(self, cpus: int, mem_size: int, ram_base: int, kvm_path: str, unhandled_mmio: str,
                conduit: str, psci: bool | None, console: Callable[[int], None] | None, aarch32: bool,
-               cpu: CpuOptions, irqchip: str, reboot: bool) -> None:
+               cpu: CpuOptions, irqchip: str, reboot: bool, shared_memory: bool) -> None:
         """The parts in the order each needs the ones before it (arm-vgic-v3.rst, api.rst): KVM,
         the VM and its CPU features, memory, the GIC, the SMCCC dispatcher and the life cycle, the
         vCPUs, then what needs them all (the GIC's final init, the PMU, the UART, PSCI)."""
         self.aarch32, self.ram_base = aarch32, ram_base
         self._open_vm(cpus, ram_base + mem_size, kvm_path, cpu, aarch32)
         psci = self._choose_psci(psci, conduit)
-        self.memory = GuestMemory()
+        self.memory = GuestMemory(shared=shared_memory)
         self._resources.callback(self.memory.close)
         self.mmio = MmioBus()
         self.dt_parts: list[DtPart] = []  # devices that contribute a device-tree node
@@ -246,13 +248,18 @@ class Vm:
         """Attach a virtio device on its own virtio-mmio transport, at the next of kvmtool's
         virtio-mmio slots (0x3000000 + 0x200 * n) with the next SPI. The VM owns the device from
         here on: it is closed with the VM, or at once if it cannot be attached."""
-        from pyvmm.devices.virtio.transport import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE, VirtioMmio
+        from pyvmm.devices.virtio.mmio_registers import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
+        from pyvmm.devices.virtio.transport import VirtioMmio
 
         try:
             if self.lifecycle.ran:
                 raise VmmError("add devices before the VM first runs")
+            if device.external_queues and not self.memory.shared:
+                raise VmmError(f"virtio-{device.name}: its daemon must reach guest RAM: build the VM with "
+                               "Vm(shared_memory=True)")
             base = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE * len(self.virtio)
-            transport = VirtioMmio(device, base, self.memory, self.lines.irqfd(), self.fd.ioeventfd)
+            transport = VirtioMmio(device, base, self.memory, self.lines.irqfd(), self.fd.ioeventfd,
+                                   fatal=self._device_failed)
         except BaseException:
             device.close()
             raise
@@ -261,6 +268,10 @@ class Vm:
         self.lifecycle.add_device(transport)
         self.virtio.append(transport)
         return transport
+
+    def _device_failed(self, message: str) -> None:
+        """A device that cannot go on (its vhost-user daemon died) ends the run."""
+        self.lifecycle.finish(RunResult("error", message))
 
     def enable_sdei(self, events: Iterable[EventSpec] = ()) -> Sdei:
         """Service SDEI 1.1 in pyvmm with event 0 and the declared platform `events`; the SDEI

@@ -144,14 +144,15 @@ def test_virtio_devices_bring_their_own_options() -> None:
     """Each device type in CLI_DEVICES adds its options to `pyvmm run`, in kvmtool's order."""
     from pyvmm.devices.virtio.blk import VirtioBlk
     from pyvmm.devices.virtio.console import VirtioConsole
+    from pyvmm.devices.virtio.fs import VirtioFs
     from pyvmm.devices.virtio.net import VirtioNet
     from pyvmm.devices.virtio.p9 import Virtio9p
     from pyvmm.devices.virtio.registry import CLI_DEVICES
     from pyvmm.devices.virtio.rng import VirtioRng
 
-    assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet, Virtio9p)
+    assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet, Virtio9p, VirtioFs)
     help_text = run_cli("run", "--help").stdout
-    for flag in ("--disk", "--console", "--rng", "--network", "--9p"):
+    for flag in ("--disk", "--console", "--rng", "--network", "--9p", "--fs"):
         assert flag in help_text
 
 

@@ -14,7 +14,7 @@ from typing import cast
 
 import pytest
 
-from pyvmm.devices.virtio import transport as reg
+from pyvmm.devices.virtio import mmio_registers as reg
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.devices.virtio.transport import VirtioMmio

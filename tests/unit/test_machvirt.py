@@ -15,8 +15,9 @@ from devicetree.builder import Node, build_dtb
 from devicetree.machvirt import machine_tree
 from pyvmm.devices.serial import SerialPort
 from pyvmm.devices.virtio.device import VirtioDevice
+from pyvmm.devices.virtio.mmio_registers import VIRTIO_MMIO_BASE
 from pyvmm.devices.virtio.rng import VirtioRng
-from pyvmm.devices.virtio.transport import VIRTIO_MMIO_BASE, VirtioMmio
+from pyvmm.devices.virtio.transport import VirtioMmio
 from pyvmm.machine.irq_lines import InterruptLines
 from pyvmm.machine.memory import GuestMemory
 from pyvmm.services.psci import KvmPsci, Psci

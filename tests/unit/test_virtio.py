@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from devicetree.builder import Phandles
 from kvm_bindings import ffi
-from pyvmm.devices.virtio import transport as reg
+from pyvmm.devices.virtio import mmio_registers as reg
 from pyvmm.devices.virtio.blk import (
     SECTOR,
     VIRTIO_BLK_S_IOERR,

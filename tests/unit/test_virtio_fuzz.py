@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pyvmm.devices.virtio import mmio_registers as reg
 from pyvmm.devices.virtio import net as virtio_net
-from pyvmm.devices.virtio import transport as reg
 from pyvmm.devices.virtio.blk import SECTOR, VIRTIO_BLK_T_GET_ID, VirtioBlk
 from pyvmm.devices.virtio.console import VirtioConsole
 from pyvmm.devices.virtio.device import VirtioDevice

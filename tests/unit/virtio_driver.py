@@ -8,9 +8,10 @@ import os
 import select
 import struct
 import time
+from collections.abc import Callable
 
 from pyvmm.devices.bus import MmioBus
-from pyvmm.devices.virtio import transport as reg
+from pyvmm.devices.virtio import mmio_registers as reg
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, VirtioDevice
 from pyvmm.devices.virtio.rings.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.devices.virtio.transport import VirtioMmio
@@ -25,17 +26,17 @@ RAM_SIZE = 4 << 20
 class FakeVm:
     """Guest RAM (anonymous memory), interrupt lines and an MMIO bus: what a transport is handed."""
 
-    def __init__(self) -> None:
-        self.memory = GuestMemory()
+    def __init__(self, shared: bool = False) -> None:
+        self.memory = GuestMemory(shared=shared)  # shared: memfds, as a vhost-user daemon needs
         self.memory.add(RAM, RAM_SIZE)
         self.fd = FakeVmFd()
         self.lines = InterruptLines(self.fd)
         self.mmio = MmioBus()
         self.transports: list[VirtioMmio] = []
 
-    def attach(self, device: VirtioDevice) -> VirtioMmio:
+    def attach(self, device: VirtioDevice, fatal: Callable[[str], None] | None = None) -> VirtioMmio:
         """A transport at the first virtio-mmio slot, its worker running."""
-        t = VirtioMmio(device, reg.VIRTIO_MMIO_BASE, self.memory, self.lines.irqfd(), self.fd.ioeventfd)
+        t = VirtioMmio(device, reg.VIRTIO_MMIO_BASE, self.memory, self.lines.irqfd(), self.fd.ioeventfd, fatal)
         self.mmio.add(t.base, reg.VIRTIO_MMIO_SIZE, t, t.name)
         self.transports.append(t)
         t.start()

@@ -53,7 +53,9 @@ class VirtioDevice:
     device_id: int = 0  # §5: 1 net, 2 block, 3 console, 4 entropy
     name: str = "virtio"
     queue_sizes: tuple[int, ...] = ()
-    features: int = 0  # device-specific feature bits (the transport adds TRANSPORT_FEATURES)
+    features: int = 0  # device-specific feature bits
+    transport_features: int = TRANSPORT_FEATURES  # the ring features offered with them
+    external_queues = False  # a vhost-user daemon serves the queues (vhost_user/device.py)
 
     def __init__(self) -> None:
         self.transport: Transport | None = None

@@ -9,6 +9,12 @@ a way to register ioeventfds. The fast path never involves a vCPU thread in Pyth
   * interrupts: a KVM irqfd on the device's SPI, signalled by the worker.
 vCPU threads only see the transport's registers: set-up, InterruptStatus and InterruptACK.
 
+A device whose queues a vhost-user daemon serves (`external_queues`) hands the kick eventfds and
+the irqfd's eventfd to the daemon, and the worker leaves them alone. pyvmm cannot tell when that
+daemon interrupts, so InterruptStatus' used-buffer bit reads as set always (Linux's vm_interrupt
+then scans every ring, harmlessly; Firecracker does the same), and the driver's ACK of that bit is
+caught by an ioeventfd: only the status read leaves KVM, as under any virtio-mmio VMM.
+
 Locking: `_state` guards the registers and queue set-up, held briefly by vCPU threads and by the
 worker; device work (a disk read, an fsync, a frame) runs outside it, so a register access never
 waits behind I/O. What would pull the rings from under a request in flight is deferred until the
@@ -34,7 +40,8 @@ from typing import Protocol
 
 from devicetree.builder import U64, Node, Phandles
 from kvm_bindings.constants import KVM_IOEVENTFD_FLAG_DATAMATCH
-from pyvmm.devices.virtio.device import TRANSPORT_FEATURES, VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice
+from pyvmm.devices.virtio import mmio_registers as reg
+from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, VirtioDevice
 from pyvmm.devices.virtio.rings.chain import QueueError
 from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.machine.memory import GuestMemory
@@ -45,6 +52,8 @@ class Interrupt(Protocol):
 
     spi: int
 
+    fd: int  # the irqfd's eventfd, which a vhost-user daemon signals itself
+
     def trigger(self) -> None: ...
 
 
@@ -52,44 +61,20 @@ IoEventFdRegistrar = Callable[[int, int, int, int, int], None]  # (addr, len, fd
 
 log = logging.getLogger("pyvmm")
 
-VIRTIO_MMIO_BASE = 0x300_0000  # kvmtool's arm64 KVM_VIRTIO_MMIO_AREA
-VIRTIO_MMIO_SIZE = 0x200  # kvmtool's per-device window: registers + configuration space
-MAGIC = 0x7472_6976  # "virt"
-VERSION = 2
-VENDOR_ID = int.from_bytes(b"PYVM", "little")
-
-# Registers (§4.2.2, table "MMIO Device Register Layout")
-MAGIC_VALUE, VERSION_REG, DEVICE_ID, VENDOR = 0x000, 0x004, 0x008, 0x00C
-DEVICE_FEATURES, DEVICE_FEATURES_SEL = 0x010, 0x014
-DRIVER_FEATURES, DRIVER_FEATURES_SEL = 0x020, 0x024
-QUEUE_SEL, QUEUE_NUM_MAX, QUEUE_NUM, QUEUE_READY = 0x030, 0x034, 0x038, 0x044
-QUEUE_NOTIFY = 0x050
-INTERRUPT_STATUS, INTERRUPT_ACK = 0x060, 0x064
-STATUS = 0x070
-QUEUE_DESC_LOW, QUEUE_DESC_HIGH = 0x080, 0x084
-QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH = 0x090, 0x094
-QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH = 0x0A0, 0x0A4
-SHM_SEL, SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH = 0x0AC, 0x0B0, 0x0B4, 0x0B8, 0x0BC
-CONFIG_GENERATION = 0x0FC
-CONFIG = 0x100
-
-# Device status bits (§2.1)
-ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
-DEVICE_NEEDS_RESET, FAILED = 0x40, 0x80
-# InterruptStatus bits (§4.2.2)
-INT_USED_BUFFER, INT_CONFIG_CHANGE = 1, 2
-
 GIC_SPI, IRQ_TYPE_EDGE_RISING = 0, 1  # an irqfd injects an edge, as kvmtool and QEMU declare
 
 
 class VirtioMmio:
     def __init__(self, device: VirtioDevice, base: int, memory: GuestMemory, irq: Interrupt,
-                 ioeventfd: IoEventFdRegistrar) -> None:
-        self.device, self.base, self.irq = device, base, irq
+                 ioeventfd: IoEventFdRegistrar, fatal: Callable[[str], None] | None = None) -> None:
+        """`fatal`: ends the machine's run with a message (a vhost-user daemon that went away)."""
+        self.device, self.base, self.irq, self.memory = device, base, irq, memory
         self.spi = irq.spi
         self.name = f"virtio-{device.name}"
         self.queues = [Virtqueue(i, n, memory) for i, n in enumerate(device.queue_sizes)]
-        self.device_features = device.features | TRANSPORT_FEATURES
+        self.device_features = device.features | device.transport_features
+        self.external = device.external_queues
+        self._fatal = fatal
         self._state = threading.Condition(threading.RLock())  # registers and queue set-up
         self._busy = False  # the worker is in device code
         self._reset_pending = False  # status 0 was written while it was: the worker resets the device
@@ -97,6 +82,7 @@ class VirtioMmio:
         self._isr_lock = threading.Lock()
         self._reset_registers()
         self._kick_fds: list[int] = []
+        self._ack_fd = -1  # external queues: the ioeventfd that takes InterruptACK's used-buffer bit
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
         self._stopping = False  # the machine is stopping or resetting: nothing waits for the worker
@@ -104,12 +90,16 @@ class VirtioMmio:
             for i in range(len(self.queues)):
                 fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 self._kick_fds.append(fd)
-                ioeventfd(base + QUEUE_NOTIFY, 4, fd, KVM_IOEVENTFD_FLAG_DATAMATCH, i)
+                ioeventfd(base + reg.QUEUE_NOTIFY, 4, fd, KVM_IOEVENTFD_FLAG_DATAMATCH, i)
+            if self.external:
+                self._ack_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                ioeventfd(base + reg.INTERRUPT_ACK, 4, self._ack_fd, KVM_IOEVENTFD_FLAG_DATAMATCH, reg.INT_USED_BUFFER)
             device.attach(self)
             self._poller = select.poll()
             self._handlers: dict[int, Callable[[], None]] = {}
-            for q, fd in zip(self.queues, self._kick_fds, strict=True):
-                self._handlers[fd] = self._kick_handler(fd, q)
+            if not self.external:
+                for q, fd in zip(self.queues, self._kick_fds, strict=True):
+                    self._handlers[fd] = self._kick_handler(fd, q)
             for fd, fn in device.poll_fds().items():
                 self._handlers[fd] = self._backend_handler(fn)
             for fd in (self._stop_fd, *self._handlers):
@@ -131,82 +121,82 @@ class VirtioMmio:
 
     @property
     def running(self) -> bool:
-        """DRIVER_OK and not broken: the device may use its queues."""
-        return bool(self.status & DRIVER_OK) and self.broken is None
+        """reg.DRIVER_OK and not broken: the device may use its queues."""
+        return bool(self.status & reg.DRIVER_OK) and self.broken is None
 
     # --- device tree ---------------------------------------------------------------------
     def dt_node(self, ph: Phandles) -> Node:
         # Documentation/devicetree/bindings/virtio/mmio.yaml
         return Node(f"virtio@{self.base:x}", {
-            "compatible": "virtio,mmio", "reg": [U64(self.base), U64(VIRTIO_MMIO_SIZE)],
+            "compatible": "virtio,mmio", "reg": [U64(self.base), U64(reg.VIRTIO_MMIO_SIZE)],
             "interrupts": [GIC_SPI, self.spi, IRQ_TYPE_EDGE_RISING], "dma-coherent": True})
 
     # --- registers (vCPU threads) --------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
-        if offset >= CONFIG:
-            off = offset - CONFIG
+        if offset >= reg.CONFIG:
+            off = offset - reg.CONFIG
             return int.from_bytes(bytes(self.device.config[off:off + size]).ljust(size, b"\0"), "little")
         if size != 4 or offset & 3:
             return 0  # §4.2.2.2: registers are read 32 bits wide
-        if offset == INTERRUPT_STATUS:
-            return self.isr
-        if offset == MAGIC_VALUE:
-            return MAGIC
-        if offset == VERSION_REG:
-            return VERSION
-        if offset == DEVICE_ID:
+        if offset == reg.INTERRUPT_STATUS:
+            return self.isr | reg.INT_USED_BUFFER if self.external else self.isr
+        if offset == reg.MAGIC_VALUE:
+            return reg.MAGIC
+        if offset == reg.VERSION_REG:
+            return reg.VERSION
+        if offset == reg.DEVICE_ID:
             return self.device.device_id
-        if offset == VENDOR:
-            return VENDOR_ID
-        if offset == DEVICE_FEATURES:
+        if offset == reg.VENDOR:
+            return reg.VENDOR_ID
+        if offset == reg.DEVICE_FEATURES:
             return (self.device_features >> (32 * self.device_features_sel)) & 0xFFFF_FFFF \
                 if self.device_features_sel < 2 else 0
-        if offset == STATUS:
+        if offset == reg.STATUS:
             return self.status
-        if offset == CONFIG_GENERATION:
+        if offset == reg.CONFIG_GENERATION:
             return self.config_generation
-        if offset in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
+        if offset in (reg.SHM_LEN_LOW, reg.SHM_LEN_HIGH, reg.SHM_BASE_LOW, reg.SHM_BASE_HIGH):
             return 0xFFFF_FFFF  # no shared memory regions: length and base read as -1
         q = self._selected()
         if q is None:
             return 0
-        if offset == QUEUE_NUM_MAX:
+        if offset == reg.QUEUE_NUM_MAX:
             return q.max_size
-        if offset == QUEUE_READY:
+        if offset == reg.QUEUE_READY:
             return int(q.ready)
         return 0  # write-only registers
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if offset >= CONFIG:
+        if offset >= reg.CONFIG:
             with self._state:
-                self.device.write_config(offset - CONFIG, value.to_bytes(size, "little"))
+                self.device.write_config(offset - reg.CONFIG, value.to_bytes(size, "little"))
             return
         if size != 4 or offset & 3:
             return
-        if offset == QUEUE_NOTIFY:  # only when the ioeventfd did not catch it
+        if offset == reg.QUEUE_NOTIFY:  # only when the ioeventfd did not catch it
             if value < len(self._kick_fds):
                 os.eventfd_write(self._kick_fds[value], 1)
             return
-        if offset == INTERRUPT_ACK:
+        if offset == reg.INTERRUPT_ACK:
             with self._isr_lock:
                 self.isr &= ~value
             return
         with self._state:
             if self._reset_pending and not self._wait_idle():
                 return  # the machine is stopping or resetting the device itself
-            if offset == STATUS:
+            if offset == reg.STATUS:
                 self._set_status(value)
-            elif offset == DEVICE_FEATURES_SEL:
+            elif offset == reg.DEVICE_FEATURES_SEL:
                 self.device_features_sel = value
-            elif offset == DRIVER_FEATURES_SEL:
+            elif offset == reg.DRIVER_FEATURES_SEL:
                 self.driver_features_sel = value
-            elif offset == DRIVER_FEATURES:
-                if self.driver_features_sel < 2 and not self.status & FEATURES_OK:
+            elif offset == reg.DRIVER_FEATURES:
+                if self.driver_features_sel < 2 and not self.status & reg.FEATURES_OK:
                     shift = 32 * self.driver_features_sel
                     self.driver_features = (self.driver_features & ~(0xFFFF_FFFF << shift)) | (value << shift)
-            elif offset == QUEUE_SEL:
+            elif offset == reg.QUEUE_SEL:
                 self.queue_sel = value
-            elif offset == SHM_SEL:
+            elif offset == reg.SHM_SEL:
                 self.shm_sel = value
             else:
                 self._write_queue(offset, value)
@@ -218,7 +208,7 @@ class VirtioMmio:
         q = self._selected()
         if q is None:
             return
-        if offset == QUEUE_READY:
+        if offset == reg.QUEUE_READY:
             if value & 1 and not q.ready:
                 try:
                     q.activate(bool(self.driver_features & VIRTIO_F_EVENT_IDX))
@@ -233,14 +223,14 @@ class VirtioMmio:
             return
         if q.ready:
             return  # §4.2.2.3: the driver sets a queue up only while it is not ready
-        if offset == QUEUE_NUM:
+        if offset == reg.QUEUE_NUM:
             q.size = value
-        elif offset in (QUEUE_DESC_LOW, QUEUE_DESC_HIGH):
-            q.desc_addr = _set_half(q.desc_addr, offset == QUEUE_DESC_HIGH, value)
-        elif offset in (QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH):
-            q.avail_addr = _set_half(q.avail_addr, offset == QUEUE_DRIVER_HIGH, value)
-        elif offset in (QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH):
-            q.used_addr = _set_half(q.used_addr, offset == QUEUE_DEVICE_HIGH, value)
+        elif offset in (reg.QUEUE_DESC_LOW, reg.QUEUE_DESC_HIGH):
+            q.desc_addr = _set_half(q.desc_addr, offset == reg.QUEUE_DESC_HIGH, value)
+        elif offset in (reg.QUEUE_DRIVER_LOW, reg.QUEUE_DRIVER_HIGH):
+            q.avail_addr = _set_half(q.avail_addr, offset == reg.QUEUE_DRIVER_HIGH, value)
+        elif offset in (reg.QUEUE_DEVICE_LOW, reg.QUEUE_DEVICE_HIGH):
+            q.used_addr = _set_half(q.used_addr, offset == reg.QUEUE_DEVICE_HIGH, value)
 
     def _set_status(self, value: int) -> None:
         """Device status transitions (§3.1.1 driver initialisation, §2.1 status field)."""
@@ -251,12 +241,12 @@ class VirtioMmio:
                 self._reset()
             return
         new, old = value & 0xFF, self.status
-        if new & FEATURES_OK and not old & FEATURES_OK and not self._features_acceptable():
-            new &= ~FEATURES_OK  # the driver reads it back and gives up (§3.1.1 step 6)
-        if new & DRIVER_OK and not old & DRIVER_OK:
-            if not new & FEATURES_OK:
+        if new & reg.FEATURES_OK and not old & reg.FEATURES_OK and not self._features_acceptable():
+            new &= ~reg.FEATURES_OK  # the driver reads it back and gives up (§3.1.1 step 6)
+        if new & reg.DRIVER_OK and not old & reg.DRIVER_OK:
+            if not new & reg.FEATURES_OK:
                 self.status = new
-                self._break_locked("DRIVER_OK without FEATURES_OK")
+                self._break_locked("reg.DRIVER_OK without reg.FEATURES_OK")
                 return
             self.status = new
             try:
@@ -264,9 +254,9 @@ class VirtioMmio:
             except Exception as e:  # a device bug breaks the device, not the vCPU thread
                 self._break_locked(f"internal error: {type(e).__name__}: {e}")
                 return
-            for fd in self._kick_fds:  # buffers made available before DRIVER_OK
+            for fd in self._kick_fds:  # buffers made available before reg.DRIVER_OK
                 os.eventfd_write(fd, 1)
-        self.status = new | (DEVICE_NEEDS_RESET if self.broken else 0)
+        self.status = new | (reg.DEVICE_NEEDS_RESET if self.broken else 0)
 
     def _features_acceptable(self) -> bool:
         f = self.driver_features
@@ -297,9 +287,9 @@ class VirtioMmio:
         if self.broken is None:
             log.warning("%s at %#x: %s; the device needs a reset", self.name, self.base, why)
         self.broken = why
-        self.status |= DEVICE_NEEDS_RESET
+        self.status |= reg.DEVICE_NEEDS_RESET
         self.config_generation += 1
-        self._interrupt(INT_CONFIG_CHANGE)
+        self._interrupt(reg.INT_CONFIG_CHANGE)
 
     # --- the life cycle (pyvmm/machine/lifecycle.py) ------------------------------------------------
     def release_waiters(self) -> None:
@@ -417,9 +407,22 @@ class VirtioMmio:
         """Worker thread: start or stop polling a backend fd."""
         self._poller.modify(fd, select.POLLIN if enabled else 0)
 
+    # --- for a vhost-user device (vhost_user/device.py's RingHost) ---------------------------
+    def kick_fd(self, index: int) -> int:
+        return self._kick_fds[index]
+
+    def call_fd(self) -> int:
+        return self.irq.fd
+
+    def fatal(self, message: str) -> None:
+        if self._fatal is None:
+            log.error("%s", message)
+        else:
+            self._fatal(message)
+
     def publish(self, queue: Virtqueue) -> None:
         if queue.publish():
-            self._interrupt(INT_USED_BUFFER)
+            self._interrupt(reg.INT_USED_BUFFER)
 
     def _interrupt(self, bit: int) -> None:
         with self._isr_lock:
@@ -435,9 +438,10 @@ class VirtioMmio:
         self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self._stop_fd, *self._kick_fds):
+        for fd in (self._stop_fd, *self._kick_fds, *([self._ack_fd] if self._ack_fd >= 0 else [])):
             os.close(fd)
         self._kick_fds = []
+        self._ack_fd = -1
 
 
 def _set_half(current: int, high: bool, value: int) -> int:

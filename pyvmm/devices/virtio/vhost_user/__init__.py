@@ -1,0 +1,1 @@
+"""vhost-user: virtio devices whose rings a daemon serves (pyvmm is the front-end)."""
