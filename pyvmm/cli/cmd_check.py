@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 from pyvmm.cli.options import EXIT_ERROR, EXIT_OK
@@ -13,6 +14,22 @@ def add_parser(sub: Any) -> None:
     """This subcommand's parser, on `pyvmm`'s subparsers."""
     check = sub.add_parser("check", help="report what this host's KVM offers pyvmm")
     check.set_defaults(handler=cmd_check)
+
+
+def exec_share_line() -> str:
+    """Which share `pyvmm exec --share auto` takes on this host, and why."""
+    from pyvmm.devices.virtio.vhost_user import virtiofsd
+    from pyvmm.exec.initramfs import kernel_offers
+    from pyvmm.exec.shares import choose_share
+
+    modules = f"/lib/modules/{os.uname().release}"
+    tree = Path(modules) if os.path.isdir(modules) else None
+    found = virtiofsd.find()
+    if choose_share("auto", tree) == "fs":
+        return f"exec's files    virtio-fs, through {found}"
+    why = ("no virtiofsd (Debian 13, Ubuntu 24.04: apt install virtiofsd)" if found is None
+           else f"this kernel has no virtiofs module under {modules}" if not kernel_offers(tree, "virtiofs") else "")
+    return f"exec's files    virtio-9p ({why})"
 
 
 def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
@@ -28,4 +45,5 @@ def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
     shape = probe()
     for line in report(shape):
         print(line)
+    print(exec_share_line())
     return EXIT_OK if runnable(shape) else EXIT_ERROR

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def add_parser(sub: Any) -> None:
     """This subcommand's parser, on `pyvmm`'s subparsers."""
     ex = sub.add_parser("exec", help="run a host command in a Linux guest on the host's root",
-                        description="Boot a Linux guest whose root is the host's (read-only, virtio-9p) and run "
+                        description="Boot a Linux guest whose root is the host's (read-only, virtio-fs or virtio-9p) and run "
                                     "CMD in it; its stdout and stderr are pyvmm's, its status pyvmm's status.")
     ex.usage_status = EXIT_EXEC_PYVMM
     ex.add_argument("-k", "--kernel", metavar="IMAGE",
@@ -37,6 +37,9 @@ def add_parser(sub: Any) -> None:
     ex.add_argument("-p", "--params", default="", metavar="PARAMS", help="more kernel command line")
     ex.add_argument("--rwdir", action="append", default=[], metavar="DIR",
                     help="make host directory DIR writable in the guest (at the same path); repeatable")
+    ex.add_argument("--share", choices=("auto", "9p", "fs"), default="auto",
+                    help="how the host's files reach the guest: fs (virtio-fs through virtiofsd), 9p, or auto "
+                         "(virtio-fs where virtiofsd is installed; `pyvmm check` says which)")
     ex.add_argument("--cwd", metavar="DIR", help="the command's directory (default: the current one)")
     ex.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                     help="pass an environment variable (beyond PATH, HOME, TERM, LANG, LC_* and a few more)")
@@ -80,7 +83,7 @@ def cmd_exec(args: argparse.Namespace, signals: StopSignals) -> int:
             session = LinuxSession(kernel=args.kernel, modules=args.modules, rwdirs=rwdirs, cpus=args.cpus,
                                    mem_mib=args.mem, params=args.params, console_log=args.console_log,
                                    conduit=args.psci_conduit, stdout=write_all(1), stderr=write_all(2),
-                                   configure=services.apply)
+                                   configure=services.apply, share=args.share)
             signals.stop_with(session.stop)
     except VmmError as e:
         print(one_line(f"pyvmm: error: {e}"), file=sys.stderr)

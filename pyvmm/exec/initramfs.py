@@ -28,7 +28,7 @@ from pyvmm.errors import VmmError
 
 # Required: without them the guest cannot reach its root. Optional: nice to have (entropy).
 REQUIRED_MODULES = ("virtio_mmio", "virtio_console", "9pnet_virtio", "9p")
-OPTIONAL_MODULES = ("virtio_rng",)
+OPTIONAL_MODULES = ("virtio_rng", "virtiofs")
 BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox", "/sbin/busybox")
 EM_AARCH64, PT_INTERP = 183, 3
 
@@ -164,6 +164,21 @@ class ModuleTree:
         for name in optional:
             visit(name, False)
         return order
+
+
+def kernel_offers(modules_root: Path | None, name: str) -> bool:
+    """Whether the kernel of this module tree has module `name`, built in or as a module, read
+    from the tree's index files (no walk). Without a tree nothing can be told: False."""
+    if modules_root is None:
+        return False
+    for index in ("modules.builtin", "modules.order"):
+        try:
+            text = (modules_root / index).read_text()
+        except OSError:
+            continue
+        if any(_module_name(line) == name for line in text.split()):
+            return True
+    return False
 
 
 def _module_name(text: str) -> str:

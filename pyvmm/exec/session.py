@@ -7,9 +7,12 @@ these devices, in this order, so that Linux numbers the consoles as listed:
                ("up", "ready", "start ID", "exit ID STATUS", "fail WHY"; "run ID", "quit");
   pyvmm-ctl    a read-only virtio-9p share of a private host directory with the setup script and
                one script per command (its directory, environment and argv, quoted for sh);
-  pyvmm-root   the host's / over virtio-9p, read-only, mounted as the guest's root with tmpfs on
-               /tmp, /run and /var/tmp and fresh /proc, /sys, /dev;
-  pyvmm-rwN    each --rwdir, read-write, at the same path;
+  pyvmm-root   the host's /, read-only, mounted as the guest's root with tmpfs on /tmp, /run and
+               /var/tmp and fresh /proc, /sys, /dev: over virtio-fs, served by a virtiofsd with
+               its own caching (--cache always: the root does not change under a session), where
+               the host has virtiofsd and the kernel virtiofs, else over virtio-9p (cache=loose);
+  pyvmm-rwN    each --rwdir, read-write, at the same path (virtio-fs with --cache never, or 9p
+               without a cache: what either side writes, the other sees at once);
   virtio-rng   so that nothing in the guest waits for entropy.
 The kernel's own console is the UART (ttyS0), kept in memory (its tail names a boot failure)
 and written to --console-log. A command's status comes on the control console, never out of
@@ -35,9 +38,11 @@ from typing import TYPE_CHECKING
 
 from pyvmm.errors import VmmError
 from pyvmm.exec import initramfs
+from pyvmm.exec.shares import choose_share, setup_script, share_devices
 from pyvmm.machine.lifecycle import RunResult
 
 if TYPE_CHECKING:
+    from pyvmm.devices.virtio.p9 import Virtio9p
     from pyvmm.machine.vm import Vm
 
 log = logging.getLogger("pyvmm")
@@ -53,7 +58,6 @@ GUEST_TMPFS = ("/tmp", "/run", "/var/tmp")
 CONTROL_LINE_MAX = 4096
 CAPTURE_MAX = 64 << 20  # per stream and command, when captured: beyond it output is dropped
 CONSOLE_TAIL = 8192
-MSIZE = 512000  # Linux 6.12's virtio transport maximum (PAGE_SIZE * (VIRTQUEUE_NUM - 3)); more is cut with a warning
 
 
 @dataclass
@@ -125,28 +129,6 @@ def command_script(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> byt
         f"exec /run/pyvmm/busybox env -i -- {assignments} {' '.join(q(a) for a in argv)} 4>&-\n")
 
 
-def setup_script(rwdirs: Sequence[str]) -> bytes:
-    """What the init sources once the control share is mounted: the guest's file systems."""
-    q = shlex.quote
-    opts = f"trans=virtio,version=9p2000.L,msize={MSIZE}"
-    lines = [
-        "R=/newroot",
-        f"mount -t 9p -o {opts},ro,cache=loose pyvmm-root $R || die 'cannot mount the host root over 9p'",
-        "for d in tmp var/tmp; do [ -d $R/$d ] && mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs $R/$d; done",
-        "[ -d $R/run ] || die 'the host root has no /run'",
-        "mount -t tmpfs -o mode=755,nosuid,nodev tmpfs $R/run",
-        "mount -t proc proc $R/proc && mount -t sysfs sysfs $R/sys && mount -t devtmpfs devtmpfs $R/dev"
-        " || die 'cannot mount /proc, /sys and /dev'",
-        "mkdir -p $R/dev/pts $R/dev/shm && mount -t devpts devpts $R/dev/pts && mount -t tmpfs tmpfs $R/dev/shm",
-        "mkdir -p $R/run/pyvmm/ctl && cp /bin/busybox $R/run/pyvmm/busybox && mount --bind /ctl $R/run/pyvmm/ctl"
-        " || die 'cannot prepare /run/pyvmm'",
-    ]
-    for i, d in enumerate(rwdirs):
-        lines.append(f"mkdir -p $R{q(d)} 2>/dev/null; mount -t 9p -o {opts} pyvmm-rw{i} $R{q(d)}"
-                     f" || die {q(f'cannot mount --rwdir {d}')}")
-    return ("\n".join(lines) + "\n").encode()
-
-
 class ConsoleTail:
     """The kernel console (the UART's bytes): the last few KiB in memory, all of it in a file."""
 
@@ -187,7 +169,7 @@ class LinuxSession:
                  cpus: int = 1, mem_mib: int = 512, params: str = "", console_log: str | None = None,
                  conduit: str = "hvc", stdout: Callable[[bytes], None] | None = None,
                  stderr: Callable[[bytes], None] | None = None,
-                 configure: Callable[[Vm], None] | None = None) -> None:
+                 configure: Callable[[Vm], None] | None = None, share: str = "auto") -> None:
         self.started = time.monotonic()
         self.timeline: dict[str, float] = {}
         self.rwdirs = [os.path.realpath(d) for d in rwdirs]
@@ -205,6 +187,7 @@ class LinuxSession:
         else:
             tree = modules_of(kernel)
         self.kernel, self.modules = kernel, tree
+        self.share = choose_share(share, tree)
         self.initrd = initramfs.build(tree)
         self._sinks = (stdout, stderr)
         self._captured = (bytearray(), bytearray())
@@ -218,6 +201,7 @@ class LinuxSession:
         self._failure: str | None = None
         self._ctl = tempfile.mkdtemp(prefix="pyvmm-exec-")
         self.console = ConsoleTail(console_log)
+        self.root_share: Virtio9p | None = None  # the 9p root's server (its request count), if 9p
         try:
             self._build(cpus, mem_mib, params, conduit, console_log is not None, configure)
         except BaseException:
@@ -232,15 +216,15 @@ class LinuxSession:
         from pyvmm.devices.virtio.rng import VirtioRng
         from pyvmm.machine.vm import Vm  # noqa: F811 - the class itself, at run time
 
-        Path(self._ctl, "setup.sh").write_bytes(setup_script(self.rwdirs))
-        self.vm = vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, console=self.console, reboot=False)
+        Path(self._ctl, "setup.sh").write_bytes(setup_script(self.rwdirs, self.share))
+        self.vm = vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, console=self.console, reboot=False,
+                          shared_memory=self.share == "fs")
         try:
             self._control_console = VirtioConsole(self._control)
-            self.root_share = Virtio9p("/", "pyvmm-root", read_only=True, opaque=frozenset({"proc", "sys", "dev"}))
+            shares, self.root_share = share_devices(self.share, self.rwdirs)
             devices = [VirtioConsole(lambda b: self._output(0, b)), VirtioConsole(lambda b: self._output(1, b)),
                        self._control_console, Virtio9p(self._ctl, "pyvmm-ctl", read_only=True),
-                       self.root_share,
-                       *(Virtio9p(d, f"pyvmm-rw{i}") for i, d in enumerate(self.rwdirs)), VirtioRng()]
+                       *shares, VirtioRng()]
             for device in devices:
                 vm.add_virtio(device)
             if configure is not None:

@@ -1,5 +1,6 @@
 """`pyvmm exec` and LinuxSession on real KVM: a Linux guest on the host's root (read-only,
-virtio-9p), the command's streams and status, --rwdir, and the share's confinement.
+virtio-fs through virtiofsd, and virtio-9p: every test runs on each), the command's streams and
+status, --rwdir, and the share's confinement.
 
 The kernel is the default one, as a user gets it: the running kernel and its modules (in the
 emulated host, its bundled Debian kernel, kept at /boot and /lib/modules as on any Debian host).
@@ -36,9 +37,19 @@ def kernel_options() -> list[str]:
         return ["-k", str(image), "--modules", str(image.parent.parent / "modules")]
 
 
+SHARE = ["fs"]  # the share the module's tests run on now (the `share` fixture sets it)
+
+
+@pytest.fixture(scope="module", autouse=True, params=["fs", "9p"])
+def share(request: pytest.FixtureRequest) -> str:
+    """Every test here runs with the host's files over virtio-fs and over virtio-9p."""
+    SHARE[0] = request.param
+    return str(request.param)
+
+
 def pyvmm_exec(*args: str, timeout: float = BOOT_LIMIT) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "pyvmm", "exec", *kernel_options(), *args], capture_output=True,
-                          timeout=timeout, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "pyvmm", "exec", "--share", SHARE[0], *kernel_options(), *args],
+                          capture_output=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +76,10 @@ def test_a_random_mebibyte_through_stdout_arrives_byte_exact(scratch: Path) -> N
     assert p.stdout == data
 
 
-def test_signal_status_and_rwdir_files_after_exit(scratch: Path) -> None:
+def test_signal_status_and_rwdir_files_after_exit(scratch: Path, share: str) -> None:
     """Through the CLI: a command killed by SIGKILL gives 128 + 9, and what it wrote under
     --rwdir is on the host once pyvmm has exited."""
-    out = scratch / "rw"
+    out = scratch / f"rw-{share}"
     out.mkdir()
     p = pyvmm_exec("--rwdir", str(out), "--", "sh", "-c", f"echo kept > {out}/file; kill -KILL $$")
     assert p.returncode == 128 + signal.SIGKILL, p.stderr
@@ -88,7 +99,8 @@ def test_a_missing_kernel_is_pyvmm_s_own_status(scratch: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def session(scratch: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LinuxSession, Path, Path]]:
+def session(scratch: Path, tmp_path_factory: pytest.TempPathFactory,
+            share: str) -> Iterator[tuple[LinuxSession, Path, Path]]:
     """One guest for the session tests: --rwdir on a host directory under /tmp (so the guest
     sees it only through its own share), whose parent holds a secret no share reaches."""
     hidden = tmp_path_factory.mktemp("hidden")
@@ -98,7 +110,8 @@ def session(scratch: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     (rw / "abs").symlink_to(hidden)
     (rw / "rel").symlink_to("..")
     kernel = kernel_options()
-    s = LinuxSession(rwdirs=[str(rw)], kernel=kernel[1] if kernel else None, modules=kernel[3] if kernel else None)
+    s = LinuxSession(rwdirs=[str(rw)], kernel=kernel[1] if kernel else None, modules=kernel[3] if kernel else None,
+                     share=share)
     try:
         s.start(timeout=BOOT_LIMIT)
         yield s, rw, hidden
@@ -124,16 +137,18 @@ def test_writes_under_rwdir_reach_the_host(session: tuple[LinuxSession, Path, Pa
     assert os.readlink(rw / "made" / "link") == "file"
 
 
-def test_writes_elsewhere_on_the_root_fail(session: tuple[LinuxSession, Path, Path], scratch: Path) -> None:
+def test_writes_elsewhere_on_the_root_fail(session: tuple[LinuxSession, Path, Path], scratch: Path,
+                                          share: str) -> None:
     s, _, _ = session
+    fstype = {"fs": "virtiofs", "9p": "9p"}[share]
     for target in (scratch / "nope", ROOT / "nope", Path("/nope")):
         done = s.run(["sh", "-c", f"echo x > {target}"], timeout=60)
         assert done.status != 0 and b"Read-only file system" in done.stderr, (target, done)
         assert not target.exists()
     done = s.run(["sh", "-c", f"mkdir {scratch}/d || rm {scratch}/blob || touch {scratch}"], timeout=60)
     assert done.status != 0 and (scratch / "blob").exists()
-    # the guest's root remounted read-write: the server itself refuses
-    done = s.run(["sh", "-c", f"mount -o remount,rw / && grep -q ' / 9p rw' /proc/mounts && echo x > {scratch}/nope"],
+    # the guest's root remounted read-write: the server (virtiofsd --readonly, or pyvmm's) refuses
+    done = s.run(["sh", "-c", f"mount -o remount,rw / && grep -q ' / {fstype} rw' /proc/mounts && echo x > {scratch}/nope"],
                  timeout=60)
     assert done.status != 0 and b"Read-only file system" in done.stderr, done
     assert not (scratch / "nope").exists()

@@ -16,7 +16,7 @@ import pytest
 
 from pyvmm import cli
 from pyvmm.errors import VmmError
-from pyvmm.exec import initramfs
+from pyvmm.exec import initramfs, shares
 from pyvmm.exec import session as execute
 
 
@@ -128,10 +128,32 @@ def test_a_directory_the_guest_lacks_is_reported_on_the_control_console(tmp_path
     assert status == 1 and ctl.startswith("fail the working directory") and out == ""
 
 
-def test_the_setup_script_quotes_every_directory() -> None:
-    script = execute.setup_script(["/srv/with space", "/tmp/it's"])
+@pytest.mark.parametrize("share, mount", [("9p", b"mount -t 9p -o trans=virtio"), ("fs", b"mount -t virtiofs")])
+def test_the_setup_script_quotes_every_directory(share: str, mount: bytes) -> None:
+    script = shares.setup_script(["/srv/with space", "/tmp/it's"], share)
     subprocess.run(["sh", "-n"], input=script, check=True)  # parses
     assert b"pyvmm-rw1 $R'/tmp/it'\"'\"'s'" in script
+    assert script.count(mount) == 3  # the root and both directories
+
+
+def test_exec_takes_virtio_fs_where_the_host_and_the_kernel_have_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyvmm.devices.virtio.vhost_user import virtiofsd
+
+    tree = tmp_path / "modules"
+    tree.mkdir()
+    (tree / "modules.order").write_text("kernel/fs/fuse/fuse.ko\nkernel/fs/fuse/virtiofs.ko\n")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "modules.order").write_text("kernel/fs/9p/9p.ko\n")
+    monkeypatch.setattr(virtiofsd, "find", lambda: "/usr/libexec/virtiofsd")
+    assert shares.choose_share("auto", tree) == "fs"
+    assert shares.choose_share("auto", bare) == "9p" and shares.choose_share("auto", None) == "9p"
+    assert shares.choose_share("9p", tree) == "9p"
+    monkeypatch.setattr(virtiofsd, "find", lambda: None)
+    assert shares.choose_share("auto", tree) == "9p"
+    with pytest.raises(VmmError, match="--share fs: virtiofsd is not installed"):
+        shares.choose_share("fs", tree)
 
 
 def test_what_the_guest_sees_of_the_host() -> None:
