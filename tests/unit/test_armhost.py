@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "tools" / "armhost"))
 import boot  # noqa: E402
 from debian import MIRROR_VARIABLE, merge_usr, system_mirror  # noqa: E402
-from image import userspace_release, userspace_roots  # noqa: E402
+from image import VIRTIOFSD_FOREIGN, VIRTIOFSD_RELEASE_FROM, userspace_release, userspace_roots  # noqa: E402
 
 MIRROR = "http://mirror.example/debian"
 
@@ -67,7 +67,10 @@ def test_no_mirror_is_one_line_naming_the_variable(tmp_path: Path, monkeypatch: 
 def test_the_emulated_hosts_python_is_the_one_building_it() -> None:
     assert userspace_release((3, 11)) == ("bookworm", "3.11")
     assert userspace_release((3, 13)) == ("trixie", "3.13")
-    assert "python3.13-minimal" in userspace_roots("3.13")
+    assert "python3.13-minimal" in userspace_roots("3.13", "trixie")
+    # virtio-fs's daemon: Debian 13's own package, or, on Debian 12, Debian 13's beside the host's
+    assert "virtiofsd" in userspace_roots("3.13", "trixie") and "virtiofsd" not in userspace_roots("3.11", "bookworm")
+    assert VIRTIOFSD_FOREIGN[0] == "trixie" and VIRTIOFSD_RELEASE_FROM == "bookworm"
     # a Python no Debian release has: the newest release's (its bytecode is then compiled there)
     assert userspace_release((3, 12)) == userspace_release((3, 14)) == ("trixie", "3.13")
     assert userspace_release()[1] == "{}.{}".format(*sys.version_info[:2])  # this machine's Python

@@ -45,12 +45,26 @@ def userspace_release(python: tuple[int, int] = sys.version_info[:2]) -> tuple[s
     return DEBIAN_PYTHONS[newest], "{}.{}".format(*newest)
 
 
-def userspace_roots(python: str) -> list[str]:
+def userspace_roots(python: str, release: str) -> list[str]:
     """What the emulated host runs; apt adds what they depend on (debian.Arm64Apt.resolve)."""
-    return ["busybox-static", f"python{python}-minimal", f"libpython{python}-stdlib",
-            # GDB for the stub's tests: without Python in Debian 12; Debian 13's gdb-minimal is
-            # a transitional package to its gdb, which embeds the same Python
-            "gdb-minimal"]
+    roots = ["busybox-static", f"python{python}-minimal", f"libpython{python}-stdlib",
+             # GDB for the stub's tests: without Python in Debian 12; Debian 13's gdb-minimal is
+             # a transitional package to its gdb, which embeds the same Python
+             "gdb-minimal"]
+    return roots + (["virtiofsd"] if release != VIRTIOFSD_RELEASE_FROM else [])
+
+
+# virtio-fs's daemon. Debian 12 has none: its emulated host takes Debian 13's virtiofsd with the
+# libraries it was built against (Debian 13's C library is newer than Debian 12's), kept apart in
+# /opt/virtiofsd and started through their own dynamic loader by /usr/libexec/virtiofsd, where
+# Debian puts the program. Nothing else in the host sees them. (A whole Debian 13 userspace would
+# move the host's Python to 3.13, away from the machine's unit tier, image.py's first rule.)
+VIRTIOFSD_RELEASE_FROM = "bookworm"
+VIRTIOFSD_FOREIGN = ("trixie", ["virtiofsd", "libc6", "libgcc-s1", "libcap-ng0", "libseccomp2"])
+VIRTIOFSD_WRAPPER = """#!/bin/sh
+# Debian 13's virtiofsd on its own C library (tools/armhost/image.py)
+exec /opt/virtiofsd/lib/ld-linux-aarch64.so.1 --library-path /opt/virtiofsd/lib /opt/virtiofsd/virtiofsd "$@"
+"""
 
 
 # Wheels the project needs at run time and for its test tier, for the host's CPython on aarch64.
@@ -64,7 +78,7 @@ STDLIB_PRUNE = [
 ]
 DOC_PRUNE = ["usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "usr/share/lintian"]
 
-RECIPE_VERSION = "6"  # bump when the base layout changes
+RECIPE_VERSION = "7"  # bump when the base layout changes
 
 KERNEL_LIMIT = 512 << 20  # the most an unpacked kernel Image may be
 
@@ -73,7 +87,8 @@ KERNEL_LIMIT = 512 << 20  # the most an unpacked kernel Image may be
 # console too in 6.1, where 6.12 has it built in, and a built-in one is left out). Their
 # dependencies are added and ordered from each module's .modinfo "depends=".
 HOST_MODULES = ["tun"]
-GUEST_MODULES = ["virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng", "virtio_net", "9pnet_virtio", "9p"]
+GUEST_MODULES = ["virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng", "virtio_net", "9pnet_virtio", "9p",
+                 "virtiofs"]
 
 # The L2 guest pyvmm boots in tests and the demo: Debian's arm64 kernel Image (the package the
 # emulated host runs) and a busybox initramfs whose /init loads the virtio drivers when the device
@@ -134,8 +149,10 @@ class HostImage:
         self.shape = shape
         self.release, self.python = userspace_release()
         kernel_suites = {s.suite for s in SHAPES.values()}
-        self.apt = Arm64Apt(cache / "apt", sorted(kernel_suites | {self.release, f"{self.release}-updates"}),
-                            self.release)
+        self.foreign = self.release == VIRTIOFSD_RELEASE_FROM  # virtiofsd from Debian 13
+        foreign_suites = {VIRTIOFSD_FOREIGN[0]} if self.foreign else set()
+        self.apt = Arm64Apt(cache / "apt", sorted(kernel_suites | foreign_suites |
+                                                  {self.release, f"{self.release}-updates"}), self.release)
         # one folder per Python and wheel list: checkouts of other branches sharing the cache
         # (another list) neither take this one for complete nor fetch into it at the same time
         wheel_list = hashlib.sha256(" ".join(BINARY_WHEELS + SDIST_WHEELS).encode()).hexdigest()[:12]
@@ -149,8 +166,8 @@ class HostImage:
 
     def _recipe_digest(self) -> str:
         text = "\n".join([RECIPE_VERSION, self.shape.kernel_choice(), self.release, INIT_SCRIPT, GUEST_INIT,
-                          *userspace_roots(self.python), *PROVIDED, *BINARY_WHEELS, *SDIST_WHEELS,
-                          *STDLIB_PRUNE, *HOST_MODULES, *GUEST_MODULES])
+                          *userspace_roots(self.python, self.release), *PROVIDED, VIRTIOFSD_WRAPPER,
+                          *BINARY_WHEELS, *SDIST_WHEELS, *STDLIB_PRUNE, *HOST_MODULES, *GUEST_MODULES])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def _stamp_lines(self) -> list[str]:
@@ -175,8 +192,10 @@ class HostImage:
         self.files.mkdir(parents=True, exist_ok=True)
         self.apt.update()
         kernel_pkg = self.apt.newest_kernel_package(shape.kernel_meta, shape.suite)
-        userspace = self.apt.resolve(userspace_roots(self.python))
+        userspace = self.apt.resolve(userspace_roots(self.python, self.release))
         debs = self.apt.download([(kernel_pkg, self.apt.version(kernel_pkg, shape.suite)), *userspace])
+        suite, names = VIRTIOFSD_FOREIGN
+        foreign = self.apt.download([(n, self.apt.version(n, suite)) for n in names]) if self.foreign else []
         self._fetch_wheels()
         staging = self.files / "staging"
         shutil.rmtree(staging, ignore_errors=True)
@@ -194,6 +213,8 @@ class HostImage:
         for deb in debs[1:]:
             extract(deb, root)
         merge_usr(root)
+        if foreign:
+            install_foreign_virtiofsd(foreign, staging / "foreign", root)
         self._build_guest(root / "usr" / "bin" / "busybox")
         self._assemble_root(root)
         install_modules(self.modules, HOST_MODULES, root / "lib" / "modules")
@@ -264,6 +285,25 @@ class HostImage:
         for d in ("proc", "sys", "dev", "tmp", "root"):
             (root / d).mkdir(exist_ok=True)
         precompile(root, [stdlib, site])
+
+
+def install_foreign_virtiofsd(debs: list[Path], staging: Path, root: Path) -> None:
+    """Debian 13's virtiofsd and its libraries into /opt/virtiofsd, started by a wrapper at
+    Debian's /usr/libexec/virtiofsd (VIRTIOFSD_FOREIGN)."""
+    for deb in debs:
+        extract(deb, staging)
+    merge_usr(staging)
+    dest = root / "opt" / "virtiofsd"
+    (dest / "lib").mkdir(parents=True)
+    shutil.copy2(staging / "usr" / "libexec" / "virtiofsd", dest / "virtiofsd")
+    libs = staging / "usr" / "lib" / "aarch64-linux-gnu"
+    for name in ("ld-linux-aarch64.so.1", "libc.so.6", "libm.so.6", "libgcc_s.so.1", "libcap-ng.so.0",
+                 "libseccomp.so.2"):
+        shutil.copy2(libs / name, dest / "lib" / name)  # copy2 follows the soname links
+    wrapper = root / "usr" / "libexec" / "virtiofsd"
+    wrapper.parent.mkdir(parents=True, exist_ok=True)
+    wrapper.write_text(VIRTIOFSD_WRAPPER)
+    wrapper.chmod(0o755)
 
 
 def install_kernel(vmlinuz: Path, dest: Path) -> str:
