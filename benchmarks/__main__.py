@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-from benchmarks import boot, guest_exec, hypercall, sdei, smp, startup, virtio
+from benchmarks import boot, guest_exec, hypercall, sdei, shares, smp, startup, virtio
 from pyvmm.errors import VmmError
 
 
@@ -19,6 +19,7 @@ def main() -> None:
     plain = boot.main()
     virtio.main(calls["floor_us"])
     guest_exec.main(plain["to_init_s"])
+    shares.main()
 
 
 if __name__ == "__main__":

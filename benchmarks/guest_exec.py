@@ -1,31 +1,24 @@
-"""`pyvmm exec` and virtio-9p.
+"""`pyvmm exec`.
 
   exec -- true   wall time of `python3 -m pyvmm exec -c 2 -m 256 -- true` (the default kernel),
                  split by what pyvmm logs at --loglevel info: pyvmm start-up (to entering the
                  guest), kernel boot (to the init's "up"), initramfs (modules, mounts: to
                  "ready"), the command (start to exit), power-off and teardown; compared with
-                 boot.py's plain boot to init in the same run (target: within 1.2x);
-  9p read        a 256 MiB host file read in the guest through the root share (cat, MB/s);
-  9p find        `find /usr | wc -l` over the root share (s).
-The 9p figures are timed inside the guest with its own clock; the guest commands are printed so
-that they can be repeated under kvmtool's --9p in the same host.
+                 boot.py's plain boot to init in the same run (target: within 1.2x).
+How the host's files themselves reach the guest is shares.py's.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
 import time
 
-from benchmarks.common import ROOT, median
+from benchmarks.common import median
 from pyvmm.exec.session import LinuxSession
 
 RUNS = 3
-# 256 MiB, as the figure is defined; the emulated host answers a 9p request in ~10 ms and Linux
-# 6.12 reads a 9p file 4 KiB per request, so there it reads 32 MiB (PYVMM_BENCH_9P_MIB overrides)
-BIG = int(os.environ.get("PYVMM_BENCH_9P_MIB", "32" if os.environ.get("PYVMM_IN_ARMHOST") else "256")) << 20
 TARGET_RATIO = 1.2
 STAMP = re.compile(r"pyvmm: (entering the guest|guest init up|guest init ready|command 1: start|command 1: exit)")
 
@@ -74,34 +67,6 @@ def main(plain_to_init: float | None = None) -> None:
     print(f"  initramfs                       {m['guest init ready'] - m['guest init up']:7.2f} s   (modules, 9p mounts)")
     print(f"  the command                     {m['command 1: exit'] - m['command 1: start']:7.2f} s")
     print(f"  hand-over and power-off         {total - m['guest init ready'] - (m['command 1: exit'] - m['command 1: start']):7.2f} s")
-
-    where = ROOT / "build" / "bench-9p"
-    where.mkdir(parents=True, exist_ok=True)
-    big = where / "big.bin"
-    with open(big, "wb") as f:
-        for _ in range(BIG >> 20):
-            f.write(os.urandom(1 << 20))
-    try:
-        with LinuxSession(cpus=2, mem_mib=256) as session:
-            session.start(timeout=300)
-            root = session.root_share
-            read_cmd = f"dd if={big} of=/dev/null bs=1M"
-            before = root.requests
-            seconds, _ = timed_in_guest(session, read_cmd)
-            per_mib = (root.requests - before) / (BIG >> 20)
-            find_cmd = "find /usr | wc -l"
-            before = root.requests
-            find_s, count = timed_in_guest(session, find_cmd)
-            find_requests = root.requests - before
-    finally:
-        big.unlink()
-    print("virtio-9p, the host's root as the guest's (read-only, msize 512000, cache=loose)")
-    print(f"  read a {BIG >> 20} MiB host file {'':>{6 - len(str(BIG >> 20))}}{BIG / seconds / 1e6:7.1f} MB/s   "
-          f"({per_mib:.0f} requests per MiB; guest: {read_cmd})")
-    print(f"  find /usr | wc -l               {find_s:7.2f} s   ({count.strip()} entries, {find_requests} requests; "
-          f"guest: {find_cmd})")
-    print("  under kvmtool: lkvm run --9p /,root ... then in the guest mount -t 9p -o trans=virtio,"
-          "version=9p2000.L,msize=512000 root /mnt and the same commands on /mnt")
 
 
 if __name__ == "__main__":
