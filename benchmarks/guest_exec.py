@@ -64,7 +64,7 @@ def main(plain_to_init: float | None = None) -> None:
     print(f"  total wall time                 {total:7.2f} s{verdict}")
     print(f"  pyvmm start-up                  {m['entering the guest']:7.2f} s   (to entering the guest)")
     print(f"  kernel boot                     {m['guest init up'] - m['entering the guest']:7.2f} s   (to the init's first word)")
-    print(f"  initramfs                       {m['guest init ready'] - m['guest init up']:7.2f} s   (modules, 9p mounts)")
+    print(f"  initramfs                       {m['guest init ready'] - m['guest init up']:7.2f} s   (modules, mounts)")
     print(f"  the command                     {m['command 1: exit'] - m['command 1: start']:7.2f} s")
     print(f"  hand-over and power-off         {total - m['guest init ready'] - (m['command 1: exit'] - m['command 1: start']):7.2f} s")
 

@@ -32,6 +32,19 @@ def exec_share_line() -> str:
     return f"exec's files    virtio-9p ({why})"
 
 
+def shared_thp_line(path: str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled") -> str:
+    """Whether guest RAM shared with a vhost-user daemon (a memfd) gets transparent huge pages."""
+    try:
+        with open(path) as f:
+            mode = next((w.strip("[]") for w in f.read().split() if w.startswith("[")), "never")
+    except OSError:
+        mode = "never"
+    if mode in ("advise", "always", "within_size", "force"):
+        return f"shared RAM      transparent huge pages ({path}: {mode})"
+    return (f"shared RAM      small pages only ({path}: {mode}; advise gives virtio-fs guests huge pages, "
+            "which boot faster)")
+
+
 def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
     """The host's shape and, in words, what pyvmm can and cannot do on it (pyvmm/machine/host.py)."""
     from pyvmm.machine.host import probe, report, runnable
@@ -46,4 +59,5 @@ def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
     for line in report(shape):
         print(line)
     print(exec_share_line())
+    print(shared_thp_line())
     return EXIT_OK if runnable(shape) else EXIT_ERROR

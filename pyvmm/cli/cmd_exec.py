@@ -63,7 +63,7 @@ def cmd_exec(args: argparse.Namespace, signals: StopSignals) -> int:
     if args.loglevel == "warning":
         # exec's stderr is the command's: what the host's shape means (no SMCCC filter) is left to
         # `pyvmm check`, and what it refuses is still one line (a --service there, say)
-        from pyvmm.machine.vm import HOST_NOTES
+        from pyvmm.machine.host import HOST_NOTES
 
         logging.getLogger(HOST_NOTES).setLevel(logging.ERROR)
     if not command:

@@ -188,6 +188,7 @@ class LinuxSession:
             tree = modules_of(kernel)
         self.kernel, self.modules = kernel, tree
         self.share = choose_share(share, tree)
+        self._share_fallback = share == "auto"  # virtio-fs that will not start: 9p instead
         self.initrd = initramfs.build(tree)
         self._sinks = (stdout, stderr)
         self._captured = (bytearray(), bytearray())
@@ -216,17 +217,27 @@ class LinuxSession:
         from pyvmm.devices.virtio.rng import VirtioRng
         from pyvmm.machine.vm import Vm  # noqa: F811 - the class itself, at run time
 
-        Path(self._ctl, "setup.sh").write_bytes(setup_script(self.rwdirs, self.share))
-        self.vm = vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, console=self.console, reboot=False,
-                          shared_memory=self.share == "fs")
+        shares, self.root_share, self.share = share_devices(self.share, self.rwdirs, fallback=self._share_fallback)
+        try:
+            Path(self._ctl, "setup.sh").write_bytes(setup_script(self.rwdirs, self.share))
+            self.vm = vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, console=self.console, reboot=False,
+                              shared_memory=self.share == "fs")
+        except BaseException:
+            for share in shares:
+                share.close()
+            raise
         try:
             self._control_console = VirtioConsole(self._control)
-            shares, self.root_share = share_devices(self.share, self.rwdirs)
             devices = [VirtioConsole(lambda b: self._output(0, b)), VirtioConsole(lambda b: self._output(1, b)),
                        self._control_console, Virtio9p(self._ctl, "pyvmm-ctl", read_only=True),
                        *shares, VirtioRng()]
-            for device in devices:
-                vm.add_virtio(device)
+            for i, device in enumerate(devices):
+                try:
+                    vm.add_virtio(device)  # the VM closes it from here on, or at once if it cannot attach
+                except BaseException:
+                    for rest in devices[i + 1:]:
+                        rest.close()
+                    raise
             if configure is not None:
                 configure(vm)
             cmdline = f"console=ttyS0 panic=-1 rdinit=/init {'' if verbose else 'quiet'} {params}"

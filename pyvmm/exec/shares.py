@@ -4,6 +4,7 @@ that mounts them."""
 
 from __future__ import annotations
 
+import logging
 import shlex
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +16,8 @@ from pyvmm.exec import initramfs
 if TYPE_CHECKING:
     from pyvmm.devices.virtio.device import VirtioDevice
     from pyvmm.devices.virtio.p9 import Virtio9p
+
+log = logging.getLogger("pyvmm")
 
 MSIZE = 512000  # Linux 6.12's virtio transport maximum (PAGE_SIZE * (VIRTQUEUE_NUM - 3)); more is cut with a warning
 NINEP = f"trans=virtio,version=9p2000.L,msize={MSIZE}"
@@ -63,25 +66,42 @@ def setup_script(rwdirs: Sequence[str], share: str = "9p") -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def share_devices(share: str, rwdirs: Sequence[str]) -> tuple[list[VirtioDevice], Virtio9p | None]:
-    """The root share and one per --rwdir, over virtio-fs ("fs") or virtio-9p, and the 9p root's
-    device (its request count) if it is 9p. virtio-fs: the root with virtiofsd's --cache always
-    (it does not change under a session), each --rwdir with --cache never (coherent)."""
-    from pyvmm.devices.virtio.fs import FsSpec, VirtioFs
+def share_devices(share: str, rwdirs: Sequence[str],
+                  fallback: bool = False) -> tuple[list[VirtioDevice], Virtio9p | None, str]:
+    """The root share and one per --rwdir over virtio-fs ("fs") or virtio-9p, the 9p root's
+    device (its request count) if it is 9p, and which it is: `fallback`, 9p where virtio-fs
+    could not start (a virtiofsd that ends at once, whatever its sandbox). virtio-fs: the root
+    with virtiofsd's --cache always (it does not change under a session), each --rwdir with
+    --cache never (coherent)."""
     from pyvmm.devices.virtio.p9 import Virtio9p
 
-    shares: list[VirtioDevice] = []
-    root: Virtio9p | None = None
+    if share == "fs":
+        try:
+            return _virtio_fs(rwdirs), None, "fs"
+        except VmmError as e:
+            if not fallback:
+                raise
+            log.info("virtio-fs did not start, the host's files go over 9p: %s", e)
+    root = Virtio9p("/", "pyvmm-root", read_only=True, opaque=frozenset({"proc", "sys", "dev"}))
+    shares: list[VirtioDevice] = [root]
     try:
-        if share == "fs":
-            shares.append(VirtioFs.open(FsSpec("pyvmm-root", "/", read_only=True, cache="always")))
-            for i, d in enumerate(rwdirs):
-                shares.append(VirtioFs.open(FsSpec(f"pyvmm-rw{i}", d, cache="never")))
-        else:
-            root = Virtio9p("/", "pyvmm-root", read_only=True, opaque=frozenset({"proc", "sys", "dev"}))
-            shares += [root, *(Virtio9p(d, f"pyvmm-rw{i}") for i, d in enumerate(rwdirs))]
+        shares += [Virtio9p(d, f"pyvmm-rw{i}") for i, d in enumerate(rwdirs)]
+    except BaseException:
+        root.close()
+        raise
+    return shares, root, "9p"
+
+
+def _virtio_fs(rwdirs: Sequence[str]) -> list[VirtioDevice]:
+    from pyvmm.devices.virtio.fs import FsSpec, VirtioFs
+
+    shares: list[VirtioDevice] = []
+    try:
+        shares.append(VirtioFs.open(FsSpec("pyvmm-root", "/", read_only=True, cache="always")))
+        for i, d in enumerate(rwdirs):
+            shares.append(VirtioFs.open(FsSpec(f"pyvmm-rw{i}", d, cache="never")))
     except BaseException:
         for device in shares:
             device.close()
         raise
-    return shares, root
+    return shares

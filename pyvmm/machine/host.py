@@ -26,6 +26,8 @@ DEFAULT_IPA_BITS = 40  # what KVM_CREATE_VM's machine type 0 means (api.rst, KVM
 MIN_IPA_BITS = 32  # the smallest size KVM accepts in the machine type (KVM_VM_TYPE_ARM_IPA_SIZE)
 PYVMM_IPA_BITS = 48  # pyvmm places RAM below 2**48 (no FEAT_LPA), whatever KVM offers (pyvmm/machine/memory.py)
 
+HOST_NOTES = "pyvmm.machine.host"  # the logger of what a host's shape means for its guests (pyvmm exec mutes it)
+
 
 class HostShape(NamedTuple):
     kernel: str  # uname release

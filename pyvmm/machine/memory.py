@@ -11,6 +11,7 @@ outside the guest's own RAM. `view()` hands out zero-copy memoryviews for device
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 
@@ -92,8 +93,11 @@ class GuestMemory:
         try:
             if self.shared and ram:
                 # shmem pages are allocated as the guest touches them, as anonymous ones are
-                fd = os.memfd_create(f"pyvmm-ram@{gpa:#x}", os.MFD_CLOEXEC)
+                fd = os.memfd_create(f"pyvmm-ram@{gpa:#x}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
                 os.ftruncate(fd, size + extra)
+                # sealed at its size, as QEMU and Firecracker seal theirs: a daemon given the fd
+                # cannot shrink it under pyvmm (whose next access would be a SIGBUS)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
                 m = mmap.mmap(fd, size + extra, mmap.MAP_SHARED)
             else:
                 m = mmap.mmap(-1, size + extra, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE)

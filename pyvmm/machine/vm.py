@@ -25,7 +25,7 @@ from pyvmm.machine import cpu_features
 from pyvmm.machine.cpu_features import AS_THE_HOST_OFFERS, CpuOptions
 from pyvmm.machine.exit_dispatch import MachineExits, UnhandledMmio
 from pyvmm.machine.gic import Gic, InKernelRegion
-from pyvmm.machine.host import vm_ipa_bits
+from pyvmm.machine.host import HOST_NOTES, vm_ipa_bits
 from pyvmm.machine.host_console import ConsoleOutput
 from pyvmm.machine.images import BlobImage, Image, file_image, file_size
 from pyvmm.machine.irq_lines import InterruptLines
@@ -55,7 +55,6 @@ __all__ = ["RAM_BASE", "RunResult", "Vm"]
 
 
 _noted_no_filter = False
-HOST_NOTES = "pyvmm.machine.host"  # the logger of what a host's shape means for its guests (pyvmm exec mutes it)
 
 
 def _note_no_filter() -> None:

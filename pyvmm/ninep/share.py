@@ -150,10 +150,11 @@ class Share:
             self._how.flags = flags
             path = os.fsencode("/".join(names)) if names else b"."
             fd = libc.syscall(SYS_OPENAT2, self.root_fd, path, self._how, OPEN_HOW_SIZE)
-            if fd < 0:
-                err = ffi.errno
+            if fd >= 0:
+                return int(fd)
+            err = ffi.errno
+            if err != errno.ENAMETOOLONG:  # beyond PATH_MAX: the walk below reaches it
                 raise OSError(err, os.strerror(err))
-            return int(fd)
         fd = os.open(".", O_PATH_DIR, dir_fd=self.root_fd)
         try:
             for i, name in enumerate(names):

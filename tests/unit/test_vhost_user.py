@@ -21,6 +21,7 @@ from pyvmm.devices.virtio import mmio_registers as reg
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from pyvmm.devices.virtio.fs import FsSpec, VirtioFs, _config, parse_fs
 from pyvmm.devices.virtio.vhost_user import protocol as vu
+from pyvmm.devices.virtio.vhost_user import virtiofsd
 from pyvmm.devices.virtio.vhost_user.virtiofsd import root_is_rootfs, sandboxes
 from pyvmm.errors import VmmError
 from tests.unit.virtio_driver import RAM, RAM_SIZE, Driver, FakeVm
@@ -200,7 +201,7 @@ def test_tags_fit_the_configuration_space() -> None:
 
 
 def test_the_daemon_gets_the_strongest_sandbox_the_host_allows(tmp_path: Path) -> None:
-    assert sandboxes(root_user=True, rootfs=False) == ("namespace",)
+    assert sandboxes(root_user=True, rootfs=False) == ("namespace", "chroot")
     assert sandboxes(root_user=True, rootfs=True) == ("chroot",)  # pivot_root cannot leave an initramfs
     assert sandboxes(root_user=False, rootfs=False) == ("namespace", "none")
     initramfs = tmp_path / "initramfs"
@@ -209,3 +210,55 @@ def test_the_daemon_gets_the_strongest_sandbox_the_host_allows(tmp_path: Path) -
     disk.write_text("22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n")
     assert root_is_rootfs(str(initramfs)) and not root_is_rootfs(str(disk))
     assert not root_is_rootfs(str(tmp_path / "missing"))
+
+
+def test_a_daemon_cannot_resize_guest_ram_under_pyvmm() -> None:
+    """The memfds are sealed at their size: a back-end that truncates one gets EPERM, where pyvmm's
+    next access to that RAM would otherwise be a SIGBUS."""
+    vm = FakeVm(shared=True)
+    try:
+        (r,) = vm.memory.regions
+        for size in (0, r.size * 2):
+            with pytest.raises(PermissionError):
+                os.ftruncate(r.fd, size)
+    finally:
+        vm.close()
+
+
+def test_a_sandbox_the_daemon_cannot_set_up_gives_way_to_the_next(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """virtiofsd started as pyvmm starts it (the socket handed over with --fd, --readonly,
+    --cache), and, when it ends before it answers, started again in the next sandbox."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "virtiofsd"
+    fake.write_text(f"""#!/bin/sh
+echo "$@" >> {calls}
+case "$*" in *--sandbox=namespace*) echo "Error entering sandbox: namespaces refused" >&2; exit 1;; esac
+echo "no vhost-user here" >&2
+exit 3
+""")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PYVMM_VIRTIOFSD", str(fake))
+    monkeypatch.setattr(virtiofsd, "root_is_rootfs", lambda: False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(VmmError) as e:
+        VirtioFs.open(FsSpec("t", str(tmp_path), read_only=True, cache="never"))
+    assert "virtiofsd --sandbox=chroot: no vhost-user here (exit status 3)" in str(e.value)
+    tried = calls.read_text().splitlines()
+    assert [next(a for a in line.split() if a.startswith("--sandbox")) for line in tried] == [
+        "--sandbox=namespace", "--sandbox=chroot"]
+    assert all("--readonly" in line and "--cache=never" in line and "--fd=" in line for line in tried)
+    monkeypatch.setenv("PYVMM_VIRTIOFSD", str(tmp_path / "missing"))
+    with pytest.raises(VmmError, match="virtiofsd is not installed"):
+        VirtioFs.open(FsSpec("t", str(tmp_path)))
+
+
+def test_pyvmm_check_says_whether_shared_ram_gets_huge_pages(tmp_path: Path) -> None:
+    from pyvmm.cli.cmd_check import shared_thp_line
+
+    knob = tmp_path / "shmem_enabled"
+    knob.write_text("always within_size advise [never] deny force\n")
+    assert "small pages only" in shared_thp_line(str(knob)) and "never" in shared_thp_line(str(knob))
+    knob.write_text("always within_size [advise] never deny force\n")
+    assert "transparent huge pages" in shared_thp_line(str(knob))
+    assert "small pages only" in shared_thp_line(str(tmp_path / "missing"))

@@ -125,6 +125,9 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts
 mount -t devpts -o ptmxmode=0666 devpts /dev/pts
 mount -t tmpfs tmpfs /tmp
+# transparent huge pages for shared memory on request (madvise), as for anonymous memory: guest
+# RAM is a memfd when a virtio-fs daemon shares it (README, virtio-fs)
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled
 ip link set lo up  # localhost, as on any host (the GDB stub's TCP tests connect to 127.0.0.1)
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin HOME=/root TMPDIR=/tmp
 export LD_LIBRARY_PATH=/lib/aarch64-linux-gnu:/usr/lib/aarch64-linux-gnu
@@ -167,6 +170,7 @@ class HostImage:
     def _recipe_digest(self) -> str:
         text = "\n".join([RECIPE_VERSION, self.shape.kernel_choice(), self.release, INIT_SCRIPT, GUEST_INIT,
                           *userspace_roots(self.python, self.release), *PROVIDED, VIRTIOFSD_WRAPPER,
+                          VIRTIOFSD_FOREIGN[0], *VIRTIOFSD_FOREIGN[1],
                           *BINARY_WHEELS, *SDIST_WHEELS, *STDLIB_PRUNE, *HOST_MODULES, *GUEST_MODULES])
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -10,13 +10,17 @@ no pyvmm code on their way (vhost_user/device.py says how).
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import struct
 from dataclasses import dataclass
 
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
+from pyvmm.devices.virtio.vhost_user import virtiofsd
 from pyvmm.devices.virtio.vhost_user.device import VhostUserDevice
 from pyvmm.devices.virtio.vhost_user.virtiofsd import CACHE_MODES, Virtiofsd
 from pyvmm.errors import VmmError
+from pyvmm.machine.host import HOST_NOTES
 
 QUEUE_SIZE = 1024  # each request queue's; the daemon takes any power of two
 REQUEST_QUEUES = 1  # virtiofsd serves one request queue (besides the high-priority one)
@@ -97,16 +101,26 @@ class VirtioFs(VhostUserDevice):
         if spec.socket is not None:
             return cls(spec.socket, config, what)
         assert spec.directory is not None
-        daemon = Virtiofsd(spec.directory, read_only=spec.read_only, cache=spec.cache, what=what)
-        try:
-            return cls(daemon.socket_path, config, what, daemon)
-        except VmmError as e:
-            words = daemon.last_words(wait=1.0)
-            daemon.stop()
-            raise VmmError(f"{e} (virtiofsd: {words})") from None
-        except BaseException:
-            daemon.stop()
-            raise
+        tries = virtiofsd.sandboxes(os.geteuid() == 0, virtiofsd.root_is_rootfs())
+        for sandbox in tries:
+            daemon = Virtiofsd(spec.directory, read_only=spec.read_only, cache=spec.cache, sandbox=sandbox,
+                               what=what)
+            try:
+                device = cls(daemon.socket_path, config, what, daemon)
+            except VmmError as e:
+                words, ended = daemon.last_words(wait=1.0), daemon.exit_status() is not None
+                daemon.stop()
+                if ended and sandbox != tries[-1]:
+                    continue  # it could not set this sandbox up: the next
+                raise VmmError(f"{e} (virtiofsd --sandbox={sandbox}: {words})") from None
+            except BaseException:
+                daemon.stop()
+                raise
+            if sandbox == "none":
+                logging.getLogger(HOST_NOTES).warning(
+                    "%s: virtiofsd runs without a sandbox: this host refuses namespaces to this user", what)
+            return device
+        raise AssertionError("unreachable: the last sandbox's failure is raised")
 
     def __init__(self, socket_path: str, config: bytearray, what: str, daemon: Virtiofsd | None = None) -> None:
         self.daemon = daemon

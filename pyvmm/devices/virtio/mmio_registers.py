@@ -27,3 +27,7 @@ ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK = 1, 2, 4, 8
 DEVICE_NEEDS_RESET, FAILED = 0x40, 0x80
 # InterruptStatus bits (§4.2.2)
 INT_USED_BUFFER, INT_CONFIG_CHANGE = 1, 2
+
+# A device's interrupt in its device-tree node: an SPI, edge-triggered (an irqfd injects an edge,
+# as kvmtool and QEMU declare it)
+GIC_SPI, IRQ_TYPE_EDGE_RISING = 0, 1

@@ -9,11 +9,10 @@ a way to register ioeventfds. The fast path never involves a vCPU thread in Pyth
   * interrupts: a KVM irqfd on the device's SPI, signalled by the worker.
 vCPU threads only see the transport's registers: set-up, InterruptStatus and InterruptACK.
 
-A device whose queues a vhost-user daemon serves (`external_queues`) hands the kick eventfds and
-the irqfd's eventfd to the daemon, and the worker leaves them alone. pyvmm cannot tell when that
-daemon interrupts, so InterruptStatus' used-buffer bit reads as set always (Linux's vm_interrupt
-then scans every ring, harmlessly; Firecracker does the same), and the driver's ACK of that bit is
-caught by an ioeventfd: only the status read leaves KVM, as under any virtio-mmio VMM.
+A vhost-user device (`external_queues`) hands the kick eventfds and the irqfd's eventfd to its
+daemon; the worker leaves them alone. As pyvmm cannot tell when the daemon interrupts,
+InterruptStatus' used-buffer bit reads as set (Linux's vm_interrupt then scans every ring; so
+does Firecracker) and the ACK of that bit is an ioeventfd: only the status read leaves KVM.
 
 Locking: `_state` guards the registers and queue set-up, held briefly by vCPU threads and by the
 worker; device work (a disk read, an fsync, a frame) runs outside it, so a register access never
@@ -60,8 +59,6 @@ class Interrupt(Protocol):
 IoEventFdRegistrar = Callable[[int, int, int, int, int], None]  # (addr, len, fd, flags, datamatch)
 
 log = logging.getLogger("pyvmm")
-
-GIC_SPI, IRQ_TYPE_EDGE_RISING = 0, 1  # an irqfd injects an edge, as kvmtool and QEMU declare
 
 
 class VirtioMmio:
@@ -121,7 +118,7 @@ class VirtioMmio:
 
     @property
     def running(self) -> bool:
-        """reg.DRIVER_OK and not broken: the device may use its queues."""
+        """DRIVER_OK and not broken: the device may use its queues."""
         return bool(self.status & reg.DRIVER_OK) and self.broken is None
 
     # --- device tree ---------------------------------------------------------------------
@@ -129,7 +126,7 @@ class VirtioMmio:
         # Documentation/devicetree/bindings/virtio/mmio.yaml
         return Node(f"virtio@{self.base:x}", {
             "compatible": "virtio,mmio", "reg": [U64(self.base), U64(reg.VIRTIO_MMIO_SIZE)],
-            "interrupts": [GIC_SPI, self.spi, IRQ_TYPE_EDGE_RISING], "dma-coherent": True})
+            "interrupts": [reg.GIC_SPI, self.spi, reg.IRQ_TYPE_EDGE_RISING], "dma-coherent": True})
 
     # --- registers (vCPU threads) --------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
@@ -246,7 +243,7 @@ class VirtioMmio:
         if new & reg.DRIVER_OK and not old & reg.DRIVER_OK:
             if not new & reg.FEATURES_OK:
                 self.status = new
-                self._break_locked("reg.DRIVER_OK without reg.FEATURES_OK")
+                self._break_locked("DRIVER_OK without FEATURES_OK")
                 return
             self.status = new
             try:
@@ -254,7 +251,7 @@ class VirtioMmio:
             except Exception as e:  # a device bug breaks the device, not the vCPU thread
                 self._break_locked(f"internal error: {type(e).__name__}: {e}")
                 return
-            for fd in self._kick_fds:  # buffers made available before reg.DRIVER_OK
+            for fd in self._kick_fds:  # buffers made available before DRIVER_OK
                 os.eventfd_write(fd, 1)
         self.status = new | (reg.DEVICE_NEEDS_RESET if self.broken else 0)
 
@@ -322,8 +319,11 @@ class VirtioMmio:
         return True
 
     def quiesce(self, deadline: float) -> bool:
-        """For a machine reset: the worker ends, so nothing writes into guest RAM any more."""
-        return self.stop(deadline)
+        """For a machine reset: nothing writes into guest RAM any more (the worker, a daemon)."""
+        stopped = self.stop(deadline)
+        if self.external:
+            self.device.reset()  # stops the daemon's rings (GET_VRING_BASE)
+        return stopped
 
     def reset(self) -> None:
         """The machine is reset (worker stopped): the device is as it was at power-on."""

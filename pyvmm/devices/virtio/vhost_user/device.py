@@ -100,6 +100,8 @@ class VhostUserDevice(VirtioDevice):
     def attach(self, transport: Transport) -> None:
         super().attach(transport)
         self.host = cast(RingHost, transport)  # a transport that saw external_queues is one
+        if self._lost.is_set():  # gone before there was a run to end: end it now
+            self.host.fatal(f"{self.what}: {self.lost_reason()}")
 
     def activate(self, driver_features: int) -> None:
         super().activate(driver_features)

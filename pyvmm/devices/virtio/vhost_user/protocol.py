@@ -64,7 +64,8 @@ MEMORY_REGION = struct.Struct("<QQQQ")  # guest_phys_addr, memory_size, userspac
 MAX_REGIONS = 8  # VHOST_MEMORY_BASELINE_NREGIONS: what SET_MEM_TABLE carries
 NO_FD = 1 << 8  # in SET_VRING_KICK/CALL's u64: no descriptor comes with the message
 MAX_PAYLOAD = 4096
-REPLY_TIMEOUT = 10.0  # s: a back-end that stops answering fails the request, never hangs a vCPU
+REPLY_TIMEOUT = 4.0  # s: a back-end that stops answering fails the request within the life cycle's
+# stop grace (5 s), never holding a vCPU longer
 
 
 class VhostUserError(VmmError):

@@ -4,15 +4,14 @@ started by pyvmm for `--fs DIR,TAG` and `pyvmm exec --share fs`.
 pyvmm makes the listening socket itself, in a private directory, and hands it over with `--fd`:
 the daemon needs no path of pyvmm's choosing and pyvmm connects at once, with no wait for a
 socket file to appear. The daemon serves that one connection and exits when pyvmm closes it.
-Its sandbox is the strongest it can set up for pyvmm's user (sandboxes): a mount namespace
-confined to the shared directory (`--sandbox namespace`, the default; unprivileged, it makes a
-user namespace), a chroot for root on a host whose / is its initramfs, or, where the host refuses
-namespaces to another user, none (`--sandbox none`, said in a warning).
+Its sandbox is the strongest it can set up for pyvmm's user (sandboxes(); fs.py tries them in
+turn): a mount namespace confined to the shared directory (`--sandbox namespace`, the default;
+unprivileged, it makes a user namespace), a chroot for root where namespaces are refused or / is
+an initramfs, or, where the host refuses namespaces to another user, none (`--sandbox none`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import socket
@@ -21,12 +20,9 @@ import tempfile
 
 from pyvmm.errors import VmmError
 
-log = logging.getLogger("pyvmm")
-
 # Debian's place for it, and QEMU's older one; $PYVMM_VIRTIOFSD or PATH first
 PLACES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 CACHE_MODES = ("auto", "always", "never", "metadata")
-START_TIMEOUT = 10.0  # s: for the daemon to take the connection
 
 
 def find() -> str | None:
@@ -41,12 +37,12 @@ def find() -> str | None:
 
 
 def sandboxes(root_user: bool, rootfs: bool) -> tuple[str, ...]:
-    """The sandboxes to try, strongest first. Root always gets its namespaces, except on a host
-    running from its initramfs, whose root pivot_root(2) cannot move (EINVAL): there it gets a
-    chroot, as strong for a daemon that runs as root. Another user may be refused namespaces,
-    and then has none."""
+    """The sandboxes to try, strongest first; the next is tried when a daemon ends before it
+    answers. Root gets namespaces, or a chroot where it is refused them (a container without
+    CAP_SYS_ADMIN) or on a host running from its initramfs, whose root pivot_root(2) cannot
+    move (EINVAL). Another user may be refused namespaces, and then has none."""
     if root_user:
-        return ("chroot",) if rootfs else ("namespace",)
+        return ("chroot",) if rootfs else ("namespace", "chroot")
     return ("namespace", "none")
 
 
@@ -64,61 +60,39 @@ def root_is_rootfs(mountinfo: str = "/proc/self/mountinfo") -> bool:
 
 
 class Virtiofsd:
-    """One virtiofsd serving `shared_dir` on a fresh socket (`socket_path`)."""
+    """One virtiofsd serving `shared_dir` on a fresh socket (`socket_path`), in `sandbox`."""
 
-    def __init__(self, shared_dir: str, *, read_only: bool, cache: str = "auto", what: str = "virtio-fs") -> None:
+    def __init__(self, shared_dir: str, *, read_only: bool, cache: str = "auto", sandbox: str = "namespace",
+                 what: str = "virtio-fs") -> None:
         binary = find()
         if binary is None:
-            raise VmmError(f"{what}: virtiofsd is not installed (Debian 13 and Ubuntu 24.04: apt install "
-                           "virtiofsd; or set PYVMM_VIRTIOFSD)")
+            raise VmmError(f"{what}: virtiofsd is not installed or not executable (Debian 13 and Ubuntu 24.04: "
+                           "apt install virtiofsd; or set PYVMM_VIRTIOFSD)")
         if not os.path.isdir(shared_dir):
             raise VmmError(f"{what}: {shared_dir} is not a directory")
         if cache not in CACHE_MODES:
             raise VmmError(f"{what}: cache {cache!r} is not one of {', '.join(CACHE_MODES)}")
-        self.what = what
+        self.what, self.sandbox = what, sandbox
         self.dir = tempfile.mkdtemp(prefix="pyvmm-virtiofsd-")
         self.socket_path = os.path.join(self.dir, "socket")
         self.log_path = os.path.join(self.dir, "log")
         self.proc: subprocess.Popen[bytes] | None = None
-        try:
-            tries = sandboxes(os.geteuid() == 0, root_is_rootfs())
-            for sandbox in tries:
-                if self._start(binary, shared_dir, read_only, cache, sandbox, fallback=sandbox != tries[-1]):
-                    if sandbox == "none":
-                        log.warning("%s: virtiofsd runs without a sandbox: this host refuses it namespaces", what)
-                    return
-            raise VmmError(f"{what}: virtiofsd did not start: {self.last_words()}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def _start(self, binary: str, shared_dir: str, read_only: bool, cache: str, sandbox: str,
-               fallback: bool) -> bool:
-        """Start the daemon on a fresh listening socket. With a `fallback` to try next: False if
-        it ended at once (a sandbox it could not set up); a later failure shows at the
-        connection, with the daemon's last words."""
-        if os.path.exists(self.socket_path):
-            os.unlink(self.socket_path)
+        args = [binary, f"--shared-dir={shared_dir}", f"--cache={cache}", f"--sandbox={sandbox}", "--log-level=error"]
+        if read_only:
+            args.append("--readonly")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(self.socket_path)
             listener.listen(1)
-            args = [binary, f"--fd={listener.fileno()}", f"--shared-dir={shared_dir}", f"--cache={cache}",
-                    f"--sandbox={sandbox}", "--log-level=error"]
-            if read_only:
-                args.append("--readonly")
             with open(self.log_path, "wb") as log_file:
-                self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                                             pass_fds=[listener.fileno()], start_new_session=True)
+                self.proc = subprocess.Popen([*args, f"--fd={listener.fileno()}"], stdin=subprocess.DEVNULL,
+                                             stdout=log_file, stderr=log_file, pass_fds=[listener.fileno()],
+                                             start_new_session=True)
+        except OSError as e:
+            self.stop()
+            raise VmmError(f"{what}: cannot start {binary}: {e.strerror or e}") from None
         finally:
-            listener.close()
-        if not fallback:
-            return True
-        try:
-            self.proc.wait(0.2)
-        except subprocess.TimeoutExpired:
-            return True
-        return False
+            listener.close()  # the daemon's copy stays: pyvmm's connection queues on it
 
     def exit_status(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
