@@ -97,7 +97,7 @@ demo: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py payloads armhost
 	@$(call on_kvm,500,sh -c "$(KVM_PY) examples/boot_linux.py && $(KVM_PY) examples/smccc_demo.py && $(KVM_PY) examples/sdei_demo.py && $(KVM_PY) examples/exec_demo.py")
 
 bench: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py payloads armhost
-	@$(call on_kvm,900,$(KVM_PY) -m benchmarks)
+	@$(call on_kvm,1800,$(KVM_PY) -m benchmarks)
 
 # The two commands above on a truly fresh Debian of each release the README promises: a new
 # debootstrap'd root with a clean clone of HEAD, `make demo` and `make test` run in it (as root,
