@@ -178,13 +178,7 @@ def _set_up(vm: Vm, args: argparse.Namespace, devices: list[VirtioDevice], servi
     """Devices, SMCCC services, SDEI and the images into the VM; the device tree it boots with."""
     from pyvmm.boot.load import boot
 
-    for i, device in enumerate(devices):
-        try:
-            vm.add_virtio(device)  # the VM closes it from here on, or at once if it cannot attach
-        except BaseException:
-            for rest in devices[i + 1:]:
-                rest.close()
-            raise
+    vm.add_virtio_devices(devices)  # the VM closes them from here on
     # the images once the machine exists, as kvmtool loads them: an option this host cannot
     # honour is said before a kernel that cannot be opened (see KernelOpenError)
     if args.kernel is not None and not os.path.isfile(args.kernel):

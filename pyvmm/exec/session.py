@@ -231,13 +231,7 @@ class LinuxSession:
             devices = [VirtioConsole(lambda b: self._output(0, b)), VirtioConsole(lambda b: self._output(1, b)),
                        self._control_console, Virtio9p(self._ctl, "pyvmm-ctl", read_only=True),
                        *shares, VirtioRng()]
-            for i, device in enumerate(devices):
-                try:
-                    vm.add_virtio(device)  # the VM closes it from here on, or at once if it cannot attach
-                except BaseException:
-                    for rest in devices[i + 1:]:
-                        rest.close()
-                    raise
+            vm.add_virtio_devices(devices)  # the VM closes them from here on
             if configure is not None:
                 configure(vm)
             cmdline = f"console=ttyS0 panic=-1 rdinit=/init {'' if verbose else 'quiet'} {params}"

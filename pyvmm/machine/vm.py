@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING
 
@@ -267,6 +267,17 @@ class Vm:
         self.lifecycle.add_device(transport)
         self.virtio.append(transport)
         return transport
+
+    def add_virtio_devices(self, devices: Sequence[VirtioDevice]) -> None:
+        """add_virtio() for each in turn; if one cannot be attached, the ones after it are closed
+        too (the VM owns each device it was handed)."""
+        for i, device in enumerate(devices):
+            try:
+                self.add_virtio(device)
+            except BaseException:
+                for rest in devices[i + 1:]:
+                    rest.close()
+                raise
 
     def _device_failed(self, message: str) -> None:
         """A device that cannot go on (its vhost-user daemon died) ends the run."""
