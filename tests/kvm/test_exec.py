@@ -63,7 +63,10 @@ def scratch() -> Iterator[Path]:
     shutil.rmtree(where, ignore_errors=True)
 
 
-def test_stdout_stderr_and_status_are_the_commands() -> None:
+# The streams, the status and the time limit go over virtio consoles whatever carries the files:
+# these two run on the default share only.
+@pytest.mark.parametrize("share", ["fs"], indirect=True)
+def test_stdout_stderr_and_status_are_the_commands(share: str) -> None:
     p = pyvmm_exec("--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (p.returncode, p.stdout, p.stderr) == (7, b"out\n", b"err\n")
 
@@ -86,7 +89,8 @@ def test_signal_status_and_rwdir_files_after_exit(scratch: Path, share: str) -> 
     assert (out / "file").read_text() == "kept\n"
 
 
-def test_timeout_gives_124_and_one_line() -> None:
+@pytest.mark.parametrize("share", ["fs"], indirect=True)
+def test_timeout_gives_124_and_one_line(share: str) -> None:
     p = pyvmm_exec("--timeout", "25", "--", "sleep", "1000", timeout=120)
     assert p.returncode == 124
     assert p.stdout == b"" and p.stderr.decode().strip() == "pyvmm: timed out after 25 s"
