@@ -30,6 +30,10 @@ class GuestMemoryError(VmmError):
     pass
 
 
+class SharedMemoryRefusedError(GuestMemoryError):
+    """KVM refuses guest RAM shared with a daemon (a memfd) to an MTE guest (Linux < 6.2)."""
+
+
 class SmcccFilterError(VmmError):
     pass
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pyvmm.errors import VmmError
+from pyvmm.errors import SharedMemoryRefusedError, VmmError
 from pyvmm.exec import initramfs
 from pyvmm.exec.shares import choose_share, setup_script, share_devices
 from pyvmm.machine.lifecycle import RunResult
@@ -217,15 +217,24 @@ class LinuxSession:
         from pyvmm.devices.virtio.rng import VirtioRng
         from pyvmm.machine.vm import Vm  # noqa: F811 - the class itself, at run time
 
-        shares, self.root_share, self.share = share_devices(self.share, self.rwdirs, fallback=self._share_fallback)
-        try:
-            Path(self._ctl, "setup.sh").write_bytes(setup_script(self.rwdirs, self.share))
-            self.vm = vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, console=self.console, reboot=False,
-                              shared_memory=self.share == "fs")
-        except BaseException:
-            for share in shares:
-                share.close()
-            raise
+        while True:
+            shares, self.root_share, self.share = share_devices(self.share, self.rwdirs, fallback=self._share_fallback)
+            try:
+                Path(self._ctl, "setup.sh").write_bytes(setup_script(self.rwdirs, self.share))
+                self.vm = vm = Vm(cpus=cpus, mem_mib=mem_mib, conduit=conduit, console=self.console, reboot=False,
+                                  shared_memory=self.share == "fs")
+                break
+            except SharedMemoryRefusedError as e:  # an MTE guest on Linux < 6.2: 9p, where chosen for us
+                for share in shares:
+                    share.close()
+                if not self._share_fallback:
+                    raise
+                log.info("%s: the host's files go over 9p", e)
+                self.share = "9p"
+            except BaseException:
+                for share in shares:
+                    share.close()
+                raise
         try:
             self._control_console = VirtioConsole(self._control)
             devices = [VirtioConsole(lambda b: self._output(0, b)), VirtioConsole(lambda b: self._output(1, b)),

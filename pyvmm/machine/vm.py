@@ -10,6 +10,7 @@ a guest's SYSTEM_RESET within the run, `stop()` from any thread, `close()`.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 from kvm_bindings.constants import KVM_MEM_READONLY, Cap
 from pyvmm.devices.bus import MmioBus, MmioDevice
 from pyvmm.devices.serial import SerialPort
-from pyvmm.errors import GuestMemoryError, KvmUnavailableError, VmmError
+from pyvmm.errors import GuestMemoryError, KvmIoctlError, KvmUnavailableError, SharedMemoryRefusedError, VmmError
 from pyvmm.kvm.fds import Kvm
 from pyvmm.machine import cpu_features
 from pyvmm.machine.cpu_features import AS_THE_HOST_OFFERS, CpuOptions
@@ -230,8 +231,16 @@ class Vm:
         if (m := self.mmio.overlaps(gpa, size)) is not None:
             raise GuestMemoryError(f"memory {gpa:#x}+{size:#x} overlaps device {m.name} at {m.base:#x}")
         region = self.memory.add(gpa, size, readonly=readonly, ram=ram)
-        self.fd.set_user_memory_region(region.slot, gpa, size, region.host_addr,
-                                       KVM_MEM_READONLY if readonly else 0)
+        try:
+            self.fd.set_user_memory_region(region.slot, gpa, size, region.host_addr,
+                                           KVM_MEM_READONLY if readonly else 0)
+        except KvmIoctlError as e:
+            # before Linux 6.2, KVM takes no shared mapping for an MTE guest (kvm_arch_prepare_memory_region)
+            if e.errno == errno.EINVAL and region.fd >= 0 and self.features.mte:
+                raise SharedMemoryRefusedError(
+                    "this kernel's KVM refuses an MTE guest the shared RAM a virtio-fs daemon needs (Linux < 6.2): "
+                    "give --disable-mte, or share with --9p") from None
+            raise
 
     def add_device(self, base: int, size: int, device: MmioDevice, name: str, dt: DtPart | None = None) -> None:
         """Put `device` on the MMIO bus; `dt`, if given, contributes its node (dt_node(phandles)).

@@ -22,6 +22,7 @@ import pytest
 from pyvmm.errors import VmmError
 from pyvmm.exec.session import LinuxSession, default_kernel
 from tests.conftest import ROOT, errors, linux_guest
+from tests.kvm.conftest import NEEDS_SHARED_RAM
 
 BOOT_LIMIT = 150  # seconds for one boot to the command, in the emulated host (about 20 s there)
 
@@ -40,7 +41,7 @@ def kernel_options() -> list[str]:
 SHARE = ["fs"]  # the share the module's tests run on now (the `share` fixture sets it)
 
 
-@pytest.fixture(scope="module", autouse=True, params=["fs", "9p"])
+@pytest.fixture(scope="module", autouse=True, params=[pytest.param("fs", marks=NEEDS_SHARED_RAM), "9p"])
 def share(request: pytest.FixtureRequest) -> str:
     """Every test here runs with the host's files over virtio-fs and over virtio-9p."""
     SHARE[0] = request.param
@@ -65,7 +66,7 @@ def scratch() -> Iterator[Path]:
 
 # The streams, the status and the time limit go over virtio consoles whatever carries the files:
 # these two run on the default share only.
-@pytest.mark.parametrize("share", ["fs"], indirect=True)
+@pytest.mark.parametrize("share", [pytest.param("fs", marks=NEEDS_SHARED_RAM)], indirect=True)
 def test_stdout_stderr_and_status_are_the_commands(share: str) -> None:
     p = pyvmm_exec("--", "sh", "-c", "echo out; echo err >&2; exit 7")
     assert (p.returncode, p.stdout, p.stderr) == (7, b"out\n", b"err\n")
@@ -89,7 +90,7 @@ def test_signal_status_and_rwdir_files_after_exit(scratch: Path, share: str) -> 
     assert (out / "file").read_text() == "kept\n"
 
 
-@pytest.mark.parametrize("share", ["fs"], indirect=True)
+@pytest.mark.parametrize("share", [pytest.param("fs", marks=NEEDS_SHARED_RAM)], indirect=True)
 def test_timeout_gives_124_and_one_line(share: str) -> None:
     p = pyvmm_exec("--timeout", "25", "--", "sleep", "1000", timeout=120)
     assert p.returncode == 124

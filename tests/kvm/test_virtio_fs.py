@@ -22,6 +22,9 @@ import pytest
 from pyvmm import cli
 from pyvmm.devices.virtio.vhost_user import virtiofsd
 from tests.conftest import host_shape, linux_guest
+from tests.kvm.conftest import NEEDS_SHARED_RAM
+
+pytestmark = NEEDS_SHARED_RAM
 
 GUEST_TIMEOUT = 180.0
 MOUNT = "mkdir,-p,/a;mount,-t,virtiofs,hostfs,/a||echo,MOUNT-FAILED;sh,/a/t.sh"
