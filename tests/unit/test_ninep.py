@@ -565,3 +565,18 @@ def test_readdir_listings_are_bounded_per_share(rw: tuple[Client, int], tree: Pa
         fids.append(d)
         assert c.server.listed <= 120
     assert sorted(c.listdir(fids[0])) == sorted([".", "..", *os.listdir(tree / "sub")])  # taken again
+
+
+def test_a_name_beyond_path_max_is_still_reached(rw: tuple[Client, int], tree: Path) -> None:
+    """openat2 refuses a path longer than PATH_MAX (ENAMETOOLONG); the server walks such a path one
+    name at a time instead, as a guest on a writable share can make one."""
+    c, root = rw
+    names = [f"{i:02d}" + "d" * 240 for i in range(20)]  # about 4,900 bytes in all
+    fid = root
+    for name in names:
+        c.mkdir(fid, name)
+        fid, _ = c.walk(fid, name)
+    leaf, qids = c.walk(root, *names[:16])  # a walk takes at most 16 names (P9_MAXWELEM)
+    leaf, qids = c.walk(leaf, *names[16:])
+    assert len(qids) == 4
+    assert c.getattr(leaf)["mode"] & 0o170000 == 0o040000

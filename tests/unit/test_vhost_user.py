@@ -262,3 +262,16 @@ def test_pyvmm_check_says_whether_shared_ram_gets_huge_pages(tmp_path: Path) -> 
     knob.write_text("always within_size [advise] never deny force\n")
     assert "transparent huge pages" in shared_thp_line(str(knob))
     assert "small pages only" in shared_thp_line(str(tmp_path / "missing"))
+
+
+def test_a_back_end_lost_before_the_device_is_attached_ends_the_run(backend: Backend, tmp_path: Path) -> None:
+    device = VirtioFs(str(tmp_path / "vu.sock"), _config("t"), "virtio-fs t")
+    backend.hang_up()
+    wait_for(device._lost.is_set)  # the watcher saw it, with no run to end yet
+    vm = FakeVm(shared=True)
+    fatal: list[str] = []
+    try:
+        vm.attach(device, fatal.append)
+        assert fatal == ["virtio-fs t: the virtio-fs daemon closed its vhost-user socket"]
+    finally:
+        vm.close()
