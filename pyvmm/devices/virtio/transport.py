@@ -6,13 +6,15 @@ a way to register ioeventfds. The fast path never involves a vCPU thread in Pyth
   * queue notifications: a KVM ioeventfd per queue on QueueNotify (datamatch = queue index), so
     KVM completes the guest's write and signals the eventfd without leaving the kernel;
   * device work: one worker thread per device polls those eventfds (and any backend fds);
-  * interrupts: a KVM irqfd on the device's SPI, signalled by the worker.
-vCPU threads only see the transport's registers: set-up, InterruptStatus and InterruptACK.
+  * interrupts: a KVM irqfd on the device's SPI, signalled by the worker;
+  * the interrupt status: its used-buffer bit always reads as set and its ACK is a KVM
+    ioeventfd nobody reads, so of Linux's vm_interrupt (read the status, ACK it, scan the rings)
+    only the read leaves KVM. A scan with nothing used is harmless, since drivers expect such
+    notifications (suppressing them is only a hint, virtio 1.2 §2.7.7); Firecracker reports the
+    bit so for vhost-user. The configuration-change bit is real, and its ACK reaches pyvmm.
 
 A vhost-user device (`external_queues`) hands the kick eventfds and the irqfd's eventfd to its
-daemon; the worker leaves them alone. As pyvmm cannot tell when the daemon interrupts,
-InterruptStatus' used-buffer bit reads as set (Linux's vm_interrupt then scans every ring; so
-does Firecracker) and the ACK of that bit is an ioeventfd: only the status read leaves KVM.
+daemon, which interrupts the guest itself; the worker leaves them alone.
 
 Locking: `_state` guards the registers and queue set-up, held briefly by vCPU threads and by the
 worker; device work (a disk read, an fsync, a frame) runs outside it, so a register access never
@@ -79,7 +81,7 @@ class VirtioMmio:
         self._isr_lock = threading.Lock()
         self._reset_registers()
         self._kick_fds: list[int] = []
-        self._ack_fd = -1  # external queues: the ioeventfd that takes InterruptACK's used-buffer bit
+        self._ack_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # takes the ACK of used buffers
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._thread: threading.Thread | None = None
         self._stopping = False  # the machine is stopping or resetting: nothing waits for the worker
@@ -88,9 +90,7 @@ class VirtioMmio:
                 fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 self._kick_fds.append(fd)
                 ioeventfd(base + reg.QUEUE_NOTIFY, 4, fd, KVM_IOEVENTFD_FLAG_DATAMATCH, i)
-            if self.external:
-                self._ack_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                ioeventfd(base + reg.INTERRUPT_ACK, 4, self._ack_fd, KVM_IOEVENTFD_FLAG_DATAMATCH, reg.INT_USED_BUFFER)
+            ioeventfd(base + reg.INTERRUPT_ACK, 4, self._ack_fd, KVM_IOEVENTFD_FLAG_DATAMATCH, reg.INT_USED_BUFFER)
             device.attach(self)
             self._poller = select.poll()
             self._handlers: dict[int, Callable[[], None]] = {}
@@ -114,7 +114,7 @@ class VirtioMmio:
         self.config_generation = 0
         self.broken: str | None = None
         with self._isr_lock:
-            self.isr = 0
+            self.isr = 0  # the configuration-change bit (the used-buffer bit reads as set)
 
     @property
     def running(self) -> bool:
@@ -136,7 +136,7 @@ class VirtioMmio:
         if size != 4 or offset & 3:
             return 0  # §4.2.2.2: registers are read 32 bits wide
         if offset == reg.INTERRUPT_STATUS:
-            return self.isr | reg.INT_USED_BUFFER if self.external else self.isr
+            return self.isr | reg.INT_USED_BUFFER
         if offset == reg.MAGIC_VALUE:
             return reg.MAGIC
         if offset == reg.VERSION_REG:
@@ -422,7 +422,7 @@ class VirtioMmio:
 
     def publish(self, queue: Virtqueue) -> None:
         if queue.publish():
-            self._interrupt(reg.INT_USED_BUFFER)
+            self.irq.trigger()  # the used-buffer bit reads as set already
 
     def _interrupt(self, bit: int) -> None:
         with self._isr_lock:
@@ -438,10 +438,10 @@ class VirtioMmio:
         self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self._stop_fd, *self._kick_fds, *([self._ack_fd] if self._ack_fd >= 0 else [])):
-            os.close(fd)
-        self._kick_fds = []
-        self._ack_fd = -1
+        for fd in (self._stop_fd, *self._kick_fds, self._ack_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._kick_fds, self._ack_fd = [], -1
 
 
 def _set_half(current: int, high: bool, value: int) -> int:
