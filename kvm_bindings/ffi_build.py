@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cffi
 
-from kvm_bindings import cdef_asm_kvm, cdef_libc, cdef_linux_if_tun, cdef_linux_kvm
+from kvm_bindings import cdef_asm_kvm, cdef_libc, cdef_linux_if_tun, cdef_linux_kvm, cdef_linux_vhost
 
 MODULE = "kvm_bindings._kvm_ffi"
 
@@ -21,7 +21,8 @@ MODULE = "kvm_bindings._kvm_ffi"
 def make_builder() -> cffi.FFI:
     builder = cffi.FFI()
     # the arch header first: linux/kvm.h's structs embed its kvm_*_arch ones, as the kernel's does
-    for cdef in (cdef_asm_kvm.CDEF, cdef_linux_kvm.CDEF, cdef_linux_if_tun.CDEF, cdef_libc.CDEF):
+    for cdef in (cdef_asm_kvm.CDEF, cdef_linux_kvm.CDEF, cdef_linux_if_tun.CDEF, cdef_linux_vhost.CDEF,
+                 cdef_libc.CDEF):
         builder.cdef(cdef)
     builder.set_source(MODULE, None)
     return builder

@@ -1,7 +1,8 @@
 """KVM ioctl request numbers, computed like the kernel's _IO/_IOR/_IOW/_IOWR macros.
 
 Sizes come from the cffi declarations, so a layout mistake shows up as a wrong ioctl number in
-the golden tests. Numbers and directions are those of include/uapi/linux/kvm.h (and if_tun.h).
+the golden tests. Numbers and directions are those of include/uapi/linux/kvm.h (and if_tun.h,
+vhost.h).
 """
 
 from __future__ import annotations
@@ -66,6 +67,20 @@ KVM_ARM_VCPU_FINALIZE = _iow(0xC2, "int")  # its argument: the feature to finali
 TUNSETIFF = IOC(IOC_WRITE, ord("T"), 202, ffi.sizeof("int"))
 TUNSETVNETHDRSZ = IOC(IOC_WRITE, ord("T"), 216, ffi.sizeof("int"))
 
+# the kernel's vhost devices (include/uapi/linux/vhost.h)
+VHOST_VIRTIO = 0xAF
+VHOST_GET_FEATURES = IOC(IOC_READ, VHOST_VIRTIO, 0x00, ffi.sizeof("uint64_t"))
+VHOST_SET_FEATURES = IOC(IOC_WRITE, VHOST_VIRTIO, 0x00, ffi.sizeof("uint64_t"))
+VHOST_SET_OWNER = IOC(IOC_NONE, VHOST_VIRTIO, 0x01, 0)
+VHOST_SET_MEM_TABLE = IOC(IOC_WRITE, VHOST_VIRTIO, 0x03, ffi.sizeof("struct vhost_memory"))
+VHOST_SET_VRING_NUM = IOC(IOC_WRITE, VHOST_VIRTIO, 0x10, ffi.sizeof("struct vhost_vring_state"))
+VHOST_SET_VRING_ADDR = IOC(IOC_WRITE, VHOST_VIRTIO, 0x11, ffi.sizeof("struct vhost_vring_addr"))
+VHOST_SET_VRING_BASE = IOC(IOC_WRITE, VHOST_VIRTIO, 0x12, ffi.sizeof("struct vhost_vring_state"))
+VHOST_GET_VRING_BASE = IOC(IOC_READ | IOC_WRITE, VHOST_VIRTIO, 0x12, ffi.sizeof("struct vhost_vring_state"))
+VHOST_SET_VRING_KICK = IOC(IOC_WRITE, VHOST_VIRTIO, 0x20, ffi.sizeof("struct vhost_vring_file"))
+VHOST_SET_VRING_CALL = IOC(IOC_WRITE, VHOST_VIRTIO, 0x21, ffi.sizeof("struct vhost_vring_file"))
+VHOST_NET_SET_BACKEND = IOC(IOC_WRITE, VHOST_VIRTIO, 0x30, ffi.sizeof("struct vhost_vring_file"))
+
 # name of every request, for error messages
 NAMES: dict[int, str] = {v: k for k, v in list(globals().items())
-                         if k.startswith(("KVM_", "TUN")) and k != "KVMIO"}
+                         if k.startswith(("KVM_", "TUN", "VHOST_")) and k not in ("KVMIO", "VHOST_VIRTIO")}

@@ -1,5 +1,5 @@
 """The only module that issues ioctls: thin wrappers over /dev/kvm, VM, vCPU and device fds,
-and over /dev/net/tun for virtio-net's tap backend.
+over /dev/net/tun for virtio-net's tap backend, and over the kernel's vhost devices.
 
 One method per ioctl, no policy (the shape of rust-vmm's kvm-ioctls). All calls go through cffi's
 libc `ioctl`, which releases the GIL, and KVM_RUN's EINTR is returned to the caller rather than
@@ -322,3 +322,63 @@ def open_tap(name: str, vnet_hdr_size: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+class VhostFd:
+    """A kernel vhost device (/dev/vhost-net; drivers/vhost/vhost.c), owned by this process: its
+    worker thread reaches guest RAM through this process's mappings."""
+
+    def __init__(self, path: str) -> None:
+        """Raises OSError if `path` cannot be opened (no module loaded, no permission)."""
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            _ioctl(self.fd, io.VHOST_SET_OWNER, 0, path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def get_features(self) -> int:
+        out = ffi.new("uint64_t *")
+        _ioctl(self.fd, io.VHOST_GET_FEATURES, out)
+        return int(out[0])
+
+    def set_features(self, features: int) -> None:
+        _ioctl(self.fd, io.VHOST_SET_FEATURES, ffi.new("uint64_t *", features))
+
+    def set_mem_table(self, regions: list[tuple[int, int, int]]) -> None:
+        """(guest-physical address, size, address in this process) of each region."""
+        table = ffi.new("struct vhost_memory *", {"nregions": len(regions), "regions": len(regions)})
+        for i, (gpa, size, host_addr) in enumerate(regions):
+            table.regions[i] = {"guest_phys_addr": gpa, "memory_size": size, "userspace_addr": host_addr}
+        _ioctl(self.fd, io.VHOST_SET_MEM_TABLE, table)
+
+    def set_vring_num(self, index: int, num: int) -> None:
+        _ioctl(self.fd, io.VHOST_SET_VRING_NUM, ffi.new("struct vhost_vring_state *", (index, num)))
+
+    def set_vring_base(self, index: int, base: int) -> None:
+        _ioctl(self.fd, io.VHOST_SET_VRING_BASE, ffi.new("struct vhost_vring_state *", (index, base)))
+
+    def get_vring_base(self, index: int) -> int:
+        """Stops the ring; returns the next available index it would have read."""
+        state = ffi.new("struct vhost_vring_state *", (index, 0))
+        _ioctl(self.fd, io.VHOST_GET_VRING_BASE, state)
+        return int(state.num)
+
+    def set_vring_addr(self, index: int, desc: int, used: int, avail: int) -> None:
+        """Addresses in this process of the ring's three parts."""
+        addr = ffi.new("struct vhost_vring_addr *", {"index": index, "desc_user_addr": desc,
+                                                     "used_user_addr": used, "avail_user_addr": avail})
+        _ioctl(self.fd, io.VHOST_SET_VRING_ADDR, addr)
+
+    def set_vring_kick(self, index: int, fd: int) -> None:
+        _ioctl(self.fd, io.VHOST_SET_VRING_KICK, ffi.new("struct vhost_vring_file *", (index, fd)))
+
+    def set_vring_call(self, index: int, fd: int) -> None:
+        _ioctl(self.fd, io.VHOST_SET_VRING_CALL, ffi.new("struct vhost_vring_file *", (index, fd)))
+
+    def net_set_backend(self, index: int, fd: int) -> None:
+        """/dev/vhost-net: ring `index` moves frames to and from tap `fd` (-1: stop)."""
+        _ioctl(self.fd, io.VHOST_NET_SET_BACKEND, ffi.new("struct vhost_vring_file *", (index, fd)))
+
+    def close(self) -> None:
+        os.close(self.fd)

@@ -32,6 +32,11 @@ SIZES = {
     "struct kvm_reg_list": 8,
     "struct kvm_signal_mask": 4,
     "struct ifreq": 40,
+    "struct vhost_vring_state": 8,
+    "struct vhost_vring_file": 8,
+    "struct vhost_vring_addr": 40,
+    "struct vhost_memory_region": 32,
+    "struct vhost_memory": 8,
 }
 
 OFFSETS = [
@@ -65,6 +70,8 @@ OFFSETS = [
     ("struct kvm_smccc_filter", ("action",), 8),
     ("struct kvm_ioeventfd", ("fd",), 20),
     ("struct ifreq", ("ifr_flags",), 16),
+    ("struct vhost_vring_addr", ("avail_user_addr",), 24),
+    ("struct vhost_memory", ("regions",), 8),
     ("struct kvm_vcpu_events", ("exception", "serror_esr"), 8),
 ]
 
@@ -94,6 +101,17 @@ IOCTLS = {
     "KVM_ARM_VCPU_FINALIZE": 0x4004AEC2,
     "TUNSETIFF": 0x400454CA,
     "TUNSETVNETHDRSZ": 0x400454D8,
+    "VHOST_GET_FEATURES": 0x8008AF00,
+    "VHOST_SET_FEATURES": 0x4008AF00,
+    "VHOST_SET_OWNER": 0xAF01,
+    "VHOST_SET_MEM_TABLE": 0x4008AF03,
+    "VHOST_SET_VRING_NUM": 0x4008AF10,
+    "VHOST_SET_VRING_ADDR": 0x4028AF11,
+    "VHOST_SET_VRING_BASE": 0x4008AF12,
+    "VHOST_GET_VRING_BASE": 0xC008AF12,
+    "VHOST_SET_VRING_KICK": 0x4008AF20,
+    "VHOST_SET_VRING_CALL": 0x4008AF21,
+    "VHOST_NET_SET_BACKEND": 0x4008AF30,
 }
 
 
