@@ -168,7 +168,7 @@ def _make_vm(args: argparse.Namespace, host: HostConsole) -> tuple[Vm, list[Virt
                 devices.append(device)
         vm = Vm(cpus=args.cpus, mem_mib=args.mem, conduit=args.psci_conduit, console=host.output,
                 aarch32=args.aarch32, cpu=cpu_options(args), irqchip=args.irqchip,
-                shared_memory=any(d.external_queues for d in devices))
+                shared_memory=any(d.needs_shared_memory for d in devices))
         unowned.pop_all()
     return vm, devices
 

@@ -262,7 +262,7 @@ class Vm:
         try:
             if self.lifecycle.ran:
                 raise VmmError("add devices before the VM first runs")
-            if device.external_queues and not self.memory.shared:
+            if device.needs_shared_memory and not self.memory.shared:
                 raise VmmError(f"virtio-{device.name}: its daemon must reach guest RAM: build the VM with "
                                "Vm(shared_memory=True)")
             base = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE * len(self.virtio)

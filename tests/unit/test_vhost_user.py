@@ -22,6 +22,7 @@ from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DE
 from pyvmm.devices.virtio.fs import FsSpec, VirtioFs, _config, parse_fs
 from pyvmm.devices.virtio.vhost_user import protocol as vu
 from pyvmm.devices.virtio.vhost_user import virtiofsd
+from pyvmm.devices.virtio.vhost_user.device import memory_table
 from pyvmm.devices.virtio.vhost_user.virtiofsd import root_is_rootfs, sandboxes
 from pyvmm.errors import VmmError
 from tests.unit.virtio_driver import RAM, RAM_SIZE, Driver, FakeVm
@@ -172,7 +173,7 @@ def test_shared_guest_ram_is_a_memfd_the_daemon_can_map() -> None:
     try:
         assert plain.memory.regions[0].fd == -1
         with pytest.raises(vu.VhostUserError, match="Vm\\(shared_memory=True\\)"):
-            VirtioFs._memory_table(plain.memory)
+            memory_table(plain.memory)
     finally:
         plain.close()
 
@@ -267,7 +268,7 @@ def test_pyvmm_check_says_whether_shared_ram_gets_huge_pages(tmp_path: Path) -> 
 def test_a_back_end_lost_before_the_device_is_attached_ends_the_run(backend: Backend, tmp_path: Path) -> None:
     device = VirtioFs(str(tmp_path / "vu.sock"), _config("t"), "virtio-fs t")
     backend.hang_up()
-    wait_for(device._lost.is_set)  # the watcher saw it, with no run to end yet
+    wait_for(device._failed.is_set)  # the watcher saw it, with no run to end yet
     vm = FakeVm(shared=True)
     fatal: list[str] = []
     try:

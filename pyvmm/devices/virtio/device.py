@@ -55,7 +55,8 @@ class VirtioDevice:
     queue_sizes: tuple[int, ...] = ()
     features: int = 0  # device-specific feature bits
     transport_features: int = TRANSPORT_FEATURES  # the ring features offered with them
-    external_queues = False  # a vhost-user daemon serves the queues (vhost_user/device.py)
+    external_queues = False  # the kernel or a daemon serves the queues (vhost.py)
+    needs_shared_memory = False  # guest RAM must be memfds the back-end maps (vhost-user)
 
     def __init__(self) -> None:
         self.transport: Transport | None = None

@@ -13,8 +13,8 @@ a way to register ioeventfds. The fast path never involves a vCPU thread in Pyth
     notifications (suppressing them is only a hint, virtio 1.2 §2.7.7); Firecracker reports the
     bit so for vhost-user. The configuration-change bit is real, and its ACK reaches pyvmm.
 
-A vhost-user device (`external_queues`) hands the kick eventfds and the irqfd's eventfd to its
-daemon, which interrupts the guest itself; the worker leaves them alone.
+A vhost device (`external_queues`, vhost.py) hands the kick eventfds and the irqfd's eventfd to
+the kernel or its daemon, which interrupts the guest itself; the worker leaves them alone.
 
 Locking: `_state` guards the registers and queue set-up, held briefly by vCPU threads and by the
 worker; device work (a disk read, an fsync, a frame) runs outside it, so a register access never
@@ -407,7 +407,7 @@ class VirtioMmio:
         """Worker thread: start or stop polling a backend fd."""
         self._poller.modify(fd, select.POLLIN if enabled else 0)
 
-    # --- for a vhost-user device (vhost_user/device.py's RingHost) ---------------------------
+    # --- for a vhost device (vhost.py's RingHost) ----------------------------------------------
     def kick_fd(self, index: int) -> int:
         return self._kick_fds[index]
 
