@@ -45,6 +45,17 @@ def shared_thp_line(path: str = "/sys/kernel/mm/transparent_hugepage/shmem_enabl
             "which boot faster)")
 
 
+def vhost_net_line(path: str = "/dev/vhost-net") -> str:
+    """Whether a tap NIC's frames move in the kernel (vhost-net) or through pyvmm."""
+    from pyvmm.kvm.fds import VhostFd
+
+    try:
+        VhostFd(path).close()
+    except OSError as e:
+        return f"tap NICs        pyvmm moves the frames ({path}: {e.strerror}; load vhost_net for the kernel's data plane)"
+    return f"tap NICs        the kernel's vhost-net moves the frames ({path})"
+
+
 def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
     """The host's shape and, in words, what pyvmm can and cannot do on it (pyvmm/machine/host.py)."""
     from pyvmm.machine.host import probe, report, runnable
@@ -60,4 +71,5 @@ def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
         print(line)
     print(exec_share_line())
     print(shared_thp_line())
+    print(vhost_net_line())
     return EXIT_OK if runnable(shape) else EXIT_ERROR

@@ -1,6 +1,7 @@
 """A Linux guest doing virtio-blk and virtio-net I/O is reset three times (`reboot -f`, PSCI
-SYSTEM_RESET) within one run: every boot reaches init, finds its disk intact and its network
-working, while the host keeps sending it frames across each reset."""
+SYSTEM_RESET) within one run: every boot reaches init, finds its disk intact and both its NICs
+working (one on pyvmm's data plane, one on the kernel's vhost-net), while the host keeps sending
+them frames across each reset."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from pathlib import Path
 from pyvmm.boot.load import boot
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
+from pyvmm.devices.virtio.vhost_net import VhostNet, open_nic
 from pyvmm.machine.vm import Vm
 from tests.conftest import linux_guest
 
-TAP = "pyvmmtap1"
+TAP, VHOST_TAP = "pyvmmtap1", "pyvmmtap2"
+VHOST_MAC = "02:15:15:15:15:22"
 BOOTS = 4  # the first boot and three resets
 
 # Run at every boot (extracted from /dev/vda): count the boot on /dev/vdb (which a reset leaves
@@ -27,10 +30,12 @@ n=$(dd if=/dev/vdb bs=512 count=1 2>/dev/null | tr -dc 0-9)
 n=$(( ${{n:-0}} + 1 ))
 printf '%s' "$n" | dd of=/dev/vdb bs=512 count=1 conv=sync,fsync 2>/dev/null
 sum=$(md5sum /tmp/payload.bin | cut -d' ' -f1)
-ip addr add 192.168.78.2/24 dev eth0
-ip link set eth0 up
+for d in /sys/class/net/eth*; do [ "$(cat $d/address)" = "{VHOST_MAC}" ] && v=${{d##*/}} || p=${{d##*/}}; done
+ip addr add 192.168.78.2/24 dev $p && ip link set $p up
+ip addr add 192.168.82.2/24 dev $v && ip link set $v up
 if ping -c 3 -W 5 192.168.78.1 >/dev/null; then net=ok; else net=failed; fi
-echo "PYVMM-RESET-BOOT $n disk=$sum net=$net"
+if ping -c 3 -W 5 192.168.82.1 >/dev/null; then vhost=ok; else vhost=failed; fi
+echo "PYVMM-RESET-BOOT $n disk=$sum net=$net vhost=$vhost"
 if [ "$n" -lt {BOOTS} ]; then reboot -f; fi
 """
 
@@ -53,30 +58,35 @@ def test_linux_with_disk_and_network_io_survives_three_resets(tmp_path: Path) ->
     counter.write_bytes(bytes(64 << 10))
     image, initrd = linux_guest()
     out = bytearray()
-    flood = None
     with Vm(cpus=2, mem_mib=256, console=out.append) as vm:
         vm.add_virtio(VirtioBlk(str(disk), read_only=True))
         vm.add_virtio(VirtioBlk(str(counter)))
         vm.add_virtio(VirtioNet(parse_network(f"mode=tap,tapif={TAP}")))
-        ip("addr", "add", "192.168.78.1/24", "dev", TAP)
-        ip("link", "set", TAP, "up")
+        vhost = vm.add_virtio(open_nic(parse_network(f"mode=tap,tapif={VHOST_TAP},guest_mac={VHOST_MAC}"))).device
+        assert isinstance(vhost, VhostNet), "/dev/vhost-net did not open (load the vhost_net module)"
+        for tap, address in ((TAP, "192.168.78.1/24"), (VHOST_TAP, "192.168.82.1/24")):
+            ip("addr", "add", address, "dev", tap)
+            ip("link", "set", tap, "up")
         # frames for the guest all the time, so receives are in flight when it resets
-        flood = subprocess.Popen(["ping", "-q", "-i", "0.05", "-w", "200", "192.168.78.2"],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        floods = [subprocess.Popen(["ping", "-q", "-i", "0.05", "-w", "200", guest],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                  for guest in ("192.168.78.2", "192.168.82.2")]
         boot(vm, kernel=str(image), initrd=str(initrd),
              cmdline="console=ttyS0 quiet pyvmm.run=tar,-xf,/dev/vda,-C,/tmp;sh,/tmp/boot.sh")
         try:
             result = vm.run(timeout=300)
         finally:
-            flood.kill()
-            flood.wait()
+            for flood in floods:
+                flood.kill()
+                flood.wait()
         resets = vm.resets
     text = out.decode(errors="replace")
     assert result.reason == "poweroff", f"{result}\n{text[-4000:]}"
     assert resets == BOOTS - 1
     md5 = hashlib.md5(payload).hexdigest()
     boots = [line.split() for line in text.splitlines() if line.startswith("PYVMM-RESET-BOOT")]
-    assert boots == [["PYVMM-RESET-BOOT", str(n), f"disk={md5}", "net=ok"] for n in range(1, BOOTS + 1)], text[-4000:]
+    assert boots == [["PYVMM-RESET-BOOT", str(n), f"disk={md5}", "net=ok", "vhost=ok"] for n in range(1, BOOTS + 1)], \
+        text[-4000:]
     assert text.count("PYVMM-GUEST: init reached") == BOOTS
     assert disk.read_bytes() == before
     assert counter.read_bytes()[:1] == str(BOOTS).encode()

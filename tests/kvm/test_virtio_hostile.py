@@ -1,12 +1,18 @@
 """A hostile virtio driver on real KVM: an assembled guest feeds pyvmm's virtio-blk a looping
 descriptor chain and a buffer outside RAM, kicking through the ioeventfd. The device must ask
-for a reset (DEVICE_NEEDS_RESET plus a configuration-change interrupt) and work again after it."""
+for a reset (DEVICE_NEEDS_RESET plus a configuration-change interrupt) and work again after it.
+A looping chain on a vhost-net ring, which the kernel walks, must stop that ring and nothing else."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import threading
 from pathlib import Path
 
 from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.virtio.net import parse_network
+from pyvmm.devices.virtio.vhost_net import VhostNet, open_nic
 from pyvmm.testing.payloads import MakePayloadVm
 from tests.kvm.conftest import NEEDS_FILTER, guest
 
@@ -15,6 +21,8 @@ pytestmark = NEEDS_FILTER
 ACK_DRIVER_FEATURES_OK = 1 | 2 | 8
 DRIVER_OK, NEEDS_RESET = 4, 0x40
 INT_USED_BUFFER, INT_CONFIG_CHANGE = 1, 2
+HOSTILE_TAP = "pyvmmtap3"
+VIRTIO_NET_HEADER = 12
 
 
 def test_malformed_chains_break_the_device_not_the_vmm(payload_vm: MakePayloadVm, tmp_path: Path) -> None:
@@ -36,3 +44,37 @@ def test_malformed_chains_break_the_device_not_the_vmm(payload_vm: MakePayloadVm
     used_idx, used_len, request_status = flush
     assert (used_idx, used_len, request_status) == (1, 1, 0)  # VIRTIO_BLK_S_OK
     assert blk.flushes == 1
+
+
+def test_a_hostile_ring_stops_vhost_net_not_the_vmm(payload_vm: MakePayloadVm) -> None:
+    """vhost-net's rings are the kernel's to walk: a looping receive chain makes vhost-net stop the
+    ring (drivers/vhost/vhost.c, vhost_get_vq_desc: "Loop detected") and nothing else; a device
+    reset takes the ring back, and a good buffer then receives one of the frames the host sends."""
+    run = payload_vm(guest("vhost_net_hostile"))
+    nic = open_nic(parse_network(f"mode=tap,tapif={HOSTILE_TAP}"))
+    run.vm.add_virtio(nic)
+    assert isinstance(nic, VhostNet), "/dev/vhost-net did not open (load the vhost_net module)"
+    subprocess.run(["ip", "link", "set", HOSTILE_TAP, "up"], check=True, capture_output=True, timeout=30)
+    stop = threading.Event()
+    # an Ethernet broadcast of the local experimental type every 10 ms, from the host into the tap
+    frame = b"\xff" * 6 + bytes.fromhex("021515151599") + b"\x88\xb5" + bytes(46)
+
+    def send() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((HOSTILE_TAP, 0))
+            while not stop.wait(0.01):
+                s.send(frame)
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        result = run.run(180).result
+    finally:
+        stop.set()
+        sender.join(5)
+    assert result.ok, result
+    (set_up, looped, after_reset, received) = [v[:3] for v in run.values]
+    assert set_up == (ACK_DRIVER_FEATURES_OK | DRIVER_OK, 0, 0)
+    assert looped == (0, 0, 0)  # the kernel used nothing of the looping chain
+    assert after_reset == (0, 0, 0)
+    used_idx, used_len, polls_left = received
+    assert used_idx == 1 and used_len >= VIRTIO_NET_HEADER + len(frame) and polls_left > 0

@@ -145,12 +145,12 @@ def test_virtio_devices_bring_their_own_options() -> None:
     from pyvmm.devices.virtio.blk import VirtioBlk
     from pyvmm.devices.virtio.console import VirtioConsole
     from pyvmm.devices.virtio.fs import VirtioFs
-    from pyvmm.devices.virtio.net import VirtioNet
     from pyvmm.devices.virtio.p9 import Virtio9p
     from pyvmm.devices.virtio.registry import CLI_DEVICES
     from pyvmm.devices.virtio.rng import VirtioRng
+    from pyvmm.devices.virtio.vhost_net import VhostNet
 
-    assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet, Virtio9p, VirtioFs)
+    assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VhostNet, Virtio9p, VirtioFs)
     help_text = run_cli("run", "--help").stdout
     for flag in ("--disk", "--console", "--rng", "--network", "--9p", "--fs"):
         assert flag in help_text

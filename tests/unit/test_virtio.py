@@ -39,6 +39,7 @@ from pyvmm.devices.virtio.rings.chain import Chain, QueueError
 from pyvmm.devices.virtio.rings.layout import DESC, IOVEC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.devices.virtio.vhost_net import VhostNet
 from pyvmm.errors import VmmError
 from pyvmm.machine.irq_lines import IrqFd
 from pyvmm.machine.memory import GuestMemory
@@ -291,7 +292,7 @@ NO_HOST = NoHost()
 def test_network_mode_none_is_no_nic_as_in_kvmtool() -> None:
     """kvm-unit-tests' runner passes `--network mode=none` to say the test wants no NIC."""
     for options in (["mode=none"], ["mode=none", "mode=none,guest_mac=02:00:00:00:00:01"]):
-        assert VirtioNet.from_args(argparse.Namespace(network=options), NO_HOST) == []
+        assert VhostNet.from_args(argparse.Namespace(network=options), NO_HOST) == []
 
 
 def test_network_options() -> None:

@@ -82,11 +82,11 @@ RECIPE_VERSION = "7"  # bump when the base layout changes
 
 KERNEL_LIMIT = 512 << 20  # the most an unpacked kernel Image may be
 
-# Kernel modules from the same package: the emulated host needs TUN for virtio-net's tap backend,
-# the L2 guest the virtio-mmio transport and drivers (Debian builds them as modules; the virtio
+# Kernel modules from the same package: the emulated host needs TUN for virtio-net's tap backend
+# and vhost-net for its kernel data plane, the L2 guest the virtio-mmio transport and drivers (Debian builds them as modules; the virtio
 # console too in 6.1, where 6.12 has it built in, and a built-in one is left out). Their
 # dependencies are added and ordered from each module's .modinfo "depends=".
-HOST_MODULES = ["tun"]
+HOST_MODULES = ["tun", "vhost_net"]
 GUEST_MODULES = ["virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng", "virtio_net", "9pnet_virtio", "9p",
                  "virtiofs"]
 

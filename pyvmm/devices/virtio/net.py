@@ -1,8 +1,10 @@
 """virtio-net (virtio 1.2 §5.1) on a host tap device, or with no backend at all.
 
-  -n mode=tap,tapif=NAME[,guest_mac=MAC]   frames go to and come from tap NAME (created if it
-                                            does not exist; the host side configures it)
-  -n mode=none                              no NIC, as in kvmtool (its runners pass it to say so)
+  -n mode=tap,tapif=NAME[,guest_mac=MAC][,vhost=0|1]
+                     frames go to and come from tap NAME (created if it does not exist; the host
+                     side configures it), moved by the kernel's vhost-net (vhost_net.py) where
+                     /dev/vhost-net opens, else by this module; vhost=0: by this module
+  -n mode=none       no NIC, as in kvmtool (its runners pass it to say so)
 
 In the Python API a NetworkSpec of mode "none" is a NIC with its link up and nothing behind it.
 
@@ -13,7 +15,6 @@ No offloads are offered; the guest checksums and segments itself.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import logging
 import os
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from kvm_bindings import ffi, libc
-from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
+from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.rings.chain import Chain
 from pyvmm.devices.virtio.rings.layout import IOVEC
 from pyvmm.devices.virtio.rings.queue import Virtqueue
@@ -45,6 +46,7 @@ class NetworkSpec(NamedTuple):
     mode: str  # "tap" or "none"
     tapif: str | None
     mac: bytes
+    vhost: bool = True  # the kernel's vhost-net moves the frames, where it can
 
 
 def parse_mac(text: str) -> bytes:
@@ -61,13 +63,16 @@ def parse_mac(text: str) -> bytes:
 
 
 def parse_network(spec: str) -> NetworkSpec:
-    """`mode=tap,tapif=NAME[,guest_mac=MAC]` or `mode=none[,guest_mac=MAC]`, as kvmtool's -n."""
+    """`mode=tap,tapif=NAME[,guest_mac=MAC][,vhost=0|1]` or `mode=none[,guest_mac=MAC]`, as
+    kvmtool's -n."""
     opts: dict[str, str] = {}
     for item in spec.split(","):
         key, eq, value = item.partition("=")
-        if not eq or key not in ("mode", "tapif", "guest_mac"):
-            raise VmmError(f"network {spec!r}: {item!r} is not mode=, tapif= or guest_mac=")
+        if not eq or key not in ("mode", "tapif", "guest_mac", "vhost"):
+            raise VmmError(f"network {spec!r}: {item!r} is not mode=, tapif=, guest_mac= or vhost=")
         opts[key] = value
+    if opts.get("vhost", "1") not in ("0", "1"):
+        raise VmmError(f"network {spec!r}: vhost= is 0 or 1")
     mode = opts.get("mode", "tap" if "tapif" in opts else "")
     if mode not in ("tap", "none"):
         raise VmmError(f"network {spec!r}: mode must be tap or none")
@@ -82,7 +87,23 @@ def parse_network(spec: str) -> NetworkSpec:
         mac = parse_mac(opts.get("guest_mac", DEFAULT_MAC))
     except VmmError as e:
         raise VmmError(f"network {spec!r}: {e}") from None
-    return NetworkSpec(mode, tapif, mac)
+    return NetworkSpec(mode, tapif, mac, opts.get("vhost", "1") == "1")
+
+
+def net_config(mac: bytes) -> bytearray:
+    """struct virtio_net_config (§5.1.4): mac, status (link up), max_virtqueue_pairs."""
+    return bytearray(mac + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, 1))
+
+
+def tap_for(spec: NetworkSpec) -> int:
+    """The tap `spec` names, opened with a virtio-net header of HEADER_SIZE bytes."""
+    assert spec.tapif is not None
+    try:
+        return open_tap(spec.tapif, HEADER_SIZE)
+    except FileNotFoundError:
+        raise VmmError("no /dev/net/tun on this host (load the tun module)") from None
+    except PermissionError:
+        raise VmmError(f"no permission to open tap {spec.tapif} (CAP_NET_ADMIN is needed)") from None
 
 
 class VirtioNet(VirtioDevice):
@@ -91,32 +112,11 @@ class VirtioNet(VirtioDevice):
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE)
     features = VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("-n", "--network", action="append", default=[],
-                            metavar="mode=tap,tapif=NAME[,guest_mac=MAC]|mode=none",
-                            help="a virtio-net NIC on a host tap device (repeatable); mode=none: no NIC")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, host: DeviceHost) -> list[VirtioDevice]:
-        # kvmtool's mode=none is no NIC at all (virtio/net.c, no_net), whatever else -n says
-        specs = [parse_network(n) for n in args.network]
-        return [] if any(spec.mode == "none" for spec in specs) else [cls(spec) for spec in specs]
-
     def __init__(self, spec: NetworkSpec) -> None:
         super().__init__()
         self.spec = spec
-        # struct virtio_net_config (§5.1.4): mac, status, max_virtqueue_pairs
-        self.config = bytearray(spec.mac + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, 1))
-        self.tap: int | None = None
-        if spec.mode == "tap":
-            assert spec.tapif is not None
-            try:
-                self.tap = open_tap(spec.tapif, HEADER_SIZE)
-            except FileNotFoundError:
-                raise VmmError("no /dev/net/tun on this host (load the tun module)") from None
-            except PermissionError:
-                raise VmmError(f"no permission to open tap {spec.tapif} (CAP_NET_ADMIN is needed)") from None
+        self.config = net_config(spec.mac)
+        self.tap = tap_for(spec) if spec.mode == "tap" else None
         self.tx_frames = self.rx_frames = 0
         self.tap_error = ""  # why reading the tap failed, once it has
 

@@ -7,8 +7,8 @@ from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.console import VirtioConsole
 from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.fs import VirtioFs
-from pyvmm.devices.virtio.net import VirtioNet
 from pyvmm.devices.virtio.p9 import Virtio9p
 from pyvmm.devices.virtio.rng import VirtioRng
+from pyvmm.devices.virtio.vhost_net import VhostNet
 
-CLI_DEVICES: tuple[type[VirtioDevice], ...] = (VirtioBlk, VirtioConsole, VirtioRng, VirtioNet, Virtio9p, VirtioFs)
+CLI_DEVICES: tuple[type[VirtioDevice], ...] = (VirtioBlk, VirtioConsole, VirtioRng, VhostNet, Virtio9p, VirtioFs)
