@@ -345,6 +345,27 @@ def test_rings_outside_ram_or_misaligned_break_the_device(vm: FakeVm, disk: Path
     assert d.read(reg.STATUS) & reg.DEVICE_NEEDS_RESET
 
 
+@pytest.mark.parametrize("ring, length", [("avail", 4 + 2 * 8), ("used", 4 + 8 * 8)])
+def test_rings_are_checked_with_their_event_fields_before_the_features_are(vm: FakeVm, disk: Path, ring: str,
+                                                                            length: int) -> None:
+    """A queue readied before FEATURES_OK (VIRTIO_F_EVENT_IDX not known yet) is checked at the
+    size the spec's table gives, with the event index field: a ring that ends 2 bytes short of
+    it at the end of RAM breaks the device, else a back-end told of EVENT_IDX at DRIVER_OK
+    (vhost-net in the kernel) would reach past it."""
+    d = Driver(vm.attach(VirtioBlk(str(disk))), vm.memory)
+    d.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER)
+    d.write(reg.QUEUE_NUM, 8)
+    addrs = {"desc": RAM, "avail": RAM + 0x1000, "used": RAM + 0x2000}
+    addrs[ring] = RAM + RAM_SIZE - length
+    for (lo, hi), a in zip([(reg.QUEUE_DESC_LOW, reg.QUEUE_DESC_HIGH), (reg.QUEUE_DRIVER_LOW, reg.QUEUE_DRIVER_HIGH),
+                            (reg.QUEUE_DEVICE_LOW, reg.QUEUE_DEVICE_HIGH)], addrs.values(), strict=True):
+        d.write(lo, a & 0xFFFF_FFFF)
+        d.write(hi, a >> 32)
+    d.write(reg.QUEUE_READY, 1)
+    assert d.read(reg.QUEUE_READY) == 0
+    assert d.read(reg.STATUS) & reg.DEVICE_NEEDS_RESET
+
+
 QUEUES: list[Virtqueue] = []  # released before the memory fixture unmaps RAM
 
 

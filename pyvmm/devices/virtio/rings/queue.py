@@ -63,14 +63,17 @@ class Virtqueue:
 
     def activate(self, event_idx: bool) -> None:
         """QueueReady=1: check the driver's layout and map the three rings (§2.7, alignment
-        and sizes from its table "Virtqueue Part Alignment Size")."""
+        and sizes from its table "Virtqueue Part Alignment Size"). The sizes include the event
+        index fields whether or not VIRTIO_F_EVENT_IDX is negotiated yet, as the table's do: a
+        driver may ready a queue before FEATURES_OK, and a kernel vhost back-end, which checks
+        ring addresses against nothing but the process's address space, would then reach past
+        a ring sized without them."""
         size = self.size
         if not 0 < size <= self.max_size or size & (size - 1):
             raise QueueError(f"queue {self.index}: size {size} is not a power of 2 up to {self.max_size}")
-        extra = 2 if event_idx else 0
         parts = (("descriptor table", self.desc_addr, 16, DESC_SIZE * size),
-                 ("available ring", self.avail_addr, 2, 4 + 2 * size + extra),
-                 ("used ring", self.used_addr, 4, 4 + 8 * size + extra))
+                 ("available ring", self.avail_addr, 2, 6 + 2 * size),
+                 ("used ring", self.used_addr, 4, 6 + 8 * size))
         views = []
         for name, addr, align, length in parts:
             if addr % align:
