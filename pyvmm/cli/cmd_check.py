@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -47,12 +48,16 @@ def shared_thp_line(path: str = "/sys/kernel/mm/transparent_hugepage/shmem_enabl
 
 def vhost_net_line(path: str = "/dev/vhost-net") -> str:
     """Whether a tap NIC's frames move in the kernel (vhost-net) or through pyvmm."""
+    from pyvmm.errors import VmmError
     from pyvmm.kvm.fds import VhostFd
 
     try:
         VhostFd(path).close()
     except OSError as e:
-        return f"tap NICs        pyvmm moves the frames ({path}: {e.strerror}; load vhost_net for the kernel's data plane)"
+        hint = {errno.ENOENT: "load vhost_net", errno.EACCES: "pyvmm's user may not open it"}.get(e.errno or 0, "")
+        return f"tap NICs        pyvmm moves the frames ({path}: {e.strerror}{'; ' + hint if hint else ''})"
+    except VmmError as e:
+        return f"tap NICs        pyvmm moves the frames ({path}: {e})"
     return f"tap NICs        the kernel's vhost-net moves the frames ({path})"
 
 

@@ -381,4 +381,7 @@ class VhostFd:
         _ioctl(self.fd, io.VHOST_NET_SET_BACKEND, ffi.new("struct vhost_vring_file *", (index, fd)))
 
     def close(self) -> None:
-        os.close(self.fd)
+        """Closing stops every ring and lets go of the memory table (vhost_net_release)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

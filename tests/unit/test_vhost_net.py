@@ -140,5 +140,55 @@ def test_check_says_where_frames_move(tmp_path: Path) -> None:
     from pyvmm.cli.cmd_check import vhost_net_line
 
     missing = tmp_path / "vhost-net"
-    assert vhost_net_line(str(missing)) == (f"tap NICs        pyvmm moves the frames ({missing}: No such file or "
-                                            "directory; load vhost_net for the kernel's data plane)")
+    assert vhost_net_line(str(missing)) == f"tap NICs        pyvmm moves the frames ({missing}: No such file or directory; load vhost_net)"
+
+
+def test_a_broken_device_hands_no_ring_to_the_kernel(taps: list[int]) -> None:
+    """A queue readied with a ring outside RAM breaks the device; the DRIVER_OK after it must not
+    start the kernel on the device's other rings (it serves nothing until reset)."""
+    vm = FakeVm()
+    vhost = FakeVhost()
+    try:
+        d = Driver(vm.attach(VhostNet(parse_network("mode=tap,tapif=fake0"), cast(VhostFd, vhost))), vm.memory)
+        d.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER)
+        d.write(reg.DRIVER_FEATURES_SEL, 1)
+        d.write(reg.DRIVER_FEATURES, 1)
+        d.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER | reg.FEATURES_OK)
+        d.write(reg.QUEUE_DESC_LOW, 0x1000)  # below RAM
+        d.write(reg.QUEUE_READY, 1)
+        d.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER | reg.FEATURES_OK | reg.DRIVER_OK)
+        assert d.read(reg.STATUS) & reg.DEVICE_NEEDS_RESET
+        assert vhost.calls == []
+    finally:
+        vm.close()
+
+
+@pytest.mark.parametrize("refusal, why", [
+    ("owner", "VHOST_SET_OWNER failed: Device or resource busy"),
+    ("version", "it offers no VIRTIO_F_VERSION_1"),
+])
+def test_a_vhost_net_that_cannot_serve_falls_back(taps: list[int], caplog: pytest.LogCaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch, refusal: str, why: str) -> None:
+    from pyvmm.devices.virtio import vhost_net
+
+    closed: list[bool] = []
+
+    class Refusing(FakeVhost):
+        def __init__(self, path: str) -> None:
+            super().__init__()
+            if refusal == "owner":
+                raise VmmError("VHOST_SET_OWNER failed: Device or resource busy")
+
+        def get_features(self) -> int:
+            return KERNEL_OFFERS & ~VIRTIO_F_VERSION_1
+
+        def close(self) -> None:
+            closed.append(True)
+    monkeypatch.setattr(vhost_net, "VhostFd", Refusing)
+    caplog.set_level(logging.WARNING, logger=HOST_NOTES)
+    nic = open_nic(parse_network("mode=tap,tapif=fake0"))
+    nic.close()
+    assert type(nic) is VirtioNet
+    assert closed == ([] if refusal == "owner" else [True])  # what opened is closed again
+    assert [r.getMessage() for r in caplog.records] == [
+        f"virtio-net: no vhost-net (/dev/vhost-net: {why}): pyvmm moves the frames of tap fake0"]

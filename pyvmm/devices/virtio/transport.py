@@ -7,11 +7,10 @@ a way to register ioeventfds. The fast path never involves a vCPU thread in Pyth
     KVM completes the guest's write and signals the eventfd without leaving the kernel;
   * device work: one worker thread per device polls those eventfds (and any backend fds);
   * interrupts: a KVM irqfd on the device's SPI, signalled by the worker;
-  * the interrupt status: its used-buffer bit always reads as set and its ACK is a KVM
-    ioeventfd nobody reads, so of Linux's vm_interrupt (read the status, ACK it, scan the rings)
-    only the read leaves KVM. A scan with nothing used is harmless, since drivers expect such
-    notifications (suppressing them is only a hint, virtio 1.2 §2.7.7); Firecracker reports the
-    bit so for vhost-user. The configuration-change bit is real, and its ACK reaches pyvmm.
+  * the interrupt status: its used-buffer bit always reads as set and its ACK is a KVM ioeventfd
+    nobody reads, so of Linux's vm_interrupt (read the status, ACK it, scan the rings) only the
+    read leaves KVM. A scan with nothing used is harmless (notification suppression is only a
+    hint, §2.7.7; so do Firecracker's vhost-user devices). A configuration change is real.
 
 A vhost device (`external_queues`, vhost.py) hands the kick eventfds and the irqfd's eventfd to
 the kernel or its daemon, which interrupts the guest itself; the worker leaves them alone.
@@ -26,7 +25,8 @@ stopping or resetting.
 
 A driver that breaks the rules (malformed chains, rings outside RAM, DRIVER_OK without
 FEATURES_OK) gets the device marked DEVICE_NEEDS_RESET with a configuration-change interrupt
-(§2.1.2); the device then ignores its queues until the driver writes status 0.
+(§2.1.2); the device then ignores its queues, and hands none to a vhost back-end, until the
+driver writes status 0.
 """
 
 from __future__ import annotations
@@ -81,8 +81,8 @@ class VirtioMmio:
         self._isr_lock = threading.Lock()
         self._reset_registers()
         self._kick_fds: list[int] = []
-        self._ack_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)  # takes the ACK of used buffers
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._ack_fd = -1  # the ioeventfd that takes the ACK of used buffers
         self._thread: threading.Thread | None = None
         self._stopping = False  # the machine is stopping or resetting: nothing waits for the worker
         try:
@@ -90,6 +90,7 @@ class VirtioMmio:
                 fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
                 self._kick_fds.append(fd)
                 ioeventfd(base + reg.QUEUE_NOTIFY, 4, fd, KVM_IOEVENTFD_FLAG_DATAMATCH, i)
+            self._ack_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             ioeventfd(base + reg.INTERRUPT_ACK, 4, self._ack_fd, KVM_IOEVENTFD_FLAG_DATAMATCH, reg.INT_USED_BUFFER)
             device.attach(self)
             self._poller = select.poll()
@@ -240,7 +241,7 @@ class VirtioMmio:
         new, old = value & 0xFF, self.status
         if new & reg.FEATURES_OK and not old & reg.FEATURES_OK and not self._features_acceptable():
             new &= ~reg.FEATURES_OK  # the driver reads it back and gives up (§3.1.1 step 6)
-        if new & reg.DRIVER_OK and not old & reg.DRIVER_OK:
+        if new & reg.DRIVER_OK and not old & reg.DRIVER_OK and self.broken is None:
             if not new & reg.FEATURES_OK:
                 self.status = new
                 self._break_locked("DRIVER_OK without FEATURES_OK")
@@ -438,9 +439,8 @@ class VirtioMmio:
         self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self._stop_fd, *self._kick_fds, self._ack_fd):
-            if fd >= 0:
-                os.close(fd)
+        for fd in (self._stop_fd, *self._kick_fds, *([self._ack_fd] if self._ack_fd >= 0 else [])):
+            os.close(fd)
         self._kick_fds, self._ack_fd = [], -1
 
 

@@ -142,10 +142,13 @@ class KernelVhost:
         self.vhost.set_features(features)
 
     def set_mem_table(self, memory: GuestMemory) -> None:
-        self.vhost.set_mem_table([(r.gpa, r.size, r.host_addr) for r in memory.regions])
+        """The guest's RAM, where its buffers may be (not memory KVM keeps for itself)."""
+        self.vhost.set_mem_table([(r.gpa, r.size, r.host_addr) for r in memory.regions if r.ram])
 
     def start_ring(self, index: int, size: int, base: int, desc: int, avail: int, used: int, kick: int,
                    call: int) -> None:
+        # the ring's layout first: vhost refuses it (EBUSY) once the ring has a backend
+        # (vhost_vring_set_num_addr); the call fd before the kick, which starts the polling
         self.vhost.set_vring_num(index, size)
         self.vhost.set_vring_addr(index, desc, used, avail)
         self.vhost.set_vring_base(index, base)
@@ -154,5 +157,7 @@ class KernelVhost:
         self._attach(index, True)
 
     def stop_ring(self, index: int) -> int:
+        # taking the backend away flushes the ring's worker (vhost_net_set_backend), so the base
+        # read after it is where the kernel stopped, and it no longer writes into guest RAM
         self._attach(index, False)
         return self.vhost.get_vring_base(index)

@@ -15,7 +15,7 @@ import argparse
 import logging
 import os
 
-from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
+from pyvmm.devices.virtio.device import VIRTIO_F_VERSION_1, DeviceHost, VirtioDevice
 from pyvmm.devices.virtio.net import (
     QUEUE_SIZE,
     VIRTIO_NET_F_MAC,
@@ -27,6 +27,7 @@ from pyvmm.devices.virtio.net import (
     tap_for,
 )
 from pyvmm.devices.virtio.vhost import RING_FEATURES, KernelVhost, VhostDevice
+from pyvmm.errors import VmmError
 from pyvmm.kvm.fds import VhostFd
 from pyvmm.machine.host import HOST_NOTES
 
@@ -82,6 +83,7 @@ class VhostNet(VhostDevice):
         self.vhost.close()
         if self.tap >= 0:
             os.close(self.tap)
+            self.tap = -1
 
 
 def open_nic(spec: NetworkSpec, vhost_path: str = VHOST_NET) -> VirtioDevice:
@@ -89,10 +91,16 @@ def open_nic(spec: NetworkSpec, vhost_path: str = VHOST_NET) -> VirtioDevice:
     pyvmm moving the frames, said in one line."""
     if spec.mode != "tap" or not spec.vhost:
         return VirtioNet(spec)
+    vhost = None
     try:
         vhost = VhostFd(vhost_path)
-    except OSError as e:
+        if not vhost.get_features() & VIRTIO_F_VERSION_1:
+            raise VmmError("it offers no VIRTIO_F_VERSION_1")
+    except (OSError, VmmError) as e:
+        if vhost is not None:
+            vhost.close()
+        why = e.strerror if isinstance(e, OSError) else str(e)
         logging.getLogger(HOST_NOTES).warning(
-            "virtio-net: no vhost-net (%s: %s): pyvmm moves the frames of tap %s", vhost_path, e.strerror, spec.tapif)
+            "virtio-net: no vhost-net (%s: %s): pyvmm moves the frames of tap %s", vhost_path, why, spec.tapif)
         return VirtioNet(spec)
     return VhostNet(spec, vhost)
