@@ -6,7 +6,9 @@
 #                is an sdist only and builds a C extension when the venv is made (the SWIG it
 #                needs comes from PyPI as a build requirement, so Debian's swig is not needed)
 #   arm64:       busybox-static (pyvmm exec puts it in the guest's initramfs), gdb (the GDB stub's
-#                tests drive it; the emulated host has Debian's gdb-minimal)
+#                tests drive it; the emulated host has Debian's gdb-minimal), ip and ping (the
+#                network tests and benchmarks set up and ping the host's end of a tap; the
+#                emulated host has busybox's)
 #   non-arm64:   qemu-system-aarch64 (bookworm-backports' QEMU is ~1.5x faster per exit than
 #                bookworm's), cpio, dpkg-deb, binutils-aarch64-linux-gnu
 set -euo pipefail
@@ -28,6 +30,8 @@ if [ "$arch" = aarch64 ]; then
     # pyvmm exec's initramfs runs a static busybox (the emulated host has its own)
     dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
     have gdb || need+=(gdb)
+    have ip || need+=(iproute2)
+    have ping || need+=(iputils-ping)
 else
     have aarch64-linux-gnu-as || need+=(binutils-aarch64-linux-gnu)
     have cpio || need+=(cpio)

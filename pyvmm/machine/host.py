@@ -43,6 +43,7 @@ class HostShape(NamedTuple):
     its: bool = False  # a vGICv3 ITS (--irqchip=gicv3-its)
     cpu: tuple[str, ...] = ()  # the optional CPU features KVM offers (pyvmm/machine/cpu_features.py NEEDS)
     sve_max_vl: int = 0  # bits: SVE's longest vector here, 0 without SVE
+    vhost_net: bool = False  # /dev/vhost-net opens: tap NICs get the kernel's data plane
 
 
 def vm_ipa_bits(ram_end: int, max_ipa_bits: int) -> int:
@@ -93,9 +94,20 @@ def probe(kvm_path: str = "/dev/kvm") -> HostShape:
             max_vcpus=kvm.check_extension(Cap.MAX_VCPUS) or kvm.check_extension(Cap.NR_VCPUS),
             nisv_to_user=nisv, guest_debug=bool(kvm.check_extension(Cap.SET_GUEST_DEBUG)),
             hw_breakpoints=kvm.check_extension(Cap.GUEST_DEBUG_HW_BPS),
-            hw_watchpoints=kvm.check_extension(Cap.GUEST_DEBUG_HW_WPS), its=its, cpu=cpu, sve_max_vl=sve_max_vl)
+            hw_watchpoints=kvm.check_extension(Cap.GUEST_DEBUG_HW_WPS), its=its, cpu=cpu, sve_max_vl=sve_max_vl,
+            vhost_net=vhost_net_opens())
     finally:
         kvm.close()
+
+
+def vhost_net_opens(path: str = "/dev/vhost-net") -> bool:
+    from pyvmm.kvm.fds import VhostFd
+
+    try:
+        VhostFd(path).close()
+    except (OSError, VmmError):
+        return False
+    return True
 
 
 def probe_sve_max_vl(vm: VmFd) -> int:

@@ -38,6 +38,13 @@ NEEDS_SHARED_RAM = pytest.mark.host(
                               "Linux 6.2 (pyvmm says so in one line; --disable-mte or 9p serve there)")
 
 
+# the kernel's vhost-net moves the frames of a tap NIC where /dev/vhost-net opens; elsewhere pyvmm
+# falls back to its own data plane (tests/unit/test_vhost_net.py)
+NEEDS_VHOST_NET = pytest.mark.host(
+    vhost_net=True, reason="it tests the kernel's vhost-net data plane, and /dev/vhost-net does not open here "
+                           "(load vhost_net)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Everything under tests/kvm/ is KVM tier (the hook sees the whole session's items)."""
     for item in items:

@@ -20,7 +20,10 @@ from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
 from pyvmm.devices.virtio.vhost_net import VhostNet, open_nic
 from pyvmm.machine.host import HOST_NOTES
+from tests.kvm.conftest import NEEDS_VHOST_NET
 from tests.kvm.test_virtio_linux import linux_vm, run_linux
+
+pytestmark = NEEDS_VHOST_NET
 
 VHOST_TAP, PYVMM_TAP = "pyvmmvh0", "pyvmmvh1"
 VHOST_MAC, PYVMM_MAC = "02:15:15:15:15:20", "02:15:15:15:15:21"
