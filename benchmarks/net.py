@@ -3,12 +3,15 @@
 One boot of Debian's kernel (1 vCPU, 256 MiB) with two NICs, each on a tap of its own: one that
 pyvmm serves (`vhost=0`), one that vhost-net serves. Through each, the guest fetches a file from
 an HTTP server on the host and posts one back (busybox wget, timed with the guest's clock), and
-pings the host. The floor is the same server's transfers over the host's own loopback, in the
-same run. The guest's script is printed, with the kvmtool command line that repeats it.
+pings the host. The floors, in the same run: the same server's transfers over the host's own
+loopback, and the host pinging itself. The guest's script is printed, with the kvmtool command
+line that repeats it; `python3 -m benchmarks.net --serve` is the host's side for that (the
+server on PORT).
 """
 
 from __future__ import annotations
 
+import argparse
 import http.server
 import io
 import os
@@ -23,7 +26,7 @@ import urllib.request
 from typing import NamedTuple
 
 from benchmarks.common import median
-from benchmarks.virtio import RTT_RE, timed
+from benchmarks.virtio import timed
 from pyvmm.boot.load import boot
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
@@ -33,6 +36,8 @@ from tests.conftest import linux_guest
 
 BLOB_MIB = 16
 RUNS = 3
+PORT = 8765
+PING_RE = re.compile(r"(?:round-trip|rtt) min/avg/max(?:/mdev)? = ([\d.]+)/([\d.]+)/([\d.]+)")  # busybox, iputils
 TRANSFER_RE = re.compile(r"BENCH-((?:DOWN|UP)-[\w-]+) ([\d.]+) ([\d.]+)")
 
 
@@ -108,6 +113,15 @@ def loopback_floor(port: int) -> tuple[float, float]:
     return down, (BLOB_MIB << 20) / (time.monotonic() - started) / 1e6
 
 
+def ping_floor() -> float:
+    """Milliseconds of the host's own ping round trip (avg of 20), with the guest's options."""
+    done = subprocess.run(["ping", "-c", "20", "-i", "0.2", "127.0.0.1"], capture_output=True, text=True, timeout=60)
+    rtt = PING_RE.search(done.stdout)
+    if rtt is None:
+        raise SystemExit(f"the host's ping gave no round trip: {done.stdout[-500:]}{done.stderr[-500:]}")
+    return float(rtt.group(2))
+
+
 def run_guest(port: int) -> str:
     image, initrd = linux_guest()
     out = bytearray()
@@ -142,33 +156,42 @@ def mbs(text: str, name: str) -> float:
     return median(runs)
 
 
-def main() -> None:
+def serve() -> http.server.ThreadingHTTPServer:
     Blob.blob = os.urandom(BLOB_MIB << 20)
-    server = http.server.ThreadingHTTPServer(("0.0.0.0", 0), Blob)
+    server = http.server.ThreadingHTTPServer(("0.0.0.0", PORT), Blob)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
+    return server
+
+
+def main() -> None:
+    server = serve()
+    port = PORT
     try:
         floors = [loopback_floor(port) for _ in range(RUNS)]
+        ping_ms = ping_floor()
         text = run_guest(port)
     finally:
         server.shutdown()
+        server.server_close()
     floor_down, floor_up = median([f[0] for f in floors]), median([f[1] for f in floors])
     print(f"\nvirtio-net, pyvmm's data plane and vhost-net in one guest (1 vCPU; HTTP, {BLOB_MIB} MiB, median of {RUNS}):")
-    print(f"  floor: the host's own loopback  down {floor_down:7.1f} MB/s   up {floor_up:7.1f} MB/s")
+    print(f"  floor: the host's own loopback  down {floor_down:7.1f} MB/s   up {floor_up:7.1f} MB/s   "
+          f"ping avg {ping_ms:.3f} ms")
     rows = {}
     for n in NICS:
-        rtt = RTT_RE.search(text.split(f"BENCH-PING-{n.name}")[-1])
+        rtt = PING_RE.search(text.split(f"BENCH-PING-{n.name}")[-1])
         if rtt is None:
             raise SystemExit(f"no ping result for {n.name}:\n{text[-1500:]}")
         down, up = mbs(text, f"DOWN-{n.name}"), mbs(text, f"UP-{n.name}")
         rows[n.name] = (down, up, float(rtt.group(2)))
         print(f"  {n.name:10} down {down:7.1f} MB/s ({down / floor_down:.3f}x the floor)   up {up:7.1f} MB/s "
-              f"({up / floor_up:.3f}x)   ping avg {rtt.group(2)} ms (min {rtt.group(1)}, max {rtt.group(3)}, 20 pings)")
+              f"({up / floor_up:.3f}x)   ping avg {rtt.group(2)} ms ({float(rtt.group(2)) / ping_ms:.1f}x the floor; "
+              f"min {rtt.group(1)}, max {rtt.group(3)}, 20 pings)")
     (pd, pu, pr), (vd, vu, vr) = rows["pyvmm"], rows["vhost-net"]
     print(f"  vhost-net / pyvmm: down {vd / pd:.2f}x   up {vu / pu:.2f}x   round trip {vr / pr:.2f}x the time")
     image, initrd = linux_guest()
     print("  the same under kvmtool, after the same tap set-up (ip addr add SUBNET.1/24 dev TAP; ip link set TAP up),"
-          " with net.sh from this script in a tar image DISK:")
+          f" with `python3 -m benchmarks.net --serve` on the host (port {PORT}) and net.sh below in a tar image DISK:")
     print(f"    lkvm run -c 1 -m 256 -k {image} -i {initrd} -d DISK "
           + " ".join(f"-n mode=tap,tapif={n.tap},guest_mac={n.mac},vhost={v}" for n, v in zip(NICS, (0, 1), strict=True))
           + " -p " + shlex.quote("console=ttyS0 quiet pyvmm.run=tar,-xf,/dev/vda,-C,/tmp;sh,/tmp/net.sh"))
@@ -176,4 +199,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.net")
+    parser.add_argument("--serve", action="store_true", help=f"only serve the blob on port {PORT} (for kvmtool)")
+    if parser.parse_args().serve:
+        serve()
+        threading.Event().wait()  # until interrupted
+    else:
+        main()
