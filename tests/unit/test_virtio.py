@@ -327,6 +327,14 @@ def test_a_descriptor_loop_marks_the_device_broken_and_reset_recovers(vm: FakeVm
     assert d.queues[0].wait_used() == [(0, 1)]
 
 
+def place_rings(d: Driver, addrs: dict[str, int]) -> None:
+    """Write queue 0's ring addresses ("desc", "avail", "used") into the transport's registers."""
+    for (lo, hi), a in zip([(reg.QUEUE_DESC_LOW, reg.QUEUE_DESC_HIGH), (reg.QUEUE_DRIVER_LOW, reg.QUEUE_DRIVER_HIGH),
+                            (reg.QUEUE_DEVICE_LOW, reg.QUEUE_DEVICE_HIGH)], addrs.values(), strict=True):
+        d.write(lo, a & 0xFFFF_FFFF)
+        d.write(hi, a >> 32)
+
+
 @pytest.mark.parametrize("ring", ["desc", "avail", "used"])
 def test_rings_outside_ram_or_misaligned_break_the_device(vm: FakeVm, disk: Path, ring: str) -> None:
     d = Driver(vm.attach(VirtioBlk(str(disk))), vm.memory)
@@ -336,10 +344,7 @@ def test_rings_outside_ram_or_misaligned_break_the_device(vm: FakeVm, disk: Path
     d.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER | reg.FEATURES_OK)
     addrs = {"desc": RAM, "avail": RAM + 0x1000, "used": RAM + 0x2000}
     addrs[ring] = RAM + RAM_SIZE - 8 if ring != "used" else RAM + 0x2001
-    for (lo, hi), a in zip([(reg.QUEUE_DESC_LOW, reg.QUEUE_DESC_HIGH), (reg.QUEUE_DRIVER_LOW, reg.QUEUE_DRIVER_HIGH),
-                            (reg.QUEUE_DEVICE_LOW, reg.QUEUE_DEVICE_HIGH)], addrs.values(), strict=True):
-        d.write(lo, a & 0xFFFF_FFFF)
-        d.write(hi, a >> 32)
+    place_rings(d, addrs)
     d.write(reg.QUEUE_READY, 1)
     assert d.read(reg.QUEUE_READY) == 0
     assert d.read(reg.STATUS) & reg.DEVICE_NEEDS_RESET
@@ -357,10 +362,7 @@ def test_rings_are_checked_with_their_event_fields_before_the_features_are(vm: F
     d.write(reg.QUEUE_NUM, 8)
     addrs = {"desc": RAM, "avail": RAM + 0x1000, "used": RAM + 0x2000}
     addrs[ring] = RAM + RAM_SIZE - length
-    for (lo, hi), a in zip([(reg.QUEUE_DESC_LOW, reg.QUEUE_DESC_HIGH), (reg.QUEUE_DRIVER_LOW, reg.QUEUE_DRIVER_HIGH),
-                            (reg.QUEUE_DEVICE_LOW, reg.QUEUE_DEVICE_HIGH)], addrs.values(), strict=True):
-        d.write(lo, a & 0xFFFF_FFFF)
-        d.write(hi, a >> 32)
+    place_rings(d, addrs)
     d.write(reg.QUEUE_READY, 1)
     assert d.read(reg.QUEUE_READY) == 0
     assert d.read(reg.STATUS) & reg.DEVICE_NEEDS_RESET
