@@ -99,9 +99,9 @@ class VhostDevice(VirtioDevice):
         try:
             self.backend.set_features(self.backend_features(driver_features))
             self.backend.set_mem_table(host.memory)
+            address = host.memory.host_address
             for q in host.queues:
                 if q.ready:
-                    address = host.memory.host_address
                     self.backend.start_ring(q.index, q.size, q.last_avail, address(q.desc_addr, 1),
                                             address(q.avail_addr, 1), address(q.used_addr, 1),
                                             host.kick_fd(q.index), host.call_fd())
