@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-from benchmarks import boot, guest_exec, hypercall, net, sdei, shares, smp, startup, virtio
+from benchmarks import boot, guest_exec, hypercall, net, sdei, shares, smp, startup, virtio, vsock
 from pyvmm.errors import VmmError
 
 
@@ -19,6 +19,7 @@ def main() -> None:
     plain = boot.main()
     virtio.main(calls["floor_us"])
     net.main()
+    vsock.main()
     guest_exec.main(plain["to_init_s"])
     shares.main()
 

@@ -80,6 +80,8 @@ VHOST_GET_VRING_BASE = IOC(IOC_READ | IOC_WRITE, VHOST_VIRTIO, 0x12, ffi.sizeof(
 VHOST_SET_VRING_KICK = IOC(IOC_WRITE, VHOST_VIRTIO, 0x20, ffi.sizeof("struct vhost_vring_file"))
 VHOST_SET_VRING_CALL = IOC(IOC_WRITE, VHOST_VIRTIO, 0x21, ffi.sizeof("struct vhost_vring_file"))
 VHOST_NET_SET_BACKEND = IOC(IOC_WRITE, VHOST_VIRTIO, 0x30, ffi.sizeof("struct vhost_vring_file"))
+VHOST_VSOCK_SET_GUEST_CID = IOC(IOC_WRITE, VHOST_VIRTIO, 0x60, ffi.sizeof("uint64_t"))
+VHOST_VSOCK_SET_RUNNING = IOC(IOC_WRITE, VHOST_VIRTIO, 0x61, ffi.sizeof("int"))
 
 # name of every request, for error messages
 NAMES: dict[int, str] = {v: k for k, v in list(globals().items())

@@ -46,19 +46,35 @@ def shared_thp_line(path: str = "/sys/kernel/mm/transparent_hugepage/shmem_enabl
             "which boot faster)")
 
 
-def vhost_net_line(path: str = "/dev/vhost-net") -> str:
-    """Whether a tap NIC's frames move in the kernel (vhost-net) or through pyvmm."""
+def vhost_refusal(path: str, module: str) -> str | None:
+    """Why the kernel vhost device at `path` does not open for pyvmm, or None if it does."""
     from pyvmm.errors import VmmError
     from pyvmm.kvm.fds import VhostFd
 
     try:
         VhostFd(path).close()
     except OSError as e:
-        hint = {errno.ENOENT: "load vhost_net", errno.EACCES: "pyvmm's user may not open it"}.get(e.errno or 0, "")
-        return f"tap NICs        pyvmm moves the frames ({path}: {e.strerror}{'; ' + hint if hint else ''})"
+        hint = {errno.ENOENT: f"load {module}", errno.EACCES: "pyvmm's user may not open it"}.get(e.errno or 0, "")
+        return f"{path}: {e.strerror}{'; ' + hint if hint else ''}"
     except VmmError as e:
-        return f"tap NICs        pyvmm moves the frames ({path}: {e})"
+        return f"{path}: {e}"
+    return None
+
+
+def vhost_net_line(path: str = "/dev/vhost-net") -> str:
+    """Whether a tap NIC's frames move in the kernel (vhost-net) or through pyvmm."""
+    why = vhost_refusal(path, "vhost_net")
+    if why is not None:
+        return f"tap NICs        pyvmm moves the frames ({why})"
     return f"tap NICs        the kernel's vhost-net moves the frames ({path})"
+
+
+def vsock_line(path: str = "/dev/vhost-vsock") -> str:
+    """Whether --vsock works (it needs the kernel's vhost-vsock)."""
+    why = vhost_refusal(path, "vhost_vsock")
+    if why is not None:
+        return f"--vsock         unavailable ({why})"
+    return f"--vsock         guest sockets through the kernel's vhost-vsock ({path})"
 
 
 def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
@@ -77,4 +93,5 @@ def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
     print(exec_share_line())
     print(shared_thp_line())
     print(vhost_net_line())
+    print(vsock_line())
     return EXIT_OK if runnable(shape) else EXIT_ERROR

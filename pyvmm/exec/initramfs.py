@@ -26,9 +26,10 @@ from pathlib import Path
 
 from pyvmm.errors import VmmError
 
-# Required: without them the guest cannot reach its root. Optional: nice to have (entropy).
+# Required: without them the guest cannot reach its root. Optional: nice to have (entropy,
+# virtio-fs, AF_VSOCK for a session given a vsock device).
 REQUIRED_MODULES = ("virtio_mmio", "virtio_console", "9pnet_virtio", "9p")
-OPTIONAL_MODULES = ("virtio_rng", "virtiofs")
+OPTIONAL_MODULES = ("virtio_rng", "virtiofs", "vmw_vsock_virtio_transport")
 BUSYBOX_PATHS = ("/bin/busybox", "/usr/bin/busybox", "/sbin/busybox")
 EM_AARCH64, PT_INTERP = 183, 3
 

@@ -325,8 +325,8 @@ def open_tap(name: str, vnet_hdr_size: int) -> int:
 
 
 class VhostFd:
-    """A kernel vhost device (/dev/vhost-net; drivers/vhost/vhost.c), owned by this process: its
-    worker thread reaches guest RAM through this process's mappings."""
+    """A kernel vhost device (/dev/vhost-net, /dev/vhost-vsock; drivers/vhost/vhost.c), owned by
+    this process: its worker thread reaches guest RAM through this process's mappings."""
 
     def __init__(self, path: str) -> None:
         """Raises OSError if `path` cannot be opened (no module loaded, no permission)."""
@@ -379,6 +379,15 @@ class VhostFd:
     def net_set_backend(self, index: int, fd: int) -> None:
         """/dev/vhost-net: ring `index` moves frames to and from tap `fd` (-1: stop)."""
         _ioctl(self.fd, io.VHOST_NET_SET_BACKEND, ffi.new("struct vhost_vring_file *", (index, fd)))
+
+    def vsock_set_guest_cid(self, cid: int) -> None:
+        """/dev/vhost-vsock: this device is the guest with context ID `cid`; EADDRINUSE while
+        another holds it (drivers/vhost/vsock.c vhost_vsock_set_cid)."""
+        _ioctl(self.fd, io.VHOST_VSOCK_SET_GUEST_CID, ffi.new("uint64_t *", cid))
+
+    def vsock_set_running(self, running: bool) -> None:
+        """/dev/vhost-vsock: start or stop serving the rings (all of them at once)."""
+        _ioctl(self.fd, io.VHOST_VSOCK_SET_RUNNING, ffi.new("int *", int(running)))
 
     def close(self) -> None:
         """Closing stops every ring and lets go of the memory table (vhost_net_release)."""

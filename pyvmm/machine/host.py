@@ -44,6 +44,7 @@ class HostShape(NamedTuple):
     cpu: tuple[str, ...] = ()  # the optional CPU features KVM offers (pyvmm/machine/cpu_features.py NEEDS)
     sve_max_vl: int = 0  # bits: SVE's longest vector here, 0 without SVE
     vhost_net: bool = False  # /dev/vhost-net opens: tap NICs get the kernel's data plane
+    vhost_vsock: bool = False  # /dev/vhost-vsock opens: --vsock works
 
 
 def vm_ipa_bits(ram_end: int, max_ipa_bits: int) -> int:
@@ -95,12 +96,12 @@ def probe(kvm_path: str = "/dev/kvm") -> HostShape:
             nisv_to_user=nisv, guest_debug=bool(kvm.check_extension(Cap.SET_GUEST_DEBUG)),
             hw_breakpoints=kvm.check_extension(Cap.GUEST_DEBUG_HW_BPS),
             hw_watchpoints=kvm.check_extension(Cap.GUEST_DEBUG_HW_WPS), its=its, cpu=cpu, sve_max_vl=sve_max_vl,
-            vhost_net=vhost_net_opens())
+            vhost_net=vhost_opens("/dev/vhost-net"), vhost_vsock=vhost_opens("/dev/vhost-vsock"))
     finally:
         kvm.close()
 
 
-def vhost_net_opens(path: str = "/dev/vhost-net") -> bool:
+def vhost_opens(path: str) -> bool:
     from pyvmm.kvm.fds import VhostFd
 
     try:

@@ -44,6 +44,12 @@ NEEDS_VHOST_NET = pytest.mark.host(
     vhost_net=True, reason="it tests the kernel's vhost-net data plane, and /dev/vhost-net does not open here "
                            "(load vhost_net)")
 
+# --vsock needs the kernel's vhost-vsock: without it pyvmm refuses the flag in one line
+# (tests/unit/test_vsock.py)
+NEEDS_VHOST_VSOCK = pytest.mark.host(
+    vhost_vsock=True, reason="it tests virtio-vsock, which the kernel's vhost-vsock serves, and /dev/vhost-vsock "
+                             "does not open here (load vhost_vsock)")
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Everything under tests/kvm/ is KVM tier (the hook sees the whole session's items)."""

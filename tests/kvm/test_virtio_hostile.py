@@ -1,7 +1,8 @@
 """A hostile virtio driver on real KVM: an assembled guest feeds pyvmm's virtio-blk a looping
 descriptor chain and a buffer outside RAM, kicking through the ioeventfd. The device must ask
 for a reset (DEVICE_NEEDS_RESET plus a configuration-change interrupt) and work again after it.
-A looping chain on a vhost-net ring, which the kernel walks, must stop that ring and nothing else."""
+A looping chain on a vhost-net or vhost-vsock ring, which the kernel walks, must stop that ring and
+nothing else."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from pathlib import Path
 from pyvmm.devices.virtio.blk import VirtioBlk
 from pyvmm.devices.virtio.net import parse_network
 from pyvmm.devices.virtio.vhost_net import VhostNet, open_nic
+from pyvmm.devices.virtio.vsock import VhostVsock
 from pyvmm.testing.payloads import MakePayloadVm
-from tests.kvm.conftest import NEEDS_FILTER, NEEDS_VHOST_NET, guest
+from tests.kvm.conftest import NEEDS_FILTER, NEEDS_VHOST_NET, NEEDS_VHOST_VSOCK, guest
 
 pytestmark = NEEDS_FILTER
 
@@ -23,6 +25,8 @@ DRIVER_OK, NEEDS_RESET = 4, 0x40
 INT_USED_BUFFER, INT_CONFIG_CHANGE = 1, 2
 HOSTILE_TAP = "pyvmmtap3"
 VIRTIO_NET_HEADER = 12
+HOSTILE_CID, HOSTILE_PORT, HOSTILE_GUEST_PORT = 77, 5003, 1234  # tests/guests/vsock_hostile.S
+VSOCK_HEADER, VIRTIO_VSOCK_OP_RESPONSE = 44, 2
 
 
 def test_malformed_chains_break_the_device_not_the_vmm(payload_vm: MakePayloadVm, tmp_path: Path) -> None:
@@ -81,3 +85,33 @@ def test_a_hostile_ring_stops_vhost_net_not_the_vmm(payload_vm: MakePayloadVm) -
     assert after_reset == (0, 0, 0)
     used_idx, used_len, polls_left = received
     assert used_idx == 1 and used_len >= VIRTIO_NET_HEADER + len(frame) and polls_left > 0
+
+
+@NEEDS_VHOST_VSOCK
+def test_a_hostile_ring_stops_vhost_vsock_not_the_vmm(payload_vm: MakePayloadVm) -> None:
+    """A looping transmit chain makes vhost-vsock stop that ring (vhost_get_vq_desc: "Loop
+    detected") and nothing else; after a device reset, a well-formed connection request reaches
+    a host socket, and the host's answer reaches the guest's receive ring."""
+    run = payload_vm(guest("vsock_hostile"))
+    run.vm.add_virtio(VhostVsock(HOSTILE_CID))
+    accepted: list[tuple[int, int]] = []
+    with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as listener:
+        listener.bind((socket.VMADDR_CID_ANY, HOSTILE_PORT))
+        listener.listen(1)
+        listener.settimeout(180)
+
+        def accept() -> None:
+            conn, peer = listener.accept()
+            accepted.append(peer)
+            conn.close()
+        acceptor = threading.Thread(target=accept, daemon=True)
+        acceptor.start()
+        result = run.run(180).result
+        acceptor.join(10)
+    assert result.ok, result
+    (set_up, looped, after_reset, answered) = [v[:3] for v in run.values]
+    assert set_up == (ACK_DRIVER_FEATURES_OK | DRIVER_OK, HOSTILE_CID, 0)  # the CID in its configuration
+    assert looped == (0, 0, 0)  # the kernel used nothing of the loop
+    assert after_reset == (0, 0, 0)
+    assert answered == (1, VSOCK_HEADER, VIRTIO_VSOCK_OP_RESPONSE)  # the host accepted the connection
+    assert accepted == [(HOSTILE_CID, HOSTILE_GUEST_PORT)]

@@ -149,10 +149,11 @@ def test_virtio_devices_bring_their_own_options() -> None:
     from pyvmm.devices.virtio.registry import CLI_DEVICES
     from pyvmm.devices.virtio.rng import VirtioRng
     from pyvmm.devices.virtio.vhost_net import VhostNet
+    from pyvmm.devices.virtio.vsock import VhostVsock
 
-    assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VhostNet, Virtio9p, VirtioFs)
+    assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VhostNet, Virtio9p, VirtioFs, VhostVsock)
     help_text = run_cli("run", "--help").stdout
-    for flag in ("--disk", "--console", "--rng", "--network", "--9p", "--fs"):
+    for flag in ("--disk", "--console", "--rng", "--network", "--9p", "--fs", "--vsock"):
         assert flag in help_text
 
 

@@ -138,8 +138,10 @@ class Driver:
         self.write(reg.DEVICE_FEATURES_SEL, 1)
         return low | self.read(reg.DEVICE_FEATURES) << 32
 
-    def init(self, features: int | None = None, queue_size: int | None = None) -> None:
-        """§3.1.1: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK."""
+    def init(self, features: int | None = None, queue_size: int | None = None,
+             ready: tuple[int, ...] | None = None) -> None:
+        """§3.1.1: reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK, queues, DRIVER_OK; only
+        the queues `ready` names are set up, if given (by default all)."""
         assert self.read(reg.MAGIC_VALUE) == reg.MAGIC and self.read(reg.VERSION_REG) == 2
         self.write(reg.STATUS, 0)
         self.write(reg.STATUS, reg.ACKNOWLEDGE)
@@ -153,7 +155,7 @@ class Driver:
         self.write(reg.STATUS, reg.ACKNOWLEDGE | reg.DRIVER | reg.FEATURES_OK)
         assert self.read(reg.STATUS) & reg.FEATURES_OK, "device refused the features"
         self.queues = []
-        for i in range(len(self.t.queues)):
+        for i in range(len(self.t.queues)) if ready is None else ready:
             self.write(reg.QUEUE_SEL, i)
             size = queue_size or self.read(reg.QUEUE_NUM_MAX)
             q = DriverQueue(self, i, size, RAM + 0x4000 * i)

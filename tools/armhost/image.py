@@ -82,13 +82,14 @@ RECIPE_VERSION = "7"  # bump when the base layout changes
 
 KERNEL_LIMIT = 512 << 20  # the most an unpacked kernel Image may be
 
-# Kernel modules from the same package: the emulated host needs TUN for virtio-net's tap backend
-# and vhost-net for its kernel data plane, the L2 guest the virtio-mmio transport and drivers (Debian builds them as modules; the virtio
-# console too in 6.1, where 6.12 has it built in, and a built-in one is left out). Their
-# dependencies are added and ordered from each module's .modinfo "depends=".
-HOST_MODULES = ["tun", "vhost_net"]
+# Kernel modules from the same package: the emulated host needs TUN for virtio-net's tap backend,
+# vhost-net for its kernel data plane, vhost-vsock for --vsock (and the vsock loopback, the vsock
+# benchmark's floor), the L2 guest the virtio-mmio transport and drivers (Debian builds them as
+# modules; the virtio console too in 6.1, where 6.12 has it built in, and a built-in one is left
+# out). Their dependencies are added and ordered from each module's .modinfo "depends=".
+HOST_MODULES = ["tun", "vhost_net", "vhost_vsock", "vsock_loopback"]
 GUEST_MODULES = ["virtio_mmio", "virtio_console", "virtio_blk", "virtio_rng", "virtio_net", "9pnet_virtio", "9p",
-                 "virtiofs"]
+                 "virtiofs", "vmw_vsock_virtio_transport"]
 
 # The L2 guest pyvmm boots in tests and the demo: Debian's arm64 kernel Image (the package the
 # emulated host runs) and a busybox initramfs whose /init loads the virtio drivers when the device

@@ -8,8 +8,9 @@ notification reaches the back-end from KVM directly; the call eventfd is the dev
 so the back-end's interrupt reaches the GIC directly; and the transport answers InterruptACK
 with an ioeventfd (transport.py). No pyvmm thread relays anything on the way of a request.
 
-A device reset (status 0) or a machine reset stops every ring (GET_VRING_BASE); the next
-DRIVER_OK sets everything up again. A back-end that refuses a request ends the run with one line.
+A device may keep a queue the back-end does not serve (vhost-vsock's event queue): its kick
+eventfd is then nobody's. A device reset (status 0) or a machine reset stops every ring
+(GET_VRING_BASE); the next DRIVER_OK sets everything up again. A back-end that refuses a request ends the run with one line.
 rust-vmm's vhost crate has the same split: one front-end, a kernel and a vhost-user back-end.
 """
 
@@ -75,6 +76,7 @@ class VhostDevice(VirtioDevice):
 
     external_queues = True
     backend: RingBackend
+    backend_queues: tuple[int, ...] | None = None  # the queues the back-end serves (None: all)
 
     def __init__(self, what: str) -> None:
         super().__init__()
@@ -86,6 +88,13 @@ class VhostDevice(VirtioDevice):
     def backend_features(self, driver_features: int) -> int:
         """What the back-end is told of the negotiated features (by default all of them)."""
         return driver_features
+
+    def rings_started(self, started: list[int]) -> None:
+        """The rings `started` (those the driver made ready) are set up: vhost-vsock starts
+        them all at once here."""
+
+    def rings_stopping(self) -> None:
+        """The rings are about to be stopped."""
 
     # --- the transport's calls -------------------------------------------------------------
     def attach(self, transport: Transport) -> None:
@@ -100,12 +109,14 @@ class VhostDevice(VirtioDevice):
             self.backend.set_features(self.backend_features(driver_features))
             self.backend.set_mem_table(host.memory)
             address = host.memory.host_address
+            served = self.backend_queues
             for q in host.queues:
-                if q.ready:
+                if q.ready and (served is None or q.index in served):
                     self.backend.start_ring(q.index, q.size, q.last_avail, address(q.desc_addr, 1),
                                             address(q.avail_addr, 1), address(q.used_addr, 1),
                                             host.kick_fd(q.index), host.call_fd())
                     self._started.append(q.index)
+            self.rings_started(self._started)
         except VmmError as e:
             self.fail(str(e))
 
@@ -114,6 +125,8 @@ class VhostDevice(VirtioDevice):
         if self._failed.is_set():
             return
         try:
+            if started:
+                self.rings_stopping()
             for index in started:
                 self.backend.stop_ring(index)
         except VmmError as e:
@@ -131,11 +144,11 @@ class VhostDevice(VirtioDevice):
 
 
 class KernelVhost:
-    """A RingBackend over a kernel vhost device. `attach(index, on)` gives ring `index` its
-    device-specific backend once it is set up, and takes it away before it is stopped (vhost-net:
-    VHOST_NET_SET_BACKEND with the tap)."""
+    """A RingBackend over a kernel vhost device. `attach(index, on)`, where given, gives ring
+    `index` its device-specific backend once it is set up, and takes it away before it is stopped
+    (vhost-net: VHOST_NET_SET_BACKEND with the tap)."""
 
-    def __init__(self, vhost: VhostFd, attach: Callable[[int, bool], None]) -> None:
+    def __init__(self, vhost: VhostFd, attach: Callable[[int, bool], None] | None = None) -> None:
         self.vhost, self._attach = vhost, attach
 
     def set_features(self, features: int) -> None:
@@ -154,10 +167,13 @@ class KernelVhost:
         self.vhost.set_vring_base(index, base)
         self.vhost.set_vring_call(index, call)
         self.vhost.set_vring_kick(index, kick)
-        self._attach(index, True)
+        if self._attach is not None:
+            self._attach(index, True)
 
     def stop_ring(self, index: int) -> int:
-        # taking the backend away flushes the ring's worker (vhost_net_set_backend), so the base
-        # read after it is where the kernel stopped, and it no longer writes into guest RAM
-        self._attach(index, False)
+        # taking the backend away flushes the ring's worker (vhost_net_set_backend; vhost-vsock's
+        # SET_RUNNING 0 in rings_stopping), so the base read after it is where the kernel stopped,
+        # and it no longer writes into guest RAM
+        if self._attach is not None:
+            self._attach(index, False)
         return self.vhost.get_vring_base(index)
