@@ -29,31 +29,14 @@ _start:
     desc 0, BUF, 2048, VRING_DESC_F_NEXT_WRITE, 1
     desc 1, BUF + 2048, 2048, VRING_DESC_F_NEXT_WRITE, 0
     bl make_available
-    movl x3, SPINS / 4                      // time for frames to meet the loop
-1:  subs x3, x3, #1
-    b.ne 1b
-    movl x11, USED
-    ldrh w1, [x11, #2]
-    mov x2, #0
-    report
-
-    mmio_w STATUS, 0                        // the reset: vhost-net gives the ring back
-    ldr w1, [x20, #STATUS]
-    mov x2, #0
-    mov x3, #0
-    report
+    report_used_after USED, SPINS / 4       // time for frames to meet the loop
+    reset_and_report                        // vhost-net gives the ring back
 
     // a well-formed receive buffer: header and frame in one writable descriptor
     bl setup
     desc 0, BUF, 4096, VRING_DESC_F_WRITE, 0
     bl make_available
-    movl x11, USED
-    movl x3, SPINS
-2:  ldrh w1, [x11, #2]
-    cbnz w1, 3f
-    subs x3, x3, #1
-    b.ne 2b
-3:  ldr w2, [x11, #8]                      // used.ring[0].len
+    wait_used USED, SPINS
     report
     system_off
 

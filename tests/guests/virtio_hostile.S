@@ -32,11 +32,7 @@ _start:
     bl wait_needs_reset
     report
 
-    mmio_w STATUS, 0
-    ldr w1, [x20, #STATUS]
-    mov x2, #0
-    mov x3, #0
-    report
+    reset_and_report
 
     // a buffer far outside guest RAM
     bl setup
@@ -58,13 +54,7 @@ _start:
     desc 0, BUF, 16, 1, 1
     desc 1, BUF + 0x100, 1, 2, 0
     bl make_available
-    movl x11, USED
-    movl x3, SPINS
-1:  ldrh w1, [x11, #2]
-    cbnz w1, 2f
-    subs x3, x3, #1
-    b.ne 1b
-2:  ldr w2, [x11, #8]                      // used.ring[0].len
+    wait_used USED, SPINS
     movl x9, BUF
     ldrb w3, [x9, #0x100]
     report

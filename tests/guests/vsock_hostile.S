@@ -39,19 +39,8 @@ _start:
     desc 0, TX_BUF, HDR, VRING_DESC_F_NEXT, 1, DESC1
     desc 1, TX_BUF, HDR, VRING_DESC_F_NEXT, 0, DESC1
     bl make_available1
-    movl x3, SPINS / 4                      // time for the kernel to meet the loop
-1:  subs x3, x3, #1
-    b.ne 1b
-    movl x11, USED1
-    ldrh w1, [x11, #2]
-    mov x2, #0
-    report
-
-    mmio_w STATUS, 0                        // the reset: vhost-vsock gives the rings back
-    ldr w1, [x20, #STATUS]
-    mov x2, #0
-    mov x3, #0
-    report
+    report_used_after USED1, SPINS / 4      // time for the kernel to meet the loop
+    reset_and_report                        // vhost-vsock gives the rings back
 
     // a receive buffer for the answer, then the request: its header alone, from this guest's CID
     bl setup
@@ -76,13 +65,7 @@ _start:
     str wzr, [x9, #40]                      // fwd_cnt
     desc 0, TX_BUF, HDR, 0, 0, DESC1
     bl make_available1
-    movl x11, USED
-    movl x3, SPINS
-2:  ldrh w1, [x11, #2]
-    cbnz w1, 3f
-    subs x3, x3, #1
-    b.ne 2b
-3:  ldr w2, [x11, #8]                      // used.ring[0].len
+    wait_used USED, SPINS
     movl x9, BUF
     ldrh w3, [x9, #30]                      // the answer's op
     report
