@@ -45,11 +45,13 @@ KVMTOOL_WRITE_MBS = (85.0, 100.0)
 
 WRITE = f"dd if=/dev/zero of=/dev/vda bs=1M count={DISK_MIB} oflag=direct"
 READ = f"dd if=/dev/vda of=/dev/null bs=1M count={DISK_MIB} iflag=direct"
+SMALL_READS = 1024  # one 4 KiB request at a time: the per-request cost, not the bandwidth
+READ_4K = f"dd if=/dev/vda of=/dev/null bs=4k count={SMALL_READS} iflag=direct"
 PING = f"ping -c 20 -i 0.2 {HOST_IP}"
 CONSOLE_BYTES = 4096
 CONSOLE = f"head -c {CONSOLE_BYTES} /dev/zero >/dev/ttyS0"
 NET_UP = f"ip addr add {GUEST_IP}/24 dev eth0; ip link set eth0 up"
-TIMED_RE = re.compile(r"BENCH-(WRITE|READ|CONSOLE) ([\d.]+) ([\d.]+)")
+TIMED_RE = re.compile(r"BENCH-(WRITE|READ|READ4K|CONSOLE) ([\d.]+) ([\d.]+)")
 RTT_RE = re.compile(r"round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms")
 
 
@@ -61,7 +63,7 @@ def timed(name: str, command: str) -> str:
 def guest_script() -> str:
     steps = [NET_UP]
     for _ in range(RUNS):
-        steps += [timed("WRITE", WRITE), timed("READ", READ)]
+        steps += [timed("WRITE", WRITE), timed("READ", READ), timed("READ4K", READ_4K)]
     steps += [timed("CONSOLE", CONSOLE) for _ in range(3)]
     steps.append(f"echo BENCH-PING; {PING}")
     return "; ".join(steps)
@@ -91,6 +93,19 @@ def host_file_floor(disk: str) -> tuple[float, float]:
         os.close(fd)
         buf.close()
     return write, read
+
+
+def host_4k_floor_us(disk: str) -> float:
+    """Microseconds of one 4 KiB pread of the image by the host itself, opened the way VirtioBlk
+    opens it (through the page cache), over the same span the guest reads."""
+    fd = os.open(disk, os.O_RDONLY)
+    try:
+        started = time.perf_counter()
+        for n in range(SMALL_READS):
+            os.pread(fd, 4096, n << 12)
+        return (time.perf_counter() - started) / SMALL_READS * 1e6
+    finally:
+        os.close(fd)
 
 
 class CountedBlk(VirtioBlk):
@@ -128,7 +143,7 @@ def host_tap_setup() -> list[list[str]]:
     return [["ip", "addr", "add", f"{HOST_IP}/24", "dev", TAP], ["ip", "link", "set", TAP, "up"]]
 
 
-def run_guest() -> tuple[str, list[tuple[float, float]], tuple[int, int, int, int]]:
+def run_guest() -> tuple[str, list[tuple[float, float]], float, tuple[int, int, int, int]]:
     image, initrd = linux_guest()
     out = bytearray()
     with tempfile.TemporaryDirectory(prefix="pyvmm-bench-") as tmp:
@@ -137,6 +152,7 @@ def run_guest() -> tuple[str, list[tuple[float, float]], tuple[int, int, int, in
             for _ in range(DISK_MIB):
                 f.write(bytes(1 << 20))
         floors = [host_file_floor(disk) for _ in range(RUNS)]
+        floor_4k_us = median([host_4k_floor_us(disk) for _ in range(RUNS)])
         with Vm(cpus=1, mem_mib=256, console=out.append) as vm:
             blk = CountedBlk(disk)
             exits = RegisterExits(vm.add_virtio(blk))
@@ -151,7 +167,7 @@ def run_guest() -> tuple[str, list[tuple[float, float]], tuple[int, int, int, in
     text = out.decode(errors="replace")
     if not result.ok:
         raise SystemExit(f"the benchmark guest failed: {result}\n{text[-2000:]}")
-    return text, floors, (exits.count, blk.requests, uart_exits.count, len(out))
+    return text, floors, floor_4k_us, (exits.count, blk.requests, uart_exits.count, len(out))
 
 
 def durations(text: str, name: str, runs: int) -> list[float]:
@@ -168,8 +184,9 @@ def throughputs(text: str, name: str) -> list[float]:
 
 
 def main(floor_us: float) -> None:
-    text, floors, (register_exits, requests, uart_exits, output_bytes) = run_guest()
+    text, floors, floor_4k_us, (register_exits, requests, uart_exits, output_bytes) = run_guest()
     writes, reads = throughputs(text, "WRITE"), throughputs(text, "READ")
+    small_us = [seconds / SMALL_READS * 1e6 for seconds in durations(text, "READ4K", RUNS)]
     host_write, host_read = median([f[0] for f in floors]), median([f[1] for f in floors])
     console_s = median(durations(text, "CONSOLE", 3))
     rtt = RTT_RE.search(text.split("BENCH-PING")[-1])
@@ -180,6 +197,7 @@ def main(floor_us: float) -> None:
     print("  guest commands (each timed by reading /proc/uptime before and after):")
     print(f"    {WRITE}")
     print(f"    {READ}")
+    print(f"    {READ_4K}")
     print(f"    {CONSOLE}")
     print(f"    {NET_UP}; {PING}   (host end {HOST_IP} on tap {TAP})")
     image, initrd = linux_guest()
@@ -194,6 +212,10 @@ def main(floor_us: float) -> None:
     print(f"  virtio-blk sequential write  {write:7.1f} MB/s  runs {', '.join(f'{v:.1f}' for v in writes)}"
           f"  ({write / host_write:.2f}x the host's own {host_write:.0f} MB/s; {write / hi:.2f}x-{write / lo:.2f}x "
           f"kvmtool's {lo:.0f}-{hi:.0f})")
+    small = median(small_us)
+    print(f"  virtio-blk 4 KiB read        {small:7.0f} us per request  runs {', '.join(f'{v:.0f}' for v in small_us)}"
+          f"  ({small / floor_4k_us:.0f}x the host's own 4 KiB pread, {floor_4k_us:.1f} us: the guest's block layer,"
+          f" one kick, one interrupt and the device's work)")
     print(f"  virtio-blk register exits    {register_exits / requests:7.2f} per request ({register_exits} for {requests}"
           f" requests, the whole run; notifications take an ioeventfd, so these are interrupt status and"
           f" acknowledgement)")
