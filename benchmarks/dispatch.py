@@ -1,0 +1,142 @@
+"""The Python work of one forwarded SMCCC call, without KVM: pyvmm's exit path against the bare loop.
+
+A fake vCPU fd stands in for KVM: its KVM_RUN returns at once with a prepared KVM_EXIT_HYPERCALL
+in kvm_run, and its register ioctls touch only a dict. The same fake drives
+  Python floor   hypercall.py's bare loop: run() then write_x0() (with KVM_GET_ONE_REG of x1 and
+                 x2 in between for AFFINITY_INFO, which needs its two arguments);
+  pyvmm          the real vCPU loop, SMCCC dispatcher and PSCI service.
+What pyvmm spends above the floor here is its dispatch, which every forwarded call pays on a real
+host too (there on top of the two ioctls' world switches). Runs anywhere: `python -m
+benchmarks.dispatch`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+from kvm_bindings import ffi
+from kvm_bindings.constants import ExitReason
+from kvm_bindings.regs import CORE_REGS, SYS_REGS
+from pyvmm.kvm.exits import HYPERCALL_FLAGS, HYPERCALL_NR, REASON
+from pyvmm.kvm.fds import VcpuFd
+from pyvmm.machine.exit_dispatch import MachineExits
+from pyvmm.machine.vcpu import Vcpu
+from pyvmm.services.psci import Psci
+from pyvmm.smccc.context import ServiceContext
+from pyvmm.smccc.dispatcher import Dispatcher
+
+PSCI_VERSION = 0x8400_0000
+AFFINITY_INFO64 = 0xC400_0004
+CALLS = 20_000
+ROUNDS = 7
+_X1, _X2 = CORE_REGS["x1"], CORE_REGS["x2"]
+_MPIDR = 1 << 31  # vCPU 0's MPIDR_EL1 as KVM assigns it (RES1 bit 31, affinity 0)
+
+
+class FakeVcpuFd:
+    """What Vcpu uses of a VcpuFd, with no kernel behind it. run() answers `calls` prepared exits
+    and then -1 (a kick, which ends the loop of a vCPU told to leave the guest); run() and
+    write_x0() are C-level callables like VcpuFd's prepared ioctls, so that the loop pays for a
+    call and nothing else."""
+
+    set_x0 = VcpuFd.set_x0  # the real one: a store into x0_value, then write_x0()
+
+    def __init__(self, function_id: int) -> None:
+        self.mmap = bytearray(ffi.sizeof("struct kvm_run"))
+        self.run_struct = ffi.from_buffer("struct kvm_run *", self.mmap)
+        self.run_words = memoryview(self.mmap).cast("I")
+        self.run_quads = memoryview(self.mmap).cast("Q")
+        self.run_words[REASON] = ExitReason.HYPERCALL.value
+        self.run_quads[HYPERCALL_NR] = function_id
+        self.run_quads[HYPERCALL_FLAGS] = 0  # HVC
+        self.x0_value = ffi.new("uint64_t[1]")
+        self.write_x0: Callable[[], int] = itertools.repeat(0).__next__
+        self.run: Callable[[], int] = iter([-1]).__next__
+        self.regs = {_X1: 0, _X2: 0,  # AFFINITY_INFO(vCPU 0, level 0)
+                     SYS_REGS["mpidr_el1"]: _MPIDR}
+
+    def arm(self, calls: int) -> None:
+        self.run = iter([0] * calls + [-1]).__next__
+
+    def failed(self, name: str) -> bool:
+        return True  # run()'s -1: a kick
+
+    def get_one_reg(self, reg_id: int) -> int:
+        return self.regs.get(reg_id, 0)
+
+    def set_one_reg(self, reg_id: int, value: int) -> None:
+        self.regs[reg_id] = value
+
+    def vcpu_init(self, target: int, features: list[int]) -> None:
+        pass
+
+
+class _Ram:
+    def contains(self, gpa: int, size: int = 1) -> bool:
+        return True
+
+
+def pyvmm_path(function_id: int) -> tuple[FakeVcpuFd, Vcpu]:
+    """One vCPU with the machine's exit handling and pyvmm's PSCI, on a fake fd."""
+    smccc = Dispatcher()
+    none = cast(Any, None)  # the bus, MMIO policy and life cycle: no hypercall reaches them
+    exits = MachineExits(smccc, none, none, none)
+    fd = FakeVcpuFd(function_id)
+    vcpu = Vcpu(0, cast(VcpuFd, fd), 0, exits)
+    smccc.add_service(Psci(ServiceContext([vcpu], _Ram(), none, "hvc", smccc.emit, none)))
+    smccc.freeze()
+    return fd, vcpu
+
+
+def time_pyvmm(fd: FakeVcpuFd, vcpu: Vcpu, calls: int) -> float:
+    """ns per call through Vcpu's own exit loop (as its thread runs it between kicks)."""
+    fd.arm(calls)
+    vcpu.leave_guest()  # the final kick ends the loop
+    started = time.perf_counter_ns()
+    vcpu._loop()  # the loop itself, without a thread around it
+    return (time.perf_counter_ns() - started) / calls
+
+
+def time_floor(fd: FakeVcpuFd, calls: int, x0: int, reads: bool) -> float:
+    """ns per call of hypercall.py's python_floor loop (plus the argument reads, if `reads`)."""
+    fd.arm(calls)
+    run, write_x0, get = fd.run, fd.write_x0, fd.get_one_reg
+    fd.x0_value[0] = x0
+    started = time.perf_counter_ns()
+    if reads:
+        for _ in range(calls):
+            if run() < 0 or get(_X1) < 0 or get(_X2) < 0 or write_x0() < 0:
+                raise SystemExit("the Python floor loop failed")
+    else:
+        for _ in range(calls):
+            if run() < 0 or write_x0() < 0:
+                raise SystemExit("the Python floor loop failed")
+    return (time.perf_counter_ns() - started) / calls
+
+
+def main(calls: int = CALLS, rounds: int = ROUNDS) -> dict[str, float]:
+    out: dict[str, float] = {}
+    print(f"Python dispatch of a forwarded SMCCC call on a fake vCPU fd (no KVM), {rounds} rounds x {calls} calls "
+          "(median ns per call)")
+    print(f"  {'call':<15}{'Python floor':>14}{'pyvmm':>9}{'above floor':>13}{'pyvmm/floor':>13}")
+    for name, fid, expected, reads in (("PSCI_VERSION", PSCI_VERSION, 0x1_0001, False),
+                                       ("AFFINITY_INFO", AFFINITY_INFO64, 0, True)):
+        fd, vcpu = pyvmm_path(fid)
+        floor, mine = [], []
+        for _ in range(rounds):  # interleaved, so drift hits both alike
+            floor.append(time_floor(fd, calls, expected, reads))
+            fd.x0_value[0] = 0xDEAD
+            mine.append(time_pyvmm(fd, vcpu, calls))
+            if fd.x0_value[0] != expected:
+                raise SystemExit(f"{name} answered {fd.x0_value[0]:#x}, not {expected:#x}")
+        f, m = sorted(floor)[rounds // 2], sorted(mine)[rounds // 2]
+        print(f"  {name:<15}{f:14.0f}{m:9.0f}{m - f:13.0f}{m / f:12.2f}x")
+        out[f"{name}_floor_ns"], out[f"{name}_pyvmm_ns"] = f, m
+    return out
+
+
+if __name__ == "__main__":
+    main()
