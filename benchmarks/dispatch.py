@@ -1,7 +1,7 @@
 """The Python work of one forwarded SMCCC call, without KVM: pyvmm's exit path against the bare loop.
 
-A fake vCPU fd stands in for KVM: its KVM_RUN returns at once with a prepared KVM_EXIT_HYPERCALL
-in kvm_run, and its register ioctls touch only a dict. The same fake drives
+A fake vCPU fd (tests/unit/fakes.py) stands in for KVM: its KVM_RUN returns at once with a
+prepared KVM_EXIT_HYPERCALL in kvm_run, and its register ioctls touch only a dict. It drives
   Python floor   hypercall.py's bare loop: run() then write_x0() (with KVM_GET_ONE_REG of x1 and
                  x2 in between for AFFINITY_INFO, which needs its two arguments);
   pyvmm          the real vCPU loop, SMCCC dispatcher and PSCI service.
@@ -12,71 +12,23 @@ benchmarks.dispatch`.
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections.abc import Callable
 from typing import Any, cast
 
-from kvm_bindings import ffi
-from kvm_bindings.constants import ExitReason
-from kvm_bindings.regs import CORE_REGS, SYS_REGS
-from pyvmm.kvm.exits import HYPERCALL_FLAGS, HYPERCALL_NR, REASON
+from kvm_bindings.regs import CORE_REGS
 from pyvmm.kvm.fds import VcpuFd
 from pyvmm.machine.exit_dispatch import MachineExits
 from pyvmm.machine.vcpu import Vcpu
 from pyvmm.services.psci import Psci
 from pyvmm.smccc.context import ServiceContext
 from pyvmm.smccc.dispatcher import Dispatcher
+from tests.unit.fakes import FakeRam, FakeVcpuFd
 
 PSCI_VERSION = 0x8400_0000
 AFFINITY_INFO64 = 0xC400_0004
 CALLS = 20_000
 ROUNDS = 7
 _X1, _X2 = CORE_REGS["x1"], CORE_REGS["x2"]
-_MPIDR = 1 << 31  # vCPU 0's MPIDR_EL1 as KVM assigns it (RES1 bit 31, affinity 0)
-
-
-class FakeVcpuFd:
-    """What Vcpu uses of a VcpuFd, with no kernel behind it. run() answers `calls` prepared exits
-    and then -1 (a kick, which ends the loop of a vCPU told to leave the guest); run() and
-    write_x0() are C-level callables like VcpuFd's prepared ioctls, so that the loop pays for a
-    call and nothing else."""
-
-    set_x0 = VcpuFd.set_x0  # the real one: a store into x0_value, then write_x0()
-
-    def __init__(self, function_id: int) -> None:
-        self.mmap = bytearray(ffi.sizeof("struct kvm_run"))
-        self.run_struct = ffi.from_buffer("struct kvm_run *", self.mmap)
-        self.run_words = memoryview(self.mmap).cast("I")
-        self.run_quads = memoryview(self.mmap).cast("Q")
-        self.run_words[REASON] = ExitReason.HYPERCALL.value
-        self.run_quads[HYPERCALL_NR] = function_id
-        self.run_quads[HYPERCALL_FLAGS] = 0  # HVC
-        self.x0_value = ffi.new("uint64_t[1]")
-        self.write_x0: Callable[[], int] = itertools.repeat(0).__next__
-        self.run: Callable[[], int] = iter([-1]).__next__
-        self.regs = {_X1: 0, _X2: 0,  # AFFINITY_INFO(vCPU 0, level 0)
-                     SYS_REGS["mpidr_el1"]: _MPIDR}
-
-    def arm(self, calls: int) -> None:
-        self.run = iter([0] * calls + [-1]).__next__
-
-    def failed(self, name: str) -> bool:
-        return True  # run()'s -1: a kick
-
-    def get_one_reg(self, reg_id: int) -> int:
-        return self.regs.get(reg_id, 0)
-
-    def set_one_reg(self, reg_id: int, value: int) -> None:
-        self.regs[reg_id] = value
-
-    def vcpu_init(self, target: int, features: list[int]) -> None:
-        pass
-
-
-class _Ram:
-    def contains(self, gpa: int, size: int = 1) -> bool:
-        return True
 
 
 def pyvmm_path(function_id: int) -> tuple[FakeVcpuFd, Vcpu]:
@@ -84,9 +36,10 @@ def pyvmm_path(function_id: int) -> tuple[FakeVcpuFd, Vcpu]:
     smccc = Dispatcher()
     none = cast(Any, None)  # the bus, MMIO policy and life cycle: no hypercall reaches them
     exits = MachineExits(smccc, none, none, none)
-    fd = FakeVcpuFd(function_id)
+    fd = FakeVcpuFd()
+    fd.hypercall(function_id)  # over HVC, x1..x3 = 0: AFFINITY_INFO asks about vCPU 0, level 0
     vcpu = Vcpu(0, cast(VcpuFd, fd), 0, exits)
-    smccc.add_service(Psci(ServiceContext([vcpu], _Ram(), none, "hvc", smccc.emit, none)))
+    smccc.add_service(Psci(ServiceContext([vcpu], FakeRam(), none, "hvc", smccc.emit, none)))
     smccc.freeze()
     return fd, vcpu
 

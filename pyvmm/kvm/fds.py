@@ -207,10 +207,11 @@ class VcpuFd(DeviceAttrs):
 
         # The exit path's two ioctls, prepared as C-level callables (no Python frame per call;
         # under emulation each Python-level step costs microseconds). Both return the raw ioctl
-        # result: the exit loop asks failed() what a -1 from run() was; set_x0() raises itself.
+        # result: the exit loop asks failed() what a -1 was; set_x0() raises itself.
         #   run():       KVM_RUN
         #   write_x0():  KVM_SET_ONE_REG(x0) from the buffer x0_value, the one register every
-        #                forwarded SMCCC call writes (set_x0, and the benchmarks' floors)
+        #                forwarded SMCCC call writes (the exit loop with a call's single result,
+        #                set_x0, and the benchmarks' floors)
         self.run: Callable[[], int] = functools.partial(libc.ioctl, fd, _KVM_RUN, _NULL)
         # x0's kvm_one_reg and the value it points at share one allocation, so (almost always)
         # one page: under emulation every page touched after a world switch costs a soft-TLB refill.
@@ -227,8 +228,8 @@ class VcpuFd(DeviceAttrs):
         self.run_quads = memoryview(self.mmap).cast("Q")
 
     def set_x0(self, value: int) -> None:
-        """x0 <- value (a 64-bit pattern) through the prepared KVM_SET_ONE_REG: how a forwarded
-        SMCCC call's result goes back, one ioctl and no allocation."""
+        """x0 <- value (a 64-bit pattern) through the prepared KVM_SET_ONE_REG: one ioctl and no
+        allocation (the exit loop makes the same two steps inline)."""
         self.x0_value[0] = value
         if self.write_x0() < 0:
             raise KvmIoctlError("KVM_SET_ONE_REG", ffi.errno)

@@ -100,9 +100,9 @@ class ExitHandler(Protocol):
     """What a vCPU's exit loop hands exits to (the machine's devices, services and life cycle)."""
 
     @property
-    def hypercall(self) -> Callable[[Vcpu, int, int], None]:
-        """The hot path: what the exit loop calls with (vCPU, function ID, KVM_HYPERCALL_EXIT_*
-        flags), fetched once, so that the SMCCC dispatcher runs with no frame in between."""
+    def hypercall(self) -> Callable[[Vcpu, int, int], int | None]:
+        """The hot path, fetched once (the SMCCC dispatcher runs with no frame in between): called
+        with (vCPU, function ID, KVM_HYPERCALL_EXIT_* flags), it returns x0 for the loop to write."""
 
     def mmio(self, vcpu: Vcpu, ex: MmioExit) -> None: ...
 
@@ -399,7 +399,7 @@ class Vcpu:
         from the exit header; every other exit is decoded into its typed value first."""
         fd = self.fd
         run, buf, words, quads = fd.run_struct, fd.mmap, fd.run_words, fd.run_quads
-        kvm_run, failed = fd.run, fd.failed
+        kvm_run, failed, x0_value, write_x0 = fd.run, fd.failed, fd.x0_value, fd.write_x0
         exits = self._exits
         dispatch, handle_mmio = exits.hypercall, exits.mmio
         requests = self._requests
@@ -414,7 +414,11 @@ class Vcpu:
                 continue
             reason = words[REASON]
             if reason == _HYPERCALL:
-                dispatch(self, quads[HYPERCALL_NR], quads[HYPERCALL_FLAGS])
+                x0 = dispatch(self, quads[HYPERCALL_NR], quads[HYPERCALL_FLAGS])
+                if x0 is not None:  # a single result: no frame between the answer and its ioctl
+                    x0_value[0] = x0
+                    if write_x0() < 0:
+                        failed("KVM_SET_ONE_REG")
                 while requests:  # KVM has nothing left to complete for a hypercall
                     requests.popleft()(self)
                 continue
