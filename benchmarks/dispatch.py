@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
-from kvm_bindings.regs import CORE_REGS
 from pyvmm.kvm.fds import VcpuFd
 from pyvmm.machine.exit_dispatch import MachineExits
 from pyvmm.machine.vcpu import Vcpu
@@ -28,7 +27,6 @@ PSCI_VERSION = 0x8400_0000
 AFFINITY_INFO64 = 0xC400_0004
 CALLS = 20_000
 ROUNDS = 7
-_X1, _X2 = CORE_REGS["x1"], CORE_REGS["x2"]
 
 
 def pyvmm_path(function_id: int) -> tuple[FakeVcpuFd, Vcpu]:
@@ -56,12 +54,12 @@ def time_pyvmm(fd: FakeVcpuFd, vcpu: Vcpu, calls: int) -> float:
 def time_floor(fd: FakeVcpuFd, calls: int, x0: int, reads: bool) -> float:
     """ns per call of hypercall.py's python_floor loop (plus the argument reads, if `reads`)."""
     fd.arm(calls)
-    run, write_x0, get = fd.run, fd.write_x0, fd.get_one_reg
+    run, write_x0, get_x = fd.run, fd.write_x0, fd.get_x
     fd.x0_value[0] = x0
     started = time.perf_counter_ns()
     if reads:
         for _ in range(calls):
-            if run() < 0 or get(_X1) < 0 or get(_X2) < 0 or write_x0() < 0:
+            if run() < 0 or get_x(1) < 0 or get_x(2) < 0 or write_x0() < 0:
                 raise SystemExit("the Python floor loop failed")
     else:
         for _ in range(calls):

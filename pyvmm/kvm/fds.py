@@ -204,6 +204,7 @@ class VcpuFd(DeviceAttrs):
         self._val = ffi.new("uint64_t *")
         self._val_addr = int(ffi.cast("uintptr_t", self._val))
         self._regs: dict[int, object] = {}
+        self._x_regs = tuple(self._new_reg(CORE_REGS[f"x{n}"]) for n in range(31))  # for get_x
 
         # The exit path's two ioctls, prepared as C-level callables (no Python frame per call;
         # under emulation each Python-level step costs microseconds). Both return the raw ioctl
@@ -248,6 +249,13 @@ class VcpuFd(DeviceAttrs):
     def get_one_reg(self, reg_id: int) -> int:
         if libc.ioctl(self.fd, _GET_ONE_REG, self._regs.get(reg_id) or self._new_reg(reg_id)) < 0:
             raise KvmIoctlError("KVM_GET_ONE_REG", ffi.errno, f"reg {reg_id:#x}")
+        value: int = self._val[0]
+        return value
+
+    def get_x(self, n: int) -> int:
+        """x<n> (0-30): get_one_reg without looking the register up, for a call's arguments."""
+        if libc.ioctl(self.fd, _GET_ONE_REG, self._x_regs[n]) < 0:
+            raise KvmIoctlError("KVM_GET_ONE_REG", ffi.errno, f"x{n}")
         value: int = self._val[0]
         return value
 

@@ -142,6 +142,7 @@ class Vcpu:
         self.get_one_reg = fd.get_one_reg
         self.set_one_reg = fd.set_one_reg
         self.set_x0 = fd.set_x0
+        self.get_x: Callable[[int], int] = fd.get_x  # x<n>: a forwarded call's arguments
         self.kvm_run = fd.mmap  # where an MMIO load's result goes (exits.complete_mmio_read)
         self.init(powered_off=index > 0)
         self._configure_features()
@@ -159,9 +160,6 @@ class Vcpu:
 
     def set_reg(self, name: str, value: int) -> None:
         self.fd.set_one_reg(_reg_id(name), value)
-
-    def get_x(self, n: int) -> int:
-        return self.fd.get_one_reg(_X[n])
 
     def set_x(self, n: int, value: int) -> None:
         self.fd.set_one_reg(_X[n], value)

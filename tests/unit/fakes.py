@@ -21,7 +21,8 @@ from pyvmm.machine.gic import Gic
 from pyvmm.machine.power import Entry, Power, PowerState
 from pyvmm.smccc.context import ServiceContext, ServiceVcpu, TraceEvent
 
-_X_BY_ID = {CORE_REGS[f"x{n}"]: n for n in range(31)}
+_X_IDS = tuple(CORE_REGS[f"x{n}"] for n in range(31))
+_X_BY_ID = {reg_id: n for n, reg_id in enumerate(_X_IDS)}
 
 
 class FakeVcpu:
@@ -313,6 +314,9 @@ class FakeVcpuFd:
 
     def get_one_reg(self, reg_id: int) -> int:
         return self.regs.get(reg_id, 0)
+
+    def get_x(self, n: int) -> int:
+        return self.regs.get(_X_IDS[n], 0)
 
     def set_one_reg(self, reg_id: int, value: int) -> None:
         self.regs[reg_id] = value & 0xFFFF_FFFF_FFFF_FFFF
