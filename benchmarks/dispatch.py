@@ -6,8 +6,8 @@ prepared KVM_EXIT_HYPERCALL in kvm_run, and its register ioctls touch only a dic
                  x2 in between for AFFINITY_INFO, which needs its two arguments);
   pyvmm          the real vCPU loop, SMCCC dispatcher and PSCI service.
 What pyvmm spends above the floor here is its dispatch, which every forwarded call pays on a real
-host too (there on top of the two ioctls' world switches). Runs anywhere: `python -m
-benchmarks.dispatch`.
+host too (there on top of the two ioctls' world switches). Times are the thread's CPU time, so a
+busy machine's other work stays out of them. Runs anywhere: `python -m benchmarks.dispatch`.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ def time_pyvmm(fd: FakeVcpuFd, vcpu: Vcpu, calls: int) -> float:
     """ns per call through Vcpu's own exit loop (as its thread runs it between kicks)."""
     fd.arm(calls)
     vcpu.leave_guest()  # the final kick ends the loop
-    started = time.perf_counter_ns()
+    started = time.thread_time_ns()
     vcpu._loop()  # the loop itself, without a thread around it
-    return (time.perf_counter_ns() - started) / calls
+    return (time.thread_time_ns() - started) / calls
 
 
 def time_floor(fd: FakeVcpuFd, calls: int, x0: int, reads: bool) -> float:
@@ -56,7 +56,7 @@ def time_floor(fd: FakeVcpuFd, calls: int, x0: int, reads: bool) -> float:
     fd.arm(calls)
     run, write_x0, get_x = fd.run, fd.write_x0, fd.get_x
     fd.x0_value[0] = x0
-    started = time.perf_counter_ns()
+    started = time.thread_time_ns()
     if reads:
         for _ in range(calls):
             if run() < 0 or get_x(1) < 0 or get_x(2) < 0 or write_x0() < 0:
@@ -65,13 +65,13 @@ def time_floor(fd: FakeVcpuFd, calls: int, x0: int, reads: bool) -> float:
         for _ in range(calls):
             if run() < 0 or write_x0() < 0:
                 raise SystemExit("the Python floor loop failed")
-    return (time.perf_counter_ns() - started) / calls
+    return (time.thread_time_ns() - started) / calls
 
 
 def main(calls: int = CALLS, rounds: int = ROUNDS) -> dict[str, float]:
     out: dict[str, float] = {}
     print(f"Python dispatch of a forwarded SMCCC call on a fake vCPU fd (no KVM), {rounds} rounds x {calls} calls "
-          "(median ns per call)")
+          "(median ns of CPU time per call)")
     print(f"  {'call':<15}{'Python floor':>14}{'pyvmm':>9}{'above floor':>13}{'pyvmm/floor':>13}")
     for name, fid, expected, reads in (("PSCI_VERSION", PSCI_VERSION, 0x1_0001, False),
                                        ("AFFINITY_INFO", AFFINITY_INFO64, 0, True)):
