@@ -292,7 +292,7 @@ class FakeVcpuFd:
         self.run_struct = ffi.from_buffer("struct kvm_run *", self.mmap)
         self.run_words = memoryview(self.mmap).cast("I")
         self.run_quads = memoryview(self.mmap).cast("Q")
-        self.x0_value = ffi.new("uint64_t[1]")
+        self.x0_value = memoryview(bytearray(8)).cast("Q")
         self.write_x0: Callable[[], int] = itertools.repeat(0).__next__  # KVM_SET_ONE_REG succeeds
         self.run: Callable[[], int] = iter([-1]).__next__
         self.regs: dict[int, int] = {SYS_REGS["mpidr_el1"]: mpidr}
