@@ -25,7 +25,7 @@ class SmcccCall:
         self.vcpu = vcpu
         self.function_id = function_id
         self.flags = flags  # kvm_run.hypercall.flags (KVM_HYPERCALL_EXIT_*)
-        self._args: dict[int, int] | None = None
+        self._args: list[int | None] | None = None  # x<n> at [n] once read; made at the first read
 
     @property
     def smc(self) -> bool:
@@ -45,8 +45,8 @@ class SmcccCall:
             raise ValueError(f"SMCCC arguments are x1..x17, not x{n}")
         args = self._args
         if args is None:
-            args = self._args = {}
-        value = args.get(n)
+            args = self._args = [None] * 18
+        value = args[n]
         if value is None:
             value = args[n] = self.vcpu.get_x(n)
         return value if self.function_id & SMC64 else value & 0xFFFF_FFFF
@@ -58,7 +58,7 @@ class SmcccCall:
 
     def known_register(self, n: int) -> int | None:
         """x<n>'s current value if this call has already read it (lets the dispatcher skip writes)."""
-        return None if self._args is None else self._args.get(n)
+        return None if self._args is None else self._args[n]
 
     def __repr__(self) -> str:
         return f"SmcccCall({self.function_id:#010x} via {self.conduit} on vcpu{self.vcpu.index})"
