@@ -25,7 +25,7 @@ from tests.unit.fakes import FakeRam, FakeVcpuFd
 
 PSCI_VERSION = 0x8400_0000
 AFFINITY_INFO64 = 0xC400_0004
-CALLS = 20_000
+CALLS = 10_000
 ROUNDS = 7
 
 
