@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-from benchmarks import boot, guest_exec, hypercall, net, sdei, shares, smp, startup, virtio, vsock
+from benchmarks import boot, dispatch, guest_exec, hypercall, net, sdei, shares, smp, startup, virtio, vsock
 from pyvmm.errors import VmmError
 
 
@@ -13,6 +13,7 @@ def main() -> None:
     where = "emulated arm64 host" if os.environ.get("PYVMM_IN_ARMHOST") else "native"
     print(f"pyvmm benchmarks on Linux {platform.release()} {platform.machine()} ({where})")
     startup.main()
+    dispatch.main()  # needs no KVM: the Python part of the round trips hypercall measures next
     calls = hypercall.main()
     smp.main()
     sdei.main()

@@ -204,22 +204,27 @@ class VcpuFd(DeviceAttrs):
         self._val = ffi.new("uint64_t *")
         self._val_addr = int(ffi.cast("uintptr_t", self._val))
         self._regs: dict[int, object] = {}
+        self._x_regs = tuple(self._new_reg(CORE_REGS[f"x{n}"]) for n in range(31))  # for get_x
 
         # The exit path's two ioctls, prepared as C-level callables (no Python frame per call;
         # under emulation each Python-level step costs microseconds). Both return the raw ioctl
-        # result: the exit loop asks failed() what a -1 from run() was; set_x0() raises itself.
+        # result: the exit loop asks failed() what a -1 was; set_x0() raises itself.
         #   run():       KVM_RUN
         #   write_x0():  KVM_SET_ONE_REG(x0) from the buffer x0_value, the one register every
-        #                forwarded SMCCC call writes (set_x0, and the benchmarks' floors)
+        #                forwarded SMCCC call writes (the exit loop with a call's single result,
+        #                set_x0, and the benchmarks' floors)
         self.run: Callable[[], int] = functools.partial(libc.ioctl, fd, _KVM_RUN, _NULL)
         # x0's kvm_one_reg and the value it points at share one allocation, so (almost always)
         # one page: under emulation every page touched after a world switch costs a soft-TLB refill.
+        # x0_value is a one-word memoryview of that value: storing through it costs less than
+        # through a cffi pointer, and every forwarded call stores one result there.
         reg_words = ffi.sizeof("struct kvm_one_reg") // ffi.sizeof("uint64_t")
         x0_block = self._x0_block = ffi.new("uint64_t[]", reg_words + 1)
-        self.x0_value = x0_block + reg_words
+        value = x0_block + reg_words
+        self.x0_value = memoryview(ffi.buffer(value, 8)).cast("Q")
         self._x0_reg = ffi.cast("struct kvm_one_reg *", x0_block)
         self._x0_reg.id = CORE_REGS["x0"]
-        self._x0_reg.addr = int(ffi.cast("uintptr_t", self.x0_value))
+        self._x0_reg.addr = int(ffi.cast("uintptr_t", value))
         self.write_x0: Callable[[], int] = functools.partial(libc.ioctl, fd, _SET_ONE_REG, self._x0_reg)
         # kvm_run as 32- and 64-bit words, for the exit loop's reads (pyvmm/kvm/exits.py has the
         # indices): indexing a memoryview is the cheapest read Python has of the mapping
@@ -227,8 +232,8 @@ class VcpuFd(DeviceAttrs):
         self.run_quads = memoryview(self.mmap).cast("Q")
 
     def set_x0(self, value: int) -> None:
-        """x0 <- value (a 64-bit pattern) through the prepared KVM_SET_ONE_REG: how a forwarded
-        SMCCC call's result goes back, one ioctl and no allocation."""
+        """x0 <- value (a 64-bit pattern) through the prepared KVM_SET_ONE_REG: one ioctl and no
+        allocation (the exit loop makes the same two steps inline)."""
         self.x0_value[0] = value
         if self.write_x0() < 0:
             raise KvmIoctlError("KVM_SET_ONE_REG", ffi.errno)
@@ -247,6 +252,13 @@ class VcpuFd(DeviceAttrs):
     def get_one_reg(self, reg_id: int) -> int:
         if libc.ioctl(self.fd, _GET_ONE_REG, self._regs.get(reg_id) or self._new_reg(reg_id)) < 0:
             raise KvmIoctlError("KVM_GET_ONE_REG", ffi.errno, f"reg {reg_id:#x}")
+        value: int = self._val[0]
+        return value
+
+    def get_x(self, n: int) -> int:
+        """x<n> (0-30): get_one_reg without looking the register up, for a call's arguments."""
+        if libc.ioctl(self.fd, _GET_ONE_REG, self._x_regs[n]) < 0:
+            raise KvmIoctlError("KVM_GET_ONE_REG", ffi.errno, f"x{n}")
         value: int = self._val[0]
         return value
 

@@ -60,7 +60,7 @@ class MachineExits:
     def __init__(self, smccc: Dispatcher, bus: MmioBus, unhandled: UnhandledMmio, lifecycle: Lifecycle,
                  vcpus: Sequence[Vcpu] = ()) -> None:
         self._smccc, self._bus, self._unhandled, self._lifecycle = smccc, bus, unhandled, lifecycle
-        self.hypercall = smccc.dispatch  # the hot path: no frame of our own
+        self.hypercall = smccc.answer  # the hot path: no frame of our own
         self.vcpus = vcpus
         self.debugger: DebugEvents | None = None
 

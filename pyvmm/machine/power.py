@@ -48,6 +48,7 @@ class PowerState:
         self._state = Power.ON if on else Power.OFF
         self._pending: Entry | None = None  # where a pending CPU_ON boots the vCPU
         self._stopping = False
+        self._guest = self._state  # see guest_power
 
     @property
     def state(self) -> Power:
@@ -56,14 +57,14 @@ class PowerState:
     @property
     def guest_power(self) -> Power:
         """The state as the guest sees it (PSCI AFFINITY_INFO, CPU_ON's refusals): ON_PENDING
-        reads as ON unless the power-on genuinely waits for a stopped thread."""
-        with self._cond:
-            return self._seen()
+        reads as ON unless the power-on genuinely waits for a stopped thread. Every transition
+        keeps it in one attribute, under the lock, so reading it needs no lock: a guest may ask
+        in a loop, and taking a Condition is two Python frames."""
+        return self._guest
 
-    def _seen(self) -> Power:
-        if self._state == Power.ON_PENDING and not self._stopping:
-            return Power.ON
-        return self._state
+    def _changed(self) -> None:
+        """Under the lock, after _state or _stopping changed: what guest_power reads from now on."""
+        self._guest = Power.ON if self._state == Power.ON_PENDING and not self._stopping else self._state
 
     def request_on(self, entry: Entry) -> Power | None:
         """PSCI CPU_ON, from any thread: an OFF vCPU becomes ON_PENDING and None is returned;
@@ -71,9 +72,10 @@ class PowerState:
         (`guest_power`), is returned."""
         with self._cond:
             if self._state != Power.OFF:
-                return self._seen()
+                return self._guest
             self._state = Power.ON_PENDING
             self._pending = entry
+            self._changed()
             self._cond.notify_all()
             return None
 
@@ -82,6 +84,7 @@ class PowerState:
         with self._cond:
             self._state = Power.OFF
             self._pending = None
+            self._changed()
 
     def wait_until_on(self) -> Entry | bool:
         """On the vCPU's own thread, outside KVM_RUN: wait while OFF. Returns the Entry of a
@@ -100,11 +103,13 @@ class PowerState:
             if self._state == Power.ON_PENDING:
                 self._state = Power.ON
                 self._pending = None
+                self._changed()
 
     def stop(self) -> None:
         """Release a thread waiting in wait_until_on(), for good (until reset())."""
         with self._cond:
             self._stopping = True
+            self._changed()
             self._cond.notify_all()
 
     def reset(self, on: bool) -> None:
@@ -113,3 +118,4 @@ class PowerState:
             self._state = Power.ON if on else Power.OFF
             self._pending = None
             self._stopping = False
+            self._changed()

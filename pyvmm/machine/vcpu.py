@@ -100,9 +100,9 @@ class ExitHandler(Protocol):
     """What a vCPU's exit loop hands exits to (the machine's devices, services and life cycle)."""
 
     @property
-    def hypercall(self) -> Callable[[Vcpu, int, int], None]:
-        """The hot path: what the exit loop calls with (vCPU, function ID, KVM_HYPERCALL_EXIT_*
-        flags), fetched once, so that the SMCCC dispatcher runs with no frame in between."""
+    def hypercall(self) -> Callable[[Vcpu, int, int], int | None]:
+        """The hot path, fetched once (the SMCCC dispatcher runs with no frame in between): called
+        with (vCPU, function ID, KVM_HYPERCALL_EXIT_* flags), it returns x0 for the loop to write."""
 
     def mmio(self, vcpu: Vcpu, ex: MmioExit) -> None: ...
 
@@ -142,6 +142,7 @@ class Vcpu:
         self.get_one_reg = fd.get_one_reg
         self.set_one_reg = fd.set_one_reg
         self.set_x0 = fd.set_x0
+        self.get_x: Callable[[int], int] = fd.get_x  # x<n>: a forwarded call's arguments
         self.kvm_run = fd.mmap  # where an MMIO load's result goes (exits.complete_mmio_read)
         self.init(powered_off=index > 0)
         self._configure_features()
@@ -159,9 +160,6 @@ class Vcpu:
 
     def set_reg(self, name: str, value: int) -> None:
         self.fd.set_one_reg(_reg_id(name), value)
-
-    def get_x(self, n: int) -> int:
-        return self.fd.get_one_reg(_X[n])
 
     def set_x(self, n: int, value: int) -> None:
         self.fd.set_one_reg(_X[n], value)
@@ -399,7 +397,7 @@ class Vcpu:
         from the exit header; every other exit is decoded into its typed value first."""
         fd = self.fd
         run, buf, words, quads = fd.run_struct, fd.mmap, fd.run_words, fd.run_quads
-        kvm_run, failed = fd.run, fd.failed
+        kvm_run, failed, x0_value, write_x0 = fd.run, fd.failed, fd.x0_value, fd.write_x0
         exits = self._exits
         dispatch, handle_mmio = exits.hypercall, exits.mmio
         requests = self._requests
@@ -414,7 +412,11 @@ class Vcpu:
                 continue
             reason = words[REASON]
             if reason == _HYPERCALL:
-                dispatch(self, quads[HYPERCALL_NR], quads[HYPERCALL_FLAGS])
+                x0 = dispatch(self, quads[HYPERCALL_NR], quads[HYPERCALL_FLAGS])
+                if x0 is not None:  # a single result: no frame between the answer and its ioctl
+                    x0_value[0] = x0
+                    if write_x0() < 0:
+                        failed("KVM_SET_ONE_REG")
                 while requests:  # KVM has nothing left to complete for a hypercall
                     requests.popleft()(self)
                 continue

@@ -130,7 +130,7 @@ class Psci(Service):
         target = self._target(call, affinity)
         if target is None:
             return INVALID_PARAMETERS
-        return target.guest_power.value  # a plain int: the dispatcher's single-result fast path
+        return int(target.guest_power)  # a plain int: the dispatcher's single-result fast path
 
     @function(F32 + 0x6, name="MIGRATE_INFO_TYPE", describe="describe_value")
     def migrate_info_type(self, call: SmcccCall) -> Results:

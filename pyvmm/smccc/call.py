@@ -8,6 +8,8 @@ from kvm_bindings.constants import HypercallExitFlag
 from pyvmm.smccc.function_id import SMC64
 
 _SMC = HypercallExitFlag.SMC.value
+# (1, .., count) for args(count): making a range and a list comprehension costs more than the reads
+_NUMBERS = tuple(tuple(range(1, count + 1)) for count in range(18))
 
 if TYPE_CHECKING:
     from pyvmm.smccc.context import ServiceVcpu
@@ -23,7 +25,7 @@ class SmcccCall:
         self.vcpu = vcpu
         self.function_id = function_id
         self.flags = flags  # kvm_run.hypercall.flags (KVM_HYPERCALL_EXIT_*)
-        self._args: dict[int, int] | None = None
+        self._args: list[int | None] | None = None  # x<n> at [n] once read; made at the first read
 
     @property
     def smc(self) -> bool:
@@ -41,21 +43,22 @@ class SmcccCall:
         """x<n> as the guest passed it (w<n>, zero-extended, for an SMC32/HVC32 call)."""
         if not 1 <= n <= 17:
             raise ValueError(f"SMCCC arguments are x1..x17, not x{n}")
-        if self._args is None:
-            self._args = {}
-        value = self._args.get(n)
+        args = self._args
+        if args is None:
+            args = self._args = [None] * 18
+        value = args[n]
         if value is None:
-            value = self._args[n] = self.vcpu.get_x(n)
+            value = args[n] = self.vcpu.get_x(n)
         return value if self.function_id & SMC64 else value & 0xFFFF_FFFF
 
     def args(self, count: int) -> tuple[int, ...]:
         """x1..x<count> (each read at most once per call)."""
-        arg = self.arg
-        return tuple([arg(n) for n in range(1, count + 1)])
+        numbers = _NUMBERS[count] if 0 <= count <= 17 else range(1, count + 1)  # past 17: arg() refuses
+        return tuple(map(self.arg, numbers))
 
     def known_register(self, n: int) -> int | None:
         """x<n>'s current value if this call has already read it (lets the dispatcher skip writes)."""
-        return None if self._args is None else self._args.get(n)
+        return None if self._args is None else self._args[n]
 
     def __repr__(self) -> str:
         return f"SmcccCall({self.function_id:#010x} via {self.conduit} on vcpu{self.vcpu.index})"

@@ -125,7 +125,7 @@ class Dispatcher:
         whatever needs a forwarded call is refused when it is asked for."""
         self._routes: list[Route] = []  # sorted by base, non-overlapping
         self._denied: list[FilterRange] = []
-        self._cache: dict[int, Handler | None] = {}
+        self._cache: dict[int, tuple[Handler | None, int, int]] = {}  # by function ID: _cache_route()
         self.services: list[Service] = []
         self.calls = 0  # forwarded calls answered
         self._trace: Callable[[TraceRecord | TraceEvent], None] | None = None
@@ -307,42 +307,54 @@ class Dispatcher:
         return None
 
     def dispatch(self, vcpu: ServiceVcpu, function_id: int, flags: int) -> None:
-        """Answer one KVM_EXIT_HYPERCALL on `vcpu` (called on that vCPU's thread).
+        """Answer one KVM_EXIT_HYPERCALL on `vcpu` (called on that vCPU's thread), results and all."""
+        x0 = self.answer(vcpu, function_id, flags)
+        if x0 is not None:
+            vcpu.set_x0(x0)
 
-        This is the exit loop's hot path: a cached handler lookup, the handler, and (for the
-        common single result) exactly one KVM_SET_ONE_REG.
+    def answer(self, vcpu: ServiceVcpu, function_id: int, flags: int) -> int | None:
+        """Answer one KVM_EXIT_HYPERCALL on `vcpu` (on that vCPU's thread) up to writing x0: the
+        value x0 gets, as a 64-bit pattern, or None when nothing is left to write (the call does
+        not return, or its results have been written here: several, or a traced call).
+
+        This is the exit loop's hot path, which writes x0 itself with its prepared ioctl: a cached
+        lookup of the handler and of the call's width, the handler, and one range check.
         """
         if self._observed:
             watch = self._watch
             if watch is not None:
                 watch(vcpu, function_id, flags)
             if self._trace is not None:
-                return self._dispatch_traced(vcpu, function_id, flags)
+                self._dispatch_traced(vcpu, function_id, flags)
+                return None
         try:
-            handler = self._cache[function_id]
+            handler, low, mask = self._cache[function_id]
         except KeyError:
-            handler = self._cache_handler(function_id)
-        call = SmcccCall(vcpu, function_id, flags)
+            handler, low, mask = self._cache_route(function_id)
         if handler is None or flags & _SMC != self._smc:
-            results: Results = NOT_SUPPORTED
-        else:
-            try:
-                results = handler(call)
-            except Exception as e:
-                raise handler_failed(handler, function_id, e) from e
+            self.calls += 1
+            return NOT_SUPPORTED & mask
+        call = SmcccCall(vcpu, function_id, flags)
+        try:
+            results = handler(call)
+        except Exception as e:
+            raise handler_failed(handler, function_id, e) from e
         self.calls += 1
-        wide = function_id & SMC64
-        if type(results) is int and (_MIN <= results <= _U64 if wide else _MIN32 <= results <= _U32):
-            vcpu.set_x0(results & (_U64 if wide else _U32))  # the common case: one ioctl
-        elif results is not NO_RESULT:
+        if type(results) is int and low <= results <= mask:
+            return results & mask  # the common case: one KVM_SET_ONE_REG, by the caller
+        if results is not NO_RESULT:
             write_results(vcpu, call, checked(results, function_id, handler))
+        return None
 
-    def _cache_handler(self, function_id: int) -> Handler | None:
+    def _cache_route(self, function_id: int) -> tuple[Handler | None, int, int]:
+        """The handler of `function_id` (None: NOT_SUPPORTED), and the least result and the mask
+        of its width: 64 bits, or 32 for an SMC32/HVC32 call (SMCCC §2.6)."""
         fn = self.resolve(function_id)
-        handler = fn.handler if fn is not None else None
+        low, mask = (_MIN, _U64) if function_id & SMC64 else (_MIN32, _U32)
+        route = (fn.handler if fn is not None else None, low, mask)
         if len(self._cache) < 4096:  # bounded: a guest may call any of 2**32 IDs
-            self._cache[function_id] = handler
-        return handler
+            self._cache[function_id] = route
+        return route
 
     def _dispatch_traced(self, vcpu: ServiceVcpu, function_id: int, flags: int) -> None:
         fn = self.resolve(function_id)

@@ -1,23 +1,28 @@
 """One fake of the narrow interface services are handed (pyvmm.smccc.context): vCPUs whose
 registers live in dicts, the system's power controls, RAM bounds and interrupt lines. The power
-state is the real PowerState, so PSCI's transitions are the real ones."""
+state is the real PowerState, so PSCI's transitions are the real ones. Below them, a vCPU fd
+(pyvmm.kvm.fds.VcpuFd) with no kernel behind it, for driving a real Vcpu's exit loop."""
 
 from __future__ import annotations
 
 import errno
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from kvm_bindings.constants import DeviceType
+from kvm_bindings import ffi
+from kvm_bindings.constants import DeviceType, ExitReason
 from kvm_bindings.regs import CORE_REGS, SYS_REGS
 from pyvmm.errors import KvmIoctlError
-from pyvmm.kvm.fds import VmFd
+from pyvmm.kvm.exits import HYPERCALL_FLAGS, HYPERCALL_NR, REASON
+from pyvmm.kvm.fds import VcpuFd, VmFd
 from pyvmm.machine.gic import Gic
 from pyvmm.machine.power import Entry, Power, PowerState
 from pyvmm.smccc.context import ServiceContext, ServiceVcpu, TraceEvent
 
-_X_BY_ID = {CORE_REGS[f"x{n}"]: n for n in range(31)}
+_X_IDS = tuple(CORE_REGS[f"x{n}"] for n in range(31))
+_X_BY_ID = {reg_id: n for n, reg_id in enumerate(_X_IDS)}
 
 
 class FakeVcpu:
@@ -270,3 +275,51 @@ class FakeMachine:
 def machine(cpus: int = 4, *, all_on: bool = False, conduit: str = "hvc") -> FakeMachine:
     """`cpus` fake vCPUs: vCPU 0 on and the others off, as at boot (or all on)."""
     return FakeMachine([FakeVcpu(i, on=all_on or i == 0) for i in range(cpus)], conduit=conduit)
+
+
+class FakeVcpuFd:
+    """What a Vcpu uses of its VcpuFd, with no kernel behind it: registers by ID in `regs`, x0's
+    prepared write in x0_value. arm(n) makes KVM_RUN answer n times with the exit in kvm_run
+    (hypercall() puts a forwarded call there) and then fail as a kick does, which ends the loop
+    of a vCPU told to leave the guest (leave_guest()). run() and write_x0() are C-level
+    callables, as VcpuFd's prepared ioctls are, so that benchmarks/dispatch.py can time the loop
+    on it."""
+
+    set_x0 = VcpuFd.set_x0  # the real one: a store into x0_value, then write_x0()
+
+    def __init__(self, mpidr: int = 1 << 31) -> None:
+        self.mmap = bytearray(ffi.sizeof("struct kvm_run"))
+        self.run_struct = ffi.from_buffer("struct kvm_run *", self.mmap)
+        self.run_words = memoryview(self.mmap).cast("I")
+        self.run_quads = memoryview(self.mmap).cast("Q")
+        self.x0_value = memoryview(bytearray(8)).cast("Q")
+        self.write_x0: Callable[[], int] = itertools.repeat(0).__next__  # KVM_SET_ONE_REG succeeds
+        self.run: Callable[[], int] = iter([-1]).__next__
+        self.regs: dict[int, int] = {SYS_REGS["mpidr_el1"]: mpidr}
+
+    def hypercall(self, function_id: int, flags: int = 0) -> None:
+        """kvm_run as KVM_EXIT_HYPERCALL leaves it for a forwarded SMCCC call."""
+        self.run_words[REASON] = ExitReason.HYPERCALL.value
+        self.run_quads[HYPERCALL_NR] = function_id
+        self.run_quads[HYPERCALL_FLAGS] = flags
+
+    def arm(self, exits: int) -> None:
+        self.run = iter([0] * exits + [-1]).__next__
+
+    def failed(self, name: str) -> bool:
+        """A -1 from run() is a kick; from anything else, the ioctl's failure."""
+        if name == "KVM_RUN":
+            return True
+        raise KvmIoctlError(name, errno.EIO)
+
+    def get_one_reg(self, reg_id: int) -> int:
+        return self.regs.get(reg_id, 0)
+
+    def get_x(self, n: int) -> int:
+        return self.regs.get(_X_IDS[n], 0)
+
+    def set_one_reg(self, reg_id: int, value: int) -> None:
+        self.regs[reg_id] = value & 0xFFFF_FFFF_FFFF_FFFF
+
+    def vcpu_init(self, target: int, features: list[int]) -> None:
+        pass

@@ -175,6 +175,9 @@ class RecordingVcpuFd:
     def set_one_reg(self, reg_id: int, value: int) -> None:
         pass
 
+    def get_x(self, n: int) -> int:
+        return 0
+
     def set_x0(self, value: int) -> None:
         pass
 
