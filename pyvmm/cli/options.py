@@ -11,6 +11,7 @@ from pyvmm.errors import VmmError
 
 if TYPE_CHECKING:
     from pyvmm.machine.vm import Vm
+    from pyvmm.services.modules import ServiceModule
 
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GUEST, EXIT_TIMEOUT = 0, 1, 2, 3, 124
@@ -124,16 +125,19 @@ class SmcccOptions:
     made, applied to one once it is."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from pyvmm.services.modules import load_service_module, parse_range
-
-        self.added = [load_service_module(f) for f in args.service]
-        self.replacing = [load_service_module(f) for f in args.replace_service]
-        self.denied = [parse_range(r) for r in args.deny]
+        self.added: list[ServiceModule] = []
+        self.replacing: list[ServiceModule] = []
+        self.denied: list[tuple[int, int]] = []
         self.trace = "smccc" in args.trace
+        if args.service or args.replace_service or args.deny:  # the loader only for the options that need it
+            from pyvmm.services.modules import load_service_module, parse_range
+
+            self.added = [load_service_module(f) for f in args.service]
+            self.replacing = [load_service_module(f) for f in args.replace_service]
+            self.denied = [parse_range(r) for r in args.deny]
 
     def apply(self, vm: Vm) -> None:
         from pyvmm.smccc import filter as smccc_filter
-        from pyvmm.smccc.trace import TracePrinter
 
         if not vm.has_smccc_filter:
             asked = [option for option, given in (("--service", self.added), ("--replace-service", self.replacing),
@@ -147,4 +151,6 @@ class SmcccOptions:
         for base, size in self.denied:
             vm.smccc.deny(base, size, "--deny")
         if self.trace:
+            from pyvmm.smccc.trace import TracePrinter  # --trace smccc's alone
+
             vm.smccc.trace = TracePrinter(sys.stderr)
