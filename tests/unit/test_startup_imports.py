@@ -24,9 +24,10 @@ RUN_PATH = ("pyvmm.cli", "pyvmm.cli.app", "pyvmm.devices.virtio.registry", "pyvm
 DEFERRED_PYVMM = ("pyvmm.ninep.server", "pyvmm.cli.control", "pyvmm.services.sdei", "pyvmm.gdb",
                   "pyvmm.devices.virtio.vhost_user.virtiofsd", "pyvmm.services.modules", "pyvmm.smccc.trace")
 # what those load of the standard library: dataclasses brings inspect, ast and dis; virtiofsd's
-# launcher subprocess and tempfile (and random); the sockets selectors
+# launcher subprocess and tempfile (and random); the sockets selectors; and shutil, which
+# argparse would load for the terminal's width (pyvmm/cli/options.py), bz2 and lzma
 DEFERRED = (*DEFERRED_PYVMM, "socket", "socketserver", "platform", "dataclasses", "inspect", "ast", "dis",
-            "subprocess", "tempfile", "random", "selectors")
+            "subprocess", "tempfile", "random", "selectors", "shutil", "bz2", "lzma")
 
 
 def loaded_after(*modules: str) -> set[str]:
