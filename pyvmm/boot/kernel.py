@@ -15,7 +15,8 @@ Distributions ship arm64 kernels three ways, and all three boot, as under QEMU (
 a plain Image (loaded straight from the file), a gzip-compressed Image (Ubuntu's vmlinuz), and an
 EFI zboot image (drivers/firmware/efi/libstub/zboot-header.S: "MZ", "zimg" at 4, the payload's
 offset and size at 8 and 12, its compression type at 24) whose payload is gzip; both are
-unpacked in memory, never to more bytes than RAM holds.
+unpacked straight into guest RAM as they are read, never to more bytes than RAM holds, and no
+copy is kept in pyvmm's memory (a reset unpacks them again: pyvmm/machine/images.py).
 
 An AArch32 VM boots an AArch32 kernel as kvmtool's --aarch32 does: a zImage (Documentation/arch/
 arm/booting.rst: magic 0x016f2818 at offset 0x24) or a flat binary at RAM + 0x8000, entered at its
@@ -26,12 +27,12 @@ of RAM rather than of all of it (kvmtool's limit too).
 
 from __future__ import annotations
 
-import io
+import os
 import struct
-import zlib
 from typing import NamedTuple
 
 from pyvmm.errors import ImageError
+from pyvmm.machine.images import gunzip
 
 IMAGE_MAGIC = 0x644D_5241  # "ARM\x64"
 HEADER = struct.Struct("<II3Q3QII")  # code0, code1, text_offset, image_size, flags, res2-4, magic, res5
@@ -70,15 +71,22 @@ ZBOOT_MAGIC = (b"MZ", b"zimg")  # @0 and @4
 ZBOOT = struct.Struct("<2sH4sII8x32s")  # MZ, -, zimg, payload offset, payload size, -, compression type
 
 
-def unpack_kernel(path: str, name: str, limit: int) -> bytes | None:
-    """The Image inside a gzip-compressed kernel or a gzip EFI zboot image; None for anything
-    else (the file is then loaded as it is). An ImageError in one line for what cannot be
-    unpacked; `limit` is the most bytes the Image may have (the RAM it must fit in)."""
+class GzipData(NamedTuple):
+    """Where a compressed kernel's gzip data is in its file: from `offset`, `length` bytes (None:
+    to the end of the file)."""
+
+    offset: int
+    length: int | None
+
+
+def gzip_data(path: str, name: str) -> GzipData | None:
+    """The gzip data of a gzip-compressed kernel or a gzip EFI zboot image; None for anything
+    else (the file is then loaded as it is). An ImageError in one line for a zboot image pyvmm
+    cannot unpack."""
     with open(path, "rb") as f:
         head = f.read(ZBOOT.size)
         if head[:2] == GZIP_MAGIC:
-            f.seek(0)
-            return _gunzip(f, name, limit)
+            return GzipData(0, None)
         if len(head) < ZBOOT.size or (head[:2], head[4:8]) != ZBOOT_MAGIC:
             return None
         _, _, _, offset, length, kind = ZBOOT.unpack(head)
@@ -86,26 +94,31 @@ def unpack_kernel(path: str, name: str, limit: int) -> bytes | None:
         if compression != "gzip":
             raise ImageError(f"{name} is an EFI zboot image compressed with {compression!r}: pyvmm unpacks gzip "
                              "ones, as QEMU does; boot the Image it holds")
-        f.seek(offset)
-        payload = f.read(length)
-        if len(payload) != length or not length:
+        if not length or offset + length > os.fstat(f.fileno()).st_size:
             raise ImageError(f"{name} is an EFI zboot image whose payload runs past the end of the file")
-        return _gunzip(io.BytesIO(payload), name, limit)
+        return GzipData(offset, length)
 
 
-def _gunzip(f: io.BufferedIOBase | io.BytesIO, name: str, limit: int) -> bytes:
-    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # the gzip container (RFC 1952)
-    out = bytearray()
-    try:
-        while not d.eof and (chunk := d.unconsumed_tail or f.read(1 << 20)):
-            out += d.decompress(chunk, limit + 1 - len(out))
-            if len(out) > limit:
-                raise ImageError(f"{name} unpacks to more than the {limit >> 20} MiB of RAM")
-    except zlib.error as e:
-        raise ImageError(f"{name}: its gzip data is corrupt ({e})") from None
-    if not d.eof:
-        raise ImageError(f"{name}: its gzip data is cut short")
-    return bytes(out)
+def unpacked_head(path: str, data: GzipData, name: str, size: int = HEADER.size) -> bytes:
+    """The first `size` bytes `data` unpacks to (fewer if it unpacks to fewer): an Image's header,
+    read before the Image is unpacked where it belongs."""
+    head = b""
+    for piece in gunzip(path, data.offset, data.length, name, limit=None, chunk=size):
+        head += piece
+        if len(head) >= size:
+            break
+    return head[:size]
+
+
+def unpack_kernel(path: str, name: str, limit: int) -> bytes | None:
+    """The Image inside a gzip-compressed kernel or a gzip EFI zboot image, as bytes; None for
+    anything else. An ImageError in one line for what cannot be unpacked; `limit` is the most
+    bytes the Image may have. (A guest's kernel is unpacked straight into its RAM instead:
+    pyvmm/boot/load.py.)"""
+    data = gzip_data(path, name)
+    if data is None:
+        return None
+    return b"".join(gunzip(path, data.offset, data.length, name, limit))
 
 
 def parse_image(data: bytes, name: str = "kernel", file_size: int | None = None) -> KernelImage:

@@ -11,11 +11,12 @@ from pyvmm.boot.kernel import (
     DTB_MAX,
     HEADER,
     KernelImage,
+    gzip_data,
     parse_aarch32_image,
     parse_image,
     place,
     placement_size,
-    unpack_kernel,
+    unpacked_head,
 )
 from pyvmm.errors import ImageError, VmmError
 from pyvmm.machine.images import file_size
@@ -35,31 +36,20 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     `console`: a Linux kernel (an Image or zImage, not a flat binary) whose `cmdline` names no
     console gets console=CONSOLE first, as kvmtool gives it unless --nodefaults. `kaslr_seed`:
     /chosen/kaslr-seed (default: a random one)."""
-    unpacked: bytes | None = None
     if (kernel is None) == (firmware is None):
         raise VmmError("boot a kernel (-k) or a firmware (-f), one of them")
     path = kernel if kernel is not None else firmware
     assert path is not None
     size = file_size(path, "kernel" if kernel is not None else "firmware")
     ram = vm.memory.find(vm.ram_base)
+    unpacked = False  # a compressed kernel is in RAM already
     if kernel is not None and vm.aarch32:
         image = parse_aarch32_image(_header(path, size), os.path.basename(path), file_size=size)
         if image.headerless:
             log.warning("kernel %s is not a zImage: loaded as a flat AArch32 binary at RAM + %#x, "
                         "as kvmtool does", path, image.text_offset)
     elif kernel is not None:
-        name = os.path.basename(path)
-        unpacked = unpack_kernel(path, name, ram.size)
-        if unpacked is not None:
-            image = parse_image(unpacked[:HEADER.size], name, file_size=len(unpacked))
-            if image.headerless:
-                raise ImageError(f"{name} unpacks to something that is not an arm64 Linux Image")
-            log.info("kernel %s: an Image of %d MiB unpacked", path, len(unpacked) >> 20)
-        else:
-            image = parse_image(_header(path, size), name, file_size=size)
-        if image.headerless:
-            log.warning("kernel %s has no arm64 Image header: loaded as a flat binary at RAM + %#x, "
-                        "as kvmtool does", path, image.text_offset)
+        image, unpacked = _arm64_kernel(vm, path, size)
     else:
         image = KernelImage(0, size, 0)  # raw: at the start of RAM, entered at its first byte
     if kernel is not None and not image.headerless and console is not None and "console=" not in cmdline:
@@ -67,9 +57,7 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     initrd_size = file_size(initrd, "initrd") if initrd is not None else 0
     layout = place(vm.ram_base, placement_size(ram.size, vm.aarch32), image, initrd_size,
                    "kernel" if kernel is not None else "firmware")
-    if unpacked is not None:
-        vm.load(unpacked, layout.kernel)
-    else:
+    if not unpacked:
         vm.load_file(path, layout.kernel)  # straight from the file into guest RAM
     initrd_range = None
     if initrd is not None:
@@ -85,3 +73,25 @@ def boot(vm: Vm, *, kernel: str | None = None, firmware: str | None = None, init
     else:
         vm.set_boot(layout.kernel, x0=layout.dtb)
     return dtb
+
+
+def _arm64_kernel(vm: Vm, path: str, size: int) -> tuple[KernelImage, bool]:
+    """An arm64 kernel's Image header, and whether it was compressed: then it is unpacked into RAM
+    here, where its header places it (RAM + text_offset), as it is read and with no copy kept in
+    pyvmm's memory (a reset unpacks it again)."""
+    name = os.path.basename(path)
+    data = gzip_data(path, name)
+    if data is None:
+        image = parse_image(_header(path, size), name, file_size=size)
+        if image.headerless:
+            log.warning("kernel %s has no arm64 Image header: loaded as a flat binary at RAM + %#x, "
+                        "as kvmtool does", path, image.text_offset)
+        return image, False
+    head = unpacked_head(path, data, name)
+    header = parse_image(head, name, file_size=len(head))  # the checks of the header alone
+    if header.headerless:
+        raise ImageError(f"{name} unpacks to something that is not an arm64 Linux Image")
+    unpacked = vm.load_gzip(path, vm.ram_base + header.text_offset, data.offset, data.length)
+    image = parse_image(head, name, file_size=unpacked)  # and those against the Image's size
+    log.info("kernel %s: an Image of %d MiB unpacked", path, unpacked >> 20)
+    return image, True

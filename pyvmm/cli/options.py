@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -11,6 +13,7 @@ from pyvmm.errors import VmmError
 
 if TYPE_CHECKING:
     from pyvmm.machine.vm import Vm
+    from pyvmm.services.modules import ServiceModule
 
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_GUEST, EXIT_TIMEOUT = 0, 1, 2, 3, 124
@@ -24,6 +27,21 @@ def one_line(message: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
+def terminal_columns() -> int:
+    """The terminal's width as shutil.get_terminal_size() finds it: $COLUMNS, else the width of
+    the terminal stdout is, else 80."""
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns <= 0 and sys.__stdout__ is not None:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):  # not a terminal, or no longer open
+            pass
+    return columns if columns > 0 else 80
+
+
 class Parser(argparse.ArgumentParser):
     usage_status = EXIT_USAGE  # `exec` keeps 2 for its command: its own usage errors are 125
 
@@ -32,6 +50,10 @@ class Parser(argparse.ArgumentParser):
         # differs between Pythons (3.11 matches "--=" against every option, 3.13 does not), and a
         # script that works on one must work on all
         kwargs.setdefault("allow_abbrev", False)
+        # The help's width given to argparse's formatter, which would otherwise ask shutil, and
+        # shutil loads bz2 and lzma for its archives: about 0.8 MiB resident in every run
+        formatter = kwargs.get("formatter_class", argparse.HelpFormatter)
+        kwargs["formatter_class"] = functools.partial(formatter, width=terminal_columns() - 2)  # argparse's - 2
         super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -124,16 +146,19 @@ class SmcccOptions:
     made, applied to one once it is."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from pyvmm.services.modules import load_service_module, parse_range
-
-        self.added = [load_service_module(f) for f in args.service]
-        self.replacing = [load_service_module(f) for f in args.replace_service]
-        self.denied = [parse_range(r) for r in args.deny]
+        self.added: list[ServiceModule] = []
+        self.replacing: list[ServiceModule] = []
+        self.denied: list[tuple[int, int]] = []
         self.trace = "smccc" in args.trace
+        if args.service or args.replace_service or args.deny:  # the loader only for the options that need it
+            from pyvmm.services.modules import load_service_module, parse_range
+
+            self.added = [load_service_module(f) for f in args.service]
+            self.replacing = [load_service_module(f) for f in args.replace_service]
+            self.denied = [parse_range(r) for r in args.deny]
 
     def apply(self, vm: Vm) -> None:
         from pyvmm.smccc import filter as smccc_filter
-        from pyvmm.smccc.trace import TracePrinter
 
         if not vm.has_smccc_filter:
             asked = [option for option, given in (("--service", self.added), ("--replace-service", self.replacing),
@@ -147,4 +172,6 @@ class SmcccOptions:
         for base, size in self.denied:
             vm.smccc.deny(base, size, "--deny")
         if self.trace:
+            from pyvmm.smccc.trace import TracePrinter  # --trace smccc's alone
+
             vm.smccc.trace = TracePrinter(sys.stderr)

@@ -28,7 +28,7 @@ from pyvmm.machine.exit_dispatch import MachineExits, UnhandledMmio
 from pyvmm.machine.gic import Gic, InKernelRegion
 from pyvmm.machine.host import HOST_NOTES, vm_ipa_bits
 from pyvmm.machine.host_console import ConsoleOutput
-from pyvmm.machine.images import BlobImage, Image, file_image, file_size
+from pyvmm.machine.images import BlobImage, Image, file_image, file_size, unpack_gzip
 from pyvmm.machine.irq_lines import InterruptLines
 from pyvmm.machine.lifecycle import Lifecycle, RunResult
 from pyvmm.machine.memory import RAM_BASE, GuestMemory
@@ -370,6 +370,13 @@ class Vm:
             raise GuestMemoryError(f"image of {size} bytes does not fit in guest RAM at {gpa:#x}")
         self._add_image(file_image(path, gpa, size))
         return gpa
+
+    def load_gzip(self, path: str | os.PathLike[str], gpa: int, offset: int = 0, length: int | None = None) -> int:
+        """Unpack the gzip data at `offset` of a file (`length` bytes; None: to its end) straight into
+        guest RAM at `gpa`; returns the bytes it unpacked to. A reset unpacks it again."""
+        image = unpack_gzip(self.memory, os.fspath(path), gpa, offset, length)
+        self.lifecycle.add_image(image)
+        return image.size
 
     def _add_image(self, image: Image) -> None:
         image.load(self.memory)

@@ -5,21 +5,32 @@ from __future__ import annotations
 import gzip
 import re
 import struct
+import tracemalloc
+import zlib
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 
+from devicetree.builder import Node
 from pyvmm.boot.kernel import (
     DTB_MAX,
     IMAGE_MAGIC,
     KernelImage,
+    gzip_data,
     parse_aarch32_image,
     parse_image,
     place,
     placement_size,
     unpack_kernel,
+    unpacked_head,
 )
+from pyvmm.boot.load import boot
 from pyvmm.errors import ImageError
+from pyvmm.machine.images import BlobImage, Image
+from pyvmm.machine.memory import GuestMemory
+from pyvmm.machine.vm import Vm
 
 RAM = 0x8000_0000
 
@@ -124,3 +135,79 @@ def test_kernels_that_cannot_be_unpacked_are_one_line(tmp_path: Path, data: byte
     path.write_bytes(data)
     with pytest.raises(ImageError, match=re.escape(message)):
         unpack_kernel(str(path), "vmlinuz", 1 << 20)
+
+
+class LoaderVm:
+    """What boot() uses of a Vm: guest RAM, and Vm's own loading methods, whose images go to a
+    list that a reset would load again (vm.lifecycle.images)."""
+
+    load, load_file, load_gzip, _add_image = Vm.load, Vm.load_file, Vm.load_gzip, Vm._add_image
+
+    def __init__(self, mem_mib: int = 64) -> None:
+        self.memory = GuestMemory()
+        self.memory.add(RAM, mem_mib << 20)
+        self.ram_base, self.aarch32 = RAM, False
+        self.images: list[Image] = []
+        self.lifecycle = SimpleNamespace(add_image=self.images.append)
+        self.serial = SimpleNamespace(base=0x100_0000)
+        self.entry = 0
+
+    def device_tree(self, **_: object) -> Node:
+        return Node("/")
+
+    def set_boot(self, entry: int, x0: int = 0, more: tuple[int, ...] = ()) -> None:
+        self.entry = entry
+
+    def reset(self) -> None:
+        """RAM zeroed and the images loaded again, as a guest's SYSTEM_RESET does."""
+        self.memory.write(RAM, bytes(self.memory.regions[0].size))
+        for loaded in self.images:
+            loaded.load(self.memory)
+
+
+@pytest.mark.parametrize("container", ["gzip", "zboot"])
+@pytest.mark.parametrize("text_offset", [0, None])  # None: a pre-3.17 header (image_size 0: at 0x80000)
+def test_a_compressed_kernel_is_unpacked_straight_into_ram_and_no_copy_is_kept(
+        tmp_path: Path, container: str, text_offset: int | None) -> None:
+    kernel = image(image_size=0 if text_offset is None else 0x20_0000, body=0x3000) + bytes(range(256)) * 16
+    packed = gzip.compress(kernel)
+    (tmp_path / "vmlinuz").write_bytes(packed if container == "gzip" else zboot(packed))
+    vm = LoaderVm()
+    boot(cast(Vm, vm), kernel=str(tmp_path / "vmlinuz"))
+    at = RAM + (0x80000 if text_offset is None else 0)
+    assert vm.entry == at and vm.memory.read(at, len(kernel)) == kernel
+    assert not any(isinstance(i, BlobImage) and kernel[:64] in i.data for i in vm.images)  # the DTB's alone
+    vm.reset()
+    assert vm.memory.read(at, len(kernel)) == kernel
+
+
+def test_unpacking_a_kernel_holds_a_chunk_of_it_not_all_of_it(tmp_path: Path) -> None:
+    kernel = image(image_size=24 << 20, body=16 << 20)
+    (tmp_path / "vmlinuz").write_bytes(gzip.compress(kernel))
+    vm = LoaderVm()
+    tracemalloc.start()
+    try:
+        boot(cast(Vm, vm), kernel=str(tmp_path / "vmlinuz"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert vm.memory.read(RAM, len(kernel)) == kernel
+    assert peak < 4 << 20  # a few 1 MiB pieces, where the whole Image (16 MiB) was held twice
+
+
+def test_a_kernel_that_unpacks_past_ram_is_refused_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "vmlinuz").write_bytes(gzip.compress(image(body=2 << 20)))
+    with pytest.raises(ImageError, match=re.escape("vmlinuz unpacks to more than the 1 MiB of RAM")):
+        boot(cast(Vm, LoaderVm(mem_mib=1)), kernel=str(tmp_path / "vmlinuz"))
+
+
+def test_an_image_header_is_read_whatever_pieces_the_gzip_data_comes_in(tmp_path: Path) -> None:
+    kernel = image()
+    path = tmp_path / "vmlinuz"
+    # a stored (uncompressed) block of 10 bytes, then the rest: the header arrives in two pieces
+    first, rest = zlib.compressobj(0, wbits=31), kernel[10:]
+    path.write_bytes(first.compress(kernel[:10]) + first.flush(zlib.Z_FULL_FLUSH) + first.compress(rest) + first.flush())
+    data = gzip_data(str(path), "vmlinuz")
+    assert data is not None
+    assert unpacked_head(str(path), data, "vmlinuz") == kernel[:64]
+    assert unpacked_head(str(path), data, "vmlinuz", size=len(kernel) + 10) == kernel  # all there is

@@ -13,22 +13,22 @@ import argparse
 import logging
 import os
 import struct
-from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
-from pyvmm.devices.virtio.vhost_user import virtiofsd
 from pyvmm.devices.virtio.vhost_user.device import VhostUserDevice
-from pyvmm.devices.virtio.vhost_user.virtiofsd import CACHE_MODES, Virtiofsd
 from pyvmm.errors import VmmError
 from pyvmm.machine.host import HOST_NOTES
+
+if TYPE_CHECKING:
+    from pyvmm.devices.virtio.vhost_user.virtiofsd import Virtiofsd
 
 QUEUE_SIZE = 1024  # each request queue's; the daemon takes any power of two
 REQUEST_QUEUES = 1  # virtiofsd serves one request queue (besides the high-priority one)
 TAG_SIZE = 36  # struct virtio_fs_config: u8 tag[36] (UTF-8, NUL-padded), le32 num_request_queues
 
 
-@dataclass(frozen=True)
-class FsSpec:
+class FsSpec(NamedTuple):
     """One --fs: a directory pyvmm serves with its own virtiofsd, or a user's daemon's socket."""
 
     tag: str
@@ -49,6 +49,9 @@ def parse_fs(spec: str) -> FsSpec:
         return FsSpec(tag=named["tag"], socket=named["socket"])
     if len(parts) < 2 or not parts[0] or not parts[1] or "=" in parts[0] or "=" in parts[1]:
         raise VmmError(f"--fs {spec!r}: {usage}")
+    # virtiofsd's module (with subprocess and tempfile) is loaded only for an --fs that names one
+    from pyvmm.devices.virtio.vhost_user.virtiofsd import CACHE_MODES
+
     read_only, cache = False, "auto"
     for option in parts[2:]:
         if option == "ro":
@@ -101,6 +104,10 @@ class VirtioFs(VhostUserDevice):
         if spec.socket is not None:
             return cls(spec.socket, config, what)
         assert spec.directory is not None
+        # a daemon of pyvmm's own: only then are subprocess and tempfile loaded (`pyvmm run` starts sooner)
+        from pyvmm.devices.virtio.vhost_user import virtiofsd
+        from pyvmm.devices.virtio.vhost_user.virtiofsd import Virtiofsd
+
         tries = virtiofsd.sandboxes(os.geteuid() == 0, virtiofsd.root_is_rootfs())
         for sandbox in tries:
             daemon = Virtiofsd(spec.directory, read_only=spec.read_only, cache=spec.cache, sandbox=sandbox,

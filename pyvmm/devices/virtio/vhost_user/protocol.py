@@ -11,10 +11,9 @@ caused it rather than as a closed socket later.
 from __future__ import annotations
 
 import array
-import socket
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from pyvmm.errors import VmmError
 
@@ -72,8 +71,7 @@ class VhostUserError(VmmError):
     """The back-end refused a request, answered nonsense, or went away."""
 
 
-@dataclass(frozen=True)
-class MemoryRegion:
+class MemoryRegion(NamedTuple):
     """One entry of the memory table: guest-physical range, where the front-end maps it, and the
     descriptor the back-end maps it from (at `mmap_offset`)."""
 
@@ -89,6 +87,10 @@ class VhostUserConnection:
     whoever holds the device (the transport serialises them)."""
 
     def __init__(self, path: str, what: str) -> None:
+        # socket is loaded by the first vhost-user device, not by every `pyvmm run` (which
+        # imports this module with the device types it offers)
+        import socket
+
         self.what = what  # "virtio-fs TAG", for messages
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -180,6 +182,8 @@ class VhostUserConnection:
         return self._recv_exactly(size, request)
 
     def _send(self, request: int, payload: bytes = b"", fds: Sequence[int] = (), flags: int = 0) -> None:
+        import socket  # loaded by __init__ already
+
         message = HEADER.pack(request, VERSION | flags, len(payload)) + payload
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
         try:
