@@ -613,6 +613,33 @@ def test_a_range_past_the_chain_is_refused_not_handed_to_the_kernel(memory: Gues
     assert empty.read(0, 4) == b"" and empty.iov_range(0, 0) == (b"", 0)
 
 
+def test_framed_finds_a_header_and_a_status_in_buffers_of_their_own(memory: GuestMemory) -> None:
+    """The framing Linux's virtio_blk uses gives views of the two ends and the iovec between;
+    any other framing gives None, and the device goes by offset."""
+    ram = memory.regions[0]
+
+    def chain(lengths: list[int], nr_readable: int) -> Chain:
+        iov = b"".join(IOVEC.pack(ram.host_addr + 0x100 * k, n) for k, n in enumerate(lengths))
+        return Chain(1, iov, nr_readable, sum(lengths[:nr_readable]), sum(lengths), [ram])
+
+    memory.write(RAM, b"H" * 16)
+    found = chain([16, 512, 512, 1], 1).framed(16, 1)
+    assert found is not None
+    header, between, status = found
+    assert bytes(header) == b"H" * 16 and len(status) == 1
+    assert [IOVEC.unpack_from(between, k * IOVEC.size) for k in range(2)] == \
+        [(ram.host_addr + 0x100, 512), (ram.host_addr + 0x200, 512)]
+    status[0] = 7
+    assert memory.read(RAM + 0x300, 1) == b"\x07"
+    assert chain([16, 1], 1).framed(16, 1) is not None  # nothing between
+    for lengths, nr_readable in (([8, 8, 512, 1], 2),  # the header spans buffers
+                                 ([16, 512, 2], 1),  # the status shares a buffer
+                                 ([16, 512, 1], 3),  # the status is readable
+                                 ([16, 512, 1], 0),  # the header is writable
+                                 ([17], 1)):  # one buffer
+        assert chain(lengths, nr_readable).framed(16, 1) is None, lengths
+
+
 def linear_table(n: int, writable: int, addr: int) -> memoryview:
     flags = [VIRTQ_DESC_F_WRITE if k >= n - writable else 0 for k in range(n)]
     return memoryview(b"".join(DESC.pack(addr, 16, f | (VIRTQ_DESC_F_NEXT if k + 1 < n else 0), k + 1)
