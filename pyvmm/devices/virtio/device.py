@@ -109,15 +109,18 @@ class VirtioDevice:
         as the driver has nothing more queued, so a lone request is answered at once and a
         burst with one interrupt; before returning, the driver's notifications are re-armed
         and chains added meanwhile are served (§2.7.10)."""
+        assert self.transport is not None
+        publish = self.transport.publish
         while True:
             chain = queue.pop()
-            if chain is None:
-                if not queue.want_notifications():
-                    return
-                continue
-            queue.push(chain.head, handle(chain))
-            if not queue.pending():
-                self.used(queue)
+            if chain is not None:
+                queue.push(chain.head, handle(chain))
+                if queue.pending():
+                    continue  # more queued: one interrupt for the burst
+                publish(queue)
+            # the ring is empty: re-arm (a pop now would only read the index pending() just read)
+            if not queue.want_notifications():
+                return
 
     def watch(self, fd: int, enabled: bool) -> None:
         """From the worker thread: watch or stop watching one of poll_fds() (flow control)."""

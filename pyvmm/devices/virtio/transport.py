@@ -31,6 +31,7 @@ driver writes status 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -74,7 +75,8 @@ class VirtioMmio:
         self.device_features = device.features | device.transport_features
         self.external = device.external_queues
         self._fatal = fatal
-        self._state = threading.Condition(threading.RLock())  # registers and queue set-up
+        self._lock = threading.RLock()  # the worker takes it bare: Condition.__enter__ is Python code
+        self._state = threading.Condition(self._lock)  # registers and queue set-up
         self._busy = False  # the worker is in device code
         self._reset_pending = False  # status 0 was written while it was: the worker resets the device
         self._release_pending: list[Virtqueue] = []  # queues made not ready while it was
@@ -99,7 +101,7 @@ class VirtioMmio:
                 for q, fd in zip(self.queues, self._kick_fds, strict=True):
                     self._handlers[fd] = self._kick_handler(fd, q)
             for fd, fn in device.poll_fds().items():
-                self._handlers[fd] = self._backend_handler(fn)
+                self._handlers[fd] = functools.partial(self._device_work, fn)
             for fd in (self._stop_fd, *self._handlers):
                 self._poller.register(fd, select.POLLIN)
         except BaseException:
@@ -366,15 +368,10 @@ class VirtioMmio:
             self._device_work(notify, queue)
         return kicked
 
-    def _backend_handler(self, fn: Callable[[], None]) -> Callable[[], None]:
-        def ready() -> None:
-            self._device_work(fn)
-        return ready
-
     def _device_work(self, fn: Callable[..., None], queue: Virtqueue | None = None) -> None:
         """Run device code on the worker, outside _state: a broken ring rule or a device bug
         breaks the device, never the VMM."""
-        with self._state:
+        with self._lock:
             if not self.running or self._reset_pending or (queue is not None and not queue.ready):
                 return
             self._busy = True
@@ -390,7 +387,7 @@ class VirtioMmio:
 
     def _work_done(self) -> None:
         """Out of device code: do what the driver asked for meanwhile and wake who waits."""
-        with self._state:
+        with self._lock:
             self._busy = False
             if self._reset_pending:
                 self._reset()
