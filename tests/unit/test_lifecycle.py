@@ -6,7 +6,6 @@ RAM; no KVM."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -262,13 +261,14 @@ def test_the_worker_survives_an_unexpected_exception(vm: FakeVm, monkeypatch: py
     d.init()
     hooks: list[object] = []
     monkeypatch.setattr(threading, "excepthook", hooks.append)
-    real_read = os.eventfd_read
+    kick = t.kick_fd(0)
+    real_handler = t._handlers[kick]
 
-    def failing_read(fd: int) -> int:
-        monkeypatch.setattr(os, "eventfd_read", real_read)
+    def failing_handler() -> None:  # outside device code, where nothing catches it but the loop
+        t._handlers[kick] = real_handler
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(os, "eventfd_read", failing_read)
+    monkeypatch.setitem(t._handlers, kick, failing_handler)
     d.queues[0].add([b"x"], [])
     d.queues[0].kick()
     d.wait_broken()

@@ -106,6 +106,26 @@ def test_driver_ok_without_features_ok_breaks_the_device(vm: FakeVm, disk: Path)
     assert d.read(reg.STATUS) == 0
 
 
+def test_kicks_are_served_without_reading_the_eventfd_and_survive_a_restart(vm: FakeVm, disk: Path) -> None:
+    """Kicks are edge-triggered events: the worker serves them without reading the kick eventfd
+    back (a system call per request), and an edge the worker took as it stopped is served by
+    the next one."""
+    t = vm.attach(VirtioBlk(str(disk)))
+    d = Driver(t, vm.memory)
+    d.init()
+    q = d.queues[0]
+    head = q.add([blk_request(VIRTIO_BLK_T_IN, 1)], [SECTOR, 1])
+    q.kick()
+    assert q.wait_used() == [(head, SECTOR + 1)]
+    assert os.eventfd_read(t.kick_fd(0)) >= 1  # still counted: nobody read it
+    assert t.stop(time.monotonic() + 5.0)
+    head = q.add([blk_request(VIRTIO_BLK_T_IN, 2)], [SECTOR, 1])
+    q.kick()
+    assert t._poller.poll(0)  # the kick's edge, taken as if by the worker on its way out
+    t.start()
+    assert q.wait_used() == [(head, SECTOR + 1)]
+
+
 # --- block ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("indirect", [False, True])
 def test_block_read_write_flush_and_id(vm: FakeVm, disk: Path, indirect: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -711,7 +731,12 @@ def test_a_tap_that_fails_is_no_longer_polled_and_says_so_once(vm: FakeVm, monke
     rather than a worker spinning on a descriptor that is always ready and always fails."""
     from pyvmm.devices.virtio import net as virtio_net
 
-    broken = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # readv gives EISDIR
+    # a listening socket with a connection waiting: always readable, and readv gives EINVAL
+    listening, waiting = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "tap.sock"))
+    listening.listen()
+    waiting.connect(str(tmp_path / "tap.sock"))
+    broken = os.dup(listening.fileno())  # the device closes its tap
     monkeypatch.setattr(virtio_net, "open_tap", lambda name, hdr: broken)
     dev = virtio_net.VirtioNet(parse_network("mode=tap,tapif=fake0"))
     watched: list[bool] = []
@@ -725,9 +750,11 @@ def test_a_tap_that_fails_is_no_longer_polled_and_says_so_once(vm: FakeVm, monke
         while watched[-1:] != [False] and time.monotonic() < deadline:
             time.sleep(0.01)
         watched.clear()
-    assert dev.tap_error == os.strerror(errno.EISDIR) and dev.rx_frames == 0
+    assert dev.tap_error == os.strerror(errno.EINVAL) and dev.rx_frames == 0
     assert [r.getMessage() for r in caplog.records if "tap" in r.getMessage()] == [
-        f"virtio-net: reading the tap failed: {os.strerror(errno.EISDIR)}; receiving stops"]
+        f"virtio-net: reading the tap failed: {os.strerror(errno.EINVAL)}; receiving stops"]
+    listening.close()
+    waiting.close()
 
 
 def test_received_frames_say_they_are_in_one_buffer(vm: FakeVm, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -91,7 +91,8 @@ class VirtioDevice:
         """The driver wrote the configuration space; read-only by default (§4.2.2.2)."""
 
     def poll_fds(self) -> dict[int, Callable[[], None]]:
-        """Extra file descriptors the worker watches for this device (fd -> handler)."""
+        """Extra file descriptors the worker watches for this device (fd -> handler); what
+        epoll(7) watches (eventfds, sockets, taps; not regular files)."""
         return {}
 
     def close(self) -> None:
