@@ -106,21 +106,20 @@ class VirtioDevice:
 
     def serve(self, queue: Virtqueue, handle: Callable[[Chain], int]) -> None:
         """Serve every available chain with `handle` (returns the bytes it wrote into the
-        chain). Completions are published (with an interrupt, if the driver wants one) as soon
-        as the driver has nothing more queued, so a lone request is answered at once and a
-        burst with one interrupt; before returning, the driver's notifications are re-armed
-        and chains added meanwhile are served (§2.7.10)."""
+        chain). Completions are published (with an interrupt, if the driver wants one) once
+        the driver has nothing more queued, so a lone request is answered at once and a burst
+        with one interrupt. The driver's notifications are re-armed before that check
+        (§2.7.10), so a chain it adds afterwards comes with a kick, and the interrupt is the
+        last thing done: the guest's interrupt handler, whose status read is a vCPU thread
+        in Python, waits for no more of this thread's Python than its way back to epoll."""
         assert self.transport is not None
         publish = self.transport.publish
         while True:
             chain = queue.pop()
             if chain is not None:
                 queue.push(chain.head, handle(chain))
-                if queue.pending():
-                    continue  # more queued: one interrupt for the burst
-                publish(queue)
-            # the ring is empty: re-arm (a pop now would only read the index pending() just read)
             if not queue.want_notifications():
+                publish(queue)  # nothing new to publish after a spurious kick: no interrupt
                 return
 
     def watch(self, fd: int, enabled: bool) -> None:
