@@ -172,16 +172,12 @@ class VirtioBlk(VirtioDevice):
         """preadv or pwritev of chain bytes [start, end) at `sector`: (status, bytes moved)."""
         return self._transfer(call, chain.iov_range(start, end)[0], end - start, sector)
 
-    def _fits(self, sector: int, length: int) -> bool:
-        """Whole sectors, all inside the disk."""
-        return not length % SECTOR and sector + length // SECTOR <= self.sectors
-
     def _transfer(self, call: Callable[..., int], iov: bytes, length: int, sector: int) -> tuple[int, int]:
         """preadv or pwritev of `length` bytes at `sector` through `iov` (struct iovec[], as
         bytes: cffi passes their buffer as the const void * argument, no copy): (status, bytes
         moved)."""
-        if not self._fits(sector, length):
-            return VIRTIO_BLK_S_IOERR, 0
+        if length % SECTOR or sector + length // SECTOR > self.sectors:
+            return VIRTIO_BLK_S_IOERR, 0  # whole sectors, all inside the disk
         done = call(self.fd, iov, len(iov) // IOVEC.size, sector * SECTOR) if iov else 0
         # a regular file transfers all or fails; less means it shrank under us or a device error
         return (VIRTIO_BLK_S_OK, done) if done == length else (VIRTIO_BLK_S_IOERR, max(done, 0))

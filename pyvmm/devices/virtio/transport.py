@@ -59,6 +59,7 @@ class Interrupt(Protocol):
     def trigger(self) -> None: ...
 
 
+FAILED = select.EPOLLERR | select.EPOLLHUP  # an fd the worker stops watching, if it is not readable too
 IoEventFdRegistrar = Callable[[int, int, int, int, int], None]  # (addr, len, fd, flags, datamatch)
 
 log = logging.getLogger("pyvmm")
@@ -354,7 +355,7 @@ class VirtioMmio:
                 if handler is None:
                     continue
                 try:
-                    if events & (select.EPOLLERR | select.EPOLLHUP) and not events & select.EPOLLIN:
+                    if events & FAILED and not events & select.EPOLLIN:
                         log.warning("%s: backend fd %d failed; no longer watched", self.name, fd)
                         self._poller.unregister(fd)
                         continue
