@@ -244,6 +244,22 @@ def test_a_driver_writing_on_before_its_reset_completed_waits_only_until_the_mac
     dev.finish.set()
 
 
+def test_a_driver_waiting_for_its_reset_is_woken_when_the_request_ends(vm: FakeVm,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker wakes a vCPU waiting for it (it skips the wake-up only when none waits): with
+    the waits' 0.1 s timeout taken away, nothing else would."""
+    dev, t, d = in_a_request(vm)
+    real_wait = t._state.wait
+    monkeypatch.setattr(t._state, "wait", lambda timeout=None: real_wait())
+    d.write(reg.STATUS, 0)
+    again = in_thread(d.write, reg.STATUS, reg.ACKNOWLEDGE)
+    again.join(0.3)
+    assert again.is_alive()  # waiting for the request, as above
+    dev.finish.set()
+    again.join(5)
+    assert not again.is_alive() and d.read(reg.STATUS) == reg.ACKNOWLEDGE
+
+
 def test_a_worker_that_will_not_stop_is_reported_in_bounded_time(vm: FakeVm) -> None:
     dev, t, d = in_a_request(vm)
     started = time.monotonic()

@@ -79,6 +79,7 @@ class VirtioMmio:
         self._lock = threading.RLock()  # the worker takes it bare: Condition.__enter__ is Python code
         self._state = threading.Condition(self._lock)  # registers and queue set-up
         self._busy = False  # the worker is in device code
+        self._idle_waiters = 0  # vCPU threads in _wait_idle: the worker wakes them only if any
         self._reset_pending = False  # status 0 was written while it was: the worker resets the device
         self._release_pending: list[Virtqueue] = []  # queues made not ready while it was
         self._isr_lock = threading.Lock()
@@ -280,8 +281,10 @@ class VirtioMmio:
     def _wait_idle(self) -> bool:
         """With _state held: wait until the worker is out of device code. False if the machine
         stops or resets meanwhile (release_waiters()): a stuck backend never holds a vCPU."""
+        self._idle_waiters += 1
         while self._busy and not self._stopping:
             self._state.wait(0.1)
+        self._idle_waiters -= 1
         return not self._busy
 
     def _break(self, why: str) -> None:
@@ -391,7 +394,8 @@ class VirtioMmio:
                 if not q.ready:  # not set up again meanwhile
                     q.release()
             self._release_pending.clear()
-            self._state.notify_all()
+            if self._idle_waiters:  # skipped, Condition.notify_all is two Python frames on every request
+                self._state.notify_all()
 
     def live_queue(self, index: int) -> Virtqueue | None:
         queue = self.queues[index]
