@@ -184,6 +184,10 @@ class Virtqueue:
             raise QueueError(f"queue {self.index}: nested or chained indirect descriptor in chain {head}")
         if length == 0 or length % DESC_SIZE or length // DESC_SIZE > self.size:
             raise QueueError(f"queue {self.index}: indirect table of {length} bytes in chain {head}")
+        ram = self.memory.regions[0]  # first, with plain arithmetic, as _walk checks buffers
+        off = addr - ram.gpa
+        if 0 <= off and off + length <= ram.size:
+            return ram.view[off:off + length]
         return self._view(addr, length, head)
 
     def _view(self, addr: int, length: int, head: int) -> memoryview:
