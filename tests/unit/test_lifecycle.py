@@ -6,7 +6,6 @@ RAM; no KVM."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -245,6 +244,22 @@ def test_a_driver_writing_on_before_its_reset_completed_waits_only_until_the_mac
     dev.finish.set()
 
 
+def test_a_driver_waiting_for_its_reset_is_woken_when_the_request_ends(vm: FakeVm,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker wakes a vCPU waiting for it (it skips the wake-up only when none waits): with
+    the waits' 0.1 s timeout taken away, nothing else would."""
+    dev, t, d = in_a_request(vm)
+    real_wait = t._state.wait
+    monkeypatch.setattr(t._state, "wait", lambda timeout=None: real_wait())
+    d.write(reg.STATUS, 0)
+    again = in_thread(d.write, reg.STATUS, reg.ACKNOWLEDGE)
+    again.join(0.3)
+    assert again.is_alive()  # waiting for the request, as above
+    dev.finish.set()
+    again.join(5)
+    assert not again.is_alive() and d.read(reg.STATUS) == reg.ACKNOWLEDGE
+
+
 def test_a_worker_that_will_not_stop_is_reported_in_bounded_time(vm: FakeVm) -> None:
     dev, t, d = in_a_request(vm)
     started = time.monotonic()
@@ -262,13 +277,14 @@ def test_the_worker_survives_an_unexpected_exception(vm: FakeVm, monkeypatch: py
     d.init()
     hooks: list[object] = []
     monkeypatch.setattr(threading, "excepthook", hooks.append)
-    real_read = os.eventfd_read
+    kick = t.kick_fd(0)
+    real_handler = t._handlers[kick]
 
-    def failing_read(fd: int) -> int:
-        monkeypatch.setattr(os, "eventfd_read", real_read)
+    def failing_handler() -> None:  # outside device code, where nothing catches it but the loop
+        t._handlers[kick] = real_handler
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(os, "eventfd_read", failing_read)
+    monkeypatch.setitem(t._handlers, kick, failing_handler)
     d.queues[0].add([b"x"], [])
     d.queues[0].kick()
     d.wait_broken()

@@ -106,6 +106,26 @@ def test_driver_ok_without_features_ok_breaks_the_device(vm: FakeVm, disk: Path)
     assert d.read(reg.STATUS) == 0
 
 
+def test_kicks_are_served_without_reading_the_eventfd_and_survive_a_restart(vm: FakeVm, disk: Path) -> None:
+    """Kicks are edge-triggered events: the worker serves them without reading the kick eventfd
+    back (a system call per request), and an edge the worker took as it stopped is served by
+    the next one."""
+    t = vm.attach(VirtioBlk(str(disk)))
+    d = Driver(t, vm.memory)
+    d.init()
+    q = d.queues[0]
+    head = q.add([blk_request(VIRTIO_BLK_T_IN, 1)], [SECTOR, 1])
+    q.kick()
+    assert q.wait_used() == [(head, SECTOR + 1)]
+    assert os.eventfd_read(t.kick_fd(0)) >= 1  # still counted: nobody read it
+    assert t.stop(time.monotonic() + 5.0)
+    head = q.add([blk_request(VIRTIO_BLK_T_IN, 2)], [SECTOR, 1])
+    q.kick()
+    assert t._poller.poll(0)  # the kick's edge, taken as if by the worker on its way out
+    t.start()
+    assert q.wait_used() == [(head, SECTOR + 1)]
+
+
 # --- block ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("indirect", [False, True])
 def test_block_read_write_flush_and_id(vm: FakeVm, disk: Path, indirect: bool, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -613,6 +633,33 @@ def test_a_range_past_the_chain_is_refused_not_handed_to_the_kernel(memory: Gues
     assert empty.read(0, 4) == b"" and empty.iov_range(0, 0) == (b"", 0)
 
 
+def test_framed_finds_a_header_and_a_status_in_buffers_of_their_own(memory: GuestMemory) -> None:
+    """The framing Linux's virtio_blk uses gives views of the two ends and the iovec between;
+    any other framing gives None, and the device goes by offset."""
+    ram = memory.regions[0]
+
+    def chain(lengths: list[int], nr_readable: int) -> Chain:
+        iov = b"".join(IOVEC.pack(ram.host_addr + 0x100 * k, n) for k, n in enumerate(lengths))
+        return Chain(1, iov, nr_readable, sum(lengths[:nr_readable]), sum(lengths), [ram])
+
+    memory.write(RAM, b"H" * 16)
+    found = chain([16, 512, 512, 1], 1).framed(16, 1)
+    assert found is not None
+    header, between, status = found
+    assert bytes(header) == b"H" * 16 and len(status) == 1
+    assert [IOVEC.unpack_from(between, k * IOVEC.size) for k in range(2)] == \
+        [(ram.host_addr + 0x100, 512), (ram.host_addr + 0x200, 512)]
+    status[0] = 7
+    assert memory.read(RAM + 0x300, 1) == b"\x07"
+    assert chain([16, 1], 1).framed(16, 1) is not None  # nothing between
+    for lengths, nr_readable in (([8, 8, 512, 1], 2),  # the header spans buffers
+                                 ([16, 512, 2], 1),  # the status shares a buffer
+                                 ([16, 512, 1], 3),  # the status is readable
+                                 ([16, 512, 1], 0),  # the header is writable
+                                 ([17], 1)):  # one buffer
+        assert chain(lengths, nr_readable).framed(16, 1) is None, lengths
+
+
 def linear_table(n: int, writable: int, addr: int) -> memoryview:
     flags = [VIRTQ_DESC_F_WRITE if k >= n - writable else 0 for k in range(n)]
     return memoryview(b"".join(DESC.pack(addr, 16, f | (VIRTQ_DESC_F_NEXT if k + 1 < n else 0), k + 1)
@@ -684,7 +731,12 @@ def test_a_tap_that_fails_is_no_longer_polled_and_says_so_once(vm: FakeVm, monke
     rather than a worker spinning on a descriptor that is always ready and always fails."""
     from pyvmm.devices.virtio import net as virtio_net
 
-    broken = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)  # readv gives EISDIR
+    # a listening socket with a connection waiting: always readable, and readv gives EINVAL
+    listening, waiting = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "tap.sock"))
+    listening.listen()
+    waiting.connect(str(tmp_path / "tap.sock"))
+    broken = os.dup(listening.fileno())  # the device closes its tap
     monkeypatch.setattr(virtio_net, "open_tap", lambda name, hdr: broken)
     dev = virtio_net.VirtioNet(parse_network("mode=tap,tapif=fake0"))
     watched: list[bool] = []
@@ -698,9 +750,11 @@ def test_a_tap_that_fails_is_no_longer_polled_and_says_so_once(vm: FakeVm, monke
         while watched[-1:] != [False] and time.monotonic() < deadline:
             time.sleep(0.01)
         watched.clear()
-    assert dev.tap_error == os.strerror(errno.EISDIR) and dev.rx_frames == 0
+    assert dev.tap_error == os.strerror(errno.EINVAL) and dev.rx_frames == 0
     assert [r.getMessage() for r in caplog.records if "tap" in r.getMessage()] == [
-        f"virtio-net: reading the tap failed: {os.strerror(errno.EISDIR)}; receiving stops"]
+        f"virtio-net: reading the tap failed: {os.strerror(errno.EINVAL)}; receiving stops"]
+    listening.close()
+    waiting.close()
 
 
 def test_received_frames_say_they_are_in_one_buffer(vm: FakeVm, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from kvm_bindings import ffi, libc
 from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
 from pyvmm.devices.virtio.rings.chain import Chain, QueueError
+from pyvmm.devices.virtio.rings.layout import IOVEC
 from pyvmm.devices.virtio.rings.queue import Virtqueue
 from pyvmm.errors import VmmError
 
@@ -125,7 +126,27 @@ class VirtioBlk(VirtioDevice):
     def _request(self, chain: Chain) -> int:
         """Serve one request (§5.2.6: a header, data, a status byte at the very end); returns
         the bytes written to the driver's buffers. The data moves in one preadv/pwritev
-        straight between the image and the chain's iovec."""
+        straight between the image and the chain's iovec.
+
+        Reads and writes framed as Linux frames them, the header and the status byte each a
+        buffer of their own, take a short road: one struct unpack of the header from guest
+        RAM, the buffers between handed to the kernel as they are, the status stored in place.
+        Everything else (another framing, FLUSH, GET_ID, a write to a read-only disk) goes by
+        chain offset."""
+        framed = chain.framed(HEADER.size, 1)
+        if framed is not None:
+            header, data, status = framed
+            kind, _, sector = HEADER.unpack(header)
+            if kind == VIRTIO_BLK_T_IN and chain.nr_readable == 1:  # all writable but the header
+                status[0], written = self._transfer(libc.preadv, data, chain.total - HEADER.size - 1, sector)
+                return written + 1
+            if kind == VIRTIO_BLK_T_OUT and not self.read_only and chain.readable_len == chain.total - 1:
+                status[0] = self._transfer(libc.pwritev, data, chain.readable_len - HEADER.size, sector)[0]
+                return 1
+        return self._request_by_offset(chain)
+
+    def _request_by_offset(self, chain: Chain) -> int:
+        """_request for any framing the driver chooses (§2.6.4)."""
         data_end = chain.total - 1  # the status byte is the chain's last
         if chain.readable_len < HEADER.size or chain.writable_len < 1:
             raise QueueError(f"block request {chain.head} lacks its header or status byte")
@@ -147,17 +168,17 @@ class VirtioBlk(VirtioDevice):
         chain.write(data_end, bytes((status,)))
         return written + 1
 
-    def _fits(self, sector: int, length: int) -> bool:
-        """Whole sectors, all inside the disk."""
-        return not length % SECTOR and sector + length // SECTOR <= self.sectors
-
     def _io(self, call: Callable[..., int], chain: Chain, start: int, end: int, sector: int) -> tuple[int, int]:
         """preadv or pwritev of chain bytes [start, end) at `sector`: (status, bytes moved)."""
-        length = end - start
-        if not self._fits(sector, length):
-            return VIRTIO_BLK_S_IOERR, 0
-        iov, count = chain.iov_range(start, end)
-        done = call(self.fd, ffi.from_buffer(iov), count, sector * SECTOR) if count else 0
+        return self._transfer(call, chain.iov_range(start, end)[0], end - start, sector)
+
+    def _transfer(self, call: Callable[..., int], iov: bytes, length: int, sector: int) -> tuple[int, int]:
+        """preadv or pwritev of `length` bytes at `sector` through `iov` (struct iovec[], as
+        bytes: cffi passes their buffer as the const void * argument, no copy): (status, bytes
+        moved)."""
+        if length % SECTOR or sector + length // SECTOR > self.sectors:
+            return VIRTIO_BLK_S_IOERR, 0  # whole sectors, all inside the disk
+        done = call(self.fd, iov, len(iov) // IOVEC.size, sector * SECTOR) if iov else 0
         # a regular file transfers all or fails; less means it shrank under us or a device error
         return (VIRTIO_BLK_S_OK, done) if done == length else (VIRTIO_BLK_S_IOERR, max(done, 0))
 

@@ -91,7 +91,8 @@ class VirtioDevice:
         """The driver wrote the configuration space; read-only by default (§4.2.2.2)."""
 
     def poll_fds(self) -> dict[int, Callable[[], None]]:
-        """Extra file descriptors the worker watches for this device (fd -> handler)."""
+        """Extra file descriptors the worker watches for this device (fd -> handler); what
+        epoll(7) watches (eventfds, sockets, taps; not regular files)."""
         return {}
 
     def close(self) -> None:
@@ -105,19 +106,21 @@ class VirtioDevice:
 
     def serve(self, queue: Virtqueue, handle: Callable[[Chain], int]) -> None:
         """Serve every available chain with `handle` (returns the bytes it wrote into the
-        chain). Completions are published (with an interrupt, if the driver wants one) as soon
-        as the driver has nothing more queued, so a lone request is answered at once and a
-        burst with one interrupt; before returning, the driver's notifications are re-armed
-        and chains added meanwhile are served (§2.7.10)."""
+        chain). Completions are published (with an interrupt, if the driver wants one) once
+        the driver has nothing more queued, so a lone request is answered at once and a burst
+        with one interrupt. The driver's notifications are re-armed before that check
+        (§2.7.10), so a chain it adds afterwards comes with a kick, and the interrupt is the
+        last thing done: the guest's interrupt handler, whose status read is a vCPU thread
+        in Python, waits for no more of this thread's Python than its way back to epoll."""
+        assert self.transport is not None
+        publish = self.transport.publish
         while True:
             chain = queue.pop()
-            if chain is None:
-                if not queue.want_notifications():
-                    return
-                continue
-            queue.push(chain.head, handle(chain))
-            if not queue.pending():
-                self.used(queue)
+            if chain is not None:
+                queue.push(chain.head, handle(chain))
+            if not queue.want_notifications():
+                publish(queue)  # nothing new to publish after a spurious kick: no interrupt
+                return
 
     def watch(self, fd: int, enabled: bool) -> None:
         """From the worker thread: watch or stop watching one of poll_fds() (flow control)."""

@@ -31,6 +31,7 @@ driver writes status 0.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import select
@@ -58,6 +59,7 @@ class Interrupt(Protocol):
     def trigger(self) -> None: ...
 
 
+FAILED = select.EPOLLERR | select.EPOLLHUP  # an fd the worker stops watching, if it is not readable too
 IoEventFdRegistrar = Callable[[int, int, int, int, int], None]  # (addr, len, fd, flags, datamatch)
 
 log = logging.getLogger("pyvmm")
@@ -74,13 +76,16 @@ class VirtioMmio:
         self.device_features = device.features | device.transport_features
         self.external = device.external_queues
         self._fatal = fatal
-        self._state = threading.Condition(threading.RLock())  # registers and queue set-up
+        self._lock = threading.RLock()  # the worker takes it bare: Condition.__enter__ is Python code
+        self._state = threading.Condition(self._lock)  # registers and queue set-up
         self._busy = False  # the worker is in device code
+        self._idle_waiters = 0  # vCPU threads in _wait_idle: the worker wakes them only if any
         self._reset_pending = False  # status 0 was written while it was: the worker resets the device
         self._release_pending: list[Virtqueue] = []  # queues made not ready while it was
         self._isr_lock = threading.Lock()
         self._reset_registers()
         self._kick_fds: list[int] = []
+        self._poller = select.epoll()  # the worker's; closed with the fds
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._ack_fd = -1  # the ioeventfd that takes the ACK of used buffers
         self._thread: threading.Thread | None = None
@@ -93,15 +98,18 @@ class VirtioMmio:
             self._ack_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             ioeventfd(base + reg.INTERRUPT_ACK, 4, self._ack_fd, KVM_IOEVENTFD_FLAG_DATAMATCH, reg.INT_USED_BUFFER)
             device.attach(self)
-            self._poller = select.poll()
             self._handlers: dict[int, Callable[[], None]] = {}
-            if not self.external:
-                for q, fd in zip(self.queues, self._kick_fds, strict=True):
-                    self._handlers[fd] = self._kick_handler(fd, q)
             for fd, fn in device.poll_fds().items():
-                self._handlers[fd] = self._backend_handler(fn)
-            for fd in (self._stop_fd, *self._handlers):
-                self._poller.register(fd, select.POLLIN)
+                self._handlers[fd] = functools.partial(self._device_work, fn)
+                self._poller.register(fd, select.EPOLLIN)
+            if not self.external:
+                # Edge-triggered: every write to an eventfd wakes its waiters, so each kick is an
+                # event of its own and the counter need not be read back to zero (one system call
+                # less per kick; KVM's eventfd_signal saturates the counter, never fails).
+                for q, fd in zip(self.queues, self._kick_fds, strict=True):
+                    self._handlers[fd] = functools.partial(self._device_work, device.notify, q)
+                    self._poller.register(fd, select.EPOLLIN | select.EPOLLET)
+            self._poller.register(self._stop_fd, select.EPOLLIN)
         except BaseException:
             self._close_fds()
             raise
@@ -273,8 +281,10 @@ class VirtioMmio:
     def _wait_idle(self) -> bool:
         """With _state held: wait until the worker is out of device code. False if the machine
         stops or resets meanwhile (release_waiters()): a stuck backend never holds a vCPU."""
+        self._idle_waiters += 1
         while self._busy and not self._stopping:
             self._state.wait(0.1)
+        self._idle_waiters -= 1
         return not self._busy
 
     def _break(self, why: str) -> None:
@@ -301,6 +311,8 @@ class VirtioMmio:
         self._stopping = False
         self._thread = threading.Thread(target=self._work, name=self.name, daemon=True)
         self._thread.start()
+        for fd in self._kick_fds if not self.external else ():
+            os.eventfd_write(fd, 1)  # an edge the last worker took as it stopped: served now
 
     def stop(self, deadline: float) -> bool:
         """End the worker; False if it had not ended by `deadline` (stuck in a backend)."""
@@ -346,7 +358,7 @@ class VirtioMmio:
                 if handler is None:
                     continue
                 try:
-                    if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL) and not events & select.POLLIN:
+                    if events & FAILED and not events & select.EPOLLIN:
                         log.warning("%s: backend fd %d failed; no longer watched", self.name, fd)
                         self._poller.unregister(fd)
                         continue
@@ -355,26 +367,10 @@ class VirtioMmio:
                     log.error("%s: internal error: %s: %s", self.name, type(e).__name__, e)
                     self._break(f"internal error: {type(e).__name__}: {e}")
 
-    def _kick_handler(self, fd: int, queue: Virtqueue) -> Callable[[], None]:
-        notify = self.device.notify
-
-        def kicked() -> None:
-            try:
-                os.eventfd_read(fd)
-            except BlockingIOError:
-                pass
-            self._device_work(notify, queue)
-        return kicked
-
-    def _backend_handler(self, fn: Callable[[], None]) -> Callable[[], None]:
-        def ready() -> None:
-            self._device_work(fn)
-        return ready
-
     def _device_work(self, fn: Callable[..., None], queue: Virtqueue | None = None) -> None:
         """Run device code on the worker, outside _state: a broken ring rule or a device bug
         breaks the device, never the VMM."""
-        with self._state:
+        with self._lock:
             if not self.running or self._reset_pending or (queue is not None and not queue.ready):
                 return
             self._busy = True
@@ -390,7 +386,7 @@ class VirtioMmio:
 
     def _work_done(self) -> None:
         """Out of device code: do what the driver asked for meanwhile and wake who waits."""
-        with self._state:
+        with self._lock:
             self._busy = False
             if self._reset_pending:
                 self._reset()
@@ -398,7 +394,8 @@ class VirtioMmio:
                 if not q.ready:  # not set up again meanwhile
                     q.release()
             self._release_pending.clear()
-            self._state.notify_all()
+            if self._idle_waiters:  # skipped, Condition.notify_all is two Python frames on every request
+                self._state.notify_all()
 
     def live_queue(self, index: int) -> Virtqueue | None:
         queue = self.queues[index]
@@ -406,7 +403,7 @@ class VirtioMmio:
 
     def watch(self, fd: int, enabled: bool) -> None:
         """Worker thread: start or stop polling a backend fd."""
-        self._poller.modify(fd, select.POLLIN if enabled else 0)
+        self._poller.modify(fd, select.EPOLLIN if enabled else 0)
 
     # --- for a vhost device (vhost.py's RingHost) ----------------------------------------------
     def kick_fd(self, index: int) -> int:
@@ -442,6 +439,7 @@ class VirtioMmio:
         for fd in (self._stop_fd, *self._kick_fds, *([self._ack_fd] if self._ack_fd >= 0 else [])):
             os.close(fd)
         self._kick_fds, self._ack_fd = [], -1
+        self._poller.close()
 
 
 def _set_half(current: int, high: bool, value: int) -> int:

@@ -75,12 +75,30 @@ class Chain:
 
     def view(self, k: int) -> memoryview:
         """Buffer `k` as a zero-copy memoryview of guest RAM."""
-        host, length = IOVEC.unpack_from(self.iov, k * ENTRY)
+        return self._view(k, *IOVEC.unpack_from(self.iov, k * ENTRY))
+
+    def _view(self, k: int, host: int, length: int) -> memoryview:
         for r in self._ram:
             off = host - r.host_addr
             if 0 <= off and off + length <= r.size:
                 return r.view[off:off + length]
         raise QueueError(f"buffer {k} of chain {self.head} is outside guest RAM")  # cannot happen: checked when taken
+
+    def framed(self, header: int, status: int) -> tuple[memoryview, bytes, memoryview] | None:
+        """The chain as Linux's drivers frame a request with a header and a status (virtio_blk's
+        virtblk_add_req): its first buffer exactly `header` bytes and readable, its last exactly
+        `status` bytes and writable. Returns views of those two and the iovec of the buffers
+        between them, which a device hands to the kernel as it is; None for any other framing
+        (the device then goes by offset). One call on a device's hot path, where going by
+        offset (read, iov_range, write) walks the buffer lengths each time."""
+        iov = self.iov
+        if not 0 < self.nr_readable < len(iov) // ENTRY:
+            return None  # the first buffer is not readable or the last not writable
+        first, first_len = IOVEC.unpack_from(iov, 0)
+        last, last_len = IOVEC.unpack_from(iov, len(iov) - ENTRY)
+        if first_len != header or last_len != status:
+            return None
+        return self._view(0, first, header), iov[ENTRY:-ENTRY], self._view(len(iov) // ENTRY - 1, last, status)
 
     @property
     def readable(self) -> list[memoryview]:

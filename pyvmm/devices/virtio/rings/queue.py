@@ -138,27 +138,27 @@ class Virtqueue:
         assert table is not None
         unpack = DESC.unpack_from
         regions = self.memory.regions
+        entries: list[tuple[int, int, int, int]] | None = None  # an indirect table, once taken
+        limit, i = size, head  # descriptors this table may still yield: a longer walk is a loop
+        addr, length, flags, _ = unpack(table, head * DESC_SIZE)
+        if flags & VIRTQ_DESC_F_INDIRECT:  # as Linux sends every request of more than one buffer
+            raw = self._indirect_table(addr, length, flags, head)
+            if (chain := linear_chain(head, raw, regions)) is not None:
+                return chain
+            entries = list(DESC.iter_unpack(raw))  # one copy: the driver cannot change it under us
+            limit, i = len(entries), 0
         base, span, host_base = regions[0].gpa, regions[0].size, regions[0].host_addr
         iov: list[int] = []  # base0, len0, base1, len1, ...: struct iovec's fields
         nr_readable = readable_len = total = 0
-        entries: list[tuple[int, int, int, int]] | None = None  # an indirect table, once taken
-        limit = size  # descriptors this table may still yield: a longer walk is a loop
-        i = head
         while True:
             if limit == 0:
                 raise QueueError(f"queue {self.index}: chain from {head} is longer than its table (a loop?)")
             limit -= 1
             addr, length, flags, nxt = unpack(table, i * DESC_SIZE) if entries is None else entries[i]
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                # one level only, and not chained on (§2.7.5.3.1)
-                if entries is not None or flags & VIRTQ_DESC_F_NEXT:
+            if flags & VIRTQ_DESC_F_INDIRECT:  # at the end of a chain of direct descriptors
+                if entries is not None:  # one level only (§2.7.5.3.1)
                     raise QueueError(f"queue {self.index}: nested or chained indirect descriptor in chain {head}")
-                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > size:
-                    raise QueueError(f"queue {self.index}: indirect table of {length} bytes in chain {head}")
-                raw = self._view(addr, length, head)
-                if not iov and (chain := linear_chain(head, raw, regions)) is not None:
-                    return chain
-                entries = list(DESC.iter_unpack(raw))  # one copy: the driver cannot change it under us
+                entries = list(DESC.iter_unpack(self._indirect_table(addr, length, flags, head)))
                 limit, i = len(entries), 0
                 continue
             if length:
@@ -176,6 +176,19 @@ class Virtqueue:
             i = nxt
             if i >= (size if entries is None else len(entries)):
                 raise QueueError(f"queue {self.index}: descriptor {i} in chain {head} is beyond its table")
+
+    def _indirect_table(self, addr: int, length: int, flags: int, head: int) -> memoryview:
+        """The indirect table an indirect descriptor of chain `head` points to: whole
+        descriptors, no more than the queue holds, and not chained on (§2.7.5.3.1)."""
+        if flags & VIRTQ_DESC_F_NEXT:
+            raise QueueError(f"queue {self.index}: nested or chained indirect descriptor in chain {head}")
+        if length == 0 or length % DESC_SIZE or length // DESC_SIZE > self.size:
+            raise QueueError(f"queue {self.index}: indirect table of {length} bytes in chain {head}")
+        ram = self.memory.regions[0]  # first, with plain arithmetic, as _walk checks buffers
+        off = addr - ram.gpa
+        if 0 <= off and off + length <= ram.size:
+            return ram.view[off:off + length]
+        return self._view(addr, length, head)
 
     def _view(self, addr: int, length: int, head: int) -> memoryview:
         try:
