@@ -5,7 +5,20 @@ from __future__ import annotations
 import os
 import platform
 
-from benchmarks import boot, dispatch, guest_exec, hypercall, net, sdei, shares, smp, startup, virtio, vsock
+from benchmarks import (
+    boot,
+    dispatch,
+    guest_exec,
+    hypercall,
+    net,
+    sdei,
+    shares,
+    smp,
+    startup,
+    virtio,
+    virtio_path,
+    vsock,
+)
 from pyvmm.errors import VmmError
 
 
@@ -18,6 +31,7 @@ def main() -> None:
     smp.main()
     sdei.main()
     plain = boot.main()
+    virtio_path.main()  # needs no KVM: the Python part of the 4 KiB requests virtio measures next
     virtio.main(calls["floor_us"])
     net.main()
     vsock.main()
