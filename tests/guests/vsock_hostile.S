@@ -3,12 +3,14 @@
 // makes available a transmit chain that loops (0 -> 1 -> 0): vhost-vsock refuses the chain and
 // stops the ring; pyvmm and the guest go on. After a device reset (which takes the rings back from
 // the kernel), a well-formed connection request (§5.10.6.3) to the host's port PORT must be
-// answered on the receive ring. Reports (x1..x3):
+// answered on the receive ring; then a machine reset (PSCI SYSTEM_RESET), after which the second
+// boot makes the same request from the next port. Reports (x1..x3):
 //   1: status after the set-up (ACKNOWLEDGE, DRIVER, FEATURES_OK, DRIVER_OK), the guest CID its
 //      configuration space holds, 0
 //   2: used index of the tx ring after the looping chain had its time, 0, 0
 //   3: status after the reset, 0, 0
 //   4: rx used index, rx used length, the answer's op (§5.10.6: 2 RESPONSE, 3 RST)
+//   (boot 2) 4 again, then SYSTEM_OFF
     .include "pyvmm.inc"
     .include "virtio_mmio.inc"
 
@@ -27,7 +29,11 @@
     .text
     .global _start
 _start:
+    count_boot                              // w20: this boot's number
+    mov w22, w20
     movl x20, VIRTIO
+    cmp w22, #1
+    b.ne request                            // the second boot: straight to a connection
     bl setup
     ldr w1, [x20, #STATUS]
     ldr x21, [x20, #CONFIG]                // guest_cid, le64 (§5.10.4)
@@ -43,14 +49,17 @@ _start:
     reset_and_report                        // vhost-vsock gives the rings back
 
     // a receive buffer for the answer, then the request: its header alone, from this guest's CID
+request:
     bl setup
+    ldr x21, [x20, #CONFIG]
     desc 0, BUF, 4096, VRING_DESC_F_WRITE, 0
     bl make_available
     movl x9, TX_BUF
     str x21, [x9]                           // src_cid
     mov x10, #HOST_CID
     str x10, [x9, #8]                       // dst_cid
-    movl w10, GUEST_PORT
+    movl w10, GUEST_PORT - 1
+    add w10, w10, w22                       // a port of this boot's own: the last one's connection may linger
     str w10, [x9, #16]                      // src_port
     movl w10, PORT
     str w10, [x9, #20]                      // dst_port
@@ -69,7 +78,10 @@ _start:
     movl x9, BUF
     ldrh w3, [x9, #30]                      // the answer's op
     report
-    system_off
+    cmp w22, #1
+    b.ne 4f
+    psci PSCI_SYSTEM_RESET                  // the machine's reset: pyvmm stops the rings and starts them anew
+4:  system_off
 
     virtio_functions 2
 

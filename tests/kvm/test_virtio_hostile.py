@@ -91,27 +91,33 @@ def test_a_hostile_ring_stops_vhost_net_not_the_vmm(payload_vm: MakePayloadVm) -
 def test_a_hostile_ring_stops_vhost_vsock_not_the_vmm(payload_vm: MakePayloadVm) -> None:
     """A looping transmit chain makes vhost-vsock stop that ring (vhost_get_vq_desc: "Loop
     detected") and nothing else; after a device reset, a well-formed connection request reaches
-    a host socket, and the host's answer reaches the guest's receive ring."""
+    a host socket, and the host's answer reaches the guest's receive ring; and again after a
+    machine reset (PSCI SYSTEM_RESET), in the guest's second boot."""
     run = payload_vm(guest("vsock_hostile"))
     run.vm.add_virtio(VhostVsock(HOSTILE_CID))
     accepted: list[tuple[int, int]] = []
+    held: list[socket.socket] = []  # closed after the run: a close's SHUTDOWN would reach the guest's next boot
     with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as listener:
         listener.bind((socket.VMADDR_CID_ANY, HOSTILE_PORT))
         listener.listen(1)
         listener.settimeout(180)
 
         def accept() -> None:
-            conn, peer = listener.accept()
-            accepted.append(peer)
-            conn.close()
+            for _ in range(2):
+                conn, peer = listener.accept()
+                accepted.append(peer)
+                held.append(conn)
         acceptor = threading.Thread(target=accept, daemon=True)
         acceptor.start()
         result = run.run(180).result
         acceptor.join(10)
+    for conn in held:
+        conn.close()
     assert result.ok, result
-    (set_up, looped, after_reset, answered) = [v[:3] for v in run.values]
+    (set_up, looped, after_reset, answered, answered_after_reboot) = [v[:3] for v in run.values]
     assert set_up == (ACK_DRIVER_FEATURES_OK | DRIVER_OK, HOSTILE_CID, 0)  # the CID in its configuration
     assert looped == (0, 0, 0)  # the kernel used nothing of the loop
     assert after_reset == (0, 0, 0)
-    assert answered == (1, VSOCK_HEADER, VIRTIO_VSOCK_OP_RESPONSE)  # the host accepted the connection
-    assert accepted == [(HOSTILE_CID, HOSTILE_GUEST_PORT)]
+    assert answered == answered_after_reboot == (1, VSOCK_HEADER, VIRTIO_VSOCK_OP_RESPONSE)  # accepted
+    assert run.vm.resets == 1
+    assert accepted == [(HOSTILE_CID, HOSTILE_GUEST_PORT), (HOSTILE_CID, HOSTILE_GUEST_PORT + 1)]

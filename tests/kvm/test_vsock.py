@@ -172,4 +172,4 @@ def test_a_second_vm_with_the_same_cid_is_refused_in_one_line(session: tuple[Lin
     p = subprocess.run([sys.executable, "-m", "pyvmm", "run", "--vsock", str(CID), "-f", str(guest)],
                        capture_output=True, timeout=120, cwd=ROOT)
     assert p.returncode == EXIT_ERROR
-    assert errors(p.stderr) == [f"pyvmm: error: --vsock: context ID {CID} is taken by another VM on this host"]
+    assert errors(p.stderr) == [f"pyvmm: error: --vsock: context ID {CID} is taken by another VM on this host, or is the host's own"]

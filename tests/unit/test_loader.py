@@ -27,7 +27,7 @@ from pyvmm.boot.kernel import (
     unpacked_head,
 )
 from pyvmm.boot.load import boot
-from pyvmm.errors import ImageError
+from pyvmm.errors import ImageError, VmmError
 from pyvmm.machine.images import BlobImage, Image
 from pyvmm.machine.memory import GuestMemory
 from pyvmm.machine.vm import Vm
@@ -211,3 +211,15 @@ def test_an_image_header_is_read_whatever_pieces_the_gzip_data_comes_in(tmp_path
     assert data is not None
     assert unpacked_head(str(path), data, "vmlinuz") == kernel[:64]
     assert unpacked_head(str(path), data, "vmlinuz", size=len(kernel) + 10) == kernel  # all there is
+
+
+@pytest.mark.parametrize("grow", [0x1000, -0x1000])
+def test_a_compressed_kernel_replaced_before_a_reset_is_one_line(tmp_path: Path, grow: int) -> None:
+    """A reset unpacks the kernel again from its file: one that now unpacks to more or less than
+    it did at boot (a kernel upgrade under a running guest) is said to have changed."""
+    (tmp_path / "vmlinuz").write_bytes(gzip.compress(image(body=0x4000)))
+    vm = LoaderVm()
+    boot(cast(Vm, vm), kernel=str(tmp_path / "vmlinuz"))
+    (tmp_path / "vmlinuz").write_bytes(gzip.compress(image(body=0x4000 + grow)))
+    with pytest.raises(VmmError, match=re.escape(f"{tmp_path / 'vmlinuz'} changed since it was first loaded")):
+        vm.reset()

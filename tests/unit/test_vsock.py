@@ -89,7 +89,7 @@ def test_a_cid_another_vm_holds_is_refused_in_one_line(vhost: type[FakeVhostVsoc
     vhost.taken.add(5)
     with pytest.raises(VmmError) as refused:
         VhostVsock(5)
-    assert str(refused.value) == "--vsock: context ID 5 is taken by another VM on this host"
+    assert str(refused.value) == "--vsock: context ID 5 is taken by another VM on this host, or is the host's own"
     assert vhost.opened[0].closed
 
 

@@ -79,7 +79,9 @@ class VhostVsock(VhostDevice):
         except KvmIoctlError as e:
             self.vhost.close()
             if e.errno == errno.EADDRINUSE:
-                raise VmmError(f"--vsock: context ID {cid} is taken by another VM on this host") from None
+                # vhost_vsock_set_cid: another VM's, or this host's own if it is a guest itself
+                raise VmmError(f"--vsock: context ID {cid} is taken by another VM on this host, or is the host's own") \
+                    from None
             raise VmmError(f"--vsock {cid}: {e}") from None
         self.features = vhost_features & VIRTIO_VSOCK_F_SEQPACKET
         self.transport_features = vhost_features & RING_FEATURES
