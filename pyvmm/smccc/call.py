@@ -17,7 +17,13 @@ if TYPE_CHECKING:
 
 class SmcccCall:
     """The function ID and conduit come with the exit; arguments x1..x17 are read from the vCPU
-    only when a handler asks for them (one KVM_GET_ONE_REG each, cached)."""
+    only when a handler asks for them (one KVM_GET_ONE_REG each, cached).
+
+    A call is valid while its handler runs. The dispatcher hands each vCPU's calls the same object,
+    its four slots filled in again for the next one: making one per call was a quarter of the
+    dispatch's own cost (benchmarks/dispatch.py). A handler that needs a call's values later
+    copies them.
+    """
 
     __slots__ = ("vcpu", "function_id", "flags", "_args")
 

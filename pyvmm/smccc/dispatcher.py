@@ -128,6 +128,7 @@ class Dispatcher:
         self._cache: dict[int, tuple[Handler | None, int, int]] = {}  # by function ID: _cache_route()
         self.services: list[Service] = []
         self.calls = 0  # forwarded calls answered
+        self._call_objects: dict[int, SmcccCall] = {}  # by vCPU index: each vCPU's one SmcccCall
         self._trace: Callable[[TraceRecord | TraceEvent], None] | None = None
         self._watch: Callable[[ServiceVcpu, int, int], None] | None = None
         self._observed = False  # a trace or a watch is set: the hot path's one test
@@ -334,7 +335,12 @@ class Dispatcher:
         if handler is None or flags & _SMC != self._smc:
             self.calls += 1
             return NOT_SUPPORTED & mask
-        call = SmcccCall(vcpu, function_id, flags)
+        try:
+            call = self._call_objects[vcpu.index]
+        except KeyError:
+            call = self._call_objects[vcpu.index] = SmcccCall(vcpu, function_id, flags)
+        # the vCPU's one call object, filled in for this call (valid while its handler runs)
+        call.vcpu, call.function_id, call.flags, call._args = vcpu, function_id, flags, None
         try:
             results = handler(call)
         except Exception as e:

@@ -48,6 +48,26 @@ def test_four_results_skip_registers_already_holding_the_value() -> None:
     assert v.writes == [(0, 0), (2, 21)]
 
 
+def test_a_vcpus_calls_share_one_object_and_each_reads_its_own_arguments() -> None:
+    """The dispatcher fills in each vCPU's one SmcccCall again for its next call: the arguments
+    read by the last call must not leak into the next, nor one vCPU's call into another's."""
+    d = Dispatcher()
+    v0, v1 = FakeVcpu(0, regs={1: 5}), FakeVcpu(1, regs={1: 9})
+    seen: list[tuple[SmcccCall, int, int, int]] = []
+
+    def handler(call: SmcccCall) -> Results:
+        seen.append((call, call.vcpu.index, call.function_id, call.arg(1)))
+        return 0
+
+    d.register(SIP64, 2, handler)
+    d.dispatch(v0, SIP64, 0)
+    v0.x[1] = 6
+    d.dispatch(v0, SIP64 + 1, 0)
+    d.dispatch(v1, SIP64, 0)
+    assert [s[1:] for s in seen] == [(0, SIP64, 5), (0, SIP64 + 1, 6), (1, SIP64, 9)]
+    assert seen[0][0] is seen[1][0] and seen[2][0] is not seen[0][0]
+
+
 def test_smc32_results_and_arguments_are_32_bit() -> None:
     d, v = Dispatcher(), FakeVcpu(regs={1: 0xAAAA_BBBB_CCCC_DDDD})
     seen = []
