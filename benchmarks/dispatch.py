@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
+from pyvmm.devices.bus import MmioBus
 from pyvmm.kvm.fds import VcpuFd
 from pyvmm.machine.exit_dispatch import MachineExits
 from pyvmm.machine.vcpu import Vcpu
@@ -32,8 +33,8 @@ ROUNDS = 7
 def pyvmm_path(function_id: int) -> tuple[FakeVcpuFd, Vcpu]:
     """One vCPU with the machine's exit handling and pyvmm's PSCI, on a fake fd."""
     smccc = Dispatcher()
-    none = cast(Any, None)  # the bus, MMIO policy and life cycle: no hypercall reaches them
-    exits = MachineExits(smccc, none, none, none)
+    none = cast(Any, None)  # the MMIO policy and life cycle: no hypercall reaches them
+    exits = MachineExits(smccc, MmioBus(), none, none)
     fd = FakeVcpuFd()
     fd.hypercall(function_id)  # over HVC, x1..x3 = 0: AFFINITY_INFO asks about vCPU 0, level 0
     vcpu = Vcpu(0, cast(VcpuFd, fd), 0, exits)

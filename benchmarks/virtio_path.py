@@ -19,7 +19,10 @@ irqfd until the device interrupts.
               time around the call alone: pyvmm's Python and system calls, no thread hop;
   bytecodes   Python bytecodes and calls the kick handler runs per request: counts no busy host
               disturbs (the timings above vary by tens of percent from run to run on one);
-  --profile   cProfile of the in-thread path, the top functions by their own time.
+  --profile   cProfile of the in-thread path, the top functions by their own time;
+  ISR load    the guest's InterruptStatus load after each interrupt, the one MMIO exit of a
+              request, through the real vCPU loop on a fake vCPU fd: as the hot register it is
+              (devices/bus.py) and through the bus, in bytecodes and CPU time.
 
 Microseconds from an x86 host are for before/after comparisons. Under TCG (the emulated arm64
 host) each bytecode and system call costs some 50x more, so there the bytecodes and the worker's
@@ -39,13 +42,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from benchmarks.common import median
+from pyvmm.devices.virtio import mmio_registers as reg
 from pyvmm.devices.virtio.blk import SECTOR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VirtioBlk
 from pyvmm.devices.virtio.rings.layout import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvmm.devices.virtio.transport import VirtioMmio
+from pyvmm.kvm.fds import VcpuFd
+from pyvmm.machine.exit_dispatch import MachineExits, UnhandledMmio
 from pyvmm.machine.irq_lines import IrqFd
+from pyvmm.machine.vcpu import Vcpu
+from pyvmm.smccc.dispatcher import Dispatcher
+from tests.unit.fakes import FakeVcpuFd
 from tests.unit.virtio_driver import Driver, FakeVm
 
 REQUESTS = 2000
@@ -207,7 +216,65 @@ def main(requests: int = REQUESTS, runs: int = RUNS, profile: bool = False) -> d
                 bench.profile(handler, requests)
         finally:
             bench.close()
+        result.update(interrupt_status_exit(image))
     return result
+
+
+def count_bytecodes(fn: Callable[[], None]) -> int:
+    """Python bytecodes `fn()` runs (sys.settrace's opcode events)."""
+    count = [0]
+
+    def trace(frame: FrameType, event: str, arg: Any) -> Any:
+        if event == "call":
+            frame.f_trace_opcodes = True
+        elif event == "opcode":
+            count[0] += 1
+        return trace
+
+    sys.settrace(trace)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+    return count[0]
+
+
+def interrupt_status_exit(image: str, exits: int = 20_000) -> dict[str, float]:
+    """The guest's InterruptStatus load after each interrupt, an MMIO exit on its vCPU thread,
+    through the real vCPU loop on a fake vCPU fd: as a hot register (what pyvmm does) and through
+    the bus (decode, lookup, the transport's read, completion), in bytecodes and CPU time."""
+    vm = FakeVm()
+    try:
+        transport = vm.attach(VirtioBlk(image))
+        addr = transport.base + reg.INTERRUPT_STATUS
+        vm.mmio.add_hot_register(addr, transport.interrupt_status)  # as Vm.add_virtio does
+        fd = FakeVcpuFd()
+        vcpu = Vcpu(0, cast(VcpuFd, fd), 0, MachineExits(Dispatcher(), vm.mmio, UnhandledMmio("stop"), cast(Any, None)))
+        fd.mmio(addr, 4)
+        hot = dict(vm.mmio.hot_reads)
+
+        def loop(n: int) -> None:
+            fd.arm(n)
+            vcpu.leave_guest()
+            vcpu._loop()
+
+        out: dict[str, float] = {}
+        for label, hot_reads in (("hot", hot), ("bus", {})):
+            vm.mmio.hot_reads.clear()
+            vm.mmio.hot_reads.update(hot_reads)
+            out[f"isr_{label}_bytecodes"] = (count_bytecodes(lambda: loop(101)) - count_bytecodes(lambda: loop(1))) / 100
+            times = []
+            for _ in range(RUNS):
+                started = time.thread_time_ns()
+                loop(exits)
+                times.append((time.thread_time_ns() - started) / exits)
+            out[f"isr_{label}_ns"] = median(times)
+        print(f"InterruptStatus load (an MMIO exit per interrupt) through the vCPU loop: as a hot register "
+              f"{out['isr_hot_bytecodes']:.0f} bytecodes, {out['isr_hot_ns']:.0f} ns; through the bus "
+              f"{out['isr_bus_bytecodes']:.0f} bytecodes, {out['isr_bus_ns']:.0f} ns")
+        return out
+    finally:
+        vm.close()
 
 
 if __name__ == "__main__":

@@ -2,11 +2,16 @@
 
 A device is a hypervisor-agnostic state machine with `read(offset, size) -> int` and
 `write(offset, size, value)`; the bus finds it by address (the shape of rust-vmm's vm-superio).
+
+A device may also name a *hot register*: a 32-bit register the guest reads on every interrupt
+(virtio-mmio's InterruptStatus). The vCPU loop answers a 32-bit load from one straight from
+`hot_reads`, by address, with no decoding, lookup or completion frames in between.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from pyvmm.errors import VmmError
@@ -29,6 +34,16 @@ class MmioBus:
     def __init__(self) -> None:
         self._maps: list[Mapping] = []
         self._bases: list[int] = []
+        # guest-physical address -> the register's value (a 32-bit load at exactly that address)
+        self.hot_reads: dict[int, Callable[[], int]] = {}
+
+    def add_hot_register(self, addr: int, read: Callable[[], int]) -> None:
+        """Have a 32-bit load at `addr`, inside a device already on the bus, answered by `read()`
+        on the vCPU loop's fast path. It must return what the device's read(offset, 4) would."""
+        m = self.find(addr, 4)
+        if m is None or addr & 3:
+            raise VmmError(f"hot register {addr:#x} is not an aligned register of a device on the bus")
+        self.hot_reads[addr] = read
 
     def add(self, base: int, size: int, device: MmioDevice, name: str) -> None:
         if size <= 0:

@@ -116,6 +116,16 @@ HYPERCALL_NR = _index(ffi.offsetof("struct kvm_run", "hypercall", "nr"), 8)
 HYPERCALL_FLAGS = _index(ffi.offsetof("struct kvm_run", "hypercall", "flags"), 8)
 """run_quads[HYPERCALL_FLAGS]: its KVM_HYPERCALL_EXIT_* flags (KVM_EXIT_HYPERCALL only)."""
 
+# A 32-bit load from a hot register (MmioBus.hot_reads) is answered from these, without decoding:
+MMIO_ADDR = _index(ffi.offsetof("struct kvm_run", "mmio", "phys_addr"), 8)
+"""run_quads[MMIO_ADDR]: kvm_run.mmio.phys_addr (KVM_EXIT_MMIO only)."""
+MMIO_DATA = _index(ffi.offsetof("struct kvm_run", "mmio", "data"), 8)
+"""run_quads[MMIO_DATA]: kvm_run.mmio.data, where a load's result goes."""
+MMIO_LEN = _index(ffi.offsetof("struct kvm_run", "mmio", "len"), 4)
+"""run_words[MMIO_LEN]: kvm_run.mmio.len."""
+MMIO_IS_WRITE = _index(ffi.offsetof("struct kvm_run", "mmio", "is_write"), 4)
+"""run_words[MMIO_IS_WRITE] & 0xFF: kvm_run.mmio.is_write (a u8; the bytes after it are padding)."""
+
 # kvm_run.mmio: phys_addr, data[8], len, is_write, unpacked in one go from the mmap (virtio
 # interrupt acknowledgements and UART traffic make MMIO the second most frequent exit)
 _MMIO_OFFSET = ffi.offsetof("struct kvm_run", "mmio", "phys_addr")

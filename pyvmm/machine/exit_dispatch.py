@@ -61,6 +61,7 @@ class MachineExits:
                  vcpus: Sequence[Vcpu] = ()) -> None:
         self._smccc, self._bus, self._unhandled, self._lifecycle = smccc, bus, unhandled, lifecycle
         self.hypercall = smccc.answer  # the hot path: no frame of our own
+        self.hot_reads = bus.hot_reads  # MMIO's hot path (devices/bus.py), read by the vCPU loop
         self.vcpus = vcpus
         self.debugger: DebugEvents | None = None
 

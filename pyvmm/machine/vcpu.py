@@ -25,7 +25,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from kvm_bindings.constants import (
@@ -57,6 +57,10 @@ from pyvmm.errors import KvmIoctlError, VmmError
 from pyvmm.kvm.exits import (
     HYPERCALL_FLAGS,
     HYPERCALL_NR,
+    MMIO_ADDR,
+    MMIO_DATA,
+    MMIO_IS_WRITE,
+    MMIO_LEN,
     REASON,
     DebugExit,
     Exit,
@@ -103,6 +107,11 @@ class ExitHandler(Protocol):
     def hypercall(self) -> Callable[[Vcpu, int, int], int | None]:
         """The hot path, fetched once (the SMCCC dispatcher runs with no frame in between): called
         with (vCPU, function ID, KVM_HYPERCALL_EXIT_* flags), it returns x0 for the loop to write."""
+
+    @property
+    def hot_reads(self) -> Mapping[int, Callable[[], int]]:
+        """Registers the loop answers itself, by guest-physical address: a 32-bit load from one
+        gets the function's value (pyvmm.devices.bus.MmioBus.add_hot_register)."""
 
     def mmio(self, vcpu: Vcpu, ex: MmioExit) -> None: ...
 
@@ -399,7 +408,7 @@ class Vcpu:
         run, buf, words, quads = fd.run_struct, fd.mmap, fd.run_words, fd.run_quads
         kvm_run, failed, x0_value, write_x0 = fd.run, fd.failed, fd.x0_value, fd.write_x0
         exits = self._exits
-        dispatch, handle_mmio = exits.hypercall, exits.mmio
+        dispatch, handle_mmio, hot_reads = exits.hypercall, exits.mmio, exits.hot_reads
         requests = self._requests
         power = self._power
         while True:
@@ -421,7 +430,11 @@ class Vcpu:
                     requests.popleft()(self)
                 continue
             if reason == _MMIO:
-                handle_mmio(self, decode_mmio(buf))
+                hot = hot_reads.get(quads[MMIO_ADDR])
+                if hot is not None and words[MMIO_LEN] == 4 and not words[MMIO_IS_WRITE] & 0xFF:
+                    quads[MMIO_DATA] = hot()  # a 32-bit load of a hot register: KVM takes 4 bytes
+                else:
+                    handle_mmio(self, decode_mmio(buf))
             else:
                 ex = decode(run)
                 if isinstance(ex, SystemEventExit):

@@ -256,7 +256,7 @@ class Vm:
         """Attach a virtio device on its own virtio-mmio transport, at the next of kvmtool's
         virtio-mmio slots (0x3000000 + 0x200 * n) with the next SPI. The VM owns the device from
         here on: it is closed with the VM, or at once if it cannot be attached."""
-        from pyvmm.devices.virtio.mmio_registers import VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
+        from pyvmm.devices.virtio.mmio_registers import INTERRUPT_STATUS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
         from pyvmm.devices.virtio.transport import VirtioMmio
 
         try:
@@ -273,6 +273,7 @@ class Vm:
             raise
         self._resources.callback(transport.close)
         self.add_device(base, VIRTIO_MMIO_SIZE, transport, transport.name, dt=transport)
+        self.mmio.add_hot_register(base + INTERRUPT_STATUS, transport.interrupt_status)
         self.lifecycle.add_device(transport)
         self.virtio.append(transport)
         return transport

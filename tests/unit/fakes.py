@@ -303,6 +303,13 @@ class FakeVcpuFd:
         self.run_quads[HYPERCALL_NR] = function_id
         self.run_quads[HYPERCALL_FLAGS] = flags
 
+    def mmio(self, addr: int, size: int, is_write: bool = False, data: int = 0) -> None:
+        """kvm_run as KVM_EXIT_MMIO leaves it for a load (or a store of `data`) at `addr`."""
+        self.run_words[REASON] = ExitReason.MMIO.value
+        mmio = self.run_struct.mmio
+        mmio.phys_addr, mmio.len, mmio.is_write = addr, size, int(is_write)
+        ffi.buffer(mmio.data)[:] = data.to_bytes(8, "little")
+
     def arm(self, exits: int) -> None:
         self.run = iter([0] * exits + [-1]).__next__
 

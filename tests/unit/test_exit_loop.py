@@ -8,10 +8,12 @@ from typing import Any, cast
 
 import pytest
 
+from kvm_bindings import ffi
 from kvm_bindings.regs import CORE_REGS
-from pyvmm.errors import KvmIoctlError
+from pyvmm.devices.bus import MmioBus
+from pyvmm.errors import KvmIoctlError, VmmError
 from pyvmm.kvm.fds import VcpuFd
-from pyvmm.machine.exit_dispatch import MachineExits
+from pyvmm.machine.exit_dispatch import MachineExits, UnhandledMmio
 from pyvmm.machine.vcpu import Vcpu
 from pyvmm.smccc.call import SmcccCall
 from pyvmm.smccc.dispatcher import Dispatcher, HandlerError
@@ -25,8 +27,8 @@ UNWRITTEN = 0xDEAD
 
 def vcpu_on(d: Dispatcher) -> tuple[FakeVcpuFd, Vcpu]:
     fd = FakeVcpuFd()
-    none = cast(Any, None)  # no MMIO, no system event: the bus and the life cycle are not asked
-    return fd, Vcpu(0, cast(VcpuFd, fd), 0, MachineExits(d, none, none, none))
+    none = cast(Any, None)  # no MMIO, no system event: the MMIO policy and life cycle are not asked
+    return fd, Vcpu(0, cast(VcpuFd, fd), 0, MachineExits(d, MmioBus(), none, none))
 
 
 def run_call(fd: FakeVcpuFd, vcpu: Vcpu, function_id: int, x: dict[int, int] | None = None, flags: int = 0) -> int:
@@ -93,3 +95,55 @@ def test_answer_leaves_x0_to_the_caller() -> None:
     assert d.answer(v, SIP32 + 1, 0) is None and v.writes == [(0, 1), (1, 2)]
     d.dispatch(v, SIP32, 0)
     assert v.writes[-1] == (0, 7)
+
+
+class Registers:
+    """An MMIO device that records what reaches its read() and write()."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[int, int]] = []
+        self.writes: list[tuple[int, int, int]] = []
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads.append((offset, size))
+        return 0x77
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes.append((offset, size, value))
+
+
+def run_mmio(fd: FakeVcpuFd, vcpu: Vcpu, addr: int, size: int, is_write: bool = False, data: int = 0) -> int:
+    """One MMIO exit through the loop; what kvm_run.mmio.data holds afterwards."""
+    fd.mmio(addr, size, is_write, data)
+    fd.arm(1)
+    vcpu.leave_guest()
+    vcpu._loop()
+    return int.from_bytes(ffi.buffer(fd.run_struct.mmio.data), "little")
+
+
+def test_a_32_bit_load_of_a_hot_register_is_answered_by_the_loop_without_the_device() -> None:
+    """virtio-mmio's InterruptStatus is read on every interrupt: the loop answers it from the
+    bus's hot registers, and any other access at that address goes to the device as before."""
+    bus, device = MmioBus(), Registers()
+    bus.add(0x0A00_0000, 0x200, device, "regs")
+    isr = [1]
+    bus.add_hot_register(0x0A00_0060, lambda: isr[0])
+    fd = FakeVcpuFd()
+    vcpu = Vcpu(0, cast(VcpuFd, fd), 0, MachineExits(Dispatcher(), bus, UnhandledMmio("stop"), cast(Any, None)))
+    assert run_mmio(fd, vcpu, 0x0A00_0060, 4) == 1
+    isr[0] = 3  # a configuration change: the next load sees it
+    assert run_mmio(fd, vcpu, 0x0A00_0060, 4) == 3
+    assert device.reads == []
+    assert run_mmio(fd, vcpu, 0x0A00_0060, 1) == 0x77  # not a 32-bit load: the device's own read
+    run_mmio(fd, vcpu, 0x0A00_0060, 4, is_write=True, data=5)
+    assert run_mmio(fd, vcpu, 0x0A00_0064, 4) == 0x77  # the next register is not hot
+    assert device.reads == [(0x60, 1), (0x64, 4)]
+    assert device.writes == [(0x60, 4, 5)]
+
+
+@pytest.mark.parametrize("addr", [0x0B00_0000, 0x0A00_0062, 0x0A00_01FE])
+def test_a_hot_register_is_an_aligned_register_of_a_device_on_the_bus(addr: int) -> None:
+    bus = MmioBus()
+    bus.add(0x0A00_0000, 0x200, Registers(), "regs")
+    with pytest.raises(VmmError, match="not an aligned register of a device on the bus"):
+        bus.add_hot_register(addr, lambda: 0)

@@ -138,6 +138,10 @@ class VirtioMmio:
             "interrupts": [reg.GIC_SPI, self.spi, reg.IRQ_TYPE_EDGE_RISING], "dma-coherent": True})
 
     # --- registers (vCPU threads) --------------------------------------------------------
+    def interrupt_status(self) -> int:
+        """InterruptStatus: read on every interrupt, so the bus answers it as a hot register."""
+        return self.isr | reg.INT_USED_BUFFER
+
     def read(self, offset: int, size: int) -> int:
         if offset >= reg.CONFIG:
             off = offset - reg.CONFIG
@@ -145,7 +149,7 @@ class VirtioMmio:
         if size != 4 or offset & 3:
             return 0  # §4.2.2.2: registers are read 32 bits wide
         if offset == reg.INTERRUPT_STATUS:
-            return self.isr | reg.INT_USED_BUFFER
+            return self.interrupt_status()
         if offset == reg.MAGIC_VALUE:
             return reg.MAGIC
         if offset == reg.VERSION_REG:
