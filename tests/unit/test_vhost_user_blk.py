@@ -278,3 +278,20 @@ def test_auto_takes_the_daemon_where_it_is_installed(qsd: str, image: Path, capl
     assert isinstance(disk, VirtioBlk)
     assert [r.getMessage() for r in caplog.records] == [
         "virtio-blk: pyvmm's worker serves the disks: the RAM cannot be shared"]
+
+
+def test_pyvmm_check_says_who_serves_disks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyvmm.cli.cmd_check import disks_line
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("Features\t: fp asimd mte\n")
+    fake = tmp_path / "qsd"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PYVMM_QEMU_STORAGE_DAEMON", str(fake))
+    assert disks_line("6.12.0", str(cpuinfo)) == f"disks (-d)      qemu-storage-daemon over vhost-user ({fake})"
+    assert disks_line("6.1.0", str(cpuinfo)).startswith("disks (-d)      pyvmm's worker for guests with MTE (Linux")
+    monkeypatch.setenv("PYVMM_QEMU_STORAGE_DAEMON", str(tmp_path / "missing"))
+    assert disks_line("6.12.0", str(cpuinfo)) == (
+        "disks (-d)      pyvmm's worker (no qemu-storage-daemon (Debian's qemu-utils from QEMU 8.0 on: Debian 13, "
+        "or bookworm-backports on Debian 12))")
