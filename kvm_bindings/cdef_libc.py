@@ -6,7 +6,8 @@ that fits one (integers are passed as `ffi.cast("void *", n)`). preadv/pwritev a
 take an iovec array built as bytes: a virtqueue chain's buffers (pyvmm/devices/virtio/rings/
 chain.py), moved in one system call; struct flock is what fcntl(2) locks a disk image with.
 openat2(2) has no libc wrapper: it goes through syscall(2), declared with the fixed arguments
-openat2 takes (on arm64 and x86-64 Linux a variadic call passes them in the same registers).
+openat2 takes (on arm64 and x86-64 Linux a variadic call passes them in the same registers),
+and prctl(2) likewise with its four further arguments (a daemon's parent-death signal).
 """
 
 CDEF = """
@@ -32,4 +33,5 @@ struct open_how {
     uint64_t resolve;
 };
 long syscall(long number, int dirfd, const char *path, struct open_how *how, size_t size);
+int prctl(int option, unsigned long arg2, unsigned long arg3, unsigned long arg4, unsigned long arg5);
 """

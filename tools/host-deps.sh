@@ -8,7 +8,8 @@
 #   arm64:       busybox-static (pyvmm exec puts it in the guest's initramfs), gdb (the GDB stub's
 #                tests drive it; the emulated host has Debian's gdb-minimal), ip and ping (the
 #                network tests and benchmarks set up and ping the host's end of a tap; the
-#                emulated host has busybox's)
+#                emulated host has busybox's), qemu-utils for qemu-storage-daemon (it serves -d
+#                disks; QEMU >= 8.0: Debian 13's own, bookworm-backports' on Debian 12)
 #   non-arm64:   qemu-system-aarch64 (bookworm-backports' QEMU is ~1.5x faster per exit than
 #                bookworm's), cpio, dpkg-deb, binutils-aarch64-linux-gnu
 set -euo pipefail
@@ -38,16 +39,17 @@ else
     have dpkg-deb || need+=(dpkg)
 fi
 need_qemu=no
-[ "$arch" != aarch64 ] && ! have qemu-system-aarch64 && need_qemu=yes
+[ "$arch" != aarch64 ] && ! have qemu-system-aarch64 && need_qemu=qemu-system-arm
+[ "$arch" = aarch64 ] && ! have qemu-storage-daemon && need_qemu=qemu-utils
 [ ${#need[@]} -eq 0 ] && [ $need_qemu = no ] && exit 0
 
 if ! have apt-get; then
     # another distribution: the names are Debian's, the README says what each is for
-    echo "host-deps: missing Debian packages: ${need[*]} $([ $need_qemu = yes ] && echo qemu-system-arm) (install their equivalents: this script installs with apt-get)" >&2
+    echo "host-deps: missing Debian packages: ${need[*]} $([ $need_qemu != no ] && echo $need_qemu) (install their equivalents: this script installs with apt-get)" >&2
     exit 1
 fi
 if [ "$(id -u)" != 0 ]; then
-    echo "host-deps: missing packages: ${need[*]} $([ $need_qemu = yes ] && echo qemu-system-arm) (run as root, or install them)" >&2
+    echo "host-deps: missing packages: ${need[*]} $([ $need_qemu != no ] && echo $need_qemu) (run as root, or install them)" >&2
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
@@ -56,10 +58,12 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "host-deps: installing ${need[*]}"
     apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
-if [ $need_qemu = yes ]; then
+if [ $need_qemu != no ]; then
+    # qemu-system-arm (x86) or qemu-utils (arm64), from bookworm-backports on Debian 12: its QEMU
+    # is faster per exit, and its qemu-utils has qemu-storage-daemon (QEMU >= 8.0); Debian 13's own
     qemu_from=()
     if grep -qs 'VERSION_CODENAME=bookworm' /etc/os-release; then
-        # bookworm-backports, next to the mirror the host already uses, for the newer QEMU
+        # bookworm-backports, next to the mirror the host already uses
         list=/etc/apt/sources.list.d/pyvmm-backports.sources
         if [ ! -f "$list" ]; then
             mirror=$(python3 "$(dirname "$0")/armhost/debian.py" --mirror)
@@ -69,6 +73,6 @@ if [ $need_qemu = yes ]; then
         fi
         qemu_from=(-t bookworm-backports)
     fi
-    echo "host-deps: installing qemu-system-arm ${qemu_from[*]}"
-    apt-get install -y -q --no-install-recommends "${qemu_from[@]}" qemu-system-arm
+    echo "host-deps: installing $need_qemu ${qemu_from[*]}"
+    apt-get install -y -q --no-install-recommends "${qemu_from[@]}" "$need_qemu"
 fi

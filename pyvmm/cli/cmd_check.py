@@ -77,6 +77,21 @@ def vsock_line(path: str = "/dev/vhost-vsock") -> str:
     return f"--vsock         guest sockets through the kernel's vhost-vsock ({path})"
 
 
+def disks_line(kernel: str | None = None, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """Who serves `-d` disks on this host: qemu-storage-daemon, or pyvmm's worker and why."""
+    from pyvmm.devices.virtio.vhost_user import storage_daemon
+    from pyvmm.devices.virtio.vhost_user_blk import host_has_mte, shared_ram_refusal, worker_reason
+
+    found = storage_daemon.find()
+    refusal = shared_ram_refusal(kernel or os.uname().release, host_has_mte(cpuinfo))
+    why = worker_reason(found, refusal)
+    if why is None:
+        return f"disks (-d)      qemu-storage-daemon over vhost-user ({found})"
+    if found is not None:  # an MTE guest only: --disable-mte gives it the daemon
+        return f"disks (-d)      pyvmm's worker for guests with MTE ({why}), else qemu-storage-daemon"
+    return f"disks (-d)      pyvmm's worker ({why})"
+
+
 def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
     """The host's shape and, in words, what pyvmm can and cannot do on it (pyvmm/machine/host.py)."""
     from pyvmm.machine.host import probe, report, runnable
@@ -94,4 +109,5 @@ def cmd_check(args: argparse.Namespace, signals: object = None) -> int:
     print(shared_thp_line())
     print(vhost_net_line())
     print(vsock_line())
+    print(disks_line())
     return EXIT_OK if runnable(shape) else EXIT_ERROR

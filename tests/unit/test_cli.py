@@ -144,16 +144,16 @@ def test_check_off_arm64_says_the_host_is_not_arm64(monkeypatch: pytest.MonkeyPa
 
 def test_virtio_devices_bring_their_own_options() -> None:
     """Each device type in CLI_DEVICES adds its options to `pyvmm run`, in kvmtool's order."""
-    from pyvmm.devices.virtio.blk import VirtioBlk
     from pyvmm.devices.virtio.console import VirtioConsole
     from pyvmm.devices.virtio.fs import VirtioFs
     from pyvmm.devices.virtio.p9 import Virtio9p
     from pyvmm.devices.virtio.registry import CLI_DEVICES
     from pyvmm.devices.virtio.rng import VirtioRng
     from pyvmm.devices.virtio.vhost_net import VhostNet
+    from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlk
     from pyvmm.devices.virtio.vsock import VhostVsock
 
-    assert CLI_DEVICES == (VirtioBlk, VirtioConsole, VirtioRng, VhostNet, Virtio9p, VirtioFs, VhostVsock)
+    assert CLI_DEVICES == (VhostUserBlk, VirtioConsole, VirtioRng, VhostNet, Virtio9p, VirtioFs, VhostVsock)
     help_text = run_cli("run", "--help").stdout
     for flag in ("--disk", "--console", "--rng", "--network", "--9p", "--fs", "--vsock"):
         assert flag in help_text

@@ -34,11 +34,13 @@ OFFERED = VIRTIO_F_VERSION_1 | VIRTIO_F_INDIRECT_DESC | VIRTIO_F_EVENT_IDX | vu.
 class Backend:
     """A vhost-user back-end that answers as virtiofsd does and records every message."""
 
-    def __init__(self, path: Path, nack: int | None = None) -> None:
+    def __init__(self, path: Path, nack: int | None = None, config: bytes | None = None,
+                 offered: int = OFFERED) -> None:
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(str(path))
         self.listener.listen(1)
         self.nack = nack  # the request to refuse
+        self.config, self.offered = config, offered  # GET_CONFIG's bytes (None: refused); GET_FEATURES
         self.messages: list[tuple[int, int, bytes, list[int]]] = []
         self.conn: socket.socket | None = None
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -60,8 +62,11 @@ class Backend:
             self.messages.append((request, flags, payload, list(fds)))
             for fd in fds:
                 os.close(fd)
-            reply = {vu.GET_FEATURES: struct.pack("<Q", OFFERED),
-                     vu.GET_PROTOCOL_FEATURES: struct.pack("<Q", vu.PROTOCOL_F_MQ | vu.PROTOCOL_F_REPLY_ACK | 1 << 5),
+            config = b"" if self.config is None else payload[:vu.CONFIG_HEADER.size] + self.config
+            reply = {vu.GET_FEATURES: struct.pack("<Q", self.offered),
+                     vu.GET_PROTOCOL_FEATURES: struct.pack("<Q", vu.PROTOCOL_F_MQ | vu.PROTOCOL_F_REPLY_ACK | 1 << 5
+                                                           | vu.PROTOCOL_F_CONFIG),
+                     vu.GET_CONFIG: config,
                      vu.GET_QUEUE_NUM: struct.pack("<Q", 2),
                      vu.GET_VRING_BASE: payload}.get(request)
             if reply is None and flags & vu.FLAG_NEED_REPLY:
@@ -276,3 +281,35 @@ def test_a_back_end_lost_before_the_device_is_attached_ends_the_run(backend: Bac
         assert fatal == ["virtio-fs t: the virtio-fs daemon closed its vhost-user socket"]
     finally:
         vm.close()
+
+
+def test_the_configuration_space_comes_from_the_back_end(tmp_path: Path) -> None:
+    """GET_CONFIG, with PROTOCOL_F_CONFIG negotiated only by a device that asks for it; an empty
+    reply is a refusal, a reply of another size is malformed."""
+    for config, outcome in ((bytes(range(60)), "read"), (None, "refused"), (bytes(8), "malformed")):
+        path = tmp_path / f"{outcome}.sock"
+        backend = Backend(path, config=config)
+        connection = vu.VhostUserConnection(str(path), "virtio-blk t")
+        try:
+            connection.handshake(vu.PROTOCOL_F_CONFIG)
+            assert struct.unpack("<Q", backend.messages[2][2])[0] & vu.PROTOCOL_F_CONFIG
+            if outcome == "read":
+                assert connection.get_config(60) == bytes(range(60))
+                request = backend.messages[-1]
+                assert request[0] == vu.GET_CONFIG and request[2] == vu.CONFIG_HEADER.pack(0, 60, 0) + bytes(60)
+            else:
+                with pytest.raises(vu.VhostUserError, match=f"virtio-blk t: .*{outcome}"):
+                    connection.get_config(60)
+        finally:
+            connection.close()
+            backend.close()
+    backend = Backend(tmp_path / "fs.sock")  # virtio-fs does not ask for it
+    connection = vu.VhostUserConnection(str(tmp_path / "fs.sock"), "virtio-fs t")
+    try:
+        connection.handshake()
+        assert not struct.unpack("<Q", backend.messages[2][2])[0] & vu.PROTOCOL_F_CONFIG
+        with pytest.raises(vu.VhostUserError, match="GET_CONFIG needs VHOST_USER_PROTOCOL_F_CONFIG"):
+            connection.get_config(60)
+    finally:
+        connection.close()
+        backend.close()

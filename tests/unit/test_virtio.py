@@ -28,6 +28,7 @@ from pyvmm.devices.virtio.blk import (
     VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
+    DiskSpec,
     VirtioBlk,
     parse_disk,
 )
@@ -216,11 +217,14 @@ def _all_status_bytes(d: Driver) -> list[int]:
 
 
 def test_disk_arguments(tmp_path: Path) -> None:
-    assert parse_disk("a.img") == ("a.img", False, True)
-    assert parse_disk("a.img,ro") == ("a.img", True, True)
-    assert parse_disk("a.img,ro,nolock") == ("a.img", True, False)
-    with pytest.raises(VmmError, match="unknown option 'rw'"):
-        parse_disk("a.img,rw")
+    assert parse_disk("a.img") == DiskSpec("a.img", False, True, "auto")
+    assert parse_disk("a.img,ro") == DiskSpec("a.img", True, True)
+    assert parse_disk("a.img,ro,nolock") == DiskSpec("a.img", True, False)
+    assert parse_disk("a.img,backend=qsd,ro") == DiskSpec("a.img", True, True, "qsd")
+    assert parse_disk("a.img,backend=python") == DiskSpec("a.img", backend="python")
+    for bad in ("rw", "backend=kvmtool", "backend="):
+        with pytest.raises(VmmError, match=f"unknown option '{bad}' \\(FILE\\[,ro\\]\\[,nolock\\]\\[,backend=auto"):
+            parse_disk(f"a.img,{bad}")
     with pytest.raises(VmmError, match="No such file"):
         VirtioBlk(str(tmp_path / "missing.img"))
     (tmp_path / "tiny.img").write_bytes(b"x")

@@ -4,11 +4,14 @@ Requests go straight between the image and guest RAM: preadv/pwritev with the re
 buffers as the I/O vector, no copy in between. FLUSH is fsync(2). A read-only disk is opened
 O_RDONLY, offers VIRTIO_BLK_F_RO, and fails every write with IOERR. An image is locked against
 a second user (shared for `ro`, exclusive otherwise: lock_image()); `nolock` opts out.
+
+This is the disk pyvmm's worker thread serves; `-d` gives disks to qemu-storage-daemon where it
+can (vhost_user_blk.py, which also holds the option). Both read the option with parse_disk() and
+check the image with open_image(), so a bad one gets the same line whichever would serve it.
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import logging
@@ -16,9 +19,10 @@ import os
 import stat
 import struct
 from collections.abc import Callable
+from typing import NamedTuple
 
 from kvm_bindings import ffi, libc
-from pyvmm.devices.virtio.device import DeviceHost, VirtioDevice
+from pyvmm.devices.virtio.device import VirtioDevice
 from pyvmm.devices.virtio.rings.chain import Chain, QueueError
 from pyvmm.devices.virtio.rings.layout import IOVEC
 from pyvmm.devices.virtio.rings.queue import Virtqueue
@@ -35,6 +39,9 @@ VIRTIO_BLK_F_SEG_MAX = 1 << 2
 VIRTIO_BLK_F_RO = 1 << 5
 VIRTIO_BLK_F_BLK_SIZE = 1 << 6
 VIRTIO_BLK_F_FLUSH = 1 << 9
+VIRTIO_BLK_F_TOPOLOGY = 1 << 10
+VIRTIO_BLK_F_DISCARD = 1 << 13
+VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
 
 # Request types and status (§5.2.6)
 VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID = 0, 1, 4, 8
@@ -43,15 +50,56 @@ ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES
 HEADER = struct.Struct("<IIQ")  # struct virtio_blk_req: le32 type, le32 reserved, le64 sector
 
 
-def parse_disk(spec: str) -> tuple[str, bool, bool]:
-    """`FILE[,ro][,nolock]` as the CLI takes it -> (path, read_only, lock)."""
+BACKENDS = ("auto", "python", "qsd")  # who serves a disk: chosen for it, pyvmm's worker, qemu-storage-daemon
+DISK_USAGE = "FILE[,ro][,nolock][,backend=auto|python|qsd]"
+
+
+class DiskSpec(NamedTuple):
+    """One -d: the image, how it is opened, and who is to serve it (BACKENDS)."""
+
+    path: str
+    read_only: bool = False
+    lock: bool = True
+    backend: str = "auto"
+
+
+def parse_disk(spec: str) -> DiskSpec:
+    """`FILE[,ro][,nolock][,backend=auto|python|qsd]` as the CLI takes it."""
     path, *opts = spec.split(",")
+    backend = "auto"
     for o in opts:
-        if o not in ("ro", "nolock"):
-            raise VmmError(f"disk {spec!r}: unknown option {o!r} (FILE[,ro][,nolock])")
+        if o.startswith("backend=") and o[8:] in BACKENDS:
+            backend = o[8:]
+        elif o not in ("ro", "nolock"):
+            raise VmmError(f"disk {spec!r}: unknown option {o!r} ({DISK_USAGE})")
     if not path:
         raise VmmError(f"disk {spec!r} names no file")
-    return path, "ro" in opts, "nolock" not in opts
+    return DiskSpec(path, "ro" in opts, "nolock" not in opts, backend)
+
+
+def open_image(path: str, read_only: bool, lock: bool) -> tuple[int, int]:
+    """Open a disk image as a disk (a file or a block device of at least a sector), locked
+    unless `lock` is false: (its descriptor, its size). Every way it cannot be one is one line."""
+    try:
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as e:
+        raise VmmError(f"disk {path}: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise VmmError(f"disk {path} is not a file or a block device")
+        if lock:
+            lock_image(fd, path, shared=read_only)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)  # files and block devices alike
+        except OSError as e:
+            raise VmmError(f"disk {path}: cannot tell its size: {e.strerror}") from None
+        if size < SECTOR:
+            raise VmmError(f"disk {path} is smaller than one {SECTOR}-byte sector")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, size
 
 
 def lock_image(fd: int, path: str, shared: bool) -> None:
@@ -78,39 +126,11 @@ class VirtioBlk(VirtioDevice):
     name = "blk"
     queue_sizes = (QUEUE_SIZE,)
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("-d", "--disk", action="append", default=[], metavar="FILE[,ro][,nolock]",
-                            help="a raw disk image as virtio-blk (vda, vdb, ...); ro: read-only; nolock: do not "
-                                 "lock it against other users; repeatable")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, host: DeviceHost) -> list[VirtioDevice]:
-        return [cls(*parse_disk(spec)) for spec in args.disk]
-
     def __init__(self, path: str, read_only: bool = False, lock: bool = True) -> None:
         """`lock`: refuse an image another process uses, and keep others from using this one."""
         super().__init__()
         self.path, self.read_only = path, read_only
-        try:
-            self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-        except OSError as e:
-            raise VmmError(f"disk {path}: {e.strerror}") from None
-        try:
-            mode = os.fstat(self.fd).st_mode
-            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
-                raise VmmError(f"disk {path} is not a file or a block device")
-            if lock:
-                lock_image(self.fd, path, shared=read_only)
-            try:
-                size = os.lseek(self.fd, 0, os.SEEK_END)  # files and block devices alike
-            except OSError as e:
-                raise VmmError(f"disk {path}: cannot tell its size: {e.strerror}") from None
-            if size < SECTOR:
-                raise VmmError(f"disk {path} is smaller than one {SECTOR}-byte sector")
-        except BaseException:
-            os.close(self.fd)
-            raise
+        self.fd, size = open_image(path, read_only, lock)
         self.sectors = size // SECTOR
         self.features = VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH
         if read_only:

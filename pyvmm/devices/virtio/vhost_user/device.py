@@ -47,10 +47,12 @@ def memory_table(memory: GuestMemory) -> Sequence[MemoryRegion]:
 class VhostUserDevice(VhostDevice):
     """Base of devices served by a vhost-user back-end. A subclass sets device_id, name,
     queue_sizes and its configuration space, and `device_features`: the device-specific feature
-    bits pyvmm may pass on from the back-end."""
+    bits pyvmm may pass on from the back-end; `protocol_features`: those it cannot do without
+    (vhost-user-blk's CONFIG, for its configuration space)."""
 
     needs_shared_memory = True
     device_features = 0
+    protocol_features = 0
 
     def __init__(self, socket_path: str, what: str, on_close: Callable[[], None] | None = None) -> None:
         """Connect to the back-end at `socket_path` and learn its features. `on_close`: run when
@@ -59,7 +61,7 @@ class VhostUserDevice(VhostDevice):
         self._on_close = on_close
         self.connection = VhostUserConnection(socket_path, what)
         try:
-            offered, queues = self.connection.handshake()
+            offered, queues = self.connection.handshake(self.protocol_features)
         except BaseException:
             self.connection.close()
             raise
@@ -69,6 +71,7 @@ class VhostUserDevice(VhostDevice):
         if not offered & VIRTIO_F_VERSION_1:
             self.connection.close()
             raise VhostUserError(f"{what}: the back-end does not offer VIRTIO_F_VERSION_1")
+        self.offered = offered  # the back-end's features
         # what the guest is offered: the back-end's ring features and device bits pyvmm knows
         self.features = offered & self.device_features & ~F_PROTOCOL_FEATURES
         self.transport_features = offered & RING_FEATURES

@@ -3,7 +3,8 @@ specification"): messages on a Unix stream socket, each a 12-byte header (reques
 and a payload, with file descriptors passed alongside as SCM_RIGHTS.
 
 Only what a front-end needs to hand a device's rings to a back-end daemon is here: features,
-the memory table, ring set-up and teardown. Every request that changes state is sent with
+the memory table, ring set-up and teardown, and the device's configuration space (GET_CONFIG;
+vhost-user-blk's capacity and limits are the daemon's). Every request that changes state is sent with
 NEED_REPLY when the back-end offers REPLY_ACK, so a refusal is reported at the request that
 caused it rather than as a closed socket later.
 """
@@ -33,13 +34,14 @@ GET_PROTOCOL_FEATURES = 15
 SET_PROTOCOL_FEATURES = 16
 GET_QUEUE_NUM = 17
 SET_VRING_ENABLE = 18
+GET_CONFIG = 24
 
 NAMES = {GET_FEATURES: "GET_FEATURES", SET_FEATURES: "SET_FEATURES", SET_OWNER: "SET_OWNER",
          SET_MEM_TABLE: "SET_MEM_TABLE", SET_VRING_NUM: "SET_VRING_NUM", SET_VRING_ADDR: "SET_VRING_ADDR",
          SET_VRING_BASE: "SET_VRING_BASE", GET_VRING_BASE: "GET_VRING_BASE", SET_VRING_KICK: "SET_VRING_KICK",
          SET_VRING_CALL: "SET_VRING_CALL", SET_VRING_ERR: "SET_VRING_ERR",
          GET_PROTOCOL_FEATURES: "GET_PROTOCOL_FEATURES", SET_PROTOCOL_FEATURES: "SET_PROTOCOL_FEATURES",
-         GET_QUEUE_NUM: "GET_QUEUE_NUM", SET_VRING_ENABLE: "SET_VRING_ENABLE"}
+         GET_QUEUE_NUM: "GET_QUEUE_NUM", SET_VRING_ENABLE: "SET_VRING_ENABLE", GET_CONFIG: "GET_CONFIG"}
 
 # Header flags: bits 0-1 the version (1), then REPLY and NEED_REPLY
 VERSION = 0x1
@@ -53,13 +55,17 @@ F_PROTOCOL_FEATURES = 1 << 30
 # Protocol features (vhost-user.rst, "Protocol features")
 PROTOCOL_F_MQ = 1 << 0
 PROTOCOL_F_REPLY_ACK = 1 << 3
+PROTOCOL_F_CONFIG = 1 << 9
 WANTED_PROTOCOL_FEATURES = PROTOCOL_F_MQ | PROTOCOL_F_REPLY_ACK
+PROTOCOL_NAMES = {PROTOCOL_F_CONFIG: "VHOST_USER_PROTOCOL_F_CONFIG"}
 
 U64 = struct.Struct("<Q")
 VRING_STATE = struct.Struct("<II")  # index, num
 VRING_ADDR = struct.Struct("<IIQQQQ")  # index, flags, descriptor, used, available, log: front-end addresses
 MEMORY_HEADER = struct.Struct("<II")  # nregions, padding
 MEMORY_REGION = struct.Struct("<QQQQ")  # guest_phys_addr, memory_size, userspace_addr, mmap_offset
+CONFIG_HEADER = struct.Struct("<III")  # struct vhost_user_config: offset, size, flags, then the bytes
+MAX_CONFIG = 256  # VHOST_USER_MAX_CONFIG_SIZE
 MAX_REGIONS = 8  # VHOST_MEMORY_BASELINE_NREGIONS: what SET_MEM_TABLE carries
 NO_FD = 1 << 8  # in SET_VRING_KICK/CALL's u64: no descriptor comes with the message
 MAX_PAYLOAD = 4096
@@ -101,6 +107,7 @@ class VhostUserConnection:
                                  f"{e.strerror or e}") from None
         self.sock.settimeout(REPLY_TIMEOUT)
         self.reply_ack = False
+        self.protocol_features = 0  # negotiated by handshake()
 
     def close(self) -> None:
         self.sock.close()
@@ -109,15 +116,19 @@ class VhostUserConnection:
         return self.sock.fileno()
 
     # --- the messages ----------------------------------------------------------------------
-    def handshake(self) -> tuple[int, int]:
-        """SET_OWNER and the protocol features; the back-end's virtio features and its number of
-        queues (0 if it does not say)."""
+    def handshake(self, needed: int = 0) -> tuple[int, int]:
+        """SET_OWNER and the protocol features (with `needed`, those the device cannot do
+        without); the back-end's virtio features and its number of queues (0 if it does not say)."""
         features = self._get_u64(GET_FEATURES)
         if not features & F_PROTOCOL_FEATURES:
             raise VhostUserError(f"{self.what}: the back-end does not offer protocol features "
                                  "(VHOST_USER_F_PROTOCOL_FEATURES), which pyvmm needs to enable its rings")
         offered = self._get_u64(GET_PROTOCOL_FEATURES)
-        chosen = offered & WANTED_PROTOCOL_FEATURES
+        for bit, name in PROTOCOL_NAMES.items():
+            if needed & bit and not offered & bit:
+                raise VhostUserError(f"{self.what}: the back-end does not offer {name}")
+        chosen = offered & (WANTED_PROTOCOL_FEATURES | needed)
+        self.protocol_features = chosen
         self._send(SET_PROTOCOL_FEATURES, U64.pack(chosen))
         self.reply_ack = bool(chosen & PROTOCOL_F_REPLY_ACK)
         self._request(SET_OWNER)
@@ -145,6 +156,21 @@ class VhostUserConnection:
         self._request(SET_VRING_CALL, U64.pack(index), [call])
         self._request(SET_VRING_KICK, U64.pack(index), [kick])
         self._request(SET_VRING_ENABLE, VRING_STATE.pack(index, 1))
+
+    def get_config(self, size: int) -> bytes:
+        """The first `size` bytes of the device's configuration space, as the back-end has it
+        (GET_CONFIG; the reply repeats offset, size and flags; an empty one is a refusal)."""
+        if not self.protocol_features & PROTOCOL_F_CONFIG:
+            raise VhostUserError(f"{self.what}: GET_CONFIG needs VHOST_USER_PROTOCOL_F_CONFIG")
+        assert 0 < size <= MAX_CONFIG
+        reply = self._call(GET_CONFIG, CONFIG_HEADER.pack(0, size, 0) + bytes(size))
+        if len(reply) == 0 or len(reply) == CONFIG_HEADER.size and CONFIG_HEADER.unpack(reply)[1] == 0:
+            raise VhostUserError(f"{self.what}: the back-end refused GET_CONFIG")
+        offset, got, _ = CONFIG_HEADER.unpack_from(reply) if len(reply) >= CONFIG_HEADER.size else (0, 0, 0)
+        if offset != 0 or got != size or len(reply) != CONFIG_HEADER.size + size:
+            raise VhostUserError(f"{self.what}: a malformed GET_CONFIG reply (offset {offset}, {got} of "
+                                 f"{size} bytes)")
+        return reply[CONFIG_HEADER.size:]
 
     def stop_ring(self, index: int) -> int:
         """GET_VRING_BASE: the back-end stops the ring and says where it was."""

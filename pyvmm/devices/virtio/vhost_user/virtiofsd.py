@@ -1,10 +1,8 @@
 """virtiofsd, the virtio-fs daemon (Rust; Debian 13 and Ubuntu 24.04 package it as `virtiofsd`),
 started by pyvmm for `--fs DIR,TAG` and `pyvmm exec --share fs`.
 
-pyvmm makes the listening socket itself, in a private directory, and hands it over with `--fd`:
-the daemon needs no path of pyvmm's choosing and pyvmm connects at once, with no wait for a
-socket file to appear. The daemon serves that one connection and exits when pyvmm closes it.
-Its sandbox is the strongest it can set up for pyvmm's user (sandboxes(); fs.py tries them in
+pyvmm makes the listening socket itself and hands it over with `--fd` (daemon.py). The daemon
+serves that one connection and exits when pyvmm closes it. Its sandbox is the strongest it can set up for pyvmm's user (sandboxes(); fs.py tries them in
 turn): a mount namespace confined to the shared directory (`--sandbox namespace`, the default;
 unprivileged, it makes a user namespace), a chroot for root where namespaces are refused or / is
 an initramfs, or, where the host refuses namespaces to another user, none (`--sandbox none`).
@@ -14,10 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import tempfile
 
+from pyvmm.devices.virtio.vhost_user.daemon import Daemon
 from pyvmm.errors import VmmError
 
 # Debian's place for it, and QEMU's older one; $PYVMM_VIRTIOFSD or PATH first
@@ -59,7 +55,7 @@ def root_is_rootfs(mountinfo: str = "/proc/self/mountinfo") -> bool:
     return False
 
 
-class Virtiofsd:
+class Virtiofsd(Daemon):
     """One virtiofsd serving `shared_dir` on a fresh socket (`socket_path`), in `sandbox`."""
 
     def __init__(self, shared_dir: str, *, read_only: bool, cache: str = "auto", sandbox: str = "namespace",
@@ -72,54 +68,9 @@ class Virtiofsd:
             raise VmmError(f"{what}: {shared_dir} is not a directory")
         if cache not in CACHE_MODES:
             raise VmmError(f"{what}: cache {cache!r} is not one of {', '.join(CACHE_MODES)}")
+        super().__init__("pyvmm-virtiofsd-")
         self.what, self.sandbox = what, sandbox
-        self.dir = tempfile.mkdtemp(prefix="pyvmm-virtiofsd-")
-        self.socket_path = os.path.join(self.dir, "socket")
-        self.log_path = os.path.join(self.dir, "log")
-        self.proc: subprocess.Popen[bytes] | None = None
         args = [binary, f"--shared-dir={shared_dir}", f"--cache={cache}", f"--sandbox={sandbox}", "--log-level=error"]
         if read_only:
             args.append("--readonly")
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            listener.bind(self.socket_path)
-            listener.listen(1)
-            with open(self.log_path, "wb") as log_file:
-                self.proc = subprocess.Popen([*args, f"--fd={listener.fileno()}"], stdin=subprocess.DEVNULL,
-                                             stdout=log_file, stderr=log_file, pass_fds=[listener.fileno()],
-                                             start_new_session=True)
-        except OSError as e:
-            self.stop()
-            raise VmmError(f"{what}: cannot start {binary}: {e.strerror or e}") from None
-        finally:
-            listener.close()  # the daemon's copy stays: pyvmm's connection queues on it
-
-    def exit_status(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
-
-    def last_words(self, wait: float = 0.0) -> str:
-        """The daemon's last line of output and how it ended (waiting up to `wait` s for that)."""
-        if self.proc is not None and wait:
-            try:
-                self.proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            with open(self.log_path, "rb") as f:
-                lines = [line for line in f.read()[-4096:].decode(errors="replace").splitlines() if line.strip()]
-        except OSError:
-            lines = []
-        status = self.exit_status()
-        ended = "still running" if status is None else (
-            f"killed by signal {-status}" if status < 0 else f"exit status {status}")
-        return f"{lines[-1].strip()} ({ended})" if lines else ended
-
-    def stop(self) -> None:
-        """End the daemon (it ends by itself once pyvmm's connection closes) and clean up."""
-        if self.proc is not None:
-            try:
-                self.proc.wait(2)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.start(lambda fd: [*args, f"--fd={fd}"], what)  # stop() waits: it ends with pyvmm's connection
