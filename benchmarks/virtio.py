@@ -25,14 +25,16 @@ import shlex
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 
 from benchmarks.common import median
 from benchmarks.hypercall import native_floor_us
 from pyvmm.boot.load import boot
-from pyvmm.devices.bus import MmioDevice
-from pyvmm.devices.virtio.blk import VirtioBlk
+from pyvmm.devices.bus import MmioBus, MmioDevice
+from pyvmm.devices.virtio.blk import DiskSpec, VirtioBlk
 from pyvmm.devices.virtio.net import VirtioNet, parse_network
 from pyvmm.devices.virtio.rings.chain import Chain
+from pyvmm.devices.virtio.vhost_user_blk import VhostUserBlk
 from pyvmm.machine.vm import Vm
 from tests.conftest import linux_guest
 
@@ -47,11 +49,12 @@ WRITE = f"dd if=/dev/zero of=/dev/vda bs=1M count={DISK_MIB} oflag=direct"
 READ = f"dd if=/dev/vda of=/dev/null bs=1M count={DISK_MIB} iflag=direct"
 SMALL_READS = 1024  # one 4 KiB request at a time: the per-request cost, not the bandwidth
 READ_4K = f"dd if=/dev/vda of=/dev/null bs=4k count={SMALL_READS} iflag=direct"
+READ_4K_QSD = READ_4K.replace("/dev/vda", "/dev/vdb")  # the same image, served by qemu-storage-daemon
 PING = f"ping -c 20 -i 0.2 {HOST_IP}"
 CONSOLE_BYTES = 4096
 CONSOLE = f"head -c {CONSOLE_BYTES} /dev/zero >/dev/ttyS0"
 NET_UP = f"ip addr add {GUEST_IP}/24 dev eth0; ip link set eth0 up"
-TIMED_RE = re.compile(r"BENCH-(WRITE|READ|READ4K|CONSOLE) ([\d.]+) ([\d.]+)")
+TIMED_RE = re.compile(r"BENCH-(WRITE|READ|READ4K|QSD4K|CONSOLE) ([\d.]+) ([\d.]+)")
 RTT_RE = re.compile(r"round-trip min/avg/max = ([\d.]+)/([\d.]+)/([\d.]+) ms")
 
 
@@ -64,7 +67,8 @@ def guest_script() -> str:
     # loops, not copies: the whole script must fit the kernel's command line (2048 bytes on arm64)
     runs = " ".join(str(n) for n in range(RUNS))
     steps = [NET_UP,
-             f"for run in {runs}; do {timed('WRITE', WRITE)}; {timed('READ', READ)}; {timed('READ4K', READ_4K)}; done",
+             f"for run in {runs}; do {timed('WRITE', WRITE)}; {timed('READ', READ)}; {timed('READ4K', READ_4K)}; "
+             f"{timed('QSD4K', READ_4K_QSD)}; done",
              f"for run in 1 2 3; do {timed('CONSOLE', CONSOLE)}; done"]
     steps.append(f"echo BENCH-PING; {PING}")
     return "; ".join(steps)
@@ -120,11 +124,16 @@ class CountedBlk(VirtioBlk):
 
 
 class RegisterExits:
-    """Counts the MMIO exits to one device's registers (wraps its read and write)."""
+    """Counts the MMIO exits to one device's registers (wraps its read and write, and the hot
+    registers the bus answers for it without them)."""
 
-    def __init__(self, device: MmioDevice) -> None:
+    def __init__(self, device: MmioDevice, bus: MmioBus) -> None:
         self.count = 0
         read, write = device.read, device.write
+        for addr, hot in list(bus.hot_reads.items()):
+            mapping = bus.find(addr)
+            if mapping is not None and mapping.device is device:
+                bus.hot_reads[addr] = self._counted_hot(hot)
 
         def counted_read(offset: int, size: int) -> int:
             self.count += 1
@@ -137,6 +146,12 @@ class RegisterExits:
         # instance attributes shadow the methods the bus calls (benchmark instrumentation only)
         setattr(device, "read", counted_read)  # noqa: B010
         setattr(device, "write", counted_write)  # noqa: B010
+
+    def _counted_hot(self, hot: Callable[[], int]) -> Callable[[], int]:
+        def counted() -> int:
+            self.count += 1
+            return hot()
+        return counted
 
 
 def host_tap_setup() -> list[list[str]]:
@@ -154,10 +169,12 @@ def run_guest() -> tuple[str, list[tuple[float, float]], float, tuple[int, int, 
                 f.write(bytes(1 << 20))
         floors = [host_file_floor(disk) for _ in range(RUNS)]
         floor_4k_us = median([host_4k_floor_us(disk) for _ in range(RUNS)])
-        with Vm(cpus=1, mem_mib=256, console=out.append) as vm:
+        with Vm(cpus=1, mem_mib=256, console=out.append, shared_memory=True) as vm:
             blk = CountedBlk(disk)
-            exits = RegisterExits(vm.add_virtio(blk))
-            uart_exits = RegisterExits(vm.serial.uart)
+            exits = RegisterExits(vm.add_virtio(blk), vm.mmio)
+            # the same image again as vdb, on qemu-storage-daemon (nolock: vda holds the lock)
+            vm.add_virtio(VhostUserBlk.open(DiskSpec(disk, lock=False, backend="qsd")))
+            uart_exits = RegisterExits(vm.serial.uart, vm.mmio)
             vm.add_virtio(VirtioNet(parse_network(f"mode=tap,tapif={TAP}")))
             for argv in host_tap_setup():
                 done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
@@ -199,12 +216,13 @@ def main(floor_us: float) -> None:
     print(f"    {WRITE}")
     print(f"    {READ}")
     print(f"    {READ_4K}")
+    print(f"    {READ_4K_QSD}   (vdb: the same image, served by qemu-storage-daemon)")
     print(f"    {CONSOLE}")
     print(f"    {NET_UP}; {PING}   (host end {HOST_IP} on tap {TAP})")
     image, initrd = linux_guest()
     print(f"  the same under kvmtool, DISK a {DISK_MIB} MiB file of zeros in the host's /tmp, after creating tap {TAP}"
           f" and {'; '.join(shlex.join(argv) for argv in host_tap_setup())}:")
-    print(f"    lkvm run -c 1 -m 256 -k {image} -i {initrd} -d DISK -n mode=tap,tapif={TAP} -p {shlex.quote(cmdline())}")
+    print(f"    lkvm run -c 1 -m 256 -k {image} -i {initrd} -d DISK -d DISK -n mode=tap,tapif={TAP} -p {shlex.quote(cmdline())}")
     lo, hi = KVMTOOL_READ_MBS
     print(f"  virtio-blk sequential read   {read:7.1f} MB/s  runs {', '.join(f'{v:.1f}' for v in reads)}"
           f"  ({read / host_read:.2f}x the host's own {host_read:.0f} MB/s; {read / hi:.2f}x-{read / lo:.2f}x "
@@ -217,6 +235,10 @@ def main(floor_us: float) -> None:
     print(f"  virtio-blk 4 KiB read        {small:7.0f} us per request  runs {', '.join(f'{v:.0f}' for v in small_us)}"
           f"  ({small / floor_4k_us:.0f}x the host's own 4 KiB pread, {floor_4k_us:.1f} us: the guest's block layer,"
           f" one kick, one interrupt and the device's work)")
+    qsd_us = [seconds / SMALL_READS * 1e6 for seconds in durations(text, "QSD4K", RUNS)]
+    qsd = median(qsd_us)
+    print(f"  ... on qemu-storage-daemon   {qsd:7.0f} us per request  runs {', '.join(f'{v:.0f}' for v in qsd_us)}"
+          f"  ({qsd / small:.2f}x pyvmm's own worker in the same run: no Python on the request path)")
     print(f"  virtio-blk register exits    {register_exits / requests:7.2f} per request ({register_exits} for {requests}"
           f" requests, the whole run; notifications take an ioeventfd, so these are interrupt status and"
           f" acknowledgement)")

@@ -50,8 +50,14 @@ def userspace_roots(python: str, release: str) -> list[str]:
     roots = ["busybox-static", f"python{python}-minimal", f"libpython{python}-stdlib",
              # GDB for the stub's tests: without Python in Debian 12; Debian 13's gdb-minimal is
              # a transitional package to its gdb, which embeds the same Python
-             "gdb-minimal"]
+             "gdb-minimal",
+             # qemu-storage-daemon, which serves -d disks: in qemu-utils from QEMU 8.0, so from
+             # bookworm-backports on Debian 12 (built against Debian 12's own libraries)
+             QEMU_UTILS.get(release, "qemu-utils")]
     return roots + (["virtiofsd"] if release != VIRTIOFSD_RELEASE_FROM else [])
+
+
+QEMU_UTILS = {"bookworm": "qemu-utils/bookworm-backports"}
 
 
 # virtio-fs's daemon. Debian 12 has none: its emulated host takes Debian 13's virtiofsd with the
