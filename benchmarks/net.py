@@ -192,7 +192,7 @@ def main() -> None:
     image, initrd = linux_guest()
     print("  the same under kvmtool, after the same tap set-up (ip addr add SUBNET.1/24 dev TAP; ip link set TAP up),"
           f" with `python3 -m benchmarks.net --serve` on the host (port {PORT}) and net.sh below in a tar image DISK:")
-    print(f"    lkvm run -c 1 -m 256 -k {image} -i {initrd} -d DISK "
+    print(f"    lkvm run --virtio-transport mmio -c 1 -m 256 -k {image} -i {initrd} -d DISK "
           + " ".join(f"-n mode=tap,tapif={n.tap},guest_mac={n.mac},vhost={v}" for n, v in zip(NICS, (0, 1), strict=True))
           + " -p " + shlex.quote("console=ttyS0 quiet pyvmm.run=tar,-xf,/dev/vda,-C,/tmp;sh,/tmp/net.sh"))
     print("  net.sh:\n" + "".join(f"    {line}\n" for line in guest_script(port).splitlines()))

@@ -123,7 +123,7 @@ def main() -> None:
     if virtiofsd.find() is None:
         print(f"  {'virtio-fs':34}not measured: no virtiofsd on this host")
     print(f"  {'':34}" + "".join(f"{'(time, x the floor)':>22}" for _ in names))
-    print("  the same under kvmtool: lkvm run -c 2 -m 512 --9p /,root -k IMAGE -i INITRD, then in the guest\n"
+    print("  the same under kvmtool: lkvm run --virtio-transport mmio -c 2 -m 512 --9p /,root -k IMAGE -i INITRD, then in the guest\n"
           f"    mount -t 9p -o trans=virtio,version=9p2000.L,msize={MSIZE},cache=MODE root /mnt and, each after\n"
           "    echo 3 > /proc/sys/vm/drop_caches: " + "; ".join(c for _, c in rows("/mnt", str(big))))
     print("  goals: 9p at most 1.0x kvmtool's time in every row; virtio-fs at least 3x faster than kvmtool's 9p "

@@ -222,7 +222,7 @@ def main(floor_us: float) -> None:
     image, initrd = linux_guest()
     print(f"  the same under kvmtool, DISK a {DISK_MIB} MiB file of zeros in the host's /tmp, after creating tap {TAP}"
           f" and {'; '.join(shlex.join(argv) for argv in host_tap_setup())}:")
-    print(f"    lkvm run -c 1 -m 256 -k {image} -i {initrd} -d DISK -d DISK -n mode=tap,tapif={TAP} -p {shlex.quote(cmdline())}")
+    print(f"    lkvm run --virtio-transport mmio -c 1 -m 256 -k {image} -i {initrd} -d DISK -d DISK -n mode=tap,tapif={TAP} -p {shlex.quote(cmdline())}")
     lo, hi = KVMTOOL_READ_MBS
     print(f"  virtio-blk sequential read   {read:7.1f} MB/s  runs {', '.join(f'{v:.1f}' for v in reads)}"
           f"  ({read / host_read:.2f}x the host's own {host_read:.0f} MB/s; {read / hi:.2f}x-{read / lo:.2f}x "

@@ -130,7 +130,7 @@ def main() -> None:
           f"{guest['RTT']:7.1f} us ({guest['RTT'] / host['RTT']:.1f}x the floor)")
     image, initrd = linux_guest()
     print(f"  the same under kvmtool, with `python3 -m benchmarks.vsock --serve` on the host (port {PORT}):")
-    print(f"    lkvm run -c 1 -m 256 -k {image} -i {initrd} --9p /,hostroot --vsock {CID} -p "
+    print(f"    lkvm run --virtio-transport mmio -c 1 -m 256 -k {image} -i {initrd} --9p /,hostroot --vsock {CID} -p "
           + shlex.quote(f"console=ttyS0 quiet pyvmm.run={guest_command(PORT)}"))
 
 

@@ -20,6 +20,7 @@ from pyvmm.cli.options import (
     positive_float,
     sve_vector_length,
     u64,
+    virtio_transport,
 )
 from pyvmm.cli.signals import StopSignals
 from pyvmm.errors import KernelOpenError, VmmError
@@ -49,6 +50,8 @@ def add_parser(sub: Any) -> None:
                      help="/chosen/kaslr-seed in the device tree (default: a random one each boot)")
     for device_type in CLI_DEVICES:  # each virtio device type declares its own options
         device_type.add_arguments(run)
+    run.add_argument("--virtio-transport", type=virtio_transport, default="mmio", metavar="mmio",
+                     help="kvmtool's transport for virtio devices; pyvmm's are virtio-mmio (version 2)")
     run.add_argument("--dump-dtb", metavar="FILE", help="write the generated device tree to FILE and exit")
     add_machine_options(run, cpus=1, mem=64)
     # the CPU and the interrupt controller, in kvmtool's spelling (pyvmm/machine/cpu_features.py)

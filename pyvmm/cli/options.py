@@ -113,6 +113,21 @@ def sve_vector_length(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+# kvmtool's --virtio-transport values (kvmtool's builtin-run.c). pyvmm's devices sit on virtio-mmio
+# version 2 (virtio 1.2 §4.2.2): kvmtool's "mmio". A legacy or PCI transport is not offered.
+VIRTIO_TRANSPORTS = ("pci", "pci-legacy", "mmio", "mmio-legacy")
+
+
+def virtio_transport(text: str) -> str:
+    """An argparse type: kvmtool's --virtio-transport, of which pyvmm has "mmio"."""
+    if text == "mmio":
+        return text
+    if text in VIRTIO_TRANSPORTS:
+        raise argparse.ArgumentTypeError(f"pyvmm's virtio devices are on virtio-mmio (version 2) only: give mmio, "
+                                         f"not {text}")
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of kvmtool's transports ({', '.join(VIRTIO_TRANSPORTS)})")
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

@@ -28,11 +28,12 @@ def test_kvmtools_flags_as_its_users_spell_them() -> None:
     args = cli.build_parser().parse_args([
         "run", "--kernel", "t.flat", "--cpus", "2", "--params", "a b", "--nodefaults", "--network", "mode=none",
         "--loglevel=warning", "--mem", "256", "--pmu", "--irqchip=gicv3-its", "--initrd", "env",
-        "--sve-max-vl", "256", "--disable-mte", "--no-pvtime", "--kaslr-seed", "0x10"])
+        "--sve-max-vl", "256", "--disable-mte", "--no-pvtime", "--kaslr-seed", "0x10", "--virtio-transport", "mmio"])
     assert (args.kernel, args.cpus, args.params, args.nodefaults, args.network, args.loglevel, args.mem,
             args.irqchip, args.initrd, args.kaslr_seed) == (
         "t.flat", 2, "a b", True, ["mode=none"], "warning", 256, "gicv3-its", "env", 0x10)
     assert cli.cpu_options(args) == CpuOptions(sve_max_vl=256, pmu=True, mte=False, pvtime=False)
+    assert args.virtio_transport == "mmio"
     defaults = cli.build_parser().parse_args(["run", "--kernel", "t.flat"])
     assert cli.cpu_options(defaults) == AS_THE_HOST_OFFERS and not defaults.nodefaults
     assert defaults.irqchip == "auto"
@@ -57,6 +58,10 @@ def test_kvmtools_flags_as_its_users_spell_them() -> None:
     (["run", "-f", "x", "--sve-max-vl", "384"], "power of two from 128 to 2048 bits, not 384"),
     (["run", "-f", "x", "--sve-max-vl", "4096"], "power of two from 128 to 2048 bits, not 4096"),
     (["run", "-f", "x", "--loglevel=loud"], "argument --loglevel: invalid choice: 'loud'"),
+    (["run", "-f", "x", "--virtio-transport", "pci"],
+     "pyvmm's virtio devices are on virtio-mmio (version 2) only: give mmio, not pci"),
+    (["run", "-f", "x", "--virtio-transport", "mmio-legacy"], "only: give mmio, not mmio-legacy"),
+    (["run", "-f", "x", "--virtio-transport", "usb"], "'usb' is not one of kvmtool's transports"),
 ])
 def test_bad_flags_are_one_line_usage_errors(args: list[str], message: str) -> None:
     p = run_cli(*args)
