@@ -53,7 +53,7 @@ from kvm_bindings.regs import (
     SYS_REGS,
     sysreg_id,
 )
-from pyvmm.errors import KvmIoctlError, VmmError
+from pyvmm.errors import KvmIoctlError
 from pyvmm.kvm.exits import (
     HYPERCALL_FLAGS,
     HYPERCALL_NR,
@@ -79,27 +79,12 @@ from pyvmm.machine.cpu_features import (
     limit_vector_lengths,
     longest_vector,
 )
+from pyvmm.machine.kick import KICK_SIGNAL
 from pyvmm.machine.power import Entry, Power, PowerState
 
-KICK_SIGNAL = signal.SIGRTMIN + 2
 _X = tuple(CORE_REGS[f"x{n}"] for n in range(31))
 _HYPERCALL = ExitReason.HYPERCALL.value
 _MMIO = ExitReason.MMIO.value
-_kick_handler_installed = False
-
-
-def install_kick_handler() -> None:
-    """The kick signal needs a handler (not SIG_IGN/SIG_DFL) to interrupt KVM_RUN with EINTR.
-    Python only lets the main thread install handlers, so the first VM must be made there."""
-    global _kick_handler_installed
-    if _kick_handler_installed:
-        return
-    if threading.current_thread() is not threading.main_thread():
-        raise VmmError("create the first VM from the main thread (pyvmm installs its vCPU kick signal handler)")
-    signal.signal(KICK_SIGNAL, lambda signum, frame: None)
-    _kick_handler_installed = True
-
-
 class ExitHandler(Protocol):
     """What a vCPU's exit loop hands exits to (the machine's devices, services and life cycle)."""
 

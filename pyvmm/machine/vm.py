@@ -30,10 +30,11 @@ from pyvmm.machine.host import HOST_NOTES, vm_ipa_bits
 from pyvmm.machine.host_console import ConsoleOutput
 from pyvmm.machine.images import BlobImage, Image, file_image, file_size, unpack_gzip
 from pyvmm.machine.irq_lines import InterruptLines
+from pyvmm.machine.kick import install_kick_handler
 from pyvmm.machine.lifecycle import Lifecycle, RunResult
 from pyvmm.machine.memory import RAM_BASE, GuestMemory
 from pyvmm.machine.power import Entry
-from pyvmm.machine.vcpu import Vcpu, install_kick_handler
+from pyvmm.machine.vcpu import Vcpu
 from pyvmm.smccc import filter as smccc_filter
 from pyvmm.smccc.context import ServiceContext
 from pyvmm.smccc.dispatcher import Dispatcher
@@ -253,9 +254,9 @@ class Vm:
             self.dt_parts.append(dt)
 
     def add_virtio(self, device: VirtioDevice) -> VirtioMmio:
-        """Attach a virtio device on its own virtio-mmio transport, at the next of kvmtool's
-        virtio-mmio slots (0x3000000 + 0x200 * n) with the next SPI. The VM owns the device from
-        here on: it is closed with the VM, or at once if it cannot be attached."""
+        """Attach a virtio device on its own virtio-mmio transport, at kvmtool's next slot
+        (0x3000000 + 0x200 * n) with the next SPI, its InterruptStatus a hot register. The VM owns
+        the device from here on: it is closed with the VM, or at once if it cannot be attached."""
         from pyvmm.devices.virtio.mmio_registers import INTERRUPT_STATUS, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE
         from pyvmm.devices.virtio.transport import VirtioMmio
 
@@ -266,8 +267,7 @@ class Vm:
                 raise VmmError(f"virtio-{device.name}: its daemon must reach guest RAM: build the VM with "
                                "Vm(shared_memory=True)")
             base = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE * len(self.virtio)
-            transport = VirtioMmio(device, base, self.memory, self.lines.irqfd(), self.fd.ioeventfd,
-                                   fatal=self._device_failed)
+            transport = VirtioMmio(device, base, self.memory, self.lines.irqfd(), self.fd.ioeventfd, self._device_failed)
         except BaseException:
             device.close()
             raise

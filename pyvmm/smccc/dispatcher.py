@@ -318,9 +318,8 @@ class Dispatcher:
         value x0 gets, as a 64-bit pattern, or None when nothing is left to write (the call does
         not return, or its results have been written here: several, or a traced call).
 
-        This is the exit loop's hot path, which writes x0 itself with its prepared ioctl: a cached
-        lookup of the handler and of the call's width, the handler, and one range check.
-        """
+        The exit loop's hot path, which writes x0 itself with its prepared ioctl: a cached lookup
+        of the handler and the call's width, the vCPU's call object, the handler, a range check."""
         if self._observed:
             watch = self._watch
             if watch is not None:
@@ -335,11 +334,10 @@ class Dispatcher:
         if handler is None or flags & _SMC != self._smc:
             self.calls += 1
             return NOT_SUPPORTED & mask
-        try:
+        try:  # the vCPU's one call object, filled in for this call (valid while its handler runs)
             call = self._call_objects[vcpu.index]
         except KeyError:
             call = self._call_objects[vcpu.index] = SmcccCall(vcpu, function_id, flags)
-        # the vCPU's one call object, filled in for this call (valid while its handler runs)
         call.vcpu, call.function_id, call.flags, call._args = vcpu, function_id, flags, None
         try:
             results = handler(call)

@@ -8,20 +8,19 @@ a way to register ioeventfds. The fast path never involves a vCPU thread in Pyth
   * device work: one worker thread per device polls those eventfds (and any backend fds);
   * interrupts: a KVM irqfd on the device's SPI, signalled by the worker;
   * the interrupt status: its used-buffer bit always reads as set and its ACK is a KVM ioeventfd
-    nobody reads, so of Linux's vm_interrupt (read the status, ACK it, scan the rings) only the
-    read leaves KVM. A scan with nothing used is harmless (notification suppression is only a
-    hint, §2.7.7; so do Firecracker's vhost-user devices). A configuration change is real.
+    nobody reads, so of Linux's vm_interrupt (status, ACK, ring scan) only the status load leaves
+    KVM, and the vCPU loop answers it as a hot register (devices/bus.py). A scan with nothing used
+    is harmless (a hint, §2.7.7; as Firecracker's vhost-user devices). A config change is real.
 
 A vhost device (`external_queues`, vhost.py) hands the kick eventfds and the irqfd's eventfd to
 the kernel or its daemon, which interrupts the guest itself; the worker leaves them alone.
 
-Locking: `_state` guards the registers and queue set-up, held briefly by vCPU threads and by the
-worker; device work (a disk read, an fsync, a frame) runs outside it, so a register access never
-waits behind I/O. What would pull the rings from under a request in flight is deferred until the
-worker has finished it: a reset (status 0 reads back non-zero until then, and the driver must
-wait for it to read 0, §2.4.1) and the release of a queue made not ready. Only a driver that
-goes on writing registers before its reset has completed waits, and never once the machine is
-stopping or resetting.
+Locking: `_state` guards the registers and queue set-up, held briefly by vCPU threads and the
+worker; device work (a disk read, an fsync, a frame) runs outside it, so no register access waits
+behind I/O. A reset, or the release of a queue made not ready, is deferred until the worker has
+finished the request in flight (status 0 reads back non-zero until then, and the driver must wait
+for 0, §2.4.1); only a driver that writes registers before its reset has completed waits, and
+never while the machine stops or resets.
 
 A driver that breaks the rules (malformed chains, rings outside RAM, DRIVER_OK without
 FEATURES_OK) gets the device marked DEVICE_NEEDS_RESET with a configuration-change interrupt
@@ -138,8 +137,7 @@ class VirtioMmio:
             "interrupts": [reg.GIC_SPI, self.spi, reg.IRQ_TYPE_EDGE_RISING], "dma-coherent": True})
 
     # --- registers (vCPU threads) --------------------------------------------------------
-    def interrupt_status(self) -> int:
-        """InterruptStatus: read on every interrupt, so the bus answers it as a hot register."""
+    def interrupt_status(self) -> int:  # read on every interrupt: a hot register (devices/bus.py)
         return self.isr | reg.INT_USED_BUFFER
 
     def read(self, offset: int, size: int) -> int:
