@@ -66,8 +66,9 @@ lint: $(VENV)/.stamp
 	@$(VPY) -m mypy
 	@$(VPY) -m check_jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 
+# PYVMM_REQUIRE_QSD: host-deps installed qemu-storage-daemon, so its tests run here, never skip
 unit: $(VENV)/.stamp kvm_bindings/_kvm_ffi.py
-	@$(VPY) -m pytest -m "not kvm" -q
+	@PYVMM_REQUIRE_QSD=1 $(VPY) -m pytest -m "not kvm" -q
 
 # The KVM tier: every test marked `kvm`, against real /dev/kvm; a skipped one fails the tier.
 # --capture=sys leaves fd 2 alone, so a stuck test's watchdog dump (faulthandler) is seen.

@@ -4,12 +4,13 @@
 #                AArch32 one (binutils-arm-linux-gnueabihf, for the --aarch32 test guests), and a C
 #                compiler with Python's headers: pylibfdt (which dtschema, a dev dependency, needs)
 #                is an sdist only and builds a C extension when the venv is made (the SWIG it
-#                needs comes from PyPI as a build requirement, so Debian's swig is not needed)
+#                needs comes from PyPI as a build requirement, so Debian's swig is not needed);
+#                qemu-utils for qemu-storage-daemon (it serves -d disks, and the unit tier drives
+#                a real one; QEMU >= 8.0: Debian 13's own, bookworm-backports' on Debian 12)
 #   arm64:       busybox-static (pyvmm exec puts it in the guest's initramfs), gdb (the GDB stub's
 #                tests drive it; the emulated host has Debian's gdb-minimal), ip and ping (the
 #                network tests and benchmarks set up and ping the host's end of a tap; the
-#                emulated host has busybox's), qemu-utils for qemu-storage-daemon (it serves -d
-#                disks; QEMU >= 8.0: Debian 13's own, bookworm-backports' on Debian 12)
+#                emulated host has busybox's)
 #   non-arm64:   qemu-system-aarch64 (bookworm-backports' QEMU is ~1.5x faster per exit than
 #                bookworm's), cpio, dpkg-deb, binutils-aarch64-linux-gnu
 set -euo pipefail
@@ -38,18 +39,18 @@ else
     have cpio || need+=(cpio)
     have dpkg-deb || need+=(dpkg)
 fi
-need_qemu=no
-[ "$arch" != aarch64 ] && ! have qemu-system-aarch64 && need_qemu=qemu-system-arm
-[ "$arch" = aarch64 ] && ! have qemu-storage-daemon && need_qemu=qemu-utils
-[ ${#need[@]} -eq 0 ] && [ $need_qemu = no ] && exit 0
+need_qemu=()
+if [ "$arch" != aarch64 ] && ! have qemu-system-aarch64; then need_qemu+=(qemu-system-arm); fi
+if ! have qemu-storage-daemon; then need_qemu+=(qemu-utils); fi
+[ ${#need[@]} -eq 0 ] && [ ${#need_qemu[@]} -eq 0 ] && exit 0
 
 if ! have apt-get; then
     # another distribution: the names are Debian's, the README says what each is for
-    echo "host-deps: missing Debian packages: ${need[*]} $([ $need_qemu != no ] && echo $need_qemu) (install their equivalents: this script installs with apt-get)" >&2
+    echo "host-deps: missing Debian packages: ${need[*]} ${need_qemu[*]} (install their equivalents: this script installs with apt-get)" >&2
     exit 1
 fi
 if [ "$(id -u)" != 0 ]; then
-    echo "host-deps: missing packages: ${need[*]} $([ $need_qemu != no ] && echo $need_qemu) (run as root, or install them)" >&2
+    echo "host-deps: missing packages: ${need[*]} ${need_qemu[*]} (run as root, or install them)" >&2
     exit 1
 fi
 export DEBIAN_FRONTEND=noninteractive
@@ -58,8 +59,8 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "host-deps: installing ${need[*]}"
     apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
-if [ $need_qemu != no ]; then
-    # qemu-system-arm (x86) or qemu-utils (arm64), from bookworm-backports on Debian 12: its QEMU
+if [ ${#need_qemu[@]} -gt 0 ]; then
+    # qemu-system-arm (off arm64) and qemu-utils, from bookworm-backports on Debian 12: its QEMU
     # is faster per exit, and its qemu-utils has qemu-storage-daemon (QEMU >= 8.0); Debian 13's own
     qemu_from=()
     if grep -qs 'VERSION_CODENAME=bookworm' /etc/os-release; then
@@ -73,6 +74,6 @@ if [ $need_qemu != no ]; then
         fi
         qemu_from=(-t bookworm-backports)
     fi
-    echo "host-deps: installing $need_qemu ${qemu_from[*]}"
-    apt-get install -y -q --no-install-recommends "${qemu_from[@]}" "$need_qemu"
+    echo "host-deps: installing ${need_qemu[*]} ${qemu_from[*]}"
+    apt-get install -y -q --no-install-recommends "${qemu_from[@]}" "${need_qemu[@]}"
 fi
