@@ -78,7 +78,7 @@ def vsock_line(path: str = "/dev/vhost-vsock") -> str:
 
 
 def disks_line(kernel: str | None = None, cpuinfo: str = "/proc/cpuinfo") -> str:
-    """Who serves `-d` disks on this host: qemu-storage-daemon, or pyvmm's worker and why."""
+    """Whether `-d FILE,backend=qsd` works here (pyvmm's worker serves every other disk)."""
     from pyvmm.devices.virtio.vhost_user import storage_daemon
     from pyvmm.devices.virtio.vhost_user_blk import host_has_mte, shared_ram_refusal, worker_reason
 
@@ -86,10 +86,10 @@ def disks_line(kernel: str | None = None, cpuinfo: str = "/proc/cpuinfo") -> str
     refusal = shared_ram_refusal(kernel or os.uname().release, host_has_mte(cpuinfo))
     why = worker_reason(found, refusal)
     if why is None:
-        return f"disks (-d)      qemu-storage-daemon over vhost-user ({found})"
+        return f"disks (-d)      pyvmm's worker; backend=qsd: qemu-storage-daemon over vhost-user ({found})"
     if found is not None:  # an MTE guest only: --disable-mte gives it the daemon
-        return f"disks (-d)      pyvmm's worker for guests with MTE ({why}), else qemu-storage-daemon"
-    return f"disks (-d)      pyvmm's worker ({why})"
+        return f"disks (-d)      pyvmm's worker; backend=qsd: not for guests with MTE ({why})"
+    return f"disks (-d)      pyvmm's worker; backend=qsd: unavailable ({why})"
 
 
 def cmd_check(args: argparse.Namespace, signals: object = None) -> int:

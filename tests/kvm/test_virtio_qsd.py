@@ -1,4 +1,4 @@
-"""Disks served by qemu-storage-daemon over vhost-user (`-d FILE`, where the daemon is installed):
+"""Disks served by qemu-storage-daemon over vhost-user (`-d FILE,backend=qsd`):
 Debian's arm64 kernel reads, writes, flushes and discards with no pyvmm code on the request path,
 across a machine reset and a driver's device reset, and a daemon that dies ends the run in one
 line. The guest's script travels as a tar archive on its read-only disk, as in
@@ -18,8 +18,9 @@ import pytest
 
 from pyvmm import cli
 from pyvmm.devices.virtio.vhost_user import storage_daemon
+from pyvmm.testing.payloads import Payloads
 from tests.conftest import errors, linux_guest
-from tests.kvm.conftest import NEEDS_SHARED_RAM
+from tests.kvm.conftest import NEEDS_SHARED_RAM, guest
 from tests.kvm.test_virtio_fs import children
 from tests.kvm.test_virtio_linux import tar_image
 
@@ -39,9 +40,17 @@ def daemon() -> str:
 def pyvmm_run(data: Path, script: Path, *extra: str) -> subprocess.Popen[str]:
     image, initrd = linux_guest()
     args = [sys.executable, "-m", "pyvmm", "run", "-m", "256", "-k", str(image), "-i", str(initrd),
-            "-d", str(data), "-d", f"{script},ro", *extra, "-p", f"quiet pyvmm.run={RUN_SCRIPT}",
+            "-d", f"{data},backend=qsd", "-d", f"{script},ro,backend=qsd", *extra, "-p", f"quiet pyvmm.run={RUN_SCRIPT}",
             "--timeout", str(GUEST_TIMEOUT)]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and has not ended (a zombie waits for its new parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def daemons_of(pid: int) -> list[int]:
@@ -74,7 +83,7 @@ def test_linux_reads_writes_and_discards_through_the_daemon_across_resets(tmp_pa
     p = pyvmm_run(data, script)
     out, err = p.communicate(timeout=GUEST_TIMEOUT + 60)
     assert p.returncode == cli.EXIT_OK, out[-3000:] + err
-    assert errors(err) == [], err  # no "pyvmm's worker serves the disks" line: the daemon did
+    assert errors(err) == [], err
     assert "RO:1 " in out and "RO-WRITE:1" in out, out[-3000:]
     discard = int(out.split("DISCARD:", 1)[1].split()[0])
     assert discard > 0  # VIRTIO_BLK_F_DISCARD, with the daemon's limits from GET_CONFIG
@@ -118,3 +127,27 @@ def test_backend_qsd_without_the_daemon_is_one_line(tmp_path: Path) -> None:
     assert p.returncode == cli.EXIT_ERROR
     assert errors(p.stderr) == [f"pyvmm: error: disk {data}: backend=qsd, but no qemu-storage-daemon "
                                 f"({storage_daemon.PACKAGE})"]
+
+
+def test_the_daemons_go_when_pyvmm_is_killed(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
+    """qemu-storage-daemon outlives its client; pyvmm's SIGKILL takes its daemons with it (their
+    parent-death signal), so none is left serving an image nobody locks any more."""
+    daemon()
+    data = tmp_path / "data.img"
+    data.write_bytes(bytes(1 << 20))
+    spin = str(pyvmm_payloads.build(guest("spin")))
+    p = subprocess.Popen([sys.executable, "-m", "pyvmm", "run", "-f", spin, "-m", "16", "-d", f"{data},backend=qsd",
+                          "--timeout", "120"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (daemons := daemons_of(p.pid)):
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+            time.sleep(0.2)
+        p.kill()
+        p.wait(30)
+        deadline = time.monotonic() + 30
+        while any(running(d) for d in daemons):
+            assert time.monotonic() < deadline, f"qemu-storage-daemon {daemons} outlived pyvmm"
+            time.sleep(0.2)
+    finally:
+        p.kill()

@@ -34,6 +34,7 @@ from pyvmm.devices.virtio.blk import (
     lock_image,
 )
 from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
+from pyvmm.devices.virtio.rings.layout import VIRTQ_DESC_F_NEXT
 from pyvmm.devices.virtio.vhost_user import protocol as vu
 from pyvmm.devices.virtio.vhost_user import storage_daemon
 from pyvmm.devices.virtio.vhost_user.storage_daemon import command
@@ -67,7 +68,7 @@ def test_the_daemon_gets_a_raw_image_and_pyvmms_socket() -> None:
                       "discard=unmap,read-only=off",
         "--export", "type=vhost-user-blk,id=disk,node-name=disk,addr.type=fd,addr.str=7,writable=on,num-queues=1"]
     ro = command("qsd", "/dev/sdb", read_only=True, block_device=True, aio="threads", listen_fd=3)
-    assert ro[2].startswith("driver=host_device,") and ro[2].endswith(",aio=threads,locking=off,discard=unmap,"
+    assert ro[2].startswith("driver=host_device,") and ro[2].endswith(",aio=threads,locking=off,discard=ignore,"
                                                                       "read-only=on")
     assert ro[4].endswith(",writable=off,num-queues=1")
     assert not any("format" in a or "driver=raw" in a for a in ro)  # never probed
@@ -110,22 +111,13 @@ def no_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PYVMM_QEMU_STORAGE_DAEMON", str(tmp_path / "missing"))
 
 
-def test_without_the_daemon_disks_go_to_pyvmms_worker_in_one_line(image: Path, no_daemon: None,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_without_the_daemon_disks_go_to_pyvmms_worker_with_nothing_to_say(image: Path, no_daemon: None,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger=HOST_NOTES)
     disks = open_disks([DiskSpec(str(image), read_only=True), DiskSpec(str(image), read_only=True)], None)
-    try:
-        assert [type(d) for d in disks] == [VirtioBlk, VirtioBlk]
-        assert [r.getMessage() for r in caplog.records] == [
-            "virtio-blk: pyvmm's worker serves the disks: no qemu-storage-daemon (Debian's qemu-utils from QEMU 8.0 "
-            "on: Debian 13, or bookworm-backports on Debian 12)"]
-    finally:
-        for d in disks:
-            d.close()
-    caplog.clear()
-    disk = open_disks([DiskSpec(str(image), backend="python")], None)[0]  # asked for: nothing to say
-    disk.close()
-    assert isinstance(disk, VirtioBlk) and caplog.records == []
+    for d in disks:
+        d.close()
+    assert [type(d) for d in disks] == [VirtioBlk, VirtioBlk] and caplog.records == []
 
 
 def test_a_disk_forced_onto_a_missing_daemon_is_one_line(image: Path, no_daemon: None) -> None:
@@ -265,19 +257,17 @@ def test_a_daemon_that_dies_ends_the_run_in_one_line(qsd: str, image: Path, vm: 
     assert fatal == [f"virtio-blk {image}: qemu-storage-daemon ended (killed by signal 9)"]
 
 
-def test_auto_takes_the_daemon_where_it_is_installed(qsd: str, image: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_disks_go_to_the_worker_unless_backend_qsd(qsd: str, image: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger=HOST_NOTES)
-    (disk,) = open_disks([DiskSpec(str(image))], None)
+    (disk,) = open_disks([DiskSpec(str(image))], "the RAM cannot be shared")  # the worker needs no sharing
+    disk.close()
+    assert isinstance(disk, VirtioBlk) and not disk.needs_shared_memory and caplog.records == []
+    (disk,) = open_disks([DiskSpec(str(image), backend="qsd")], None)
     try:
         assert isinstance(disk, VhostUserBlk) and disk.needs_shared_memory and caplog.records == []
     finally:
         disk.close()
     assert disk.daemon.exit_status() == 0  # ended by pyvmm, cleanly
-    (disk,) = open_disks([DiskSpec(str(image))], "the RAM cannot be shared")
-    disk.close()
-    assert isinstance(disk, VirtioBlk)
-    assert [r.getMessage() for r in caplog.records] == [
-        "virtio-blk: pyvmm's worker serves the disks: the RAM cannot be shared"]
 
 
 def test_pyvmm_check_says_who_serves_disks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -289,9 +279,34 @@ def test_pyvmm_check_says_who_serves_disks(tmp_path: Path, monkeypatch: pytest.M
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PYVMM_QEMU_STORAGE_DAEMON", str(fake))
-    assert disks_line("6.12.0", str(cpuinfo)) == f"disks (-d)      qemu-storage-daemon over vhost-user ({fake})"
-    assert disks_line("6.1.0", str(cpuinfo)).startswith("disks (-d)      pyvmm's worker for guests with MTE (Linux")
+    assert disks_line("6.12.0", str(cpuinfo)) == (f"disks (-d)      pyvmm's worker; backend=qsd: qemu-storage-daemon "
+                                                  f"over vhost-user ({fake})")
+    assert disks_line("6.1.0", str(cpuinfo)).startswith("disks (-d)      pyvmm's worker; backend=qsd: not for guests "
+                                                        "with MTE (Linux")
     monkeypatch.setenv("PYVMM_QEMU_STORAGE_DAEMON", str(tmp_path / "missing"))
     assert disks_line("6.12.0", str(cpuinfo)) == (
-        "disks (-d)      pyvmm's worker (no qemu-storage-daemon (Debian's qemu-utils from QEMU 8.0 on: Debian 13, "
-        "or bookworm-backports on Debian 12))")
+        "disks (-d)      pyvmm's worker; backend=qsd: unavailable (no qemu-storage-daemon (Debian's qemu-utils from "
+        "QEMU 8.0 on: Debian 13, or bookworm-backports on Debian 12))")
+
+
+def test_a_looped_chain_makes_the_daemon_hang_up_and_ends_the_run_in_one_line(qsd: str, image: Path,
+                                                                               vm: FakeVm) -> None:
+    """libvhost-user answers a ring that breaks the rules (here a chain that loops, virtio 1.2
+    §2.7.5.3.1) by dropping the front-end's connection (vu_panic) and running on. The run ends
+    with one line saying so; nothing in pyvmm crashes or waits."""
+    disk = VhostUserBlk.open(DiskSpec(str(image), backend="qsd"))
+    fatal: list[str] = []
+    t = vm.attach(disk, fatal.append)
+    driver = Driver(t, vm.memory)
+    driver.init(features=VIRTIO_F_VERSION_1 | disk.features)
+    q = driver.queues[0]
+    header = driver.buffer(HEADER.pack(VIRTIO_BLK_T_IN, 0, 0))
+    q.put_desc(0, header, 16, VIRTQ_DESC_F_NEXT, 1)
+    q.put_desc(1, header, 16, VIRTQ_DESC_F_NEXT, 0)  # ... and back to the first
+    q.publish_head(0)
+    q.kick()
+    disk._watcher.join(10)
+    assert disk.daemon.exit_status() is None  # the daemon runs on, listening for a front-end
+    assert len(fatal) == 1 and fatal[0].startswith(
+        f"virtio-blk {image}: qemu-storage-daemon dropped the connection, as it does when the guest breaks a "
+        "ring's rules ("), fatal

@@ -217,13 +217,13 @@ def _all_status_bytes(d: Driver) -> list[int]:
 
 
 def test_disk_arguments(tmp_path: Path) -> None:
-    assert parse_disk("a.img") == DiskSpec("a.img", False, True, "auto")
+    assert parse_disk("a.img") == DiskSpec("a.img", False, True, "python")
     assert parse_disk("a.img,ro") == DiskSpec("a.img", True, True)
     assert parse_disk("a.img,ro,nolock") == DiskSpec("a.img", True, False)
     assert parse_disk("a.img,backend=qsd,ro") == DiskSpec("a.img", True, True, "qsd")
     assert parse_disk("a.img,backend=python") == DiskSpec("a.img", backend="python")
     for bad in ("rw", "backend=kvmtool", "backend="):
-        with pytest.raises(VmmError, match=f"unknown option '{bad}' \\(FILE\\[,ro\\]\\[,nolock\\]\\[,backend=auto"):
+        with pytest.raises(VmmError, match=f"unknown option '{bad}' \\(FILE\\[,ro\\]\\[,nolock\\]\\[,backend=python"):
             parse_disk(f"a.img,{bad}")
     with pytest.raises(VmmError, match="No such file"):
         VirtioBlk(str(tmp_path / "missing.img"))

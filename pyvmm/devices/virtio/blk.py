@@ -50,8 +50,8 @@ ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES
 HEADER = struct.Struct("<IIQ")  # struct virtio_blk_req: le32 type, le32 reserved, le64 sector
 
 
-BACKENDS = ("auto", "python", "qsd")  # who serves a disk: chosen for it, pyvmm's worker, qemu-storage-daemon
-DISK_USAGE = "FILE[,ro][,nolock][,backend=auto|python|qsd]"
+BACKENDS = ("python", "qsd")  # who serves a disk: pyvmm's worker (the default), qemu-storage-daemon
+DISK_USAGE = "FILE[,ro][,nolock][,backend=python|qsd]"
 
 
 class DiskSpec(NamedTuple):
@@ -60,13 +60,13 @@ class DiskSpec(NamedTuple):
     path: str
     read_only: bool = False
     lock: bool = True
-    backend: str = "auto"
+    backend: str = "python"
 
 
 def parse_disk(spec: str) -> DiskSpec:
-    """`FILE[,ro][,nolock][,backend=auto|python|qsd]` as the CLI takes it."""
+    """`FILE[,ro][,nolock][,backend=python|qsd]` as the CLI takes it."""
     path, *opts = spec.split(",")
-    backend = "auto"
+    backend = "python"
     for o in opts:
         if o.startswith("backend=") and o[8:] in BACKENDS:
             backend = o[8:]

@@ -37,10 +37,13 @@ class Daemon:
                 self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
                                              pass_fds=[listener.fileno()], start_new_session=True,
                                              preexec_fn=preexec_fn)
-        except OSError as e:
+        except (OSError, subprocess.SubprocessError) as e:  # SubprocessError: preexec_fn failed
             self.stop()
-            raise VmmError(f"{what}: cannot start {self.args[0] if self.args else 'its daemon'}: "
-                           f"{e.strerror or e}") from None
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise VmmError(f"{what}: cannot start {self.args[0] if self.args else 'its daemon'}: {reason}") from None
+        except BaseException:  # a stop signal during the start: no socket directory is left behind
+            self.stop()
+            raise
         finally:
             listener.close()  # the daemon's copy stays: pyvmm's connection queues on it
 

@@ -20,7 +20,9 @@ raw, never probed for a format. What pyvmm chose for it (command()):
   the disk's life (blk.py's lock_image, which `,nolock` skips), so a second user gets pyvmm's one
   line before a daemon starts. QEMU's own locks would conflict with that one, and an export's
   are weaker: it shares write permission, so a second writer would not be refused.
-- `discard=unmap`: a guest's discard punches a hole in the image, which stays sparse.
+- `discard=unmap` for an image file: a guest's discard punches a hole in it, which stays sparse;
+  `discard=ignore` for a block device, whose discards would reach the host's disk (BLKDISCARD),
+  which neither pyvmm's worker nor kvmtool does.
 
 The daemon does not end when its client goes, so pyvmm ends it (stop()), and it is sent SIGTERM
 should pyvmm die first (prctl PR_SET_PDEATHSIG, set by the thread that starts it: start it from
@@ -32,6 +34,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from collections.abc import Callable
 
 from kvm_bindings import libc
 from pyvmm.devices.virtio.vhost_user.daemon import Daemon
@@ -67,15 +70,16 @@ def command(binary: str, image: str, *, read_only: bool, block_device: bool, aio
     driver = "host_device" if block_device else "file"
     return [binary,
             "--blockdev", f"driver={driver},node-name={NODE},filename={quoted(image)},cache.direct=off,aio={aio},"
-                          f"locking=off,discard=unmap,read-only={'on' if read_only else 'off'}",
+                          f"locking=off,discard={'ignore' if block_device else 'unmap'},read-only={'on' if read_only else 'off'}",
             "--export", f"type=vhost-user-blk,id={NODE},node-name={NODE},addr.type=fd,addr.str={listen_fd},"
                         f"writable={'off' if read_only else 'on'},num-queues=1"]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the thread that started it ends (no import here:
-    the child of a threaded parent must not wait for a lock another thread held)."""
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+def _die_with_parent(prctl: Callable[..., int] = libc.prctl) -> None:
+    """In the child, before exec: SIGTERM when the thread that started it ends. prctl is looked
+    up here, in the parent, as the default: the child of a threaded parent must not import or
+    take a lock (cffi's, on a first lookup) that another thread may have held at the fork."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 class StorageDaemon(Daemon):
