@@ -1,10 +1,10 @@
 """Disks on qemu-storage-daemon (pyvmm/devices/virtio/vhost_user_blk.py, vhost_user/
-storage_daemon.py): the choice of back-end and its one line, the daemon's command line, what the
-guest is offered, and the one-line errors, against fakes; then the real daemon, where installed,
-serving a real front-end and a request laid out in shared guest RAM (no KVM).
+storage_daemon.py): the choice of back-end (backend=qsd), the daemon's command line, what the
+guest is offered, and the one-line errors, against fakes; then the real daemon serving a real
+front-end and requests laid out in shared guest RAM (no KVM).
 
 The real-daemon tests skip, saying why, where qemu-storage-daemon is missing, and fail where
-PYVMM_REQUIRE_QSD=1 asks for it."""
+PYVMM_REQUIRE_QSD=1 asks for it (make unit: tools/host-deps.sh installs it)."""
 
 from __future__ import annotations
 
