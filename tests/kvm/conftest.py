@@ -34,8 +34,9 @@ NEEDS_FILTER = needs_filter("its guest reports, or it answers calls, through for
 # Linux 6.2, and pyvmm gives its guests MTE wherever the host has it. The SMCCC filter's shape
 # field (Linux >= 6.4) marks the kernels that take it.
 NEEDS_SHARED_RAM = pytest.mark.host(
-    smccc_filter=True, reason="virtio-fs shares guest RAM with its daemon, which KVM refuses an MTE guest before "
-                              "Linux 6.2 (pyvmm says so in one line; --disable-mte or 9p serve there)")
+    smccc_filter=True, reason="a vhost-user daemon (virtiofsd, qemu-storage-daemon) shares guest RAM, which KVM "
+                              "refuses an MTE guest before Linux 6.2 (pyvmm says so in one line; --disable-mte, "
+                              "or 9p and pyvmm's own disk, serve there)")
 
 
 # the kernel's vhost-net moves the frames of a tap NIC where /dev/vhost-net opens; elsewhere pyvmm

@@ -24,8 +24,6 @@ from tests.kvm.conftest import NEEDS_SHARED_RAM, guest
 from tests.kvm.test_virtio_fs import children
 from tests.kvm.test_virtio_linux import tar_image
 
-pytestmark = NEEDS_SHARED_RAM
-
 GUEST_TIMEOUT = 180.0
 RUN_SCRIPT = "tar,-xf,/dev/vdb,-C,/tmp;sh,/tmp/t.sh"  # vdb: the read-only disk holding t.sh
 DATA = b"written-by-linux-01"
@@ -57,6 +55,7 @@ def daemons_of(pid: int) -> list[int]:
     return [c for c in children(pid) if b"qemu-storage-daemon" in Path(f"/proc/{c}/cmdline").read_bytes()]
 
 
+@NEEDS_SHARED_RAM
 def test_linux_reads_writes_and_discards_through_the_daemon_across_resets(tmp_path: Path) -> None:
     """The first boot checks the read-only flag and discard, writes a block and a boot marker with
     FLUSHes, fails a write to the read-only disk, and resets the machine (`reboot -f`: the rings
@@ -92,6 +91,7 @@ def test_linux_reads_writes_and_discards_through_the_daemon_across_resets(tmp_pa
     assert script.read_bytes() == before
 
 
+@NEEDS_SHARED_RAM
 def test_a_daemon_killed_mid_run_ends_the_run_with_one_line(tmp_path: Path) -> None:
     daemon()
     data, script = tmp_path / "data.img", tmp_path / "script.img"
@@ -129,6 +129,7 @@ def test_backend_qsd_without_the_daemon_is_one_line(tmp_path: Path) -> None:
                                 f"({storage_daemon.PACKAGE})"]
 
 
+@NEEDS_SHARED_RAM
 def test_the_daemons_go_when_pyvmm_is_killed(pyvmm_payloads: Payloads, tmp_path: Path) -> None:
     """qemu-storage-daemon outlives its client; pyvmm's SIGKILL takes its daemons with it (their
     parent-death signal), so none is left serving an image nobody locks any more."""
