@@ -144,27 +144,15 @@ class BlkBench:
     def bytecodes(self, handler: Callable[[], None], n: int) -> tuple[float, float]:
         """Python bytecodes and Python function calls per request in the kick handler: counts
         that no busy host disturbs, and what an emulated CPU pays for most."""
-        counts = [0, 0]
-
-        def trace(frame: FrameType, event: str, arg: Any) -> Any:
-            if event == "call":
-                frame.f_trace_opcodes = True
-                counts[1] += 1
-            elif event == "opcode":
-                counts[0] += 1
-            return trace
-
+        ops = calls = 0
         for _ in range(n):
             if self.post():
                 os.eventfd_write(self.kick_fd, 1)
-            sys.settrace(trace)
-            try:
-                handler()
-            finally:
-                sys.settrace(None)
+            counted = count_bytecodes(handler)
+            ops, calls = ops + counted[0], calls + counted[1]
             os.eventfd_read(self.irq_fd)
             self.collect()
-        return counts[0] / n, counts[1] / n
+        return ops / n, calls / n
 
     def profile(self, handler: Callable[[], None], n: int, top: int = 18) -> None:
         prof = cProfile.Profile()
@@ -220,15 +208,16 @@ def main(requests: int = REQUESTS, runs: int = RUNS, profile: bool = False) -> d
     return result
 
 
-def count_bytecodes(fn: Callable[[], None]) -> int:
-    """Python bytecodes `fn()` runs (sys.settrace's opcode events)."""
-    count = [0]
+def count_bytecodes(fn: Callable[[], None]) -> tuple[int, int]:
+    """Python bytecodes and Python function calls `fn()` runs (sys.settrace's events)."""
+    counts = [0, 0]
 
     def trace(frame: FrameType, event: str, arg: Any) -> Any:
         if event == "call":
             frame.f_trace_opcodes = True
+            counts[1] += 1
         elif event == "opcode":
-            count[0] += 1
+            counts[0] += 1
         return trace
 
     sys.settrace(trace)
@@ -236,7 +225,7 @@ def count_bytecodes(fn: Callable[[], None]) -> int:
         fn()
     finally:
         sys.settrace(None)
-    return count[0]
+    return counts[0], counts[1]
 
 
 def interrupt_status_exit(image: str, exits: int = 20_000) -> dict[str, float]:
@@ -262,7 +251,7 @@ def interrupt_status_exit(image: str, exits: int = 20_000) -> dict[str, float]:
         for label, hot_reads in (("hot", hot), ("bus", {})):
             vm.mmio.hot_reads.clear()
             vm.mmio.hot_reads.update(hot_reads)
-            out[f"isr_{label}_bytecodes"] = (count_bytecodes(lambda: loop(101)) - count_bytecodes(lambda: loop(1))) / 100
+            out[f"isr_{label}_bytecodes"] = (count_bytecodes(lambda: loop(101))[0] - count_bytecodes(lambda: loop(1))[0]) / 100
             times = []
             for _ in range(RUNS):
                 started = time.thread_time_ns()

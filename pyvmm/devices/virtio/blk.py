@@ -5,9 +5,10 @@ buffers as the I/O vector, no copy in between. FLUSH is fsync(2). A read-only di
 O_RDONLY, offers VIRTIO_BLK_F_RO, and fails every write with IOERR. An image is locked against
 a second user (shared for `ro`, exclusive otherwise: lock_image()); `nolock` opts out.
 
-This is the disk pyvmm's worker thread serves; `-d` gives disks to qemu-storage-daemon where it
-can (vhost_user_blk.py, which also holds the option). Both read the option with parse_disk() and
-check the image with open_image(), so a bad one gets the same line whichever would serve it.
+This is the disk pyvmm's worker thread serves, `-d`'s default; `backend=qsd` gives a disk to
+qemu-storage-daemon instead (vhost_user_blk.py, which holds the option: it must reach both
+types, and this module may not import it back). Both read the option with parse_disk() and check
+the image with open_image(), so a bad one gets the same line whichever serves it.
 """
 
 from __future__ import annotations
