@@ -37,6 +37,7 @@ from pyvmm.devices.virtio.device import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DE
 from pyvmm.devices.virtio.rings.layout import VIRTQ_DESC_F_NEXT
 from pyvmm.devices.virtio.vhost_user import protocol as vu
 from pyvmm.devices.virtio.vhost_user import storage_daemon
+from pyvmm.devices.virtio.vhost_user.daemon import Daemon
 from pyvmm.devices.virtio.vhost_user.storage_daemon import command
 from pyvmm.devices.virtio.vhost_user_blk import (
     CONFIG_SIZE,
@@ -142,6 +143,20 @@ exit 3
     fake.chmod(0o755)
     monkeypatch.setenv("PYVMM_QEMU_STORAGE_DAEMON", str(fake))
     return calls
+
+
+def test_a_daemon_that_cannot_be_started_is_one_line_and_leaves_nothing_behind() -> None:
+    """A failing preexec_fn (the parent-death signal's prctl, say) is subprocess's
+    SubprocessError, not an OSError: one line all the same, and the socket directory goes."""
+    daemon = Daemon("pyvmm-test-")
+
+    def refuse() -> None:
+        raise OSError("prctl refused")
+
+    with pytest.raises(VmmError) as e:
+        daemon.start(lambda fd: ["/bin/true"], "virtio-blk t", refuse)
+    assert str(e.value).startswith("virtio-blk t: cannot start /bin/true: ") and "\n" not in str(e.value)
+    assert not os.path.exists(daemon.dir)
 
 
 def test_a_daemon_without_io_uring_is_started_again_with_threads(image: Path, fake_daemon: Path) -> None:
